@@ -1,0 +1,1 @@
+"""tapdisk control protocol, libblktapctl client and the tap-ctl command."""

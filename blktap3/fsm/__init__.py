@@ -1,0 +1,1 @@
+"""Declarative state machines: specs loader, machines, events, effects. No I/O."""

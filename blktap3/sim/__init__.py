@@ -1,0 +1,1 @@
+"""The simulated Xen host: xensim, xenstored launcher, toolstack, simulated guests."""

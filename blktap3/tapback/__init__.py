@@ -1,0 +1,1 @@
+"""tapback: XenStore watch events -> per-VBD machines -> effects."""

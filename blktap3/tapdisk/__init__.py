@@ -1,0 +1,1 @@
+"""The tapdisk process: control server, VBD objects, data-path threads."""

@@ -1,0 +1,1 @@
+"""XenStore access: pyxs wrapper, xenbus states, vbd3 path and key schemas."""

@@ -1,0 +1,1 @@
+"""Tools: state-diagram export, benchmarks, the FSM conformance harness."""
