@@ -1,0 +1,242 @@
+"""The back-end VBD machine (specs/backend_vbd.toml): tapback's half of the handshake.
+
+One `BackendVbd` per `backend/vbd3/<domid>/<devid>`.  The daemon feeds it what it saw
+(front-end `state`, `hotplug-status`, `online`, control replies, tapdisk deaths) and
+executes the effects it returns.  Contract: an effect that asks a question
+(`ReadFrontendTransport`, `SendControl`) is answered with its result event before the
+next event of this VBD is fed.  Once `is_final`, the owner forgets the machine (and drops
+any later reply for it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .effects import (
+    Effect,
+    Perms,
+    ReadFrontendTransport,
+    RemoveDirectory,
+    SendControl,
+    SetError,
+    Unregister,
+    WriteKeys,
+    XenblkifConnect,
+    XenblkifDisconnect,
+)
+from .events import (
+    DiskInfo,
+    DiskResized,
+    Event,
+    FrontendStateChanged,
+    FrontendStateInvalid,
+    FrontendVanished,
+    HotplugConnected,
+    HotplugFailed,
+    RingConnectFailed,
+    RingTransport,
+    TapdiskDied,
+    TapdiskRef,
+    TransportInvalid,
+    TransportRead,
+)
+from .machine import SpecMachine
+from .xenbus_state import XenbusState
+
+
+@dataclass(frozen=True)
+class BackendFeatures:
+    """What this back-end offers the front-end (keys written at probe and at connect)."""
+
+    max_ring_page_order: int = 3
+    barrier: bool = True
+    flush_cache: bool = True
+    discard: bool = False
+    discard_granularity: int = 512
+    discard_alignment: int = 0
+    discard_secure: bool = False
+    persistent: bool = False
+    max_indirect_segments: int = 0  # 0: feature not offered
+
+    def probe_keys(self) -> tuple[tuple[str, str], ...]:
+        keys = [("max-ring-page-order", str(self.max_ring_page_order))]
+        if self.max_indirect_segments:
+            keys.append(("feature-max-indirect-segments", str(self.max_indirect_segments)))
+        return tuple(keys)
+
+    def connect_keys(self, disk: DiskInfo) -> tuple[tuple[str, str], ...]:
+        keys = [
+            ("feature-barrier", _bit(self.barrier)),
+            ("feature-flush-cache", _bit(self.flush_cache)),
+            ("feature-discard", _bit(self.discard)),
+        ]
+        if self.discard:
+            keys += [
+                ("discard-granularity", str(self.discard_granularity)),
+                ("discard-alignment", str(self.discard_alignment)),
+                ("discard-secure", _bit(self.discard_secure)),
+            ]
+        keys += [
+            ("feature-persistent", _bit(self.persistent)),
+            ("sectors", str(disk.sectors)),
+            ("info", str(disk.info)),
+            ("sector-size", str(disk.sector_size)),
+            ("physical-sector-size", str(disk.physical_sector_size)),
+        ]
+        return tuple(keys)
+
+
+def _bit(flag: bool) -> str:
+    return "1" if flag else "0"
+
+
+class BackendVbd(SpecMachine):
+    """The xenbus handshake of one VBD, back-end side.  See the module docstring."""
+
+    SPEC: ClassVar[str] = "backend_vbd"
+    INITIAL_PUBLISHED: ClassVar[XenbusState | None] = XenbusState.INITIALISING
+
+    def __init__(
+        self,
+        domid: int,
+        devid: int,
+        backend_domid: int = 0,
+        features: BackendFeatures | None = None,
+    ) -> None:
+        self.domid = domid
+        self.devid = devid
+        self.backend_domid = backend_domid
+        self.features = features or BackendFeatures()
+        self.perms = Perms(owner=backend_domid, readers=(domid,))
+        self.frontend_state: XenbusState | None = None  # None: node absent or invalid
+        self.frontend_has_appeared = False
+        self.tapdisk: TapdiskRef | None = None
+        self.disk: DiskInfo | None = None
+        self.transport: RingTransport | None = None
+        self.ring_requested = False  # XENBLKIF_CONNECT sent and not undone since
+        self.wants_online = True
+        super().__init__()
+
+    def handle(self, event: Event) -> tuple[Effect, ...]:
+        # Remember what the front-end last said: a plain data update that the
+        # conditions read (the state change itself is the spec's).
+        if isinstance(event, FrontendStateChanged):
+            self.frontend_state = event.state
+            self.frontend_has_appeared = True
+        elif isinstance(event, FrontendStateInvalid):
+            self.frontend_state = None
+            self.frontend_has_appeared = True
+        elif isinstance(event, FrontendVanished):
+            self.frontend_state = None
+        return super().handle(event)
+
+    # --- conditions -----------------------------------------------------------------------
+
+    def frontend_ready(self, **_: Any) -> bool:
+        return self.frontend_state in (XenbusState.INITIALISED, XenbusState.CONNECTED)
+
+    def frontend_is_initialising(self, **_: Any) -> bool:
+        return self.frontend_state == XenbusState.INITIALISING
+
+    def frontend_seen(self, **_: Any) -> bool:
+        return self.frontend_has_appeared
+
+    def tapdisk_known(self, **_: Any) -> bool:
+        return self.tapdisk is not None and self.disk is not None
+
+    def already_connected(self, event: RingConnectFailed, **_: Any) -> bool:
+        return event.errno == errno.EALREADY
+
+    def geometry_changed(self, event: DiskResized, **_: Any) -> bool:
+        old = self.disk
+        new = event.disk
+        return old is not None and (old.sector_size, old.info) != (new.sector_size, new.info)
+
+    def ring_up(self, **_: Any) -> bool:
+        return self.ring_requested
+
+    def is_offline(self, **_: Any) -> bool:
+        return not self.wants_online
+
+    # --- effects --------------------------------------------------------------------------
+
+    def record_tapdisk(self, event: HotplugConnected, **_: Any) -> None:
+        self.tapdisk = event.tapdisk
+        self.disk = event.disk
+
+    def record_disk(self, event: DiskResized, **_: Any) -> None:
+        self.disk = event.disk
+
+    def write_probe_keys(self, **_: Any) -> None:
+        self.emit(WriteKeys(self.features.probe_keys(), self.perms))
+
+    def read_transport(self, **_: Any) -> None:
+        self.emit(ReadFrontendTransport(self.features.max_ring_page_order))
+
+    def send_connect(self, event: TransportRead, **_: Any) -> None:
+        assert self.tapdisk is not None  # reading_transport is only reached with a tapdisk
+        self.transport = event.transport
+        self.ring_requested = True
+        message = XenblkifConnect(
+            self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport
+        )
+        self.emit(SendControl(message))
+
+    def write_connect_keys(self, **_: Any) -> None:
+        assert self.disk is not None  # connected is only reached with a tapdisk
+        self.emit(WriteKeys(self.features.connect_keys(self.disk), self.perms))
+
+    def write_sectors(self, event: DiskResized, **_: Any) -> None:
+        self.emit(WriteKeys((("sectors", str(event.disk.sectors)),), self.perms))
+
+    def send_disconnect(self, **_: Any) -> None:
+        if self.tapdisk is not None:
+            pid, minor = self.tapdisk.pid, self.tapdisk.minor
+            self.emit(SendControl(XenblkifDisconnect(pid, minor, self.domid, self.devid)))
+
+    def ring_down(self, **_: Any) -> None:
+        self.ring_requested = False
+
+    def report_failure(self, event: Event, **_: Any) -> None:
+        self.emit(SetError(failure_text(event)))
+        if self.ring_requested:
+            self.send_disconnect()
+            self.ring_requested = False
+
+    def remove_directory(self, **_: Any) -> None:
+        self.emit(RemoveDirectory())
+
+    def release(self, **_: Any) -> None:
+        if self.ring_requested:
+            self.send_disconnect()
+            self.ring_requested = False
+        self.emit(Unregister())
+
+    def note_offline(self, **_: Any) -> None:
+        self.wants_online = False
+
+    def note_online(self, **_: Any) -> None:
+        self.wants_online = True
+
+
+def failure_text(event: Event) -> str:
+    """The `error` node text for the event that made a VBD fail: says who broke what."""
+    match event:
+        case FrontendStateChanged(state=state):
+            return f"front-end published state {state.value} ({state.name}), not a front-end state"
+        case FrontendStateInvalid(raw=raw):
+            return f"front-end state {raw!r} is not a xenbus state"
+        case TransportInvalid(reason=reason):
+            return f"front-end transport keys: {reason}"
+        case RingConnectFailed(errno=code, message=message):
+            return f"tapdisk refused XENBLKIF_CONNECT: {os.strerror(code)} {message}".strip()
+        case HotplugFailed(reason=reason):
+            return f"hotplug: {reason}"
+        case TapdiskDied(pid=pid):
+            return f"tapdisk {pid} died"
+        case DiskResized(disk=disk):
+            return f"image geometry changed (sector size {disk.sector_size}, info {disk.info})"
+    return f"failed on {event!r}"

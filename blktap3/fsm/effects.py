@@ -1,0 +1,169 @@
+"""Effects: what a machine asks its owner to do (frozen dataclasses, no behaviour).
+
+A machine never touches XenStore, a socket or a file.  Its callbacks append effects; the
+owner executes them in order and reports results back as events.  Paths in XenStore
+effects are relative to the machine's own device directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .events import DiskInfo, RingTransport
+from .xenbus_state import XenbusState
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Base class of all effects."""
+
+
+@dataclass(frozen=True)
+class Perms:
+    """XenStore permissions: `n<owner>` then `r<reader>` for each reader."""
+
+    owner: int
+    readers: tuple[int, ...] = ()
+
+    def as_strings(self) -> tuple[str, ...]:
+        return (f"n{self.owner}", *(f"r{d}" for d in self.readers))
+
+
+@dataclass(frozen=True)
+class WriteKeys(Effect):
+    """Write these keys, all in ONE XenStore transaction (retried on EAGAIN)."""
+
+    keys: tuple[tuple[str, str], ...]
+    perms: Perms
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.keys)
+
+
+@dataclass(frozen=True)
+class PublishState(Effect):
+    """Write our own `state` node."""
+
+    state: XenbusState
+
+
+@dataclass(frozen=True)
+class SetError(Effect):
+    """Record a human-readable error for the toolstack (the `error` node)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class RemoveDirectory(Effect):
+    """Remove our own device directory (the other end is gone)."""
+
+
+@dataclass(frozen=True)
+class Unregister(Effect):
+    """Stop watching this device and forget its machine."""
+
+
+@dataclass(frozen=True)
+class ReadFrontendTransport(Effect):
+    """Read and strictly parse the front-end's transport keys; answer with
+    `TransportRead` or `TransportInvalid` (an order above the maximum is invalid)."""
+
+    max_ring_page_order: int
+
+
+@dataclass(frozen=True)
+class ReadBackendInfo(Effect):
+    """(front-end) Read `sectors`, `info`, `sector-size`; answer with `BackendInfoRead`."""
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    """Base class of the tapdisk control requests a machine asks for."""
+
+
+@dataclass(frozen=True)
+class XenblkifConnect(ControlMessage):
+    """XENBLKIF_CONNECT: map the front-end's ring and bind its event channel."""
+
+    pid: int
+    minor: int
+    domid: int
+    devid: int
+    transport: RingTransport
+
+
+@dataclass(frozen=True)
+class XenblkifDisconnect(ControlMessage):
+    """XENBLKIF_DISCONNECT: unmap the ring, unbind the event channel."""
+
+    pid: int
+    minor: int
+    domid: int
+    devid: int
+
+
+@dataclass(frozen=True)
+class SendControl(Effect):
+    """Send one control message to a tapdisk; its reply comes back as an event."""
+
+    message: ControlMessage
+
+
+# --- effects of the tapdisk side ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenImage(Effect):
+    """Open the image with its driver; answer `ImageOpened` or `ImageOpenFailed`."""
+
+    path: str
+    flags: int
+
+
+@dataclass(frozen=True)
+class CloseImage(Effect):
+    """Close the image (in-flight I/O has drained)."""
+
+
+@dataclass(frozen=True)
+class StartRing(Effect):
+    """Map the ring and start its service thread."""
+
+    domid: int
+    devid: int
+
+
+@dataclass(frozen=True)
+class StopRing(Effect):
+    """Stop the ring service thread, unmap, unbind."""
+
+
+@dataclass(frozen=True)
+class QuiesceRing(Effect):
+    """Stop taking new requests; answer `Drained` once in-flight I/O completed."""
+
+
+@dataclass(frozen=True)
+class UnquiesceRing(Effect):
+    """Take requests again."""
+
+
+@dataclass(frozen=True)
+class Reply(Effect):
+    """Answer the control request that caused this step (0 = success, else errno)."""
+
+    error: int = 0
+    disk: DiskInfo | None = None
+
+
+@dataclass(frozen=True)
+class CleanupRuntime(Effect):
+    """Remove a dead tapdisk's control socket and shared-memory files."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class ExitProcess(Effect):
+    """Leave the tapdisk's main loop."""

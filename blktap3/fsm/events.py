@@ -1,0 +1,362 @@
+"""Events: what the outside world tells a machine (frozen dataclasses, no behaviour).
+
+The daemon that owns a machine turns what it observed (a XenStore watch, a control reply,
+a process exit) into one of these and calls `machine.handle(event)`.  Each event names the
+spec trigger it fires through its `trigger` property; the spec says who is to blame when
+that trigger is not allowed in the current state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .xenbus_state import XenbusState
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class: `trigger` is the spec trigger name this event fires."""
+
+    TRIGGER: ClassVar[str] = ""
+
+    @property
+    def trigger(self) -> str:
+        return self.TRIGGER
+
+
+# --- values carried by events -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """The image geometry tapdisk reports (OPEN / DISK_INFO reply)."""
+
+    sectors: int  # always in 512-byte units, as `sectors` in XenStore
+    sector_size: int = 512
+    info: int = 0  # VDISK_CDROM 1, VDISK_REMOVABLE 2, VDISK_READONLY 4
+    physical_sector_size: int = 512
+
+
+@dataclass(frozen=True)
+class TapdiskRef:
+    """Which tapdisk serves the VBD: its pid and the minor of the VBD inside it."""
+
+    pid: int
+    minor: int
+
+
+@dataclass(frozen=True)
+class RingTransport:
+    """The front-end's transport keys, already parsed and checked by the caller."""
+
+    ring_refs: tuple[int, ...]  # ring-ref, or ring-ref0..N-1 (N = 2**ring-page-order)
+    event_channel: int
+    protocol: str = "native"  # "x86_32-abi", "x86_64-abi" or "native" (key missing)
+    persistent: bool = False
+
+
+# --- xenbus: the other end's state node ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrontendStateChanged(Event):
+    """The front-end's `state` node holds a valid xenbus state (maybe unchanged)."""
+
+    state: XenbusState
+
+    @property
+    def trigger(self) -> str:
+        return f"frontend_{self.state.trigger_suffix}"
+
+
+@dataclass(frozen=True)
+class FrontendStateInvalid(Event):
+    """The front-end's `state` node holds something that is not 0..8."""
+
+    TRIGGER: ClassVar[str] = "frontend_invalid"
+    raw: str
+
+
+@dataclass(frozen=True)
+class FrontendVanished(Event):
+    """The front-end's `state` node does not exist (not yet, or not any more)."""
+
+    TRIGGER: ClassVar[str] = "frontend_vanished"
+
+
+@dataclass(frozen=True)
+class BackendStateChanged(Event):
+    """For front-end machines: the back-end's `state` node holds a valid xenbus state."""
+
+    state: XenbusState
+
+    @property
+    def trigger(self) -> str:
+        return f"backend_{self.state.trigger_suffix}"
+
+
+# --- back-end VBD: our own directory and the hotplug step ----------------------------------
+
+
+@dataclass(frozen=True)
+class HotplugConnected(Event):
+    """`hotplug-status=connected`: the tapdisk is found and its disk geometry known."""
+
+    TRIGGER: ClassVar[str] = "hotplug_connected"
+    tapdisk: TapdiskRef
+    disk: DiskInfo
+
+
+@dataclass(frozen=True)
+class HotplugFailed(Event):
+    """`hotplug-status` says error, or `physical-device-path` names no usable tapdisk."""
+
+    TRIGGER: ClassVar[str] = "hotplug_failed"
+    reason: str
+
+
+@dataclass(frozen=True)
+class OnlineChanged(Event):
+    """The toolstack's `online` node: False means "unregister once the guest let go"."""
+
+    online: bool
+
+    @property
+    def trigger(self) -> str:
+        return "online" if self.online else "offline"
+
+
+@dataclass(frozen=True)
+class BackendRemoved(Event):
+    """Our back-end directory disappeared (the toolstack removed it)."""
+
+    TRIGGER: ClassVar[str] = "backend_removed"
+
+
+@dataclass(frozen=True)
+class TransportRead(Event):
+    """Answer to `ReadFrontendTransport`: the keys parsed fine."""
+
+    TRIGGER: ClassVar[str] = "transport_read"
+    transport: RingTransport
+
+
+@dataclass(frozen=True)
+class TransportInvalid(Event):
+    """Answer to `ReadFrontendTransport`: a key is missing or malformed."""
+
+    TRIGGER: ClassVar[str] = "transport_invalid"
+    reason: str
+
+
+@dataclass(frozen=True)
+class RingConnected(Event):
+    """XENBLKIF_CONNECT succeeded (EALREADY comes as `RingConnectFailed`)."""
+
+    TRIGGER: ClassVar[str] = "ring_connected"
+
+
+@dataclass(frozen=True)
+class RingConnectFailed(Event):
+    """XENBLKIF_CONNECT answered an error (positive errno)."""
+
+    TRIGGER: ClassVar[str] = "ring_connect_failed"
+    errno: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RingDisconnected(Event):
+    """XENBLKIF_DISCONNECT succeeded."""
+
+    TRIGGER: ClassVar[str] = "ring_disconnected"
+
+
+@dataclass(frozen=True)
+class RingDisconnectFailed(Event):
+    """XENBLKIF_DISCONNECT answered an error, or the tapdisk was gone (logged, not fatal)."""
+
+    TRIGGER: ClassVar[str] = "ring_disconnect_failed"
+    errno: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class TapdiskDied(Event):
+    """The tapdisk serving this VBD exited or stopped answering."""
+
+    TRIGGER: ClassVar[str] = "tapdisk_died"
+    pid: int
+
+
+@dataclass(frozen=True)
+class DiskResized(Event):
+    """The image now has a new size (sector size and info must not change)."""
+
+    TRIGGER: ClassVar[str] = "disk_resized"
+    disk: DiskInfo
+
+
+# --- front-end (simulated blkfront) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendInfoRead(Event):
+    """Answer to `ReadBackendInfo`: the front-end read sectors/info/sector-size."""
+
+    TRIGGER: ClassVar[str] = "backend_info_read"
+    disk: DiskInfo
+
+
+@dataclass(frozen=True)
+class DeviceClose(Event):
+    """The guest lets the device go (unplug, shutdown)."""
+
+    TRIGGER: ClassVar[str] = "device_close"
+
+
+@dataclass(frozen=True)
+class DeviceReconnect(Event):
+    """The guest starts over after Closed (resume, migration): back to Initialising."""
+
+    TRIGGER: ClassVar[str] = "device_reconnect"
+
+
+# --- tapdisk process -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlSocketReady(Event):
+    """The spawned tapdisk answers on its control socket."""
+
+    TRIGGER: ClassVar[str] = "socket_ready"
+    pid: int
+
+
+@dataclass(frozen=True)
+class SpawnFailed(Event):
+    """The tapdisk exited (or timed out) before its control socket answered."""
+
+    TRIGGER: ClassVar[str] = "spawn_failed"
+    reason: str
+
+
+@dataclass(frozen=True)
+class VbdAdded(Event):
+    """ATTACH created a VBD in this tapdisk."""
+
+    TRIGGER: ClassVar[str] = "vbd_added"
+    minor: int
+
+
+@dataclass(frozen=True)
+class VbdRemoved(Event):
+    """DETACH removed a VBD from this tapdisk."""
+
+    TRIGGER: ClassVar[str] = "vbd_removed"
+    minor: int
+
+
+@dataclass(frozen=True)
+class ExitRequested(Event):
+    """EXIT message (or SIGTERM): stop once nothing is attached."""
+
+    TRIGGER: ClassVar[str] = "exit_requested"
+
+
+@dataclass(frozen=True)
+class ProcessExited(Event):
+    """The process is gone (waitpid or a dead control socket)."""
+
+    TRIGGER: ClassVar[str] = "process_exited"
+    status: int
+
+
+# --- VBD inside a tapdisk (control messages and their completions) ------------------------
+
+
+@dataclass(frozen=True)
+class Attach(Event):
+    """ATTACH."""
+
+    TRIGGER: ClassVar[str] = "attach"
+
+
+@dataclass(frozen=True)
+class Open(Event):
+    """OPEN with `type:/path` already split off into the driver's path, and open flags."""
+
+    TRIGGER: ClassVar[str] = "open"
+    path: str
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class ImageOpened(Event):
+    """Answer to `OpenImage`: the image is open with this geometry."""
+
+    TRIGGER: ClassVar[str] = "image_opened"
+    disk: DiskInfo
+
+
+@dataclass(frozen=True)
+class ImageOpenFailed(Event):
+    """Answer to `OpenImage`: the driver could not open the image (positive errno)."""
+
+    TRIGGER: ClassVar[str] = "image_open_failed"
+    errno: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ConnectRing(Event):
+    """XENBLKIF_CONNECT for this VBD."""
+
+    TRIGGER: ClassVar[str] = "connect_ring"
+    domid: int
+    devid: int
+
+
+@dataclass(frozen=True)
+class DisconnectRing(Event):
+    """XENBLKIF_DISCONNECT for this VBD."""
+
+    TRIGGER: ClassVar[str] = "disconnect_ring"
+
+
+@dataclass(frozen=True)
+class Pause(Event):
+    """PAUSE."""
+
+    TRIGGER: ClassVar[str] = "pause"
+
+
+@dataclass(frozen=True)
+class Drained(Event):
+    """Answer to `QuiesceRing`: no request is in flight any more."""
+
+    TRIGGER: ClassVar[str] = "drained"
+
+
+@dataclass(frozen=True)
+class Resume(Event):
+    """RESUME, optionally with a new image path (image swap)."""
+
+    TRIGGER: ClassVar[str] = "resume"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class Close(Event):
+    """CLOSE, or FORCE_SHUTDOWN when `force`."""
+
+    TRIGGER: ClassVar[str] = "close"
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Detach(Event):
+    """DETACH."""
+
+    TRIGGER: ClassVar[str] = "detach"

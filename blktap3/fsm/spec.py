@@ -1,0 +1,311 @@
+"""Machine specs: the TOML files in `specs/`, loaded and checked against a schema.
+
+A spec is the single truth a machine, its diagram and the conformance harness read.
+Format (one file per machine, `specs/<name>.toml`):
+
+    [machine]      name, title, doc, initial, final = [...], nested = bool
+    [states.<s>]   doc, xenbus (0..8: entering publishes it), bits = [...],
+                   on_enter = [...], on_exit = [...], initial + [states.<s>.children.<c>]
+    [triggers.<t>] doc, blame = ours|frontend|backend|tapdisk|image|toolstack,
+                   refused = true: never allowed (its error names the culprit)
+    [[transitions]] trigger, source (name, list or "*"), dest (absent: internal),
+                   conditions, unless, before, after (callback names), doc
+    [[ignore]]     triggers, source, why: explicit "seen and deliberately ignored";
+                   applied after the transitions, so they are the fallback when the
+                   conditions of every transition for that trigger fail.
+
+Source "*" means every non-final state.  Nested states are named `<parent>_<child>`
+(transitions' separator), so names in a nested machine may not contain `_`.  Callback
+names are bound to methods of the machine class by `blktap3.fsm.machine`; this module
+checks only the spec's own consistency.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from .errors import Blame, SpecError
+
+_TOP_KEYS = {"machine", "states", "triggers", "transitions", "ignore"}
+_MACHINE_KEYS = {"name", "title", "doc", "initial", "final", "nested"}
+_STATE_KEYS = {"doc", "xenbus", "bits", "on_enter", "on_exit", "initial", "children"}
+_TRIGGER_KEYS = {"doc", "blame", "refused"}
+_TRANSITION_KEYS = {"trigger", "source", "dest", "conditions", "unless", "before", "after", "doc"}
+_IGNORE_KEYS = {"triggers", "source", "why"}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_NESTED_NAME = re.compile(r"^[a-z][a-z0-9]*$")
+SEPARATOR = "_"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    name: str  # full name (`parent_child` when nested)
+    local: str  # name inside its parent
+    doc: str = ""
+    xenbus: int | None = None
+    bits: tuple[str, ...] = ()
+    on_enter: tuple[str, ...] = ()
+    on_exit: tuple[str, ...] = ()
+    initial: str | None = None  # full name of the initial child
+    children: tuple[StateSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    name: str
+    blame: Blame
+    doc: str = ""
+    refused: bool = False
+
+
+@dataclass(frozen=True)
+class TransitionSpec:
+    trigger: str
+    sources: tuple[str, ...]
+    dest: str | None  # None: internal transition (no exit, no enter)
+    conditions: tuple[str, ...] = ()
+    unless: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    doc: str = ""
+    ignored: bool = False  # comes from an [[ignore]] entry
+
+    @property
+    def callbacks(self) -> tuple[str, ...]:
+        return self.conditions + self.unless + self.before + self.after
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    name: str
+    title: str
+    initial: str
+    doc: str = ""
+    final: tuple[str, ...] = ()
+    nested: bool = False
+    states: tuple[StateSpec, ...] = ()  # top level; children inside
+    triggers: Mapping[str, TriggerSpec] = field(default_factory=dict)
+    transitions: tuple[TransitionSpec, ...] = ()  # handled first, then the ignores
+
+    def all_states(self) -> Iterator[StateSpec]:
+        """Every state, parents before their children."""
+        return _walk(self.states)
+
+    def state(self, name: str) -> StateSpec:
+        for s in self.all_states():
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def leaves(self) -> list[str]:
+        return [s.name for s in self.all_states() if not s.children]
+
+    def callback_names(self) -> set[str]:
+        names = {n for t in self.transitions for n in t.callbacks}
+        for s in self.all_states():
+            names.update(s.on_enter, s.on_exit)
+        return names
+
+
+def _walk(states: tuple[StateSpec, ...]) -> Iterator[StateSpec]:
+    for s in states:
+        yield s
+        yield from _walk(s.children)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _strs(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise SpecError(f"{where}: expected a name or a list of names, got {value!r}")
+
+
+def _check_keys(
+    where: str, table: Any, allowed: set[str], required: frozenset[str] = frozenset()
+) -> None:
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: expected a table, got {table!r}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(table))
+    if missing:
+        raise SpecError(f"{where}: missing key(s) {missing}")
+
+
+def _parse_state(
+    where: str, name: str, table: Any, parent: str | None, nested: bool
+) -> StateSpec:
+    _check_keys(where, table, _STATE_KEYS)
+    pattern = _NESTED_NAME if nested else _NAME
+    if not pattern.match(name):
+        rule = "lower-case letters and digits" if nested else "lower-case, digits, _"
+        raise SpecError(f"{where}: bad state name {name!r} ({rule})")
+    full = f"{parent}{SEPARATOR}{name}" if parent else name
+    xenbus = table.get("xenbus")
+    if xenbus is not None and (not isinstance(xenbus, int) or not 0 <= xenbus <= 8):
+        raise SpecError(f"{where}: xenbus must be an integer 0..8, got {xenbus!r}")
+    children_table = table.get("children", {})
+    if not isinstance(children_table, dict):
+        raise SpecError(f"{where}.children: expected a table")
+    if children_table and not nested:
+        raise SpecError(f"{where}: children need `nested = true` in [machine]")
+    children = tuple(
+        _parse_state(f"{where}.children.{c}", c, t, full, nested)
+        for c, t in children_table.items()
+    )
+    initial = table.get("initial")
+    if children:
+        if not isinstance(initial, str) or initial not in children_table:
+            raise SpecError(f"{where}: initial must name one of its children, got {initial!r}")
+        initial = f"{full}{SEPARATOR}{initial}"
+    elif initial is not None:
+        raise SpecError(f"{where}: initial given but the state has no children")
+    return StateSpec(
+        name=full,
+        local=name,
+        doc=str(table.get("doc", "")),
+        xenbus=xenbus,
+        bits=_strs(f"{where}.bits", table.get("bits", [])),
+        on_enter=_strs(f"{where}.on_enter", table.get("on_enter", [])),
+        on_exit=_strs(f"{where}.on_exit", table.get("on_exit", [])),
+        initial=initial,
+        children=children,
+    )
+
+
+def parse_spec(data: Mapping[str, Any], origin: str = "<spec>") -> MachineSpec:
+    """Build a `MachineSpec` from parsed TOML, raising `SpecError` with the location."""
+    _check_keys(
+        origin, dict(data), _TOP_KEYS, frozenset({"machine", "states", "triggers", "transitions"})
+    )
+    m = data["machine"]
+    _check_keys(f"{origin}: [machine]", m, _MACHINE_KEYS, frozenset({"name", "initial"}))
+    nested = bool(m.get("nested", False))
+    states_table = data["states"]
+    if not isinstance(states_table, dict) or not states_table:
+        raise SpecError(f"{origin}: [states] must define at least one state")
+    states = tuple(
+        _parse_state(f"{origin}: [states.{n}]", n, t, None, nested)
+        for n, t in states_table.items()
+    )
+    names: set[str] = set()
+    for s in _walk(states):
+        if s.name in names:
+            raise SpecError(f"{origin}: state {s.name!r} defined twice")
+        names.add(s.name)
+
+    def known(where: str, name: str) -> str:
+        if name not in names:
+            raise SpecError(f"{where}: undefined state {name!r}; defined: {sorted(names)}")
+        return name
+
+    triggers: dict[str, TriggerSpec] = {}
+    for tname, t in data["triggers"].items():
+        where = f"{origin}: [triggers.{tname}]"
+        _check_keys(where, t, _TRIGGER_KEYS, frozenset({"blame"}))
+        if not _NAME.match(tname):
+            raise SpecError(f"{where}: bad trigger name")
+        try:
+            blame = Blame(t["blame"])
+        except ValueError:
+            choices = [b.value for b in Blame]
+            raise SpecError(f"{where}: blame {t['blame']!r} is not one of {choices}") from None
+        triggers[tname] = TriggerSpec(
+            tname, blame, str(t.get("doc", "")), bool(t.get("refused", False))
+        )
+
+    def trigger(where: str, name: Any) -> str:
+        if not isinstance(name, str):
+            raise SpecError(f"{where}: trigger must be one name, got {name!r}")
+        if name not in triggers:
+            raise SpecError(f"{where}: undeclared trigger {name!r} (add it under [triggers])")
+        return name
+
+    final = tuple(
+        known(f"{origin}: [machine].final", f) for f in _strs("final", m.get("final", []))
+    )
+
+    def sources(where: str, value: Any) -> tuple[str, ...]:
+        if value == "*":
+            return tuple(sorted(s.name for s in _walk(states) if s.name not in final))
+        return tuple(known(where, n) for n in _strs(where, value))
+
+    transitions: list[TransitionSpec] = []
+    for i, t in enumerate(data["transitions"]):
+        where = f"{origin}: transitions[{i}]"
+        _check_keys(where, t, _TRANSITION_KEYS, frozenset({"trigger", "source"}))
+        dest = t.get("dest")
+        transitions.append(
+            TransitionSpec(
+                trigger=trigger(where, t["trigger"]),
+                sources=sources(where, t["source"]),
+                dest=known(where, dest) if dest is not None else None,
+                conditions=_strs(f"{where}.conditions", t.get("conditions", [])),
+                unless=_strs(f"{where}.unless", t.get("unless", [])),
+                before=_strs(f"{where}.before", t.get("before", [])),
+                after=_strs(f"{where}.after", t.get("after", [])),
+                doc=str(t.get("doc", "")),
+            )
+        )
+    for i, ig in enumerate(data.get("ignore", [])):
+        where = f"{origin}: ignore[{i}]"
+        _check_keys(where, ig, _IGNORE_KEYS, frozenset({"triggers", "source", "why"}))
+        srcs = sources(where, ig["source"])
+        for tname in _strs(f"{where}.triggers", ig["triggers"]):
+            transitions.append(
+                TransitionSpec(trigger(where, tname), srcs, None, doc=str(ig["why"]), ignored=True)
+            )
+    used = {t.trigger for t in transitions}
+    unused = sorted(n for n, t in triggers.items() if n not in used and not t.refused)
+    if unused:
+        raise SpecError(f"{origin}: trigger(s) declared but never used: {unused}")
+    refused_used = sorted(n for n, t in triggers.items() if n in used and t.refused)
+    if refused_used:
+        raise SpecError(f"{origin}: trigger(s) marked refused but used: {refused_used}")
+    clashes = sorted(set(triggers) & {n for t in transitions for n in t.callbacks})
+    if clashes:
+        raise SpecError(f"{origin}: callback names equal to trigger names: {clashes}")
+    return MachineSpec(
+        name=str(m["name"]),
+        title=str(m.get("title", m["name"])),
+        doc=str(m.get("doc", "")),
+        initial=known(f"{origin}: [machine].initial", m["initial"]),
+        final=final,
+        nested=nested,
+        states=states,
+        triggers=triggers,
+        transitions=tuple(transitions),
+    )
+
+
+def spec_names() -> list[str]:
+    """Names of the machine specs shipped in `blktap3.specs`."""
+    root = files("blktap3.specs")
+    return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+@cache
+def load_spec(name: str) -> MachineSpec:
+    """Load `specs/<name>.toml` (installed or editable), schema-checked."""
+    resource = files("blktap3.specs").joinpath(f"{name}.toml")
+    if not resource.is_file():
+        raise SpecError(f"no machine spec {name!r}; known: {spec_names()}")
+    try:
+        data = tomllib.loads(resource.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{name}.toml: {e}") from None
+    spec = parse_spec(data, f"{name}.toml")
+    if spec.name != name:
+        raise SpecError(f"{name}.toml: [machine].name is {spec.name!r}, expected {name!r}")
+    return spec

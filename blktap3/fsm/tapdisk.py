@@ -1,0 +1,173 @@
+"""The tapdisk machines: the process lifecycle and one VBD inside it.
+
+`TapdiskProcess` (specs/tapdisk_process.toml) is what tap-ctl and tapback track per
+tapdisk; `TapdiskVbd` (specs/tapdisk_vbd.toml) is what the tapdisk's control server runs
+per minor, and gives the blktap VBD state bits `tap-ctl list` prints.  A refused control
+message raises `ToolstackError` (the server answers it with an errno of its choice).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, ClassVar
+
+from .effects import (
+    CleanupRuntime,
+    CloseImage,
+    ExitProcess,
+    OpenImage,
+    QuiesceRing,
+    Reply,
+    StartRing,
+    StopRing,
+    UnquiesceRing,
+)
+from .events import (
+    Close,
+    ConnectRing,
+    ControlSocketReady,
+    DiskInfo,
+    ImageOpened,
+    ImageOpenFailed,
+    Open,
+    Resume,
+    VbdAdded,
+    VbdRemoved,
+)
+from .machine import SpecMachine
+
+# blktap's VBD state bits (tapdisk-vbd.h), as `tap-ctl list` shows them.
+VBD_STATE_BITS: dict[str, int] = {
+    "DEAD": 0x1,
+    "CLOSED": 0x2,
+    "QUIESCE_REQUESTED": 0x4,
+    "QUIESCED": 0x8,
+    "PAUSE_REQUESTED": 0x10,
+    "PAUSED": 0x20,
+    "SHUTDOWN_REQUESTED": 0x40,
+    "LOCKING": 0x80,
+    "LOG_DROPPED": 0x100,
+    "RESUME_FAILED": 0x200,
+}
+
+
+class TapdiskProcess(SpecMachine):
+    """One tapdisk process: spawning, running{idle, serving}, exiting, dead."""
+
+    SPEC: ClassVar[str] = "tapdisk_process"
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.minors: set[int] = set()
+        super().__init__()
+
+    def record_pid(self, event: ControlSocketReady, **_: Any) -> None:
+        self.pid = event.pid
+
+    def add_vbd(self, event: VbdAdded, **_: Any) -> None:
+        self.minors.add(event.minor)
+
+    def remove_vbd(self, event: VbdRemoved, **_: Any) -> None:
+        self.minors.discard(event.minor)
+
+    def known_vbd(self, event: VbdRemoved, **_: Any) -> bool:
+        return event.minor in self.minors
+
+    def last_vbd(self, event: VbdRemoved, **_: Any) -> bool:
+        return self.minors == {event.minor}
+
+    def exit_process(self, **_: Any) -> None:
+        self.emit(ExitProcess())
+
+    def cleanup(self, **_: Any) -> None:
+        if self.pid is not None:
+            self.emit(CleanupRuntime(self.pid))
+
+
+class TapdiskVbd(SpecMachine):
+    """One VBD (minor) inside a tapdisk; `state_bits` is blktap's `state` for `list`."""
+
+    SPEC: ClassVar[str] = "tapdisk_vbd"
+
+    def __init__(self, minor: int) -> None:
+        self.minor = minor
+        self.path: str | None = None
+        self.flags = 0
+        self.disk: DiskInfo | None = None
+        self.image_open = False
+        self.ring: ConnectRing | None = None
+        self.resume_failed = False
+        super().__init__()
+        unknown = {b for s in self.spec.all_states() for b in s.bits} - set(VBD_STATE_BITS)
+        if unknown:
+            raise ValueError(f"tapdisk_vbd.toml: unknown state bits {sorted(unknown)}")
+
+    @property
+    def state_bits(self) -> int:
+        bits = sum(VBD_STATE_BITS[b] for b in self.spec.state(self.state).bits)
+        if self.resume_failed and self.state.startswith("open"):
+            bits |= VBD_STATE_BITS["RESUME_FAILED"]
+        return bits
+
+    # conditions
+    def geometry_changed(self, event: ImageOpened, **_: Any) -> bool:
+        return self.disk is not None and self.disk != event.disk
+
+    def has_ring(self, **_: Any) -> bool:
+        return self.ring is not None
+
+    def is_forced(self, event: Close, **_: Any) -> bool:
+        return event.force
+
+    # effects
+    def open_image(self, event: Open, **_: Any) -> None:
+        self.path, self.flags, self.disk = event.path, event.flags, None
+        self.emit(OpenImage(event.path, event.flags))
+
+    def reopen_image(self, event: Resume, **_: Any) -> None:
+        assert self.path is not None  # paused implies it was opened
+        self.path = event.path or self.path
+        self.emit(OpenImage(self.path, self.flags))
+
+    def record_disk(self, event: ImageOpened, **_: Any) -> None:
+        self.disk = event.disk
+        self.image_open = True
+        self.resume_failed = False
+
+    def note_image_opened(self, **_: Any) -> None:
+        self.image_open = True  # a refused resume: the driver opened it, we close it again
+
+    def close_image(self, **_: Any) -> None:
+        if self.image_open:
+            self.image_open = False
+            self.emit(CloseImage())
+
+    def start_ring(self, event: ConnectRing, **_: Any) -> None:
+        self.ring = event
+        self.emit(StartRing(event.domid, event.devid))
+
+    def stop_ring(self, **_: Any) -> None:
+        if self.ring is not None:
+            self.ring = None
+            self.emit(StopRing())
+
+    def quiesce(self, **_: Any) -> None:
+        self.emit(QuiesceRing())
+
+    def unquiesce(self, **_: Any) -> None:
+        self.emit(UnquiesceRing())
+
+    def mark_resume_failed(self, **_: Any) -> None:
+        self.resume_failed = True
+
+    def reply_ok(self, **_: Any) -> None:
+        self.emit(Reply())
+
+    def reply_disk(self, **_: Any) -> None:
+        self.emit(Reply(disk=self.disk))
+
+    def reply_error(self, event: ImageOpenFailed, **_: Any) -> None:
+        self.emit(Reply(error=event.errno))
+
+    def reply_medium_changed(self, **_: Any) -> None:
+        self.emit(Reply(error=errno.EMEDIUMTYPE))
