@@ -1,0 +1,188 @@
+/*
+ * xensim grant sharing: libxengntshr (/dev/xen/gntalloc). Allocates pages of
+ * the caller's own domain memory, grants them to another domain in the
+ * caller's grant_entry_v1 table, and maps them locally.
+ */
+#include "gntdev.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <xengnttab.h>
+
+XS_EXPORT xengntshr_handle *xengntshr_open(struct xentoollog_logger *logger, unsigned open_flags)
+{
+    (void)logger;
+    (void)open_flags;
+    return xs_gntdev_open((uint32_t)xs_env_domid());
+}
+
+/* Extension: a sharing handle acting as domain `domid` (tests, Python). */
+XS_EXPORT xengntshr_handle *xensim_gntshr_open_as(uint32_t domid)
+{
+    return xs_gntdev_open(domid);
+}
+
+/* lock held: end access and return the pages of a share */
+static void release_locked(struct xs_domain *d, struct xs_mapping *mp, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        grant_entry_v1_t *e = &d->grants[mp->refs[i]];
+        __atomic_store_n(&e->flags, 0, __ATOMIC_RELEASE);
+        e->domid = 0;
+        e->frame = 0;
+        xs_page_free(d, mp->pfns[i]);
+    }
+}
+
+static void free_mapping(struct xs_mapping *mp)
+{
+    free(mp->pfns);
+    free(mp->refs);
+    free(mp);
+}
+
+static void *share(xengntshr_handle *xgs, uint32_t domid, uint32_t count, uint32_t *refs,
+                   int writable, uint32_t notify_offset, evtchn_port_t notify_port)
+{
+    if (count == 0 || domid >= XS_MAX_DOMID) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct xs_mapping *mp = calloc(1, sizeof(*mp));
+    if (mp == NULL)
+        return NULL;
+    mp->pfns = calloc(count, sizeof(*mp->pfns));
+    mp->refs = calloc(count, sizeof(*mp->refs));
+    if (mp->pfns == NULL || mp->refs == NULL) {
+        free_mapping(mp);
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (xs_lock() < 0) {
+        free_mapping(mp);
+        return NULL;
+    }
+    struct xs_dom_view *v = xs_dom(xgs->domid);
+    if (v == NULL) {
+        xs_unlock();
+        free_mapping(mp);
+        errno = ESRCH;
+        return NULL;
+    }
+    struct xs_domain *d = v->d;
+    uint32_t n = 0;
+    for (; n < count; n++) {
+        int pfn = xs_page_alloc(d);
+        int ref = pfn < 0 ? -1 : xs_gref_alloc(d);
+        if (ref < 0) {
+            if (pfn >= 0)
+                xs_page_free(d, (uint64_t)pfn);
+            break;
+        }
+        mp->pfns[n] = (uint64_t)pfn;
+        mp->refs[n] = (uint32_t)ref;
+        grant_entry_v1_t *e = &d->grants[ref];
+        e->domid = (domid_t)domid;
+        e->frame = (uint32_t)pfn;
+        /* flags last: the entry is valid only once frame and domid are. */
+        __atomic_store_n(&e->flags, (uint16_t)(GTF_permit_access | (writable ? 0 : GTF_readonly)),
+                         __ATOMIC_RELEASE);
+    }
+    if (n < count) {
+        release_locked(d, mp, n);
+        xs_unlock();
+        free_mapping(mp);
+        errno = ENOMEM;
+        return NULL;
+    }
+    xs_unlock();
+    size_t len = (size_t)count * XS_PAGE_SIZE;
+    uint8_t *base = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int ok = base != MAP_FAILED;
+    for (uint32_t i = 0; ok && i < count; i++) {
+        void *p = mmap(base + (size_t)i * XS_PAGE_SIZE, XS_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_FIXED, v->mem_fd, (off_t)(mp->pfns[i] * XS_PAGE_SIZE));
+        ok = p != MAP_FAILED;
+    }
+    if (!ok) {
+        int saved = errno;
+        if (base != MAP_FAILED)
+            munmap(base, len);
+        if (xs_lock() == 0) {
+            release_locked(d, mp, count);
+            xs_unlock();
+        }
+        free_mapping(mp);
+        errno = saved;
+        return NULL;
+    }
+    memset(base, 0, len); /* gntalloc hands out zeroed pages */
+    mp->addr = base;
+    mp->count = count;
+    mp->notify_offset = notify_offset;
+    mp->notify_port = notify_port;
+    mp->notify_dom = xgs->domid;
+    memcpy(refs, mp->refs, count * sizeof(*refs));
+    xs_gntdev_add(xgs, mp);
+    return base;
+}
+
+XS_EXPORT void *xengntshr_share_pages(xengntshr_handle *xgs, uint32_t domid, int count,
+                                      uint32_t *refs, int writable)
+{
+    if (count <= 0) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return share(xgs, domid, (uint32_t)count, refs, writable, (uint32_t)-1, (evtchn_port_t)-1);
+}
+
+XS_EXPORT void *xengntshr_share_page_notify(xengntshr_handle *xgs, uint32_t domid,
+                                            uint32_t *ref, int writable, uint32_t notify_offset,
+                                            evtchn_port_t notify_port)
+{
+    if (notify_offset != (uint32_t)-1 && notify_offset >= XS_PAGE_SIZE) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return share(xgs, domid, 1, ref, writable, notify_offset, notify_port);
+}
+
+XS_EXPORT int xengntshr_unshare(xengntshr_handle *xgs, void *start_address, uint32_t count)
+{
+    struct xs_mapping *mp = xs_gntdev_take(xgs, start_address, count);
+    if (mp == NULL || mp->pfns == NULL) {
+        errno = EINVAL;
+        return -1;
+    }
+    xs_unmap_notify(mp);
+    munmap(mp->addr, (size_t)count * XS_PAGE_SIZE);
+    if (xs_lock() == 0) {
+        struct xs_dom_view *v = xs_dom(xgs->domid);
+        if (v != NULL)
+            release_locked(v->d, mp, count);
+        xs_unlock();
+    }
+    free_mapping(mp);
+    return 0;
+}
+
+XS_EXPORT int xengntshr_close(xengntshr_handle *xgs)
+{
+    if (xgs == NULL)
+        return 0;
+    /* Closing gntalloc ends every share of the handle. */
+    struct xs_mapping *mp;
+    while ((mp = xgs->maps) != NULL)
+        if (mp->pfns == NULL || xengntshr_unshare(xgs, mp->addr, mp->count) < 0)
+            break;
+    xs_gntdev_close(xgs);
+    return 0;
+}
+
+XS_EXPORT int xengntshr_fd(xengntshr_handle *xgs)
+{
+    return xgs->fd;
+}

@@ -1,0 +1,98 @@
+/*
+ * xensim redirects of the host interfaces the daemons touch besides the Xen
+ * libraries: /proc/xen/xsd_port and /proc/xen/xsd_kva (C xenstored opens them
+ * to find dom0's xenstore port and page) go to files of the run directory,
+ * and setrlimit(RLIMIT_NOFILE) is clamped to the hard limit (oxenstored asks
+ * for 1M open files; root here lacks CAP_SYS_RESOURCE).
+ */
+#include "xensim.h"
+
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/resource.h>
+
+static const char *redirect(const char *path, char *buf, size_t len)
+{
+    const char *name = NULL;
+    if (path != NULL && strcmp(path, "/proc/xen/xsd_port") == 0)
+        name = "xsd_port";
+    else if (path != NULL && strcmp(path, "/proc/xen/xsd_kva") == 0)
+        name = "xsd_kva";
+    if (name == NULL || xs_path(buf, len, "%s", name) < 0)
+        return path;
+    return buf;
+}
+
+static mode_t mode_arg(int flags, va_list ap)
+{
+    if (flags & (O_CREAT | O_TMPFILE))
+        return (mode_t)va_arg(ap, int);
+    return 0;
+}
+
+#define DEFINE_OPEN(name)                                                            \
+    XS_EXPORT int name(const char *path, int flags, ...)                             \
+    {                                                                                \
+        static int (*real)(const char *, int, ...);                                  \
+        if (real == NULL)                                                            \
+            real = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, #name);         \
+        va_list ap;                                                                  \
+        va_start(ap, flags);                                                         \
+        mode_t mode = mode_arg(flags, ap);                                           \
+        va_end(ap);                                                                  \
+        char buf[PATH_MAX];                                                          \
+        return real(redirect(path, buf, sizeof(buf)), flags, mode);                  \
+    }
+
+#define DEFINE_OPENAT(name)                                                          \
+    XS_EXPORT int name(int dirfd, const char *path, int flags, ...)                  \
+    {                                                                                \
+        static int (*real)(int, const char *, int, ...);                             \
+        if (real == NULL)                                                            \
+            real = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, #name);    \
+        va_list ap;                                                                  \
+        va_start(ap, flags);                                                         \
+        mode_t mode = mode_arg(flags, ap);                                           \
+        va_end(ap);                                                                  \
+        char buf[PATH_MAX];                                                          \
+        return real(dirfd, redirect(path, buf, sizeof(buf)), flags, mode);           \
+    }
+
+DEFINE_OPEN(open)
+DEFINE_OPEN(open64)
+DEFINE_OPENAT(openat)
+DEFINE_OPENAT(openat64)
+
+XS_EXPORT int setrlimit(__rlimit_resource_t resource, const struct rlimit *rl)
+{
+    static int (*real)(__rlimit_resource_t, const struct rlimit *);
+    if (real == NULL)
+        real = (int (*)(__rlimit_resource_t, const struct rlimit *))dlsym(RTLD_NEXT, "setrlimit");
+    struct rlimit cur, clamped = *rl;
+    if (resource == RLIMIT_NOFILE && getrlimit(RLIMIT_NOFILE, &cur) == 0) {
+        if (clamped.rlim_max > cur.rlim_max)
+            clamped.rlim_max = cur.rlim_max;
+        if (clamped.rlim_cur > clamped.rlim_max)
+            clamped.rlim_cur = clamped.rlim_max;
+    }
+    return real(resource, &clamped);
+}
+
+XS_EXPORT int setrlimit64(__rlimit_resource_t resource, const struct rlimit64 *rl)
+{
+    static int (*real)(__rlimit_resource_t, const struct rlimit64 *);
+    if (real == NULL)
+        real = (int (*)(__rlimit_resource_t, const struct rlimit64 *))dlsym(RTLD_NEXT,
+                                                                              "setrlimit64");
+    struct rlimit64 cur, clamped = *rl;
+    if (resource == RLIMIT_NOFILE && getrlimit64(RLIMIT_NOFILE, &cur) == 0) {
+        if (clamped.rlim_max > cur.rlim_max)
+            clamped.rlim_max = cur.rlim_max;
+        if (clamped.rlim_cur > clamped.rlim_max)
+            clamped.rlim_cur = clamped.rlim_max;
+    }
+    return real(resource, &clamped);
+}

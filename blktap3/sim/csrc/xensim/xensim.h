@@ -1,0 +1,117 @@
+/*
+ * xensim: shared state of the simulated Xen machine and helpers used by every
+ * part of the library (event channels, grant tables, xenctrl, redirects).
+ *
+ * The machine lives in a run directory ($XENSIM_DIR) so that separate processes
+ * share it:
+ *   machine          struct xs_machine: global lock, which domids exist
+ *   dom<N>/state     struct xs_domain: ports, grant table, page bitmap
+ *   memory file      dom<N>/mem, or /dev/shm/... when the run dir is not tmpfs
+ *   evtchn/<pid>.<seq>  one FIFO per event-channel handle
+ *
+ * All table mutations (bind, unbind, grant-ref and page allocation, domain
+ * create/destroy) take the one process-shared robust mutex in the machine file:
+ * they are rare, and one lock cannot deadlock. The hot paths (notify, grant
+ * copy) take no lock: they read the tables and use atomics on port flags.
+ */
+#ifndef XENSIM_H
+#define XENSIM_H
+
+#define _GNU_SOURCE
+#ifndef __XEN_TOOLS__
+#define __XEN_TOOLS__ 1 /* the tools view of the ABI, as xenctrl.h */
+#endif
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <xen/xen.h>
+#include <xen/grant_table.h>
+
+#define XS_PAGE_SIZE 4096u
+#define XS_MAX_DOMID 0x7FF0u /* DOMID_FIRST_RESERVED */
+#define XS_NR_PORTS 4096u    /* the 2-level ABI limit of a 64-bit guest */
+#define XS_NR_GRANTS 8192u   /* 16 grant frames of v1 entries */
+#define XS_FIRST_FREE_GREF 8u /* GNTTAB_NR_RESERVED_ENTRIES, as Linux */
+#define XS_MAX_PAGES (1u << 20)
+#define XS_MAGIC 0x786e73696d303176ULL /* "xnsim01v" */
+
+/* pfn of the zeroed xenstore page of every created domain; pfn 0 is left free. */
+#define XENSIM_XENSTORE_PFN 1u
+
+enum xs_port_state { XS_PORT_FREE = 0, XS_PORT_UNBOUND, XS_PORT_INTERDOMAIN, XS_PORT_VIRQ };
+
+/* xs_port.flags, changed with atomics only */
+#define XS_PF_PENDING 1u
+#define XS_PF_MASKED 2u
+
+#define XS_DOM_DYING 1u
+#define XS_DOM_SHUTDOWN 2u
+
+struct xs_port {
+    uint32_t state;
+    uint32_t flags;
+    uint32_t remote_dom;
+    uint32_t remote_port;
+    uint32_t virq;
+    int32_t owner_pid; /* 0: no handle owns it (toolstack-allocated) */
+    uint32_t owner_seq;
+    uint32_t pad;
+};
+
+struct xs_machine {
+    uint64_t magic;
+    pthread_mutex_t lock;
+    uint32_t next_gen;
+    uint32_t gen[XS_MAX_DOMID]; /* 0: no such domain, else its generation */
+};
+
+struct xs_domain {
+    uint64_t magic;
+    uint32_t domid;
+    uint32_t flags; /* XS_DOM_* */
+    uint64_t nr_pages;
+    uint64_t xenstore_pfn;
+    uint32_t xenstore_port;
+    uint32_t gen;
+    char mem_path[512];
+    struct xs_port ports[XS_NR_PORTS];
+    grant_entry_v1_t grants[XS_NR_GRANTS];
+    uint8_t page_used[XS_MAX_PAGES / 8];
+};
+
+/* A process's view of one domain, valid while gen matches the machine's. */
+struct xs_dom_view {
+    uint32_t gen;
+    struct xs_domain *d;
+    int mem_fd;
+    uint8_t *mem;
+    size_t mem_len;
+};
+
+/* state.c */
+int xs_env_domid(void);
+const char *xs_dir(void); /* NULL (errno set) when no run directory */
+struct xs_machine *xs_machine(void);
+int xs_lock(void);
+void xs_unlock(void);
+/* The view of an existing domain, or NULL with errno ESRCH. No lock needed. */
+struct xs_dom_view *xs_dom(uint32_t domid);
+int xs_path(char *buf, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void xs_forget_views(void);
+
+/* evtchn.c: internal helpers shared with domain.c, gntshr.c, xenctrl.c */
+int xs_evtchn_send(uint32_t domid, uint32_t port);
+void xs_port_deliver(struct xs_domain *d, uint32_t port);
+int xs_port_alloc(struct xs_domain *d); /* lock held; -1 ENOSPC */
+void xs_port_close(struct xs_domain *d, uint32_t port); /* lock held */
+void xs_gc_dead_handles(void); /* lock held */
+int xs_alloc_unbound(uint32_t dom, uint32_t remote_dom);
+
+/* domain.c */
+int xs_page_alloc(struct xs_domain *d); /* lock held; -1 if none free */
+void xs_page_free(struct xs_domain *d, uint64_t pfn);
+int xs_gref_alloc(struct xs_domain *d); /* lock held; -1 if none free */
+
+#define XS_EXPORT __attribute__((visibility("default")))
+
+#endif
