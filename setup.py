@@ -2,4 +2,9 @@
 
 from setuptools import setup
 
-setup(cffi_modules=[])
+setup(
+    cffi_modules=[
+        "blktap3/datapath/_build.py:ffibuilder",
+        "blktap3/sim/guestdrv/_build.py:ffibuilder",
+    ]
+)

@@ -1,1 +1,18 @@
-"""The C data path (cffi): blkif ring service, request checks, io engine, image drivers."""
+"""The C data path (cffi): blkif ring service, request checks, io engine, image drivers.
+
+The facade the tapdisk process calls: ``Image.open``, ``Ring.connect`` and the ring's
+``pause``/``resume``/``disconnect``/``stats``. Errors are ``OSError(errno, message)``.
+"""
+
+from .image import VDISK_CDROM, VDISK_READONLY, Image, ImageInfo
+from .ring import MAX_RING_PAGE_ORDER, PROTOCOLS, Ring
+
+__all__ = [
+    "MAX_RING_PAGE_ORDER",
+    "PROTOCOLS",
+    "VDISK_CDROM",
+    "VDISK_READONLY",
+    "Image",
+    "ImageInfo",
+    "Ring",
+]

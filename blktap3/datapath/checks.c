@@ -1,0 +1,151 @@
+/*
+ * checks.c: reading requests out of the shared ring and checking them.
+ *
+ * The guest is untrusted and can rewrite a slot while we look at it, so a request is
+ * first copied whole into private memory (XSA-155) and every check and every later
+ * use reads only that copy. Responses are written field by field into their slot so
+ * that no stale private bytes leak into the shared page (XSA-216).
+ */
+#include "datapath.h"
+
+static uint32_t ring_slots(int proto, uint32_t nr_pages)
+{
+    return TD_RING_SLOTS(proto, nr_pages);
+}
+
+const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx)
+{
+    uint32_t i = idx & (ring_slots(proto, nr_pages) - 1);
+    switch (proto) {
+    case TD_PROTO_X86_32:
+        return &((struct blkif_x86_32_sring *)sring)->ring[i].req;
+    case TD_PROTO_X86_64:
+        return &((struct blkif_x86_64_sring *)sring)->ring[i].req;
+    default:
+        return &((struct blkif_sring *)sring)->ring[i].req;
+    }
+}
+
+void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
+                     uint64_t id, uint8_t op, int16_t status)
+{
+    uint32_t i = idx & (ring_slots(proto, nr_pages) - 1);
+    /* Field by field, never a struct copy: padding must not carry our memory. */
+    switch (proto) {
+    case TD_PROTO_X86_32: {
+        blkif_x86_32_response_t *rsp = &((struct blkif_x86_32_sring *)sring)->ring[i].rsp;
+        rsp->id = id;
+        rsp->operation = op;
+        rsp->status = status;
+        break;
+    }
+    case TD_PROTO_X86_64: {
+        blkif_x86_64_response_t *rsp = &((struct blkif_x86_64_sring *)sring)->ring[i].rsp;
+        rsp->id = id;
+        rsp->operation = op;
+        rsp->status = status;
+        break;
+    }
+    default: {
+        blkif_response_t *rsp = &((struct blkif_sring *)sring)->ring[i].rsp;
+        rsp->id = id;
+        rsp->operation = op;
+        rsp->status = status;
+        break;
+    }
+    }
+}
+
+/* Normalise one layout's private copy; a macro because the three differ only in type. */
+#define TD_NORMALISE(REQ_T, DISCARD_T, src, out)                                      \
+    do {                                                                              \
+        REQ_T copy;                                                                   \
+        memcpy(&copy, (src), sizeof(copy));                                           \
+        /* From here on only `copy` is read: the guest may change the slot now. */    \
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);                                      \
+        (out)->operation = copy.operation;                                            \
+        (out)->handle = copy.handle;                                                  \
+        (out)->id = copy.id;                                                          \
+        (out)->sector_number = copy.sector_number;                                    \
+        if (copy.operation == BLKIF_OP_DISCARD) {                                     \
+            const DISCARD_T *d = (const DISCARD_T *)(const void *)&copy;              \
+            (out)->flag = d->flag;                                                    \
+            (out)->nr_sectors = d->nr_sectors;                                        \
+            (out)->nr_segments = 0;                                                   \
+        } else {                                                                      \
+            unsigned n_ = copy.nr_segments;                                           \
+            (out)->nr_segments = copy.nr_segments;                                    \
+            if (n_ > BLKIF_MAX_SEGMENTS_PER_REQUEST)                                  \
+                n_ = BLKIF_MAX_SEGMENTS_PER_REQUEST;                                  \
+            for (unsigned i_ = 0; i_ < n_; i_++) {                                    \
+                (out)->seg[i_].gref = copy.seg[i_].gref;                              \
+                (out)->seg[i_].first_sect = copy.seg[i_].first_sect;                  \
+                (out)->seg[i_].last_sect = copy.seg[i_].last_sect;                    \
+            }                                                                         \
+        }                                                                             \
+    } while (0)
+
+void td_req_fetch(int proto, const void *slot, struct td_req *out)
+{
+    memset(out, 0, sizeof(*out));
+    switch (proto) {
+    case TD_PROTO_X86_32:
+        TD_NORMALISE(blkif_x86_32_request_t, struct blkif_x86_32_request_discard, slot, out);
+        break;
+    case TD_PROTO_X86_64:
+        TD_NORMALISE(blkif_x86_64_request_t, struct blkif_x86_64_request_discard, slot, out);
+        break;
+    default:
+        TD_NORMALISE(blkif_request_t, blkif_request_discard_t, slot, out);
+        break;
+    }
+}
+
+static int range_ok(uint64_t start, uint64_t count, uint64_t dev_sectors)
+{
+    /* Written so that start + count cannot wrap. */
+    return start <= dev_sectors && count <= dev_sectors - start;
+}
+
+int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard)
+{
+    switch (r->operation) {
+    case BLKIF_OP_READ:
+    case BLKIF_OP_WRITE:
+    case BLKIF_OP_WRITE_BARRIER:
+    case BLKIF_OP_FLUSH_DISKCACHE: {
+        int rw = r->operation == BLKIF_OP_READ || r->operation == BLKIF_OP_WRITE;
+        if (r->nr_segments > BLKIF_MAX_SEGMENTS_PER_REQUEST || (rw && r->nr_segments == 0))
+            return TD_ERR_NSEG;
+        if (r->operation == BLKIF_OP_FLUSH_DISKCACHE && r->nr_segments != 0)
+            return TD_ERR_NSEG;
+        uint64_t n = 0;
+        for (unsigned i = 0; i < r->nr_segments; i++) {
+            const struct td_seg *s = &r->seg[i];
+            if (s->first_sect > s->last_sect || s->last_sect >= TD_SECTORS_PER_PAGE)
+                return TD_ERR_SECT;
+            n += (uint64_t)(s->last_sect - s->first_sect + 1);
+        }
+        r->nr_sectors = n;
+        if (r->operation != BLKIF_OP_READ && r->operation != BLKIF_OP_FLUSH_DISKCACHE &&
+            readonly)
+            return TD_ERR_READONLY;
+        if (!range_ok(r->sector_number, n, dev_sectors))
+            return TD_ERR_RANGE;
+        return TD_OK;
+    }
+    case BLKIF_OP_DISCARD:
+        if (readonly)
+            return TD_ERR_READONLY;
+        if (!discard)
+            return TD_ERR_UNSUPPORTED;
+        if (!range_ok(r->sector_number, r->nr_sectors, dev_sectors))
+            return TD_ERR_RANGE;
+        return TD_OK;
+    case BLKIF_OP_INDIRECT:
+        /* Not advertised (no feature-max-indirect-segments): blkif.h says EOPNOTSUPP. */
+        return TD_ERR_UNSUPPORTED;
+    default:
+        return TD_ERR_OP;
+    }
+}

@@ -1,0 +1,136 @@
+/*
+ * datapath.h: the C data path's interface: image drivers, io engines, request
+ * checks and the ring service. The cffi declarations in datapath_cdef.h mirror the
+ * public part of this file (checked by the compiler through cffi's `...;`).
+ */
+#ifndef BLKTAP3_DATAPATH_H
+#define BLKTAP3_DATAPATH_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include "xenring.h"
+
+/* ---- request: the private copy a request is checked on (XSA-155) ---- */
+
+struct td_seg {
+    uint32_t gref;
+    uint8_t  first_sect;
+    uint8_t  last_sect;
+};
+
+struct td_req {
+    uint8_t  operation;
+    uint8_t  nr_segments;   /* raw value from the guest, checked before use */
+    uint8_t  flag;          /* DISCARD: BLKIF_DISCARD_SECURE */
+    uint16_t handle;
+    uint64_t id;
+    uint64_t sector_number;
+    uint64_t nr_sectors;    /* DISCARD: from the request; R/W: sum of the segments */
+    struct td_seg seg[BLKIF_MAX_SEGMENTS_PER_REQUEST];
+};
+
+/* Why a request was refused: the index of its error counter. */
+enum td_err {
+    TD_OK = 0,
+    TD_ERR_OP = 1,          /* unknown operation */
+    TD_ERR_NSEG = 2,        /* nr_segments 0 (r/w) or > 11 */
+    TD_ERR_SECT = 3,        /* first_sect > last_sect or last_sect > 7 */
+    TD_ERR_RANGE = 4,       /* past the end of the device */
+    TD_ERR_READONLY = 5,    /* write to a read-only VBD */
+    TD_ERR_GRANT = 6,       /* grant copy failed: a grant the guest did not give */
+    TD_ERR_IO = 7,          /* the image driver failed */
+    TD_ERR_UNSUPPORTED = 8, /* answered EOPNOTSUPP (INDIRECT, discard without support) */
+    TD_ERR_OVERFLOW = 9,    /* req_prod more than a ring ahead: ring halted */
+    TD_ERR_MAX = 10
+};
+
+/* Copy one request slot of a shared ring in layout `proto` into private memory. */
+void td_req_fetch(int proto, const void *slot, struct td_req *out);
+/* Check a private copy; fills nr_sectors for r/w. Returns an enum td_err. */
+int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard);
+/* Address of request slot `idx` / write response `idx`, in a shared ring. */
+const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx);
+void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
+                     uint64_t id, uint8_t op, int16_t status);
+
+/* ---- images ---- */
+
+struct td_image_info {
+    uint64_t sectors;
+    uint32_t sector_size;
+    uint32_t physical_sector_size;
+    uint32_t info;
+    int32_t  o_direct;
+    int32_t  discard;
+};
+
+struct td_image {
+    int fd;                 /* -1 for the null driver */
+    int readonly;
+    struct td_image_info info;
+};
+
+int td_image_open(const char *driver, const char *path, int readonly, int o_direct,
+                  struct td_image **out);
+void td_image_close(struct td_image *img);
+const struct td_image_info *td_image_info(const struct td_image *img);
+
+/* ---- io engines ---- */
+
+enum td_engine_kind { TD_ENGINE_AUTO = 0, TD_ENGINE_URING = 1, TD_ENGINE_SYNC = 2,
+                      TD_ENGINE_NULL = 3 };
+enum td_io_op { TD_IO_READ = 0, TD_IO_WRITE = 1 };
+
+struct td_cqe {
+    uint32_t tag;
+    int32_t  res;           /* bytes moved, or -errno */
+};
+
+struct td_engine;           /* opaque: io_uring or a synchronous fallback */
+int td_engine_open(int kind, uint32_t depth, struct td_engine **out);
+void td_engine_close(struct td_engine *e);
+int td_engine_kind(const struct td_engine *e);
+/* Queue one I/O; nothing reaches the kernel before td_engine_submit (uring). */
+int td_engine_prep(struct td_engine *e, int op, int fd, void *buf, uint32_t len,
+                   uint64_t off, uint32_t tag);
+/* Submit everything queued in one call. Returns 0 or -errno. */
+int td_engine_submit(struct td_engine *e);
+/* Reap up to `max` completions without blocking. */
+uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max);
+/* A file descriptor readable when completions may be ready; -1 when never needed. */
+int td_engine_fd(const struct td_engine *e);
+
+/* One synchronous read/write through an engine (tests, tools). */
+int td_image_rw(struct td_image *img, int engine, int write, void *buf,
+                uint64_t sector, uint32_t nr_sectors);
+
+/* ---- the ring service ---- */
+
+struct td_stats {
+    uint64_t reqs[8];       /* by op: 0..6 as BLKIF_OP_*, 7 anything else */
+    uint64_t segments;
+    uint64_t sectors_read;
+    uint64_t sectors_written;
+    uint64_t kicks_in;
+    uint64_t kicks_out;
+    uint64_t responses;
+    uint64_t errors[TD_ERR_MAX];
+    uint64_t in_flight;
+    uint64_t batches;
+    int32_t  o_direct;
+    int32_t  engine;
+    int32_t  paused;
+    int32_t  slots;
+    char     halted[64];
+};
+
+struct td_ring;
+int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
+                    const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
+                    int engine, struct td_ring **out);
+int td_ring_pause(struct td_ring *r, int timeout_ms);
+int td_ring_resume(struct td_ring *r, struct td_image *img);
+int td_ring_disconnect(struct td_ring *r, int timeout_ms);
+void td_ring_stats(struct td_ring *r, struct td_stats *out);
+
+#endif

@@ -1,0 +1,90 @@
+/* cffi declarations of the data path (parsed by cffi, not compiled; see datapath.h). */
+
+#define BLKIF_OP_READ 0
+#define BLKIF_OP_WRITE 1
+#define BLKIF_OP_WRITE_BARRIER 2
+#define BLKIF_OP_FLUSH_DISKCACHE 3
+#define BLKIF_OP_DISCARD 5
+#define BLKIF_OP_INDIRECT 6
+#define BLKIF_RSP_OKAY 0
+#define BLKIF_RSP_ERROR -1
+#define BLKIF_RSP_EOPNOTSUPP -2
+#define BLKIF_MAX_SEGMENTS_PER_REQUEST 11
+#define VDISK_CDROM 1
+#define VDISK_READONLY 4
+
+#define TD_PROTO_NATIVE 0
+#define TD_PROTO_X86_32 1
+#define TD_PROTO_X86_64 2
+#define TD_ENGINE_AUTO 0
+#define TD_ENGINE_URING 1
+#define TD_ENGINE_SYNC 2
+#define TD_ENGINE_NULL 3
+#define TD_ERR_MAX 10
+
+struct blkif_request_segment { uint32_t gref; uint8_t first_sect; uint8_t last_sect; ...; };
+struct blkif_request {
+    uint8_t operation; uint8_t nr_segments; uint16_t handle; uint64_t id;
+    uint64_t sector_number; struct blkif_request_segment seg[11]; ...;
+};
+struct blkif_request_discard {
+    uint8_t operation; uint8_t flag; uint16_t handle; uint64_t id;
+    uint64_t sector_number; uint64_t nr_sectors; ...;
+};
+struct blkif_x86_32_request {
+    uint8_t operation; uint8_t nr_segments; uint16_t handle; uint64_t id;
+    uint64_t sector_number; struct blkif_request_segment seg[11]; ...;
+};
+struct blkif_x86_32_request_discard {
+    uint8_t operation; uint8_t flag; uint16_t handle; uint64_t id;
+    uint64_t sector_number; uint64_t nr_sectors; ...;
+};
+struct blkif_x86_32_response { uint64_t id; uint8_t operation; int16_t status; ...; };
+struct blkif_x86_64_request {
+    uint8_t operation; uint8_t nr_segments; uint16_t handle; uint64_t id;
+    uint64_t sector_number; struct blkif_request_segment seg[11]; ...;
+};
+struct blkif_x86_64_request_discard {
+    uint8_t operation; uint8_t flag; uint16_t handle; uint64_t id;
+    uint64_t sector_number; uint64_t nr_sectors; ...;
+};
+struct blkif_x86_64_response { uint64_t id; uint8_t operation; int16_t status; ...; };
+struct blkif_response { uint64_t id; uint8_t operation; int16_t status; ...; };
+
+struct td_seg { uint32_t gref; uint8_t first_sect; uint8_t last_sect; ...; };
+struct td_req {
+    uint8_t operation; uint8_t nr_segments; uint8_t flag; uint16_t handle; uint64_t id;
+    uint64_t sector_number; uint64_t nr_sectors; struct td_seg seg[11]; ...;
+};
+void td_req_fetch(int proto, const void *slot, struct td_req *out);
+int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard);
+const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx);
+void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
+                     uint64_t id, uint8_t op, int16_t status);
+
+struct td_image_info {
+    uint64_t sectors; uint32_t sector_size; uint32_t physical_sector_size; uint32_t info;
+    int32_t o_direct; int32_t discard; ...;
+};
+struct td_image;
+int td_image_open(const char *driver, const char *path, int readonly, int o_direct,
+                  struct td_image **out);
+void td_image_close(struct td_image *img);
+const struct td_image_info *td_image_info(const struct td_image *img);
+int td_image_rw(struct td_image *img, int engine, int write, void *buf,
+                uint64_t sector, uint32_t nr_sectors);
+
+struct td_stats {
+    uint64_t reqs[8]; uint64_t segments; uint64_t sectors_read; uint64_t sectors_written;
+    uint64_t kicks_in; uint64_t kicks_out; uint64_t responses; uint64_t errors[10];
+    uint64_t in_flight; uint64_t batches; int32_t o_direct; int32_t engine; int32_t paused;
+    int32_t slots; char halted[64]; ...;
+};
+struct td_ring;
+int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
+                    const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
+                    int engine, struct td_ring **out);
+int td_ring_pause(struct td_ring *r, int timeout_ms);
+int td_ring_resume(struct td_ring *r, struct td_image *img);
+int td_ring_disconnect(struct td_ring *r, int timeout_ms);
+void td_ring_stats(struct td_ring *r, struct td_stats *out);

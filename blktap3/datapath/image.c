@@ -1,0 +1,154 @@
+/*
+ * image.c: the raw image driver ("aio"/"raw": a file or block device, O_DIRECT
+ * when the file system takes it) and the null driver (no storage: the ring's own
+ * ceiling).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "datapath.h"
+
+/* The null image: large enough for any benchmark, addresses nothing. */
+#define TD_NULL_SECTORS (1ull << 31)
+
+static uint32_t physical_sector_size(int fd, const struct stat *st)
+{
+    unsigned int pbs = 0;
+    if (S_ISBLK(st->st_mode) && ioctl(fd, BLKPBSZGET, &pbs) == 0 && pbs >= 512)
+        return pbs;
+    /* A file: the file system's block, when it is a sane power of two. */
+    uint64_t b = (uint64_t)st->st_blksize;
+    if (b >= 512 && b <= 65536 && (b & (b - 1)) == 0)
+        return (uint32_t)b;
+    return 512;
+}
+
+static int can_punch(int fd, uint64_t size)
+{
+    /* Punching past EOF changes nothing but says whether the fs supports it. */
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     (off_t)size + TD_PAGE_SIZE, TD_PAGE_SIZE) == 0;
+}
+
+int td_image_open(const char *driver, const char *path, int readonly, int o_direct,
+                  struct td_image **out)
+{
+    struct td_image *img = calloc(1, sizeof(*img));
+    if (!img)
+        return -ENOMEM;
+    img->readonly = readonly;
+    img->info.sector_size = 512;
+    img->info.info = readonly ? VDISK_READONLY : 0;
+
+    if (strcmp(driver, "null") == 0) {
+        img->fd = -1;
+        img->info.sectors = TD_NULL_SECTORS;
+        img->info.physical_sector_size = 512;
+        *out = img;
+        return 0;
+    }
+    if (strcmp(driver, "aio") != 0 && strcmp(driver, "raw") != 0) {
+        free(img);
+        return -EINVAL;
+    }
+
+    int flags = (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    int fd = -1;
+    if (o_direct) {
+        fd = open(path, flags | O_DIRECT);
+        /* Some file systems (old tmpfs, some FUSE) refuse O_DIRECT: fall back, say so. */
+        if (fd >= 0)
+            img->info.o_direct = 1;
+        else if (errno != EINVAL)
+            goto fail_errno;
+    }
+    if (fd < 0) {
+        fd = open(path, flags);
+        if (fd < 0)
+            goto fail_errno;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        goto fail_close;
+    uint64_t size;
+    if (S_ISBLK(st.st_mode)) {
+        if (ioctl(fd, BLKGETSIZE64, &size) != 0)
+            goto fail_close;
+    } else if (S_ISREG(st.st_mode)) {
+        size = (uint64_t)st.st_size;
+    } else {
+        close(fd);
+        free(img);
+        return -EINVAL;
+    }
+    img->fd = fd;
+    img->info.sectors = size >> TD_SECTOR_SHIFT;
+    img->info.physical_sector_size = physical_sector_size(fd, &st);
+    img->info.discard = !readonly && S_ISREG(st.st_mode) && can_punch(fd, size);
+    *out = img;
+    return 0;
+
+fail_close: {
+        int e = errno;
+        close(fd);
+        free(img);
+        return -e;
+    }
+fail_errno: {
+        int e = errno;
+        free(img);
+        return -e;
+    }
+}
+
+void td_image_close(struct td_image *img)
+{
+    if (!img)
+        return;
+    if (img->fd >= 0)
+        close(img->fd);
+    free(img);
+}
+
+const struct td_image_info *td_image_info(const struct td_image *img)
+{
+    return &img->info;
+}
+
+int td_image_rw(struct td_image *img, int engine, int write, void *buf,
+                uint64_t sector, uint32_t nr_sectors)
+{
+    if (write && img->readonly)
+        return -EROFS;
+    if (sector > img->info.sectors || nr_sectors > img->info.sectors - sector)
+        return -ERANGE;
+    if (img->fd < 0)
+        engine = TD_ENGINE_NULL;
+    struct td_engine *e;
+    int rc = td_engine_open(engine, 1, &e);
+    if (rc)
+        return rc;
+    uint32_t len = nr_sectors << TD_SECTOR_SHIFT;
+    rc = td_engine_prep(e, write ? TD_IO_WRITE : TD_IO_READ, img->fd, buf, len,
+                        sector << TD_SECTOR_SHIFT, 0);
+    if (!rc)
+        rc = td_engine_submit(e);
+    if (!rc) {
+        struct td_cqe c;
+        while (td_engine_reap(e, &c, 1) == 0) {
+            /* Only tests and tools land here: a short sleep on one I/O is fine. */
+            usleep(50);
+        }
+        rc = c.res < 0 ? c.res : (c.res == (int32_t)len ? 0 : -EIO);
+    }
+    td_engine_close(e);
+    return rc;
+}

@@ -1,0 +1,667 @@
+/*
+ * ring.c: the blkif ring service.
+ *
+ * One service thread per ring, started from Python with the GIL released and never
+ * calling back into it. Per event-channel kick it drains every request (private copy,
+ * then checks), grant-copies the data of all writes in one call, submits the batch's
+ * I/O in one io_uring call, and completes in batches: one grant copy for all finished
+ * reads, responses written field by field, one RING_PUSH_RESPONSES_AND_CHECK_NOTIFY.
+ * RING_FINAL_CHECK_FOR_REQUESTS closes the race with the front-end before it sleeps.
+ *
+ * Control (pause, resume, disconnect) comes from other threads through `state`
+ * (under `mu`) and an eventfd that wakes the service thread.
+ */
+#define _GNU_SOURCE
+#include "datapath.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include <xenevtchn.h>
+#include <xengnttab.h>
+
+#define TD_SEG_BYTES (BLKIF_MAX_SEGMENTS_PER_REQUEST * TD_PAGE_SIZE)
+
+enum td_state { RS_RUN = 0, RS_PAUSING, RS_PAUSED, RS_STOPPING };
+
+struct td_slot {
+    struct td_req req;
+    char *buf;              /* the request's data, segments packed back to back */
+    int err;                /* enum td_err once decided */
+};
+
+struct td_ring {
+    xengnttab_handle *xgt;
+    xenevtchn_handle *xce;
+    void *sring;
+    uint32_t nr_pages;
+    int proto;
+    uint32_t nslots;
+    evtchn_port_t lport;
+    uint32_t domid, devid;
+
+    /* Back-ring indices, as BACK_RING's fields but layout independent. */
+    RING_IDX req_cons, rsp_prod_pvt;
+
+    struct td_image *img;
+    struct td_engine *eng;
+    int engine_kind;
+    struct td_slot *slots;
+    char *bufs;
+    uint32_t *free_slots;
+    uint32_t nfree;
+    uint32_t inflight;      /* slots taken: submitted I/O or a held barrier */
+    int32_t held;           /* a barrier/flush waiting for in-flight I/O to drain, or -1 */
+
+    xengnttab_grant_copy_segment_t *gcopy;
+    uint32_t *gcopy_slot;
+    uint32_t *batch;        /* slots of the batch being assembled */
+    struct td_cqe *cqes;
+    char *zeroes;           /* secure discard writes these */
+
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int state;              /* enum td_state, under mu */
+    int ctl_efd;
+    int exited;
+    int stop_seen;          /* disconnect: req_prod when it was asked, served up to there */
+    RING_IDX stop_prod;
+
+    struct td_stats st;     /* written by the service thread only, read relaxed */
+};
+
+#define STAT_ADD(r, field, n) __atomic_fetch_add(&(r)->st.field, (n), __ATOMIC_RELAXED)
+
+/* The four indices that open every layout's sring; volatile: the guest writes them. */
+struct td_sring_hdr {
+    volatile RING_IDX req_prod, req_event, rsp_prod, rsp_event;
+};
+
+static struct td_sring_hdr *hdr(struct td_ring *r)
+{
+    return (struct td_sring_hdr *)r->sring;
+}
+
+static int16_t rsp_status_of(int err)
+{
+    return (int16_t)(err == TD_OK ? BLKIF_RSP_OKAY
+                     : err == TD_ERR_UNSUPPORTED ? BLKIF_RSP_EOPNOTSUPP
+                                                 : BLKIF_RSP_ERROR);
+}
+
+static void respond(struct td_ring *r, const struct td_req *req, int err)
+{
+    td_ring_put_rsp(r->proto, r->sring, r->nr_pages, r->rsp_prod_pvt, req->id,
+                    req->operation, rsp_status_of(err));
+    r->rsp_prod_pvt++;
+    STAT_ADD(r, responses, 1);
+    if (err != TD_OK)
+        STAT_ADD(r, errors[err], 1);
+}
+
+static void push_responses(struct td_ring *r)
+{
+    RING_IDX old = hdr(r)->rsp_prod, new = r->rsp_prod_pvt;
+    if (old == new)
+        return;
+    /* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, spelled out over our layout-free indices. */
+    xen_wmb();  /* the front-end sees the responses before the new producer index */
+    hdr(r)->rsp_prod = new;
+    xen_mb();   /* it sees the new rsp_prod before we read its rsp_event */
+    int notify = (RING_IDX)(new - hdr(r)->rsp_event) < (RING_IDX)(new - old);
+    if (notify && xenevtchn_notify(r->xce, r->lport) == 0)
+        STAT_ADD(r, kicks_out, 1);
+}
+
+static void free_slot(struct td_ring *r, uint32_t s)
+{
+    r->free_slots[r->nfree++] = s;
+}
+
+static void halt(struct td_ring *r, const char *why)
+{
+    if (r->st.halted[0])
+        return;
+    snprintf(r->st.halted, sizeof(r->st.halted), "%s", why);
+    STAT_ADD(r, errors[TD_ERR_OVERFLOW], 1);
+    /* Logged once, never per request: the VBD owner reads `halted` from the stats. */
+    fprintf(stderr, "blktap3 datapath: ring d%u/%u halted: %s\n", r->domid, r->devid, why);
+}
+
+/* Grant-copy `n` prepared segments; failed ones mark their slot TD_ERR_GRANT. */
+static void grant_copy(struct td_ring *r, uint32_t n)
+{
+    if (n == 0)
+        return;
+    if (xengnttab_grant_copy(r->xgt, n, r->gcopy) != 0) {
+        for (uint32_t i = 0; i < n; i++)
+            r->slots[r->gcopy_slot[i]].err = TD_ERR_GRANT;
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        if (r->gcopy[i].status != GNTST_okay)
+            r->slots[r->gcopy_slot[i]].err = TD_ERR_GRANT;
+}
+
+/* Prepare the grant-copy segments of one slot's data; returns the new count. */
+static uint32_t prep_copy(struct td_ring *r, uint32_t s, int to_guest, uint32_t n)
+{
+    struct td_slot *sl = &r->slots[s];
+    uint32_t off = 0;
+    for (unsigned i = 0; i < sl->req.nr_segments; i++) {
+        const struct td_seg *sg = &sl->req.seg[i];
+        uint32_t len = (uint32_t)(sg->last_sect - sg->first_sect + 1) << TD_SECTOR_SHIFT;
+        xengnttab_grant_copy_segment_t *c = &r->gcopy[n];
+        memset(c, 0, sizeof(*c));
+        if (to_guest) {
+            c->source.virt = sl->buf + off;
+            c->dest.foreign.ref = sg->gref;
+            c->dest.foreign.offset = (uint16_t)(sg->first_sect << TD_SECTOR_SHIFT);
+            c->dest.foreign.domid = (uint16_t)r->domid;
+            c->flags = GNTCOPY_dest_gref;
+        } else {
+            c->source.foreign.ref = sg->gref;
+            c->source.foreign.offset = (uint16_t)(sg->first_sect << TD_SECTOR_SHIFT);
+            c->source.foreign.domid = (uint16_t)r->domid;
+            c->dest.virt = sl->buf + off;
+            c->flags = GNTCOPY_source_gref;
+        }
+        c->len = (uint16_t)len;
+        r->gcopy_slot[n++] = s;
+        off += len;
+    }
+    return n;
+}
+
+static int is_null(const struct td_ring *r)
+{
+    return r->img->fd < 0;
+}
+
+/* A barrier or flush, run once nothing else is in flight: write, then durable. */
+static void run_held(struct td_ring *r)
+{
+    uint32_t s = (uint32_t)r->held;
+    struct td_slot *sl = &r->slots[s];
+    r->held = -1;
+    if (!is_null(r)) {
+        if (sl->req.nr_segments) {
+            grant_copy(r, prep_copy(r, s, 0, 0));
+            if (sl->err == TD_OK) {
+                struct td_engine *e = NULL;
+                struct td_cqe c = {0, -EIO};
+                if (td_engine_open(TD_ENGINE_SYNC, 1, &e) == 0) {
+                    td_engine_prep(e, TD_IO_WRITE, r->img->fd, sl->buf,
+                                   (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
+                                   sl->req.sector_number << TD_SECTOR_SHIFT, s);
+                    td_engine_reap(e, &c, 1);
+                    td_engine_close(e);
+                }
+                if (c.res < 0)
+                    sl->err = TD_ERR_IO;
+                else
+                    STAT_ADD(r, sectors_written, sl->req.nr_sectors);
+            }
+        }
+        /* Durable after: the response says the data (and all before it) is stable. */
+        if (sl->err == TD_OK && fdatasync(r->img->fd) != 0)
+            sl->err = TD_ERR_IO;
+    }
+    respond(r, &sl->req, sl->err);
+    free_slot(r, s);
+    r->inflight--;
+}
+
+static void run_discard(struct td_ring *r, struct td_slot *sl)
+{
+    if (is_null(r))
+        return;
+    off_t off = (off_t)(sl->req.sector_number << TD_SECTOR_SHIFT);
+    off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
+    if (sl->req.flag & BLKIF_DISCARD_SECURE) {
+        /* Secure discard: the blocks must not keep the old data, so write zeroes. */
+        for (off_t done = 0; done < len && sl->err == TD_OK;) {
+            size_t n = (size_t)(len - done) < TD_SEG_BYTES ? (size_t)(len - done) : TD_SEG_BYTES;
+            if (pwrite(r->img->fd, r->zeroes, n, off + done) != (ssize_t)n)
+                sl->err = TD_ERR_IO;
+            done += (off_t)n;
+        }
+        return;
+    }
+    if (fallocate(r->img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0)
+        sl->err = TD_ERR_IO;
+}
+
+/* Take the requests the front-end produced up to `rp`; returns how many. */
+static uint32_t consume(struct td_ring *r, RING_IDX rp)
+{
+    uint32_t nbatch = 0, ncopy = 0, taken = 0;
+    xen_rmb();  /* read the requests only after the producer index that covers them */
+
+    /* RING_REQUEST_PROD_OVERFLOW: more requests than slots is a broken front-end. */
+    if ((RING_IDX)(rp - r->rsp_prod_pvt) > r->nslots) {
+        halt(r, "req_prod overflow");
+        return 0;
+    }
+    const struct td_image_info *info = &r->img->info;
+    while (r->req_cons != rp && r->held < 0) {
+        /* RING_REQUEST_CONS_OVERFLOW: no response slot free yet, wait for completions. */
+        if ((RING_IDX)(r->req_cons - r->rsp_prod_pvt) >= r->nslots || r->nfree == 0)
+            break;
+        uint32_t s = r->free_slots[--r->nfree];
+        struct td_slot *sl = &r->slots[s];
+        td_req_fetch(r->proto,
+                     td_ring_req_slot(r->proto, r->sring, r->nr_pages, r->req_cons),
+                     &sl->req);
+        /* Consumed before any response goes out for it (as blkback does). */
+        r->req_cons++;
+        taken++;
+        STAT_ADD(r, reqs[sl->req.operation < 7 ? sl->req.operation : 7], 1);
+        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard);
+        if (sl->err != TD_OK) {
+            respond(r, &sl->req, sl->err);
+            free_slot(r, s);
+            continue;
+        }
+        STAT_ADD(r, segments, sl->req.nr_segments);
+        switch (sl->req.operation) {
+        case BLKIF_OP_READ:
+        case BLKIF_OP_WRITE:
+            if (sl->req.operation == BLKIF_OP_WRITE && !is_null(r))
+                ncopy = prep_copy(r, s, 0, ncopy);
+            r->batch[nbatch++] = s;
+            r->inflight++;
+            break;
+        case BLKIF_OP_WRITE_BARRIER:
+        case BLKIF_OP_FLUSH_DISKCACHE:
+            /* Drain before: hold it, stop taking requests until in-flight I/O is done. */
+            r->held = (int32_t)s;
+            r->inflight++;
+            break;
+        case BLKIF_OP_DISCARD:
+            run_discard(r, sl);
+            respond(r, &sl->req, sl->err);
+            free_slot(r, s);
+            break;
+        }
+    }
+    if (nbatch == 0)
+        return taken;
+
+    grant_copy(r, ncopy);   /* the data of every write of the batch, in one call */
+    uint32_t queued = 0;
+    for (uint32_t i = 0; i < nbatch; i++) {
+        uint32_t s = r->batch[i];
+        struct td_slot *sl = &r->slots[s];
+        if (sl->err != TD_OK) {
+            respond(r, &sl->req, sl->err);
+            free_slot(r, s);
+            r->inflight--;
+            continue;
+        }
+        int op = sl->req.operation == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
+        int rc = td_engine_prep(r->eng, op, r->img->fd, sl->buf,
+                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
+                                sl->req.sector_number << TD_SECTOR_SHIFT, s);
+        if (rc != 0) {
+            respond(r, &sl->req, TD_ERR_IO);
+            free_slot(r, s);
+            r->inflight--;
+            continue;
+        }
+        queued++;
+    }
+    if (queued) {
+        /* The whole batch in one call. */
+        if (td_engine_submit(r->eng) != 0)
+            halt(r, "io engine submit failed");
+        STAT_ADD(r, batches, 1);
+    }
+    __atomic_store_n(&r->st.in_flight, r->inflight, __ATOMIC_RELAXED);
+    return taken;
+}
+
+/* Complete finished I/O in one batch; returns how many. */
+static uint32_t complete(struct td_ring *r)
+{
+    uint32_t n = td_engine_reap(r->eng, r->cqes, r->nslots);
+    if (n == 0)
+        return 0;
+    uint32_t ncopy = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct td_slot *sl = &r->slots[r->cqes[i].tag];
+        uint32_t want = (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
+        if (r->cqes[i].res != (int32_t)want)
+            sl->err = TD_ERR_IO;
+        else if (sl->req.operation == BLKIF_OP_READ && !is_null(r))
+            ncopy = prep_copy(r, r->cqes[i].tag, 1, ncopy);
+    }
+    grant_copy(r, ncopy);   /* every finished read's data to the guest, in one call */
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t s = r->cqes[i].tag;
+        struct td_slot *sl = &r->slots[s];
+        if (sl->err == TD_OK) {
+            if (sl->req.operation == BLKIF_OP_READ)
+                STAT_ADD(r, sectors_read, sl->req.nr_sectors);
+            else
+                STAT_ADD(r, sectors_written, sl->req.nr_sectors);
+        }
+        respond(r, &sl->req, sl->err);
+        free_slot(r, s);
+    }
+    r->inflight -= n;
+    __atomic_store_n(&r->st.in_flight, r->inflight, __ATOMIC_RELAXED);
+    return n;
+}
+
+static int get_state(struct td_ring *r)
+{
+    return __atomic_load_n(&r->state, __ATOMIC_ACQUIRE);
+}
+
+static void *service(void *arg)
+{
+    struct td_ring *r = arg;
+    for (;;) {
+        int st = get_state(r);
+        if (st == RS_STOPPING && !r->stop_seen) {
+            /* Disconnect answers what the front-end had queued by now, then stops. */
+            r->stop_prod = hdr(r)->req_prod;
+            r->stop_seen = 1;
+        }
+        int taking = (st == RS_RUN || st == RS_STOPPING) && !r->st.halted[0];
+        uint32_t work = 0;
+
+        work += complete(r);
+        if (r->held >= 0 && r->inflight == 1) {
+            run_held(r);
+            work++;
+        }
+        if (taking)
+            work += consume(r, st == RS_STOPPING ? r->stop_prod : hdr(r)->req_prod);
+        push_responses(r);
+
+        int idle = r->inflight == 0;
+        if (st == RS_STOPPING && idle && (r->req_cons == r->stop_prod || r->st.halted[0]))
+            break;
+        if (st == RS_PAUSING && idle) {
+            pthread_mutex_lock(&r->mu);
+            if (r->state == RS_PAUSING) {
+                r->state = RS_PAUSED;
+                __atomic_store_n(&r->st.paused, 1, __ATOMIC_RELAXED);
+                pthread_cond_broadcast(&r->cv);
+            }
+            pthread_mutex_unlock(&r->mu);
+            continue;
+        }
+        if (work)
+            continue;
+        if (st == RS_RUN && taking && r->held < 0) {
+            /* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look once more. */
+            hdr(r)->req_event = r->req_cons + 1;
+            xen_mb();   /* req_event is visible before we re-read req_prod */
+            if (hdr(r)->req_prod != r->req_cons)
+                continue;
+        }
+
+        struct pollfd pfd[3] = {
+            {xenevtchn_fd(r->xce), POLLIN, 0},
+            {r->ctl_efd, POLLIN, 0},
+            {td_engine_fd(r->eng), POLLIN, 0},
+        };
+        int nfd = pfd[2].fd >= 0 ? 3 : 2;
+        if (poll(pfd, (nfds_t)nfd, -1) < 0 && errno != EINTR)
+            break;
+        if (pfd[0].revents & POLLIN) {
+            xenevtchn_port_or_error_t p = xenevtchn_pending(r->xce);
+            if (p >= 0) {
+                xenevtchn_unmask(r->xce, (evtchn_port_t)p);
+                STAT_ADD(r, kicks_in, 1);
+            }
+        }
+        if (pfd[1].revents & POLLIN) {
+            uint64_t junk;
+            if (read(r->ctl_efd, &junk, sizeof(junk)) < 0)
+                (void)0;    /* EAGAIN: another wake-up consumed it; nothing lost */
+        }
+    }
+    push_responses(r);
+    pthread_mutex_lock(&r->mu);
+    r->exited = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+static void wake(struct td_ring *r)
+{
+    uint64_t one = 1;
+    if (write(r->ctl_efd, &one, sizeof(one)) < 0)
+        (void)0;    /* the counter is saturated: the thread is awake anyway */
+}
+
+static void free_ring(struct td_ring *r)
+{
+    if (r->eng)
+        td_engine_close(r->eng);
+    if (r->xce) {
+        if (r->lport)
+            xenevtchn_unbind(r->xce, r->lport);
+        xenevtchn_close(r->xce);
+    }
+    if (r->xgt) {
+        if (r->sring)
+            xengnttab_unmap(r->xgt, r->sring, r->nr_pages);
+        xengnttab_close(r->xgt);
+    }
+    if (r->ctl_efd >= 0)
+        close(r->ctl_efd);
+    if (r->bufs)
+        munmap(r->bufs, (size_t)r->nslots * TD_SEG_BYTES);
+    free(r->zeroes);
+    free(r->slots);
+    free(r->free_slots);
+    free(r->gcopy);
+    free(r->gcopy_slot);
+    free(r->batch);
+    free(r->cqes);
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r);
+}
+
+int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
+                    const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
+                    int engine, struct td_ring **out)
+{
+    if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64)
+        return -EINVAL;
+    struct td_ring *r = calloc(1, sizeof(*r));
+    if (!r)
+        return -ENOMEM;
+    int rc = -ENOMEM;
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    r->ctl_efd = -1;
+    r->held = -1;
+    r->img = img;
+    r->domid = domid;
+    r->devid = devid;
+    r->proto = proto;
+    r->nr_pages = 1u << order;
+    r->nslots = TD_RING_SLOTS(proto, r->nr_pages);
+
+    size_t nseg = (size_t)r->nslots * BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    r->slots = calloc(r->nslots, sizeof(*r->slots));
+    r->free_slots = calloc(r->nslots, sizeof(uint32_t));
+    r->gcopy = calloc(nseg, sizeof(*r->gcopy));
+    r->gcopy_slot = calloc(nseg, sizeof(uint32_t));
+    r->batch = calloc(r->nslots, sizeof(uint32_t));
+    r->cqes = calloc(r->nslots, sizeof(*r->cqes));
+    r->zeroes = aligned_alloc(TD_PAGE_SIZE, TD_SEG_BYTES);
+    if (!r->slots || !r->free_slots || !r->gcopy || !r->gcopy_slot || !r->batch ||
+        !r->cqes || !r->zeroes)
+        goto fail;
+    memset(r->zeroes, 0, TD_SEG_BYTES);
+    /* Page-aligned buffers, 11 pages per slot: O_DIRECT needs the alignment. */
+    r->bufs = mmap(NULL, (size_t)r->nslots * TD_SEG_BYTES, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r->bufs == MAP_FAILED) {
+        r->bufs = NULL;
+        goto fail;
+    }
+    for (uint32_t i = 0; i < r->nslots; i++) {
+        r->slots[i].buf = r->bufs + (size_t)i * TD_SEG_BYTES;
+        r->free_slots[r->nfree++] = r->nslots - 1 - i;
+    }
+    r->ctl_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->ctl_efd < 0)
+        goto fail_errno;
+
+    rc = td_engine_open(img->fd < 0 ? TD_ENGINE_NULL : engine, r->nslots, &r->eng);
+    if (rc)
+        goto fail;
+    r->engine_kind = td_engine_kind(r->eng);
+
+    r->xgt = xengnttab_open(NULL, 0);
+    if (!r->xgt)
+        goto fail_errno;
+    r->sring = xengnttab_map_domain_grant_refs(r->xgt, r->nr_pages, domid,
+                                               (uint32_t *)grefs, PROT_READ | PROT_WRITE);
+    if (!r->sring)
+        goto fail_errno;
+    r->xce = xenevtchn_open(NULL, 0);
+    if (!r->xce)
+        goto fail_errno;
+    xenevtchn_port_or_error_t lp = xenevtchn_bind_interdomain(r->xce, domid, port);
+    if (lp < 0)
+        goto fail_errno;
+    r->lport = (evtchn_port_t)lp;
+
+    /* Start from where the front-end's ring is (BACK_RING_ATTACH semantics). */
+    r->req_cons = hdr(r)->rsp_prod;
+    r->rsp_prod_pvt = hdr(r)->rsp_prod;
+    r->st.o_direct = img->info.o_direct;
+    r->st.engine = r->engine_kind;
+    r->st.slots = (int32_t)r->nslots;
+
+    /* The service thread takes no signals: they belong to the Python main thread. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = -pthread_create(&r->thread, NULL, service, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc)
+        goto fail;
+    *out = r;
+    return 0;
+
+fail_errno:
+    rc = errno ? -errno : -EIO;
+fail:
+    free_ring(r);
+    return rc;
+}
+
+static int wait_state(struct td_ring *r, int want_paused, int timeout_ms)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += timeout_ms / 1000;
+    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
+    int rc = 0;
+    pthread_mutex_lock(&r->mu);
+    while (!(want_paused ? (r->state == RS_PAUSED || r->exited) : r->exited)) {
+        if (pthread_cond_timedwait(&r->cv, &r->mu, &dl) == ETIMEDOUT) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+int td_ring_pause(struct td_ring *r, int timeout_ms)
+{
+    pthread_mutex_lock(&r->mu);
+    if (r->state == RS_RUN)
+        __atomic_store_n(&r->state, RS_PAUSING, __ATOMIC_RELEASE);
+    int s = r->state;
+    pthread_mutex_unlock(&r->mu);
+    if (s == RS_STOPPING)
+        return -ESHUTDOWN;
+    wake(r);
+    return wait_state(r, 1, timeout_ms);
+}
+
+int td_ring_resume(struct td_ring *r, struct td_image *img)
+{
+    pthread_mutex_lock(&r->mu);
+    int s = r->state;
+    if (s != RS_PAUSED) {
+        pthread_mutex_unlock(&r->mu);
+        return s == RS_RUN ? 0 : -EBUSY;
+    }
+    if (img) {
+        /* The thread is parked with nothing in flight: swapping the image is safe. */
+        r->img = img;
+        __atomic_store_n(&r->st.o_direct, img->info.o_direct, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&r->st.paused, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->state, RS_RUN, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&r->mu);
+    wake(r);
+    return 0;
+}
+
+int td_ring_disconnect(struct td_ring *r, int timeout_ms)
+{
+    pthread_mutex_lock(&r->mu);
+    __atomic_store_n(&r->state, RS_STOPPING, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&r->mu);
+    wake(r);
+    int rc = wait_state(r, 0, timeout_ms);
+    if (rc)
+        return rc;  /* still draining: the caller may retry; nothing is freed */
+    pthread_join(r->thread, NULL);
+    free_ring(r);
+    return 0;
+}
+
+void td_ring_stats(struct td_ring *r, struct td_stats *out)
+{
+    /* No lock: single-writer counters, each read atomically; a snapshot, not a cut. */
+    for (unsigned i = 0; i < 8; i++)
+        out->reqs[i] = __atomic_load_n(&r->st.reqs[i], __ATOMIC_RELAXED);
+    for (unsigned i = 0; i < TD_ERR_MAX; i++)
+        out->errors[i] = __atomic_load_n(&r->st.errors[i], __ATOMIC_RELAXED);
+    out->segments = __atomic_load_n(&r->st.segments, __ATOMIC_RELAXED);
+    out->sectors_read = __atomic_load_n(&r->st.sectors_read, __ATOMIC_RELAXED);
+    out->sectors_written = __atomic_load_n(&r->st.sectors_written, __ATOMIC_RELAXED);
+    out->kicks_in = __atomic_load_n(&r->st.kicks_in, __ATOMIC_RELAXED);
+    out->kicks_out = __atomic_load_n(&r->st.kicks_out, __ATOMIC_RELAXED);
+    out->responses = __atomic_load_n(&r->st.responses, __ATOMIC_RELAXED);
+    out->in_flight = __atomic_load_n(&r->st.in_flight, __ATOMIC_RELAXED);
+    out->batches = __atomic_load_n(&r->st.batches, __ATOMIC_RELAXED);
+    out->o_direct = __atomic_load_n(&r->st.o_direct, __ATOMIC_RELAXED);
+    out->engine = r->st.engine;
+    out->paused = __atomic_load_n(&r->st.paused, __ATOMIC_RELAXED);
+    out->slots = r->st.slots;
+    /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */
+    memcpy(out->halted, r->st.halted, sizeof(out->halted));
+    out->halted[sizeof(out->halted) - 1] = 0;
+}

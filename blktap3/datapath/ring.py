@@ -1,0 +1,129 @@
+"""The ring service seen from Python: connect, pause, resume, disconnect, stats.
+
+Python crosses into C only here, to start/stop/pause the service thread (cffi releases
+the GIL around each call) and to read counters: never per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._datapath import ffi, lib
+from ._errors import check
+from .image import ENGINES, Image
+
+PROTOCOLS = {
+    "native": lib.TD_PROTO_NATIVE,
+    "x86_32-abi": lib.TD_PROTO_X86_32,
+    "x86_64-abi": lib.TD_PROTO_X86_64,
+}
+MAX_RING_PAGE_ORDER = 3
+OPS = ("read", "write", "barrier", "flush", "reserved", "discard", "indirect", "other")
+# Index = enum td_err in datapath.h.
+ERROR_CAUSES = (
+    None, "op", "segments", "sector", "range", "readonly", "grant", "io", "unsupported",
+    "overflow",
+)
+ENGINE_NAMES = {v: k for k, v in ENGINES.items()}
+
+
+class Ring:
+    """One connected blkif ring served by a C thread."""
+
+    def __init__(self, handle: Any, image: Image, domid: int, devid: int) -> None:
+        self._handle = handle
+        self.image = image
+        self.domid = domid
+        self.devid = devid
+
+    @classmethod
+    def connect(
+        cls,
+        image: Image,
+        *,
+        domid: int,
+        devid: int,
+        grefs: Sequence[int],
+        order: int,
+        port: int,
+        protocol: str,
+        engine: str = "auto",
+    ) -> Ring:
+        """Map the ring (2**order pages), bind the event channel, start the service.
+
+        ``engine``: "auto" (io_uring, else the synchronous fallback), "uring", "sync".
+        """
+        if protocol not in PROTOCOLS:
+            raise OSError(22, f"unknown ring protocol {protocol!r}")
+        if not 0 <= order <= MAX_RING_PAGE_ORDER or len(grefs) != 1 << order:
+            raise OSError(22, f"ring order {order} needs {1 << order} grant refs, got {len(grefs)}")
+        if engine not in ENGINES:
+            raise OSError(22, f"unknown io engine {engine!r}")
+        refs = ffi.new("uint32_t[]", [int(g) for g in grefs])
+        out = ffi.new("struct td_ring **")
+        rc = lib.td_ring_connect(
+            image.handle, domid, devid, refs, order, port, PROTOCOLS[protocol], ENGINES[engine], out
+        )
+        check(rc, f"connect ring d{domid}/{devid}")
+        return cls(out[0], image, domid, devid)
+
+    def _live(self) -> Any:
+        if self._handle is None:
+            raise OSError(19, f"ring d{self.domid}/{self.devid} is disconnected")
+        return self._handle
+
+    def pause(self, timeout: float = 30.0) -> None:
+        """Stop taking requests and wait until nothing is in flight (quiesced)."""
+        check(lib.td_ring_pause(self._live(), int(timeout * 1000)), "pause ring")
+
+    def resume(self, image: Image | None = None) -> None:
+        """Take requests again, optionally from a new image (only while paused)."""
+        handle = ffi.NULL if image is None else image.handle
+        check(lib.td_ring_resume(self._live(), handle), "resume ring")
+        if image is not None:
+            self.image = image
+
+    def disconnect(self, timeout: float = 30.0) -> None:
+        """Answer what the guest queued, complete in-flight I/O, stop, unmap, unbind.
+
+        Idempotent; on ETIMEDOUT nothing is freed and the call may be repeated.
+        """
+        if self._handle is None:
+            return
+        check(lib.td_ring_disconnect(self._handle, int(timeout * 1000)), "disconnect ring")
+        self._handle = None
+
+    @property
+    def connected(self) -> bool:
+        return self._handle is not None
+
+    @property
+    def halted(self) -> str | None:
+        """Why the ring was halted (a broken front-end), or None."""
+        halted: str | None = self.stats()["halted"]
+        return halted
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, read without locking the service thread."""
+        st = ffi.new("struct td_stats *")
+        lib.td_ring_stats(self._live(), st)
+        halted = ffi.string(st.halted).decode(errors="replace") or None
+        return {
+            "domid": self.domid,
+            "devid": self.devid,
+            "reqs": {name: int(st.reqs[i]) for i, name in enumerate(OPS) if name != "reserved"}
+            | {"other": int(st.reqs[4]) + int(st.reqs[7])},
+            "segments": int(st.segments),
+            "sectors": {"read": int(st.sectors_read), "written": int(st.sectors_written)},
+            "kicks": {"in": int(st.kicks_in), "out": int(st.kicks_out)},
+            "responses": int(st.responses),
+            "errors": {c: int(st.errors[i]) for i, c in enumerate(ERROR_CAUSES) if c},
+            "in_flight": int(st.in_flight),
+            "batches": int(st.batches),
+            "o_direct": bool(st.o_direct),
+            "engine": ENGINE_NAMES.get(int(st.engine), "unknown"),
+            "paused": bool(st.paused),
+            "slots": int(st.slots),
+            "halted": halted,
+        }

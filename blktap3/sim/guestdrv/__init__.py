@@ -1,0 +1,167 @@
+"""The simulated guest's blkfront ring driver (C, cffi) and its Python facade.
+
+``GuestRing`` runs inside a process that is the guest domain (``xensim.process_env``);
+``python -m blktap3.sim.guestdrv`` is that process, driven by JSON lines (see
+``blktap3.datapath.lineproc``). Besides workloads at a queue depth it sends raw
+requests, sane or not, so tests can make the front-end misbehave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._guestdrv import ffi, lib
+
+PROTOCOLS = {"native": 0, "x86_32-abi": 1, "x86_64-abi": 2}
+SECTOR = 512
+PAGE = 4096
+SEGS = 11
+ETIMEDOUT = 110
+Seg = tuple[int, int, int]  # (gref, first_sect, last_sect)
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise OSError(-rc, what)
+    return rc
+
+
+class GuestRing:
+    """One front-end ring with its data pages, shared with the ``backend`` domain."""
+
+    def __init__(
+        self,
+        backend: int,
+        *,
+        order: int = 0,
+        protocol: str = "native",
+        data_slots: int = 0,
+        writable: bool = True,
+    ) -> None:
+        out = ffi.new("struct gd **")
+        rc = lib.gd_open(backend, order, PROTOCOLS[protocol], data_slots, int(writable), out)
+        _check(rc, "guest ring open")
+        self._g = out[0]
+        self.order = order
+        self.protocol = protocol
+
+    @property
+    def grefs(self) -> list[int]:
+        return [int(lib.gd_ring_gref(self._g, i)) for i in range(1 << self.order)]
+
+    @property
+    def port(self) -> int:
+        return int(lib.gd_port(self._g))
+
+    @property
+    def slots(self) -> int:
+        return int(lib.gd_slots(self._g))
+
+    def data_gref(self, page: int) -> int:
+        return int(lib.gd_data_gref(self._g, page))
+
+    def _page(self, page: int) -> Any:
+        return ffi.buffer(lib.gd_data(self._g, page), PAGE)
+
+    def submit(self, reqs: Sequence[dict[str, Any]]) -> None:
+        """Put raw requests on the ring (ids 0..n-1), push, notify; no waiting."""
+        raw = ffi.new("struct gd_raw[]", len(reqs))
+        for r, spec in zip(raw, reqs, strict=True):
+            r.operation = spec["op"]
+            segs: list[Sequence[int]] = spec.get("segs", [])
+            r.nr_segments = spec.get("nr_segments", len(segs))
+            r.flag = spec.get("flag", 0)
+            r.handle = spec.get("handle", 0)
+            r.sector_number = spec.get("sector", 0)
+            r.nr_sectors = spec.get("nr_sectors", 0)
+            for i, (gref, first, last) in enumerate(segs[:SEGS]):
+                r.seg[i].gref = gref
+                r.seg[i].first_sect = first
+                r.seg[i].last_sect = last
+        _check(lib.gd_submit_raw(self._g, raw, len(reqs)), "submit")
+
+    def collect(self, n: int, timeout: float = 10.0) -> list[int | None]:
+        """Statuses of raw requests 0..n-1; None for those never answered."""
+        st = ffi.new("int16_t[]", max(n, 1))
+        lib.gd_collect(self._g, n, st, int(timeout * 1000))
+        return [None if st[i] == 1 else int(st[i]) for i in range(n)]
+
+    def request(self, spec: dict[str, Any], timeout: float = 10.0) -> int | None:
+        self.submit([spec])
+        return self.collect(1, timeout)[0]
+
+    def _segs_for(self, nbytes: int) -> list[Seg]:
+        sectors = nbytes // SECTOR
+        segs: list[Seg] = []
+        page = 0
+        while sectors:
+            n = min(sectors, 8)
+            segs.append((self.data_gref(page), 0, n - 1))
+            sectors -= n
+            page += 1
+        return segs
+
+    def write(self, sector: int, data: bytes, timeout: float = 10.0) -> int | None:
+        """Write whole sectors (<= 44 KiB) with one request; returns the blkif status."""
+        if not data or len(data) % SECTOR or len(data) > SEGS * PAGE:
+            raise ValueError("write: 1..88 whole sectors")
+        for page in range((len(data) + PAGE - 1) // PAGE):
+            chunk = data[page * PAGE : (page + 1) * PAGE]
+            self._page(page)[: len(chunk)] = chunk
+        spec = {"op": 1, "sector": sector, "segs": self._segs_for(len(data))}
+        return self.request(spec, timeout)
+
+    def read(self, sector: int, count: int, timeout: float = 10.0) -> tuple[int | None, bytes]:
+        """Read ``count`` sectors (<= 88) with one request: (status, data)."""
+        nbytes = count * SECTOR
+        if not 0 < count <= SEGS * 8:
+            raise ValueError("read: 1..88 sectors")
+        spec = {"op": 0, "sector": sector, "segs": self._segs_for(nbytes)}
+        status = self.request(spec, timeout)
+        data = b"".join(bytes(self._page(p)) for p in range((nbytes + PAGE - 1) // PAGE))
+        return status, data[:nbytes]
+
+    def run(
+        self,
+        *,
+        qd: int = 1,
+        bs: int = 4096,
+        read_pct: int = 100,
+        random: bool = False,
+        start: int = 0,
+        span: int = 0,
+        ios: int = 0,
+        duration: float = 0.0,
+        seed: int = 1,
+        verify: bool = False,
+        stamp: int = 0,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """A workload; returns counts, elapsed time, IOPS and latency percentiles."""
+        p = ffi.new("struct gd_params *")
+        p.qd, p.bs_sectors, p.read_pct, p.random = qd, bs // SECTOR, read_pct, int(random)
+        p.start, p.span, p.max_ios = start, span, ios
+        p.duration_ns = int(duration * 1e9)
+        p.seed, p.verify, p.stamp = seed, int(verify), stamp
+        p.timeout_ms = int(timeout * 1000)
+        res = ffi.new("struct gd_result *")
+        rc = lib.gd_run(self._g, p, res)
+        if rc < 0 and rc != -ETIMEDOUT:  # a timeout still reports what was lost
+            _check(rc, "run")
+        fields = ("ios", "reads", "writes", "bytes", "errors", "duplicates", "mismatches",
+                  "lost", "kicks_out", "kicks_in", "elapsed_ns", "p50_ns", "p99_ns", "max_ns")
+        out: dict[str, Any] = {k: int(getattr(res, k)) for k in fields}
+        secs = out["elapsed_ns"] / 1e9
+        out["iops"] = out["ios"] / secs if secs else 0.0
+        out["timed_out"] = rc == -ETIMEDOUT
+        return out
+
+    def overflow(self, extra: int = 0) -> None:
+        """Misbehave: publish req_prod more than a ring ahead of the responses."""
+        lib.gd_overflow(self._g, extra)
+
+    def close(self) -> None:
+        if self._g is not None:
+            lib.gd_close(self._g)
+            self._g = None

@@ -1,0 +1,65 @@
+"""The simulated guest as a process: ``python -m blktap3.sim.guestdrv`` (JSON lines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...datapath.lineproc import serve
+from . import GuestRing
+
+
+class GuestServer:
+    def __init__(self) -> None:
+        self.ring: GuestRing | None = None
+
+    def _r(self) -> GuestRing:
+        if self.ring is None:
+            raise OSError(19, "no guest ring open")
+        return self.ring
+
+    def open(
+        self,
+        backend: int,
+        order: int = 0,
+        protocol: str = "native",
+        data_slots: int = 0,
+        writable: bool = True,
+    ) -> dict[str, Any]:
+        self.ring = GuestRing(
+            backend, order=order, protocol=protocol, data_slots=data_slots, writable=writable
+        )
+        return {"grefs": self.ring.grefs, "port": self.ring.port, "slots": self.ring.slots}
+
+    def data_grefs(self, pages: int) -> list[int]:
+        return [self._r().data_gref(p) for p in range(pages)]
+
+    def write(self, sector: int, data: str) -> int | None:
+        return self._r().write(sector, bytes.fromhex(data))
+
+    def read(self, sector: int, count: int) -> dict[str, Any]:
+        status, data = self._r().read(sector, count)
+        return {"status": status, "data": data.hex()}
+
+    def submit(self, reqs: list[dict[str, Any]]) -> None:
+        self._r().submit(reqs)
+
+    def collect(self, n: int, timeout: float = 10.0) -> list[int | None]:
+        return self._r().collect(n, timeout)
+
+    def run(self, **params: Any) -> dict[str, Any]:
+        return self._r().run(**params)
+
+    def overflow(self, extra: int = 0) -> None:
+        self._r().overflow(extra)
+
+
+def main() -> None:
+    g = GuestServer()
+    names = ("open", "data_grefs", "write", "read", "submit", "collect", "run", "overflow")
+    serve({name: getattr(g, name) for name in names})
+    if g.ring is not None:
+        g.ring.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+/*
+ * guestdrv.c: the simulated guest's blkfront ring driver (see guestdrv.h).
+ *
+ * Runs in a process that is the guest domain (under xensim), so every page it
+ * shares and every event it sends goes through the real libxengntshr/libxenevtchn
+ * API, exactly as the back-end sees a real front-end.
+ */
+#define _GNU_SOURCE
+#include "xenring.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <xenevtchn.h>
+#include <xengnttab.h>
+
+#include "guestdrv.h"
+
+#define GD_SEGS BLKIF_MAX_SEGMENTS_PER_REQUEST
+#define GD_LAT_BUCKETS 65536u   /* 100 ns each: up to 6.5 ms, then the last bucket */
+#define GD_LAT_NS 100u
+
+struct gd_slot {
+    int busy;
+    uint32_t gen;
+    uint8_t op;
+    uint64_t sector;
+    uint32_t nsect;
+    uint64_t t0;
+};
+
+struct gd {
+    xengntshr_handle *xgs;
+    xenevtchn_handle *xce;
+    uint32_t backend;
+    int proto;
+    uint32_t nr_pages, nslots;
+    void *sring;
+    uint32_t ring_grefs[TD_MAX_RING_PAGES];
+    char *data;
+    uint32_t *data_grefs;
+    uint32_t data_slots, data_pages;
+    evtchn_port_t port;
+    RING_IDX req_prod_pvt, rsp_cons;
+    struct gd_slot *slots;
+    uint32_t *lat;
+    uint64_t kicks_out, kicks_in;
+    int16_t *raw_status;
+    uint32_t raw_got;
+};
+
+struct gd_hdr {
+    volatile RING_IDX req_prod, req_event, rsp_prod, rsp_event;
+};
+
+static struct gd_hdr *hdr(struct gd *g)
+{
+    return (struct gd_hdr *)g->sring;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int gd_open(uint32_t backend_domid, uint32_t order, int proto, uint32_t data_slots,
+            int data_writable, struct gd **out)
+{
+    if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64)
+        return -EINVAL;
+    struct gd *g = calloc(1, sizeof(*g));
+    if (!g)
+        return -ENOMEM;
+    g->backend = backend_domid;
+    g->proto = proto;
+    g->nr_pages = 1u << order;
+    g->nslots = TD_RING_SLOTS(proto, g->nr_pages);
+    if (data_slots == 0 || data_slots > g->nslots)
+        data_slots = g->nslots;
+    g->data_slots = data_slots;
+    g->data_pages = data_slots * GD_SEGS;
+    int rc = -ENOMEM;
+    g->slots = calloc(g->nslots, sizeof(*g->slots));
+    g->data_grefs = calloc(g->data_pages, sizeof(uint32_t));
+    g->lat = calloc(GD_LAT_BUCKETS, sizeof(uint32_t));
+    g->raw_status = calloc(g->nslots, sizeof(int16_t));
+    if (!g->slots || !g->data_grefs || !g->lat || !g->raw_status)
+        goto fail;
+
+    g->xgs = xengntshr_open(NULL, 0);
+    if (!g->xgs)
+        goto fail_errno;
+    g->sring = xengntshr_share_pages(g->xgs, backend_domid, (int)g->nr_pages, g->ring_grefs, 1);
+    if (!g->sring)
+        goto fail_errno;
+    memset(g->sring, 0, (size_t)g->nr_pages * TD_PAGE_SIZE);
+    /* SHARED_RING_INIT: both event indices at 1, so the first request/response kicks. */
+    hdr(g)->req_event = 1;
+    hdr(g)->rsp_event = 1;
+    g->data = xengntshr_share_pages(g->xgs, backend_domid, (int)g->data_pages, g->data_grefs,
+                                    data_writable);
+    if (!g->data)
+        goto fail_errno;
+    g->xce = xenevtchn_open(NULL, 0);
+    if (!g->xce)
+        goto fail_errno;
+    xenevtchn_port_or_error_t p = xenevtchn_bind_unbound_port(g->xce, backend_domid);
+    if (p < 0)
+        goto fail_errno;
+    g->port = (evtchn_port_t)p;
+    *out = g;
+    return 0;
+fail_errno:
+    rc = errno ? -errno : -EIO;
+fail:
+    gd_close(g);
+    return rc;
+}
+
+void gd_close(struct gd *g)
+{
+    if (!g)
+        return;
+    if (g->xce) {
+        if (g->port)
+            xenevtchn_unbind(g->xce, g->port);
+        xenevtchn_close(g->xce);
+    }
+    if (g->xgs) {
+        if (g->data)
+            xengntshr_unshare(g->xgs, g->data, g->data_pages);
+        if (g->sring)
+            xengntshr_unshare(g->xgs, g->sring, g->nr_pages);
+        xengntshr_close(g->xgs);
+    }
+    free(g->slots);
+    free(g->data_grefs);
+    free(g->lat);
+    free(g->raw_status);
+    free(g);
+}
+
+uint32_t gd_ring_gref(struct gd *g, uint32_t i) { return i < g->nr_pages ? g->ring_grefs[i] : 0; }
+uint32_t gd_port(struct gd *g) { return g->port; }
+uint32_t gd_slots(struct gd *g) { return g->nslots; }
+uint32_t gd_data_pages(struct gd *g) { return g->data_pages; }
+uint32_t gd_data_gref(struct gd *g, uint32_t page)
+{
+    return page < g->data_pages ? g->data_grefs[page] : 0;
+}
+void *gd_data(struct gd *g, uint32_t page) { return g->data + (size_t)page * TD_PAGE_SIZE; }
+
+#define GD_PUT(REQ_T, DISC_T, SRING_T)                                              \
+    do {                                                                            \
+        SRING_T *s_ = g->sring;                                                     \
+        REQ_T *q_ = &s_->ring[i].req;                                               \
+        if (r->operation == BLKIF_OP_DISCARD) {                                     \
+            DISC_T *d_ = (DISC_T *)(void *)q_;                                      \
+            d_->operation = r->operation;                                           \
+            d_->flag = r->flag;                                                     \
+            d_->handle = r->handle;                                                 \
+            d_->id = id;                                                            \
+            d_->sector_number = r->sector_number;                                   \
+            d_->nr_sectors = r->nr_sectors;                                         \
+        } else {                                                                    \
+            q_->operation = r->operation;                                           \
+            q_->nr_segments = r->nr_segments;                                       \
+            q_->handle = r->handle;                                                 \
+            q_->id = id;                                                            \
+            q_->sector_number = r->sector_number;                                   \
+            for (unsigned k_ = 0; k_ < GD_SEGS; k_++) {                             \
+                q_->seg[k_].gref = r->seg[k_].gref;                                 \
+                q_->seg[k_].first_sect = r->seg[k_].first_sect;                     \
+                q_->seg[k_].last_sect = r->seg[k_].last_sect;                       \
+            }                                                                       \
+        }                                                                           \
+    } while (0)
+
+static void put_request(struct gd *g, const struct gd_raw *r, uint64_t id)
+{
+    uint32_t i = g->req_prod_pvt & (g->nslots - 1);
+    switch (g->proto) {
+    case TD_PROTO_X86_32:
+        GD_PUT(blkif_x86_32_request_t, struct blkif_x86_32_request_discard,
+               struct blkif_x86_32_sring);
+        break;
+    case TD_PROTO_X86_64:
+        GD_PUT(blkif_x86_64_request_t, struct blkif_x86_64_request_discard,
+               struct blkif_x86_64_sring);
+        break;
+    default:
+        GD_PUT(blkif_request_t, blkif_request_discard_t, struct blkif_sring);
+        break;
+    }
+    g->req_prod_pvt++;
+}
+
+static void get_response(struct gd *g, RING_IDX idx, uint64_t *id, int16_t *status)
+{
+    uint32_t i = idx & (g->nslots - 1);
+    switch (g->proto) {
+    case TD_PROTO_X86_32: {
+        blkif_x86_32_response_t *p = &((struct blkif_x86_32_sring *)g->sring)->ring[i].rsp;
+        *id = p->id;
+        *status = p->status;
+        break;
+    }
+    case TD_PROTO_X86_64: {
+        blkif_x86_64_response_t *p = &((struct blkif_x86_64_sring *)g->sring)->ring[i].rsp;
+        *id = p->id;
+        *status = p->status;
+        break;
+    }
+    default: {
+        blkif_response_t *p = &((struct blkif_sring *)g->sring)->ring[i].rsp;
+        *id = p->id;
+        *status = p->status;
+        break;
+    }
+    }
+}
+
+static void push_requests(struct gd *g)
+{
+    RING_IDX old = hdr(g)->req_prod, new = g->req_prod_pvt;
+    if (old == new)
+        return;
+    /* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY over our own indices. */
+    xen_wmb();  /* the back-end sees the requests before the producer index */
+    hdr(g)->req_prod = new;
+    xen_mb();   /* it sees req_prod before we read its req_event */
+    if ((RING_IDX)(new - hdr(g)->req_event) < (RING_IDX)(new - old)) {
+        xenevtchn_notify(g->xce, g->port);
+        g->kicks_out++;
+    }
+}
+
+/* Wait for an event or the timeout; returns 0 on timeout. */
+static int wait_event(struct gd *g, uint32_t timeout_ms)
+{
+    struct pollfd pfd = {xenevtchn_fd(g->xce), POLLIN, 0};
+    int n = poll(&pfd, 1, (int)timeout_ms);
+    if (n <= 0)
+        return 0;
+    xenevtchn_port_or_error_t p = xenevtchn_pending(g->xce);
+    if (p >= 0) {
+        xenevtchn_unmask(g->xce, (evtchn_port_t)p);
+        g->kicks_in++;
+    }
+    return 1;
+}
+
+typedef void (*gd_on_rsp)(struct gd *g, uint64_t id, int16_t status, void *ctx);
+
+/* Take every response; RING_FINAL_CHECK_FOR_RESPONSES before returning 0. */
+static uint32_t reap(struct gd *g, gd_on_rsp cb, void *ctx)
+{
+    uint32_t n = 0;
+    for (;;) {
+        RING_IDX rp = hdr(g)->rsp_prod;
+        xen_rmb();  /* read responses only after the index that covers them */
+        while (g->rsp_cons != rp) {
+            uint64_t id;
+            int16_t status;
+            get_response(g, g->rsp_cons, &id, &status);
+            g->rsp_cons++;
+            cb(g, id, status, ctx);
+            n++;
+        }
+        if (n)
+            return n;
+        hdr(g)->rsp_event = g->rsp_cons + 1;
+        xen_mb();   /* rsp_event is visible before we look at rsp_prod again */
+        if (hdr(g)->rsp_prod == g->rsp_cons)
+            return 0;
+    }
+}
+
+/* ---- workloads ---- */
+
+struct run_ctx {
+    const struct gd_params *p;
+    struct gd_result *res;
+    uint32_t inflight;
+    uint32_t *free_slots;
+    uint32_t nfree;
+};
+
+static void fill_pattern(char *buf, uint64_t sector, uint32_t nsect, uint64_t stamp)
+{
+    for (uint32_t s = 0; s < nsect; s++) {
+        uint64_t pair[2] = {sector + s, stamp};
+        for (unsigned k = 0; k < 512; k += 16)
+            memcpy(buf + s * 512 + k, pair, 16);
+    }
+}
+
+static int check_pattern(const char *buf, uint64_t sector, uint32_t nsect, uint64_t stamp)
+{
+    for (uint32_t s = 0; s < nsect; s++) {
+        uint64_t pair[2] = {sector + s, stamp};
+        for (unsigned k = 0; k < 512; k += 16)
+            if (memcmp(buf + s * 512 + k, pair, 16) != 0)
+                return 0;
+    }
+    return 1;
+}
+
+/* Requests of a workload use their slot's data pages, packed from page 0. */
+static void build_rw(struct gd *g, uint32_t slot, uint8_t op, uint64_t sector, uint32_t nsect,
+                     struct gd_raw *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->operation = op;
+    r->sector_number = sector;
+    uint32_t left = nsect, page = slot * GD_SEGS;
+    while (left) {
+        uint32_t n = left < TD_SECTORS_PER_PAGE ? left : TD_SECTORS_PER_PAGE;
+        struct gd_seg *s = &r->seg[r->nr_segments++];
+        s->gref = g->data_grefs[page++];
+        s->first_sect = 0;
+        s->last_sect = (uint8_t)(n - 1);
+        left -= n;
+    }
+}
+
+static void on_run_rsp(struct gd *g, uint64_t id, int16_t status, void *vctx)
+{
+    struct run_ctx *c = vctx;
+    uint32_t slot = (uint32_t)id;
+    uint32_t gen = (uint32_t)(id >> 32);
+    if (slot >= g->data_slots || !g->slots[slot].busy || g->slots[slot].gen != gen) {
+        c->res->duplicates++;
+        return;
+    }
+    struct gd_slot *s = &g->slots[slot];
+    uint64_t lat = now_ns() - s->t0;
+    uint64_t b = lat / GD_LAT_NS;
+    g->lat[b < GD_LAT_BUCKETS ? b : GD_LAT_BUCKETS - 1]++;
+    if (lat > c->res->max_ns)
+        c->res->max_ns = lat;
+    s->busy = 0;
+    c->free_slots[c->nfree++] = slot;
+    c->inflight--;
+    c->res->ios++;
+    if (status != BLKIF_RSP_OKAY) {
+        c->res->errors++;
+        return;
+    }
+    c->res->bytes += (uint64_t)s->nsect * 512;
+    if (s->op == BLKIF_OP_READ) {
+        c->res->reads++;
+        if (c->p->verify && !check_pattern(gd_data(g, slot * GD_SEGS), s->sector, s->nsect,
+                                           c->p->stamp))
+            c->res->mismatches++;
+    } else {
+        c->res->writes++;
+    }
+}
+
+static uint64_t rng_next(uint64_t *x)
+{
+    /* xorshift64*: cheap and good enough to spread offsets. */
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    return *x * 2685821657736338717ull;
+}
+
+static uint64_t percentile(const uint32_t *lat, uint64_t total, double q)
+{
+    uint64_t want = (uint64_t)((double)total * q), acc = 0;
+    for (uint32_t b = 0; b < GD_LAT_BUCKETS; b++) {
+        acc += lat[b];
+        if (acc > want)
+            return (uint64_t)b * GD_LAT_NS + GD_LAT_NS / 2;
+    }
+    return (uint64_t)GD_LAT_BUCKETS * GD_LAT_NS;
+}
+
+int gd_run(struct gd *g, const struct gd_params *p, struct gd_result *res)
+{
+    if (p->bs_sectors == 0 || p->bs_sectors > GD_SEGS * TD_SECTORS_PER_PAGE || p->qd == 0 ||
+        p->span < p->bs_sectors || (p->max_ios == 0 && p->duration_ns == 0))
+        return -EINVAL;
+    if (g->req_prod_pvt != g->rsp_cons)
+        return -EBUSY;      /* raw requests still unanswered */
+    memset(res, 0, sizeof(*res));
+    memset(g->lat, 0, GD_LAT_BUCKETS * sizeof(uint32_t));
+    uint32_t qd = p->qd < g->data_slots ? p->qd : g->data_slots;
+    struct run_ctx c = {p, res, 0, calloc(g->data_slots, sizeof(uint32_t)), 0};
+    if (!c.free_slots)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < qd; i++)
+        c.free_slots[c.nfree++] = qd - 1 - i;
+    uint64_t blocks = p->span / p->bs_sectors, issued = 0, seed = p->seed | 1;
+    uint64_t kin0 = g->kicks_in, kout0 = g->kicks_out;
+    uint64_t t0 = now_ns(), tend = p->duration_ns ? t0 + p->duration_ns : UINT64_MAX;
+    uint32_t timeout = p->timeout_ms ? p->timeout_ms : 10000;
+    int rc = 0;
+    for (;;) {
+        uint64_t t = now_ns();
+        int more = (p->max_ios == 0 || issued < p->max_ios) && t < tend;
+        while (more && c.nfree) {
+            uint32_t slot = c.free_slots[--c.nfree];
+            uint64_t blk = p->random ? rng_next(&seed) % blocks : issued % blocks;
+            uint64_t sector = p->start + blk * p->bs_sectors;
+            int is_read = p->read_pct >= 100 ||
+                          (p->read_pct > 0 && rng_next(&seed) % 100 < p->read_pct);
+            uint8_t op = is_read ? BLKIF_OP_READ : BLKIF_OP_WRITE;
+            struct gd_slot *s = &g->slots[slot];
+            s->busy = 1;
+            s->gen++;
+            s->op = op;
+            s->sector = sector;
+            s->nsect = p->bs_sectors;
+            if (p->verify && !is_read)
+                fill_pattern(gd_data(g, slot * GD_SEGS), sector, p->bs_sectors, p->stamp);
+            struct gd_raw r;
+            build_rw(g, slot, op, sector, p->bs_sectors, &r);
+            s->t0 = t;
+            put_request(g, &r, ((uint64_t)s->gen << 32) | slot);
+            c.inflight++;
+            issued++;
+            more = p->max_ios == 0 || issued < p->max_ios;
+        }
+        push_requests(g);
+        if (c.inflight == 0 && !more)
+            break;
+        if (reap(g, on_run_rsp, &c) == 0 && !wait_event(g, timeout)) {
+            /* Nothing for `timeout`: whatever is still in flight is lost. */
+            res->lost = c.inflight;
+            rc = -ETIMEDOUT;
+            break;
+        }
+    }
+    res->elapsed_ns = now_ns() - t0;
+    res->kicks_in = g->kicks_in - kin0;
+    res->kicks_out = g->kicks_out - kout0;
+    res->p50_ns = percentile(g->lat, res->ios, 0.50);
+    res->p99_ns = percentile(g->lat, res->ios, 0.99);
+    free(c.free_slots);
+    return rc;
+}
+
+/* ---- raw requests (a misbehaving front-end) ---- */
+
+static void on_raw_rsp(struct gd *g, uint64_t id, int16_t status, void *ctx)
+{
+    (void)ctx;
+    if (id < g->nslots)
+        g->raw_status[id] = status;
+    g->raw_got++;
+}
+
+int gd_submit_raw(struct gd *g, const struct gd_raw *reqs, uint32_t n)
+{
+    if (n > g->nslots - (g->req_prod_pvt - g->rsp_cons))
+        return -EBUSY;
+    g->raw_got = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        g->raw_status[i] = 1;   /* not a blkif status: "no answer yet" */
+        put_request(g, &reqs[i], i);
+    }
+    push_requests(g);
+    return 0;
+}
+
+int gd_collect(struct gd *g, uint32_t n, int16_t *statuses, uint32_t timeout_ms)
+{
+    uint64_t deadline = now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    while (g->raw_got < n) {
+        if (reap(g, on_raw_rsp, NULL))
+            continue;
+        uint64_t t = now_ns();
+        if (t >= deadline)
+            break;
+        wait_event(g, (uint32_t)((deadline - t) / 1000000ull) + 1);
+    }
+    for (uint32_t i = 0; i < n && i < g->nslots; i++)
+        statuses[i] = g->raw_status[i];
+    return (int)g->raw_got;
+}
+
+int gd_overflow(struct gd *g, uint32_t extra)
+{
+    g->req_prod_pvt = hdr(g)->rsp_prod + g->nslots + 1 + extra;
+    xen_wmb();  /* a garbage producer index, published as a real one would be */
+    hdr(g)->req_prod = g->req_prod_pvt;
+    xen_mb();
+    xenevtchn_notify(g->xce, g->port);
+    g->kicks_out++;
+    return 0;
+}
