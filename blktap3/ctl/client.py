@@ -1,0 +1,262 @@
+"""libblktapctl's message layer: one typed call per control message to one tapdisk.
+
+Each call is one connection, as in blktap: connect to `<root>/ctl<pid>`, send one
+544-byte message, read the reply (LIST: replies until `count == 0`; STATS: a header then
+`length` bytes), close. Failures are `CtlError` (an OSError with a positive errno): the
+tapdisk's ERROR reply, a timeout (ETIMEDOUT), a missing tapdisk (ENOENT/ECONNREFUSED) or a
+reply of the wrong type (EPROTO). Python retries EINTR itself (PEP 475), so no signal can
+make a call fail half-way, the bug of blktap#352.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from . import protocol as p
+from .runtime import root_dir, socket_path
+
+log = structlog.get_logger(__name__)
+
+LIST_TIMEOUT = 10.0  # blktap's client timeout for list and stats
+DEFAULT_TIMEOUT = 120.0  # other requests: long enough for a drain, short of "an hour"
+
+
+class CtlError(OSError):
+    """A control operation failed with `errno`; `detail` is the tapdisk's own message."""
+
+    def __init__(self, code: int, detail: str = "") -> None:
+        super().__init__(code, os.strerror(code))
+        self.detail = detail
+
+    def __str__(self) -> str:
+        if self.detail:
+            return f"{self.strerror}: {self.detail}"
+        return str(self.strerror)
+
+
+@dataclass(frozen=True)
+class VbdEntry:
+    """One VBD of a tapdisk's LIST reply: minor, state bits, `type:/path` (may be empty)."""
+
+    minor: int
+    state: int
+    params: str
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        chunk = sock.recv(remaining)
+        if not chunk:
+            got = size - remaining
+            raise CtlError(errno.EPROTO, f"connection closed after {got} of {size} bytes")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+class Connection:
+    """One request's connection to a tapdisk socket."""
+
+    def __init__(self, path: Path, timeout: float | None) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(os.fspath(path))
+        except TimeoutError:
+            self.sock.close()
+            raise CtlError(errno.ETIMEDOUT, f"connecting to {path}") from None
+        except OSError as exc:
+            self.sock.close()
+            raise CtlError(exc.errno or errno.EIO, f"cannot reach a tapdisk at {path}") from None
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, message: p.Message) -> None:
+        log.debug("send", socket=str(self.path), type=message.type.name,
+                  cookie=message.cookie, payload=message.payload)
+        try:
+            self.sock.sendall(message.encode())
+        except TimeoutError:
+            raise CtlError(errno.ETIMEDOUT, "sending to the tapdisk") from None
+
+    def receive(self, expected: p.MessageType) -> p.Message:
+        """The next message; an ERROR reply becomes a CtlError."""
+        try:
+            raw = _recv_exact(self.sock, p.MESSAGE_SIZE)
+        except TimeoutError:
+            raise CtlError(errno.ETIMEDOUT, "waiting for the tapdisk's reply") from None
+        try:
+            reply = p.decode(raw)
+        except p.ProtocolError as exc:
+            raise CtlError(errno.EPROTO, str(exc)) from None
+        log.debug("receive", type=reply.type.name, cookie=reply.cookie, payload=reply.payload)
+        if reply.type in (p.MessageType.ERROR, p.MessageType.RUNTIME_ERROR):
+            assert isinstance(reply.payload, p.Response)
+            raise CtlError(reply.payload.error or errno.EIO, reply.payload.message)
+        if reply.type is not expected:
+            raise CtlError(errno.EPROTO, f"expected {expected.name}, got {reply.type.name}")
+        return reply
+
+    def receive_bytes(self, size: int) -> bytes:
+        try:
+            return _recv_exact(self.sock, size)
+        except TimeoutError:
+            raise CtlError(errno.ETIMEDOUT, "waiting for the tapdisk's data") from None
+
+
+class TapdiskClient:
+    """The control messages of one tapdisk, identified by its pid (or socket path)."""
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        path: Path | None = None,
+    ) -> None:
+        self.pid = pid
+        self.path = path if path is not None else socket_path(root_dir(root), pid)
+        self.timeout = timeout
+
+    def request(self, message: p.Message, timeout: float | None = None) -> p.Message:
+        """Send one message and return its (non-error) reply."""
+        with Connection(self.path, timeout or self.timeout) as conn:
+            conn.send(message)
+            return conn.receive(p.reply_type(message.type))
+
+    def _simple(
+        self, mtype: p.MessageType, minor: int, payload: p.Payload | None = None,
+        timeout: float | None = None,
+    ) -> p.Message:
+        message = p.Message(mtype, minor, payload if payload is not None else p.Empty())
+        return self.request(message, timeout)
+
+    def get_pid(self) -> int:
+        """PID: the tapdisk's own pid (confirms a socket belongs to a live tapdisk)."""
+        reply = self._simple(p.MessageType.PID, 0, timeout=LIST_TIMEOUT)
+        assert isinstance(reply.payload, p.Pid)
+        return reply.payload.pid
+
+    def attach(self, minor: int) -> None:
+        """ATTACH: create the VBD of `minor` (its marker must exist; EEXIST if present)."""
+        self._simple(p.MessageType.ATTACH, minor, p.Params(devnum=minor))
+
+    def open(
+        self,
+        minor: int,
+        params: str,
+        flags: int = 0,
+        *,
+        prt_minor: int = 0,
+        req_timeout: int = 0,
+        secondary: str = "",
+        domid: int = 0,
+    ) -> p.ImageInfo:
+        """OPEN `type:/path` on an attached VBD; returns the image's size and info."""
+        payload = p.Params(
+            flags=flags, devnum=minor, domid=domid, path=params, prt_devnum=prt_minor,
+            req_timeout=req_timeout, secondary=secondary,
+        )
+        reply = self._simple(p.MessageType.OPEN, minor, payload)
+        assert isinstance(reply.payload, p.ImageInfo)
+        return reply.payload
+
+    def close(self, minor: int, *, force: bool = False, timeout: float | None = None) -> None:
+        """CLOSE (drains in-flight requests) or FORCE_SHUTDOWN (does not wait)."""
+        mtype = p.MessageType.FORCE_SHUTDOWN if force else p.MessageType.CLOSE
+        self._simple(mtype, minor, timeout=timeout)
+
+    def pause(self, minor: int, *, timeout: float | None = None) -> None:
+        """PAUSE: returns once in-flight I/O drained and the image is closed."""
+        self._simple(p.MessageType.PAUSE, minor, timeout=timeout)
+
+    def resume(
+        self, minor: int, params: str = "", flags: int = 0, secondary: str = "",
+        *, timeout: float | None = None,
+    ) -> None:
+        """RESUME a paused VBD, optionally on a new `type:/path`; add
+        `ResumeFlags.RESIZE` to accept an image that grew."""
+        payload = p.Resume(flags=flags, new_params=params, secondary=secondary)
+        self._simple(p.MessageType.RESUME, minor, payload, timeout=timeout)
+
+    def detach(self, minor: int) -> None:
+        """DETACH a closed VBD (EBUSY while open); the tapdisk exits after its last one."""
+        self._simple(p.MessageType.DETACH, minor)
+
+    def disk_info(self, minor: int) -> p.ImageInfo:
+        """DISK_INFO: the image's size in sectors, sector size and VDISK_* info."""
+        reply = self._simple(p.MessageType.DISK_INFO, minor)
+        assert isinstance(reply.payload, p.ImageInfo)
+        return reply.payload
+
+    def list_minors(self) -> list[int]:
+        """LIST_MINORS: the minors of this tapdisk's VBDs."""
+        reply = self._simple(p.MessageType.LIST_MINORS, 0, timeout=LIST_TIMEOUT)
+        assert isinstance(reply.payload, p.Minors)
+        return list(reply.payload.minors)
+
+    def list(self) -> list[VbdEntry]:
+        """LIST: every VBD of this tapdisk (replies stream until `count == 0`)."""
+        entries: list[VbdEntry] = []
+        message = p.Message(p.MessageType.LIST, p.LIST_COOKIE)
+        with Connection(self.path, LIST_TIMEOUT) as conn:
+            conn.send(message)
+            while True:
+                reply = conn.receive(p.MessageType.LIST_RSP)
+                assert isinstance(reply.payload, p.ListEntry)
+                if reply.payload.count <= 0:
+                    return entries
+                entry = reply.payload
+                entries.append(VbdEntry(entry.minor, entry.state, entry.path))
+
+    def stats(self, minor: int) -> str:
+        """STATS: the VBD's statistics as blktap's JSON text."""
+        with Connection(self.path, LIST_TIMEOUT) as conn:
+            conn.send(p.Message(p.MessageType.STATS, minor))
+            reply = conn.receive(p.MessageType.STATS_RSP)
+            assert isinstance(reply.payload, p.StatInfo)
+            return conn.receive_bytes(reply.payload.length).decode(errors="replace")
+
+    def connect_xenblkif(
+        self,
+        minor: int,
+        *,
+        domid: int,
+        devid: int,
+        grefs: tuple[int, ...],
+        order: int,
+        port: int,
+        proto: int,
+        pool: str = "",
+    ) -> None:
+        """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served)."""
+        payload = p.Blkif(
+            domid=domid, devid=devid, grefs=grefs, order=order, proto=proto, pool=pool,
+            port=port,
+        )
+        self._simple(p.MessageType.XENBLKIF_CONNECT, minor, payload)
+
+    def disconnect_xenblkif(self, minor: int, *, domid: int, devid: int) -> None:
+        """XENBLKIF_DISCONNECT: stop serving that ring (ENODEV if unknown)."""
+        payload = p.Blkif(domid=domid, devid=devid)
+        self._simple(p.MessageType.XENBLKIF_DISCONNECT, minor, payload)
+
+    def exit(self) -> None:
+        """EXIT: ask an idle tapdisk (no VBD) to exit (EBUSY otherwise)."""
+        with Connection(self.path, self.timeout) as conn:
+            conn.send(p.Message(p.MessageType.EXIT, 0))
+            conn.receive(p.MessageType.EXIT)

@@ -1,0 +1,190 @@
+"""libblktapctl's composed operations: allocate, free, spawn, create, destroy, list.
+
+`create` is blktap's allocate + spawn + attach + open, undone in reverse order when a
+step fails; `destroy` is close + detach + free. `list` joins three sources as blktap's
+does: allocated minors (marker files), live tapdisks (their `ctl<pid>` sockets,
+confirmed with a PID message) and each tapdisk's VBDs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import runtime
+from .client import CtlError, TapdiskClient, VbdEntry
+
+TAPDISK_ENV = "BLKTAP_TAPDISK"  # command line of the tapdisk to spawn (shell words)
+SPAWN_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class TapEntry:
+    """One row of `tap-ctl list`: any field may be unknown (None)."""
+
+    pid: int | None = None
+    minor: int | None = None
+    state: int | None = None
+    type: str | None = None
+    path: str | None = None
+
+    def as_dict(self) -> dict[str, int | str | None]:
+        return {"pid": self.pid, "minor": self.minor, "state": self.state,
+                "type": self.type, "path": self.path}
+
+
+def allocate(root: str | os.PathLike[str] | None = None, devname: str | None = None) -> str:
+    """Allocate a minor (the one named by `devname`, if given); returns its device name."""
+    base = runtime.root_dir(root)
+    wanted = runtime.minor_of_devname(devname) if devname else None
+    minor = runtime.allocate_minor(base, wanted)
+    return str(runtime.marker_path(base, minor))
+
+
+def free(minor: int, root: str | os.PathLike[str] | None = None) -> None:
+    """Free a minor: ENOENT if not allocated, EAGAIN if a tapdisk holds it."""
+    runtime.free_minor(runtime.root_dir(root), minor)
+
+
+def tapdisk_command() -> list[str]:
+    """How to run a tapdisk: $BLKTAP_TAPDISK, else this Python's `-m blktap3.tapdisk`."""
+    override = os.environ.get(TAPDISK_ENV)
+    if override:
+        return shlex.split(override)
+    return [sys.executable, "-m", "blktap3.tapdisk"]
+
+
+def spawn(
+    root: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = SPAWN_TIMEOUT,
+) -> int:
+    """Start a tapdisk and return its pid once its socket answers; if it dies at start,
+    CtlError with its errno and reason (blktap's spawn reports a pid regardless)."""
+    base = runtime.root_dir(root).absolute()
+    child_env = dict(os.environ if env is None else env)
+    child_env[runtime.ROOT_ENV] = str(base)
+    try:
+        done = subprocess.run(
+            tapdisk_command(), env=child_env, stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise CtlError(errno.ETIMEDOUT, f"tapdisk did not start within {timeout:g} s") from None
+    except OSError as exc:
+        raise CtlError(exc.errno or errno.EIO, f"running tapdisk: {exc.strerror}") from None
+    reason = done.stderr.decode(errors="replace").strip().splitlines()
+    if done.returncode != 0:
+        code = done.returncode if 0 < done.returncode < 256 else errno.EIO
+        raise CtlError(code, reason[-1] if reason else f"tapdisk exited {done.returncode}")
+    path = Path(done.stdout.decode(errors="replace").strip())
+    if not path.name.startswith(runtime.SOCKET_PREFIX):
+        raise CtlError(errno.EPROTO, f"tapdisk printed {str(path)!r}, not a socket path")
+    return TapdiskClient(0, path=path).get_pid()
+
+
+def _stop_idle(client: TapdiskClient) -> None:
+    """Make a tapdisk without VBDs go away (rollback of a failed create)."""
+    try:
+        client.exit()
+    except CtlError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(client.pid, signal.SIGTERM)
+
+
+def create(
+    params: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    devname: str | None = None,
+    flags: int = 0,
+    prt_minor: int = 0,
+    req_timeout: int = 0,
+    secondary: str = "",
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, int, str]:
+    """Allocate, spawn, attach, open; on failure undo what was done and re-raise.
+    Returns (pid, minor, device name)."""
+    base = runtime.root_dir(root)
+    dev = allocate(base, devname)
+    minor = runtime.minor_of_devname(dev)
+    client: TapdiskClient | None = None
+    attached = False
+    try:
+        pid = spawn(base, env=env)
+        client = TapdiskClient(pid, root=base)
+        client.attach(minor)
+        attached = True
+        client.open(minor, params, flags, prt_minor=prt_minor,
+                    req_timeout=req_timeout, secondary=secondary)
+    except BaseException:
+        if client is not None:
+            with contextlib.suppress(OSError):
+                if attached:
+                    client.detach(minor)  # the tapdisk exits with its last VBD
+                else:
+                    _stop_idle(client)
+        with contextlib.suppress(OSError):
+            runtime.free_minor(base, minor)
+        raise
+    return pid, minor, dev
+
+
+def destroy(
+    pid: int, minor: int, *, root: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Close (draining), detach and free a VBD's minor."""
+    client = TapdiskClient(pid, root=root)
+    client.close(minor, timeout=timeout)
+    client.detach(minor)
+    runtime.free_minor(runtime.root_dir(root), minor)
+
+
+def _probe(root: Path, pid: int) -> tuple[int, list[VbdEntry]] | None:
+    """A live tapdisk's VBDs; None for a dead or foreign socket (a dead one is removed)."""
+    if runtime.remove_stale_socket(root, pid):
+        return None
+    client = TapdiskClient(pid, root=root)
+    try:
+        if client.get_pid() != pid:
+            return None
+        return pid, client.list()
+    except CtlError:
+        return None
+
+
+def list_all(root: str | os.PathLike[str] | None = None) -> list[TapEntry]:
+    """Every tapdisk, VBD and allocated minor: newest (highest) minor first; tapdisks
+    without VBDs as pid-only rows, minors no tapdisk holds as minor-only rows."""
+    base = runtime.root_dir(root)
+    pids = runtime.socket_pids(base)
+    minors = set(runtime.allocated_minors(base))
+    # Tapdisks answer independently: ask them in parallel, so 100 cost about one.
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(pids)))) as pool:
+        found = [r for r in pool.map(lambda pid: _probe(base, pid), pids) if r is not None]
+    entries: list[TapEntry] = []
+    for pid, vbds in found:
+        if not vbds:
+            entries.append(TapEntry(pid=pid))
+        for vbd in vbds:
+            minors.discard(vbd.minor)
+            kind, sep, path = vbd.params.partition(":")
+            entries.append(TapEntry(
+                pid=pid, minor=vbd.minor, state=vbd.state,
+                type=kind if sep else None, path=path if sep else None,
+            ))
+    entries.extend(TapEntry(minor=minor) for minor in minors)
+    # Idle tapdisks first, then by minor, highest (newest) first.
+    entries.sort(key=lambda e: (e.minor is not None, -(e.minor or 0)))
+    return entries

@@ -1,0 +1,498 @@
+"""The tapdisk control message: blktap's fixed-size binary record, encoded and decoded.
+
+Layout (x86-64, `include/tapdisk-message.h` of blktap, 544 bytes, alignment 8):
+`u16 type; u16 cookie;` four bytes of padding, then a 536-byte union at offset 8. Which
+member of the union is meaningful depends on the message type (see `PAYLOAD_OF`).
+Strings are NUL-terminated `char[256]`. Errors travel as positive errno.
+
+This module does no I/O: it turns bytes into `Message` objects and back, and rejects
+short, oversized or unknown messages with `ProtocolError`.
+
+Extensions of ours (blktap has no such thing):
+- `ResumeFlags.RESIZE` in `resume.flags` asks the VBD to accept an image that grew
+  (``tap-ctl resize``). The bit lies above every open flag blktap defines.
+- EXIT (30) has no reply id in blktap; our tapdisk answers an idle EXIT with an EXIT
+  message (and an ERROR, EBUSY, while it still has VBDs).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+MESSAGE_SIZE = 544
+UNION_OFFSET = 8
+UNION_SIZE = MESSAGE_SIZE - UNION_OFFSET
+STRING_MAX = 256
+MAX_MINORS = 63
+MAX_GREFS = 8
+LIST_COOKIE = 0xFFFF  # blktap's tap-ctl sends LIST with cookie = (u16)-1
+
+_HEADER = struct.Struct("<HH4x")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire format (short, oversized, unknown type...)."""
+
+
+class MessageType(enum.IntEnum):
+    """Message ids, from 1 in blktap's order; each reply is its request + 1."""
+
+    ERROR = 1
+    RUNTIME_ERROR = 2
+    PID = 3
+    PID_RSP = 4
+    ATTACH = 5
+    ATTACH_RSP = 6
+    OPEN = 7
+    OPEN_RSP = 8
+    PAUSE = 9
+    PAUSE_RSP = 10
+    RESUME = 11
+    RESUME_RSP = 12
+    CLOSE = 13
+    CLOSE_RSP = 14
+    DETACH = 15
+    DETACH_RSP = 16
+    LIST_MINORS = 17
+    LIST_MINORS_RSP = 18
+    LIST = 19
+    LIST_RSP = 20
+    STATS = 21
+    STATS_RSP = 22
+    FORCE_SHUTDOWN = 23
+    XENBLKIF_CONNECT = 24
+    XENBLKIF_CONNECT_RSP = 25
+    XENBLKIF_DISCONNECT = 26
+    XENBLKIF_DISCONNECT_RSP = 27
+    DISK_INFO = 28
+    DISK_INFO_RSP = 29
+    EXIT = 30
+
+
+class OpenFlags(enum.IntFlag):
+    """`params.flags` of OPEN (and `resume.flags`), blktap's TAPDISK_MESSAGE_FLAG_*."""
+
+    SHARED = 0x1
+    RDONLY = 0x2
+    ADD_CACHE = 0x4
+    VHD_INDEX = 0x8
+    ADD_LOG = 0x10
+    ADD_LCACHE = 0x20
+    REUSE_PRT = 0x40
+    SECONDARY = 0x80
+    STANDBY = 0x100
+    NO_O_DIRECT = 0x200
+    OPEN_ENCRYPTED = 0x400
+
+
+class ResumeFlags(enum.IntFlag):
+    """Our extension of `resume.flags`: bits above blktap's open flags."""
+
+    RESIZE = 0x10000
+
+
+class VbdStateBits(enum.IntFlag):
+    """The VBD state word reported by LIST (blktap's TD_VBD_* bits)."""
+
+    DEAD = 0x1
+    CLOSED = 0x2
+    QUIESCE_REQUESTED = 0x4
+    QUIESCED = 0x8
+    PAUSE_REQUESTED = 0x10
+    PAUSED = 0x20
+    SHUTDOWN_REQUESTED = 0x40
+    LOCKING = 0x80
+    LOG_DROPPED = 0x100
+    RESUME_FAILED = 0x200
+
+
+def pack_string(value: str, what: str = "string") -> bytes:
+    """Encode `value` as a NUL-terminated `char[256]`; too long is a ProtocolError."""
+    raw = value.encode()
+    if len(raw) >= STRING_MAX:
+        raise ProtocolError(f"{what} is {len(raw)} bytes, at most {STRING_MAX - 1} fit")
+    if b"\0" in raw:
+        raise ProtocolError(f"{what} contains a NUL byte")
+    return raw.ljust(STRING_MAX, b"\0")
+
+
+def unpack_string(raw: bytes) -> str:
+    """Decode a `char[256]`: up to the first NUL, undecodable bytes escaped."""
+    return raw.split(b"\0", 1)[0].decode(errors="surrogateescape")
+
+
+class Payload(Protocol):
+    """One member of the message union."""
+
+    def pack(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Empty:
+    """No payload: the union is all zeros (PID, PAUSE, CLOSE, DETACH, LIST... requests)."""
+
+    def pack(self) -> bytes:
+        return b""
+
+    @classmethod
+    def unpack(cls, union: bytes) -> Empty:
+        return cls()
+
+
+@dataclass(frozen=True)
+class Pid:
+    """`u.tapdisk_pid` (PID_RSP)."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<i")
+    pid: int
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(self.pid)
+
+    @classmethod
+    def unpack(cls, union: bytes) -> Pid:
+        return cls(*cls.FORMAT.unpack_from(union))
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """`u.image` (OPEN_RSP, DISK_INFO_RSP): size in sectors, sector size, VDISK_* info."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<QII")
+    sectors: int
+    sector_size: int
+    info: int
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(self.sectors, self.sector_size, self.info)
+
+    @classmethod
+    def unpack(cls, union: bytes) -> ImageInfo:
+        return cls(*cls.FORMAT.unpack_from(union))
+
+
+@dataclass(frozen=True)
+class Params:
+    """`u.params` (OPEN, ATTACH): open flags, minor, domid, `type:/path`, secondary..."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<III256sIH256s")
+    flags: int = 0
+    devnum: int = 0
+    domid: int = 0
+    path: str = ""
+    prt_devnum: int = 0
+    req_timeout: int = 0
+    secondary: str = ""
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(
+            self.flags,
+            self.devnum,
+            self.domid,
+            pack_string(self.path, "path"),
+            self.prt_devnum,
+            self.req_timeout,
+            pack_string(self.secondary, "secondary"),
+        )
+
+    @classmethod
+    def unpack(cls, union: bytes) -> Params:
+        flags, devnum, domid, path, prt, timeout, secondary = cls.FORMAT.unpack_from(union)
+        return cls(
+            flags, devnum, domid, unpack_string(path), prt, timeout, unpack_string(secondary)
+        )
+
+
+@dataclass(frozen=True)
+class String:
+    """`u.string`: a bare `char[256]`."""
+
+    text: str
+
+    def pack(self) -> bytes:
+        return pack_string(self.text)
+
+    @classmethod
+    def unpack(cls, union: bytes) -> String:
+        return cls(unpack_string(union[:STRING_MAX]))
+
+
+@dataclass(frozen=True)
+class Response:
+    """`u.response`: positive errno (0 = success) and a message."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<i256s")
+    error: int = 0
+    message: str = ""
+
+    def pack(self) -> bytes:
+        # The server's detail text is best effort: truncate rather than fail the reply.
+        text = self.message.encode()[: STRING_MAX - 1].decode(errors="ignore")
+        return self.FORMAT.pack(self.error, pack_string(text.replace("\0", " "), "message"))
+
+    @classmethod
+    def unpack(cls, union: bytes) -> Response:
+        error, message = cls.FORMAT.unpack_from(union)
+        return cls(error, unpack_string(message))
+
+
+@dataclass(frozen=True)
+class Minors:
+    """`u.minors` (LIST_MINORS_RSP): count, then up to 63 minors."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct(f"<i{MAX_MINORS}i")
+    minors: tuple[int, ...] = ()
+
+    def pack(self) -> bytes:
+        if len(self.minors) > MAX_MINORS:
+            raise ProtocolError(f"{len(self.minors)} minors, at most {MAX_MINORS} fit")
+        padded = list(self.minors) + [0] * (MAX_MINORS - len(self.minors))
+        return self.FORMAT.pack(len(self.minors), *padded)
+
+    @classmethod
+    def unpack(cls, union: bytes) -> Minors:
+        count, *minors = cls.FORMAT.unpack_from(union)
+        if not 0 <= count <= MAX_MINORS:
+            raise ProtocolError(f"LIST_MINORS count {count} out of range")
+        return cls(tuple(minors[:count]))
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """`u.list` (LIST_RSP): VBDs still to come (N..1, 0 ends), minor, state, `type:/path`."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<iii256s")
+    count: int
+    minor: int
+    state: int
+    path: str = ""
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(self.count, self.minor, self.state, pack_string(self.path))
+
+    @classmethod
+    def unpack(cls, union: bytes) -> ListEntry:
+        count, minor, state, path = cls.FORMAT.unpack_from(union)
+        return cls(count, minor, state, unpack_string(path))
+
+
+@dataclass(frozen=True)
+class StatInfo:
+    """`u.info` (STATS_RSP): a header; `length` raw bytes of JSON follow on the stream."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<HH4xQ")
+    type: int
+    cookie: int
+    length: int
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(self.type, self.cookie, self.length)
+
+    @classmethod
+    def unpack(cls, union: bytes) -> StatInfo:
+        return cls(*cls.FORMAT.unpack_from(union))
+
+
+@dataclass(frozen=True)
+class Blkif:
+    """`u.blkif` (XENBLKIF_CONNECT/DISCONNECT): the ring the front-end shared."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct(f"<II{MAX_GREFS}III256sIII")
+    domid: int
+    devid: int
+    grefs: tuple[int, ...] = ()
+    order: int = 0
+    proto: int = 0
+    pool: str = ""
+    port: int = 0
+    poll_duration: int = 0
+    poll_idle_threshold: int = 0
+
+    def pack(self) -> bytes:
+        if len(self.grefs) > MAX_GREFS:
+            raise ProtocolError(f"{len(self.grefs)} grant refs, at most {MAX_GREFS} fit")
+        grefs = list(self.grefs) + [0] * (MAX_GREFS - len(self.grefs))
+        return self.FORMAT.pack(
+            self.domid,
+            self.devid,
+            *grefs,
+            self.order,
+            self.proto,
+            pack_string(self.pool, "pool"),
+            self.port,
+            self.poll_duration,
+            self.poll_idle_threshold,
+        )
+
+    @classmethod
+    def unpack(cls, union: bytes) -> Blkif:
+        values = cls.FORMAT.unpack_from(union)
+        domid, devid = values[0], values[1]
+        grefs = tuple(values[2 : 2 + MAX_GREFS])
+        order, proto, pool, port, duration, idle = values[2 + MAX_GREFS :]
+        # The ring spans 2**order pages: only that many grant refs are meaningful.
+        if order > 3:
+            raise ProtocolError(f"ring order {order} needs more than {MAX_GREFS} grant refs")
+        return cls(
+            domid, devid, grefs[: 1 << order], order, proto, unpack_string(pool), port,
+            duration, idle,
+        )
+
+
+@dataclass(frozen=True)
+class Resume:
+    """`u.resume` (RESUME): flags, optional new `type:/path`, secondary."""
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<I256s256s")
+    flags: int = 0
+    new_params: str = ""
+    secondary: str = ""
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(
+            self.flags,
+            pack_string(self.new_params, "new params"),
+            pack_string(self.secondary, "secondary"),
+        )
+
+    @classmethod
+    def unpack(cls, union: bytes) -> Resume:
+        flags, new_params, secondary = cls.FORMAT.unpack_from(union)
+        return cls(flags, unpack_string(new_params), unpack_string(secondary))
+
+
+# Byte offsets of each union member's fields inside the 544-byte message, as measured
+# against blktap's header (reference/blktap.md); tests compare them with a C layout.
+OFFSETS: dict[str, int] = {
+    "type": 0,
+    "cookie": 2,
+    "tapdisk_pid": 8,
+    "image.sectors": 8,
+    "image.sector_size": 16,
+    "image.info": 20,
+    "params.flags": 8,
+    "params.devnum": 12,
+    "params.domid": 16,
+    "params.path": 20,
+    "params.prt_devnum": 276,
+    "params.req_timeout": 280,
+    "params.secondary": 282,
+    "string.text": 8,
+    "response.error": 8,
+    "response.message": 12,
+    "minors.count": 8,
+    "minors.list": 12,
+    "list.count": 8,
+    "list.minor": 12,
+    "list.state": 16,
+    "list.path": 20,
+    "info.type": 8,
+    "info.cookie": 10,
+    "info.length": 16,
+    "blkif.domid": 8,
+    "blkif.devid": 12,
+    "blkif.gref": 16,
+    "blkif.order": 48,
+    "blkif.proto": 52,
+    "blkif.pool": 56,
+    "blkif.port": 312,
+    "blkif.poll_duration": 316,
+    "blkif.poll_idle_threshold": 320,
+    "resume.flags": 8,
+    "resume.new_params": 12,
+    "resume.secondary": 268,
+}
+
+PayloadClass = (
+    type[Empty] | type[Pid] | type[ImageInfo] | type[Params] | type[String] | type[Response]
+    | type[Minors] | type[ListEntry] | type[StatInfo] | type[Blkif] | type[Resume]
+)
+
+PAYLOAD_OF: dict[MessageType, PayloadClass] = {
+    MessageType.ERROR: Response,
+    MessageType.RUNTIME_ERROR: Response,
+    MessageType.PID: Empty,
+    MessageType.PID_RSP: Pid,
+    MessageType.ATTACH: Params,
+    MessageType.ATTACH_RSP: Response,
+    MessageType.OPEN: Params,
+    MessageType.OPEN_RSP: ImageInfo,
+    MessageType.PAUSE: Empty,
+    MessageType.PAUSE_RSP: Response,
+    MessageType.RESUME: Resume,
+    MessageType.RESUME_RSP: Response,
+    MessageType.CLOSE: Empty,
+    MessageType.CLOSE_RSP: Response,
+    MessageType.DETACH: Empty,
+    MessageType.DETACH_RSP: Response,
+    MessageType.LIST_MINORS: Empty,
+    MessageType.LIST_MINORS_RSP: Minors,
+    MessageType.LIST: Empty,
+    MessageType.LIST_RSP: ListEntry,
+    MessageType.STATS: Empty,
+    MessageType.STATS_RSP: StatInfo,
+    MessageType.FORCE_SHUTDOWN: Empty,
+    MessageType.XENBLKIF_CONNECT: Blkif,
+    MessageType.XENBLKIF_CONNECT_RSP: Response,
+    MessageType.XENBLKIF_DISCONNECT: Blkif,
+    MessageType.XENBLKIF_DISCONNECT_RSP: Response,
+    MessageType.DISK_INFO: Empty,
+    MessageType.DISK_INFO_RSP: ImageInfo,
+    MessageType.EXIT: Empty,
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    """One control message: its type, the cookie (the VBD's minor) and the union member."""
+
+    type: MessageType
+    cookie: int = 0
+    payload: Payload = field(default_factory=Empty)
+
+    def encode(self) -> bytes:
+        """The 544 bytes on the wire."""
+        if not 0 <= self.cookie <= 0xFFFF:
+            raise ProtocolError(f"cookie {self.cookie} does not fit in 16 bits")
+        expected = PAYLOAD_OF[self.type]
+        if not isinstance(self.payload, expected):
+            raise ProtocolError(
+                f"{self.type.name} carries {expected.__name__}, "
+                f"not {type(self.payload).__name__}"
+            )
+        try:
+            union = self.payload.pack()
+        except struct.error as exc:
+            raise ProtocolError(f"{self.type.name}: {exc}") from exc
+        return _HEADER.pack(self.type, self.cookie) + union.ljust(UNION_SIZE, b"\0")
+
+
+def decode(data: bytes) -> Message:
+    """Parse exactly one 544-byte message; anything else is a ProtocolError."""
+    if len(data) < MESSAGE_SIZE:
+        raise ProtocolError(f"short message: {len(data)} bytes, expected {MESSAGE_SIZE}")
+    if len(data) > MESSAGE_SIZE:
+        raise ProtocolError(f"oversized message: {len(data)} bytes, expected {MESSAGE_SIZE}")
+    raw_type, cookie = _HEADER.unpack_from(data)
+    try:
+        mtype = MessageType(raw_type)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {raw_type}") from None
+    union = data[UNION_OFFSET:]
+    return Message(mtype, cookie, PAYLOAD_OF[mtype].unpack(union))
+
+
+def reply_type(request: MessageType) -> MessageType:
+    """The reply id of a request id (request + 1); FORCE_SHUTDOWN is answered as CLOSE."""
+    if request is MessageType.FORCE_SHUTDOWN:
+        return MessageType.CLOSE_RSP
+    try:
+        rsp = MessageType(request + 1)
+    except ValueError:
+        rsp = None
+    if rsp is None or not rsp.name.endswith("_RSP"):
+        raise ProtocolError(f"{request.name} has no reply type")
+    return rsp

@@ -1,0 +1,145 @@
+"""The tapdisk's one door to the data path: image `type:/path` parsing, open, ring connect.
+
+Every use of `blktap3.datapath` by the tapdisk goes through this module, imported lazily,
+so the control plane (ATTACH, DETACH, LIST, PID...) runs even where the data path is not
+built; OPEN then fails with ENOSYS and says why. The Protocols below are the part of the
+data path's facade (`Image`, `ImageInfo`, `Ring`) the tapdisk relies on.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from blktap3.ctl.protocol import OpenFlags
+
+
+class ImageInfo(Protocol):
+    """What the tapdisk reads of `blktap3.datapath.ImageInfo`."""
+
+    @property
+    def sectors(self) -> int: ...
+
+    @property
+    def sector_size(self) -> int: ...
+
+    @property
+    def info(self) -> int: ...
+
+
+class Image(Protocol):
+    """The part of `blktap3.datapath.Image` the tapdisk uses."""
+
+    @property
+    def info(self) -> ImageInfo: ...
+
+    def close(self) -> None: ...
+
+
+class Ring(Protocol):
+    """The part of `blktap3.datapath.Ring` the tapdisk uses."""
+
+    def pause(self, timeout: float = 30.0) -> None: ...
+
+    def resume(self, image: Any = None) -> None: ...
+
+    def disconnect(self, timeout: float = 30.0) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+# Image types the data path serves now; blktap's others (vhd, ram, nbd, filters) later.
+SUPPORTED_TYPES = ("aio", "raw", "null")
+# Open flags we honour; the rest name blktap features we do not have, refused loudly.
+SUPPORTED_FLAGS = OpenFlags.RDONLY | OpenFlags.NO_O_DIRECT | OpenFlags.SHARED
+# blkif.proto on the wire is Xen's `enum blkif_protocol` (0 = unset: native).
+RING_PROTOCOLS = {0: "native", 1: "native", 2: "x86_32-abi", 3: "x86_64-abi"}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A parsed `type:/path`."""
+
+    type: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.path}"
+
+
+def parse_params(params: str) -> ImageSpec:
+    """Split `type:/path`; a malformed or unknown type is EINVAL, as in blktap."""
+    kind, sep, path = params.partition(":")
+    if not sep or not kind or not path:
+        raise OSError(errno.EINVAL, f"expected type:/path, got {params!r}")
+    if kind not in SUPPORTED_TYPES:
+        raise OSError(
+            errno.EINVAL,
+            f"image type {kind!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})",
+        )
+    return ImageSpec(kind, path)
+
+
+def check_flags(flags: int) -> None:
+    """Refuse blktap's open/resume flags for features we do not have (EOPNOTSUPP);
+    bits above 0xffff are ours (`ResumeFlags`)."""
+    unsupported = OpenFlags(flags & ~SUPPORTED_FLAGS & 0xFFFF)
+    if unsupported:
+        raise OSError(errno.EOPNOTSUPP, f"open flags not supported: {unsupported!r}")
+
+
+def _datapath() -> Any:
+    try:
+        import blktap3.datapath as datapath
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        raise OSError(errno.ENOSYS, f"data path unavailable: {exc}") from None
+    if not hasattr(datapath, "Image"):
+        raise OSError(errno.ENOSYS, "data path unavailable: blktap3.datapath has no Image")
+    return datapath
+
+
+def open_image(spec: ImageSpec, flags: int) -> Image:
+    """Open the image; a missing file is EINVAL as blktap reports it, with the reason."""
+    check_flags(flags)
+    datapath = _datapath()
+    try:
+        image: Image = datapath.Image.open(
+            spec.type,
+            spec.path,
+            readonly=bool(flags & OpenFlags.RDONLY),
+            o_direct=not flags & OpenFlags.NO_O_DIRECT,
+        )
+    except FileNotFoundError:
+        raise OSError(errno.EINVAL, f"{spec}: No such file or directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise OSError(errno.EINVAL, f"{spec}: No such file or directory") from None
+        raise OSError(exc.errno or errno.EIO, f"{spec}: {exc.strerror or exc}") from None
+    return image
+
+
+def connect_ring(
+    image: Image,
+    *,
+    domid: int,
+    devid: int,
+    grefs: tuple[int, ...],
+    order: int,
+    port: int,
+    protocol: int,
+) -> Ring:
+    """Map the front-end's ring and start serving it (OSError with the reason if not)."""
+    datapath = _datapath()
+    if protocol not in RING_PROTOCOLS:
+        raise OSError(errno.EINVAL, f"unknown blkif protocol {protocol}")
+    try:
+        ring: Ring = datapath.Ring.connect(
+            image, domid=domid, devid=devid, grefs=list(grefs), order=order, port=port,
+            protocol=RING_PROTOCOLS[protocol],
+        )
+    except OSError as exc:
+        raise OSError(
+            exc.errno or errno.EIO, f"ring {domid}/{devid}: {exc.strerror or exc}"
+        ) from None
+    return ring

@@ -1,0 +1,105 @@
+"""A VBD's statistics in blktap's JSON text, spacing included (`{ "k": [ 0, 0 ] }`).
+
+blktap's tapdisk writes JSON with its own printer: a space inside every bracket, `, `
+between items, and an empty list as `[  ]`. Scripts that scrape `tap-ctl stats` see the
+same text from us. The counters come from the data path's `Ring.stats()`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# blktap driver type ids (DISK_TYPE_*): aio 0; ours beyond it get their own.
+DRIVER_TYPE_IDS = {"aio": 0, "raw": 0, "null": 100}
+# The data path's error causes, sorted into blktap's four error counters.
+_VBD_ERRORS = ("op", "segments", "sector", "range", "readonly", "unsupported", "overflow")
+
+
+def render(value: Any) -> str:
+    """blktap's JSON spelling of a value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{json.dumps(k)}: {render(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, Sequence):
+        return "[ " + ", ".join(render(v) for v in value) + " ]"
+    raise TypeError(f"cannot render {type(value).__name__}")
+
+
+def _get(stats: Mapping[str, Any], *keys: str) -> int:
+    """A nested counter of `Ring.stats()` (0 when absent)."""
+    value: Any = stats
+    for key in keys:
+        if not isinstance(value, Mapping):
+            return 0
+        value = value.get(key, 0)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def vbd_stats(
+    *,
+    params: str,
+    image_type: str | None,
+    image_path: str | None,
+    ring_stats: Mapping[str, Any] | None,
+    ring_ids: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """The STATS object of one VBD; paused or closed VBDs list no image, as blktap's."""
+    counters: Mapping[str, Any] = ring_stats or {}
+    reads, writes = _get(counters, "reqs", "read"), _get(counters, "reqs", "write")
+    io_errors = _get(counters, "errors", "io")
+    images: list[dict[str, Any]] = []
+    if image_type is not None and image_path is not None:
+        images.append({
+            "name": image_path,
+            "hits": [reads, writes],
+            "fail": [io_errors, 0],
+            "driver": {
+                "type": DRIVER_TYPE_IDS.get(image_type, 0),
+                "name": image_type,
+                "status": {"reqs": {
+                    "max": _get(counters, "slots"),
+                    "pending": _get(counters, "in_flight"),
+                }},
+            },
+        })
+    result: dict[str, Any] = {
+        "name": params,
+        "secs": [_get(counters, "sectors", "read"), _get(counters, "sectors", "written")],
+        "images": images,
+        "FIXME_enospc_redirect_count": 0,
+        "nbd_mirror_failed": 0,
+    }
+    if ring_stats is not None and ring_ids is not None:
+        reqs = counters.get("reqs", {})
+        total = sum(_get(counters, "reqs", op) for op in reqs) if isinstance(reqs, Mapping) else 0
+        xenbus: dict[str, Any] = {
+            "pool": "td-xenio-default",
+            "domid": ring_ids[0],
+            "devid": ring_ids[1],
+            "reqs": [total, _get(counters, "responses")],
+            "kicks": [_get(counters, "kicks", "in"), _get(counters, "kicks", "out")],
+            "errors": {
+                "msg": 0,
+                "map": _get(counters, "errors", "grant"),
+                "vbd": sum(_get(counters, "errors", cause) for cause in _VBD_ERRORS),
+                "img": io_errors,
+            },
+        }
+        if counters.get("halted"):
+            xenbus["halted"] = str(counters["halted"])
+        result["xenbus"] = xenbus
+    result["reqs_outstanding"] = _get(counters, "in_flight")
+    result["read_caching"] = "false"
+    return result
+
+
+def render_stats(stats: Mapping[str, Any]) -> str:
+    """The text sent after the STATS_RSP header: one line, newline-terminated."""
+    return render(stats) + "\n"

@@ -1,0 +1,1 @@
+"""Integration tests: real tapdisk processes driven by tap-ctl."""

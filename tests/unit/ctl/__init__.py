@@ -1,0 +1,1 @@
+"""Tests of blktap3.ctl: codec, client library, tap-ctl."""

@@ -1,0 +1,205 @@
+"""The control message codec: blktap's C layout, round trips, and what it rejects."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from cffi import FFI
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blktap3.ctl import protocol as p
+
+# blktap's include/tapdisk-message.h, as C (the facts of reference/blktap.md). cffi lays
+# it out with the platform's C rules, so the codec is checked against a compiler's view.
+TAPDISK_MESSAGE_H = """
+struct tapdisk_message_image { uint64_t sectors; uint32_t sector_size; uint32_t info; };
+struct tapdisk_message_params {
+    uint32_t flags; uint32_t devnum; uint32_t domid; char path[256];
+    uint32_t prt_devnum; uint16_t req_timeout; char secondary[256];
+};
+struct tapdisk_message_string { char text[256]; };
+struct tapdisk_message_response { int error; char message[256]; };
+struct tapdisk_message_minors { int count; int list[63]; };
+struct tapdisk_message_list { int count; int minor; int state; char path[256]; };
+struct tapdisk_message_stat { uint16_t type; uint16_t cookie; size_t length; };
+struct tapdisk_message_blkif {
+    uint32_t domid; uint32_t devid; uint32_t gref[8]; uint32_t order; uint32_t proto;
+    char pool[256]; uint32_t port; uint32_t poll_duration; uint32_t poll_idle_threshold;
+};
+struct tapdisk_message_resume { uint32_t flags; char new_params[256]; char secondary[256]; };
+struct tapdisk_message {
+    uint16_t type;
+    uint16_t cookie;
+    union {
+        int tapdisk_pid;
+        struct tapdisk_message_image image;
+        struct tapdisk_message_params params;
+        struct tapdisk_message_string string;
+        struct tapdisk_message_response response;
+        struct tapdisk_message_minors minors;
+        struct tapdisk_message_list list;
+        struct tapdisk_message_stat info;
+        struct tapdisk_message_blkif blkif;
+        struct tapdisk_message_resume resume;
+    } u;
+};
+"""
+
+MEMBER_STRUCT = {
+    "image": "image", "params": "params", "string": "string", "response": "response",
+    "minors": "minors", "list": "list", "info": "stat", "blkif": "blkif", "resume": "resume",
+}
+
+
+@pytest.fixture(scope="module")
+def ffi() -> FFI:
+    ffi = FFI()
+    ffi.cdef(TAPDISK_MESSAGE_H)
+    return ffi
+
+
+def c_offset(ffi: FFI, name: str) -> int:
+    if "." not in name:
+        if name == "tapdisk_pid":
+            return int(ffi.offsetof("struct tapdisk_message", "u"))
+        return int(ffi.offsetof("struct tapdisk_message", name))
+    member, fieldname = name.split(".")
+    union = ffi.offsetof("struct tapdisk_message", "u")
+    inner = ffi.offsetof(f"struct tapdisk_message_{MEMBER_STRUCT[member]}", fieldname)
+    return int(union + inner)
+
+
+def test_message_size_and_union_offset_match_the_c_struct(ffi: FFI) -> None:
+    assert ffi.sizeof("struct tapdisk_message") == p.MESSAGE_SIZE == 544
+    assert ffi.offsetof("struct tapdisk_message", "u") == p.UNION_OFFSET
+    assert ffi.alignof("struct tapdisk_message") == 8
+
+
+@pytest.mark.parametrize("name", sorted(p.OFFSETS))
+def test_field_offset_matches_the_c_struct(ffi: FFI, name: str) -> None:
+    assert p.OFFSETS[name] == c_offset(ffi, name)
+
+
+def test_params_encoding_lands_where_c_reads_it(ffi: FFI) -> None:
+    msg = p.Message(
+        p.MessageType.OPEN, 7,
+        p.Params(flags=0x202, devnum=7, domid=3, path="aio:/img", prt_devnum=9,
+                 req_timeout=30, secondary="aio:/mirror"),
+    )
+    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(bytearray(msg.encode())))
+    assert (c.type, c.cookie) == (7, 7)
+    params = c.u.params
+    assert (params.flags, params.devnum, params.domid) == (0x202, 7, 3)
+    assert ffi.string(params.path) == b"aio:/img"
+    assert (params.prt_devnum, params.req_timeout) == (9, 30)
+    assert ffi.string(params.secondary) == b"aio:/mirror"
+
+
+def test_blkif_and_stat_encoding_land_where_c_reads_them(ffi: FFI) -> None:
+    blkif = p.Blkif(domid=5, devid=51712, grefs=(11, 12), order=1, proto=3, pool="p",
+                    port=42, poll_duration=1, poll_idle_threshold=2)
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, blkif).encode())
+    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(raw))
+    assert (c.u.blkif.domid, c.u.blkif.devid, c.u.blkif.order) == (5, 51712, 1)
+    assert list(c.u.blkif.gref)[:2] == [11, 12]
+    assert (c.u.blkif.port, c.u.blkif.poll_idle_threshold) == (42, 2)
+    stat = p.StatInfo(22, 4, 1 << 40)
+    raw = bytearray(p.Message(p.MessageType.STATS_RSP, 4, stat).encode())
+    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(raw))
+    assert (c.u.info.type, c.u.info.cookie, c.u.info.length) == (22, 4, 1 << 40)
+
+
+def test_message_ids_follow_blktaps_order() -> None:
+    assert [t.value for t in p.MessageType] == list(range(1, 31))
+    assert p.MessageType.XENBLKIF_CONNECT == 24 and p.MessageType.EXIT == 30
+    assert p.reply_type(p.MessageType.ATTACH) is p.MessageType.ATTACH_RSP
+    assert p.reply_type(p.MessageType.DISK_INFO) is p.MessageType.DISK_INFO_RSP
+    assert p.reply_type(p.MessageType.FORCE_SHUTDOWN) is p.MessageType.CLOSE_RSP
+    with pytest.raises(p.ProtocolError):
+        p.reply_type(p.MessageType.EXIT)
+
+
+def test_open_flag_and_state_bit_values_are_blktaps() -> None:
+    assert p.OpenFlags.NO_O_DIRECT == 0x200 and p.OpenFlags.OPEN_ENCRYPTED == 0x400
+    assert p.VbdStateBits.PAUSED | p.VbdStateBits.QUIESCED | p.VbdStateBits.CLOSED == 0x2A
+    assert p.ResumeFlags.RESIZE & 0xFFFF == 0  # never collides with an open flag
+
+
+SAMPLES = [
+    p.Message(p.MessageType.PID, 0),
+    p.Message(p.MessageType.PID_RSP, 0, p.Pid(18672)),
+    p.Message(p.MessageType.OPEN_RSP, 3, p.ImageInfo(131072, 512, 4)),
+    p.Message(p.MessageType.ERROR, 3, p.Response(114, "minor 3 is open")),
+    p.Message(p.MessageType.LIST_MINORS_RSP, 0, p.Minors((0, 5, 16383))),
+    p.Message(p.MessageType.LIST_RSP, 0xFFFF, p.ListEntry(2, 0, 0x2A, "aio:/p")),
+    p.Message(p.MessageType.RESUME, 1, p.Resume(0x10000, "aio:/new", "")),
+    p.Message(p.MessageType.ATTACH, 9, p.Params(devnum=9)),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.type.name)
+def test_round_trip(message: p.Message) -> None:
+    data = message.encode()
+    assert len(data) == p.MESSAGE_SIZE
+    assert p.decode(data) == message
+
+
+@given(
+    flags=st.integers(0, 2**32 - 1), devnum=st.integers(0, 2**32 - 1),
+    path=st.text(st.characters(min_codepoint=1, max_codepoint=0x7F), max_size=255),
+    timeout=st.integers(0, 0xFFFF),
+)
+def test_params_round_trip(flags: int, devnum: int, path: str, timeout: int) -> None:
+    message = p.Message(p.MessageType.OPEN, 1, p.Params(flags, devnum, 0, path, 0, timeout))
+    assert p.decode(message.encode()) == message
+
+
+def test_blkif_keeps_only_the_grants_its_order_uses() -> None:
+    message = p.Message(p.MessageType.XENBLKIF_CONNECT, 0, p.Blkif(1, 2, (7, 8, 9, 10), 2))
+    decoded = p.decode(message.encode()).payload
+    assert isinstance(decoded, p.Blkif) and decoded.grefs == (7, 8, 9, 10)
+
+
+@pytest.mark.parametrize("size", [0, 1, 543])
+def test_short_message_is_rejected(size: int) -> None:
+    with pytest.raises(p.ProtocolError, match="short"):
+        p.decode(bytes(size))
+
+
+def test_oversized_message_is_rejected() -> None:
+    with pytest.raises(p.ProtocolError, match="oversized"):
+        p.decode(p.Message(p.MessageType.PID).encode() + b"\0")
+
+
+@pytest.mark.parametrize("mtype", [0, 31, 0xFFFF])
+def test_unknown_type_is_rejected(mtype: int) -> None:
+    with pytest.raises(p.ProtocolError, match="unknown message type"):
+        p.decode(struct.pack("<HH", mtype, 0).ljust(p.MESSAGE_SIZE, b"\0"))
+
+
+def test_out_of_range_counts_are_rejected() -> None:
+    raw = struct.pack("<HH4xi", p.MessageType.LIST_MINORS_RSP, 0, 64).ljust(544, b"\0")
+    with pytest.raises(p.ProtocolError, match="count"):
+        p.decode(raw)
+    raw = struct.pack("<HH4x10Ii", p.MessageType.XENBLKIF_CONNECT, 0, *[0] * 10, 4)
+    with pytest.raises(p.ProtocolError, match="order"):
+        p.decode(raw.ljust(544, b"\0"))
+
+
+def test_encoding_refuses_what_does_not_fit() -> None:
+    with pytest.raises(p.ProtocolError, match="at most 255"):
+        p.Message(p.MessageType.OPEN, 0, p.Params(path="a" * 256)).encode()
+    with pytest.raises(p.ProtocolError, match="carries Params"):
+        p.Message(p.MessageType.OPEN, 0, p.Resume()).encode()
+    with pytest.raises(p.ProtocolError, match="cookie"):
+        p.Message(p.MessageType.PID, 0x10000).encode()
+    with pytest.raises(p.ProtocolError):
+        p.Message(p.MessageType.OPEN, 0, p.Params(flags=-1)).encode()
+
+
+def test_server_messages_are_truncated_not_refused() -> None:
+    reply = p.Message(p.MessageType.ERROR, 0, p.Response(5, "x" * 400))
+    decoded = p.decode(reply.encode()).payload
+    assert isinstance(decoded, p.Response) and decoded.message == "x" * 255

@@ -1,0 +1,1 @@
+"""Tests of blktap3.tapdisk: VBD machine, control logic, server."""
