@@ -1,0 +1,108 @@
+"""xensim grant tables: what Xen's map and copy paths allow, with their errors."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from blktap3.sim import xensim
+from blktap3.sim.xenlib import GrantShare, Share
+
+from .conftest import Probe
+
+GNTST_OKAY = 0
+GNTST_GENERAL_ERROR = -1
+GNTST_BAD_DOMAIN = -2
+GNTST_BAD_GNTREF = -3
+
+
+def share_one(machine: xensim.Machine, owner: int, grantee: int, writable: bool,
+              first_byte: int) -> tuple[GrantShare, Share]:
+    gs = GrantShare(machine.run_dir, owner)
+    share = gs.share_pages(grantee, 1, writable=writable)
+    assert share.buffer is not None
+    share.buffer[0] = first_byte
+    return gs, share
+
+
+def test_grant_maps_only_for_the_domain_it_was_granted_to(machine: xensim.Machine,
+                                                          probe: Probe) -> None:
+    for domid in (1, 2, 3):
+        machine.create_domain(domid, 64)
+    gs, share = share_one(machine, 1, 2, True, 0xAB)
+    with gs:
+        ref = share.refs[0]
+        assert probe(2, "map", 1, ref, "rw").splitlines() == ["ok ab", "unmap 0"]
+        assert share.buffer is not None
+        assert share.buffer[1] == 0x5A, "the grantee's write reached the granter"
+        assert probe(3, "map", 1, ref, "rw") == f"err {errno.EINVAL}"
+        assert probe(3, "map", 1, ref, "ro") == f"err {errno.EINVAL}"
+
+
+def test_read_only_grant_refuses_writable_map_and_copy_into(machine: xensim.Machine,
+                                                            probe: Probe) -> None:
+    machine.create_domain(1, 64)
+    machine.create_domain(2, 64)
+    gs, share = share_one(machine, 1, 2, False, 0x11)
+    with gs:
+        ref = share.refs[0]
+        assert probe(2, "map", 1, ref, "rw") == f"err {errno.EINVAL}"
+        assert probe(2, "map", 1, ref, "ro").splitlines()[0] == "ok 11"
+        assert probe(2, "copy-to", 1, ref) == f"status {GNTST_GENERAL_ERROR} c3"
+        assert probe(2, "copy-from", 1, ref) == f"status {GNTST_OKAY} 11"
+        assert share.buffer is not None
+        assert bytes(share.buffer[2:18]) == bytes(16), "nothing was copied in"
+
+
+def test_grant_copy_only_for_the_grantee(machine: xensim.Machine, probe: Probe) -> None:
+    for domid in (1, 2, 3):
+        machine.create_domain(domid, 64)
+    gs, share = share_one(machine, 1, 2, True, 0x42)
+    with gs:
+        ref = share.refs[0]
+        assert probe(3, "copy-from", 1, ref) == f"status {GNTST_GENERAL_ERROR} c3"
+        assert probe(3, "copy-to", 1, ref) == f"status {GNTST_GENERAL_ERROR} c3"
+        assert share.buffer is not None
+        assert bytes(share.buffer[:19]) == b"\x42" + bytes(18), "dom3 changed nothing"
+        assert probe(2, "copy-from", 1, ref) == f"status {GNTST_OKAY} 42"
+        assert probe(2, "copy-to", 1, ref) == f"status {GNTST_OKAY} c3"
+        assert bytes(share.buffer[:19]) == b"\x42\x00" + b"\xc3" * 16 + b"\x00"
+
+
+def test_unknown_or_unused_grant_refs_and_domains_fail(machine: xensim.Machine,
+                                                       probe: Probe) -> None:
+    machine.create_domain(1, 64)
+    machine.create_domain(2, 64)
+    assert probe(2, "map", 1, 4000, "ro") == f"err {errno.EINVAL}"
+    assert probe(2, "map", 9, 8, "ro") == f"err {errno.EINVAL}"
+    assert probe(2, "copy-from", 1, 4000) == f"status {GNTST_GENERAL_ERROR} c3"
+    assert probe(2, "copy-from", 1, 1 << 20) == f"status {GNTST_BAD_GNTREF} c3"
+    assert probe(2, "copy-from", 9, 8) == f"status {GNTST_BAD_DOMAIN} c3"
+
+
+def test_unshare_revokes_the_grant(machine: xensim.Machine, probe: Probe) -> None:
+    machine.create_domain(1, 64)
+    machine.create_domain(2, 64)
+    gs, share = share_one(machine, 1, 2, True, 0x01)
+    ref = share.refs[0]
+    assert probe(2, "map", 1, ref, "ro").splitlines()[0] == "ok 01"
+    gs.close()
+    assert probe(2, "map", 1, ref, "ro") == f"err {errno.EINVAL}"
+
+
+def test_xenstore_page_is_granted_to_dom0_by_the_reserved_ref(machine: xensim.Machine,
+                                                              probe: Probe) -> None:
+    info = machine.create_domain(5, 64)
+    assert info.xenstore_mfn == xensim.XENSTORE_PFN
+    assert probe(0, "map", 5, xensim.GNTTAB_RESERVED_XENSTORE, "rw").splitlines()[0] == "ok 00"
+    assert probe(3, "map", 5, xensim.GNTTAB_RESERVED_XENSTORE, "rw") == f"err {errno.EINVAL}"
+
+
+def test_sharing_fails_when_the_domain_memory_is_full(machine: xensim.Machine) -> None:
+    machine.create_domain(1, 4)  # pfn 0 and the xenstore page are taken
+    with GrantShare(machine.run_dir, 1) as gs:
+        gs.share_pages(2, 2)
+        with pytest.raises(OSError) as exc:
+            gs.share_pages(2, 1)
+        assert exc.value.errno == errno.ENOMEM
