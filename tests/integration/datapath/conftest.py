@@ -1,0 +1,74 @@
+"""Fixtures: a simulated machine, a ring host process (dom0) and guest processes (domU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blktap3.datapath.lineproc import LineProcess
+from blktap3.sim import xensim
+
+GUEST_DOMID = 7
+DISK_BYTES = 16 << 20
+# sanitize.sh: child processes get the ASan/UBSan runtimes and xensim's sanitized build.
+SANITIZE = os.environ.get("BLKTAP3_SANITIZE") == "1"
+Spawn = Callable[[str, int], LineProcess]
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[xensim.Machine]:
+    m = xensim.Machine(tmp_path / "xen")
+    m.init()
+    m.create_domain(GUEST_DOMID, 4096)
+    m.create_domain(GUEST_DOMID + 1, 4096)
+    yield m
+    m.teardown()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    with p.open("wb") as f:
+        f.truncate(DISK_BYTES)
+    return p
+
+
+@pytest.fixture
+def spawn(machine: xensim.Machine) -> Iterator[Spawn]:
+    procs: list[LineProcess] = []
+
+    def start(module: str, domid: int) -> LineProcess:
+        env = xensim.process_env(machine.run_dir, domid, sanitize=SANITIZE)
+        proc = LineProcess([sys.executable, "-m", module], env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        proc.close()
+
+
+@pytest.fixture
+def host(spawn: Spawn) -> LineProcess:
+    return spawn("blktap3.datapath.host", 0)
+
+
+@pytest.fixture
+def guest(spawn: Spawn) -> LineProcess:
+    return spawn("blktap3.sim.guestdrv", GUEST_DOMID)
+
+
+def connect(host: LineProcess, guest: LineProcess, disk: Path, *, order: int = 0,
+            protocol: str = "native", readonly: bool = False, name: str = "r",
+            domid: int = GUEST_DOMID, driver: str = "aio") -> dict[str, Any]:
+    """Open the image in the host, the ring in the guest, and connect them."""
+    host.call("open", name=name, driver=driver, path=str(disk), readonly=readonly)
+    g: dict[str, Any] = guest.call("open", backend=0, order=order, protocol=protocol)
+    host.call("connect", name=name, image=name, domid=domid, devid=51712, grefs=g["grefs"],
+              order=order, port=g["port"], protocol=protocol)
+    return g

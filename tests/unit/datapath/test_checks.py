@@ -1,0 +1,125 @@
+"""Request checks on a private copy, on rings in local memory, in the three layouts."""
+
+from __future__ import annotations
+
+import pytest
+
+from blktap3.datapath._datapath import ffi, lib
+
+LAYOUTS = {
+    lib.TD_PROTO_NATIVE: ("struct blkif_request", "struct blkif_request_discard"),
+    lib.TD_PROTO_X86_32: ("struct blkif_x86_32_request", "struct blkif_x86_32_request_discard"),
+    lib.TD_PROTO_X86_64: ("struct blkif_x86_64_request", "struct blkif_x86_64_request_discard"),
+}
+DEV_SECTORS = 2048
+ERR = {"ok": 0, "op": 1, "segments": 2, "sector": 3, "range": 4, "readonly": 5,
+       "unsupported": 8}
+Segs = list[tuple[int, int, int]]
+
+
+def test_x86_32_layout_packs_id_on_4_bytes_and_x86_64_on_8() -> None:
+    assert ffi.sizeof("struct blkif_x86_32_request") == 108
+    assert ffi.offsetof("struct blkif_x86_32_request", "id") == 4
+    assert ffi.sizeof("struct blkif_x86_64_request") == 112
+    assert ffi.offsetof("struct blkif_x86_64_request", "id") == 8
+    assert ffi.sizeof("struct blkif_x86_32_response") == 12
+    assert ffi.sizeof("struct blkif_x86_64_response") == 16
+    # On x86-64 the native layout is the 64-bit one.
+    assert ffi.sizeof("struct blkif_request") == ffi.sizeof("struct blkif_x86_64_request")
+
+
+def _request(proto: int, op: int, sector: int, segs: Segs, nr_segments: int | None = None
+             ) -> object:
+    req = ffi.new(LAYOUTS[proto][0] + " *")
+    req.operation = op
+    req.nr_segments = len(segs) if nr_segments is None else nr_segments
+    req.id = 0xDEADBEEF00000000 | proto
+    req.sector_number = sector
+    for i, (gref, first, last) in enumerate(segs):
+        req.seg[i].gref, req.seg[i].first_sect, req.seg[i].last_sect = gref, first, last
+    return req
+
+
+def _check(proto: int, req: object, *, readonly: bool = False, discard: bool = True
+           ) -> tuple[int, object]:
+    priv = ffi.new("struct td_req *")
+    lib.td_req_fetch(proto, req, priv)
+    return lib.td_req_check(priv, DEV_SECTORS, int(readonly), int(discard)), priv
+
+
+@pytest.mark.parametrize("proto", list(LAYOUTS))
+def test_fetch_reads_each_layout_into_the_same_private_request(proto: int) -> None:
+    req = _request(proto, lib.BLKIF_OP_WRITE, 100, [(7, 0, 7), (9, 2, 3)])
+    err, priv = _check(proto, req)
+    p: object = priv
+    assert err == ERR["ok"]
+    assert (p.operation, p.nr_segments, p.sector_number) == (1, 2, 100)  # type: ignore[attr-defined]
+    assert p.id == 0xDEADBEEF00000000 | proto  # type: ignore[attr-defined]
+    assert p.nr_sectors == 8 + 2  # type: ignore[attr-defined]
+    seg = p.seg[1]  # type: ignore[attr-defined]
+    assert (seg.gref, seg.first_sect, seg.last_sect) == (9, 2, 3)
+
+
+@pytest.mark.parametrize("proto", list(LAYOUTS))
+@pytest.mark.parametrize(
+    ("op", "sector", "segs", "nseg", "readonly", "cause"),
+    [
+        (9, 0, [(1, 0, 7)], None, False, "op"),
+        (4, 0, [(1, 0, 7)], None, False, "op"),
+        (lib.BLKIF_OP_READ, 0, [], 0, False, "segments"),
+        (lib.BLKIF_OP_WRITE, 0, [(1, 0, 7)] * 11, 12, False, "segments"),
+        (lib.BLKIF_OP_WRITE, 0, [(1, 0, 7)] * 11, 255, False, "segments"),
+        (lib.BLKIF_OP_READ, 0, [(1, 5, 4)], None, False, "sector"),
+        (lib.BLKIF_OP_READ, 0, [(1, 0, 8)], None, False, "sector"),
+        (lib.BLKIF_OP_READ, DEV_SECTORS - 7, [(1, 0, 7)], None, False, "range"),
+        (lib.BLKIF_OP_READ, 2**64 - 4, [(1, 0, 7)], None, False, "range"),
+        (lib.BLKIF_OP_WRITE, 0, [(1, 0, 7)], None, True, "readonly"),
+        (lib.BLKIF_OP_WRITE_BARRIER, 0, [], None, True, "readonly"),
+        (lib.BLKIF_OP_INDIRECT, 0, [], None, False, "unsupported"),
+        (lib.BLKIF_OP_READ, DEV_SECTORS - 8, [(1, 0, 7)], None, True, "ok"),
+        (lib.BLKIF_OP_WRITE_BARRIER, 0, [], None, False, "ok"),
+        (lib.BLKIF_OP_FLUSH_DISKCACHE, 0, [], None, True, "ok"),
+        (lib.BLKIF_OP_FLUSH_DISKCACHE, 0, [(1, 0, 7)], None, False, "segments"),
+    ],
+)
+def test_check_refuses_what_blkback_refuses(proto: int, op: int, sector: int, segs: Segs,
+                                            nseg: int | None, readonly: bool,
+                                            cause: str) -> None:
+    err, _ = _check(proto, _request(proto, op, sector, segs, nseg), readonly=readonly)
+    assert err == ERR[cause]
+
+
+@pytest.mark.parametrize("proto", list(LAYOUTS))
+def test_discard_range_readonly_and_support(proto: int) -> None:
+    # A ring slot is always a whole request: the discard view lies over one.
+    slot = ffi.new(LAYOUTS[proto][0] + " *")
+    req = ffi.cast(LAYOUTS[proto][1] + " *", slot)
+    req.operation, req.sector_number, req.nr_sectors = lib.BLKIF_OP_DISCARD, 8, 16
+    assert _check(proto, slot)[0] == ERR["ok"]
+    assert _check(proto, slot, discard=False)[0] == ERR["unsupported"]
+    assert _check(proto, slot, readonly=True)[0] == ERR["readonly"]
+    req.nr_sectors = DEV_SECTORS
+    assert _check(proto, slot)[0] == ERR["range"]
+
+
+@pytest.mark.parametrize("proto", list(LAYOUTS))
+def test_fetch_copies_the_slot_so_later_guest_writes_change_nothing(proto: int) -> None:
+    req: object = _request(proto, lib.BLKIF_OP_READ, 0, [(1, 0, 7)])
+    priv = ffi.new("struct td_req *")
+    lib.td_req_fetch(proto, req, priv)
+    req.nr_segments = 200  # type: ignore[attr-defined]  # the guest rewrites the slot
+    req.seg[0].last_sect = 9  # type: ignore[attr-defined]
+    assert lib.td_req_check(priv, DEV_SECTORS, 0, 1) == ERR["ok"]
+
+
+@pytest.mark.parametrize("proto", list(LAYOUTS))
+def test_responses_go_field_by_field_into_the_slot_of_their_index(proto: int) -> None:
+    sring = ffi.new("char[]", 4096)
+    ffi.memmove(sring, b"\xaa" * 4096, 4096)
+    lib.td_ring_put_rsp(proto, sring, 1, 32 + 3, 0x1122334455667788, 1, -1)
+    rsp_t = {lib.TD_PROTO_X86_32: "struct blkif_x86_32_response"}.get(
+        proto, "struct blkif_x86_64_response")
+    rsp = ffi.cast(rsp_t + " *", lib.td_ring_req_slot(proto, sring, 1, 3))
+    assert (rsp.id, rsp.operation, rsp.status) == (0x1122334455667788, 1, -1)
+    # Index 35 wraps to slot 3 of a 32-slot page; slot 2 was not touched.
+    assert ffi.buffer(lib.td_ring_req_slot(proto, sring, 1, 2), 8)[:] == b"\xaa" * 8
