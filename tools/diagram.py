@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import graphviz
 from transitions.extensions import GraphMachine, HierarchicalGraphMachine
@@ -37,7 +38,7 @@ class _Blank:
 def _labelled(base: type) -> type:
     """transitions 0.9.3 draws a state's `label` but its State classes refuse the keyword."""
 
-    class Labelled(base):  # type: ignore[misc, valid-type]
+    class Labelled(base):  # type: ignore[misc]
         def __init__(self, *args: Any, label: str | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             if label is not None:
@@ -46,24 +47,36 @@ def _labelled(base: type) -> type:
     return Labelled
 
 
+_BASE_STYLES = cast(dict[str, dict[str, Any]], GraphMachine.style_attributes)
 _STYLES: dict[str, Any] = {
+    **_BASE_STYLES,
     "node": {
-        **GraphMachine.style_attributes["node"],
+        **_BASE_STYLES["node"],
         "group": {"style": "dashed,rounded", "color": "gray40", "fontcolor": "gray25"},
     },
-    "edge": GraphMachine.style_attributes["edge"],
-    "graph": GraphMachine.style_attributes["graph"],
 }
 
 
-class _FlatDrawing(GraphMachine):  # type: ignore[misc]
+class _FlatDrawing(GraphMachine):
     state_cls = _labelled(GraphMachine.state_cls)
     style_attributes = _STYLES
 
 
-class _NestedDrawing(HierarchicalGraphMachine):  # type: ignore[misc]
+class _NestedDrawing(HierarchicalGraphMachine):
     state_cls = _labelled(HierarchicalGraphMachine.state_cls)
     style_attributes = _STYLES
+
+
+Engine = Literal["graphviz", "mermaid"]
+
+
+@dataclass
+class Drawing:
+    """A drawing machine plus what `render` needs to style it."""
+
+    machine: Any
+    group_nodes: list[str]
+    caption: str
 
 
 def _state_label(s: StateSpec) -> str:
@@ -104,7 +117,7 @@ def _group_label(spec: MachineSpec, sources: tuple[str, ...]) -> str:
     return "any of:\\n" + ",\\n".join(lines)
 
 
-def build(spec: MachineSpec, engine: str) -> Any:
+def build(spec: MachineSpec, engine: Engine) -> Drawing:
     """A GraphMachine drawing `spec` (engine: "graphviz" or "mermaid").
 
     Readability rules: ignored events are left out; an internal transition is a loop on
@@ -144,27 +157,26 @@ def build(spec: MachineSpec, engine: str) -> Any:
         title=spec.title,
         show_conditions=False,
     )
-    machine.group_nodes = sorted(groups.values())
-    machine.caption = spec.title
+    caption = spec.title
     if listed:
-        machine.caption += "\\nin many states, staying: " + "; ".join(listed)
+        caption += "\\nin many states, staying: " + "; ".join(listed)
     if len(spec.leaves()) > TALL_STATES:
         machine.machine_attributes = {**machine.machine_attributes, "rankdir": "TB"}
-    return machine
+    return Drawing(machine, sorted(groups.values()), caption)
 
 
-def render(spec: MachineSpec, engine: str, highlight: str | None = None) -> Any:
+def render(spec: MachineSpec, engine: Engine, highlight: str | None = None) -> Any:
     """The graph object (graphviz.Digraph, or a Mermaid mock with `.source`)."""
     if highlight is not None:
         spec.state(highlight)  # KeyError for an unknown state
-    machine = build(spec, engine)
-    graph = machine.model_graphs[id(machine.models[0])]
+    drawing = build(spec, engine)
+    graph = drawing.machine.model_graphs[id(drawing.machine.models[0])]
     graph.reset_styling()  # the drawing model sits in the initial state: no default mark
-    for node in machine.group_nodes:
+    for node in drawing.group_nodes:
         graph.set_node_style(node, "group")
     if highlight is not None:
         graph.set_node_style(highlight, "active")
-    return graph.get_graph(machine.caption)
+    return graph.get_graph(drawing.caption)
 
 
 def dot_source(spec: MachineSpec, highlight: str | None = None) -> str:

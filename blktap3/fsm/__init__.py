@@ -1,1 +1,142 @@
-"""Declarative state machines: specs loader, machines, events, effects. No I/O."""
+"""Declarative state machines: specs loader, machines, events, effects.  No I/O.
+
+The machines are data (`specs/*.toml`, see `blktap3.fsm.spec` for the format) loaded into
+`transitions` (no auto transitions, invalid triggers raise, queued).  A machine never
+touches XenStore, a socket or a file: you feed it an *event*, it returns the *effects*
+you must execute, in order, and you feed the results back as events.
+
+    from blktap3.fsm import BackendVbd, FrontendStateChanged, XenbusState, FsmError
+
+    vbd = BackendVbd(domid=1, devid=51712)            # backend/vbd3/1/51712
+    for effect in vbd.handle(HotplugConnected(TapdiskRef(pid, minor), DiskInfo(sectors))):
+        execute(effect)                                # WriteKeys, PublishState, ...
+    vbd.handle(FrontendStateChanged(XenbusState.INITIALISED))  # -> ReadFrontendTransport
+    vbd.handle(TransportRead(RingTransport((ref,), port, "x86_64-abi")))
+                                                       # -> SendControl(XenblkifConnect)
+    vbd.handle(RingConnected())      # -> WriteKeys(features+sectors+info+...), PublishState(4)
+    vbd.state, vbd.published, vbd.is_final             # "connected", XenbusState.CONNECTED
+
+Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
+  `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
+  `FrontendVbd(domid, backend_domid=0, transport=FrontendTransportConfig())`  a blkfront
+  `TapdiskProcess()`                 spawning, running{idle, serving}, exiting, dead
+  `TapdiskVbd(minor)`                one VBD inside a tapdisk; `.state_bits` for tap-ctl list
+
+Contract for owners: execute the effects of one `handle` call in order; answer an effect
+that asks a question (`ReadFrontendTransport`, `ReadBackendInfo`, `SendControl`,
+`OpenImage`, `QuiesceRing`) with its result event before feeding the next event; once a
+machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE transaction.
+
+Errors: an event the spec does not allow raises an `FsmError` subclass naming who is to
+blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
+`ToolstackError` - with `.machine`, `.state`, `.event`; the machine is left unchanged.
+Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
+explicitly ignored in every state (`blktap3-fsm check` prints the table), and bad values
+lead to `SetError` + Closed.  `SpecError` means a malformed spec.
+
+Tools: `blktap3-fsm check` (spec checks), `blktap3-diagram` (DOT/SVG/PNG/Mermaid), and
+`blktap3.fsm.testing.VbdPair` (both ends wired through an in-memory store, for tests).
+"""
+
+from .backend import BackendFeatures, BackendVbd
+from .effects import (
+    CleanupRuntime,
+    CloseImage,
+    ControlMessage,
+    Effect,
+    ExitProcess,
+    OpenImage,
+    Perms,
+    PublishState,
+    QuiesceRing,
+    ReadBackendInfo,
+    ReadFrontendTransport,
+    RemoveDirectory,
+    Reply,
+    SendControl,
+    SetError,
+    StartRing,
+    StopRing,
+    UnquiesceRing,
+    Unregister,
+    WriteKeys,
+    XenblkifConnect,
+    XenblkifDisconnect,
+)
+from .errors import (
+    BackendError,
+    Blame,
+    FrontendError,
+    FsmError,
+    ImageError,
+    OurBug,
+    SpecError,
+    TapdiskError,
+    ToolstackError,
+)
+from .events import (
+    Attach,
+    BackendInfoRead,
+    BackendRemoved,
+    BackendStateChanged,
+    Close,
+    ConnectRing,
+    ControlSocketReady,
+    Detach,
+    DeviceClose,
+    DeviceReconnect,
+    DisconnectRing,
+    DiskInfo,
+    DiskResized,
+    Drained,
+    Event,
+    ExitRequested,
+    FrontendStateChanged,
+    FrontendStateInvalid,
+    FrontendVanished,
+    HotplugConnected,
+    HotplugFailed,
+    ImageOpened,
+    ImageOpenFailed,
+    OnlineChanged,
+    Open,
+    Pause,
+    ProcessExited,
+    Resume,
+    RingConnected,
+    RingConnectFailed,
+    RingDisconnected,
+    RingDisconnectFailed,
+    RingTransport,
+    SpawnFailed,
+    TapdiskDied,
+    TapdiskRef,
+    TransportInvalid,
+    TransportRead,
+    VbdAdded,
+    VbdRemoved,
+)
+from .frontend import FrontendTransportConfig, FrontendVbd
+from .machine import SpecMachine
+from .spec import MachineSpec, load_spec, spec_names
+from .tapdisk import VBD_STATE_BITS, TapdiskProcess, TapdiskVbd
+from .xenbus_state import XenbusState, parse_xenbus_state
+
+__all__ = [
+    "VBD_STATE_BITS", "Attach", "BackendError", "BackendFeatures", "BackendInfoRead",
+    "BackendRemoved", "BackendStateChanged", "BackendVbd", "Blame", "CleanupRuntime", "Close",
+    "CloseImage", "ConnectRing", "ControlMessage", "ControlSocketReady", "Detach",
+    "DeviceClose", "DeviceReconnect", "DisconnectRing", "DiskInfo", "DiskResized", "Drained",
+    "Effect", "Event", "ExitProcess", "ExitRequested", "FrontendError", "FrontendStateChanged",
+    "FrontendStateInvalid", "FrontendTransportConfig", "FrontendVanished", "FrontendVbd",
+    "FsmError", "HotplugConnected", "HotplugFailed", "ImageError", "ImageOpenFailed",
+    "ImageOpened", "MachineSpec", "OnlineChanged", "Open", "OpenImage", "OurBug", "Pause",
+    "Perms", "ProcessExited", "PublishState", "QuiesceRing", "ReadBackendInfo",
+    "ReadFrontendTransport", "RemoveDirectory", "Reply", "Resume", "RingConnectFailed",
+    "RingConnected", "RingDisconnectFailed", "RingDisconnected", "RingTransport",
+    "SendControl", "SetError", "SpawnFailed", "SpecError", "SpecMachine", "StartRing",
+    "StopRing", "TapdiskDied", "TapdiskError", "TapdiskProcess", "TapdiskRef", "TapdiskVbd",
+    "ToolstackError", "TransportInvalid", "TransportRead", "UnquiesceRing", "Unregister",
+    "VbdAdded", "VbdRemoved", "WriteKeys", "XenblkifConnect", "XenblkifDisconnect",
+    "XenbusState", "load_spec", "parse_xenbus_state", "spec_names",
+]

@@ -153,7 +153,7 @@ class FakeTapdisk:
 
     pid: int = 4242
     minor: int = 0
-    disk: DiskInfo = DiskInfo(sectors=524288)
+    disk: DiskInfo = field(default_factory=lambda: DiskInfo(sectors=524288))
     alive: bool = True
     rings: set[tuple[int, int]] = field(default_factory=set)
 
