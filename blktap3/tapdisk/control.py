@@ -5,6 +5,12 @@ plus STATS' raw bytes). It does no socket I/O (the server in `server.py` does), 
 logic is testable on its own. Messages that change state are serialized by one lock, as
 blktap's single-threaded tapdisk serializes them; PID, LIST, LIST_MINORS and STATS only
 read and are answered at once even while a PAUSE drains.
+
+Each VBD's state is the spec'd machine (`Vbd.machine`): a request becomes an event, the
+machine answers with effects (open the image, quiesce the ring, reply...), `_step`
+executes them and feeds their outcome back as events until the machine replies. Work
+that can fail before the machine may move (connecting a ring) is done first, and the
+effect installs its result.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +29,21 @@ import structlog
 
 from blktap3.ctl import protocol as p
 from blktap3.ctl.runtime import marker_path
+from blktap3.fsm import effects as fx
+from blktap3.fsm import events as ev
+from blktap3.fsm.errors import FsmError
 
 from . import images, stats
-from .vbd import InvalidTransition, VbdEvent, VbdMachine, VbdState
+from .vbd import Vbd, VbdState
 
 log = structlog.get_logger(__name__)
 
 T = p.MessageType
 UNSERIALIZED = frozenset({T.PID, T.LIST, T.LIST_MINORS, T.STATS})
 DRAIN_TIMEOUT = 30.0
+
+# The errno a refused event gets, by trigger (blktap's answers); EINVAL otherwise.
+REFUSAL_ERRNO = {"open": errno.EALREADY, "detach": errno.EBUSY, "close": errno.EBUSY}
 
 
 class ControlError(OSError):
@@ -56,33 +68,18 @@ def error_reply(cookie: int, code: int, message: str) -> Reply:
     return Reply([p.Message(T.ERROR, cookie, p.Response(code, message))])
 
 
-@dataclass
-class Vbd:
-    """One VBD: its minor (and the flock on its marker), state, image and ring."""
-
-    minor: int
-    marker_fd: int
-    machine: VbdMachine = field(default_factory=VbdMachine)
-    spec: images.ImageSpec | None = None
-    flags: int = 0
-    image: images.Image | None = None
-    info: p.ImageInfo | None = None
-    ring: images.Ring | None = None
-    ring_ids: tuple[int, int] | None = None
-
-    @property
-    def params(self) -> str:
-        """`type:/path` while the VBD has an image (paused included), else empty."""
-        if self.spec is None or self.machine.state in (
-            VbdState.ATTACHED, VbdState.CLOSED, VbdState.DETACHED
-        ):
-            return ""
-        return str(self.spec)
-
-
-def _image_info(image: images.Image) -> p.ImageInfo:
+def _disk_info(image: images.Image) -> ev.DiskInfo:
     info = image.info
-    return p.ImageInfo(int(info.sectors), int(info.sector_size), int(info.info))
+    return ev.DiskInfo(
+        sectors=int(info.sectors),
+        sector_size=int(info.sector_size),
+        info=int(info.info),
+        physical_sector_size=int(getattr(info, "physical_sector_size", info.sector_size)),
+    )
+
+
+def _wire_info(disk: ev.DiskInfo) -> p.ImageInfo:
+    return p.ImageInfo(disk.sectors, disk.sector_size, disk.info)
 
 
 class Tapdisk:
@@ -129,11 +126,13 @@ class Tapdisk:
                 if self.exiting:
                     raise ControlError(errno.ESHUTDOWN, "tapdisk is exiting")
                 return handler(request)
-        except InvalidTransition as exc:
-            reason = f"minor {request.cookie}: {exc}"
-            log.warning("refused", request=request.type.name, minor=request.cookie,
-                        reason=reason)
-            return error_reply(request.cookie, errno.EINVAL, reason)
+        except FsmError as exc:
+            code = REFUSAL_ERRNO.get(getattr(exc.event, "trigger", ""), errno.EINVAL)
+            state = exc.state.replace("_", " ")
+            reason = f"minor {request.cookie}: {request.type.name} not allowed while {state}"
+            log.info("refused", request=request.type.name, minor=request.cookie,
+                     errno=code, reason=reason)
+            return error_reply(request.cookie, code, reason)
         except OSError as exc:
             code = exc.errno or errno.EIO
             log.info("refused", request=request.type.name, minor=request.cookie,
@@ -151,6 +150,112 @@ class Tapdisk:
         rsp = p.reply_type(request.type)
         return Reply([p.Message(rsp, request.cookie, p.Response(0, ""))])
 
+    def _answer(self, request: p.Message, vbd: Vbd, reply: fx.Reply) -> Reply:
+        if reply.error:
+            return error_reply(request.cookie, reply.error, vbd.last_error)
+        return self._ok(request)
+
+    # -- the machine's effects --------------------------------------------------------
+
+    def _step(self, vbd: Vbd, event: ev.Event) -> fx.Reply:
+        """Feed `event`, execute the effects, feed their outcomes; the machine's reply."""
+        reply = fx.Reply(error=errno.EIO)
+        pending: list[ev.Event] = [event]
+        while pending:
+            current = pending.pop(0)
+            effects = vbd.machine.handle(current)
+            if isinstance(current, ev.ImageOpened) and vbd.state is not VbdState.PAUSED:
+                # The machine accepted the image it asked for: it is the VBD's now.
+                vbd.image, vbd.pending_image = vbd.pending_image, None
+                vbd.spec, vbd.pending_spec = vbd.pending_spec, None
+                vbd.info = _wire_info(current.disk)
+            for effect in effects:
+                if isinstance(effect, fx.Reply):
+                    reply = effect
+                    continue
+                outcome = self._execute(vbd, effect)
+                if outcome is not None:
+                    pending.append(outcome)
+        return reply
+
+    def _execute(self, vbd: Vbd, effect: fx.Effect) -> ev.Event | None:
+        """Carry out one effect; an effect with an outcome answers with an event."""
+        if isinstance(effect, fx.OpenImage):
+            return self._open_image(vbd, effect.path, effect.flags)
+        if isinstance(effect, fx.CloseImage):
+            # A refused RESUME closes the image it just opened, else the VBD's own.
+            image = vbd.pending_image or vbd.image
+            if vbd.pending_image is not None:
+                vbd.pending_image, vbd.pending_spec = None, None
+            else:
+                vbd.image = None
+            if image is not None:
+                image.close()
+            return None
+        if isinstance(effect, fx.StartRing):
+            with self.ring_lock:
+                vbd.ring, vbd.prepared_ring = vbd.prepared_ring, None
+                vbd.ring_ids = (effect.domid, effect.devid)
+            return None
+        if isinstance(effect, fx.StopRing):
+            if vbd.ring is not None:
+                self._drop_ring(vbd)  # the data path drains in-flight requests first
+            return None
+        if isinstance(effect, fx.QuiesceRing):
+            if vbd.ring is not None:
+                # Returns once in-flight requests completed; a timeout raises and leaves
+                # the VBD quiescing (FORCE_SHUTDOWN still gets it out).
+                vbd.ring.pause(timeout=self.drain_timeout)
+            return ev.Drained()
+        if isinstance(effect, fx.UnquiesceRing):
+            if vbd.ring is not None:
+                vbd.ring.resume(image=vbd.image)
+            return None
+        raise TypeError(f"the tapdisk does not execute {effect!r}")
+
+    def _open_image(self, vbd: Vbd, params: str, flags: int) -> ev.Event:
+        """OpenImage: the driver's answer as an event (a refusal keeps its reason)."""
+        try:
+            spec = images.parse_params(params)
+            image = images.open_image(spec, flags)
+        except OSError as exc:
+            vbd.last_error = str(exc.strerror or exc)
+            return ev.ImageOpenFailed(exc.errno or errno.EIO, vbd.last_error)
+        disk = _disk_info(image)
+        vbd.pending_image, vbd.pending_spec = image, spec
+        old = vbd.machine.disk
+        if old is not None and disk != old:
+            vbd.last_error = self._medium_change(old, disk, vbd.resize_requested)
+            if not vbd.last_error:
+                # A requested resize to a larger disk: the machine forgets the old
+                # geometry so it accepts the new one (DISK_INFO then reports it).
+                vbd.machine.disk = None
+        return ev.ImageOpened(disk)
+
+    @staticmethod
+    def _medium_change(old: ev.DiskInfo, new: ev.DiskInfo, resize: bool) -> str:
+        """Why a reopened image is refused (EMEDIUMTYPE), or "" for an accepted resize."""
+        if (new.sector_size, new.info) != (old.sector_size, old.info):
+            return (f"sector size/info {new.sector_size}/{new.info:#x} differ from "
+                    f"{old.sector_size}/{old.info:#x}")
+        if resize and new.sectors > old.sectors:
+            return ""
+        why = "" if resize else " (resize not requested)"
+        return f"size changed from {old.sectors} to {new.sectors} sectors{why}"
+
+    def _drop_ring(self, vbd: Vbd) -> None:
+        """Disconnect and forget the VBD's ring; on failure (still draining) keep it."""
+        ring, ids = vbd.ring, vbd.ring_ids
+        assert ring is not None
+        with self.ring_lock:
+            vbd.ring, vbd.ring_ids = None, None
+        try:
+            ring.disconnect(timeout=self.drain_timeout)
+        except OSError:
+            with self.ring_lock:
+                vbd.ring, vbd.ring_ids = ring, ids
+            raise
+
     # -- read-only messages -----------------------------------------------------------
 
     def _pid(self, request: p.Message) -> Reply:
@@ -160,7 +265,7 @@ class Tapdisk:
         vbds = list(self.vbds.values())
         messages = [
             p.Message(T.LIST_RSP, request.cookie,
-                      p.ListEntry(len(vbds) - i, vbd.minor, vbd.machine.bits, vbd.params))
+                      p.ListEntry(len(vbds) - i, vbd.minor, vbd.bits, vbd.params))
             for i, vbd in enumerate(vbds)
         ]
         messages.append(p.Message(T.LIST_RSP, request.cookie, p.ListEntry(0, -1, 0, "")))
@@ -177,7 +282,7 @@ class Tapdisk:
         with self.ring_lock:
             if vbd.ring is not None:
                 ring_stats, ring_ids = vbd.ring.stats(), vbd.ring_ids
-        spec = vbd.spec if vbd.machine.has_image else None
+        spec = vbd.spec if vbd.image is not None else None
         body = stats.vbd_stats(
             params=vbd.params,
             image_type=spec.type if spec else None,
@@ -191,7 +296,9 @@ class Tapdisk:
 
     def _disk_info(self, request: p.Message) -> Reply:
         vbd = self._vbd(request.cookie)
-        if vbd.info is None or vbd.machine.state in (VbdState.ATTACHED, VbdState.CLOSED):
+        opened = vbd.state in (VbdState.OPEN, VbdState.CONNECTED, VbdState.PAUSE_REQUESTED,
+                               VbdState.PAUSED)
+        if vbd.info is None or not opened:
             raise ControlError(errno.EINVAL, f"minor {vbd.minor} has no image open")
         return Reply([p.Message(T.DISK_INFO_RSP, request.cookie, vbd.info)])
 
@@ -212,7 +319,7 @@ class Tapdisk:
             os.close(fd)
             raise ControlError(errno.EBUSY, f"minor {minor} is held by another tapdisk") from None
         vbd = Vbd(minor, fd)
-        vbd.machine.fire(VbdEvent.ATTACH)
+        self._step(vbd, ev.Attach())
         self.vbds[minor] = vbd
         log.info("attached", minor=minor)
         return self._ok(request)
@@ -220,16 +327,12 @@ class Tapdisk:
     def _open(self, request: p.Message) -> Reply:
         assert isinstance(request.payload, p.Params)
         vbd = self._vbd(request.cookie)
-        if vbd.machine.state is VbdState.CLOSING:
-            raise ControlError(errno.EBUSY, f"minor {vbd.minor} is closing")
-        if not vbd.machine.can(VbdEvent.OPEN):
-            raise ControlError(errno.EALREADY, f"minor {vbd.minor} is already open")
-        spec = images.parse_params(request.payload.path)
-        image = images.open_image(spec, request.payload.flags)
-        vbd.spec, vbd.flags, vbd.image = spec, request.payload.flags, image
-        vbd.info = _image_info(image)
-        vbd.machine.fire(VbdEvent.OPEN)
-        log.info("opened", minor=vbd.minor, image=str(spec), sectors=vbd.info.sectors)
+        images.check_flags(request.payload.flags)
+        vbd.flags = request.payload.flags
+        reply = self._step(vbd, ev.Open(request.payload.path, request.payload.flags))
+        if reply.error or vbd.info is None:
+            return error_reply(request.cookie, reply.error or errno.EIO, vbd.last_error)
+        log.info("opened", minor=vbd.minor, image=vbd.params, sectors=vbd.info.sectors)
         return Reply([p.Message(T.OPEN_RSP, request.cookie, vbd.info)])
 
     def _connect(self, request: p.Message) -> Reply:
@@ -241,17 +344,20 @@ class Tapdisk:
             if vbd.ring_ids == ids:
                 raise ControlError(errno.EALREADY, f"ring {ids[0]}/{ids[1]} is connected")
             raise ControlError(errno.EBUSY, f"minor {vbd.minor} serves another ring")
-        if vbd.machine.state is not VbdState.OPEN or vbd.image is None:
+        if vbd.state is not VbdState.OPEN or vbd.image is None:
             raise ControlError(errno.EINVAL, f"minor {vbd.minor} has no open image")
-        ring = images.connect_ring(
+        vbd.prepared_ring = images.connect_ring(
             vbd.image, domid=blkif.domid, devid=blkif.devid, grefs=blkif.grefs,
             order=blkif.order, port=blkif.port, protocol=blkif.proto,
         )
-        with self.ring_lock:
-            vbd.ring, vbd.ring_ids = ring, ids
-        vbd.machine.fire(VbdEvent.CONNECT)
+        try:
+            reply = self._step(vbd, ev.ConnectRing(blkif.domid, blkif.devid))
+        finally:
+            if vbd.prepared_ring is not None:  # the machine did not take it
+                vbd.prepared_ring.disconnect()
+                vbd.prepared_ring = None
         log.info("ring connected", minor=vbd.minor, domid=ids[0], devid=ids[1])
-        return self._ok(request)
+        return self._answer(request, vbd, reply)
 
     def _disconnect(self, request: p.Message) -> Reply:
         blkif = request.payload
@@ -260,120 +366,52 @@ class Tapdisk:
         ids = (blkif.domid, blkif.devid)
         if vbd.ring is None or vbd.ring_ids != ids:
             raise ControlError(errno.ENODEV, f"no ring {ids[0]}/{ids[1]} on minor {vbd.minor}")
-        self._drop_ring(vbd)
-        vbd.machine.fire(VbdEvent.DISCONNECT)
+        reply = self._step(vbd, ev.DisconnectRing())
         log.info("ring disconnected", minor=vbd.minor, domid=ids[0], devid=ids[1])
-        return self._ok(request)
+        return self._answer(request, vbd, reply)
 
     def _pause(self, request: p.Message) -> Reply:
         vbd = self._vbd(request.cookie)
-        if vbd.machine.state is VbdState.PAUSED:
+        if vbd.state is VbdState.PAUSED:
             return self._ok(request)  # blktap answers a second PAUSE with success
-        if not vbd.machine.can(VbdEvent.PAUSE):
-            raise ControlError(errno.EINVAL, f"minor {vbd.minor} is not open")
-        vbd.machine.fire(VbdEvent.PAUSE)
-        if vbd.ring is not None:
-            # Returns once in-flight requests completed; a timeout leaves the request
-            # standing (pause requested) for the caller to retry or close.
-            vbd.ring.pause(timeout=self.drain_timeout)
-        if vbd.image is not None:
-            vbd.image.close()
-            vbd.image = None
-        vbd.machine.fire(VbdEvent.DRAINED)
+        reply = self._step(vbd, ev.Pause())
         log.info("paused", minor=vbd.minor)
-        return self._ok(request)
+        return self._answer(request, vbd, reply)
 
     def _resume(self, request: p.Message) -> Reply:
         resume = request.payload
         assert isinstance(resume, p.Resume)
         vbd = self._vbd(request.cookie)
-        if vbd.machine.state is not VbdState.PAUSED:
-            raise ControlError(errno.EINVAL, f"minor {vbd.minor} is not paused")
-        assert vbd.spec is not None and vbd.info is not None
         images.check_flags(resume.flags)
+        vbd.resize_requested = bool(resume.flags & p.ResumeFlags.RESIZE)
         try:
-            spec = images.parse_params(resume.new_params) if resume.new_params else vbd.spec
-            image = images.open_image(spec, vbd.flags)
-            info = _image_info(image)
-            try:
-                self._check_same_medium(vbd.info, info, resume.flags)
-                if vbd.ring is not None:
-                    vbd.ring.resume(image=image)
-            except OSError:
-                image.close()
-                raise
-        except OSError:
-            vbd.machine.resume_failed = True
-            raise
-        resized = info.sectors != vbd.info.sectors
-        vbd.spec, vbd.image, vbd.info = spec, image, info
-        event = VbdEvent.RESUME if vbd.ring is None else VbdEvent.RESUME_CONNECTED
-        vbd.machine.fire(event)
-        log.info("resumed", minor=vbd.minor, image=str(spec), resized=resized,
-                 sectors=info.sectors)
-        return self._ok(request)
-
-    @staticmethod
-    def _check_same_medium(old: p.ImageInfo, new: p.ImageInfo, flags: int) -> None:
-        """blktap refuses an image that differs (EMEDIUMTYPE); RESIZE lets it grow."""
-        if new.sector_size != old.sector_size or new.info != old.info:
-            raise ControlError(
-                errno.EMEDIUMTYPE,
-                f"sector size/info {new.sector_size}/{new.info:#x} differ from "
-                f"{old.sector_size}/{old.info:#x}",
-            )
-        if new.sectors == old.sectors:
-            return
-        if flags & p.ResumeFlags.RESIZE and new.sectors > old.sectors:
-            return
-        raise ControlError(
-            errno.EMEDIUMTYPE,
-            f"size changed from {old.sectors} to {new.sectors} sectors"
-            + ("" if flags & p.ResumeFlags.RESIZE else " (resize not requested)"),
-        )
+            reply = self._step(vbd, ev.Resume(resume.new_params or None))
+        finally:
+            vbd.resize_requested = False
+        if not reply.error:
+            log.info("resumed", minor=vbd.minor, image=vbd.params,
+                     sectors=vbd.info.sectors if vbd.info else None)
+        return self._answer(request, vbd, reply)
 
     def _close(self, request: p.Message) -> Reply:
         force = request.type is T.FORCE_SHUTDOWN
         vbd = self._vbd(request.cookie)
-        if vbd.machine.state in (VbdState.ATTACHED, VbdState.CLOSED):
+        if vbd.state in (VbdState.ATTACHED, VbdState.CLOSED):
             return self._ok(request)  # nothing open: blktap's close succeeds too
-        if vbd.ring is not None and not force and vbd.machine.state is not VbdState.PAUSED:
-            vbd.ring.pause(timeout=self.drain_timeout)  # CLOSE waits for in-flight I/O
-        if vbd.ring is not None:
-            self._drop_ring(vbd)
-        vbd.machine.fire(VbdEvent.CLOSE)
-        if vbd.image is not None:
-            vbd.image.close()
-            vbd.image = None
-        vbd.machine.fire(VbdEvent.CLOSED)
+        reply = self._step(vbd, ev.Close(force=force))
         log.info("closed", minor=vbd.minor, force=force)
-        return self._ok(request)
-
-    def _drop_ring(self, vbd: Vbd) -> None:
-        """Disconnect and forget the VBD's ring; on failure (still draining) keep it."""
-        ring, ids = vbd.ring, vbd.ring_ids
-        assert ring is not None
-        with self.ring_lock:
-            vbd.ring, vbd.ring_ids = None, None
-        try:
-            ring.disconnect(timeout=self.drain_timeout)
-        except OSError:
-            with self.ring_lock:
-                vbd.ring, vbd.ring_ids = ring, ids
-            raise
+        return self._answer(request, vbd, reply)
 
     def _detach(self, request: p.Message) -> Reply:
         vbd = self._vbd(request.cookie)
-        if not vbd.machine.can(VbdEvent.DETACH):
-            raise ControlError(errno.EBUSY, f"minor {vbd.minor} is open")
-        vbd.machine.fire(VbdEvent.DETACH)
+        reply = self._step(vbd, ev.Detach())
         del self.vbds[vbd.minor]
         os.close(vbd.marker_fd)  # releases the flock: the minor may be freed now
         log.info("detached", minor=vbd.minor, vbds_left=len(self.vbds))
         if not self.vbds:
             # blktap's tapdisk exits once its last VBD is gone (the server sees `exiting`).
             self.exiting = True
-        return self._ok(request)
+        return self._answer(request, vbd, reply)
 
     def _exit(self, request: p.Message) -> Reply:
         if self.vbds:
@@ -382,15 +420,16 @@ class Tapdisk:
         return Reply([p.Message(T.EXIT, request.cookie)])
 
     def shutdown(self) -> None:
-        """Release every VBD without waiting (SIGTERM): rings first, then images."""
+        """Release every VBD without the machines (SIGTERM: the process is going away)."""
         with self.lock:
             self.exiting = True
             for vbd in list(self.vbds.values()):
                 if vbd.ring is not None:
                     with contextlib.suppress(OSError):
                         self._drop_ring(vbd)
-                if vbd.image is not None:
-                    vbd.image.close()
-                    vbd.image = None
+                for image in (vbd.image, vbd.pending_image):
+                    if image is not None:
+                        image.close()
+                vbd.image = vbd.pending_image = None
                 os.close(vbd.marker_fd)
             self.vbds.clear()

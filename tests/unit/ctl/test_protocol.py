@@ -88,7 +88,8 @@ def test_params_encoding_lands_where_c_reads_it(ffi: FFI) -> None:
         p.Params(flags=0x202, devnum=7, domid=3, path="aio:/img", prt_devnum=9,
                  req_timeout=30, secondary="aio:/mirror"),
     )
-    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(bytearray(msg.encode())))
+    raw = bytearray(msg.encode())  # kept alive: cffi only borrows the buffer
+    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(raw))
     assert (c.type, c.cookie) == (7, 7)
     params = c.u.params
     assert (params.flags, params.devnum, params.domid) == (0x202, 7, 3)
