@@ -34,6 +34,7 @@ from .schema import (
     backend_root,
     parse_backend_path,
     parse_frontend_transport,
+    reader_for,
 )
 from .states import XenbusState, parse_state
 from .watch import Reconnected, WatchEvent, WatchStream
@@ -73,4 +74,5 @@ __all__ = [
     "parse_backend_path",
     "parse_frontend_transport",
     "parse_state",
+    "reader_for",
 ]

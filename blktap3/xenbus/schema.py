@@ -18,6 +18,7 @@ import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import XenbusValueError
 from .states import parse_decimal
@@ -174,6 +175,15 @@ class FrontendTransport:
 
 
 Reader = Callable[[str], str | None]
+
+
+class _ReadsOptional(Protocol):
+    def read_optional(self, path: str) -> str | None: ...
+
+
+def reader_for(ops: _ReadsOptional, directory: str) -> Reader:
+    """A `Reader` of keys below `directory` through a `XenStore` or a `Transaction`."""
+    return lambda key: ops.read_optional(f"{directory}/{key}")
 
 
 def parse_protocol(value: str | None) -> BlkifProtocol:
