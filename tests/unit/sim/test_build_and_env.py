@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from blktap3.sim import xensim
+from blktap3.sim.xenlib import EventChannel, GrantShare
 
 
 def defined_symbols(path: Path) -> set[str]:
@@ -49,6 +50,36 @@ def test_sanitized_variant_builds() -> None:
     assert path.is_file() and path != xensim.library_path()
     env = xensim.process_env("/tmp/x", 3, sanitize=True)
     assert "libasan" in env["LD_PRELOAD"].split()[0]
+
+
+def test_sanitized_library_serves_a_real_program_cleanly(machine: xensim.Machine,
+                                                        probe_binary: Path) -> None:
+    machine.create_domain(1, 16)
+    machine.create_domain(2, 16)
+    env = {**os.environ, **xensim.process_env(machine.run_dir, 2, sanitize=True),
+           "ASAN_OPTIONS": "exitcode=99", "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98"}
+    with GrantShare(machine.run_dir, 1) as gs, EventChannel(machine.run_dir, 1) as evt:
+        share = gs.share_pages(2, 1)
+        port = evt.bind_unbound_port(2)
+        for args in (["map", 1, share.refs[0], "rw"], ["copy-to", 1, share.refs[0]],
+                     ["copy-from", 1, 9999], ["bind", 1, 4000], ["getinfo", 1]):
+            result = subprocess.run([str(probe_binary), *map(str, args)], env=env,
+                                    capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, result.stderr
+        backend = subprocess.Popen(
+            [str(probe_binary), "pingpong", "1", str(port), "100", str(share.refs[0])],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert evt.wait(10.0) == port
+            for _ in range(100):
+                evt.notify(port)
+                assert evt.wait(5.0) == port
+            out, err = backend.communicate(timeout=30)
+        finally:
+            backend.kill()
+            backend.wait()
+        assert backend.returncode == 0, err
+        assert out.strip() == "ok 100"
 
 
 def test_process_env_names_the_machine_and_domain(tmp_path: Path) -> None:

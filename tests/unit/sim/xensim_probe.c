@@ -98,6 +98,7 @@ static int pingpong(char **argv) /* pingpong DOMID PORT ROUNDS GREF */
     }
     printf("ok %lu\n", got);
     xengnttab_unmap(g, page, 1);
+    xengnttab_close(g);
     xenevtchn_close(e);
     return 0;
 }
