@@ -1,0 +1,250 @@
+"""The back-end VBD machine, event by event: protocol steps, faults, typed errors."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from blktap3.fsm import (
+    BackendFeatures,
+    BackendRemoved,
+    BackendVbd,
+    DiskInfo,
+    DiskResized,
+    FrontendStateChanged,
+    FrontendStateInvalid,
+    FrontendVanished,
+    HotplugConnected,
+    HotplugFailed,
+    OnlineChanged,
+    OurBug,
+    PublishState,
+    ReadFrontendTransport,
+    RemoveDirectory,
+    RingConnected,
+    RingConnectFailed,
+    RingDisconnected,
+    RingDisconnectFailed,
+    RingTransport,
+    SendControl,
+    SetError,
+    TapdiskRef,
+    ToolstackError,
+    TransportRead,
+    Unregister,
+    WriteKeys,
+    XenblkifConnect,
+    XenblkifDisconnect,
+    XenbusState,
+)
+
+S = XenbusState
+DISK = DiskInfo(sectors=2048, sector_size=512, info=0, physical_sector_size=4096)
+HOTPLUG = HotplugConnected(TapdiskRef(pid=77, minor=3), DISK)
+TRANSPORT = TransportRead(RingTransport((11, 12), 9, "x86_32-abi"))
+
+
+def fe(state: XenbusState) -> FrontendStateChanged:
+    return FrontendStateChanged(state)
+
+
+def published(effects: tuple[object, ...]) -> list[int]:
+    return [e.state.value for e in effects if isinstance(e, PublishState)]
+
+
+def to_connecting(vbd: BackendVbd) -> None:
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(HOTPLUG)
+    vbd.handle(fe(S.INITIALISED))
+    vbd.handle(TRANSPORT)
+    assert vbd.state == "connecting_ring"
+
+
+def connected() -> BackendVbd:
+    vbd = BackendVbd(domid=5, devid=768)
+    to_connecting(vbd)
+    vbd.handle(RingConnected())
+    assert vbd.state == "connected"
+    return vbd
+
+
+def test_probe_keys_then_initwait_only_after_hotplug() -> None:
+    vbd = BackendVbd(domid=5, devid=768, features=BackendFeatures(max_indirect_segments=256))
+    assert vbd.handle(fe(S.INITIALISING)) == ()
+    effects = vbd.handle(HOTPLUG)
+    assert effects[0] == WriteKeys(
+        (("max-ring-page-order", "3"), ("feature-max-indirect-segments", "256")), vbd.perms
+    )
+    assert effects[1:] == (PublishState(S.INIT_WAIT),)
+    assert vbd.perms.as_strings() == ("n0", "r5")
+
+
+def test_frontend_ready_before_hotplug_goes_straight_to_reading_its_keys() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(fe(S.INITIALISED))
+    effects = vbd.handle(HOTPLUG)
+    assert [type(e) for e in effects] == [WriteKeys, PublishState, ReadFrontendTransport]
+    assert vbd.state == "reading_transport"
+
+
+def test_connect_sends_xenblkif_connect_with_the_transport() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(HOTPLUG)
+    assert vbd.handle(fe(S.CONNECTED)) == (ReadFrontendTransport(3),)
+    (effect,) = vbd.handle(TRANSPORT)
+    assert effect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
+
+
+def test_connected_publishes_every_key_in_one_transaction_then_state_4() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    to_connecting(vbd)
+    keys, state = vbd.handle(RingConnected())
+    assert isinstance(keys, WriteKeys)
+    assert keys.as_dict() == {
+        "feature-barrier": "1", "feature-flush-cache": "1", "feature-discard": "0",
+        "feature-persistent": "0", "sectors": "2048", "info": "0", "sector-size": "512",
+        "physical-sector-size": "4096",
+    }
+    assert state == PublishState(S.CONNECTED)
+
+
+def test_discard_feature_adds_its_keys() -> None:
+    vbd = BackendVbd(5, 768, features=BackendFeatures(discard=True, discard_secure=True))
+    to_connecting(vbd)
+    keys = vbd.handle(RingConnected())[0]
+    assert isinstance(keys, WriteKeys)
+    assert {"discard-granularity": "512", "discard-alignment": "0", "discard-secure": "1",
+            "feature-discard": "1"}.items() <= keys.as_dict().items()
+
+
+def test_ealready_means_the_tapdisk_still_serves_the_ring() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    to_connecting(vbd)
+    effects = vbd.handle(RingConnectFailed(errno.EALREADY))
+    assert vbd.state == "connected"
+    assert published(effects) == [4]
+
+
+def test_other_connect_errors_fail_with_an_error_node() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    to_connecting(vbd)
+    effects = vbd.handle(RingConnectFailed(errno.ENOMEM))
+    assert vbd.state == "failed"
+    assert effects == (SetError("tapdisk refused XENBLKIF_CONNECT: Cannot allocate memory"),
+                       PublishState(S.CLOSED))
+
+
+def test_repeated_frontend_connected_writes_nothing() -> None:
+    vbd = connected()
+    assert vbd.handle(fe(S.CONNECTED)) == ()
+    assert vbd.handle(fe(S.INITIALISED)) == ()
+
+
+@pytest.mark.parametrize("bad", [S.INIT_WAIT, S.RECONFIGURING, S.RECONFIGURED])
+def test_frontend_in_a_back_end_only_state_fails_and_drops_the_ring(bad: XenbusState) -> None:
+    vbd = connected()
+    effects = vbd.handle(fe(bad))
+    assert vbd.state == "failed"
+    assert isinstance(effects[0], SetError) and f"state {bad.value}" in effects[0].text
+    assert effects[1] == SendControl(XenblkifDisconnect(77, 3, 5, 768))
+    assert effects[2] == PublishState(S.CLOSED)
+
+
+def test_unparsable_frontend_state_fails() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    effects = vbd.handle(FrontendStateInvalid("1 "))
+    assert effects == (SetError("front-end state '1 ' is not a xenbus state"),
+                       PublishState(S.CLOSED))
+
+
+def test_disconnect_error_is_not_fatal() -> None:
+    vbd = connected()
+    vbd.handle(fe(S.CLOSED))
+    assert vbd.state == "disconnecting_ring"
+    assert vbd.handle(RingDisconnectFailed(errno.ENODEV)) == (PublishState(S.CLOSED),)
+
+
+def test_resize_with_another_sector_size_fails() -> None:
+    vbd = connected()
+    vbd.handle(DiskResized(DiskInfo(sectors=4096, sector_size=4096)))
+    assert vbd.state == "failed"
+
+
+def test_resize_before_connect_is_announced_by_the_connect() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(HOTPLUG)
+    assert vbd.handle(DiskResized(DiskInfo(sectors=9999))) == ()
+    vbd.handle(fe(S.INITIALISED))
+    vbd.handle(TRANSPORT)
+    keys = vbd.handle(RingConnected())[0]
+    assert isinstance(keys, WriteKeys) and keys.as_dict()["sectors"] == "9999"
+
+
+def test_hotplug_failure_fails_before_initwait() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    assert vbd.handle(HotplugFailed("no tapdisk")) == (SetError("hotplug: no tapdisk"),
+                                                       PublishState(S.CLOSED))
+
+
+def test_backend_removed_while_connected_takes_the_ring_down_and_forgets() -> None:
+    vbd = connected()
+    effects = vbd.handle(BackendRemoved())
+    assert effects == (SendControl(XenblkifDisconnect(77, 3, 5, 768)), Unregister())
+    assert vbd.is_final
+
+
+def test_frontend_absent_at_first_is_awaited() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    assert vbd.handle(FrontendVanished()) == ()
+    vbd.handle(HOTPLUG)
+    assert vbd.state == "waiting_frontend"
+    assert vbd.handle(FrontendVanished()) == ()
+    assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
+
+
+def test_frontend_vanishing_after_it_was_seen_removes_our_directory() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(fe(S.INITIALISING))
+    assert vbd.handle(FrontendVanished()) == (RemoveDirectory(), Unregister())
+
+
+def test_online_zero_without_a_ring_unregisters_at_once() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(HOTPLUG)
+    effects = vbd.handle(OnlineChanged(False))
+    assert effects == (PublishState(S.CLOSED), Unregister())
+    assert vbd.state == "unregistered"
+
+
+def test_online_zero_then_one_keeps_the_device() -> None:
+    vbd = connected()
+    vbd.handle(OnlineChanged(False))
+    vbd.handle(OnlineChanged(True))
+    vbd.handle(fe(S.CLOSED))
+    vbd.handle(RingDisconnected())
+    assert vbd.state == "closed"
+
+
+def test_unexpected_reply_raises_our_bug_and_leaves_the_machine_alone() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(HOTPLUG)
+    with pytest.raises(OurBug) as info:
+        vbd.handle(RingConnected())
+    assert info.value.state == "init_wait"
+    assert info.value.event == RingConnected()
+    assert info.value.machine == "backend_vbd"
+    assert "blame: ours" in str(info.value)
+    assert vbd.state == "init_wait"
+    assert vbd.handle(fe(S.INITIALISED)) == (ReadFrontendTransport(3),)  # still usable
+
+
+def test_events_after_the_end_raise_with_the_triggers_blame() -> None:
+    vbd = connected()
+    vbd.handle(BackendRemoved())
+    with pytest.raises(ToolstackError, match="'removed'"):
+        vbd.handle(HOTPLUG)
