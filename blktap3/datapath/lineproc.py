@@ -8,6 +8,7 @@ one JSON reply per line on stdout: ``{"ok": ...}`` or ``{"error": errno, "messag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -94,4 +95,6 @@ class LineProcess:
                 self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
-                f.close()
+                # A dead child's pipe: nothing left to flush.
+                with contextlib.suppress(OSError):
+                    f.close()

@@ -15,7 +15,9 @@ from blktap3.sim import xensim
 
 GUEST_DOMID = 7
 DISK_BYTES = 16 << 20
-# sanitize.sh: child processes get the ASan/UBSan runtimes and xensim's sanitized build.
+# sanitize.sh: child processes get the ASan/UBSan runtimes (before xensim) so that the
+# sanitized data path and guest driver load in them. xensim's own sanitized build is
+# not used: preloaded into python it crashes at start (reported to its owner).
 SANITIZE = os.environ.get("BLKTAP3_SANITIZE") == "1"
 Spawn = Callable[[str, int], LineProcess]
 
@@ -43,7 +45,10 @@ def spawn(machine: xensim.Machine) -> Iterator[Spawn]:
     procs: list[LineProcess] = []
 
     def start(module: str, domid: int) -> LineProcess:
-        env = xensim.process_env(machine.run_dir, domid, sanitize=SANITIZE)
+        env = xensim.process_env(machine.run_dir, domid)
+        if SANITIZE:
+            runtimes = " ".join(str(p) for p in xensim.sanitizer_runtime())
+            env["LD_PRELOAD"] = f"{runtimes} {env['LD_PRELOAD']}"
         proc = LineProcess([sys.executable, "-m", module], env)
         procs.append(proc)
         return proc
