@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -106,3 +109,21 @@ def test_sharing_fails_when_the_domain_memory_is_full(machine: xensim.Machine) -
         with pytest.raises(OSError) as exc:
             gs.share_pages(2, 1)
         assert exc.value.errno == errno.ENOMEM
+
+
+def test_pages_shared_by_a_dead_process_are_reclaimed(machine: xensim.Machine,
+                                                      probe: Probe) -> None:
+    machine.create_domain(1, 4)  # two free pages
+    code = textwrap.dedent(f"""
+        import os
+        from blktap3.sim.xenlib import GrantShare
+        share = GrantShare({str(machine.run_dir)!r}, 1).share_pages(2, 2)
+        print(share.refs[0])
+        os._exit(0)  # no unshare: the kernel would end the grants
+    """)
+    ref = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, timeout=30).stdout)
+    with GrantShare(machine.run_dir, 1) as gs:
+        share = gs.share_pages(3, 2)
+        assert len(share.refs) == 2
+    assert probe(2, "map", 1, ref, "ro") == f"err {errno.EINVAL}", "the dead grant ended"

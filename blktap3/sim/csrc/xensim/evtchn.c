@@ -199,7 +199,7 @@ void xs_port_close(struct xs_domain *d, uint32_t port)
     p->virq = 0;
 }
 
-static int pid_alive(int32_t pid)
+int xs_pid_alive(int32_t pid)
 {
     if (kill(pid, 0) < 0 && errno == ESRCH)
         return 0;
@@ -242,7 +242,7 @@ void xs_gc_dead_handles(void)
                 if (dead[i] == pid)
                     is_dead = 1;
             if (is_dead < 0) {
-                is_dead = !pid_alive(pid);
+                is_dead = !xs_pid_alive(pid);
                 if (is_dead && ndead < 64)
                     dead[ndead++] = pid;
                 else if (!is_dead && nalive < 64)

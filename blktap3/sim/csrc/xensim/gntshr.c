@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <xengnttab.h>
 
 XS_EXPORT xengntshr_handle *xengntshr_open(struct xentoollog_logger *logger, unsigned open_flags)
@@ -32,8 +33,42 @@ static void release_locked(struct xs_domain *d, struct xs_mapping *mp, uint32_t 
         __atomic_store_n(&e->flags, 0, __ATOMIC_RELEASE);
         e->domid = 0;
         e->frame = 0;
+        d->gref_owner[mp->refs[i]] = 0;
         xs_page_free(d, mp->pfns[i]);
     }
+}
+
+/* lock held: gntalloc ends a dead process's grants when its fd closes; here
+ * the next sharer that runs short of pages or refs does it. */
+static void gc_dead_shares(struct xs_domain *d)
+{
+    for (uint32_t ref = XS_FIRST_FREE_GREF; ref < XS_NR_GRANTS; ref++) {
+        int32_t pid = d->gref_owner[ref];
+        if (pid == 0 || xs_pid_alive(pid))
+            continue;
+        grant_entry_v1_t *e = &d->grants[ref];
+        uint64_t frame = e->frame;
+        __atomic_store_n(&e->flags, 0, __ATOMIC_RELEASE);
+        e->domid = 0;
+        e->frame = 0;
+        d->gref_owner[ref] = 0;
+        xs_page_free(d, frame);
+    }
+}
+
+/* lock held: allocate a page and a grant ref for one shared page */
+static int alloc_one(struct xs_domain *d, int *pfn_out)
+{
+    int pfn = xs_page_alloc(d);
+    if (pfn < 0)
+        return -1;
+    int ref = xs_gref_alloc(d);
+    if (ref < 0) {
+        xs_page_free(d, (uint64_t)pfn);
+        return -1;
+    }
+    *pfn_out = pfn;
+    return ref;
 }
 
 static void free_mapping(struct xs_mapping *mp)
@@ -73,19 +108,24 @@ static void *share(xengntshr_handle *xgs, uint32_t domid, uint32_t count, uint32
     }
     struct xs_domain *d = v->d;
     uint32_t n = 0;
+    int collected = 0;
+    int32_t self = (int32_t)getpid();
     for (; n < count; n++) {
-        int pfn = xs_page_alloc(d);
-        int ref = pfn < 0 ? -1 : xs_gref_alloc(d);
-        if (ref < 0) {
-            if (pfn >= 0)
-                xs_page_free(d, (uint64_t)pfn);
-            break;
+        int pfn = -1;
+        int ref = alloc_one(d, &pfn);
+        if (ref < 0 && !collected) {
+            gc_dead_shares(d);
+            collected = 1;
+            ref = alloc_one(d, &pfn);
         }
+        if (ref < 0)
+            break;
         mp->pfns[n] = (uint64_t)pfn;
         mp->refs[n] = (uint32_t)ref;
         grant_entry_v1_t *e = &d->grants[ref];
         e->domid = (domid_t)domid;
         e->frame = (uint32_t)pfn;
+        d->gref_owner[ref] = self;
         /* flags last: the entry is valid only once frame and domid are. */
         __atomic_store_n(&e->flags, (uint16_t)(GTF_permit_access | (writable ? 0 : GTF_readonly)),
                          __ATOMIC_RELEASE);

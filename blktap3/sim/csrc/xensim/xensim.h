@@ -33,7 +33,7 @@
 #define XS_NR_GRANTS 8192u   /* 16 grant frames of v1 entries */
 #define XS_FIRST_FREE_GREF 8u /* GNTTAB_NR_RESERVED_ENTRIES, as Linux */
 #define XS_MAX_PAGES (1u << 20)
-#define XS_MAGIC 0x786e73696d303176ULL /* "xnsim01v" */
+#define XS_MAGIC 0x786e73696d303276ULL /* "xnsim02v": bump when a layout changes */
 
 /* pfn of the zeroed xenstore page of every created domain; pfn 0 is left free. */
 #define XENSIM_XENSTORE_PFN 1u
@@ -76,6 +76,7 @@ struct xs_domain {
     char mem_path[512];
     struct xs_port ports[XS_NR_PORTS];
     grant_entry_v1_t grants[XS_NR_GRANTS];
+    int32_t gref_owner[XS_NR_GRANTS]; /* pid that shared it with gntshr; 0: toolstack */
     uint8_t page_used[XS_MAX_PAGES / 8];
 };
 
@@ -105,6 +106,7 @@ void xs_port_deliver(struct xs_domain *d, uint32_t port);
 int xs_port_alloc(struct xs_domain *d); /* lock held; -1 ENOSPC */
 void xs_port_close(struct xs_domain *d, uint32_t port); /* lock held */
 void xs_gc_dead_handles(void); /* lock held */
+int xs_pid_alive(int32_t pid);
 int xs_alloc_unbound(uint32_t dom, uint32_t remote_dom);
 
 /* domain.c */
