@@ -1,0 +1,96 @@
+"""tap-ctl's output formats, usage errors and exit codes (no tapdisk needed)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from blktap3.ctl import cli, runtime
+from blktap3.ctl.ops import TapEntry
+
+
+@pytest.fixture(autouse=True)
+def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv(runtime.ROOT_ENV, str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("entry", "text"),
+    [
+        (TapEntry(pid=18672), "pid=18672"),
+        (TapEntry(minor=0), "minor=0"),
+        (TapEntry(pid=18672, minor=0, state=0), "pid=18672 minor=0 state=0"),
+        (TapEntry(18672, 0, 0, "aio", "/path"), "pid=18672 minor=0 state=0 args=aio:/path"),
+        (TapEntry(18672, 0, 0x2A, "aio", "/path"),
+         "pid=18672 minor=0 state=0x2a args=aio:/path"),
+        (TapEntry(18672, 0, 0x2), "pid=18672 minor=0 state=0x2"),
+    ],
+)
+def test_list_off_a_terminal_matches_blktap(entry: TapEntry, text: str) -> None:
+    assert cli.format_dict(entry) == text
+
+
+def test_list_on_a_terminal_matches_blktap() -> None:
+    assert cli.format_row(TapEntry(18672, 0, 0x2A, "aio", "/path")) == (
+        "   18672    0 0x2a        aio /path"
+    )
+    assert cli.format_row(TapEntry(pid=5)) == "       5    -    -          - -"
+
+
+def test_list_without_a_runtime_directory_prints_nothing(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_list_shows_allocated_minors_newest_first(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["allocate"]) == 0
+    assert cli.main(["allocate"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("tapdisk/tapdisk-0") and out[1].endswith("tapdisk/tapdisk-1")
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out == "minor=1\nminor=0\n"
+    assert cli.main(["list", "--json"]) == 0
+    assert '"minor": 1' in capsys.readouterr().out
+
+
+def test_free_without_minor_is_usage_and_einval(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["free"]) == errno.EINVAL
+    assert "usage: tap-ctl free" in capsys.readouterr().err
+
+
+def test_unknown_command_is_einval(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["frobnicate"]) == errno.EINVAL
+    assert "usage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["list", "allocate", "free", "create", "destroy", "spawn", "attach", "detach", "open",
+     "close", "pause", "unpause", "stats", "resize"],
+)
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([command, "-h"]) == 0
+    assert f"usage: tap-ctl {command}" in capsys.readouterr().out
+
+
+def test_free_of_an_unknown_minor_prints_strerror_and_exits_errno(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["free", "-m", "7"]) == errno.ENOENT
+    err = capsys.readouterr().err
+    assert err.startswith("No such file or directory")
+    assert err.count("\n") == 1
+
+
+def test_unknown_pid_is_enoent_and_debug_logs_the_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["--debug", "pause", "-p", "999999", "-m", "0"]) == errno.ENOENT
+    err = capsys.readouterr().err
+    assert "ctl999999" in err
+    assert "No such file or directory" in err.splitlines()[-1]

@@ -1,0 +1,309 @@
+"""The tapdisk's control logic (`Tapdisk.handle`) on real images, without a socket."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blktap3.ctl import protocol as p
+from blktap3.ctl import runtime
+from blktap3.fsm import events
+from blktap3.tapdisk.control import Reply, Tapdisk
+from blktap3.tapdisk.vbd import VbdState
+
+pytest.importorskip("blktap3.datapath", reason="the data path (Image.open) is not built")
+
+T = p.MessageType
+MiB = 1 << 20
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    runtime.ensure_dirs(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tapdisk(root: Path) -> Iterator[Tapdisk]:
+    td = Tapdisk(root, drain_timeout=2.0)
+    yield td
+    td.shutdown()
+
+
+def image(root: Path, name: str = "disk.img", size: int = 4 * MiB) -> str:
+    path = root / name
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+def default_payload(mtype: T) -> p.Payload:
+    cls = p.PAYLOAD_OF[mtype]
+    return cls() if cls in (p.Empty, p.Params, p.Resume) else p.Empty()  # type: ignore[call-arg]
+
+
+def send(td: Tapdisk, mtype: T, minor: int = 0, payload: p.Payload | None = None) -> Reply:
+    message = p.Message(mtype, minor, payload if payload is not None else default_payload(mtype))
+    reply = td.handle(p.decode(message.encode()))  # through the codec, as on the socket
+    for m in reply.messages:
+        p.decode(m.encode())
+    return reply
+
+
+def error_of(reply: Reply) -> int:
+    first = reply.messages[0]
+    assert first.type is T.ERROR, first
+    assert isinstance(first.payload, p.Response)
+    return first.payload.error
+
+
+def attached(td: Tapdisk, root: Path) -> int:
+    minor = runtime.allocate_minor(root)
+    assert send(td, T.ATTACH, minor, p.Params(devnum=minor)).messages[0].type is T.ATTACH_RSP
+    return minor
+
+
+def opened(td: Tapdisk, root: Path, params: str | None = None) -> int:
+    minor = attached(td, root)
+    reply = send(td, T.OPEN, minor, p.Params(path=params or f"aio:{image(root)}"))
+    assert reply.messages[0].type is T.OPEN_RSP, reply
+    return minor
+
+
+def list_entries(td: Tapdisk) -> list[p.ListEntry]:
+    entries = [m.payload for m in send(td, T.LIST, p.LIST_COOKIE).messages]
+    assert all(isinstance(e, p.ListEntry) for e in entries)
+    return entries  # type: ignore[return-value]
+
+
+def test_pid_is_this_process(tapdisk: Tapdisk) -> None:
+    assert send(tapdisk, T.PID).messages[0].payload == p.Pid(os.getpid())
+
+
+def test_attach_needs_an_allocated_minor(tapdisk: Tapdisk) -> None:
+    assert error_of(send(tapdisk, T.ATTACH, 3)) == errno.EINVAL
+
+
+def test_attach_twice_is_eexist(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    assert error_of(send(tapdisk, T.ATTACH, minor)) == errno.EEXIST
+
+
+def test_attach_holds_the_minor_against_free_and_other_tapdisks(
+    tapdisk: Tapdisk, root: Path
+) -> None:
+    minor = attached(tapdisk, root)
+    with pytest.raises(OSError) as err:
+        runtime.free_minor(root, minor)
+    assert err.value.errno == errno.EAGAIN
+    other = Tapdisk(root)
+    assert error_of(send(other, T.ATTACH, minor)) == errno.EBUSY
+
+
+def test_open_replies_with_the_image_geometry(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    reply = send(tapdisk, T.OPEN, minor, p.Params(path=f"aio:{image(root, size=8 * MiB)}"))
+    assert reply.messages[0].payload == p.ImageInfo(8 * MiB // 512, 512, 0)
+    assert send(tapdisk, T.DISK_INFO, minor).messages[0].payload == p.ImageInfo(16384, 512, 0)
+
+
+def test_open_read_only_reports_vdisk_readonly(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    params = p.Params(flags=p.OpenFlags.RDONLY, path=f"aio:{image(root)}")
+    info = send(tapdisk, T.OPEN, minor, params).messages[0].payload
+    assert isinstance(info, p.ImageInfo) and info.info & 4
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [("aio:/does/not/exist", errno.EINVAL), ("vhd:/x", errno.EINVAL),
+     ("no-colon", errno.EINVAL), ("aio:", errno.EINVAL)],
+)
+def test_bad_images_are_refused_and_the_vbd_stays_attached(
+    tapdisk: Tapdisk, root: Path, params: str, code: int
+) -> None:
+    minor = attached(tapdisk, root)
+    reply = send(tapdisk, T.OPEN, minor, p.Params(path=params))
+    assert error_of(reply) == code
+    assert tapdisk.vbds[minor].state is VbdState.ATTACHED
+
+
+def test_unsupported_open_flags_are_eopnotsupp(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    params = p.Params(flags=p.OpenFlags.ADD_LCACHE, path=f"aio:{image(root)}")
+    assert error_of(send(tapdisk, T.OPEN, minor, params)) == errno.EOPNOTSUPP
+
+
+def test_opening_twice_is_ealready(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    params = p.Params(path=f"aio:{image(root)}")
+    assert error_of(send(tapdisk, T.OPEN, minor, params)) == errno.EALREADY
+
+
+def test_detach_while_open_is_ebusy(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    assert error_of(send(tapdisk, T.DETACH, minor)) == errno.EBUSY
+
+
+@pytest.mark.parametrize("mtype", [T.OPEN, T.CLOSE, T.PAUSE, T.RESUME, T.DETACH, T.STATS,
+                                   T.DISK_INFO])
+def test_unknown_minor_is_enodev(tapdisk: Tapdisk, mtype: T) -> None:
+    assert error_of(send(tapdisk, mtype, 9)) == errno.ENODEV
+
+
+def test_list_reports_blktap_state_words(tapdisk: Tapdisk, root: Path) -> None:
+    assert list_entries(tapdisk) == [p.ListEntry(0, -1, 0, "")]
+    first = attached(tapdisk, root)
+    second = opened(tapdisk, root, f"aio:{image(root, 'b.img')}")
+    entries = list_entries(tapdisk)
+    assert [(e.count, e.minor, e.state) for e in entries] == [
+        (2, first, 0), (1, second, 0), (0, -1, 0)
+    ]
+    assert entries[1].path == f"aio:{root / 'b.img'}"
+    send(tapdisk, T.PAUSE, second)
+    assert list_entries(tapdisk)[1].state == 0x2A
+    send(tapdisk, T.CLOSE, second)
+    assert list_entries(tapdisk)[1] == p.ListEntry(1, second, 0x2, "")
+    assert send(tapdisk, T.LIST_MINORS).messages[0].payload == p.Minors((first, second))
+
+
+def test_pause_and_resume_with_an_image_swap(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    assert send(tapdisk, T.PAUSE, minor).messages[0].type is T.PAUSE_RSP
+    assert send(tapdisk, T.PAUSE, minor).messages[0].type is T.PAUSE_RSP  # idempotent
+    assert tapdisk.vbds[minor].image is None  # PAUSE closes the image
+    swapped = f"aio:{image(root, 'swap.img')}"
+    reply = send(tapdisk, T.RESUME, minor, p.Resume(new_params=swapped))
+    assert reply.messages[0].type is T.RESUME_RSP
+    assert list_entries(tapdisk)[0] == p.ListEntry(1, minor, 0, swapped)
+
+
+def test_resume_of_a_running_vbd_is_einval(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    assert error_of(send(tapdisk, T.RESUME, minor, p.Resume())) == errno.EINVAL
+
+
+def test_resume_refuses_a_changed_size_unless_resizing(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    send(tapdisk, T.PAUSE, minor)
+    bigger = f"aio:{image(root, 'big.img', size=8 * MiB)}"
+    assert error_of(send(tapdisk, T.RESUME, minor, p.Resume(new_params=bigger))) == (
+        errno.EMEDIUMTYPE
+    )
+    assert list_entries(tapdisk)[0].state == 0x2A | p.VbdStateBits.RESUME_FAILED
+    smaller = f"aio:{image(root, 'small.img', size=2 * MiB)}"
+    resize = p.Resume(flags=p.ResumeFlags.RESIZE, new_params=smaller)
+    assert error_of(send(tapdisk, T.RESUME, minor, resize)) == errno.EMEDIUMTYPE
+    resize = p.Resume(flags=p.ResumeFlags.RESIZE, new_params=bigger)
+    assert send(tapdisk, T.RESUME, minor, resize).messages[0].type is T.RESUME_RSP
+    info = send(tapdisk, T.DISK_INFO, minor).messages[0].payload
+    assert info == p.ImageInfo(8 * MiB // 512, 512, 0)
+    assert list_entries(tapdisk)[0].state == 0
+
+
+def test_close_then_detach_then_the_tapdisk_wants_to_exit(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    assert send(tapdisk, T.CLOSE, minor).messages[0].type is T.CLOSE_RSP
+    assert send(tapdisk, T.CLOSE, minor).messages[0].type is T.CLOSE_RSP  # nothing open
+    assert not tapdisk.exiting
+    assert send(tapdisk, T.DETACH, minor).messages[0].type is T.DETACH_RSP
+    assert tapdisk.exiting
+    runtime.free_minor(root, minor)  # DETACH dropped the flock
+    assert error_of(send(tapdisk, T.ATTACH, 0)) == errno.ESHUTDOWN
+
+
+def test_force_shutdown_is_answered_as_close(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    assert send(tapdisk, T.FORCE_SHUTDOWN, minor).messages[0].type is T.CLOSE_RSP
+    assert tapdisk.vbds[minor].state is VbdState.CLOSED
+
+
+def test_exit_only_when_idle(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    assert error_of(send(tapdisk, T.EXIT)) == errno.EBUSY
+    send(tapdisk, T.DETACH, minor)
+    fresh = Tapdisk(root)
+    assert send(fresh, T.EXIT).messages[0].type is T.EXIT and fresh.exiting
+
+
+def test_stats_follow_blktaps_shape(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    reply = send(tapdisk, T.STATS, minor)
+    header = reply.messages[0].payload
+    assert isinstance(header, p.StatInfo) and header.length == len(reply.data)
+    stats = json.loads(reply.data)
+    assert stats["name"] == f"aio:{root / 'disk.img'}"
+    assert stats["images"][0]["driver"]["name"] == "aio"
+    assert "xenbus" not in stats  # no ring connected
+    send(tapdisk, T.PAUSE, minor)
+    assert b'"images": [  ]' in send(tapdisk, T.STATS, minor).data
+
+
+def test_ring_messages_need_a_ring(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    blkif = p.Blkif(domid=1, devid=51712, grefs=(8,), order=0, port=3)
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif)) == errno.EINVAL
+    assert error_of(send(tapdisk, T.XENBLKIF_DISCONNECT, minor, blkif)) == errno.ENODEV
+
+
+def test_replies_are_not_requests(tapdisk: Tapdisk) -> None:
+    assert error_of(send(tapdisk, T.OPEN_RSP, 0, p.ImageInfo(1, 512, 0))) == errno.EINVAL
+
+
+class StuckRing:
+    """A ring whose drain never completes (the error branch of PAUSE)."""
+
+    def __init__(self) -> None:
+        self.disconnected = False
+
+    def pause(self, timeout: float = 30.0) -> None:
+        raise OSError(errno.ETIMEDOUT, "in-flight requests did not complete")
+
+    def resume(self, image: object = None) -> None:
+        raise AssertionError("not paused")
+
+    def disconnect(self, timeout: float = 30.0) -> None:
+        self.disconnected = True
+
+    def stats(self) -> dict[str, object]:
+        return {"reqs": {"read": 3, "write": 1}, "in_flight": 2, "slots": 32,
+                "kicks": {"in": 4, "out": 4}, "sectors": {"read": 24, "written": 8},
+                "errors": {"io": 0}, "responses": 2, "halted": None}
+
+
+def test_a_pause_that_cannot_drain_fails_and_force_shutdown_still_closes(
+    tapdisk: Tapdisk, root: Path
+) -> None:
+    minor = opened(tapdisk, root)
+    vbd = tapdisk.vbds[minor]
+    ring = StuckRing()
+    # Install the ring as XENBLKIF_CONNECT would (needs a simulated front-end otherwise).
+    vbd.prepared_ring = ring
+    tapdisk._step(vbd, events.ConnectRing(1, 2))
+    assert vbd.state is VbdState.CONNECTED
+    stats = json.loads(send(tapdisk, T.STATS, minor).data)
+    assert stats["xenbus"]["domid"] == 1 and stats["reqs_outstanding"] == 2
+    blkif = p.Blkif(domid=1, devid=2, grefs=(8,))
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif)) == errno.EALREADY
+    assert error_of(send(tapdisk, T.PAUSE, minor)) == errno.ETIMEDOUT
+    assert vbd.state is VbdState.PAUSE_REQUESTED
+    assert error_of(send(tapdisk, T.CLOSE, minor)) == errno.EBUSY
+    assert send(tapdisk, T.FORCE_SHUTDOWN, minor).messages[0].type is T.CLOSE_RSP
+    assert ring.disconnected and vbd.state is VbdState.CLOSED
+
+
+def test_shutdown_releases_every_minor(root: Path) -> None:
+    td = Tapdisk(root)
+    minor = opened(td, root)
+    td.shutdown()
+    fd = os.open(runtime.marker_path(root, minor), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise if still held
+    finally:
+        os.close(fd)

@@ -1,0 +1,128 @@
+"""The control socket served in-process: garbage, silent and concurrent clients."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from blktap3.ctl import protocol as p
+from blktap3.ctl import runtime
+from blktap3.ctl.client import CtlError, TapdiskClient
+from blktap3.tapdisk.control import Tapdisk
+from blktap3.tapdisk.server import ControlServer
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ControlServer]:
+    runtime.ensure_dirs(tmp_path)
+    srv = ControlServer(Tapdisk(tmp_path), tmp_path / "ctl1", client_timeout=0.5)
+    srv.bind()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.stop()
+    thread.join(5)
+    srv.close()
+    assert not thread.is_alive()
+
+
+def client(server: ControlServer) -> TapdiskClient:
+    return TapdiskClient(os.getpid(), path=server.path, timeout=5)
+
+
+def raw_exchange(server: ControlServer, data: bytes, *, half_close: bool = True) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(server.path))
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def error_of(raw: bytes) -> tuple[int, str]:
+    reply = p.decode(raw)
+    assert reply.type is p.MessageType.ERROR and isinstance(reply.payload, p.Response)
+    return reply.payload.error, reply.payload.message
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (struct.pack("<HH", 99, 0).ljust(p.MESSAGE_SIZE, b"\0"), "unknown message type 99"),
+        (b"\x03\x00garbage", "short message"),
+    ],
+)
+def test_garbage_gets_einval_and_the_server_goes_on(
+    server: ControlServer, data: bytes, why: str
+) -> None:
+    code, message = error_of(raw_exchange(server, data))
+    assert code == errno.EINVAL and why in message
+    assert client(server).get_pid() == os.getpid()
+
+
+def test_a_partial_message_then_silence_is_answered_after_the_timeout(
+    server: ControlServer,
+) -> None:
+    start = time.monotonic()
+    code, message = error_of(raw_exchange(server, b"\x03\x00\x00", half_close=False))
+    assert code == errno.EINVAL and "short" in message
+    assert time.monotonic() - start >= 0.4
+
+
+def test_a_silent_client_does_not_block_others(server: ControlServer) -> None:
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(server.path))
+        start = time.monotonic()
+        assert client(server).list() == []
+        assert time.monotonic() - start < 0.4  # answered before the silent one timed out
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # then the server dropped the silent client
+
+
+def test_concurrent_clients_are_all_answered(server: ControlServer) -> None:
+    runtime.allocate_minor(server.tapdisk.root)
+    client(server).attach(0)
+
+    def ask(i: int) -> object:
+        c = client(server)
+        return c.list() if i % 2 else c.get_pid()
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(ask, range(40)))
+    assert results.count(os.getpid()) == 20
+    assert all(r == results[1] for r in results[1::2]) and len(results[1]) == 1  # type: ignore[arg-type]
+
+
+def test_errors_reach_the_client_as_ctlerror(server: ControlServer) -> None:
+    with pytest.raises(CtlError) as err:
+        client(server).detach(5)
+    assert err.value.errno == errno.ENODEV and "minor 5" in str(err.value)
+
+
+def test_last_detach_stops_the_server(tmp_path: Path) -> None:
+    runtime.ensure_dirs(tmp_path)
+    srv = ControlServer(Tapdisk(tmp_path), tmp_path / "ctl2", client_timeout=1)
+    srv.bind()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    runtime.allocate_minor(tmp_path)
+    c = client(srv)
+    c.attach(0)
+    c.detach(0)
+    thread.join(5)
+    assert not thread.is_alive()
+    srv.close()
+    assert not srv.path.exists()

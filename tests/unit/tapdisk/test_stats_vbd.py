@@ -1,0 +1,68 @@
+"""blktap's stats JSON spelling, and the VBD's states and state bits from the spec."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blktap3.fsm import events
+from blktap3.tapdisk import stats
+from blktap3.tapdisk.vbd import STATE_OF_SPEC, Vbd, VbdState
+
+
+def test_render_spells_json_as_blktap() -> None:
+    assert stats.render({"a": [0, 0], "b": [], "c": {"d": "x"}, "e": None}) == (
+        '{ "a": [ 0, 0 ], "b": [  ], "c": { "d": "x" }, "e": null }'
+    )
+    with pytest.raises(TypeError):
+        stats.render(object())
+
+
+def test_unconnected_vbd_stats_match_blktaps_sample() -> None:
+    body = stats.vbd_stats(params="aio:/p", image_type="aio", image_path="/p",
+                           ring_stats=None, ring_ids=None)
+    assert stats.render_stats(body) == (
+        '{ "name": "aio:/p", "secs": [ 0, 0 ], "images": [ { "name": "/p", "hits": [ 0, 0 ], '
+        '"fail": [ 0, 0 ], "driver": { "type": 0, "name": "aio", "status": { "reqs": '
+        '{ "max": 0, "pending": 0 } } } } ], "FIXME_enospc_redirect_count": 0, '
+        '"nbd_mirror_failed": 0, "reqs_outstanding": 0, "read_caching": "false" }\n'
+    )
+
+
+def test_connected_vbd_stats_carry_the_ring_counters() -> None:
+    ring = {"reqs": {"read": 5, "write": 2, "flush": 1}, "sectors": {"read": 40, "written": 16},
+            "kicks": {"in": 7, "out": 6}, "responses": 8, "in_flight": 1, "slots": 32,
+            "errors": {"grant": 1, "range": 2, "io": 3}, "halted": "req_prod overflow"}
+    body = json.loads(stats.render_stats(stats.vbd_stats(
+        params="aio:/p", image_type="aio", image_path="/p", ring_stats=ring,
+        ring_ids=(3, 51712))))
+    assert body["secs"] == [40, 16]
+    assert body["images"][0]["hits"] == [5, 2]
+    assert body["xenbus"] == {
+        "pool": "td-xenio-default", "domid": 3, "devid": 51712, "reqs": [8, 8],
+        "kicks": [7, 6], "errors": {"msg": 0, "map": 1, "vbd": 2, "img": 3},
+        "halted": "req_prod overflow",
+    }
+    assert body["reqs_outstanding"] == 1
+
+
+def test_every_spec_state_has_an_issue_3_name() -> None:
+    vbd = Vbd(0, -1)
+    assert set(STATE_OF_SPEC) == {s.name for s in vbd.machine.spec.all_states()
+                                  if not s.children}
+
+
+def test_state_bits_follow_the_machine() -> None:
+    vbd = Vbd(0, -1)
+    assert vbd.state is VbdState.ALLOCATED
+    vbd.machine.handle(events.Attach())
+    vbd.machine.handle(events.Open("aio:/p"))
+    vbd.machine.handle(events.ImageOpened(events.DiskInfo(8)))
+    assert (vbd.state, vbd.bits) == (VbdState.OPEN, 0)
+    vbd.machine.handle(events.Pause())
+    assert (vbd.state, vbd.bits) == (VbdState.PAUSE_REQUESTED, 0x14)
+    vbd.machine.handle(events.Drained())
+    assert (vbd.state, vbd.bits) == (VbdState.PAUSED, 0x2A)
+    vbd.machine.handle(events.Close())
+    assert (vbd.state, vbd.bits) == (VbdState.CLOSED, 0x2)
