@@ -72,6 +72,10 @@ def library_path(sanitize: bool = False) -> Path:
     if not _is_stale(target):
         return target
     BUILD_DIR.mkdir(exist_ok=True)
+    # The build directory ignores itself (lock file, temporaries) for git.
+    ignore = BUILD_DIR / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
     with open(BUILD_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_stale(target):

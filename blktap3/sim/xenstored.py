@@ -29,6 +29,7 @@ Kind = Literal["c", "ocaml"]
 
 _XS_DIRECTORY = 1  # xsd_sockmsg type of a harmless read-only request
 _HEADER = struct.Struct("<IIII")  # type, req_id, tx_id, len
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux
 
 
 class XenstoredError(RuntimeError):
@@ -91,6 +92,9 @@ class Xenstored:
             raise XenstoredError(f"xenstored already running (pid {self.pid})")
         if not (self.run_dir / "machine").exists():
             raise XenstoredError(f"no simulated machine in {self.run_dir}: Machine.init() first")
+        if len(os.fsencode(self.socket_path)) >= _SUN_PATH_MAX:
+            raise XenstoredError(f"socket path too long for AF_UNIX ({_SUN_PATH_MAX} bytes): "
+                                 f"{self.socket_path}; use a shorter run directory")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("XENSTORED_")}

@@ -133,6 +133,16 @@ def test_start_without_a_machine_fails_clearly(tmp_path: Path) -> None:
         Xenstored(tmp_path / "nothing").start()
 
 
+def test_a_socket_path_too_long_for_af_unix_is_refused(tmp_path: Path) -> None:
+    machine = xensim.Machine(tmp_path / ("d" * 120))
+    machine.init()
+    try:
+        with pytest.raises(XenstoredError, match="too long"):
+            Xenstored(machine.run_dir).start()
+    finally:
+        machine.teardown()
+
+
 def test_a_daemon_that_cannot_start_reports_its_log(machine: xensim.Machine,
                                                     tmp_path: Path) -> None:
     fake_bin = tmp_path / "bin"
