@@ -1,0 +1,43 @@
+"""`blktap3-fsm`: the checks as a command, with the back-end's table printed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from blktap3.tools import fsm_cli
+
+from blktap3.fsm.spec import MachineSpec, load_spec
+
+
+def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fsm_cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    for name in ("backend_vbd", "frontend_vbd", "tapdisk_process", "tapdisk_vbd"):
+        assert f"{name}: ok" in out
+    assert "state               unknown  initialising" in out
+    assert "refused" in out  # the front-end's table shows what it refuses
+
+
+def test_check_fails_on_a_hole_in_the_backend(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec("backend_vbd")
+    holed = replace(spec, transitions=tuple(
+        t for t in spec.transitions if t.trigger != "frontend_reconfigured"))
+
+    def fake_load(name: str) -> MachineSpec:
+        return holed if name == "backend_vbd" else load_spec(name)
+
+    monkeypatch.setattr(fsm_cli, "load_spec", fake_load)
+    assert fsm_cli.main(["check", "backend_vbd"]) == 1
+    out = capsys.readouterr().out
+    assert "backend_vbd: 10 problem(s)" in out
+    assert "'frontend_reconfigured' is neither handled nor ignored in 'connected'" in out
+
+
+def test_list_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fsm_cli.main(["list"]) == 0
+    assert "tapdisk_vbd" in capsys.readouterr().out
+    assert fsm_cli.main(["table", "frontend_vbd"]) == 0
+    assert capsys.readouterr().out.startswith("state")
