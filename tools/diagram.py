@@ -77,6 +77,7 @@ class Drawing:
     machine: Any
     group_nodes: list[str]
     caption: str
+    listed: list[str]  # internal transitions of many states, not drawn as loops
 
 
 def _state_label(s: StateSpec) -> str:
@@ -158,11 +159,11 @@ def build(spec: MachineSpec, engine: Engine) -> Drawing:
         show_conditions=False,
     )
     caption = spec.title
-    if listed:
+    if listed and engine == "graphviz":  # Mermaid's title is one line: see mermaid_source
         caption += "\\nin many states, staying: " + "; ".join(listed)
     if len(spec.leaves()) > TALL_STATES:
         machine.machine_attributes = {**machine.machine_attributes, "rankdir": "TB"}
-    return Drawing(machine, sorted(groups.values()), caption)
+    return Drawing(machine, sorted(groups.values()), caption, listed)
 
 
 def render(spec: MachineSpec, engine: Engine, highlight: str | None = None) -> Any:
@@ -185,7 +186,11 @@ def dot_source(spec: MachineSpec, highlight: str | None = None) -> str:
 
 
 def mermaid_source(spec: MachineSpec, highlight: str | None = None) -> str:
-    return str(render(spec, "mermaid", highlight).source) + "\n"
+    text = str(render(spec, "mermaid", highlight).source) + "\n"
+    listed = build(spec, "mermaid").listed
+    if listed:
+        text += "%% in many states, staying: " + "; ".join(listed) + "\n"
+    return text
 
 
 def write(name: str, formats: list[str], out: Path, highlight: str | None = None) -> list[Path]:
