@@ -289,12 +289,17 @@ class Machine:
         return [self.domain(d) for d in self.domain_ids()]
 
     def teardown(self) -> None:
-        """Destroy every domain (freeing /dev/shm memory) and remove the run directory."""
-        if self.exists:
-            for domid in reversed(self.domain_ids()):
-                try:
-                    self.destroy_domain(domid)
-                except OSError as e:
-                    if e.errno != errno.ESRCH:
-                        raise
+        """Destroy every domain (freeing /dev/shm memory) and remove the run directory.
+
+        Only a directory that holds a simulated machine is removed: a wrong `run_dir`
+        (say the current directory) must never be wiped.
+        """
+        if not self.exists:
+            return
+        for domid in reversed(self.domain_ids()):
+            try:
+                self.destroy_domain(domid)
+            except OSError as e:
+                if e.errno != errno.ESRCH:
+                    raise
         shutil.rmtree(self.run_dir, ignore_errors=True)

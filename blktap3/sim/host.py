@@ -1,0 +1,175 @@
+"""The simulated Xen host: one object that brings the machine up and takes it down.
+
+`Host(run_dir)` owns a simulated machine (xensim state), Debian's real xenstored under it
+and the toolstack. `up()` may run in one process and `down()` in another (the
+`blktap3-sim` CLI does that): what was started is recorded in `<run_dir>/host.json`, and
+`down()` stops it by pid and removes the run directory. Tests use the same object as a
+fixture, in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from blktap3.xenbus import XenStore
+
+from .toolstack import Toolstack
+from .xensim import Machine
+from .xenstored import Kind, Xenstored
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RUN_DIR = "/run/blktap3-sim"
+STATE_FILE = "host.json"
+STOP_TIMEOUT = 5.0
+
+
+class HostError(Exception):
+    """The host cannot do what was asked (said in one line)."""
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("BLKTAP3_SIM_DIR") or DEFAULT_RUN_DIR)
+
+
+class Host:
+    """A simulated Xen host kept in `run_dir`."""
+
+    def __init__(self, run_dir: str | os.PathLike[str] | None = None) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
+        self.run_dir = self.run_dir.absolute()
+        self.machine = Machine(self.run_dir)
+        self._xenstored: Xenstored | None = None
+
+    # -- state shared between processes ------------------------------------------
+
+    @property
+    def _state_path(self) -> Path:
+        return self.run_dir / STATE_FILE
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        return state
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self._state_path)
+
+    @property
+    def is_up(self) -> bool:
+        return bool(self._state().get("xenstored"))
+
+    def require_up(self) -> None:
+        if not self.is_up:
+            raise HostError(f"no simulated host in {self.run_dir} (run: blktap3-sim up)")
+
+    @property
+    def xenstored_kind(self) -> Kind:
+        kind: Kind = self._state()["xenstored"]["kind"]
+        return kind
+
+    @property
+    def xenstored_path(self) -> Path:
+        return Xenstored(self.run_dir, self.xenstored_kind).socket_path
+
+    def env(self) -> dict[str, str]:
+        """What a client process needs to reach this host's xenstored."""
+        return {"XENSTORED_PATH": str(self.xenstored_path)}
+
+    # -- bring up, take down -----------------------------------------------------
+
+    def up(self, xenstored: Kind = "c") -> None:
+        if self.is_up:
+            raise HostError(f"a simulated host is already up in {self.run_dir}")
+        if len(str(self.run_dir / "xenstored" / "socket")) > 100:
+            raise HostError(f"run directory {self.run_dir} too long for a unix socket path")
+        self.machine.init()
+        daemon = Xenstored(self.run_dir, xenstored)
+        daemon.start()
+        self._xenstored = daemon
+        self._save_state({"xenstored": {"kind": xenstored, "pid": daemon.pid}})
+        log.info("host up", run_dir=str(self.run_dir), xenstored=xenstored, pid=daemon.pid)
+
+    def down(self) -> None:
+        """Stop everything this host started and remove its state (idempotent)."""
+        state = self._state()
+        if self._xenstored is not None:
+            self._xenstored.stop()
+            self._xenstored = None
+        elif state.get("xenstored"):
+            _stop_pid(state["xenstored"]["pid"], "xenstored")
+        if self.machine.exists:
+            self.machine.teardown()
+        log.info("host down", run_dir=str(self.run_dir))
+
+    def restart_xenstored(self) -> None:
+        """Stop xenstored and start a fresh one (its database is lost, as on a real host)."""
+        self.require_up()
+        kind = self.xenstored_kind
+        if self._xenstored is None:
+            _stop_pid(self._state()["xenstored"]["pid"], "xenstored")
+            self._xenstored = Xenstored(self.run_dir, kind)
+            self._xenstored.socket_path.unlink(missing_ok=True)
+            self._xenstored.start()
+        else:
+            self._xenstored.restart()
+        self._save_state({**self._state(), "xenstored": {"kind": kind,
+                                                         "pid": self._xenstored.pid}})
+
+    # -- clients -----------------------------------------------------------------
+
+    def xs(self, timeout: float = 10.0) -> XenStore:
+        """A new dom0 XenStore client (close it, or use it as a context manager)."""
+        self.require_up()
+        return XenStore.open(str(self.xenstored_path), timeout=timeout)
+
+    @contextlib.contextmanager
+    def toolstack(self) -> Iterator[Toolstack]:
+        with self.xs() as xs:
+            yield Toolstack(self.machine, xs)
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def _stop_pid(pid: int, name: str, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL, a daemon started by another process, and wait until it is gone."""
+    if not _is_process(pid, name):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_process(pid, name):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.02)
+
+
+def _is_process(pid: int, name: str) -> bool:
+    """Whether `pid` is still a live process whose command line names `name`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    if "State:\tZ" in status:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return name.encode() in cmdline
