@@ -64,17 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mib", type=int, default=512, help="backing file size (MiB)")
     ap.add_argument("--dir", default="/var/tmp", help="where the backing file goes")
     ap.add_argument("--only", default=None, help="only workloads whose name contains this")
+    ap.add_argument("--poll-us", type=int, default=0,
+                    help="ring service and guest spin this long before sleeping (default 0)")
     args = ap.parse_args(argv)
 
     results: list[dict[str, Any]] = []
     print(f"blktap3-bench on {platform.node()} ({os.cpu_count()} CPUs, {platform.system()} "
           f"{platform.release()}): {args.size_mib} MiB file in {args.dir}, "
-          f"{args.runtime:g} s per run, O_DIRECT, io_uring; latencies in us", flush=True)
+          f"{args.runtime:g} s per run, O_DIRECT, io_uring, poll {args.poll_us} us; "
+          "latencies in us", flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="blktap3-bench-", dir=args.dir) as tmp:
         disk = Path(tmp) / "disk.img"
         _prepare(disk, args.size_mib << 20)
-        with bench_ring.RingRig(Path(tmp) / "xen", disk) as rig:
+        with bench_ring.RingRig(Path(tmp) / "xen", disk, poll_us=args.poll_us) as rig:
             for w in WORKLOADS:
                 if args.only and args.only not in w["workload"]:
                     continue

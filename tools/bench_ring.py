@@ -16,8 +16,9 @@ GUEST = 9
 class RingRig:
     """xensim machine + ring host process (dom0) + a guest driver process per run."""
 
-    def __init__(self, run_dir: Path, disk: Path) -> None:
+    def __init__(self, run_dir: Path, disk: Path, poll_us: int = 0) -> None:
         self.run_dir = run_dir
+        self.poll_us = poll_us
         self.disk = disk
         self.machine = xensim.Machine(run_dir)
         self.host: LineProcess | None = None
@@ -44,10 +45,11 @@ class RingRig:
         try:
             g = guest.call("open", backend=0, order=order, protocol="native")
             self.host.call("connect", name="r", image=image, domid=GUEST, devid=1,
-                           grefs=g["grefs"], order=order, port=g["port"], protocol="native")
+                           grefs=g["grefs"], order=order, port=g["port"], protocol="native",
+                           poll_us=self.poll_us)
             try:
                 cpu0 = self.host.call("cpu")
-                res: dict[str, Any] = guest.call("run", **run)
+                res: dict[str, Any] = guest.call("run", poll_us=self.poll_us, **run)
                 cpu1 = self.host.call("cpu")
             finally:
                 self.host.call("disconnect", name="r")

@@ -99,6 +99,8 @@ int td_engine_submit(struct td_engine *e);
 uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max);
 /* A file descriptor readable when completions may be ready; -1 when never needed. */
 int td_engine_fd(const struct td_engine *e);
+/* Completions are waiting (a memory read, no syscall: for polling). */
+int td_engine_ready(struct td_engine *e);
 
 /* One synchronous read/write through an engine (tests, tools). */
 int td_image_rw(struct td_image *img, int engine, int write, void *buf,
@@ -127,7 +129,7 @@ struct td_stats {
 struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, struct td_ring **out);
+                    int engine, uint32_t poll_us, struct td_ring **out);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);

@@ -106,6 +106,13 @@ int td_engine_fd(const struct td_engine *e)
     return e->efd;
 }
 
+int td_engine_ready(struct td_engine *e)
+{
+    if (e->kind == TD_ENGINE_URING)
+        return io_uring_cq_ready(&e->uring) > 0;
+    return e->ndone > 0;
+}
+
 static int32_t sync_io(int op, int fd, char *buf, uint32_t len, uint64_t off)
 {
     uint32_t done = 0;

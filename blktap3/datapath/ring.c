@@ -74,6 +74,7 @@ struct td_ring {
     int state;              /* enum td_state, under mu */
     int ctl_efd;
     int exited;
+    uint64_t poll_ns;       /* spin this long for work before sleeping (0: never) */
     int stop_seen;          /* disconnect: req_prod when it was asked, served up to there */
     RING_IDX stop_prod;
 
@@ -369,6 +370,33 @@ static int get_state(struct td_ring *r)
     return __atomic_load_n(&r->state, __ATOMIC_ACQUIRE);
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Polling mode (blktap's poll_duration): before going to sleep, watch the ring and the
+ * completion queue for a while. req_event is not re-armed meanwhile, so the front-end
+ * does not kick us either: no syscall on either side while busy. Returns 1 when work
+ * showed up.
+ */
+static int spin_for_work(struct td_ring *r, int st)
+{
+    uint64_t end = now_ns() + r->poll_ns;
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (hdr(r)->req_prod != r->req_cons || td_engine_ready(r->eng) ||
+                get_state(r) != st)
+                return 1;
+            __builtin_ia32_pause();
+        }
+    } while (now_ns() < end);
+    return 0;
+}
+
 static void *service(void *arg)
 {
     struct td_ring *r = arg;
@@ -405,6 +433,8 @@ static void *service(void *arg)
             continue;
         }
         if (work)
+            continue;
+        if (r->poll_ns && st == RS_RUN && taking && r->held < 0 && spin_for_work(r, st))
             continue;
         if (st == RS_RUN && taking && r->held < 0) {
             /* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look once more. */
@@ -482,7 +512,7 @@ static void free_ring(struct td_ring *r)
 
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, struct td_ring **out)
+                    int engine, uint32_t poll_us, struct td_ring **out)
 {
     if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64)
         return -EINVAL;
@@ -494,6 +524,7 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     pthread_cond_init(&r->cv, NULL);
     r->ctl_efd = -1;
     r->held = -1;
+    r->poll_ns = (uint64_t)poll_us * 1000u;
     r->img = img;
     r->domid = domid;
     r->devid = devid;

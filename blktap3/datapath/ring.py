@@ -49,10 +49,13 @@ class Ring:
         port: int,
         protocol: str,
         engine: str = "auto",
+        poll_us: int = 0,
     ) -> Ring:
         """Map the ring (2**order pages), bind the event channel, start the service.
 
         ``engine``: "auto" (io_uring, else the synchronous fallback), "uring", "sync".
+        ``poll_us``: spin this long for new requests/completions before sleeping
+        (blktap's ``poll_duration``; trades CPU for latency; 0 = always sleep).
         """
         if protocol not in PROTOCOLS:
             raise OSError(22, f"unknown ring protocol {protocol!r}")
@@ -60,10 +63,21 @@ class Ring:
             raise OSError(22, f"ring order {order} needs {1 << order} grant refs, got {len(grefs)}")
         if engine not in ENGINES:
             raise OSError(22, f"unknown io engine {engine!r}")
+        if not 0 <= poll_us <= 1_000_000:
+            raise OSError(22, f"poll_us {poll_us} out of range 0..1000000")
         refs = ffi.new("uint32_t[]", [int(g) for g in grefs])
         out = ffi.new("struct td_ring **")
         rc = lib.td_ring_connect(
-            image.handle, domid, devid, refs, order, port, PROTOCOLS[protocol], ENGINES[engine], out
+            image.handle,
+            domid,
+            devid,
+            refs,
+            order,
+            port,
+            PROTOCOLS[protocol],
+            ENGINES[engine],
+            poll_us,
+            out,
         )
         check(rc, f"connect ring d{domid}/{devid}")
         return cls(out[0], image, domid, devid)

@@ -137,14 +137,19 @@ class GuestRing:
         verify: bool = False,
         stamp: int = 0,
         timeout: float = 10.0,
+        poll_us: int = 0,
     ) -> dict[str, Any]:
-        """A workload; returns counts, elapsed time, IOPS and latency percentiles."""
+        """A workload; returns counts, elapsed time, IOPS and latency percentiles.
+
+        ``poll_us``: spin for responses this long before sleeping on the event channel.
+        """
         p = ffi.new("struct gd_params *")
         p.qd, p.bs_sectors, p.read_pct, p.random = qd, bs // SECTOR, read_pct, int(random)
         p.start, p.span, p.max_ios = start, span, ios
         p.duration_ns = int(duration * 1e9)
         p.seed, p.verify, p.stamp = seed, int(verify), stamp
         p.timeout_ms = int(timeout * 1000)
+        p.poll_us = poll_us
         res = ffi.new("struct gd_result *")
         rc = lib.gd_run(self._g, p, res)
         if rc < 0 and rc != -ETIMEDOUT:  # a timeout still reports what was lost

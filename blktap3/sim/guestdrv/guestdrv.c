@@ -49,6 +49,7 @@ struct gd {
     uint64_t kicks_out, kicks_in;
     int16_t *raw_status;
     uint32_t raw_got;
+    uint64_t poll_ns;
 };
 
 struct gd_hdr {
@@ -273,6 +274,14 @@ static uint32_t reap(struct gd *g, gd_on_rsp cb, void *ctx)
         }
         if (n)
             return n;
+        if (g->poll_ns) {
+            /* Polling: rsp_event stays behind, so the back-end does not kick us. */
+            uint64_t end = now_ns() + g->poll_ns;
+            while (hdr(g)->rsp_prod == g->rsp_cons && now_ns() < end)
+                __builtin_ia32_pause();
+            if (hdr(g)->rsp_prod != g->rsp_cons)
+                continue;
+        }
         hdr(g)->rsp_event = g->rsp_cons + 1;
         xen_mb();   /* rsp_event is visible before we look at rsp_prod again */
         if (hdr(g)->rsp_prod == g->rsp_cons)
@@ -401,6 +410,7 @@ int gd_run(struct gd *g, const struct gd_params *p, struct gd_result *res)
     uint64_t kin0 = g->kicks_in, kout0 = g->kicks_out;
     uint64_t t0 = now_ns(), tend = p->duration_ns ? t0 + p->duration_ns : UINT64_MAX;
     uint32_t timeout = p->timeout_ms ? p->timeout_ms : 10000;
+    g->poll_ns = (uint64_t)p->poll_us * 1000u;
     int rc = 0;
     for (;;) {
         uint64_t t = now_ns();
@@ -438,6 +448,7 @@ int gd_run(struct gd *g, const struct gd_params *p, struct gd_result *res)
             break;
         }
     }
+    g->poll_ns = 0;
     res->elapsed_ns = now_ns() - t0;
     res->kicks_in = g->kicks_in - kin0;
     res->kicks_out = g->kicks_out - kout0;

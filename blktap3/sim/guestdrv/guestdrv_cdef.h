@@ -30,6 +30,7 @@ struct gd_params {
     int32_t verify;             /* writes carry (sector, stamp); reads check it */
     uint64_t stamp;
     uint32_t timeout_ms;        /* no response for this long: give up, count lost */
+    uint32_t poll_us;           /* spin this long for responses before sleeping */
 };
 
 struct gd_result {
