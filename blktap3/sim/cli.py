@@ -1,8 +1,185 @@
-"""blktap3-sim: placeholder until the simulated host lands (issue 2)."""
+"""blktap3-sim: drive the simulated Xen host from a shell.
 
+    blktap3-sim [--run-dir DIR] up [--xenstored c|ocaml]
+    blktap3-sim [--run-dir DIR] down
+    blktap3-sim [--run-dir DIR] domain create|destroy DOMID
+    blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom]
+    blktap3-sim [--run-dir DIR] vbd remove DOMID DEVID
+    blktap3-sim [--run-dir DIR] ls [PATH]
+    blktap3-sim demo
+
+The run directory defaults to $BLKTAP3_SIM_DIR, else /run/blktap3-sim. Errors are one
+line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from blktap3.xenbus import XenStore, XenStoreError
+
+from . import demo
+from .host import Host, HostError, default_run_dir
+from .toolstack import Image, ToolstackError, parse_devid, parse_domid
+from .xensim import XensimError
+from .xenstored import XenstoredError
+
+PROG = "blktap3-sim"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
-def main() -> int:
-    print("blktap3-sim: not built yet", file=sys.stderr)
-    return 1
+class UsageError(Exception):
+    """Bad command-line input: reported with the usage line."""
+
+
+def _domid(text: str) -> int:
+    try:
+        return parse_domid(text)
+    except ToolstackError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _devid(text: str) -> int:
+    try:
+        return parse_devid(text)
+    except ToolstackError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The simulated Xen host: xenstored under xensim, a toolstack.")
+    parser.add_argument("--run-dir", default=None,
+                        help=f"state directory (default $BLKTAP3_SIM_DIR or {default_run_dir()})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start xenstored under xensim, in the background")
+    up.add_argument("--xenstored", choices=("c", "ocaml"), default="c",
+                    help="Debian's C xenstored (default) or oxenstored")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop everything and remove the run directory")
+    down.set_defaults(func=cmd_down)
+
+    domain = sub.add_parser("domain", help="create or destroy a guest domain")
+    dsub = domain.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = dsub.add_parser("create", help="memory, xenstore page, introduce")
+    create.add_argument("domid", type=_domid)
+    create.set_defaults(func=cmd_domain_create)
+    destroy = dsub.add_parser("destroy", help="release, remove its nodes, VIRQ_DOM_EXC")
+    destroy.add_argument("domid", type=_domid)
+    destroy.set_defaults(func=cmd_domain_destroy)
+
+    vbd = sub.add_parser("vbd", help="add or remove a vbd3 disk")
+    vsub = vbd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = vsub.add_parser("add", help="write the back-end and front-end nodes")
+    add.add_argument("domid", type=_domid)
+    add.add_argument("devid", type=_devid, help="virtual-device number or xvdX name")
+    add.add_argument("image", help="aio:/path, raw:/path or a plain path")
+    add.add_argument("--mode", choices=("r", "w"), default="w")
+    add.add_argument("--cdrom", action="store_true", help="device-type cdrom (read-only)")
+    add.set_defaults(func=cmd_vbd_add)
+    remove = vsub.add_parser("remove", help="remove both directories")
+    remove.add_argument("domid", type=_domid)
+    remove.add_argument("devid", type=_devid)
+    remove.set_defaults(func=cmd_vbd_remove)
+
+    ls = sub.add_parser("ls", help="print the XenStore tree with permissions")
+    ls.add_argument("path", nargs="?", default="/")
+    ls.set_defaults(func=cmd_ls)
+
+    dm = sub.add_parser("demo", help="the main job: bring a host up, show it, take it down")
+    dm.add_argument("--xenstored", choices=("c", "ocaml"), default="c")
+    dm.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_up(host: Host, args: argparse.Namespace) -> None:
+    host.up(args.xenstored)
+    print(f"export XENSTORED_PATH={host.xenstored_path}")
+
+
+def cmd_down(host: Host, args: argparse.Namespace) -> None:
+    host.down()
+
+
+def cmd_domain_create(host: Host, args: argparse.Namespace) -> None:
+    with host.toolstack() as ts:
+        info = ts.create_domain(args.domid)
+    print(f"domain {info.domid}: xenstore mfn {info.xenstore_mfn} port {info.xenstore_port}")
+
+
+def cmd_domain_destroy(host: Host, args: argparse.Namespace) -> None:
+    with host.toolstack() as ts:
+        ts.destroy_domain(args.domid)
+
+
+def cmd_vbd_add(host: Host, args: argparse.Namespace) -> None:
+    image = Image.parse(args.image)
+    mode = "r" if args.cdrom else args.mode
+    with host.toolstack() as ts:
+        paths = ts.add_vbd(args.domid, args.devid, image, mode=mode, cdrom=args.cdrom)
+    print(paths.backend)
+    print(paths.frontend)
+
+
+def cmd_vbd_remove(host: Host, args: argparse.Namespace) -> None:
+    with host.toolstack() as ts:
+        ts.remove_vbd(args.domid, args.devid)
+
+
+def cmd_ls(host: Host, args: argparse.Namespace) -> None:
+    with host.xs() as xs:
+        for line in tree_lines(xs, args.path):
+            print(line)
+
+
+def cmd_demo(host: Host, args: argparse.Namespace) -> None:
+    raise SystemExit(demo.run(xenstored=args.xenstored, run_dir=args.run_dir))
+
+
+def tree_lines(xs: XenStore, path: str) -> list[str]:
+    """`path = "value"  (perms)` for `path` and every node under it, depth first."""
+    lines: list[str] = []
+
+    def walk(node: str) -> None:
+        value = xs.read(node)
+        perms = ",".join(str(p) for p in xs.get_perms(node))
+        lines.append(f'{node} = "{value}"   ({perms})')
+        base = "" if node == "/" else node
+        for child in xs.ls(node):
+            walk(f"{base}/{child}")
+
+    walk(path)
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(10 if args.verbose else 30))
+    func: Callable[[Host, argparse.Namespace], None] = args.func
+    if func is cmd_demo:
+        func(Host(args.run_dir or "/unused"), args)
+        return 0
+    host = Host(args.run_dir)
+    try:
+        if func is not cmd_up:
+            host.require_up()
+        func(host, args)
+    except (HostError, ToolstackError, XenstoredError, XensimError, XenStoreError,
+            OSError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

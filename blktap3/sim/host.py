@@ -82,6 +82,11 @@ class Host:
         return kind
 
     @property
+    def xenstored_pid(self) -> int | None:
+        pid: int | None = self._state().get("xenstored", {}).get("pid")
+        return pid
+
+    @property
     def xenstored_path(self) -> Path:
         return Xenstored(self.run_dir, self.xenstored_kind).socket_path
 

@@ -1,0 +1,111 @@
+"""blktap3-sim end to end: up, domains, disks, ls, down, and its one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blktap3.sim.host import Host
+
+pytestmark = pytest.mark.integration
+
+
+def sim(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blktap3.sim.cli", "--run-dir", str(run_dir), *args],
+        capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="b3cli-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        Host(path / "run").down()
+        for p in sorted(path.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        path.rmdir()
+
+
+@pytest.fixture
+def image(work: Path) -> Path:
+    path = work / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["c", "ocaml"])
+def test_up_domain_vbd_ls_down(work: Path, image: Path, kind: str) -> None:
+    run = work / "run"
+    up = sim(run, "up", "--xenstored", kind)
+    assert up.returncode == 0, up.stderr
+    socket = run / "xenstored" / "socket"
+    assert up.stdout.strip() == f"export XENSTORED_PATH={socket}"
+    pid = Host(run).xenstored_pid
+    assert pid and os.path.exists(f"/proc/{pid}")
+
+    assert sim(run, "domain", "create", "3").returncode == 0
+    add = sim(run, "vbd", "add", "3", "xvdb", str(image), "--mode", "r")
+    assert add.returncode == 0, add.stderr
+    assert add.stdout.split() == ["/local/domain/0/backend/vbd3/3/51728",
+                                  "/local/domain/3/device/vbd/51728"]
+
+    # Debian's own client sees what the toolstack wrote, with libxl's permissions.
+    env = dict(os.environ, XENSTORED_PATH=str(socket))
+    ls = subprocess.run(["xenstore-ls", "-f", "-p", "/local/domain/0/backend/vbd3/3/51728"],
+                        env=env, capture_output=True, text=True, check=True).stdout
+    assert '/mode = "r"' in ls and "(n0,r3)" in ls
+    assert f'params = "aio:{image}"' in ls
+    tree = sim(run, "ls", "/local/domain/3/device/vbd/51728").stdout
+    assert '/local/domain/3/device/vbd/51728/backend-id = "0"   (n3,r0)' in tree
+
+    assert sim(run, "domain", "destroy", "3").returncode == 0
+    assert "/local/domain/3" not in sim(run, "ls").stdout
+    down = sim(run, "down")
+    assert down.returncode == 0, down.stderr
+    assert not os.path.exists(f"/proc/{pid}") or b"xenstored" not in Path(
+        f"/proc/{pid}/cmdline").read_bytes()
+    assert not run.exists()
+
+
+def test_commands_without_a_host_fail_in_one_line(work: Path) -> None:
+    result = sim(work / "run", "domain", "create", "1")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "no simulated host" in result.stderr
+
+
+def test_bad_input_errors(work: Path, image: Path) -> None:
+    run = work / "run"
+    assert sim(run, "up").returncode == 0
+    assert sim(run, "domain", "create", "1").returncode == 0
+
+    taken = sim(run, "domain", "create", "1")
+    assert (taken.returncode, taken.stderr) == (1, "blktap3-sim: domain 1 already exists\n")
+
+    missing = sim(run, "vbd", "add", "1", "xvda", str(work / "nope.img"))
+    assert missing.returncode == 1 and "is not a file" in missing.stderr
+
+    no_domain = sim(run, "vbd", "add", "7", "xvda", str(image))
+    assert (no_domain.returncode, no_domain.stderr) == (1, "blktap3-sim: no domain 7\n")
+
+    assert sim(run, "vbd", "add", "1", "xvda", str(image)).returncode == 0
+    twice = sim(run, "vbd", "add", "1", "xvda", str(image))
+    assert twice.returncode == 1 and "already has device 51712" in twice.stderr
+
+    for bad in (["domain", "create", "0"], ["domain", "create", "x"],
+                ["vbd", "add", "1", "sda", str(image)], ["up", "--xenstored", "go"]):
+        usage = sim(run, *bad)
+        assert usage.returncode == 2, bad
+        assert "usage:" in usage.stderr and "error:" in usage.stderr
+
+    again = sim(run, "up")
+    assert again.returncode == 1 and "already up" in again.stderr
