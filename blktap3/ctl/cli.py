@@ -277,7 +277,8 @@ def _configure_logging(debug: bool) -> None:
             colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.DEBUG if debug else logging.WARNING),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        # Looked up per call, not bound now: whatever sys.stderr is when a line is logged.
+        logger_factory=lambda *_: structlog.WriteLogger(sys.stderr),
     )
 
 

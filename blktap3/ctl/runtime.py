@@ -138,14 +138,20 @@ def socket_pids(root: Path) -> list[int]:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (EPERM still means it does)."""
+    """Whether a process with this pid runs (EPERM still means it does; a zombie,
+    dead but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) S ...": the state follows the last ')' (comm may hold any byte).
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_socket(root: Path, pid: int) -> bool:

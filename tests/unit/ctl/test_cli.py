@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from blktap3.ctl import cli, runtime
 from blktap3.ctl.ops import TapEntry
 
 
 @pytest.fixture(autouse=True)
-def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     monkeypatch.setenv(runtime.ROOT_ENV, str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    structlog.reset_defaults()  # main() configures logging for the whole process
 
 
 @pytest.mark.parametrize(
