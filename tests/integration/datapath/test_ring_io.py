@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,10 @@ def test_pause_under_load_loses_and_duplicates_nothing(
     total = 8 * span // 8  # the region written 8 times over, same stamp
     guest.send("run", qd=g["slots"], bs=4096, read_pct=0, span=span, ios=total,
                verify=True, stamp=77, timeout=30.0)
+    # Start pausing only once the guest's writes are flowing.
+    deadline = time.monotonic() + 20
+    while host.call("stats", name="r")["responses"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
     under_load = 0
     for _ in range(20):
         host.call("pause", name="r")
