@@ -22,7 +22,7 @@ from blktap3.ctl import ops, runtime
 from blktap3.ctl import protocol as p
 from blktap3.ctl.client import CtlError, TapdiskClient
 
-from .conftest import MiB, TAP_CTL, TapCtl, parse_list
+from .conftest import TAP_CTL, MiB, TapCtl, parse_list
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("blktap3.datapath", reason="the data path (Image.open) is not built")

@@ -114,7 +114,7 @@ def test_blkif_and_stat_encoding_land_where_c_reads_them(ffi: FFI) -> None:
 
 def test_message_ids_follow_blktaps_order() -> None:
     assert [t.value for t in p.MessageType] == list(range(1, 31))
-    assert p.MessageType.XENBLKIF_CONNECT == 24 and p.MessageType.EXIT == 30
+    assert (int(p.MessageType.XENBLKIF_CONNECT), int(p.MessageType.EXIT)) == (24, 30)
     assert p.reply_type(p.MessageType.ATTACH) is p.MessageType.ATTACH_RSP
     assert p.reply_type(p.MessageType.DISK_INFO) is p.MessageType.DISK_INFO_RSP
     assert p.reply_type(p.MessageType.FORCE_SHUTDOWN) is p.MessageType.CLOSE_RSP
@@ -123,7 +123,7 @@ def test_message_ids_follow_blktaps_order() -> None:
 
 
 def test_open_flag_and_state_bit_values_are_blktaps() -> None:
-    assert p.OpenFlags.NO_O_DIRECT == 0x200 and p.OpenFlags.OPEN_ENCRYPTED == 0x400
+    assert (int(p.OpenFlags.NO_O_DIRECT), int(p.OpenFlags.OPEN_ENCRYPTED)) == (0x200, 0x400)
     assert p.VbdStateBits.PAUSED | p.VbdStateBits.QUIESCED | p.VbdStateBits.CLOSED == 0x2A
     assert p.ResumeFlags.RESIZE & 0xFFFF == 0  # never collides with an open flag
 

@@ -45,7 +45,7 @@ def image(root: Path, name: str = "disk.img", size: int = 4 * MiB) -> str:
 
 def default_payload(mtype: T) -> p.Payload:
     cls = p.PAYLOAD_OF[mtype]
-    return cls() if cls in (p.Empty, p.Params, p.Resume) else p.Empty()  # type: ignore[call-arg]
+    return cls() if cls in (p.Empty, p.Params, p.Resume) else p.Empty()
 
 
 def send(td: Tapdisk, mtype: T, minor: int = 0, payload: p.Payload | None = None) -> Reply:
@@ -292,10 +292,10 @@ def test_a_pause_that_cannot_drain_fails_and_force_shutdown_still_closes(
     blkif = p.Blkif(domid=1, devid=2, grefs=(8,))
     assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif)) == errno.EALREADY
     assert error_of(send(tapdisk, T.PAUSE, minor)) == errno.ETIMEDOUT
-    assert vbd.state is VbdState.PAUSE_REQUESTED
+    assert tapdisk.vbds[minor].state is VbdState.PAUSE_REQUESTED
     assert error_of(send(tapdisk, T.CLOSE, minor)) == errno.EBUSY
     assert send(tapdisk, T.FORCE_SHUTDOWN, minor).messages[0].type is T.CLOSE_RSP
-    assert ring.disconnected and vbd.state is VbdState.CLOSED
+    assert ring.disconnected and tapdisk.vbds[minor].state is VbdState.CLOSED
 
 
 def test_shutdown_releases_every_minor(root: Path) -> None:
