@@ -99,6 +99,8 @@ int td_engine_submit(struct td_engine *e);
 uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max);
 /* A file descriptor readable when completions may be ready; -1 when never needed. */
 int td_engine_fd(const struct td_engine *e);
+/* Clear the wake-up of td_engine_fd once poll() reported it. */
+void td_engine_clear(struct td_engine *e);
 /* Completions are waiting (a memory read, no syscall: for polling). */
 int td_engine_ready(struct td_engine *e);
 

@@ -106,6 +106,15 @@ int td_engine_fd(const struct td_engine *e)
     return e->efd;
 }
 
+void td_engine_clear(struct td_engine *e)
+{
+    uint64_t junk;
+    /* Only once poll() said so: a read per reap would cost a syscall per batch. A
+     * completion posted after this re-arms the eventfd, so none is slept through. */
+    if (e->efd >= 0 && read(e->efd, &junk, sizeof(junk)) < 0)
+        (void)0;    /* EAGAIN: already cleared */
+}
+
 int td_engine_ready(struct td_engine *e)
 {
     if (e->kind == TD_ENGINE_URING)
@@ -188,10 +197,6 @@ uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max)
         e->ndone -= n;
         return n;
     }
-    uint64_t junk;
-    /* Clear the wake-up first: a completion posted after this re-arms it. */
-    if (read(e->efd, &junk, sizeof(junk)) < 0 && errno != EAGAIN)
-        return 0;
     struct io_uring_cqe *cqes[256];
     uint32_t got = 0;
     while (got < max) {

@@ -459,6 +459,8 @@ static void *service(void *arg)
                 STAT_ADD(r, kicks_in, 1);
             }
         }
+        if (nfd == 3 && (pfd[2].revents & POLLIN))
+            td_engine_clear(r->eng);
         if (pfd[1].revents & POLLIN) {
             uint64_t junk;
             if (read(r->ctl_efd, &junk, sizeof(junk)) < 0)
