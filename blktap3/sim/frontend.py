@@ -1,0 +1,536 @@
+"""The simulated guest's blkfront: the xenbus handshake of one VBD, seen from the guest.
+
+A `Blkfront` runs inside the process that is the guest domain and talks XenStore through
+the guest's own xenstore ring (`XenStore.over_ring`): for xenstored it is a real
+unprivileged domain, so it can write only its own front-end directory and read the
+back-end's. The steps are not hand-written: the front-end machine
+(`blktap3.fsm.FrontendVbd`, specs/frontend_vbd.toml) decides them from the back-end's
+`state`, and this module executes its effects (write keys, publish state, read the
+disk) the way the chosen *personality* does it.
+
+A personality (`specs/personalities/<name>.toml`) is data: which transport keys a real
+front-end writes (ring order, `protocol`, `feature-persistent`), whether it writes them
+in one transaction, how it switches state, and which back-end keys it reads on Connected.
+
+The ring itself (granted pages, unbound event channel) is allocated by a `RingFactory`
+when the back-end says InitWait, as Linux blkfront does in `talk_to_blkback`; the guest
+process passes one built on the C ring driver (`blktap3.sim.guestdrv`).
+
+Every step is recorded in a timeline (milliseconds since the Blkfront was made, who did
+what) from which the handshake latencies are taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any, Protocol
+
+import structlog
+
+from blktap3.fsm import (
+    BackendInfoRead,
+    BackendStateChanged,
+    DeviceClose,
+    DeviceReconnect,
+    DiskInfo,
+    Effect,
+    Event,
+    FrontendTransportConfig,
+    FrontendVbd,
+    FsmError,
+    PublishState,
+    ReadBackendInfo,
+    WriteKeys,
+)
+from blktap3.fsm import XenbusState as FsmState
+from blktap3.xenbus import (
+    Reconnected,
+    Transaction,
+    VbdPaths,
+    WatchStream,
+    XenbusState,
+    XenbusValueError,
+    XenStore,
+    XenStoreError,
+    parse_state,
+)
+from blktap3.xenbus.states import parse_decimal
+
+log = structlog.get_logger(__name__)
+
+PERSONALITY_PACKAGE = "blktap3.specs"
+PERSONALITY_DIR = "personalities"
+PROTOCOLS = ("", "native", "x86_32-abi", "x86_64-abi")
+MAX_RING_PAGE_ORDER = 4  # QEMU's limit, the largest any back-end offers
+WATCH_SLICE = 0.1  # seconds: how often a waiting loop checks its deadline and stop flag
+VDISK_READONLY = 4
+
+
+class FrontendFailure(Exception):
+    """The front-end could not do its part (said in one line, with the state it was in)."""
+
+
+# -- personalities --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Personality:
+    """How one kind of guest's blkfront writes and reads its keys."""
+
+    name: str
+    doc: str
+    ring_page_order: int  # the front-end's own maximum; capped by the back-end's
+    protocol: str  # "" leaves the `protocol` key out (native)
+    feature_persistent: bool
+    write_feature_persistent: bool
+    keys_in_transaction: bool
+    state_in_transaction: bool
+    mandatory_reads: tuple[str, ...]
+    optional_reads: tuple[str, ...]
+
+    @property
+    def ring_protocol(self) -> str:
+        """The layout the ring driver must use for the `protocol` it announces."""
+        return self.protocol or "native"
+
+
+def personality_names() -> list[str]:
+    root = files(PERSONALITY_PACKAGE).joinpath(PERSONALITY_DIR)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_personality(name: str) -> Personality:
+    """`specs/personalities/<name>.toml`, checked; `ValueError` naming what is wrong."""
+    if name not in personality_names():
+        raise ValueError(f"unknown personality {name!r}: one of {', '.join(personality_names())}")
+    text = files(PERSONALITY_PACKAGE).joinpath(PERSONALITY_DIR, f"{name}.toml").read_text()
+    return parse_personality(tomllib.loads(text), name)
+
+
+def parse_personality(data: dict[str, Any], name: str) -> Personality:
+    """A personality from its TOML tables; every key is required and typed."""
+    expected: dict[str, dict[str, type]] = {"personality": {"name": str, "doc": str},
+                "transport": {"ring_page_order": int, "protocol": str,
+                              "feature_persistent": bool, "write_feature_persistent": bool,
+                              "keys_in_transaction": bool, "state_in_transaction": bool},
+                "read": {"mandatory": list, "optional": list}}
+    if set(data) != set(expected):
+        raise ValueError(f"personality {name}: tables {sorted(data)}, want {sorted(expected)}")
+    for table, keys in expected.items():
+        got = data[table]
+        if set(got) != set(keys):
+            raise ValueError(f"personality {name}: [{table}] has {sorted(got)}, "
+                             f"want {sorted(keys)}")
+        for key, kind in keys.items():
+            # bool is an int in Python: do not let `true` pass as an order.
+            if not isinstance(got[key], kind) or (kind is int and isinstance(got[key], bool)):
+                raise ValueError(f"personality {name}: {table}.{key} must be {kind.__name__}")
+    tr, rd = data["transport"], data["read"]
+    if data["personality"]["name"] != name:
+        raise ValueError(f"personality {name}: file names itself {data['personality']['name']!r}")
+    if not 0 <= tr["ring_page_order"] <= MAX_RING_PAGE_ORDER:
+        raise ValueError(f"personality {name}: ring_page_order not in 0..{MAX_RING_PAGE_ORDER}")
+    if tr["protocol"] not in PROTOCOLS:
+        raise ValueError(f"personality {name}: protocol {tr['protocol']!r} not in {PROTOCOLS}")
+    reads = [*rd["mandatory"], *rd["optional"]]
+    if not all(isinstance(k, str) and k for k in reads):
+        raise ValueError(f"personality {name}: read keys must be non-empty strings")
+    return Personality(
+        name=name, doc=data["personality"]["doc"], ring_page_order=tr["ring_page_order"],
+        protocol=tr["protocol"], feature_persistent=tr["feature_persistent"],
+        write_feature_persistent=tr["write_feature_persistent"],
+        keys_in_transaction=tr["keys_in_transaction"],
+        state_in_transaction=tr["state_in_transaction"],
+        mandatory_reads=tuple(rd["mandatory"]), optional_reads=tuple(rd["optional"]),
+    )
+
+
+# -- the ring the front-end offers ---------------------------------------------------------
+
+
+class Ring(Protocol):
+    """What the handshake needs of a ring: its grant refs and event channel."""
+
+    @property
+    def grefs(self) -> list[int]: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+RingFactory = Callable[[int, str], Ring]  # (ring page order, ring protocol) -> Ring
+
+
+# -- the timeline ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing that happened: `who` is "fe" (us) or "be" (what we saw of the back-end)."""
+
+    t_ms: float
+    who: str
+    what: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"t_ms": round(self.t_ms, 3), "who": self.who, "what": self.what}
+
+
+@dataclass
+class Handshake:
+    """Times (ms on the timeline) of the moments the handshake latencies are taken from."""
+
+    started: float
+    initialised: float | None = None  # we wrote state 3
+    backend_connected: float | None = None  # first back-end Connected seen after that
+    connected: float | None = None  # we wrote state 4: both ends Connected
+
+    def figures(self) -> dict[str, float | None]:
+        def span(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round(b - a, 3)
+
+        return {
+            "initialising_to_connected_ms": span(self.started, self.connected),
+            "initialised_to_backend_connected_ms": span(self.initialised,
+                                                        self.backend_connected),
+        }
+
+
+@dataclass
+class Timeline:
+    started: float = field(default_factory=time.monotonic)
+    steps: list[Step] = field(default_factory=list)
+    on_step: Callable[[Step], None] | None = None
+
+    def now_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000.0
+
+    def add(self, who: str, what: str) -> float:
+        step = Step(self.now_ms(), who, what)
+        self.steps.append(step)
+        if self.on_step is not None:
+            self.on_step(step)
+        return step.t_ms
+
+
+# -- the blkfront ---------------------------------------------------------------------------
+
+
+class Blkfront:
+    """One VBD's front-end: drives `FrontendVbd` from the back-end's state and executes it.
+
+    `connect_xs` makes the guest's XenStore connection (over its ring); it is called once
+    now, and again only when the connection was lost. Not thread-safe: one thread runs
+    `connect`, `wait`, `detach` and `reconnect`.
+    """
+
+    def __init__(
+        self,
+        connect_xs: Callable[[], XenStore],
+        domid: int,
+        devid: int,
+        personality: Personality,
+        ring_factory: RingFactory,
+        *,
+        timeline: Timeline | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.domid = domid
+        self.devid = devid
+        self.personality = personality
+        self._ring_factory = ring_factory
+        self._connect_xs = connect_xs
+        self.should_stop = should_stop
+        self.timeline = timeline or Timeline()
+        self.log = log.bind(domid=domid, devid=devid, personality=personality.name)
+        self.xs: XenStore = connect_xs()
+        self.frontend = VbdPaths(domid, devid).frontend
+        self.backend = self._read_required(f"{self.frontend}/backend")
+        backend_id = self._read_required(f"{self.frontend}/backend-id")
+        try:
+            self.backend_id = parse_decimal(backend_id, "backend-id", hi=0x7FEF)
+        except XenbusValueError as e:
+            raise FrontendFailure(str(e)) from None
+        self.machine = FrontendVbd(domid, self.backend_id)
+        self.ring: Ring | None = None
+        self.backend_state: XenbusState | None = None
+        self.features: dict[str, str] = {}
+        self.handshakes: list[Handshake] = []
+        self.resizes: list[tuple[int, int]] = []  # (old sectors, new sectors)
+        self._token = f"blkfront-{domid}-{devid}-{id(self):x}"
+        self._watch_started = False
+        self._watch = WatchStream(self._reconnect_xs)
+        self._watch.watch(f"{self.backend}/state", self._token)
+
+    # -- public steps ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.machine.state
+
+    @property
+    def disk(self) -> DiskInfo | None:
+        return self.machine.disk
+
+    def connect(self, timeout: float) -> DiskInfo:
+        """Run the handshake until both ends are Connected; the disk the back-end offers."""
+        if self.machine.state != "initialising":
+            raise FrontendFailure(f"connect in state {self.machine.state}")
+        self.handshakes.append(Handshake(self.timeline.now_ms()))
+        self.timeline.add("fe", f"start ({self.personality.name}), back-end {self.backend}")
+        self._sync()
+        self._wait_for(lambda: self.machine.state == "connected", timeout, "Connected")
+        assert self.machine.disk is not None
+        return self.machine.disk
+
+    def wait(self, timeout: float, until: Callable[[], bool] = lambda: False) -> None:
+        """Follow the back-end for `timeout` seconds, or until `until()` or a stop request."""
+        deadline = time.monotonic() + timeout
+        while not until() and not self.should_stop() and time.monotonic() < deadline:
+            self._pump(min(WATCH_SLICE, max(0.0, deadline - time.monotonic())))
+
+    def detach(self, timeout: float) -> None:
+        """Let the device go (Closing, then Closed once the back-end closes); free the ring."""
+        if self.machine.state in ("initialising", "initialised", "reading_info", "connected"):
+            self._feed(DeviceClose())
+        self._wait_for(lambda: self.machine.state == "closed", timeout, "Closed", stoppable=False)
+        self.release_ring(timeout)
+
+    def release_ring(self, timeout: float) -> None:
+        """Ungrant the ring once the back-end is Closed (it unmaps before saying so)."""
+        if self.ring is None:
+            return
+        self._wait_for(self._backend_let_go, timeout, "back-end Closed", stoppable=False,
+                       fail=False)
+        self.ring.close()
+        self.ring = None
+        self.timeline.add("fe", "ring released")
+
+    def reconnect(self) -> None:
+        """Start over after Closed (resume, migration): Initialising again."""
+        self._feed(DeviceReconnect())
+
+    def close(self) -> None:
+        """Drop the watch and the connection (the ring, if still held, is released)."""
+        with contextlib.suppress(XenStoreError):
+            self._watch.unwatch(f"{self.backend}/state", self._token)
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        self._watch.close()
+
+    # -- the event loop --------------------------------------------------------------------
+
+    def _wait_for(self, done: Callable[[], bool], timeout: float, what: str, *,
+                  stoppable: bool = True, fail: bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if stoppable and self.should_stop():
+                raise FrontendFailure(f"stopped while waiting for {what} "
+                                      f"(front-end {self.machine.state})")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if not fail:
+                    self.timeline.add("fe", f"gave up waiting for {what}")
+                    return
+                raise FrontendFailure(
+                    f"timed out after {timeout:g} s waiting for {what}: front-end "
+                    f"{self.machine.state}, back-end {_state_name(self.backend_state)}")
+            self._pump(min(WATCH_SLICE, remaining))
+
+    def _pump(self, timeout: float) -> None:
+        """Take one watch event (or time out) and re-read what it may have changed."""
+        event = self._watch.wait(timeout)
+        if event is None:
+            return
+        if isinstance(event, Reconnected):
+            self.timeline.add("fe", f"xenstore connection re-made ({event.attempts} tries)")
+        # A watch is only a prompt: re-read, whatever it said (it may fire spuriously).
+        self._sync()
+
+    def _sync(self) -> None:
+        raw = self.xs.read_optional(f"{self.backend}/state")
+        if raw is None:
+            if self.backend_state is not None:
+                self.timeline.add("be", "state node gone")
+            self.backend_state = None
+            return
+        try:
+            state = parse_state(raw)
+        except XenbusValueError as e:
+            self.timeline.add("be", f"unparsable state ignored: {e}")
+            return
+        if state != self.backend_state or state == XenbusState.CONNECTED:
+            if state != self.backend_state:
+                self.timeline.add("be", f"state={int(state)} ({state.name})")
+            self.backend_state = state
+            self._on_backend_state(state)
+
+    def _on_backend_state(self, state: XenbusState) -> None:
+        hs = self.handshakes[-1] if self.handshakes else None
+        if (state == XenbusState.CONNECTED and hs is not None and hs.initialised is not None
+                and hs.backend_connected is None):
+            hs.backend_connected = self.timeline.now_ms()
+        if state == XenbusState.INIT_WAIT and self.machine.state == "initialising":
+            self._offer_ring()
+        self._feed(BackendStateChanged(FsmState(int(state))))
+
+    def _feed(self, event: Event) -> None:
+        try:
+            effects = self.machine.handle(event)
+        except FsmError as e:
+            # A back-end out of protocol: blkfront logs it and stays where it is.
+            self.timeline.add("fe", f"refused: {e.detail or e}")
+            self.log.warning("event refused", error=str(e))
+            return
+        self._execute(effects)
+
+    def _execute(self, effects: Sequence[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, WriteKeys):
+                self._write_keys(effect)
+            elif isinstance(effect, PublishState):
+                self._publish(XenbusState(int(effect.state)))
+            elif isinstance(effect, ReadBackendInfo):
+                self._feed(BackendInfoRead(self._read_backend_info()))
+            else:
+                raise FrontendFailure(f"front-end machine asked for {effect!r}")
+
+    # -- effects ---------------------------------------------------------------------------
+
+    def _offer_ring(self) -> None:
+        """Allocate the ring for the order both ends allow, before the keys are written."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        backend_max = self._read_number("max-ring-page-order", default=0)
+        order = min(self.personality.ring_page_order, backend_max)
+        self.ring = self._ring_factory(order, self.personality.ring_protocol)
+        self.machine.transport = FrontendTransportConfig(
+            ring_refs=tuple(self.ring.grefs),
+            event_channel=self.ring.port,
+            protocol=self.personality.protocol or None,
+            persistent=self.personality.feature_persistent,
+        )
+        self.timeline.add("fe", f"ring of {1 << order} page(s) shared, event channel "
+                                f"{self.ring.port}")
+
+    def _write_keys(self, effect: WriteKeys) -> None:
+        keys = [(k, v) for k, v in effect.keys
+                if k != "feature-persistent" or self.personality.write_feature_persistent]
+        text = " ".join(f"{k}={v}" for k, v in keys)
+        if self.personality.keys_in_transaction:
+            def body(tx: Transaction) -> None:
+                for key, value in keys:
+                    tx.write(f"{self.frontend}/{key}", value)
+
+            self.xs.transact(body)
+            self.timeline.add("fe", f"[tx] {text}")
+        else:
+            for key, value in keys:
+                self.xs.write(f"{self.frontend}/{key}", value)
+            self.timeline.add("fe", text)
+
+    def _publish(self, state: XenbusState) -> None:
+        path = f"{self.frontend}/state"
+        if self.personality.state_in_transaction:
+            # xenbus_switch_state: read the current state and write only a change.
+            def body(tx: Transaction) -> None:
+                if tx.read_optional(path) != state.wire():
+                    tx.write(path, state.wire())
+
+            self.xs.transact(body)
+        else:
+            self.xs.write(path, state.wire())
+        t = self.timeline.add("fe", f"{'[tx] ' if self.personality.state_in_transaction else ''}"
+                                    f"state={int(state)} ({state.name})")
+        hs = self.handshakes[-1] if self.handshakes else None
+        if hs is not None and state == XenbusState.INITIALISED:
+            hs.initialised, hs.backend_connected, hs.connected = t, None, None
+        if hs is not None and state == XenbusState.CONNECTED and hs.connected is None:
+            hs.connected = t
+
+    def _read_backend_info(self) -> DiskInfo:
+        values: dict[str, int] = {}
+        for key in self.personality.mandatory_reads:
+            raw = self.xs.read_optional(f"{self.backend}/{key}")
+            try:
+                values[key] = parse_decimal(raw, key, hi=(1 << 64) - 1)
+            except XenbusValueError as e:
+                raise FrontendFailure(f"reading back-end {key}: {e}") from None
+        features = {}
+        for key in self.personality.optional_reads:
+            raw = self.xs.read_optional(f"{self.backend}/{key}")
+            if raw is not None:
+                features[key] = raw
+        self.features = features
+        old = self.machine.disk
+        disk = DiskInfo(
+            sectors=values.get("sectors", 0),
+            sector_size=values.get("sector-size", 512),
+            info=values.get("info", 0),
+            physical_sector_size=_int_or(features.get("physical-sector-size"),
+                                         values.get("sector-size", 512)),
+        )
+        if old is not None and old.sectors != disk.sectors:
+            self.resizes.append((old.sectors, disk.sectors))
+            self.timeline.add("fe", f"capacity changed {old.sectors} -> {disk.sectors} sectors")
+        elif old is None or old != disk:
+            self.timeline.add("fe", f"read sectors={disk.sectors} info={disk.info} "
+                                    f"sector-size={disk.sector_size}")
+        return disk
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _backend_let_go(self) -> bool:
+        self._sync()
+        return self.backend_state in (None, XenbusState.CLOSED, XenbusState.UNKNOWN)
+
+    def _read_required(self, path: str) -> str:
+        value = self.xs.read_optional(path)
+        if value is None:
+            raise FrontendFailure(f"{path} is missing (no such device for this guest?)")
+        return value
+
+    def _read_number(self, key: str, default: int) -> int:
+        raw = self.xs.read_optional(f"{self.backend}/{key}")
+        if raw is None:
+            return default
+        try:
+            return parse_decimal(raw, key, hi=MAX_RING_PAGE_ORDER)
+        except XenbusValueError as e:
+            self.timeline.add("be", f"bad {key} ignored: {e}")
+            return default
+
+    def _reconnect_xs(self) -> XenStore:
+        # The WatchStream's first call is our own connection; later calls mean it was lost.
+        if not self._watch_started:
+            self._watch_started = True
+            return self.xs
+        self.xs.close()
+        self.xs = self._connect_xs()
+        return self.xs
+
+
+def _int_or(raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    try:
+        return parse_decimal(raw, "value")
+    except XenbusValueError:
+        return default
+
+
+def _state_name(state: XenbusState | None) -> str:
+    return "absent" if state is None else f"{int(state)} ({state.name})"
+
+
+def is_readonly(disk: DiskInfo) -> bool:
+    return bool(disk.info & VDISK_READONLY)
