@@ -1,0 +1,120 @@
+"""The whole xenbus handshake against the real xenstored, tapback and tapdisk."""
+
+from __future__ import annotations
+
+import pytest
+
+from blktap3.ctl import runtime
+from blktap3.sim.host import Host
+from blktap3.tapback import service
+from blktap3.xenbus import Transaction, XenbusState, XenStore
+
+from .conftest import GuestFactory, log_lines, remove, tapdisk_pids, wait_for
+
+pytestmark = pytest.mark.integration
+
+SECTOR = 512
+
+
+def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
+                                              guests: GuestFactory) -> None:
+    guest = guests(size=8 << 20)
+    guest.wait_backend(XenbusState.INIT_WAIT)
+    assert guest.backend("max-ring-page-order") == "3"
+    guest.publish_transport()
+    guest.wait_backend(XenbusState.CONNECTED)
+    assert guest.backend("sectors") == str((8 << 20) // SECTOR)
+    assert guest.backend("sector-size") == "512"
+    assert guest.backend("info") == "0"
+    assert guest.backend("feature-barrier") == "1"
+    assert guest.backend("feature-flush-cache") == "1"
+    assert guest.backend("feature-discard") == "1"
+    assert guest.backend("discard-granularity") == "512"
+    assert guest.backend("physical-sector-size") is not None
+    assert guest.backend("kthread-pid") == str(guest.attached.pid)
+    # The guest may read what tapback wrote, and may not write it.
+    perms = [str(p) for p in dom0.get_perms(guest.paths.backend_key("sectors"))]
+    assert perms == ["n0", f"r{guest.domid}"]
+    assert guest.xs.read(guest.paths.backend_key("sectors")) == guest.backend("sectors")
+    guest.set_state(XenbusState.CONNECTED)
+
+    pattern = bytes(range(256)) * 16
+    assert guest.write(8, pattern) == 0
+    status, data = guest.read(8, len(pattern) // SECTOR)
+    assert status == 0 and data == pattern
+
+    guest.close()
+    lines = [line for line in log_lines(host.run_dir) if line.get("event") == "step"]
+    assert lines and all(line["domid"] == guest.domid for line in lines)
+    assert {"pid", "minor", "devid"} <= set(lines[-1])
+
+
+def test_reconnect_after_closed(host: Host, guests: GuestFactory) -> None:
+    guest = guests()
+    guest.connect()
+    guest.close()
+    guest.set_state(XenbusState.INITIALISING)
+    guest.connect()  # a fresh ring, as after a resume
+    assert guest.write(0, b"\xab" * SECTOR) == 0
+    assert guest.read(0, 1) == (0, b"\xab" * SECTOR)
+
+
+def test_frontend_state_removed_removes_backend_dir(host: Host, dom0: XenStore,
+                                                    guests: GuestFactory) -> None:
+    guest = guests()
+    guest.connect()
+    guest.close()
+    dom0.rm(guest.paths.frontend)
+    wait_for(lambda: not dom0.exists(guest.paths.backend), what="back-end dir removed")
+    # The original left the empty per-domain directory behind.
+    assert not dom0.exists(guest.paths.backend.rsplit("/", 1)[0])
+    remove(host, guest)
+    assert tapdisk_pids(host.run_dir) == []
+    assert runtime.allocated_minors(service.control_dir(host.run_dir)) == []
+
+
+def test_nothing_left_after_the_vbd_goes(host: Host, dom0: XenStore,
+                                         guests: GuestFactory) -> None:
+    guest = guests()
+    guest.connect()
+    guest.close()
+    remove(host, guest)
+    root = service.control_dir(host.run_dir)
+    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="tapdisk gone")
+    assert runtime.socket_pids(root) == []
+    assert runtime.allocated_minors(root) == []
+    assert not dom0.exists(guest.paths.backend)
+
+
+def test_online_0_unregisters_after_closed(host: Host, dom0: XenStore,
+                                           guests: GuestFactory) -> None:
+    guest = guests()
+    guest.connect()
+    dom0.write(guest.paths.backend_key("online"), "0")
+    guest.close()
+    wait_for(lambda: any(line.get("event") == "vbd released" and line.get("state") ==
+                         "unregistered" for line in log_lines(host.run_dir)),
+             what="unregistered")
+    assert guest.backend_state() is XenbusState.CLOSED
+
+
+def test_backend_waits_for_a_late_frontend(host: Host, dom0: XenStore,
+                                           guests: GuestFactory) -> None:
+    """blktap's tapback deleted a back-end dir that appeared before its front-end."""
+    service.stop(host.run_dir)
+    guest = guests()
+    saved = {key: dom0.read(guest.paths.frontend_key(key)) for key in dom0.ls(guest.paths.frontend)}
+    perms = dom0.get_perms(guest.paths.frontend)
+    dom0.rm(guest.paths.frontend)
+    service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
+    wait_for(lambda: guest.backend("max-ring-page-order") == "3", what="probe keys")
+    assert dom0.exists(guest.paths.backend)
+    assert guest.backend_state() is XenbusState.INITIALISING
+
+    def recreate(tx: Transaction) -> None:
+        tx.mkdir(guest.paths.frontend, perms)
+        for key, value in saved.items():
+            tx.write(guest.paths.frontend_key(key), value, perms)
+
+    dom0.transact(recreate)
+    guest.connect()
