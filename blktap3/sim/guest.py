@@ -151,7 +151,16 @@ def ring_xenstore(run_dir: str | os.PathLike[str], domid: int,
     info = xensim.Machine(run_dir).domain(domid)
     page = xenlib.map_xenstore_page(run_dir, domid)
     evtchn = xenlib.EventChannel(run_dir, domid)
-    evtchn.claim(info.xenstore_port)
+    try:
+        evtchn.claim(info.xenstore_port)
+    except OSError as e:
+        # xensim frees the port when the process that claimed it exits (real Xen keeps it
+        # for the domain's life): a domain serves one guest process.
+        evtchn.close()
+        raise FrontendFailure(
+            f"cannot claim domain {domid}'s xenstore port {info.xenstore_port} ({e.strerror}): "
+            "an earlier guest process of this domain took it with it; use a new domain"
+        ) from None
     port = BoundPort(evtchn, info.xenstore_port, evtchn.fd)
 
     def connect() -> XenStore:
@@ -219,9 +228,9 @@ def run(args: argparse.Namespace, personality: Personality, emit: Callable[[Step
     result = GuestRun(args.domid, args.devid, personality.name, args.workload, timeline)
     opts = IoOptions(qd=args.qd, bs=args.bs, seconds=args.seconds, span_mib=args.span_mib,
                      timeout=args.timeout)
-    connect_xs = ring_xenstore(args.run_dir, args.domid, timeout=min(args.timeout, 10.0))
     bf: Blkfront | None = None
     try:
+        connect_xs = ring_xenstore(args.run_dir, args.domid, timeout=min(args.timeout, 10.0))
         backend = _read_backend_id(connect_xs, args.domid, args.devid)
         bf = Blkfront(connect_xs, args.domid, args.devid, personality,
                       _guest_ring_factory(backend, args.qd), timeline=timeline,
@@ -544,7 +553,7 @@ def run_guest(host: Host | str | os.PathLike[str], domid: int, devid: int,
               timeout: float = 60.0, *, extra: Sequence[str] = ()) -> GuestResult:
     """Run a guest against a VBD to the end: handshake, workload, detach."""
     with start_guest(host, domid, devid, personality, workload,
-                     extra=[*extra, "--timeout", str(min(timeout, 30.0))]) as guest:
+                     extra=["--timeout", str(min(timeout, 30.0)), *extra]) as guest:
         return guest.result(timeout)
 
 
