@@ -144,6 +144,9 @@ class BackendVbd(SpecMachine):
     def frontend_seen(self, **_: Any) -> bool:
         return self.frontend_has_appeared
 
+    def closed_published(self, **_: Any) -> bool:
+        return self.published == XenbusState.CLOSED
+
     def tapdisk_known(self, **_: Any) -> bool:
         return self.tapdisk is not None and self.disk is not None
 
