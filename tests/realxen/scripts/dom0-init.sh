@@ -1,0 +1,113 @@
+#!/bin/sh
+# /init of the rig's dom0: brings up the Xen tools, starts the guest, attaches its disk
+# with the back-end named by `rigmode=` on the kernel command line (control: Linux's
+# xen-blkback through xl; blktap3: our tap-ctl + back-end), detaches and re-attaches it
+# when the guest asks, then checks the image once the guest is gone.
+# Lines "@@STEP <name>" mark steps (the host times them), "@@RESULT <check> pass|fail ..."
+# carry verdicts, "[guest] ..." relays the guest's console.
+export PATH=/usr/sbin:/usr/bin:/usr/lib/xen-4.17/bin
+export HOME=/root LANG=C
+IMG=/run/disk.img
+GLOG=/var/log/xen/console/guest-guest.log
+DISK_MB=96
+
+step() { echo "@@STEP $*"; }
+result() { echo "@@RESULT $*"; }
+die() { echo "@@FAIL $*"; finish; }
+finish() {
+    echo "@@DOM0-FAULTS-BEGIN"
+    dmesg | grep -E 'segfault|traps:|general protection|invalid opcode|Illegal instruction'
+    echo "@@DOM0-FAULTS-END"
+    sleep 0.5  # let the guest relay flush
+    step end
+    poweroff -f
+}
+# wait_for <seconds> <command...>: poll until the command succeeds
+wait_for() {
+    _t=$(( $1 * 5 )); shift
+    while ! "$@" >/dev/null 2>&1; do
+        _t=$((_t - 1)); [ $_t -le 0 ] && return 1
+        sleep 0.2
+    done
+}
+
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm /var/log/xen/console /var/lib/xen /var/lib/xenstored /var/lock
+mount -t devpts devpts /dev/pts
+mount -t tmpfs run /run
+mount -t tmpfs shm /dev/shm
+# Xen's hotplug locking and bash's redirections need these links.
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
+ln -s /run /var/run
+mkdir -p /run/xen /run/xenstored /run/xen-hotplug
+MODE=$(sed -n 's/.*rigmode=\([a-z0-9]*\).*/\1/p' /proc/cmdline)
+step modules
+for m in $(cat /modules/order); do insmod /modules/$m || die "insmod $m"; done
+mount -t xenfs xenfs /proc/xen || die "mount xenfs"
+
+step xenstored
+xenstored --pid-file /run/xenstored.pid || die xenstored
+wait_for 10 xenstore-exists / || die "xenstored does not answer"
+xen-init-dom0 || die xen-init-dom0
+xenconsoled --log=guest --log-dir=/var/log/xen/console || die xenconsoled
+
+step image
+dd if=/dev/zero of=$IMG bs=1M count=0 seek=$DISK_MB 2>/dev/null
+if [ "$MODE" = control ]; then
+    losetup /dev/loop0 $IMG || die losetup
+fi
+
+step guest-create
+xl create /etc/xen/guest.cfg || die "xl create"
+GUEST=$(xl domid guest)
+# Relay the guest's console to ours as it is written.
+(wait_for 30 test -f $GLOG; tail -n +1 -f $GLOG | while IFS= read -r l; do
+    echo "[guest] $l"; done) &
+
+. /etc/rig/attach-$MODE.sh
+
+step attach
+attach || die attach
+step guest-phase1
+wait_for 150 grep -q '@@G PHASE1-DONE' $GLOG || die "guest phase 1 did not finish"
+grep -q '@@G RESULT .* fail' $GLOG && die "guest phase 1 failed"
+step detach
+detach || die detach
+step reattach
+sleep 1
+attach || die re-attach
+step guest-phase2
+wait_for 150 grep -q '@@G PHASE2-DONE' $GLOG || die "guest phase 2 did not finish"
+step guest-shutdown
+wait_for 60 sh -c "! xl domid guest" || die "guest did not shut down"
+cleanup
+
+step image-check
+# Every byte the guest synced: its files (its manifest, checked by md5sum) and the
+# O_DIRECT pattern (the md5 the guest printed) must be in the image.
+losetup /dev/loop1 $IMG || die "losetup check"
+mkdir -p /mnt/img
+mount -t ext4 -o ro /dev/loop1 /mnt/img || die "mount image"
+want=$(sed -n 's/.*@@G MANIFEST-MD5 \([0-9a-f]*\).*/\1/p' $GLOG | tail -1)
+got=$(md5sum /mnt/img/MANIFEST | cut -d' ' -f1)
+if [ -n "$want" ] && [ "$want" = "$got" ] && (cd /mnt/img && md5sum -cs MANIFEST); then
+    result image-files pass "$(wc -l < /mnt/img/MANIFEST) files"
+else
+    result image-files fail "manifest want=$want got=$got"
+fi
+umount /mnt/img
+want=$(sed -n 's/.*@@G PATTERN-MD5 \([0-9a-f]*\).*/\1/p' $GLOG | tail -1)
+skip=$(sed -n 's/.*@@G PATTERN-AT-MB \([0-9]*\).*/\1/p' $GLOG | tail -1)
+got=$(dd if=/dev/loop1 bs=1M skip=${skip:-0} count=8 2>/dev/null | md5sum | cut -d' ' -f1)
+if [ -n "$want" ] && [ "$want" = "$got" ]; then
+    result image-pattern pass
+else
+    result image-pattern fail "want=$want got=$got"
+fi
+losetup -d /dev/loop1
+finish
