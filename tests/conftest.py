@@ -3,15 +3,28 @@
 Hypothesis explores new random cases on a developer's machine; under CI (`CI` set) it
 runs a fixed, derandomized set so that a landing is never decided by luck.
 `HYPOTHESIS_PROFILE=explore` asks for a longer random search.
+
+Entry points configure structlog globally (once per process, as they should); tests that
+call them in-process must not leak that configuration, say a closed log file, into the
+next test, so it is reset after every test.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
+import structlog
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.register_profile("explore", max_examples=2000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
