@@ -89,6 +89,8 @@ VDISK_READONLY = 4
 # Xen's enum blkif_protocol, as XENBLKIF_CONNECT carries it.
 BLKIF_PROTOCOL = {"native": 1, "x86_32-abi": 2, "x86_64-abi": 3}
 KTHREAD_PID = "kthread-pid"
+# The states a restarted tapback walks through while it adopts a connected VBD.
+ADOPTION_PATH = ("waiting_hotplug", "reading_transport", "connecting_ring")
 _ABSENT = object()  # "never read" marker for the last front-end state seen
 
 
@@ -394,9 +396,10 @@ class VbdWorker:
                 self.log.info("step", trigger=current.trigger, source=before, dest=after)
             else:
                 self.log.debug("no step", trigger=current.trigger, state=before)
-            if self._adopting and after not in ("reading_transport", "connecting_ring"):
-                self._adopting = False  # adoption ends in connected or in a failure
+            # The step that ends an adoption (connected, or a failure) still adopts.
             pending.extend(self._execute(effects))
+            if self._adopting and after not in ADOPTION_PATH:
+                self._adopting = False
 
     def _execute(self, effects: Sequence[Effect]) -> list[Event]:
         answers: list[Event] = []

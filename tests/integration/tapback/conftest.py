@@ -61,7 +61,7 @@ class Guest:
     """One guest domain with one vbd3 disk, driven by the test as its blkfront."""
 
     host: Host
-    dom0: XenStore
+    _dom0: XenStore
     domid: int
     paths: VbdPaths
     image: Path
@@ -70,6 +70,13 @@ class Guest:
     evtchn: xenlib.EventChannel
     ring: LineProcess | None = None
     ring_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dom0(self) -> XenStore:
+        """A dom0 client; a new one after xenstored restarted."""
+        if not self._dom0.alive:
+            self._dom0 = self.host.xs(timeout=5.0)
+        return self._dom0
 
     # -- reading the back-end -------------------------------------------------------
     def backend(self, key: str) -> str | None:

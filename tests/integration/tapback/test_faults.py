@@ -1,0 +1,147 @@
+"""Faults: a tapdisk killed, tapback restarted, xenstored restarted, hostile front-ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from blktap3.sim.host import Host
+from blktap3.tapback import service
+from blktap3.xenbus import WatchEvent, WatchStream, XenbusState, XenStore
+
+from .conftest import Guest, GuestFactory, log_lines, tapdisk_pids, wait_for
+
+pytestmark = pytest.mark.integration
+
+SPAN = 2048  # sectors: 1 MiB written with a stamp, then verified
+
+
+def _prewrite(guest: Guest, stamp: int) -> None:
+    assert guest.ring is not None
+    done = guest.ring.call("run", qd=4, bs=4096, read_pct=0, span=SPAN, ios=SPAN // 8,
+                           verify=True, stamp=stamp)
+    assert done["errors"] == 0 and done["ios"] == SPAN // 8
+
+
+def _verify_reads(guest: Guest, stamp: int, **extra: Any) -> dict[str, Any]:
+    assert guest.ring is not None
+    result: dict[str, Any] = guest.ring.call(
+        "run", qd=4, bs=4096, read_pct=100, random=True, span=SPAN, verify=True,
+        stamp=stamp, **extra)
+    return result
+
+
+def test_tapdisk_killed_during_io_closes_with_error(host: Host, guests: GuestFactory) -> None:
+    guest = guests()
+    guest.connect()
+    _prewrite(guest, stamp=7)
+    assert guest.ring is not None
+    guest.ring.send("run", qd=4, bs=4096, read_pct=100, random=True, span=SPAN,
+                    duration=3.0, verify=True, stamp=7, timeout=2.0)
+    os.kill(guest.attached.pid, signal.SIGKILL)
+    guest.wait_backend(XenbusState.CLOSED)
+    assert guest.backend("error") == f"tapdisk {guest.attached.pid} died"
+    guest.ring.reply()  # the guest saw its requests go unanswered; it must not hang
+    died = [line for line in log_lines(host.run_dir) if line.get("event") == "tapdisk died"]
+    assert len(died) == 1 and died[0]["pid"] == guest.attached.pid
+    # The dead tapdisk's socket is cleaned up (blktap left it behind).
+    ctl = service.control_dir(host.run_dir) / f"ctl{guest.attached.pid}"
+    wait_for(lambda: not ctl.exists(), what="stale socket removed")
+
+
+def test_tapback_restart_during_io_adopts_without_disturbing(
+        host: Host, guests: GuestFactory) -> None:
+    guest = guests()
+    guest.connect()
+    _prewrite(guest, stamp=3)
+    assert guest.ring is not None
+    with WatchStream.open(str(host.xenstored_path)) as stream:
+        stream.watch(guest.paths.backend, "b")
+        assert stream.wait(2.0) == WatchEvent(guest.paths.backend, "b")  # the initial fire
+        guest.ring.send("run", qd=4, bs=4096, read_pct=100, random=True, span=SPAN,
+                        duration=1.5, verify=True, stamp=3)
+        service.stop(host.run_dir)
+        service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
+        wait_for(lambda: any(line.get("event") == "ring already connected (adopted)"
+                             for line in log_lines(host.run_dir)), what="adoption")
+        done = guest.ring.reply()
+        # Nothing the front-end watches was written: no InitWait flash, no key rewritten.
+        assert stream.wait(0.3) is None
+    assert done["errors"] == 0 and done["mismatches"] == 0 and done["lost"] == 0
+    assert done["ios"] > 0
+    assert guest.backend_state() is XenbusState.CONNECTED
+    # Still a live VBD for the new tapback: it closes on the front-end's request.
+    guest.close()
+
+
+def test_xenstored_restart_is_survived(host: Host, guests: GuestFactory) -> None:
+    pid = service.status(host.run_dir)
+    host.restart_xenstored()  # the database is lost, as on a real host
+    # A new domain and disk after the restart get the whole handshake.
+    guest = guests(domid=6)
+    guest.connect()
+    assert guest.write(0, b"\x5a" * 512) == 0
+    assert service.status(host.run_dir) == pid
+    assert any(line.get("event", "").startswith("xenstored connection re-made")
+               for line in log_lines(host.run_dir))
+
+
+HOSTILE = [
+    ({"ring-ref": "zz"}, "ring-ref"),
+    ({"event-channel": "0x10"}, "event-channel"),
+    ({"event-channel": "0"}, "event-channel"),
+    ({"ring-page-order": "9"}, "ring-page-order"),
+    ({"protocol": "sparc64-abi"}, "protocol"),
+    ({"ring-ref": "1" * 40}, "ring-ref"),
+    ({"multi-queue-num-queues": "4"}, "multi-queue-num-queues"),
+]
+
+
+@pytest.mark.parametrize(("values", "key"), HOSTILE, ids=[k for _, k in HOSTILE])
+def test_hostile_transport_gets_error_and_closed(
+        host: Host, guests: GuestFactory, values: dict[str, str], key: str) -> None:
+    guest = guests()
+    guest.wait_backend(XenbusState.INIT_WAIT)
+    guest.publish_transport(extra=values)
+    guest.wait_backend(XenbusState.CLOSED)
+    error = guest.backend("error")
+    assert error is not None and key in error
+    assert service.status(host.run_dir) is not None
+
+
+@pytest.mark.parametrize("state", ["9", "x", "", "04", "-1"])
+def test_garbage_frontend_state_gets_error_and_closed(
+        host: Host, guests: GuestFactory, state: str) -> None:
+    guest = guests()
+    guest.wait_backend(XenbusState.INIT_WAIT)
+    guest.xs.write(guest.paths.frontend_key("state"), state)
+    guest.wait_backend(XenbusState.CLOSED)
+    assert guest.backend("error") is not None
+    assert service.status(host.run_dir) is not None
+
+
+def test_hostile_guest_does_not_disturb_a_good_one(
+        host: Host, dom0: XenStore, guests: GuestFactory) -> None:
+    good = guests(domid=5)
+    bad = guests(domid=6)
+    good.connect()
+    _prewrite(good, stamp=11)
+    assert good.ring is not None
+    good.ring.send("run", qd=4, bs=4096, read_pct=100, random=True, span=SPAN,
+                   duration=1.0, verify=True, stamp=11)
+    bad.wait_backend(XenbusState.INIT_WAIT)
+    fe = bad.paths.frontend_key
+    for i in range(50):
+        bad.xs.write(fe("state"), str(i % 10))
+        bad.xs.write(fe("ring-ref"), "\xff" * (i % 7))
+        bad.xs.write(fe(f"junk{i}"), "x" * 100)
+        bad.xs.write(fe("event-channel"), str(-i))
+    done = good.ring.reply()
+    assert done["errors"] == 0 and done["mismatches"] == 0 and done["lost"] == 0
+    assert good.backend_state() is XenbusState.CONNECTED
+    wait_for(lambda: bad.backend("error") is not None, what="error node for the bad guest")
+    assert service.status(host.run_dir) is not None
+    assert len(tapdisk_pids(host.run_dir)) == 2
