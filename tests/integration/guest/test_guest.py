@@ -180,3 +180,49 @@ def test_three_guests_at_once(host: Host, vbd: Vbd) -> None:
             g.kill()
     assert all(r.ok for r in results), [r.summary() for r in results]
     assert all(be.state() == "6" for be in backends)
+
+
+def guest_requests(host: Host, token_prefix: str) -> list[tuple[str, str]]:
+    """(op, args) of every request xenstored received on the guest's ring connection,
+    from C xenstored's own trace (`-T`): what the daemon saw, not what the guest says."""
+    lines = (host.run_dir / "xenstored-trace").read_text().splitlines()
+    requests = [line.split(" ", 5) for line in lines if line.startswith("IN ")]
+    conn = next(r[1] for r in requests if r[4] == "WATCH" and f" {token_prefix}" in r[5])
+    return [(r[4], r[5]) for r in requests if r[1] == conn]
+
+
+def transactions(requests: list[tuple[str, str]]) -> list[list[str]]:
+    """The WRITE arguments of each committed transaction, and of each write outside one
+    (as a group of its own)."""
+    groups: list[list[str]] = []
+    current: list[str] | None = None
+    for op, args in requests:
+        if op == "TRANSACTION_START":
+            current = []
+        elif op == "TRANSACTION_END":
+            if current:
+                groups.append(current)
+            current = None
+        elif op == "WRITE":
+            key_value = args.strip("()").split("/")[-1].strip()  # "ring-ref 8"
+            if current is None:
+                groups.append([key_value])
+            else:
+                current.append(key_value)
+    return groups
+
+
+@pytest.mark.parametrize("personality", ["linux", "minios"])
+def test_xenstored_sees_the_personalitys_transactions(host: Host, vbd: Vbd,
+                                                      personality: str) -> None:
+    vbd(16)
+    assert run_guest(host, 16, DEVID, personality, "none", timeout=60).ok
+    groups = transactions(guest_requests(host, "blkfront-16-"))
+    ring_keys = ["ring-ref", "event-channel", "protocol", "feature-persistent"]
+    if personality == "linux":
+        assert [k.split()[0] for k in groups[0]] == ring_keys  # one transaction for all four
+        assert groups[1:] == [["state 3"], ["state 4"], ["state 5"], ["state 6"]]
+    else:
+        assert [[k.split()[0] for k in g] for g in groups[:2]] == [["ring-ref"],
+                                                                     ["event-channel"]]
+        assert groups[2:] == [["state 3"], ["state 4"], ["state 5"], ["state 6"]]
