@@ -36,6 +36,7 @@ from blktap3.xenbus import (
     parse_backend_path,
 )
 
+from .images import ImageWatcher
 from .store import SharedStore
 from .tapdisks import TapdiskMonitor
 from .vbd import Died, Prompt, VbdConfig, VbdWorker
@@ -88,6 +89,7 @@ class Tapback:
         self._stop = threading.Event()
         self._tapdisk_users: dict[int, set[tuple[int, int]]] = {}
         self.monitor = TapdiskMonitor(self._tapdisk_died)
+        self.images = ImageWatcher(self._image_opened)
         self.ready = threading.Event()  # set once the root watch is registered
 
     def stop(self) -> None:
@@ -128,6 +130,7 @@ class Tapback:
         for worker in workers:
             worker.join(timeout=self.config.tapdisk_timeout + 1)
         self.monitor.close()
+        self.images.close()
         stream.close()
         self.store.close()
         log.info("tapback stopped", vbds=len(workers))
@@ -233,6 +236,7 @@ class Tapback:
             except queue.Empty:
                 return
             stream.unwatch(worker.frontend_state_path, frontend_token(worker.key))
+            self.images.forget(worker.key)
             worker.join(timeout=1)
             backend_left = worker.machine.state == "unregistered"
             with self._lock:
@@ -254,6 +258,14 @@ class Tapback:
         with self._lock:
             self._tapdisk_users.setdefault(pid, set()).add(worker.key)
         self.monitor.watch(pid)
+        if worker.image_path is not None:
+            self.images.watch(worker.image_path, worker.key)
+
+    def _image_opened(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            worker = self.workers.get(key)
+        if worker is not None:
+            worker.post(Prompt.RESIZE)
 
     def _tapdisk_died(self, pid: int) -> None:
         with self._lock:
