@@ -182,13 +182,14 @@ class MiniBackend:
 
 @pytest.fixture
 def vbd(host: Host, image: Callable[..., Path]) -> Iterator[Callable[..., MiniBackend]]:
-    """`vbd(domid, size=..., readonly=..., cdrom=...)`: a domain with one disk, served."""
+    """`vbd(domid, size=..., readonly=..., cdrom=...)`: a domain with one disk, served
+    (`shared=path`: the image of another VBD, for two guests on one file)."""
     backends: list[MiniBackend] = []
 
     def make(domid: int, *, size: int = 16 * MiB, readonly: bool = False,
              cdrom: bool = False, max_ring_page_order: int = 3,
-             info_override: int | None = None) -> MiniBackend:
-        disk = image(size, f"disk{domid}.img")
+             info_override: int | None = None, shared: Path | None = None) -> MiniBackend:
+        disk = shared or image(size, f"disk{domid}.img")
         with host.toolstack() as ts:
             ts.create_domain(domid)
             paths = ts.add_vbd(domid, DEVID, Image.parse(f"aio:{disk}"),

@@ -3,11 +3,13 @@ personality, verified I/O, detach on request and on the back-end's Closing, reco
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 
-from blktap3.sim.guest import run_guest, start_guest
+from blktap3.sim.guest import guest_env, run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
 
@@ -226,3 +228,31 @@ def test_xenstored_sees_the_personalitys_transactions(host: Host, vbd: Vbd,
         assert [[k.split()[0] for k in g] for g in groups[:2]] == [["ring-ref"],
                                                                      ["event-channel"]]
         assert groups[2:] == [["state 3"], ["state 4"], ["state 5"], ["state 6"]]
+
+
+def test_data_changed_behind_the_guests_back_fails_it(host: Host, vbd: Vbd) -> None:
+    # Two guests on ONE image file: the second overwrites the region the first is
+    # verifying (another stamp), so the first must see mismatches and exit 1.
+    first = vbd(17, size=8 * MiB)
+    vbd(18, shared=first.image)
+    with start_guest(host, 17, DEVID, "linux", "randrw",
+                     extra=["--seconds", "1.5", "--span-mib", "2"]) as victim:
+        victim.wait_for_step("I/O write")
+        assert run_guest(host, 18, DEVID, "linux", "verify", timeout=60,
+                         extra=["--span-mib", "2"]).sectors == 8 * MiB // 512
+        result = victim.result(60)
+    assert result.returncode == 1 and "mismatches" in str(result.error), result.summary()
+    assert result.report["io"]["mismatches"] > 0
+
+
+def test_the_guest_command_prints_sectors_figures_and_timeline(host: Host, vbd: Vbd) -> None:
+    vbd(19, size=8 * MiB)
+    done = subprocess.run(
+        [sys.executable, "-m", "blktap3.sim.guest", "--run-dir", str(host.run_dir),
+         "--domid", "19", "--devid", str(DEVID), "--workload", "verify"],
+        env=guest_env(host.run_dir, 19), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert f"sectors {8 * MiB // 512} (8.0 MiB)" in out
+    assert "IOPS" in out and "MB/s" in out and "OK: every byte written read back" in out
+    assert "fe  [tx] state=3 (INITIALISED)" in out and "be  state=4 (CONNECTED)" in out
