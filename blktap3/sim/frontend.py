@@ -262,6 +262,7 @@ class Blkfront:
         self.ring: Ring | None = None
         self.backend_state: XenbusState | None = None
         self.features: dict[str, str] = {}
+        self.backend_error: str | None = None
         self.handshakes: list[Handshake] = []
         self.resizes: list[tuple[int, int]] = []  # (old sectors, new sectors)
         self._token = f"blkfront-{domid}-{devid}-{id(self):x}"
@@ -370,6 +371,8 @@ class Blkfront:
         if state != self.backend_state or state == XenbusState.CONNECTED:
             if state != self.backend_state:
                 self.timeline.add("be", f"state={int(state)} ({state.name})")
+                if state in (XenbusState.CLOSING, XenbusState.CLOSED):
+                    self._note_backend_error()
             self.backend_state = state
             self._on_backend_state(state)
 
@@ -488,6 +491,13 @@ class Blkfront:
         return disk
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _note_backend_error(self) -> None:
+        """A back-end that closes us may say why in its `error` node: keep it."""
+        error = self.xs.read_optional(f"{self.backend}/error")
+        if error and error != self.backend_error:
+            self.backend_error = error
+            self.timeline.add("be", f"error: {error}")
 
     def _backend_let_go(self) -> bool:
         self._sync()

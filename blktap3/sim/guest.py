@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from blktap3.xenbus import BoundPort, XenStore, XenStoreError
 
 from . import xenlib, xensim
@@ -205,6 +207,7 @@ class GuestRun:
             "features": bf.features if bf is not None else {},
             "handshakes": [h.figures() for h in bf.handshakes] if bf is not None else [],
             "resizes": bf.resizes if bf is not None else [],
+            "backend_error": bf.backend_error if bf is not None else None,
             "cycles": self.cycles,
             "io": io_totals(phases),
             "final_state": bf.state if bf is not None else None,
@@ -323,6 +326,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  OK: {verdict}")
     else:
         lines.append(f"  FAILED: {report['error']}")
+    if report.get("backend_error"):
+        lines.append(f"  back-end error node: {report['backend_error']}")
     return "\n".join(lines)
 
 
@@ -361,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("guest: --qd 1..256, --bs a multiple of 512 up to 45056, --cycles >= 1",
               file=sys.stderr)
         return EXIT_USAGE
+    # Logs go to stderr: stdout carries the timeline and the result.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     personality = load_personality(args.personality)
     stop = threading.Event()
 

@@ -100,3 +100,17 @@ def test_tapback_closing_the_device_lets_the_guest_go(system: Host,
         result = guest.result(30)
     assert result.ok, result.summary() + "\n" + result.timeline_text()
     assert "closed by the back-end" in [s["what"] for s in result.timeline]
+
+
+def test_tapdisk_killed_the_guest_is_closed_with_the_reason(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    paths = disk(6)
+    with start_guest(system, 6, DEVID, "linux", "verify", hold=True) as guest:
+        guest.wait_for_step("holding")
+        device = backend_key(system, paths, "physical-device-path")
+        assert device is not None
+        pid = int(Path(device).name.removeprefix("nbd").split(".")[0])
+        os.kill(pid, signal.SIGKILL)
+        result = guest.result(30)
+    assert "closed by the back-end" in [s["what"] for s in result.timeline], result.summary()
+    assert result.report["backend_error"], result.timeline_text()
