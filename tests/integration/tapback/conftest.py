@@ -67,7 +67,6 @@ class Guest:
     image: Path
     attached: Attached
     xs: XenStore  # the guest's own connection, over its xenstore ring
-    evtchn: xenlib.EventChannel
     ring: LineProcess | None = None
     ring_info: dict[str, Any] = field(default_factory=dict)
 
@@ -95,18 +94,23 @@ class Guest:
     def set_state(self, state: XenbusState) -> None:
         self.xs.write(self.paths.frontend_key("state"), state.wire())
 
-    def open_ring(self, order: int = 0, protocol: str = "native") -> dict[str, Any]:
+    def open_ring(self, order: int = 0, protocol: str = "native",
+                  data_slots: int = 0) -> dict[str, Any]:
         """Share a fresh ring (and data pages) with dom0 in the guest ring process."""
         if self.ring is None:
             env = xensim.process_env(self.host.run_dir, self.domid)
             self.ring = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"], env)
-        self.ring_info = self.ring.call("open", backend=0, order=order, protocol=protocol)
+        self.ring_info = self.ring.call("open", backend=0, order=order, protocol=protocol,
+                                        data_slots=data_slots)
         return self.ring_info
 
     def publish_transport(self, order: int = 0, protocol: str | None = "x86_64-abi",
-                          extra: dict[str, str] | None = None) -> None:
-        """blkfront's ONE transaction: ring refs, event channel, protocol, then state 3."""
-        info = self.open_ring(order, protocol or "native")
+                          extra: dict[str, str] | None = None, data_slots: int = 0) -> None:
+        """blkfront's ONE transaction: ring refs, event channel, protocol, then state 3.
+
+        `data_slots`: requests in flight the guest ring process has data pages for
+        (0: a full ring); a domain's memory is small, so several disks take fewer."""
+        info = self.open_ring(order, protocol or "native", data_slots)
         fe = self.paths.frontend_key
 
         def body(tx: Transaction) -> None:
@@ -152,9 +156,6 @@ class Guest:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
-        with contextlib.suppress(Exception):
-            self.xs.close()
-        self.evtchn.close()
 
 
 def tapdisk_pids(run_dir: Path) -> list[int]:
@@ -204,35 +205,54 @@ def dom0(host: Host) -> Iterator[XenStore]:
 GuestFactory = Callable[..., Guest]
 
 
+@dataclass
+class _Domain:
+    xs: XenStore
+    evtchn: xenlib.EventChannel
+
+
 @pytest.fixture
 def guests(host: Host, dom0: XenStore) -> Iterator[GuestFactory]:
+    """`guests(domid, devid, size=, mode=, cdrom=)`: a disk of domain `domid` (created
+    on first use), hotplugged; disks of one domain share its XenStore ring connection."""
     made: list[Guest] = []
+    domains: dict[int, _Domain] = {}
+
+    def domain(domid: int) -> _Domain:
+        if domid not in domains:
+            with host.toolstack() as ts:
+                ts.create_domain(domid)
+            info = host.machine.domain(domid)
+            page = xenlib.map_xenstore_page(host.run_dir, domid)
+            evtchn = xenlib.EventChannel(host.run_dir, domid)
+            evtchn.claim(info.xenstore_port)
+            port = BoundPort(evtchn, info.xenstore_port, evtchn.fd)
+            xs = XenStore.over_ring(memoryview(page), port, timeout=5.0,
+                                    name=f"dom{domid}-xenstore")
+            domains[domid] = _Domain(xs, evtchn)
+        return domains[domid]
 
     def make(domid: int = 5, devid: int = DEVID, *, size: int = 8 * MiB, mode: str = "w",
-             cdrom: bool = False, new_domain: bool = True) -> Guest:
+             cdrom: bool = False) -> Guest:
+        dom = domain(domid)
         image = host.run_dir / f"disk{domid}.{devid}.img"
         with open(image, "wb") as f:
             f.truncate(size)
         with host.toolstack() as ts:
-            if new_domain:
-                ts.create_domain(domid)
             paths = ts.add_vbd(domid, devid, Image.parse(f"aio:{image}"), mode=mode,
                                cdrom=cdrom)
         attached = hotplug_add(host, paths, Image.parse(f"aio:{image}"), mode=mode)
-        info = host.machine.domain(domid)
-        page = xenlib.map_xenstore_page(host.run_dir, domid)
-        evtchn = xenlib.EventChannel(host.run_dir, domid)
-        evtchn.claim(info.xenstore_port)
-        port = BoundPort(evtchn, info.xenstore_port, evtchn.fd)
-        guest_xs = XenStore.over_ring(memoryview(page), port, timeout=5.0,
-                                      name=f"dom{domid}-xenstore")
-        guest = Guest(host, dom0, domid, paths, image, attached, guest_xs, evtchn)
+        guest = Guest(host, dom0, domid, paths, image, attached, dom.xs)
         made.append(guest)
         return guest
 
     yield make
     for guest in reversed(made):
         guest.shutdown()
+    for dom in domains.values():
+        with contextlib.suppress(Exception):
+            dom.xs.close()
+        dom.evtchn.close()
 
 
 def remove(host: Host, guest: Guest) -> None:

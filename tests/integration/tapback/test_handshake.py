@@ -69,7 +69,7 @@ def test_frontend_state_removed_removes_backend_dir(host: Host, dom0: XenStore,
     # The original left the empty per-domain directory behind.
     assert not dom0.exists(guest.paths.backend.rsplit("/", 1)[0])
     remove(host, guest)
-    assert tapdisk_pids(host.run_dir) == []
+    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="tapdisk gone")
     assert runtime.allocated_minors(service.control_dir(host.run_dir)) == []
 
 
@@ -118,3 +118,25 @@ def test_backend_waits_for_a_late_frontend(host: Host, dom0: XenStore,
 
     dom0.transact(recreate)
     guest.connect()
+
+
+def test_three_guests_with_four_disks_each_at_once(host: Host, guests: GuestFactory) -> None:
+    disks = [guests(domid=domid, devid=51712 + 16 * n, size=2 << 20)
+             for domid in (5, 6, 7) for n in range(4)]
+    for disk in disks:
+        disk.wait_backend(XenbusState.INIT_WAIT)
+    for disk in disks:  # every front-end publishes before any back-end connects
+        disk.publish_transport(data_slots=4)
+    for n, disk in enumerate(disks):
+        disk.wait_backend(XenbusState.CONNECTED)
+        disk.set_state(XenbusState.CONNECTED)
+        data = bytes([n + 1]) * 4096
+        assert disk.write(8 * n, data) == 0
+    for n, disk in enumerate(disks):
+        assert disk.read(8 * n, 8) == (0, bytes([n + 1]) * 4096)
+    assert len({disk.attached.pid for disk in disks}) == 12
+    for disk in disks:
+        disk.close()
+    for disk in disks:
+        remove(host, disk)
+    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="every tapdisk gone")
