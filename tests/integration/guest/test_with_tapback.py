@@ -38,11 +38,12 @@ def system() -> Iterator[Host]:
         service.start(h.run_dir, xenstored_path=str(h.xenstored_path))
         yield h
     finally:
+        pids = runtime.socket_pids(service.control_dir(h.run_dir))
         service.stop(h.run_dir)
-        for pid in runtime.socket_pids(service.control_dir(h.run_dir)):
+        h.down()  # destroys the VBDs of its tapdisks itself, where it knows how
+        for pid in pids:  # whatever is left (an older Host, or a failed destroy)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        h.down()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
