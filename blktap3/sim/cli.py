@@ -1,12 +1,13 @@
 """blktap3-sim: drive the simulated Xen host from a shell.
 
-    blktap3-sim [--run-dir DIR] up [--xenstored c|ocaml]
+    blktap3-sim [--run-dir DIR] up [--xenstored c|ocaml] [--no-tapback]
     blktap3-sim [--run-dir DIR] down
     blktap3-sim [--run-dir DIR] domain create|destroy DOMID
-    blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom]
+    blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom] [--no-hotplug]
     blktap3-sim [--run-dir DIR] vbd remove DOMID DEVID
+    blktap3-sim [--run-dir DIR] guest run DOMID DEVID [--personality P] [--workload W]
     blktap3-sim [--run-dir DIR] ls [PATH]
-    blktap3-sim demo
+    blktap3-sim demo [--xenstored c|ocaml]
 
 The run directory defaults to $BLKTAP3_SIM_DIR, else /run/blktap3-sim. Errors are one
 line on stderr and a non-zero exit status.
@@ -23,7 +24,10 @@ import structlog
 from blktap3.xenbus import XenStore, XenStoreError
 
 from . import demo
+from .frontend import personality_names
+from .guest import WORKLOADS, run_guest
 from .host import Host, HostError, default_run_dir
+from .hotplug import HotplugError
 from .toolstack import Image, ToolstackError, parse_devid, parse_domid
 from .xensim import XensimError
 from .xenstored import XenstoredError
@@ -59,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start xenstored under xensim, in the background")
+    up = sub.add_parser("up", help="start xenstored under xensim and tapback, in the background")
     up.add_argument("--xenstored", choices=("c", "ocaml"), default="c",
                     help="Debian's C xenstored (default) or oxenstored")
+    up.add_argument("--no-tapback", dest="tapback", action="store_false",
+                    help="do not start tapback")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything and remove the run directory")
@@ -78,17 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     vbd = sub.add_parser("vbd", help="add or remove a vbd3 disk")
     vsub = vbd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = vsub.add_parser("add", help="write the back-end and front-end nodes")
+    add = vsub.add_parser("add", help="write the nodes, then the hotplug step (tapdisk)")
     add.add_argument("domid", type=_domid)
     add.add_argument("devid", type=_devid, help="virtual-device number or xvdX name")
     add.add_argument("image", help="aio:/path, raw:/path or a plain path")
     add.add_argument("--mode", choices=("r", "w"), default="w")
     add.add_argument("--cdrom", action="store_true", help="device-type cdrom (read-only)")
+    add.add_argument("--no-hotplug", dest="hotplug", action="store_false",
+                     help="only write the nodes (no tapdisk)")
     add.set_defaults(func=cmd_vbd_add)
-    remove = vsub.add_parser("remove", help="remove both directories")
+    remove = vsub.add_parser("remove", help="online=0 + Closing, wait for Closed, "
+                             "tap-ctl destroy, remove both directories")
     remove.add_argument("domid", type=_domid)
     remove.add_argument("devid", type=_devid)
     remove.set_defaults(func=cmd_vbd_remove)
+
+    guest = sub.add_parser("guest", help="run a simulated guest against a disk")
+    gsub = guest.add_subparsers(dest="action", required=True, metavar="ACTION")
+    grun = gsub.add_parser("run", help="handshake, verified I/O, detach; exit 0 only if "
+                           "every byte read back identically")
+    grun.add_argument("domid", type=_domid)
+    grun.add_argument("devid", type=_devid)
+    grun.add_argument("--personality", default="linux", choices=personality_names())
+    grun.add_argument("--workload", default="verify", choices=WORKLOADS)
+    grun.add_argument("--timeout", type=float, default=60.0)
+    grun.set_defaults(func=cmd_guest_run)
 
     ls = sub.add_parser("ls", help="print the XenStore tree with permissions")
     ls.add_argument("path", nargs="?", default="/")
@@ -101,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_up(host: Host, args: argparse.Namespace) -> None:
-    host.up(args.xenstored)
+    host.up(args.xenstored, tapback=args.tapback)
     print(f"export XENSTORED_PATH={host.xenstored_path}")
 
 
@@ -123,15 +143,29 @@ def cmd_domain_destroy(host: Host, args: argparse.Namespace) -> None:
 def cmd_vbd_add(host: Host, args: argparse.Namespace) -> None:
     image = Image.parse(args.image)
     mode = "r" if args.cdrom else args.mode
-    with host.toolstack() as ts:
-        paths = ts.add_vbd(args.domid, args.devid, image, mode=mode, cdrom=args.cdrom)
+    if args.hotplug:
+        paths, attached = host.attach_disk(args.domid, args.devid, image, mode=mode,
+                                           cdrom=args.cdrom)
+    else:
+        with host.toolstack() as ts:
+            paths = ts.add_vbd(args.domid, args.devid, image, mode=mode, cdrom=args.cdrom)
     print(paths.backend)
     print(paths.frontend)
+    if args.hotplug:
+        print(f"tapdisk {attached.pid} minor {attached.minor}: {attached.device_path}")
 
 
 def cmd_vbd_remove(host: Host, args: argparse.Namespace) -> None:
-    with host.toolstack() as ts:
-        ts.remove_vbd(args.domid, args.devid)
+    state = host.detach_disk(args.domid, args.devid)
+    print(f"back-end state at removal: {state.name if state else 'gone'}")
+
+
+def cmd_guest_run(host: Host, args: argparse.Namespace) -> None:
+    result = run_guest(host, args.domid, args.devid, args.personality, args.workload,
+                       args.timeout)
+    print(result.summary())
+    if not result.ok:
+        raise SystemExit(EXIT_ERROR)
 
 
 def cmd_ls(host: Host, args: argparse.Namespace) -> None:
@@ -174,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if func is not cmd_up:
             host.require_up()
         func(host, args)
-    except (HostError, ToolstackError, XenstoredError, XensimError, XenStoreError,
-            OSError) as e:
+    except (HostError, ToolstackError, HotplugError, XenstoredError, XensimError,
+            XenStoreError, OSError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_ERROR
     return 0

@@ -200,12 +200,18 @@ class Toolstack:
         return paths
 
     def remove_vbd(self, domid: int, devid: int) -> None:
-        """Take the disk away as libxl does at the end: both directories removed."""
+        """Take the disk away as libxl does at the end: both directories removed, and the
+        domain's `backend/vbd3/<domid>` when it holds no other disk."""
         paths = self.vbd_paths(domid, devid)
+
+        domain_dir = paths.backend.rsplit("/", 1)[0]
 
         def remove(tx: Transaction) -> None:
             tx.rm(paths.frontend)
             tx.rm(paths.backend)
+            # Leave no empty per-domain directory behind (blktap's toolstack did).
+            if tx.exists(domain_dir) and not tx.ls(domain_dir):
+                tx.rm(domain_dir)
 
         self.xs.transact(remove)
 

@@ -55,8 +55,14 @@ def test_up_domain_vbd_ls_down(work: Path, image: Path, kind: str) -> None:
     assert sim(run, "domain", "create", "3").returncode == 0
     add = sim(run, "vbd", "add", "3", "xvdb", str(image), "--mode", "r")
     assert add.returncode == 0, add.stderr
-    assert add.stdout.split() == ["/local/domain/0/backend/vbd3/3/51728",
-                                  "/local/domain/3/device/vbd/51728"]
+    backend, frontend, tapdisk = add.stdout.splitlines()
+    assert (backend, frontend) == ("/local/domain/0/backend/vbd3/3/51728",
+                                   "/local/domain/3/device/vbd/51728")
+    # the hotplug step ran: a tapdisk serves the image, named where tapback looks for it
+    tapdisk_pid = int(tapdisk.split()[1])
+    assert tapdisk.endswith(f"{run}/blktap-control/nbd{tapdisk_pid}.0")
+    tapback_pid = Host(run).tapback_pid
+    assert tapback_pid and os.path.exists(f"/proc/{tapback_pid}")
 
     # Debian's own client sees what the toolstack wrote, with libxl's permissions.
     env = dict(os.environ, XENSTORED_PATH=str(socket))
@@ -71,8 +77,10 @@ def test_up_domain_vbd_ls_down(work: Path, image: Path, kind: str) -> None:
     assert "/local/domain/3" not in sim(run, "ls").stdout
     down = sim(run, "down")
     assert down.returncode == 0, down.stderr
-    assert not os.path.exists(f"/proc/{pid}") or b"xenstored" not in Path(
-        f"/proc/{pid}/cmdline").read_bytes()
+    for daemon, name in ((pid, b"xenstored"), (tapback_pid, b"tapback"),
+                         (tapdisk_pid, b"tapdisk")):
+        assert not os.path.exists(f"/proc/{daemon}") or name not in Path(
+            f"/proc/{daemon}/cmdline").read_bytes()
     assert not run.exists()
 
 
@@ -109,3 +117,24 @@ def test_bad_input_errors(work: Path, image: Path) -> None:
 
     again = sim(run, "up")
     assert again.returncode == 1 and "already up" in again.stderr
+
+
+def test_guest_run_and_remove_through_the_cli(work: Path, image: Path) -> None:
+    run = work / "run"
+    assert sim(run, "up").returncode == 0
+    assert sim(run, "domain", "create", "2").returncode == 0
+    assert sim(run, "vbd", "add", "2", "xvda", str(image)).returncode == 0
+
+    guest = sim(run, "guest", "run", "2", "xvda", "--personality", "minios")
+    assert guest.returncode == 0, guest.stdout + guest.stderr
+    assert "sectors 16384 (8.0 MiB)" in guest.stdout
+    assert "OK: every byte written read back identically" in guest.stdout
+
+    removed = sim(run, "vbd", "remove", "2", "xvda")
+    assert (removed.returncode, removed.stdout) == (0, "back-end state at removal: CLOSED\n")
+    assert "/local/domain/0/backend/vbd3/2" not in sim(run, "ls").stdout
+
+    # no disk any more: the guest gives up with an error, not a hang
+    missing = sim(run, "guest", "run", "2", "xvda", "--timeout", "10")
+    assert missing.returncode == 1
+    assert "FAILED" in missing.stdout
