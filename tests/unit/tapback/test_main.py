@@ -1,0 +1,58 @@
+"""The tapback command line, its logging set-up and the service helpers."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+
+from blktap3.tapback import logs, service
+from blktap3.tapback.main import build_parser, main
+
+
+def test_help_exits_0_and_names_the_options() -> None:
+    done = subprocess.run([sys.executable, "-m", "blktap3.tapback", "--help"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for option in ("--backend-kind", "--log-format", "--verbose", "--pid-file"):
+        assert option in done.stdout
+
+
+def test_bad_log_format_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--log-format", "xml"])
+    assert info.value.code == 2
+
+
+def test_defaults() -> None:
+    args = build_parser().parse_args([])
+    assert (args.backend_kind, args.backend_domid, args.log_format) == ("vbd3", 0, "json")
+
+
+def test_json_lines_carry_the_bound_vbd_fields() -> None:
+    out = io.StringIO()
+    logs.configure("json", stream=out)
+    try:
+        structlog.get_logger("t").bind(domid=5, devid=51712, pid=9, minor=0).info("step")
+        structlog.get_logger("t").debug("hidden")
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 1
+    assert {"domid": 5, "devid": 51712, "pid": 9, "minor": 0, "event": "step"}.items() \
+        <= lines[0].items()
+
+
+def test_service_without_a_tapback(tmp_path: Path) -> None:
+    assert service.status(tmp_path) is None
+    service.stop(tmp_path)  # idempotent
+    (tmp_path / service.PID_FILE).write_text("1\n")  # init, not a tapback
+    assert service.status(tmp_path) is None
+    argv = service.command(tmp_path, xenstored_path="/x/socket")
+    assert argv[1:3] == ["-m", "blktap3.tapback"]
+    assert str(service.control_dir(tmp_path)) in argv and "/x/socket" in argv

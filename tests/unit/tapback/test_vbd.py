@@ -1,0 +1,154 @@
+"""A VBD worker over an in-memory XenStore and a mocked tapdisk client.
+
+The real daemons are exercised in tests/integration/tapback; here the worker's own
+decisions are pinned, including error branches that are hard to reach for real.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from pytest_mock import MockerFixture
+
+from blktap3.ctl.client import CtlError, TapdiskClient
+from blktap3.ctl.protocol import ImageInfo
+from blktap3.tapback.store import SharedStore
+from blktap3.tapback.vbd import Prompt, VbdConfig, VbdWorker
+from blktap3.xenbus import VbdPaths, XenStoreNotFound
+
+T = TypeVar("T")
+PATHS = VbdPaths(5, 51712)
+
+
+class FakeXenStore:
+    """Just enough of `XenStore`/`Transaction` for a worker: a flat dict of nodes."""
+
+    alive = True
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, str] = {}
+        self.writes: list[str] = []
+
+    def read_optional(self, path: str) -> str | None:
+        return self.nodes.get(path)
+
+    def exists(self, path: str) -> bool:
+        return any(p == path or p.startswith(path + "/") for p in self.nodes)
+
+    def write(self, path: str, value: str, perms: Any = None) -> None:
+        self.nodes[path] = value
+        self.writes.append(path.rsplit("/", 1)[-1])
+
+    def ls(self, path: str) -> list[str]:
+        if not self.exists(path):
+            raise XenStoreNotFound(errno.ENOENT, path=path)
+        return sorted({p[len(path) + 1:].split("/")[0] for p in self.nodes
+                       if p.startswith(path + "/")})
+
+    def rm(self, path: str) -> None:
+        for p in [p for p in self.nodes if p == path or p.startswith(path + "/")]:
+            del self.nodes[p]
+
+    def transact(self, body: Callable[[FakeXenStore], T]) -> T:
+        return body(self)
+
+    def close(self) -> None:
+        pass
+
+
+def wait_for(check: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def xs() -> FakeXenStore:
+    store = FakeXenStore()
+    b, f = PATHS.backend_key, PATHS.frontend_key
+    store.nodes.update({
+        b("frontend"): PATHS.frontend, b("mode"): "w", b("device-type"): "disk",
+        b("online"): "1", b("state"): "1", b("params"): "aio:/nonexistent.img",
+        b("hotplug-status"): "connected",
+        b("physical-device-path"): "/run/blktap-control/nbd123.0",
+        f("state"): "1",
+    })
+    return store
+
+
+@pytest.fixture
+def worker(xs: FakeXenStore, mocker: MockerFixture) -> Iterator[VbdWorker]:
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
+    finals: list[VbdWorker] = []
+    w = VbdWorker(PATHS, PATHS.frontend, SharedStore(lambda: xs),  # type: ignore[arg-type,return-value]
+                  VbdConfig(Path("/nonexistent")), on_final=finals.append,
+                  on_tapdisk=lambda worker, pid: None)
+    w.start()
+    yield w
+    w.post(Prompt.STOP)
+    w.join(5)
+
+
+def _publish_transport(xs: FakeXenStore) -> None:
+    f = PATHS.frontend_key
+    xs.nodes.update({f("ring-ref"): "8", f("event-channel"): "3", f("state"): "3"})
+
+
+def test_handshake_writes_connect_keys_and_kthread_pid(
+        worker: VbdWorker, xs: FakeXenStore, mocker: MockerFixture) -> None:
+    connect = mocker.patch.object(TapdiskClient, "connect_xenblkif")
+    worker.post(Prompt.REFRESH)
+    b = PATHS.backend_key
+    wait_for(lambda: xs.nodes.get(b("state")) == "2")
+    _publish_transport(xs)
+    worker.post(Prompt.REFRESH)
+    wait_for(lambda: xs.nodes.get(b("state")) == "4")
+    assert xs.nodes[b("sectors")] == "2048"
+    assert xs.nodes[b("kthread-pid")] == "123"
+    assert connect.call_args.kwargs["grefs"] == (8,)
+    assert connect.call_args.kwargs["proto"] == 1  # protocol missing: native
+    assert xs.writes.count("state") == 2  # 2 then 4: nothing redundant
+
+
+def test_connect_refused_gives_error_and_closed(
+        worker: VbdWorker, xs: FakeXenStore, mocker: MockerFixture) -> None:
+    mocker.patch.object(TapdiskClient, "connect_xenblkif",
+                        side_effect=CtlError(errno.EBUSY, "minor 0 serves another ring"))
+    mocker.patch.object(TapdiskClient, "disconnect_xenblkif")
+    _publish_transport(xs)
+    worker.post(Prompt.REFRESH)
+    b = PATHS.backend_key
+    wait_for(lambda: xs.nodes.get(b("state")) == "6")
+    assert "refused XENBLKIF_CONNECT" in xs.nodes[b("error")]
+
+
+def test_unreachable_tapdisk_is_a_hotplug_failure(
+        worker: VbdWorker, xs: FakeXenStore, mocker: MockerFixture) -> None:
+    mocker.patch.object(TapdiskClient, "disk_info",
+                        side_effect=CtlError(errno.ECONNREFUSED, "no tapdisk"))
+    worker.post(Prompt.REFRESH)
+    b = PATHS.backend_key
+    wait_for(lambda: xs.nodes.get(b("state")) == "6")
+    assert xs.nodes[b("error")].startswith("hotplug:")
+
+
+def test_writes_never_recreate_a_removed_directory(
+        worker: VbdWorker, xs: FakeXenStore, mocker: MockerFixture) -> None:
+    # The toolstack removes the device while the tapdisk connects the ring.
+    mocker.patch.object(TapdiskClient, "connect_xenblkif",
+                        side_effect=lambda *a, **k: xs.rm(PATHS.backend))
+    disconnect = mocker.patch.object(TapdiskClient, "disconnect_xenblkif")
+    worker.post(Prompt.REFRESH)
+    wait_for(lambda: xs.nodes.get(PATHS.backend_key("state")) == "2")
+    _publish_transport(xs)
+    worker.post(Prompt.REFRESH)
+    wait_for(lambda: worker.finished)
+    assert not xs.exists(PATHS.backend)  # the connect keys and state 4 were dropped
+    assert worker.machine.state == "removed"
+    assert disconnect.called  # the ring it had connected is taken down
