@@ -40,11 +40,16 @@ def system() -> Iterator[Host]:
     finally:
         pids = runtime.socket_pids(service.control_dir(h.run_dir))
         service.stop(h.run_dir)
-        h.down()  # destroys the VBDs of its tapdisks itself, where it knows how
-        for pid in pids:  # whatever is left (an older Host, or a failed destroy)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            h.down()  # destroys the VBDs of its tapdisks itself, where it knows how
+        finally:
+            for pid in pids:  # whatever is left (an older Host, or a failed destroy)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            # A down() that failed half-way has not stopped xenstored: this one will.
+            with contextlib.suppress(Exception):
+                h.down()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture
