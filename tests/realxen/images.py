@@ -19,7 +19,7 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 ARCH_LIBS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")
 GUEST_MODULES = ("crc32c_generic", "xen-blkfront", "ext4")
 DOM0_MODULES = ("xen-evtchn", "xen-privcmd", "xenfs", "xen-gntdev", "xen-gntalloc",
-                "loop", "xen-blkback", "crc32c_generic", "ext4")
+                "loop", "brd", "xen-blkback", "crc32c_generic", "ext4")
 XEN_BIN = "usr/lib/xen-4.17/bin"
 XEN_PROGRAMS = ("xl", "xenstored", "xenconsoled", "xen-init-dom0", "libxl-save-helper")
 XENSTORE_TOOLS = ("read", "write", "ls", "list", "rm", "chmod", "exists", "watch")
@@ -65,6 +65,8 @@ def dom0(pkgs: Unpacked, mode: str, guest_image: Path, out: Path, work: Path) ->
     image.add_file("/init", SCRIPTS / "dom0-init.sh", 0o755)
     image.add_elf("/usr/bin/bash", _first(root, "bin/bash", "usr/bin/bash"))
     image.add_symlink("/usr/bin/sh.bash", "bash")
+    for prog in ("e2fsck", "mke2fs"):
+        image.add_elf(f"/usr/sbin/{prog}", _first(root, f"sbin/{prog}", f"usr/sbin/{prog}"))
     image.add_elf("/usr/bin/flock", _first(root, "usr/bin/flock", "bin/flock"))
     for prog in XEN_PROGRAMS:
         image.add_elf(f"/{XEN_BIN}/{prog}", root / XEN_BIN / prog)

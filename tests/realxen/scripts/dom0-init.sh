@@ -7,7 +7,7 @@
 # carry verdicts, "[guest] ..." relays the guest's console.
 export PATH=/usr/sbin:/usr/bin:/usr/lib/xen-4.17/bin
 export HOME=/root LANG=C
-IMG=/run/disk.img
+IMG=/srv/disk.img
 GLOG=/var/log/xen/console/guest-guest.log
 DISK_MB=96
 
@@ -47,7 +47,13 @@ ln -s /run /var/run
 mkdir -p /run/xen /run/xenstored /run/xen-hotplug
 MODE=$(sed -n 's/.*rigmode=\([a-z0-9]*\).*/\1/p' /proc/cmdline)
 step modules
-for m in $(cat /modules/order); do insmod /modules/$m || die "insmod $m"; done
+for m in $(cat /modules/order); do
+    case $m in
+        brd.ko) args="rd_nr=1 rd_size=262144" ;;  # a 256 MiB RAM disk for the image's fs
+        *) args= ;;
+    esac
+    insmod /modules/$m $args || die "insmod $m"
+done
 mount -t xenfs xenfs /proc/xen || die "mount xenfs"
 
 step xenstored
@@ -57,6 +63,11 @@ xen-init-dom0 || die xen-init-dom0
 xenconsoled --log=guest --log-dir=/var/log/xen/console || die xenconsoled
 
 step image
+# The image lives on ext4 (a RAM disk): tapdisk opens it with O_DIRECT, which dom0's
+# tmpfs (Linux 6.1) refuses.
+mkdir -p /srv
+/usr/sbin/mke2fs -q -F -t ext4 /dev/ram0 >/dev/null || die "mkfs /srv"
+mount -t ext4 /dev/ram0 /srv || die "mount /srv"
 dd if=/dev/zero of=$IMG bs=1M count=0 seek=$DISK_MB 2>/dev/null
 if [ "$MODE" = control ]; then
     losetup /dev/loop0 $IMG || die losetup
