@@ -160,7 +160,7 @@ def _probe(root: Path, pid: int) -> tuple[int, list[VbdEntry]] | None:
         if client.get_pid() != pid:
             return None
         return pid, client.list()
-    except CtlError:
+    except OSError:  # CtlError, or the tapdisk went away mid-answer (ECONNRESET, EPIPE)
         return None
 
 

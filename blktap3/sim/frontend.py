@@ -286,6 +286,10 @@ class Blkfront:
             raise FrontendFailure(f"connect in state {self.machine.state}")
         self.handshakes.append(Handshake(self.timeline.now_ms()))
         self.timeline.add("fe", f"start ({self.personality.name}), back-end {self.backend}")
+        # A new blkfront on a device an earlier one closed starts over from Initialising
+        # (the back-end, Closed, takes that as a reconnect).
+        if self.xs.read_optional(f"{self.frontend}/state") != XenbusState.INITIALISING.wire():
+            self._publish(XenbusState.INITIALISING)
         self._sync()
         self._wait_for(lambda: self.machine.state == "connected", timeout, "Connected")
         assert self.machine.disk is not None

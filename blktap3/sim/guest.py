@@ -156,12 +156,12 @@ def ring_xenstore(run_dir: str | os.PathLike[str], domid: int,
     try:
         evtchn.claim(info.xenstore_port)
     except OSError as e:
-        # xensim frees the port when the process that claimed it exits (real Xen keeps it
-        # for the domain's life): a domain serves one guest process.
+        # The domain's xenstore port is bound to one live process at a time (as one
+        # guest kernel owns it); it is free again once that process is gone.
         evtchn.close()
         raise FrontendFailure(
             f"cannot claim domain {domid}'s xenstore port {info.xenstore_port} ({e.strerror}): "
-            "an earlier guest process of this domain took it with it; use a new domain"
+            "another guest process of this domain is running"
         ) from None
     port = BoundPort(evtchn, info.xenstore_port, evtchn.fd)
 

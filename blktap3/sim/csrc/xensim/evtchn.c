@@ -199,6 +199,22 @@ void xs_port_close(struct xs_domain *d, uint32_t port)
     p->virq = 0;
 }
 
+/* A handle that owned a port goes away (closed, or its process died).  The
+ * guest's xenstore port belongs to the guest kernel in real Xen, not to one
+ * process: it stays bound to xenstored and only loses its owner, so the
+ * domain's next guest process can claim it again.  Any other port closes. */
+static void xs_port_release(struct xs_domain *d, uint32_t port)
+{
+    struct xs_port *p = &d->ports[port];
+    if (port == d->xenstore_port && d->domid != 0) {
+        p->owner_pid = 0;
+        p->owner_seq = 0;
+        p->flags = XS_PF_MASKED;
+        return;
+    }
+    xs_port_close(d, port);
+}
+
 int xs_pid_alive(int32_t pid)
 {
     if (kill(pid, 0) < 0 && errno == ESRCH)
@@ -253,7 +269,7 @@ void xs_gc_dead_handles(void)
             char path[PATH_MAX];
             if (fifo_path(path, sizeof(path), pid, pt->owner_seq) == 0)
                 unlink(path);
-            xs_port_close(v->d, p);
+            xs_port_release(v->d, p);
         }
     }
 }
@@ -348,7 +364,7 @@ XS_EXPORT int xenevtchn_close(xenevtchn_handle *h)
         struct xs_dom_view *v = xs_dom(h->domid);
         for (uint32_t p = 1; v != NULL && p < XS_NR_PORTS; p++) {
             if (owned(h, &v->d->ports[p]))
-                xs_port_close(v->d, p);
+                xs_port_release(v->d, p);
         }
         xs_unlock();
     }
