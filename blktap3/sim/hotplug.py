@@ -28,7 +28,7 @@ from typing import Protocol
 import structlog
 
 from blktap3.ctl import ops, runtime
-from blktap3.ctl.client import CtlError
+from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import OpenFlags
 from blktap3.tapback.service import control_dir
 from blktap3.tapback.tapdisks import device_path, parse_device_path
@@ -86,16 +86,24 @@ def hotplug_add(
     *,
     mode: str = "w",
     run_dir: str | os.PathLike[str] | None = None,
+    tapdisk: int | None = None,
 ) -> Attached:
-    """Create the VBD's tapdisk and tell the back-end it is there (see module doc)."""
+    """Create the VBD's tapdisk and tell the back-end it is there (see module doc).
+
+    `tapdisk`: the pid of a running tapdisk to add this VBD to (tap-ctl allocate,
+    attach, open) instead of spawning one per VBD (how a benchmark brings up hundreds).
+    """
     xs, owned, rundir = _target(host_or_xs, run_dir)
     root = control_dir(rundir)
     perms = owned_by(paths.backend_domid, readers=[paths.domid])
     try:
         flags = int(OpenFlags.RDONLY) if mode.startswith("r") else 0
         try:
-            pid, minor, _ = ops.create(image.params, root=root, flags=flags,
-                                       env=tapdisk_env(rundir))
+            if tapdisk is None:
+                pid, minor, _ = ops.create(image.params, root=root, flags=flags,
+                                           env=tapdisk_env(rundir))
+            else:
+                pid, minor = tapdisk, _attach_to(root, tapdisk, image.params, flags)
         except (CtlError, OSError) as exc:
             reason = f"tap-ctl create {image.params}: {exc}"
             _write_keys(xs, paths, {BackendKey.HOTPLUG_STATUS: HOTPLUG_ERROR,
@@ -143,6 +151,30 @@ def hotplug_remove(
     log.info("hotplug removed", domid=paths.domid, devid=paths.devid, pid=location.pid,
              minor=location.minor)
     return True
+
+
+def spawn_tapdisk(run_dir: str | os.PathLike[str]) -> int:
+    """`tap-ctl spawn` on the simulated machine: an idle tapdisk's pid (for `tapdisk=`)."""
+    return ops.spawn(control_dir(run_dir), env=tapdisk_env(run_dir))
+
+
+def _attach_to(root: Path, pid: int, params: str, flags: int) -> int:
+    """allocate + attach + open into a running tapdisk; undone on failure. The minor."""
+    minor = runtime.minor_of_devname(ops.allocate(root))
+    client = TapdiskClient(pid, root=root)
+    try:
+        client.attach(minor)
+        try:
+            client.open(minor, params, flags)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                client.detach(minor)
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            runtime.free_minor(root, minor)
+        raise
+    return minor
 
 
 def _destroy(root: Path, pid: int, minor: int) -> None:

@@ -46,6 +46,8 @@ log = structlog.get_logger(__name__)
 BACKEND_TOKEN = "backend"
 FRONTEND_TOKEN_PREFIX = "frontend:"
 WAIT_SLICE = 0.25  # how often the main loop looks at its stop flag and retirements
+# Back-end keys a worker reacts to ("" is the directory itself: created or removed).
+WATCHED_BACKEND_KEYS = frozenset({"", "hotplug-status", "physical-device-path", "online"})
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Tapback:
         stream = WatchStream(self._connect)
         try:
             stream.watch(root, BACKEND_TOKEN)
+            self.store.get()  # both connections exist once we say we are ready
             log.info("tapback watching", root=root, control_root=str(self.config.control_root))
             self.ready.set()
             if on_ready is not None:
@@ -141,7 +144,7 @@ class Tapback:
             with self._lock:
                 worker = self.workers.get((int(dom), int(dev)))
             if worker is not None:
-                worker.post(Prompt.REFRESH)
+                worker.post(Prompt.FRONTEND)
             return
         if event.token != BACKEND_TOKEN:
             return
@@ -151,12 +154,14 @@ class Tapback:
             self._scan(stream)
             self._prompt_under(event.path)
             return
-        domid, devid, _ = parsed
+        domid, devid, rest = parsed
         key = (domid, devid)
         with self._lock:
             worker = self.workers.get(key)
         if worker is not None:
-            worker.post(Prompt.REFRESH)
+            # Our own writes fire this watch too: only what a worker reads prompts it.
+            if rest in WATCHED_BACKEND_KEYS:
+                worker.post(Prompt.REFRESH)
         else:
             self._discover(stream, key)
 

@@ -95,7 +95,8 @@ _ABSENT = object()  # "never read" marker for the last front-end state seen
 
 
 class Prompt(enum.Enum):
-    REFRESH = "refresh"  # a watch fired: re-read XenStore
+    REFRESH = "refresh"  # a back-end watch fired: re-read everything we watch
+    FRONTEND = "frontend"  # the front-end's state node fired: re-read only that
     RESIZE = "resize"  # the image may have changed size: ask the tapdisk
     STOP = "stop"  # tapback is stopping: leave everything as it is
 
@@ -158,6 +159,7 @@ class VbdWorker:
         self._last_online: bool | None = None
         self._hotplug_seen = False
         self._adopting = False
+        self._inherited_perms: list[str] | None = None
         self._queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._done = threading.Event()
         self._thread = threading.Thread(
@@ -191,7 +193,9 @@ class VbdWorker:
         try:
             self._setup()
         except XenStoreError as exc:
-            self.log.warning("vbd setup failed, retried on the next prompt", error=str(exc))
+            self.log.warning("vbd setup failed, defaults used", error=str(exc))
+        except Exception:  # never let one VBD take the daemon down
+            self.log.exception("vbd setup crashed, defaults used")
         while not self._done.is_set():
             first = self._queue.get()
             batch = [first]
@@ -217,7 +221,10 @@ class VbdWorker:
         self._on_final(self)
 
     def _handle_batch(self, batch: Sequence[Message]) -> None:
-        for message in dict.fromkeys(batch):  # each distinct message once, in order
+        messages = dict.fromkeys(batch)  # each distinct message once, in order
+        if Prompt.REFRESH in messages:
+            messages.pop(Prompt.FRONTEND, None)  # a full refresh reads the front-end too
+        for message in messages:
             if self.machine.is_final:
                 return
             if isinstance(message, Died):
@@ -226,6 +233,9 @@ class VbdWorker:
                 self._check_size()
             elif message is Prompt.REFRESH:
                 self._refresh()
+            elif message is Prompt.FRONTEND:
+                self._frontend_changed(
+                    self.store.call(lambda xs: xs.read_optional(self.frontend_state_path)))
 
     # -- reading XenStore ----------------------------------------------------------------
 
@@ -239,6 +249,10 @@ class VbdWorker:
                 BackendKey.STATE))
 
         mode, device_type, removable, params, state = self.store.call(read)
+        # New nodes inherit their parent's permissions: when the toolstack gave our
+        # directory the ones the machine asks for, writes need no SET_PERMS each.
+        perms = self.store.call(lambda xs: xs.get_perms(self.paths.backend))
+        self._inherited_perms = [str(p) for p in perms]
         readonly = mode is not None and mode.startswith("r")
         cdrom = device_type == "cdrom"
         self._info_bits = ((VDISK_READONLY if readonly else 0) | (VDISK_CDROM if cdrom else 0)
@@ -285,9 +299,7 @@ class VbdWorker:
         if not snap.backend_exists:
             self.feed(BackendRemoved())
             return
-        if snap.frontend_state != self._last_frontend:
-            self._last_frontend = snap.frontend_state
-            self.feed(_frontend_event(snap.frontend_state))
+        self._frontend_changed(snap.frontend_state)
         if not self._hotplug_seen and snap.hotplug_status is not None:
             self._hotplug(snap)
         online = snap.online != "0"
@@ -296,6 +308,11 @@ class VbdWorker:
             self._last_online = online
             if not (first and online):  # online=1 at start is the default: nothing to say
                 self.feed(OnlineChanged(online))
+
+    def _frontend_changed(self, raw: str | None) -> None:
+        if raw != self._last_frontend:
+            self._last_frontend = raw
+            self.feed(_frontend_event(raw))
 
     def _hotplug(self, snap: Snapshot) -> None:
         if snap.hotplug_status != "connected":
@@ -462,6 +479,7 @@ class VbdWorker:
             return
         backend = self.paths.backend
         adopting = self._adopting
+        inherited = self._inherited_perms
 
         def body(tx: Transaction) -> bool:
             if not tx.exists(backend):
@@ -470,7 +488,8 @@ class VbdWorker:
                 path = f"{backend}/{key}"
                 if adopting and tx.read_optional(path) == value:
                     continue  # adoption: rewrite nothing the front-end already has
-                tx.write(path, value, key_perms.get(key))
+                wanted = key_perms.get(key)
+                tx.write(path, value, None if wanted == inherited else wanted)
             return True
 
         written = self.store.call(lambda xs: xs.transact(body))

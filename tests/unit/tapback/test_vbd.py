@@ -19,7 +19,7 @@ from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import ImageInfo
 from blktap3.tapback.store import SharedStore
 from blktap3.tapback.vbd import Prompt, VbdConfig, VbdWorker
-from blktap3.xenbus import VbdPaths, XenStoreNotFound
+from blktap3.xenbus import Permission, VbdPaths, XenStoreNotFound, owned_by
 
 T = TypeVar("T")
 PATHS = VbdPaths(5, 51712)
@@ -43,6 +43,9 @@ class FakeXenStore:
     def write(self, path: str, value: str, perms: Any = None) -> None:
         self.nodes[path] = value
         self.writes.append(path.rsplit("/", 1)[-1])
+
+    def get_perms(self, path: str) -> list[Permission]:
+        return owned_by(0, readers=[PATHS.domid])
 
     def ls(self, path: str) -> list[str]:
         if not self.exists(path):
