@@ -97,7 +97,7 @@ def build_datapath(work: Path) -> Path:
     """The cffi module, compiled by Debian's python3.11 (dom0's interpreter)."""
     build = work / "datapath-build"
     deps = build / "deps"
-    _copy_deps(BUILD_DEPS + ("_cffi_backend",), deps)
+    _copy_deps((*BUILD_DEPS, "_cffi_backend"), deps)
     script = (
         "import importlib.util, sys;"
         f"spec = importlib.util.spec_from_file_location('dp_build', {str(PROJECT / 'blktap3/datapath/_build.py')!r});"  # noqa: E501

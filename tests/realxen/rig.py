@@ -29,7 +29,7 @@ DOM0_CMDLINE = "console=hvc0 earlyprintk=xen loglevel=4"
 BOOT_TIMEOUT = 420.0
 # Both modes must pass these; every verdict line found must say pass.
 EXPECTED = ("size", "odirect", "fsck1", "files1", "detached", "reattached", "size2",
-            "files2", "fsck2", "image-files", "image-pattern")
+            "files2", "fsck2", "image-files", "image-pattern", "features")
 FAULT = re.compile(r"segfault at|traps:|general protection|invalid opcode|"
                    r"Illegal instruction|Segmentation fault")
 RESULT = re.compile(r"@@(?:G )?RESULT (\S+) (pass|fail)\b ?(.*)")
@@ -56,7 +56,7 @@ class Run:
                 marks.append((line.split(maxsplit=1)[1], t))
             elif "Xen version" in line and not any(m[0] == "xen" for m in marks):
                 marks.append(("xen", t))
-            elif "Freeing unused kernel image" in line and not any(
+            elif "] Linux version" in line and not line.startswith("[guest]") and not any(
                     m[0] == "dom0-kernel" for m in marks):
                 marks.append(("dom0-kernel", t))
             elif line.startswith("[guest] @@G ") and line.split()[2] in ("up", "attached"):
@@ -69,7 +69,30 @@ class Run:
             m = RESULT.search(line)
             if m:
                 found[m.group(1)] = (m.group(2), m.group(3))
+        features = self.features_verdict()
+        if features is not None:
+            found["features"] = features
         return found
+
+    def backend_keys(self) -> list[dict[str, str]]:
+        """The back-end directory at each connection, as dom0 printed it."""
+        return [dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                for line in self.text if line.startswith("@@BACKEND-KEYS")]
+
+    def features_verdict(self) -> tuple[str, str] | None:
+        """blkfront's line at each connection against the features advertised then."""
+        keys, lines = self.backend_keys(), self.blkfront_lines()
+        if not keys or not lines:
+            return None
+        problems = []
+        for n, (adv, line) in enumerate(zip(keys, lines, strict=False), start=1):
+            want = expected_blkfront(adv)
+            for name, state in want.items():
+                if f"{name}: {state}" not in line:
+                    problems.append(f"connection {n}: want '{name}: {state}'")
+        if len(lines) < len(keys):
+            problems.append(f"{len(keys)} connections, {len(lines)} blkfront lines")
+        return ("fail", "; ".join(problems)) if problems else ("pass", "")
 
     def faults(self) -> list[str]:
         return [line for line in self.text if FAULT.search(line)]
@@ -95,11 +118,33 @@ class Run:
         return steps[-1][0] if steps else "boot"
 
     def blkfront_lines(self) -> list[str]:
-        return [line.split("@@G BLKFRONT ", 1)[1] for line in self.text
-                if "@@G BLKFRONT " in line]
+        """blkfront's "xvda: ..." line of each connection (dmesg is printed twice)."""
+        seen: list[str] = []
+        for line in self.text:
+            if "@@G BLKFRONT " in line:
+                text = line.split("@@G BLKFRONT ", 1)[1]
+                if text not in seen:
+                    seen.append(text)
+        return seen
+
+    def guest_log(self) -> str:
+        return "\n".join(line.removeprefix("[guest] ") for line in self.text
+                         if line.startswith("[guest] "))
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.text[-n:])
+
+
+def expected_blkfront(keys: dict[str, str]) -> dict[str, str]:
+    """What Linux 6.1's blkfront prints in its "xvda:" line for these back-end keys."""
+    flush = keys.get("feature-flush-cache") == "1" or keys.get("feature-barrier") == "1"
+    indirect = int(keys.get("feature-max-indirect-segments", "0") or 0) > 0
+    return {
+        ("flush diskcache" if keys.get("feature-flush-cache") == "1" else
+         "barrier" if flush else "barrier or flush"): "enabled" if flush else "disabled",
+        "persistent grants": "enabled" if keys.get("feature-persistent") == "1" else "disabled",
+        "indirect descriptors": "enabled" if indirect else "disabled",
+    }
 
 
 def qemu_command(xen: Path, dom0: Path, mode: str) -> list[str]:
@@ -166,13 +211,18 @@ def build(mode: str, work: Path, timer: Timer) -> tuple[Path, Path]:
 
 
 def report(run: Run, timer: Timer, log: Path) -> None:
-    print(f"== real-Xen rig, mode {run.mode}: log {log}")
+    print(f"== real-Xen rig, mode {run.mode}: serial log {log}")
     for name, secs in timer.marks:
         print(f"  {secs:7.2f} s  host: {name}")
-    prev = 0.0
-    for name, t in run.steps():
-        print(f"  {t:7.2f} s  (+{t - prev:6.2f})  {name}")
-        prev = t
+    steps = run.steps()
+    print("   starts at   took  step (guest-* marks are the guest's console, relayed)")
+    for i, (name, t) in enumerate(steps):
+        took = f"{steps[i + 1][1] - t:6.2f}" if i + 1 < len(steps) else "     -"
+        print(f"  {t:7.2f} s {took} s  {name}")
+    for n, keys in enumerate(run.backend_keys(), start=1):
+        features = " ".join(f"{k}={v}" for k, v in sorted(keys.items())
+                            if k.startswith(("feature-", "max-", "sectors", "info")))
+        print(f"  back-end at connection {n}: {features}")
     print("  guest blkfront lines:")
     for line in run.blkfront_lines():
         print(f"    {line}")
@@ -189,6 +239,7 @@ def run_mode(mode: str, work: Path, attempts: int = 2) -> tuple[Run, str | None]
     for attempt in range(1, attempts + 1):
         log = work / f"serial-{mode}-{attempt}.log"
         run = boot(xen, dom0, mode, log)
+        (work / f"guest-{mode}-{attempt}.log").write_text(run.guest_log() + "\n")
         report(run, timer, log)
         faults = run.faults()
         if not faults:

@@ -15,3 +15,4 @@ cleanup() {
     kill "$(cat /run/tapback.pid)" 2>/dev/null
     true
 }
+BACKEND_KIND=vbd3

@@ -2,3 +2,4 @@
 attach() { xl block-attach guest phy:/dev/loop0,xvda,w; }
 detach() { xl block-detach guest xvda; }
 cleanup() { losetup -d /dev/loop0 2>/dev/null; true; }
+BACKEND_KIND=vbd

@@ -82,8 +82,17 @@ GUEST=$(xl domid guest)
 
 . /etc/rig/attach-$MODE.sh
 
+# The back-end's keys as the guest saw them at connection: the host compares the
+# features advertised there with blkfront's line.
+backend_keys() {
+    wait_for 60 sh -c "[ \"\$(xenstore-read $BACKEND/state)\" = 4 ]" ||
+        echo "back-end $BACKEND not Connected: state $(xenstore-read $BACKEND/state)"
+    echo "@@BACKEND-KEYS $(xenstore-ls -f "$BACKEND" | sed 's|^.*/\([^/ ]*\) = "\(.*\)"$|\1=\2|' | tr '\n' ' ')"
+}
 step attach
 attach || die attach
+BACKEND=/local/domain/0/backend/$BACKEND_KIND/$GUEST/51712
+backend_keys
 step guest-phase1
 wait_for 150 grep -q '@@G PHASE1-DONE' $GLOG || die "guest phase 1 did not finish"
 grep -q '@@G RESULT .* fail' $GLOG && die "guest phase 1 failed"
@@ -92,6 +101,7 @@ detach || die detach
 step reattach
 sleep 1
 attach || die re-attach
+backend_keys
 step guest-phase2
 wait_for 150 grep -q '@@G PHASE2-DONE' $GLOG || die "guest phase 2 did not finish"
 step guest-shutdown

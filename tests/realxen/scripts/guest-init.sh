@@ -74,6 +74,7 @@ check detached wait_dev absent 90
 check reattached wait_dev present 90
 size=$(cat /sys/block/xvda/size)
 check size2 [ "$size" = "$WANT" ]
+dmesg | grep -i blkfront | tail -1 | sed 's/^/@@G BLKFRONT /'
 check files2 verify_files
 mount -t ext4 $DEV /mnt/d
 i=0

@@ -1,0 +1,146 @@
+"""The rig's own parts, without QEMU: the cpio writer (read back by busybox's cpio when
+the host has it, else by a parser of the format), module dependencies, the verdicts read
+from a console log, and what blkfront must print for advertised features."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.realxen import initramfs, rig
+
+
+def _read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, content) of a newc archive."""
+    out: dict[str, tuple[int, bytes]] = {}
+    pos = 0
+    while True:
+        head = data[pos:pos + 110]
+        assert head[:6] == b"070701", f"bad magic at {pos}"
+        fields = [int(head[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        pos += 110 + namesize
+        pos += -pos % 4
+        content = data[pos:pos + size]
+        pos += size + (-size % 4)
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, content)
+
+
+def test_cpio_holds_files_links_and_merged_usr(tmp_path: Path) -> None:
+    image = initramfs.Initramfs()
+    image.add_bytes("/bin/hello", b"#!/bin/sh\necho hi\n", 0o755)
+    image.add_bytes("/etc/odd", b"abc")  # a size that needs padding
+    image.add_symlink("/sbin/hi", "../bin/hello")
+    out = tmp_path / "x.cpio"
+    image.write(out)
+    entries = _read_newc(out.read_bytes())
+    mode, content = entries["usr/bin/hello"]
+    assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o755
+    assert content == b"#!/bin/sh\necho hi\n"
+    assert entries["etc/odd"][1] == b"abc"
+    assert stat.S_ISLNK(entries["bin"][0]) and entries["bin"][1] == b"usr/bin"
+    assert entries["usr/sbin/hi"][1] == b"../bin/hello"
+    # parents before children, as the kernel's unpacker needs
+    names = list(entries)
+    assert names.index("usr") < names.index("usr/bin") < names.index("usr/bin/hello")
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox not installed")
+def test_cpio_extracts_with_busybox(tmp_path: Path) -> None:
+    image = initramfs.Initramfs()
+    image.add_bytes("/etc/data", bytes(range(256)) * 3)
+    archive = tmp_path / "x.cpio"
+    image.write(archive)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with archive.open("rb") as f:
+        subprocess.run(["busybox", "cpio", "-id"], stdin=f, cwd=dest, check=True,
+                       capture_output=True)
+    assert (dest / "etc/data").read_bytes() == bytes(range(256)) * 3
+    assert (dest / "bin").is_symlink()
+
+
+def test_module_dependencies_come_first(tmp_path: Path) -> None:
+    mods = tmp_path / "kernel"
+    mods.mkdir()
+    (mods / "a.ko").write_bytes(b"\x7fELF junk\0depends=b_mod,c\0vermagic=6.1\0")
+    (mods / "b_mod.ko").write_bytes(b"\0depends=c\0")
+    (mods / "c.ko").write_bytes(b"\0depends=\0")
+    image = initramfs.Initramfs()
+    order = image.add_modules(tmp_path, ["a", "builtin-thing"])
+    assert order == ["c.ko", "b_mod.ko", "a.ko"]
+    assert "/modules/a.ko" in image.entries
+
+
+def _run(lines: list[str]) -> rig.Run:
+    run = rig.Run("blktap3")
+    run.lines = [(float(i), line) for i, line in enumerate(lines)]
+    return run
+
+
+PASSING = [
+    "(XEN) Xen version 4.17",
+    "@@STEP attach",
+    "@@BACKEND-KEYS state=4 feature-flush-cache=1 feature-persistent=0",
+    "[guest] @@G BLKFRONT [ 1.0] blkfront: xvda: flush diskcache: enabled; persistent "
+    "grants: disabled; indirect descriptors: disabled; bounce buffer: disabled;",
+    *[f"[guest] @@G RESULT {name} pass" for name in rig.EXPECTED if not name.startswith(
+        ("image-", "features"))],
+    "@@RESULT image-files pass 250 files",
+    "@@RESULT image-pattern pass",
+    "@@STEP end",
+]
+
+
+def test_a_complete_passing_log_passes() -> None:
+    run = _run(PASSING)
+    assert run.failure() is None
+    assert run.results()["features"] == ("pass", "")
+    assert [name for name, _ in run.steps()] == ["xen", "attach", "end"]
+
+
+def test_a_failed_check_names_the_step_and_check() -> None:
+    lines = [line.replace("RESULT fsck1 pass", "RESULT fsck1 fail") for line in PASSING]
+    failure = _run(lines).failure()
+    assert failure is not None and "fsck1" in failure
+
+
+def test_a_missing_check_fails() -> None:
+    failure = _run([line for line in PASSING if "odirect" not in line]).failure()
+    assert failure is not None and "odirect" in failure
+
+
+def test_dom0_fail_line_reports_the_last_step() -> None:
+    failure = _run(["@@STEP attach", "@@FAIL attach", "@@STEP end"]).failure()
+    assert failure == "end: attach"
+
+
+def test_features_mismatch_fails() -> None:
+    lines = [line.replace("feature-persistent=0", "feature-persistent=1") for line in PASSING]
+    verdict = _run(lines).results()["features"]
+    assert verdict[0] == "fail" and "persistent grants: enabled" in verdict[1]
+
+
+def test_user_space_faults_are_found() -> None:
+    run = _run([*PASSING, "[guest] [ 3.2] sh[71]: segfault at 8 ip 00007f sp 00007ff"])
+    assert len(run.faults()) == 1
+
+
+@pytest.mark.parametrize(("keys", "want"), [
+    ({"feature-flush-cache": "1"}, {"flush diskcache": "enabled"}),
+    ({"feature-barrier": "1"}, {"barrier": "enabled"}),
+    ({}, {"barrier or flush": "disabled"}),
+    ({"feature-max-indirect-segments": "256", "feature-persistent": "1"},
+     {"indirect descriptors": "enabled", "persistent grants": "enabled"}),
+])
+def test_expected_blkfront_line(keys: dict[str, str], want: dict[str, str]) -> None:
+    got = rig.expected_blkfront(keys)
+    for name, state in want.items():
+        assert got[name] == state
