@@ -1,9 +1,11 @@
-"""``blktap3-bench``: our guest -> ring -> C data path against fio, same file, same run.
+"""``blktap3-bench``: guest driver -> ring -> the real tapdisk against fio, same file, run.
 
 For each workload it runs fio (io_uring, O_DIRECT) on the backing file, then the
-simulated guest's ring driver against the data path on the same file, and prints
-IOPS, bandwidth, p50/p99 latency, the data path's CPU microseconds per request and
-the ratio ours/fio. A null image (no I/O) gives the ring's own ceiling.
+simulated guest's ring driver against a real tapdisk process (spawned as tap-ctl does,
+ring connected as tapback does) on the same file, and prints IOPS, bandwidth, p50/p99
+latency, the tapdisk's CPU microseconds per request (and the guest driver's: on a
+small machine the two compete for the same cores) and the ratio ours/fio. A null
+image (no I/O) gives the ring's own ceiling.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from . import bench_fio, bench_ring
 
@@ -49,30 +53,40 @@ def _row(r: dict[str, Any]) -> str:
             f"{_num(r.get('ours_mbps'), '.0f'):>9} {_num(r.get('fio_mbps'), '.0f'):>8} "
             f"{_num(r.get('ours_p50_us'), '.1f'):>8} {_num(r.get('ours_p99_us'), '.1f'):>8} "
             f"{_num(r.get('fio_p50_us'), '.1f'):>8} {_num(r.get('fio_p99_us'), '.1f'):>8} "
-            f"{_num(r.get('cpu_us_per_req'), '.2f'):>7}")
+            f"{_num(r.get('cpu_us_per_req'), '.2f'):>7} "
+            f"{_num(r.get('guest_cpu_us_per_req'), '.2f'):>8} "
+            f"{_num(r.get('fio_cpu_us_per_req'), '.2f'):>7}")
 
 
 HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} "
           f"{'ours MB/s':>9} {'fio MB/s':>8} {'ours p50':>8} {'ours p99':>8} "
-          f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7}")
+          f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="blktap3-bench", description=__doc__)
     ap.add_argument("--json", metavar="FILE", help="write one object per workload here")
-    ap.add_argument("--runtime", type=float, default=5.0, help="seconds per run (default 5)")
+    ap.add_argument("--runtime", type=float, default=5.0,
+                    help="seconds per run (default 5: about a minute in all)")
     ap.add_argument("--size-mib", type=int, default=512, help="backing file size (MiB)")
     ap.add_argument("--dir", default="/var/tmp", help="where the backing file goes")
     ap.add_argument("--only", default=None, help="only workloads whose name contains this")
     ap.add_argument("--poll-us", type=int, default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
     args = ap.parse_args(argv)
+    # The control client logs every message at debug: keep the table readable.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(30),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
 
     results: list[dict[str, Any]] = []
     print(f"blktap3-bench on {platform.node()} ({os.cpu_count()} CPUs, {platform.system()} "
           f"{platform.release()}): {args.size_mib} MiB file in {args.dir}, "
           f"{args.runtime:g} s per run, O_DIRECT, io_uring, poll {args.poll_us} us; "
-          "latencies in us", flush=True)
+          "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
+          "driver, fio us fio itself",
+          flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="blktap3-bench-", dir=args.dir) as tmp:
         disk = Path(tmp) / "disk.img"

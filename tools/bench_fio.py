@@ -18,7 +18,13 @@ def run(path: Path, rw: str, bs: int, qd: int, runtime: float) -> dict[str, Any]
     job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["read" if "read" in rw else "write"]
     pct = side["clat_ns"].get("percentile", {})
+    # fio's own CPU (user + system, percent of its run time) per I/O: the kernel's share
+    # of the cost that our tapdisk pays too.
+    ios = int(side["total_ios"])
+    cpu_pct = float(job["usr_cpu"]) + float(job["sys_cpu"])
+    cpu_s = cpu_pct / 100 * float(job["job_runtime"]) / 1e3
     return {
+        "fio_cpu_us_per_req": cpu_s * 1e6 / ios if ios else None,
         "fio_iops": float(side["iops"]),
         "fio_mbps": float(side["bw_bytes"]) / 1e6,
         "fio_p50_us": float(pct.get("50.000000", 0)) / 1e3,

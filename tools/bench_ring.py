@@ -1,79 +1,150 @@
-"""Our side of ``blktap3-bench``: a simulated machine, the data path as dom0, a guest."""
+"""Our side of ``blktap3-bench``: guest driver -> ring -> the real tapdisk process.
+
+A simulated machine (xensim) with dom0 and one guest. The tapdisks are spawned as
+tap-ctl does (``blktap3.ctl.ops.create``) with dom0's environment, one serving the
+backing file (``aio:``), one a null image; each run connects a fresh guest driver
+process's ring to one of them with XENBLKIF_CONNECT, exactly as tapback would. The
+CPU each process spent comes from ``/proc/<pid>`` (``cpu_seconds``) before and after the run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from blktap3.ctl import ops
+from blktap3.ctl.client import TapdiskClient
 from blktap3.datapath.lineproc import LineProcess
+from blktap3.datapath.ring import POLL_ENV
 from blktap3.sim import xensim
 
 GUEST = 9
+DEVID = 51712
+BLKIF_PROTOCOL_NATIVE = 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a whole process, in seconds.
+
+    The sum of its live threads' ``schedstat`` (nanoseconds on CPU, exact) when the
+    kernel has it: a thread exiting between two readings would drop out, but none
+    does during a run. Else ``stat``'s utime + stime (clock ticks, sampled).
+    """
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may hold spaces: fields count from after its ')'.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Vbd:
+    """One tapdisk process with one VBD open on ``params``."""
+
+    def __init__(self, root: Path, params: str, env: dict[str, str]) -> None:
+        self.root = root
+        self.pid, self.minor, _ = ops.create(params, root=root, env=env)
+        self.client = TapdiskClient(self.pid, root=root)
+
+    def close(self) -> None:
+        try:
+            ops.destroy(self.pid, self.minor, root=self.root, timeout=30)
+        except OSError:
+            # A wedged tapdisk must not outlive the benchmark.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
 
 class RingRig:
-    """xensim machine + ring host process (dom0) + a guest driver process per run."""
+    """xensim machine + real tapdisks (dom0) + a guest driver process per run."""
 
     def __init__(self, run_dir: Path, disk: Path, poll_us: int = 0) -> None:
         self.run_dir = run_dir
         self.poll_us = poll_us
         self.disk = disk
+        self.ctl_root = run_dir.parent / "ctl"
         self.machine = xensim.Machine(run_dir)
-        self.host: LineProcess | None = None
+        self.vbds: dict[str, Vbd] = {}
+        self.last: dict[str, Any] = {}
 
     def __enter__(self) -> RingRig:
         self.machine.init()
         self.machine.create_domain(GUEST, 8192)
-        self.host = LineProcess([sys.executable, "-m", "blktap3.datapath.host"],
-                                xensim.process_env(self.run_dir, 0))
-        self.host.call("open", name="disk", driver="aio", path=str(self.disk))
-        self.host.call("open", name="null", driver="null", path="")
+        env = {**os.environ, **xensim.process_env(self.run_dir, 0)}
+        # The tapdisk has no poll setting of its own: the data path reads this.
+        env[POLL_ENV] = str(self.poll_us)
+        try:
+            self.vbds["disk"] = Vbd(self.ctl_root, f"aio:{self.disk}", env)
+            self.vbds["null"] = Vbd(self.ctl_root, "null:/dev/null", env)
+        except BaseException:
+            self._stop()
+            raise
         return self
+
+    def _stop(self) -> None:
+        for vbd in self.vbds.values():
+            vbd.close()
+        self.vbds.clear()
+        self.machine.teardown()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self.host:
-            self.host.close()
-        self.machine.teardown()
+        self._stop()
 
-    def _ring(self, image: str, order: int, run: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        assert self.host is not None
+    def _ring(self, image: str, order: int, run: dict[str, Any]) -> dict[str, Any]:
+        vbd = self.vbds[image]
         guest = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"],
                             xensim.process_env(self.run_dir, GUEST))
         try:
             g = guest.call("open", backend=0, order=order, protocol="native")
-            self.host.call("connect", name="r", image=image, domid=GUEST, devid=1,
-                           grefs=g["grefs"], order=order, port=g["port"], protocol="native",
-                           poll_us=self.poll_us)
+            vbd.client.connect_xenblkif(
+                vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]), order=order,
+                port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
+            )
             try:
-                cpu0 = self.host.call("cpu")
+                t0, g0 = cpu_seconds(vbd.pid), cpu_seconds(guest.pid)
                 res: dict[str, Any] = guest.call("run", poll_us=self.poll_us, **run)
-                cpu1 = self.host.call("cpu")
+                t1, g1 = cpu_seconds(vbd.pid), cpu_seconds(guest.pid)
             finally:
-                self.host.call("disconnect", name="r")
+                vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
         finally:
             guest.close()
-        cpu = (cpu1["user"] + cpu1["system"]) - (cpu0["user"] + cpu0["system"])
         if res["errors"] or res["lost"]:
             raise RuntimeError(f"ring errors: {res}")
-        return res, cpu
+        res["tapdisk_cpu"] = t1 - t0
+        res["guest_cpu"] = g1 - g0
+        self.last = res
+        return res
 
     @staticmethod
-    def _figures(res: dict[str, Any], cpu: float) -> dict[str, Any]:
+    def _figures(res: dict[str, Any]) -> dict[str, Any]:
         secs = res["elapsed_ns"] / 1e9
+        ios = res["ios"]
         return {
             "ours_iops": res["iops"],
             "ours_mbps": res["bytes"] / secs / 1e6 if secs else 0.0,
             "ours_p50_us": res["p50_ns"] / 1e3,
             "ours_p99_us": res["p99_ns"] / 1e3,
-            "cpu_us_per_req": cpu * 1e6 / res["ios"] if res["ios"] else None,
+            "cpu_us_per_req": res["tapdisk_cpu"] * 1e6 / ios if ios else None,
+            "guest_cpu_us_per_req": res["guest_cpu"] * 1e6 / ios if ios else None,
+            "kicks_per_req": (res["kicks_out"] + res["kicks_in"]) / ios if ios else None,
         }
 
     def run(self, rw: str, bs: int, qd: int, runtime: float) -> dict[str, Any]:
         sectors = self.disk.stat().st_size // 512
-        return self._figures(*self._ring("disk", 0, {
+        return self._figures(self._ring("disk", 0, {
             "qd": qd, "bs": bs, "read_pct": 100 if "read" in rw else 0,
             "random": rw.startswith("rand"), "span": sectors, "duration": runtime,
             "seed": 12345, "timeout": 30.0,
@@ -81,7 +152,7 @@ class RingRig:
 
     def run_null(self, runtime: float) -> dict[str, Any]:
         """The ring's own ceiling: 8-page ring, QD256, no storage and no data copy."""
-        figures = self._figures(*self._ring("null", 3, {
+        figures = self._figures(self._ring("null", 3, {
             "qd": 256, "bs": 4096, "read_pct": 100, "random": False, "span": 1 << 30,
             "duration": runtime, "timeout": 30.0,
         }))

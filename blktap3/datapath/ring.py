@@ -6,6 +6,7 @@ the GIL around each call) and to read counters: never per request.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,9 @@ PROTOCOLS = {
     "x86_64-abi": lib.TD_PROTO_X86_64,
 }
 MAX_RING_PAGE_ORDER = 3
+# The process-wide default of ``poll_us`` (blktap's poll_duration): the tapdisk's
+# control protocol has no field for it, so its environment carries it.
+POLL_ENV = "BLKTAP3_RING_POLL_US"
 OPS = ("read", "write", "barrier", "flush", "reserved", "discard", "indirect", "other")
 # Index = enum td_err in datapath.h.
 ERROR_CAUSES = (
@@ -26,6 +30,14 @@ ERROR_CAUSES = (
     "overflow",
 )
 ENGINE_NAMES = {v: k for k, v in ENGINES.items()}
+
+
+def _env_poll_us() -> int:
+    """``$BLKTAP3_RING_POLL_US`` as a number; unset or malformed is 0 (never poll)."""
+    try:
+        return int(os.environ.get(POLL_ENV, "0") or "0")
+    except ValueError:
+        return 0
 
 
 class Ring:
@@ -49,14 +61,17 @@ class Ring:
         port: int,
         protocol: str,
         engine: str = "auto",
-        poll_us: int = 0,
+        poll_us: int | None = None,
     ) -> Ring:
         """Map the ring (2**order pages), bind the event channel, start the service.
 
         ``engine``: "auto" (io_uring, else the synchronous fallback), "uring", "sync".
         ``poll_us``: spin this long for new requests/completions before sleeping
-        (blktap's ``poll_duration``; trades CPU for latency; 0 = always sleep).
+        (blktap's ``poll_duration``; trades CPU for latency; 0 = always sleep;
+        None: ``$BLKTAP3_RING_POLL_US``, else 0).
         """
+        if poll_us is None:
+            poll_us = _env_poll_us()
         if protocol not in PROTOCOLS:
             raise OSError(22, f"unknown ring protocol {protocol!r}")
         if not 0 <= order <= MAX_RING_PAGE_ORDER or len(grefs) != 1 << order:
