@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
 import re
 import shutil
 import statistics
@@ -93,19 +94,36 @@ class GuestFrontends:
         self.ring_evtchn = xenlib.EventChannel(host.run_dir, domid)
         self.vbds: dict[str, Vbd] = {}  # back-end state path -> VBD
         self._lock = threading.Lock()
+        self.errors: list[str] = []
+        self._adds: queue.SimpleQueue[tuple[Vbd, threading.Event]] = queue.SimpleQueue()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"fe-{domid}", daemon=True)
         self._thread.start()
 
     def add(self, vbd: Vbd) -> None:
-        path = vbd.paths.backend_key("state")
-        with self._lock:
-            self.vbds[path] = vbd
-        self.stream.watch(path, "be")
+        """Watch the VBD's back-end state; returns once the watch is registered."""
+        registered = threading.Event()
+        self._adds.put((vbd, registered))
+        registered.wait()
+
+    def _register(self) -> None:
+        # WatchStream.watch() must not run while another thread is in wait(): the
+        # stream's own thread registers them.
+        while True:
+            try:
+                vbd, registered = self._adds.get_nowait()
+            except queue.Empty:
+                return
+            path = vbd.paths.backend_key("state")
+            with self._lock:
+                self.vbds[path] = vbd
+            self.stream.watch(path, "be")
+            registered.set()
 
     def _run(self) -> None:
         while not self._stop:
-            event = self.stream.wait(0.1)
+            self._register()
+            event = self.stream.wait(0.02)
             if not isinstance(event, WatchEvent):
                 continue
             with self._lock:
@@ -116,13 +134,20 @@ class GuestFrontends:
                 raw = self.xs.read_optional(event.path)
             except XenStoreError:
                 continue  # not created yet (its parent is not readable for the guest)
-            if raw == "2" and not vbd.t_initialised:
-                self._publish(vbd)
-            elif raw == "4" and vbd.t_initialised:
-                vbd.t_backend_connected = time.perf_counter()
-                self.xs.write(vbd.paths.frontend_key("state"), XenbusState.CONNECTED.wire())
-                vbd.t_connected = time.perf_counter()
-                vbd.done.set()
+            try:
+                if raw == "2" and not vbd.t_initialised:
+                    self._publish(vbd)
+                elif raw == "4" and vbd.t_initialised:
+                    vbd.t_backend_connected = time.perf_counter()
+                    self.xs.write(vbd.paths.frontend_key("state"),
+                                  XenbusState.CONNECTED.wire())
+                    vbd.t_connected = time.perf_counter()
+                    vbd.done.set()
+                elif raw == "6":
+                    error = self.xs.read_optional(vbd.paths.backend_key("error"))
+                    self.errors.append(f"{vbd.paths.backend}: Closed: {error}")
+            except (OSError, XenStoreError) as exc:
+                self.errors.append(f"{vbd.paths.frontend}: {exc}")
 
     def _publish(self, vbd: Vbd) -> None:
         share = self.grants.share_pages(0, 1)
@@ -218,7 +243,7 @@ def _latency(host: Host, rounds: int, image_dir: Path) -> dict[str, Any]:
             added = _add_vbd(host, domid, devid, image_dir, None)
             vbd.t_initialising = added.t_initialising
             if not vbd.done.wait(30):
-                raise RuntimeError(f"VBD {domid}/{devid} did not connect")
+                raise RuntimeError(f"VBD {domid}/{devid} did not connect: {fe.errors[:5]}")
             whole.append((vbd.t_connected - vbd.t_initialising) * 1e3)
             init_to_conn.append((vbd.t_backend_connected - vbd.t_initialised) * 1e3)
         return {
@@ -258,7 +283,9 @@ def _bring_up(host: Host, tapback_conns: list[str], count: int, domains: int,
             list(pool.map(add, enumerate(plan)))
         for vbd in vbds.values():
             if not vbd.done.wait(120):
-                raise RuntimeError(f"VBD {vbd.paths.domid}/{vbd.paths.devid} did not connect")
+                errors = [e for fe in frontends.values() for e in fe.errors]
+                raise RuntimeError(f"VBD {vbd.paths.domid}/{vbd.paths.devid} did not "
+                                   f"connect; front-end errors: {errors[:5]}")
         elapsed = time.perf_counter() - start
     finally:
         for fe in frontends.values():
