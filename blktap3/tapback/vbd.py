@@ -89,6 +89,7 @@ VDISK_READONLY = 4
 # Xen's enum blkif_protocol, as XENBLKIF_CONNECT carries it.
 BLKIF_PROTOCOL = {"native": 1, "x86_32-abi": 2, "x86_64-abi": 3}
 KTHREAD_PID = "kthread-pid"
+HOTPLUG_ERROR = "hotplug-error"
 # The states a restarted tapback walks through while it adopts a connected VBD.
 ADOPTION_PATH = ("waiting_hotplug", "reading_transport", "connecting_ring")
 _ABSENT = object()  # "never read" marker for the last front-end state seen
@@ -317,8 +318,11 @@ class VbdWorker:
     def _hotplug(self, snap: Snapshot) -> None:
         if snap.hotplug_status != "connected":
             self._hotplug_seen = True
-            self.feed(HotplugFailed(f"hotplug-status is {snap.hotplug_status[:64]!r}"
-                                    if snap.hotplug_status else "hotplug-status missing"))
+            # Xen's hotplug scripts say why in `hotplug-error`: pass it on.
+            why = self.store.call(lambda xs: xs.read_optional(
+                self.paths.backend_key(HOTPLUG_ERROR)))
+            status = (snap.hotplug_status or "")[:64]
+            self.feed(HotplugFailed(f"{why[:200]}" if why else f"hotplug-status is {status!r}"))
             return
         self._hotplug_seen = True
         try:

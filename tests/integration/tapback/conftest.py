@@ -182,11 +182,13 @@ def _kill_tapdisks(run_dir: Path) -> None:
 
 
 @pytest.fixture
-def host() -> Iterator[Host]:
+def host(request: pytest.FixtureRequest) -> Iterator[Host]:
+    """The C xenstored; `@pytest.mark.parametrize("host", ["ocaml"], indirect=True)`
+    for oxenstored."""
     run_dir = Path(tempfile.mkdtemp(prefix="b3tb-", dir="/tmp"))
     h = Host(run_dir)
     try:
-        h.up("c")
+        h.up(getattr(request, "param", "c"))
         service.start(run_dir, xenstored_path=str(h.xenstored_path))
         yield h
     finally:

@@ -6,6 +6,8 @@ import pytest
 
 from blktap3.ctl import runtime
 from blktap3.sim.host import Host
+from blktap3.sim.hotplug import HotplugError, hotplug_add
+from blktap3.sim.toolstack import Image
 from blktap3.tapback import service
 from blktap3.xenbus import Transaction, XenbusState, XenStore
 
@@ -140,3 +142,26 @@ def test_three_guests_with_four_disks_each_at_once(host: Host, guests: GuestFact
     for disk in disks:
         remove(host, disk)
     wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="every tapdisk gone")
+
+
+@pytest.mark.parametrize("host", ["ocaml"], indirect=True)
+def test_handshake_on_oxenstored(host: Host, guests: GuestFactory) -> None:
+    guest = guests()
+    guest.connect()
+    assert guest.write(0, b"\x11" * 512) == 0
+    guest.close()
+
+
+def test_hotplug_failure_reaches_the_error_node(host: Host, dom0: XenStore) -> None:
+    image = host.run_dir / "gone.img"
+    image.write_bytes(b"\0" * 4096)
+    with host.toolstack() as ts:
+        ts.create_domain(5)
+        paths = ts.add_vbd(5, 51712, Image.parse(f"aio:{image}"))
+    image.unlink()  # the tapdisk cannot open it
+    with pytest.raises(HotplugError):
+        hotplug_add(host, paths, Image.parse(f"aio:{image}", must_exist=False))
+    wait_for(lambda: dom0.read_optional(paths.backend_key("state")) == "6", what="Closed")
+    error = dom0.read(paths.backend_key("error"))
+    assert "tap-ctl create" in error and str(image) in error
+    assert tapdisk_pids(host.run_dir) == []
