@@ -30,6 +30,8 @@ BOOT_TIMEOUT = 420.0
 # Both modes must pass these; every verdict line found must say pass.
 EXPECTED = ("size", "odirect", "fsck1", "files1", "detached", "reattached", "size2",
             "files2", "fsck2", "image-files", "image-pattern", "features")
+# ... and the blktap3 mode this one too.
+EXPECTED_BLKTAP3 = ("real-xen-libs",)
 FAULT = re.compile(r"segfault at|traps:|general protection|invalid opcode|"
                    r"Illegal instruction|Segmentation fault")
 RESULT = re.compile(r"@@(?:G )?RESULT (\S+) (pass|fail)\b ?(.*)")
@@ -72,7 +74,29 @@ class Run:
         features = self.features_verdict()
         if features is not None:
             found["features"] = features
+        if self.mode == "blktap3":
+            found["real-xen-libs"] = self.real_xen_verdict()
         return found
+
+    def real_xen_verdict(self) -> tuple[str, str]:
+        """Our tapdisk mapped Debian's Xen libraries (no simulator) and held the real
+        /dev/xen/gntdev and /dev/xen/evtchn open while serving the ring."""
+        maps = [line for line in self.text if line.startswith("@@TAPDISK-MAPS")]
+        fds = [line for line in self.text if line.startswith("@@TAPDISK-FDS")]
+        if not maps or not fds:
+            return ("fail", "dom0 printed no tapdisk maps/fds")
+        problems = []
+        for line in maps:
+            if "xensim" in line or "sim/" in line:
+                problems.append(f"simulator mapped: {line}")
+            for lib in ("libxengnttab.so.1", "libxenevtchn.so.1"):
+                if lib not in line:
+                    problems.append(f"{lib} not mapped: {line}")
+        for line in fds:
+            for dev in ("/dev/xen/gntdev", "/dev/xen/evtchn"):
+                if dev not in line:
+                    problems.append(f"{dev} not open: {line}")
+        return ("fail", "; ".join(problems)) if problems else ("pass", f"{len(maps)} tapdisks")
 
     def backend_keys(self) -> list[dict[str, str]]:
         """The back-end directory at each connection, as dom0 printed it."""
@@ -106,7 +130,8 @@ class Run:
             return f"{self.last_step()}: no end within {BOOT_TIMEOUT:g} s"
         results = self.results()
         bad = [f"{k} {v[1]}".strip() for k, v in results.items() if v[0] != "pass"]
-        missing = [k for k in EXPECTED if k not in results]
+        expected = EXPECTED + (EXPECTED_BLKTAP3 if self.mode == "blktap3" else ())
+        missing = [k for k in expected if k not in results]
         if bad or missing:
             return f"{self.last_step()}: failed {bad}, missing {missing}"
         if not any(m[0] == "end" for m in self.steps()):
@@ -223,6 +248,9 @@ def report(run: Run, timer: Timer, log: Path) -> None:
         features = " ".join(f"{k}={v}" for k, v in sorted(keys.items())
                             if k.startswith(("feature-", "max-", "sectors", "info")))
         print(f"  back-end at connection {n}: {features}")
+    for line in run.text:
+        if line.startswith(("@@TAPDISK-MAPS", "@@TAPDISK-FDS", "@@TAPDISK-STATS")):
+            print(f"  {line.removeprefix('@@')[:400]}")
     print("  guest blkfront lines:")
     for line in run.blkfront_lines():
         print(f"    {line}")

@@ -95,6 +95,9 @@ PASSING = [
         ("image-", "features"))],
     "@@RESULT image-files pass 250 files",
     "@@RESULT image-pattern pass",
+    "@@TAPDISK-MAPS 178 /usr/lib/x86_64-linux-gnu/libxengnttab.so.1.2 "
+    "/usr/lib/x86_64-linux-gnu/libxenevtchn.so.1.2",
+    "@@TAPDISK-FDS 178 /dev/xen/evtchn /dev/xen/gntdev",
     "@@STEP end",
 ]
 
@@ -126,6 +129,14 @@ def test_features_mismatch_fails() -> None:
     lines = [line.replace("feature-persistent=0", "feature-persistent=1") for line in PASSING]
     verdict = _run(lines).results()["features"]
     assert verdict[0] == "fail" and "persistent grants: enabled" in verdict[1]
+
+
+def test_a_simulated_xen_library_fails_the_real_xen_check() -> None:
+    lines = [line + " /opt/blktap3/blktap3/sim/_build/libxensim.so"
+             if line.startswith("@@TAPDISK-MAPS") else line for line in PASSING]
+    assert _run(lines).results()["real-xen-libs"][0] == "fail"
+    no_gntdev = [line.replace("/dev/xen/gntdev", "") for line in PASSING]
+    assert _run(no_gntdev).results()["real-xen-libs"][0] == "fail"
 
 
 def test_user_space_faults_are_found() -> None:

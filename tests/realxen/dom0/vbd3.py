@@ -99,6 +99,10 @@ def attach(xs: XenStore, paths: VbdPaths, image: str) -> int:
 
 def detach(xs: XenStore, paths: VbdPaths) -> int:
     location = xs.read(paths.backend_key("physical-device-path"))
+    tapdisk = parse_device_path(location)
+    # The counters while the ring is still served (the guest's phase 1 is done).
+    stats = tap_ctl("stats", "-p", str(tapdisk.pid), "-m", str(tapdisk.minor))
+    print("@@TAPDISK-STATS " + stats.replace("\n", ""), flush=True)
 
     def closing(tx: Transaction) -> None:
         tx.write(paths.backend_key("online"), "0")
@@ -108,7 +112,6 @@ def detach(xs: XenStore, paths: VbdPaths) -> int:
     state = wait_state(xs, paths.backend_key("state"), "6")
     say(f"back-end state {state} after online=0; front-end state "
         f"{xs.read_optional(paths.frontend_key('state'))}")
-    tapdisk = parse_device_path(location)
     tap_ctl("destroy", "-p", str(tapdisk.pid), "-m", str(tapdisk.minor))
 
     def remove(tx: Transaction) -> None:

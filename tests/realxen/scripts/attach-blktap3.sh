@@ -10,8 +10,22 @@ step tapback-up
 (tail -n +1 -f /run/tapback.log | while IFS= read -r l; do echo "[tapback] $l"; done) &
 attach() { $PY /opt/blktap3/rig/vbd3.py attach "$GUEST" 51712 "$IMG"; }
 detach() { $PY /opt/blktap3/rig/vbd3.py detach "$GUEST" 51712; }
+# Evidence that the tapdisk serving the ring runs on the real Xen libraries and devices.
+evidence() {
+    pid=$(xenstore-read "$BACKEND/kthread-pid")
+    echo "@@TAPDISK-MAPS $pid $(grep -o '/[^ ]*\(xen\|sim\)[^ ]*' /proc/$pid/maps | sort -u | tr '\n' ' ')"
+    echo "@@TAPDISK-FDS $pid $(for fd in /proc/$pid/fd/*; do readlink $fd; done | grep /dev/ | sort -u | tr '\n' ' ')"
+}
+# After the guest is gone the VBD stays in its tapdisk (blktap leaves that to the
+# toolstack): show its counters, then destroy it as a toolstack would.
 cleanup() {
-    echo "tap-ctl list after the guest: $(tap-ctl list)"
+    tap-ctl list | while read -r pid minor rest; do
+        pid=${pid#pid=}; minor=${minor#minor=}
+        echo "@@TAPDISK-STATS $(tap-ctl stats -p "$pid" -m "$minor" | tr -d '\n')"
+        tap-ctl destroy -p "$pid" -m "$minor" || echo "tap-ctl destroy -p $pid -m $minor failed"
+    done
+    echo "tap-ctl list after destroy: $(tap-ctl list)"
+    for f in /run/blktap-control/log/*.log; do sed "s|^|[tapdisk] |" "$f"; done
     kill "$(cat /run/tapback.pid)" 2>/dev/null
     true
 }

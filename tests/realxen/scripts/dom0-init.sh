@@ -93,6 +93,7 @@ step attach
 attach || die attach
 BACKEND=/local/domain/0/backend/$BACKEND_KIND/$GUEST/51712
 backend_keys
+evidence
 step guest-phase1
 wait_for 150 grep -q '@@G PHASE1-DONE' $GLOG || die "guest phase 1 did not finish"
 grep -q '@@G RESULT .* fail' $GLOG && die "guest phase 1 failed"
@@ -102,6 +103,7 @@ step reattach
 sleep 1
 attach || die re-attach
 backend_keys
+evidence
 step guest-phase2
 wait_for 150 grep -q '@@G PHASE2-DONE' $GLOG || die "guest phase 2 did not finish"
 step guest-shutdown
