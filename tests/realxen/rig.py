@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the disk with Linux's xen-blkback (the control)")
     parser.add_argument("--work", type=Path, default=debs.cache_dir() / "work")
     args = parser.parse_args(argv)
+    if shutil.which("qemu-system-x86_64") is None:
+        print("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86")
+        return 2
     mode = "control" if args.control_blkback else "blktap3"
     run, failure = run_mode(mode, args.work)
     if failure:
