@@ -30,6 +30,10 @@ CONTROL_DIR = "blktap-control"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
+# tapbacks this process started: kept so that they are reaped by `stop` (not warned
+# about as "still running" when the Popen object would be collected).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class ServiceError(RuntimeError):
     """tapback could not be started or stopped (said in one line)."""
@@ -98,19 +102,20 @@ def start(
     child_env[runtime.ROOT_ENV] = str(root)
     if xenstored_path:
         child_env["XENSTORED_PATH"] = xenstored_path
-    proc = subprocess.Popen(
-        command(run_dir, xenstored_path=xenstored_path, control_root=root,
-                backend_kind=backend_kind, verbose=verbose),
-        env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=open(log_path(run_dir), "ab"),  # noqa: SIM115 - the child keeps it
-        start_new_session=True,  # not killed with the caller's terminal
-    )
+    with open(log_path(run_dir), "ab") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            command(run_dir, xenstored_path=xenstored_path, control_root=root,
+                    backend_kind=backend_kind, verbose=verbose),
+            env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=log, start_new_session=True,  # not killed with the caller's terminal
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServiceError(f"tapback exited at start ({proc.returncode}); see "
                                f"{log_path(run_dir)}")
         if status(run_dir) == proc.pid:
+            _children[proc.pid] = proc
             return proc.pid
         time.sleep(0.02)
     proc.kill()
@@ -133,6 +138,9 @@ def stop(run_dir: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) -> None
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + timeout
         time.sleep(0.02)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
     pid_path(run_dir).unlink(missing_ok=True)
 
 

@@ -74,6 +74,7 @@ class Guest:
     def dom0(self) -> XenStore:
         """A dom0 client; a new one after xenstored restarted."""
         if not self._dom0.alive:
+            self._dom0.close()
             self._dom0 = self.host.xs(timeout=5.0)
         return self._dom0
 

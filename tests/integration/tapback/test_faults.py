@@ -52,8 +52,9 @@ def test_tapdisk_killed_during_io_closes_with_error(host: Host, guests: GuestFac
     wait_for(lambda: not ctl.exists(), what="stale socket removed")
 
 
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_tapback_restart_during_io_adopts_without_disturbing(
-        host: Host, guests: GuestFactory) -> None:
+        host: Host, guests: GuestFactory, how: str) -> None:
     guest = guests()
     guest.connect()
     _prewrite(guest, stamp=3)
@@ -63,7 +64,13 @@ def test_tapback_restart_during_io_adopts_without_disturbing(
         assert stream.wait(2.0) == WatchEvent(guest.paths.backend, "b")  # the initial fire
         guest.ring.send("run", qd=4, bs=4096, read_pct=100, random=True, span=SPAN,
                         duration=1.5, verify=True, stamp=3)
-        service.stop(host.run_dir)
+        if how == "SIGKILL":
+            pid = service.status(host.run_dir)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: service.status(host.run_dir) is None, what="tapback gone")
+        else:
+            service.stop(host.run_dir)
         service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
         wait_for(lambda: any(line.get("event") == "ring already connected (adopted)"
                              for line in log_lines(host.run_dir)), what="adoption")
