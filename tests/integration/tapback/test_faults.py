@@ -152,3 +152,18 @@ def test_hostile_guest_does_not_disturb_a_good_one(
     wait_for(lambda: bad.backend("error") is not None, what="error node for the bad guest")
     assert service.status(host.run_dir) is not None
     assert len(tapdisk_pids(host.run_dir)) == 2
+
+
+def test_a_hung_tapdisk_delays_only_its_own_vbd(host: Host, guests: GuestFactory) -> None:
+    stuck = guests(domid=5)
+    other = guests(domid=6)
+    stuck.wait_backend(XenbusState.INIT_WAIT)
+    os.kill(stuck.attached.pid, signal.SIGSTOP)
+    try:
+        stuck.publish_transport()  # tapback's XENBLKIF_CONNECT to it now hangs
+        other.connect()
+        assert other.write(0, b"\x77" * 512) == 0
+        assert stuck.backend_state() is XenbusState.INIT_WAIT
+    finally:
+        os.kill(stuck.attached.pid, signal.SIGCONT)
+    stuck.wait_backend(XenbusState.CONNECTED)
