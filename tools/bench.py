@@ -55,12 +55,13 @@ def _row(r: dict[str, Any]) -> str:
             f"{_num(r.get('fio_p50_us'), '.1f'):>8} {_num(r.get('fio_p99_us'), '.1f'):>8} "
             f"{_num(r.get('cpu_us_per_req'), '.2f'):>7} "
             f"{_num(r.get('guest_cpu_us_per_req'), '.2f'):>8} "
-            f"{_num(r.get('fio_cpu_us_per_req'), '.2f'):>7}")
+            f"{_num(r.get('fio_cpu_us_per_req'), '.2f'):>7} "
+            f"{_num(r.get('kicks_per_req'), '.2f'):>6} {_num(r.get('switches_per_req'), '.2f'):>6}")
 
 
 HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} "
           f"{'ours MB/s':>9} {'fio MB/s':>8} {'ours p50':>8} {'ours p99':>8} "
-          f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7}")
+          f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7} {'kicks':>6} {'cswtch':>6}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.release()}): {args.size_mib} MiB file in {args.dir}, "
           f"{args.runtime:g} s per run, O_DIRECT, io_uring, poll {args.poll_us} us; "
           "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
-          "driver, fio us fio itself",
+          "driver, fio us fio itself; per request: event-channel kicks both ways, "
+          "tapdisk context switches",
           flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="blktap3-bench-", dir=args.dir) as tmp:

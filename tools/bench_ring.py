@@ -50,6 +50,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def context_switches(pid: int) -> int:
+    """Times the process's live threads went to sleep or were preempted: wake-ups."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if "ctxt_switches:" in line:  # voluntary and nonvoluntary
+                        total += int(line.split()[1])
+        except OSError:
+            continue    # the thread ended meanwhile
+    return total
+
+
 class Vbd:
     """One tapdisk process with one VBD open on ``params``."""
 
@@ -115,8 +129,10 @@ class RingRig:
             )
             try:
                 t0, g0 = cpu_seconds(vbd.pid), cpu_seconds(guest.pid)
+                c0 = context_switches(vbd.pid)
                 res: dict[str, Any] = guest.call("run", poll_us=self.poll_us, **run)
                 t1, g1 = cpu_seconds(vbd.pid), cpu_seconds(guest.pid)
+                c1 = context_switches(vbd.pid)
             finally:
                 vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
         finally:
@@ -125,6 +141,7 @@ class RingRig:
             raise RuntimeError(f"ring errors: {res}")
         res["tapdisk_cpu"] = t1 - t0
         res["guest_cpu"] = g1 - g0
+        res["tapdisk_switches"] = c1 - c0
         self.last = res
         return res
 
@@ -140,6 +157,7 @@ class RingRig:
             "cpu_us_per_req": res["tapdisk_cpu"] * 1e6 / ios if ios else None,
             "guest_cpu_us_per_req": res["guest_cpu"] * 1e6 / ios if ios else None,
             "kicks_per_req": (res["kicks_out"] + res["kicks_in"]) / ios if ios else None,
+            "switches_per_req": res["tapdisk_switches"] / ios if ios else None,
         }
 
     def run(self, rw: str, bs: int, qd: int, runtime: float) -> dict[str, Any]:

@@ -103,6 +103,17 @@ int td_engine_fd(const struct td_engine *e);
 void td_engine_clear(struct td_engine *e);
 /* Completions are waiting (a memory read, no syscall: for polling). */
 int td_engine_ready(struct td_engine *e);
+/* Sleep inside the engine (io_uring only, else -EOPNOTSUPP): td_engine_fd is gone
+ * after this; the caller arms watches and waits with td_engine_wait instead. */
+int td_engine_use_watches(struct td_engine *e);
+/* Queue a one-shot "fd readable" watch; td_engine_woken reports `bit` once it fired
+ * (then it is disarmed: watch again). Submitted with the next submit or wait. */
+int td_engine_watch(struct td_engine *e, int fd, uint32_t bit);
+/* Bits of the watches that fired, seen by td_engine_reap since the last call. */
+uint32_t td_engine_woken(struct td_engine *e);
+/* Submit everything queued and sleep until at least one completion (I/O or watch)
+ * is there: one syscall. Returns 0 or -errno (-EINTR: just call again). */
+int td_engine_wait(struct td_engine *e);
 
 /* One synchronous read/write through an engine (tests, tools). */
 int td_image_rw(struct td_image *img, int engine, int write, void *buf,

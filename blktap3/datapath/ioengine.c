@@ -6,10 +6,18 @@
  * service polls beside the event channel. Where io_uring is unavailable (disabled by
  * sysctl, old kernel, seccomp) the sync engine does each I/O with pread/pwrite at
  * prep time and queues its completion. The null engine completes at once with no I/O.
+ *
+ * The ring service may also sleep inside io_uring (td_engine_use_watches): one-shot
+ * poll requests on its event channel and control eventfd sit in the same queue as the
+ * I/O, so a single io_uring_enter submits the batch and waits for whichever comes
+ * first (a completion, a kick, a control request) instead of io_uring_enter + poll +
+ * an eventfd read. Their completions carry TD_WATCH_BIT in user_data and are not
+ * returned as I/O: td_engine_woken reports them.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <liburing.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -21,14 +29,20 @@ struct td_engine {
     int efd;
     struct io_uring uring;
     uint32_t queued;        /* sqes prepared since the last submit */
+    uint32_t woken;         /* watches whose poll completed (td_engine_woken) */
     /* sync and null engines: completions waiting to be reaped */
     struct td_cqe *done;
     uint32_t ndone, cap;
 };
 
+/* user_data of a watch's poll: this bit, then the caller's wake bit. I/O tags are 32-bit. */
+#define TD_WATCH_BIT (1ull << 63)
+/* Room for the watches' polls beside a full ring of I/O. */
+#define TD_WATCH_SQES 4u
+
 static int uring_open(struct td_engine *e, uint32_t depth)
 {
-    int rc = io_uring_queue_init(depth, &e->uring, 0);
+    int rc = io_uring_queue_init(depth + TD_WATCH_SQES, &e->uring, 0);
     if (rc < 0)
         return rc;
     e->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -140,21 +154,75 @@ static int32_t sync_io(int op, int fd, char *buf, uint32_t len, uint64_t off)
     return (int32_t)done;
 }
 
+/* A free sqe; when the queue is full, hand what we have to the kernel first. */
+static struct io_uring_sqe *get_sqe(struct td_engine *e, int *rc)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&e->uring);
+    if (sqe)
+        return sqe;
+    *rc = io_uring_submit(&e->uring);
+    if (*rc < 0)
+        return NULL;
+    e->queued = 0;
+    sqe = io_uring_get_sqe(&e->uring);
+    *rc = sqe ? 0 : -EBUSY;
+    return sqe;
+}
+
+int td_engine_use_watches(struct td_engine *e)
+{
+    if (e->kind != TD_ENGINE_URING)
+        return -EOPNOTSUPP;
+    if (e->efd >= 0) {
+        /* Nobody polls the eventfd any more: spare the kernel its signal per completion. */
+        io_uring_unregister_eventfd(&e->uring);
+        close(e->efd);
+        e->efd = -1;
+    }
+    return 0;
+}
+
+int td_engine_watch(struct td_engine *e, int fd, uint32_t bit)
+{
+    if (e->kind != TD_ENGINE_URING)
+        return -EOPNOTSUPP;
+    int rc = 0;
+    struct io_uring_sqe *sqe = get_sqe(e, &rc);
+    if (!sqe)
+        return rc;
+    /* One-shot, so a completion means "readable now": the read after it cannot block. */
+    io_uring_prep_poll_add(sqe, fd, POLLIN);
+    io_uring_sqe_set_data64(sqe, TD_WATCH_BIT | bit);
+    e->queued++;
+    return 0;
+}
+
+uint32_t td_engine_woken(struct td_engine *e)
+{
+    uint32_t w = e->woken;
+    e->woken = 0;
+    return w;
+}
+
+int td_engine_wait(struct td_engine *e)
+{
+    if (e->kind != TD_ENGINE_URING)
+        return -EOPNOTSUPP;
+    int rc = io_uring_submit_and_wait(&e->uring, 1);
+    if (rc < 0)
+        return rc;
+    e->queued = 0;
+    return 0;
+}
+
 int td_engine_prep(struct td_engine *e, int op, int fd, void *buf, uint32_t len,
                    uint64_t off, uint32_t tag)
 {
     if (e->kind == TD_ENGINE_URING) {
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&e->uring);
-        if (!sqe) {
-            /* Queue full: hand what we have to the kernel and take a fresh sqe. */
-            int rc = io_uring_submit(&e->uring);
-            if (rc < 0)
-                return rc;
-            e->queued = 0;
-            sqe = io_uring_get_sqe(&e->uring);
-            if (!sqe)
-                return -EBUSY;
-        }
+        int rc = 0;
+        struct io_uring_sqe *sqe = get_sqe(e, &rc);
+        if (!sqe)
+            return rc;
         if (op == TD_IO_WRITE)
             io_uring_prep_write(sqe, fd, buf, len, off);
         else
@@ -205,7 +273,12 @@ uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max)
         if (n == 0)
             break;
         for (unsigned i = 0; i < n; i++) {
-            out[got].tag = (uint32_t)io_uring_cqe_get_data64(cqes[i]);
+            uint64_t data = io_uring_cqe_get_data64(cqes[i]);
+            if (data & TD_WATCH_BIT) {
+                e->woken |= (uint32_t)data;     /* a watch fired: not an I/O */
+                continue;
+            }
+            out[got].tag = (uint32_t)data;
             out[got].res = cqes[i]->res;
             got++;
         }

@@ -32,6 +32,8 @@
 #define TD_SEG_BYTES (BLKIF_MAX_SEGMENTS_PER_REQUEST * TD_PAGE_SIZE)
 
 enum td_state { RS_RUN = 0, RS_PAUSING, RS_PAUSED, RS_STOPPING };
+/* What woke the service thread, as io_uring watch bits. */
+enum { TD_WAKE_EVTCHN = 1, TD_WAKE_CTL = 2 };
 
 struct td_slot {
     struct td_req req;
@@ -77,6 +79,9 @@ struct td_ring {
     uint64_t poll_ns;       /* spin this long for work before sleeping (0: never) */
     int stop_seen;          /* disconnect: req_prod when it was asked, served up to there */
     RING_IDX stop_prod;
+    int uring_wait;         /* sleeps in io_uring (td_engine_wait), else in poll() */
+    uint32_t armed;         /* TD_WAKE_* watches queued or in the kernel */
+    uint32_t to_submit;     /* I/O prepared, not yet handed to the kernel */
 
     struct td_stats st;     /* written by the service thread only, read relaxed */
 };
@@ -322,14 +327,22 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
         }
         queued++;
     }
-    if (queued) {
-        /* The whole batch in one call. */
-        if (td_engine_submit(r->eng) != 0)
-            halt(r, "io engine submit failed");
-        STAT_ADD(r, batches, 1);
-    }
+    /* Handed to the kernel by flush_submit or, when the thread is about to sleep
+     * anyway, by the same io_uring_enter that sleeps. */
+    r->to_submit += queued;
     __atomic_store_n(&r->st.in_flight, r->inflight, __ATOMIC_RELAXED);
     return taken;
+}
+
+/* The whole batch in one call. */
+static void flush_submit(struct td_ring *r)
+{
+    if (r->to_submit == 0)
+        return;
+    r->to_submit = 0;
+    STAT_ADD(r, batches, 1);
+    if (td_engine_submit(r->eng) != 0)
+        halt(r, "io engine submit failed");
 }
 
 /* Complete finished I/O in one batch; returns how many. */
@@ -397,6 +410,81 @@ static int spin_for_work(struct td_ring *r, int st)
     return 0;
 }
 
+/* A kick from the front-end: take it off the event channel and unmask the port. */
+static void take_kick(struct td_ring *r)
+{
+    xenevtchn_port_or_error_t p = xenevtchn_pending(r->xce);
+    if (p >= 0) {
+        xenevtchn_unmask(r->xce, (evtchn_port_t)p);
+        STAT_ADD(r, kicks_in, 1);
+    }
+}
+
+static void drain_ctl(struct td_ring *r)
+{
+    uint64_t junk;
+    if (read(r->ctl_efd, &junk, sizeof(junk)) < 0)
+        (void)0;    /* EAGAIN: another wake-up consumed it; nothing lost */
+}
+
+/* io_uring mode: act on the watches reaped with the completions. */
+static void take_wakes(struct td_ring *r)
+{
+    if (!r->uring_wait)
+        return;
+    uint32_t w = td_engine_woken(r->eng);
+    if (w & TD_WAKE_EVTCHN)
+        take_kick(r);
+    if (w & TD_WAKE_CTL)
+        drain_ctl(r);
+    r->armed &= ~w;
+}
+
+/* Submit the batch and sleep until a completion, a kick or a control request: one
+ * io_uring_enter. The one-shot watches fired since are queued again first. */
+static void sleep_in_engine(struct td_ring *r)
+{
+    if (!(r->armed & TD_WAKE_EVTCHN) &&
+        td_engine_watch(r->eng, xenevtchn_fd(r->xce), TD_WAKE_EVTCHN) == 0)
+        r->armed |= TD_WAKE_EVTCHN;
+    if (!(r->armed & TD_WAKE_CTL) && td_engine_watch(r->eng, r->ctl_efd, TD_WAKE_CTL) == 0)
+        r->armed |= TD_WAKE_CTL;
+    if (r->armed != (TD_WAKE_EVTCHN | TD_WAKE_CTL)) {
+        /* A watch could not be queued (the kernel refused a submit): sleeping now
+         * could miss a kick, so look again shortly instead. */
+        flush_submit(r);
+        usleep(100);
+        return;
+    }
+    if (r->to_submit) {
+        r->to_submit = 0;
+        STAT_ADD(r, batches, 1);
+    }
+    /* An error (EINTR, or ENOMEM/EBUSY under pressure) only means "look again"; a
+     * short pause keeps a kernel that keeps refusing from making us spin. */
+    if (td_engine_wait(r->eng) < 0)
+        usleep(100);
+}
+
+static void sleep_in_poll(struct td_ring *r)
+{
+    flush_submit(r);
+    struct pollfd pfd[3] = {
+        {xenevtchn_fd(r->xce), POLLIN, 0},
+        {r->ctl_efd, POLLIN, 0},
+        {td_engine_fd(r->eng), POLLIN, 0},
+    };
+    int nfd = pfd[2].fd >= 0 ? 3 : 2;
+    if (poll(pfd, (nfds_t)nfd, -1) < 0)
+        return;     /* EINTR: look again */
+    if (pfd[0].revents & POLLIN)
+        take_kick(r);
+    if (nfd == 3 && (pfd[2].revents & POLLIN))
+        td_engine_clear(r->eng);
+    if (pfd[1].revents & POLLIN)
+        drain_ctl(r);
+}
+
 static void *service(void *arg)
 {
     struct td_ring *r = arg;
@@ -411,6 +499,7 @@ static void *service(void *arg)
         uint32_t work = 0;
 
         work += complete(r);
+        take_wakes(r);
         if (r->held >= 0 && r->inflight == 1) {
             run_held(r);
             work++;
@@ -432,40 +521,32 @@ static void *service(void *arg)
             pthread_mutex_unlock(&r->mu);
             continue;
         }
-        if (work)
+        /* Work done: go round again only if more is known to be waiting (cheap
+         * checks, no syscall). New requests are caught by the final check below,
+         * so a QD1 request is submitted by the very io_uring_enter that sleeps. */
+        if (work && (td_engine_ready(r->eng) || (r->held >= 0 && r->inflight == 1) ||
+                     get_state(r) != st)) {
+            flush_submit(r);
             continue;
-        if (r->poll_ns && st == RS_RUN && taking && r->held < 0 && spin_for_work(r, st))
-            continue;
+        }
+        if (r->poll_ns && st == RS_RUN && taking && r->held < 0) {
+            flush_submit(r);
+            if (spin_for_work(r, st))
+                continue;
+        }
         if (st == RS_RUN && taking && r->held < 0) {
             /* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look once more. */
             hdr(r)->req_event = r->req_cons + 1;
             xen_mb();   /* req_event is visible before we re-read req_prod */
-            if (hdr(r)->req_prod != r->req_cons)
+            if (hdr(r)->req_prod != r->req_cons) {
+                flush_submit(r);
                 continue;
-        }
-
-        struct pollfd pfd[3] = {
-            {xenevtchn_fd(r->xce), POLLIN, 0},
-            {r->ctl_efd, POLLIN, 0},
-            {td_engine_fd(r->eng), POLLIN, 0},
-        };
-        int nfd = pfd[2].fd >= 0 ? 3 : 2;
-        if (poll(pfd, (nfds_t)nfd, -1) < 0 && errno != EINTR)
-            break;
-        if (pfd[0].revents & POLLIN) {
-            xenevtchn_port_or_error_t p = xenevtchn_pending(r->xce);
-            if (p >= 0) {
-                xenevtchn_unmask(r->xce, (evtchn_port_t)p);
-                STAT_ADD(r, kicks_in, 1);
             }
         }
-        if (nfd == 3 && (pfd[2].revents & POLLIN))
-            td_engine_clear(r->eng);
-        if (pfd[1].revents & POLLIN) {
-            uint64_t junk;
-            if (read(r->ctl_efd, &junk, sizeof(junk)) < 0)
-                (void)0;    /* EAGAIN: another wake-up consumed it; nothing lost */
-        }
+        if (r->uring_wait)
+            sleep_in_engine(r);
+        else
+            sleep_in_poll(r);
     }
     push_responses(r);
     pthread_mutex_lock(&r->mu);
@@ -565,6 +646,7 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     if (rc)
         goto fail;
     r->engine_kind = td_engine_kind(r->eng);
+    r->uring_wait = td_engine_use_watches(r->eng) == 0;
 
     r->xgt = xengnttab_open(NULL, 0);
     if (!r->xgt)
