@@ -11,6 +11,12 @@ short, oversized or unknown messages with `ProtocolError`.
 Extensions of ours (blktap has no such thing):
 - `ResumeFlags.RESIZE` in `resume.flags` asks the VBD to accept an image that grew
   (``tap-ctl resize``). The bit lies above every open flag blktap defines.
+- `u.image` (OPEN_RSP, DISK_INFO_RSP) carries two more u32 after blktap's
+  `{u64 sectors @8; u32 sector_size @16; u32 info @20}`: `physical_sector_size` @24 and
+  `flags` @28 (`ImageFlags.DISCARD`: the image can punch holes).  They lie inside the
+  536-byte union, past the end of blktap's image struct, so blktap's fields keep their
+  offsets; a blktap tapdisk leaves them zero (it clears the message), which reads as
+  "not reported": physical = logical sector size, no discard.
 - EXIT (30) has no reply id in blktap; our tapdisk answers an idle EXIT with an EXIT
   message (and an ERROR, EBUSY, while it still has VBDs).
 """
@@ -88,6 +94,12 @@ class OpenFlags(enum.IntFlag):
     OPEN_ENCRYPTED = 0x400
 
 
+class ImageFlags(enum.IntFlag):
+    """`image.flags`, our extension of OPEN_RSP/DISK_INFO_RSP (zero from blktap)."""
+
+    DISCARD = 0x1  # the image driver serves DISCARD (punches holes)
+
+
 class ResumeFlags(enum.IntFlag):
     """Our extension of `resume.flags`: bits above blktap's open flags."""
 
@@ -159,15 +171,31 @@ class Pid:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """`u.image` (OPEN_RSP, DISK_INFO_RSP): size in sectors, sector size, VDISK_* info."""
+    """`u.image` (OPEN_RSP, DISK_INFO_RSP): size in sectors, sector size, VDISK_* info.
 
-    FORMAT: ClassVar[struct.Struct] = struct.Struct("<QII")
+    `physical_sector_size` and `flags` are our extension (see the module docstring):
+    0 means the tapdisk did not report them (a blktap tapdisk).
+    """
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<QIIII")
     sectors: int
     sector_size: int
     info: int
+    physical_sector_size: int = 0
+    flags: int = 0
 
     def pack(self) -> bytes:
-        return self.FORMAT.pack(self.sectors, self.sector_size, self.info)
+        return self.FORMAT.pack(self.sectors, self.sector_size, self.info,
+                                self.physical_sector_size, self.flags)
+
+    @property
+    def physical(self) -> int:
+        """The physical sector size, the logical one when not reported."""
+        return self.physical_sector_size or self.sector_size
+
+    @property
+    def discard(self) -> bool:
+        return bool(self.flags & ImageFlags.DISCARD)
 
     @classmethod
     def unpack(cls, union: bytes) -> ImageInfo:
@@ -373,6 +401,8 @@ OFFSETS: dict[str, int] = {
     "image.sectors": 8,
     "image.sector_size": 16,
     "image.info": 20,
+    "image.physical_sector_size": 24,  # our extension
+    "image.flags": 28,  # our extension
     "params.flags": 8,
     "params.devnum": 12,
     "params.domid": 16,

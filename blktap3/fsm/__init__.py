@@ -16,6 +16,9 @@ you must execute, in order, and you feed the results back as events.
     vbd.handle(RingConnected())      # -> WriteKeys(features+sectors+info+...), PublishState(4)
     vbd.state, vbd.published, vbd.is_final             # "connected", XenbusState.CONNECTED
 
+A tapback that starts on an existing directory feeds `BackendFound(state, keys)` first
+(before hotplug): a Connected VBD is adopted without a write the front-end would see.
+
 Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
   `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
   `FrontendVbd(domid, backend_domid=0, transport=FrontendTransportConfig())`  a blkfront
@@ -76,6 +79,7 @@ from .errors import (
 )
 from .events import (
     Attach,
+    BackendFound,
     BackendInfoRead,
     BackendRemoved,
     BackendStateChanged,
@@ -123,8 +127,9 @@ from .tapdisk import VBD_STATE_BITS, TapdiskProcess, TapdiskVbd
 from .xenbus_state import XenbusState, parse_xenbus_state
 
 __all__ = [
-    "VBD_STATE_BITS", "Attach", "BackendError", "BackendFeatures", "BackendInfoRead",
-    "BackendRemoved", "BackendStateChanged", "BackendVbd", "Blame", "CleanupRuntime", "Close",
+    "VBD_STATE_BITS", "Attach", "BackendError", "BackendFeatures", "BackendFound",
+    "BackendInfoRead", "BackendRemoved", "BackendStateChanged", "BackendVbd", "Blame",
+    "CleanupRuntime", "Close",
     "CloseImage", "ConnectRing", "ControlMessage", "ControlSocketReady", "Detach",
     "DeviceClose", "DeviceReconnect", "DisconnectRing", "DiskInfo", "DiskResized", "Drained",
     "Effect", "Event", "ExitProcess", "ExitRequested", "FrontendError", "FrontendStateChanged",

@@ -2,10 +2,14 @@
 
 One `BackendVbd` per `backend/vbd3/<domid>/<devid>`.  The daemon feeds it what it saw
 (front-end `state`, `hotplug-status`, `online`, control replies, tapdisk deaths) and
-executes the effects it returns.  Contract: an effect that asks a question
-(`ReadFrontendTransport`, `SendControl`) is answered with its result event before the
-next event of this VBD is fed.  Once `is_final`, the owner forgets the machine (and drops
-any later reply for it).
+executes the effects it returns.  A daemon that starts on an existing directory (tapback
+restarted) first feeds `BackendFound` with what the directory holds: a Connected VBD is
+then adopted (the connect replayed, EALREADY, nothing the front-end sees rewritten), and
+keys already holding the value we would write are not written again.
+
+Contract: an effect that asks a question (`ReadFrontendTransport`, `SendControl`) is
+answered with its result event before the next event of this VBD is fed.  Once
+`is_final`, the owner forgets the machine (and drops any later reply for it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .effects import (
     XenblkifDisconnect,
 )
 from .events import (
+    BackendFound,
     DiskInfo,
     DiskResized,
     Event,
@@ -46,15 +51,23 @@ from .events import (
 from .machine import SpecMachine
 from .xenbus_state import XenbusState
 
+VDISK_CDROM = 1
+VDISK_READONLY = 4
+KTHREAD_PID = "kthread-pid"
+
 
 @dataclass(frozen=True)
 class BackendFeatures:
-    """What this back-end offers the front-end (keys written at probe and at connect)."""
+    """What this back-end offers the front-end (keys written at probe and at connect).
+
+    `discard` says the back-end may offer discard: it is announced only for a disk whose
+    image can punch holes (`DiskInfo.discard`) and that the guest may write.
+    """
 
     max_ring_page_order: int = 3
     barrier: bool = True
     flush_cache: bool = True
-    discard: bool = False
+    discard: bool = True
     discard_granularity: int = 512
     discard_alignment: int = 0
     discard_secure: bool = False
@@ -67,13 +80,18 @@ class BackendFeatures:
             keys.append(("feature-max-indirect-segments", str(self.max_indirect_segments)))
         return tuple(keys)
 
+    def discard_for(self, disk: DiskInfo) -> bool:
+        writable = not disk.info & (VDISK_READONLY | VDISK_CDROM)
+        return self.discard and disk.discard and writable
+
     def connect_keys(self, disk: DiskInfo) -> tuple[tuple[str, str], ...]:
+        discard = self.discard_for(disk)
         keys = [
             ("feature-barrier", _bit(self.barrier)),
             ("feature-flush-cache", _bit(self.flush_cache)),
-            ("feature-discard", _bit(self.discard)),
+            ("feature-discard", _bit(discard)),
         ]
-        if self.discard:
+        if discard:
             keys += [
                 ("discard-granularity", str(self.discard_granularity)),
                 ("discard-alignment", str(self.discard_alignment)),
@@ -118,6 +136,10 @@ class BackendVbd(SpecMachine):
         self.transport: RingTransport | None = None
         self.ring_requested = False  # XENBLKIF_CONNECT sent and not undone since
         self.wants_online = True
+        # Nodes a previous tapback left (BackendFound): a key is written only when we
+        # would change it; each is forgotten once we wrote (or skipped) it.
+        self.found_keys: dict[str, str] = {}
+        self.found = False
         super().__init__()
 
     def handle(self, event: Event) -> tuple[Effect, ...]:
@@ -144,6 +166,16 @@ class BackendVbd(SpecMachine):
     def frontend_seen(self, **_: Any) -> bool:
         return self.frontend_has_appeared
 
+    def frontend_is_closed(self, **_: Any) -> bool:
+        return self.frontend_state == XenbusState.CLOSED
+
+    def untouched(self, **_: Any) -> bool:
+        """Nothing happened yet: what was found is still what the store holds."""
+        return not self.found and self.tapdisk is None and self.published == self.INITIAL_PUBLISHED
+
+    def found_connected(self, event: BackendFound, **_: Any) -> bool:
+        return event.state == XenbusState.CONNECTED
+
     def closed_published(self, **_: Any) -> bool:
         return self.published == XenbusState.CLOSED
 
@@ -166,6 +198,25 @@ class BackendVbd(SpecMachine):
 
     # --- effects --------------------------------------------------------------------------
 
+    def record_found(self, event: BackendFound, **_: Any) -> None:
+        self.found = True
+        self.found_keys = dict(event.keys)
+        # A published state the normal path can continue from without a step xenbus
+        # forbids: InitWait (not written again), Connected (adoption), Closed (then
+        # InitWait on reconnect).  Closing is not kept: 5 -> 2 is not a xenbus step.
+        if event.state in (XenbusState.INIT_WAIT, XenbusState.CONNECTED, XenbusState.CLOSED):
+            self.published = event.state
+
+    def assume_ring(self, **_: Any) -> None:
+        """Adoption: the back-end said Connected, so the tapdisk (probably) has the ring."""
+        self.ring_requested = True
+
+    def write_keys(self, keys: tuple[tuple[str, str], ...]) -> None:
+        """Emit `WriteKeys` for what the store does not already hold (see `found_keys`)."""
+        fresh = tuple((k, v) for k, v in keys if self.found_keys.pop(k, None) != v)
+        if fresh:
+            self.emit(WriteKeys(fresh, self.perms))
+
     def record_tapdisk(self, event: HotplugConnected, **_: Any) -> None:
         self.tapdisk = event.tapdisk
         self.disk = event.disk
@@ -174,7 +225,7 @@ class BackendVbd(SpecMachine):
         self.disk = event.disk
 
     def write_probe_keys(self, **_: Any) -> None:
-        self.emit(WriteKeys(self.features.probe_keys(), self.perms))
+        self.write_keys(self.features.probe_keys())
 
     def read_transport(self, **_: Any) -> None:
         self.emit(ReadFrontendTransport(self.features.max_ring_page_order))
@@ -189,11 +240,14 @@ class BackendVbd(SpecMachine):
         self.emit(SendControl(message))
 
     def write_connect_keys(self, **_: Any) -> None:
-        assert self.disk is not None  # connected is only reached with a tapdisk
-        self.emit(WriteKeys(self.features.connect_keys(self.disk), self.perms))
+        assert self.disk is not None and self.tapdisk is not None  # reached with a tapdisk
+        # kthread-pid: the process serving the ring (blkback's kernel thread, for us the
+        # tapdisk), written with the rest so that tools find it once Connected.
+        keys = (*self.features.connect_keys(self.disk), (KTHREAD_PID, str(self.tapdisk.pid)))
+        self.write_keys(keys)
 
     def write_sectors(self, event: DiskResized, **_: Any) -> None:
-        self.emit(WriteKeys((("sectors", str(event.disk.sectors)),), self.perms))
+        self.write_keys((("sectors", str(event.disk.sectors)),))
 
     def send_disconnect(self, **_: Any) -> None:
         if self.tapdisk is not None:

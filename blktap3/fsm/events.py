@@ -36,6 +36,7 @@ class DiskInfo:
     sector_size: int = 512
     info: int = 0  # VDISK_CDROM 1, VDISK_REMOVABLE 2, VDISK_READONLY 4
     physical_sector_size: int = 512
+    discard: bool = False  # the image can punch holes (the data path serves DISCARD)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,22 @@ class BackendStateChanged(Event):
 
 
 # --- back-end VBD: our own directory and the hotplug step ----------------------------------
+
+
+@dataclass(frozen=True)
+class BackendFound(Event):
+    """What our directory already held when the machine was made (a restarted tapback).
+
+    `state` is the back-end `state` node (None: absent or not a xenbus state); `keys`
+    are the other nodes a previous tapback may have written, with their values.  Fed
+    first, before anything was published: Connected makes the machine adopt the VBD
+    (replay the ring connect, answered EALREADY, and publish nothing the front-end
+    already sees); the other states only spare redundant writes.
+    """
+
+    TRIGGER: ClassVar[str] = "backend_found"
+    state: XenbusState | None
+    keys: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ Differences from blktap's tapback, on purpose:
 - all XenStore writes of one step go in ONE transaction that first checks that the
   back-end directory still exists, so a VBD the toolstack removed is never re-created by
   a late write (the original's writes resurrected half directories);
-- a restarted tapback adopts a Connected VBD: the tapdisk answers EALREADY and nothing
-  the front-end watches is rewritten (no InitWait flash, no redundant keys);
+- a restarted tapback adopts a Connected VBD: it tells the machine what the directory
+  holds (`BackendFound`), the machine replays the connect (the tapdisk answers EALREADY)
+  and rewrites nothing the front-end watches (no InitWait flash, no redundant keys);
 - every failure goes to the log and to the `error` node.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -33,6 +33,7 @@ from blktap3.ctl import runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.fsm import (
     BackendFeatures,
+    BackendFound,
     BackendRemoved,
     BackendVbd,
     DiskInfo,
@@ -88,10 +89,7 @@ VDISK_REMOVABLE = 2
 VDISK_READONLY = 4
 # Xen's enum blkif_protocol, as XENBLKIF_CONNECT carries it.
 BLKIF_PROTOCOL = {"native": 1, "x86_32-abi": 2, "x86_64-abi": 3}
-KTHREAD_PID = "kthread-pid"
 HOTPLUG_ERROR = "hotplug-error"
-# The states a restarted tapback walks through while it adopts a connected VBD.
-ADOPTION_PATH = ("waiting_hotplug", "reading_transport", "connecting_ring")
 _ABSENT = object()  # "never read" marker for the last front-end state seen
 
 
@@ -159,7 +157,6 @@ class VbdWorker:
         self._last_frontend: object = _ABSENT
         self._last_online: bool | None = None
         self._hotplug_seen = False
-        self._adopting = False
         self._inherited_perms: list[str] | None = None
         self._queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._done = threading.Event()
@@ -260,21 +257,34 @@ class VbdWorker:
                            | (VDISK_REMOVABLE if cdrom or removable == "1" else 0))
         if params is not None and ":" in params:
             self.image_path = params.split(":", 1)[1]
-        # Discard is served by punching holes in a regular file the guest may write.
-        discard = (not readonly and not cdrom and self.image_path is not None
-                   and os.path.isfile(self.image_path))
+        # Discard is offered; the machine announces it only when the tapdisk says the
+        # image can punch holes (DISK_INFO) and the disk is writable.
         self.machine.features = BackendFeatures(
             max_ring_page_order=self.config.max_ring_page_order,
-            discard=discard,
+            discard=True,
             discard_granularity=512,
-            discard_secure=discard,
+            discard_secure=True,
         )
-        if state is not None and parse_xenbus_state(state) is XenbusState.CONNECTED:
-            # A tapback before us connected this VBD: adopt it without disturbing it.
-            self._adopting = True
-            self.machine.published = XenbusState.CONNECTED
+        found = parse_xenbus_state(state) if state is not None else None
+        keys: tuple[tuple[str, str], ...] = ()
+        if found not in (None, XenbusState.INITIALISING):
+            # A tapback before us worked here: tell the machine what it left, so that it
+            # adopts a Connected VBD and writes nothing the store already holds.
+            keys = self.store.call(self._read_directory)
+        self.feed(BackendFound(found, keys))
         self.log.info("vbd found", frontend=self.frontend, mode=mode, device_type=device_type,
-                      image=params, adopting=self._adopting)
+                      image=params, backend_state=found.name.lower() if found else state,
+                      adopting=self.machine.state == "adopting")
+
+    def _read_directory(self, xs: XenStore) -> tuple[tuple[str, str], ...]:
+        keys = []
+        for name in xs.ls(self.paths.backend):
+            if name == BackendKey.STATE:
+                continue
+            value = xs.read_optional(self.paths.backend_key(name))
+            if value is not None:
+                keys.append((name, value))
+        return tuple(keys)
 
     def _snapshot(self) -> Snapshot:
         def read(xs: XenStore) -> Snapshot:
@@ -346,9 +356,10 @@ class VbdWorker:
 
     def _disk_info(self, location: TapdiskLocation) -> DiskInfo:
         image = self._client(location.pid).disk_info(location.minor)
-        physical = max(512, image.sector_size)
+        # `physical` and `discard` are our extension of the reply: a blktap tapdisk
+        # leaves them zero, read as "the logical sector size" and "no discard".
         return DiskInfo(image.sectors, image.sector_size, image.info | self._info_bits,
-                        physical)
+                        image.physical, image.discard)
 
     def _tapdisk_died(self, pid: int) -> None:
         if self.location is None or self.location.pid != pid:
@@ -382,7 +393,7 @@ class VbdWorker:
                     port=t.event_channel, proto=BLKIF_PROTOCOL[t.protocol])
             except CtlError as exc:
                 if exc.errno == errno.EALREADY:
-                    self.log.info("ring already connected (adopted)")
+                    self.log.info("ring already connected (adopted)", state=self.machine.state)
                 else:
                     self.log.error("ring connect failed", error=str(exc))
                 return RingConnectFailed(exc.errno or errno.EIO, exc.detail)
@@ -417,10 +428,7 @@ class VbdWorker:
                 self.log.info("step", trigger=current.trigger, source=before, dest=after)
             else:
                 self.log.debug("no step", trigger=current.trigger, state=before)
-            # The step that ends an adoption (connected, or a failure) still adopts.
             pending.extend(self._execute(effects))
-            if self._adopting and after not in ADOPTION_PATH:
-                self._adopting = False
 
     def _execute(self, effects: Sequence[Effect]) -> list[Event]:
         answers: list[Event] = []
@@ -469,12 +477,7 @@ class VbdWorker:
                 for key, value in effect.keys:
                     keys[key] = value
                     key_perms[key] = list(effect.perms.as_strings())
-                if "sectors" in effect.as_dict() and self.location is not None:
-                    keys[KTHREAD_PID] = str(self.location.pid)
-                    key_perms[KTHREAD_PID] = list(effect.perms.as_strings())
             elif isinstance(effect, PublishState):
-                if self._adopting and effect.state is XenbusState.INIT_WAIT:
-                    continue  # adoption: the front-end still sees Connected
                 keys[BackendKey.STATE] = str(int(effect.state))
             elif isinstance(effect, SetError):
                 self.log.error("vbd failed", reason=effect.text)
@@ -482,7 +485,6 @@ class VbdWorker:
         if not keys:
             return
         backend = self.paths.backend
-        adopting = self._adopting
         inherited = self._inherited_perms
 
         def body(tx: Transaction) -> bool:
@@ -490,8 +492,6 @@ class VbdWorker:
                 return False
             for key, value in keys.items():
                 path = f"{backend}/{key}"
-                if adopting and tx.read_optional(path) == value:
-                    continue  # adoption: rewrite nothing the front-end already has
                 wanted = key_perms.get(key)
                 tx.write(path, value, None if wanted == inherited else wanted)
             return True

@@ -74,12 +74,16 @@ def _disk_info(image: images.Image) -> ev.DiskInfo:
         sectors=int(info.sectors),
         sector_size=int(info.sector_size),
         info=int(info.info),
-        physical_sector_size=int(getattr(info, "physical_sector_size", info.sector_size)),
+        physical_sector_size=int(info.physical_sector_size),
+        discard=bool(info.discard),
     )
 
 
 def _wire_info(disk: ev.DiskInfo) -> p.ImageInfo:
-    return p.ImageInfo(disk.sectors, disk.sector_size, disk.info)
+    """OPEN/DISK_INFO reply: blktap's three fields plus our physical size and flags."""
+    flags = p.ImageFlags.DISCARD if disk.discard else p.ImageFlags(0)
+    return p.ImageInfo(disk.sectors, disk.sector_size, disk.info,
+                       disk.physical_sector_size, int(flags))
 
 
 class Tapdisk:

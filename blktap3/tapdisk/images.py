@@ -27,6 +27,12 @@ class ImageInfo(Protocol):
     @property
     def info(self) -> int: ...
 
+    @property
+    def physical_sector_size(self) -> int: ...
+
+    @property
+    def discard(self) -> bool: ...
+
 
 class Image(Protocol):
     """The part of `blktap3.datapath.Image` the tapdisk uses."""

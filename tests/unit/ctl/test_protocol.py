@@ -45,7 +45,13 @@ struct tapdisk_message {
         struct tapdisk_message_resume resume;
     } u;
 };
+/* Our extension of u.image (blktap3.ctl.protocol): blktap's three fields, then ours. */
+struct tapdisk_message_image_ext {
+    uint64_t sectors; uint32_t sector_size; uint32_t info;
+    uint32_t physical_sector_size; uint32_t flags;
+};
 """
+EXTENSION_FIELDS = {"image.physical_sector_size", "image.flags"}
 
 MEMBER_STRUCT = {
     "image": "image", "params": "params", "string": "string", "response": "response",
@@ -67,7 +73,8 @@ def c_offset(ffi: FFI, name: str) -> int:
         return int(ffi.offsetof("struct tapdisk_message", name))
     member, fieldname = name.split(".")
     union = ffi.offsetof("struct tapdisk_message", "u")
-    inner = ffi.offsetof(f"struct tapdisk_message_{MEMBER_STRUCT[member]}", fieldname)
+    struct = "image_ext" if name in EXTENSION_FIELDS else MEMBER_STRUCT[member]
+    inner = ffi.offsetof(f"struct tapdisk_message_{struct}", fieldname)
     return int(union + inner)
 
 
@@ -80,6 +87,37 @@ def test_message_size_and_union_offset_match_the_c_struct(ffi: FFI) -> None:
 @pytest.mark.parametrize("name", sorted(p.OFFSETS))
 def test_field_offset_matches_the_c_struct(ffi: FFI, name: str) -> None:
     assert p.OFFSETS[name] == c_offset(ffi, name)
+
+
+def test_image_extension_leaves_blktaps_layout_alone(ffi: FFI) -> None:
+    union = p.UNION_OFFSET
+    blktap_end = union + ffi.sizeof("struct tapdisk_message_image")
+    for name in EXTENSION_FIELDS:
+        assert p.OFFSETS[name] >= blktap_end  # past every byte blktap's struct uses
+    for name in ("sectors", "sector_size", "info"):
+        assert (ffi.offsetof("struct tapdisk_message_image_ext", name)
+                == ffi.offsetof("struct tapdisk_message_image", name))
+    assert ffi.sizeof("struct tapdisk_message_image_ext") <= p.UNION_SIZE
+
+
+def test_image_extension_lands_where_c_reads_it(ffi: FFI) -> None:
+    msg = p.Message(p.MessageType.DISK_INFO_RSP, 2,
+                    p.ImageInfo(8192, 512, 4, 4096, p.ImageFlags.DISCARD))
+    raw = bytearray(msg.encode())
+    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(raw))
+    assert (c.u.image.sectors, c.u.image.sector_size, c.u.image.info) == (8192, 512, 4)
+    ext = ffi.cast("struct tapdisk_message_image_ext *", ffi.from_buffer(raw[p.UNION_OFFSET:]))
+    assert (ext.physical_sector_size, ext.flags) == (4096, 1)
+
+
+def test_reply_of_a_blktap_tapdisk_reads_as_not_reported() -> None:
+    # blktap's tapdisk clears the message and fills only its three fields.
+    raw = bytearray(p.MESSAGE_SIZE)
+    struct.pack_into("<HH", raw, 0, p.MessageType.OPEN_RSP, 1)
+    struct.pack_into("<QII", raw, p.UNION_OFFSET, 4096, 4096, 0)
+    image = p.decode(bytes(raw)).payload
+    assert isinstance(image, p.ImageInfo)
+    assert (image.physical, image.discard) == (4096, False)
 
 
 def test_params_encoding_lands_where_c_reads_it(ffi: FFI) -> None:
@@ -132,6 +170,7 @@ SAMPLES = [
     p.Message(p.MessageType.PID, 0),
     p.Message(p.MessageType.PID_RSP, 0, p.Pid(18672)),
     p.Message(p.MessageType.OPEN_RSP, 3, p.ImageInfo(131072, 512, 4)),
+    p.Message(p.MessageType.DISK_INFO_RSP, 3, p.ImageInfo(131072, 512, 0, 4096, 1)),
     p.Message(p.MessageType.ERROR, 3, p.Response(114, "minor 3 is open")),
     p.Message(p.MessageType.LIST_MINORS_RSP, 0, p.Minors((0, 5, 16383))),
     p.Message(p.MessageType.LIST_RSP, 0xFFFF, p.ListEntry(2, 0, 0x2A, "aio:/p")),

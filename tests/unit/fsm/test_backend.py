@@ -105,18 +105,40 @@ def test_connected_publishes_every_key_in_one_transaction_then_state_4() -> None
     assert keys.as_dict() == {
         "feature-barrier": "1", "feature-flush-cache": "1", "feature-discard": "0",
         "feature-persistent": "0", "sectors": "2048", "info": "0", "sector-size": "512",
-        "physical-sector-size": "4096",
+        "physical-sector-size": "4096", "kthread-pid": "77",
     }
     assert state == PublishState(S.CONNECTED)
 
 
-def test_discard_feature_adds_its_keys() -> None:
-    vbd = BackendVbd(5, 768, features=BackendFeatures(discard=True, discard_secure=True))
-    to_connecting(vbd)
+def connect_keys(disk: DiskInfo, features: BackendFeatures | None = None) -> dict[str, str]:
+    vbd = BackendVbd(5, 768, features=features)
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(HotplugConnected(TapdiskRef(pid=77, minor=3), disk))
+    vbd.handle(fe(S.INITIALISED))
+    vbd.handle(TRANSPORT)
     keys = vbd.handle(RingConnected())[0]
     assert isinstance(keys, WriteKeys)
+    return keys.as_dict()
+
+
+def test_discard_feature_adds_its_keys_when_the_image_can_punch_holes() -> None:
+    keys = connect_keys(DiskInfo(2048, discard=True), BackendFeatures(discard_secure=True))
     assert {"discard-granularity": "512", "discard-alignment": "0", "discard-secure": "1",
-            "feature-discard": "1"}.items() <= keys.as_dict().items()
+            "feature-discard": "1"}.items() <= keys.items()
+
+
+@pytest.mark.parametrize(("info", "discard", "features"), [
+    (0, False, BackendFeatures()),                 # the image cannot punch holes
+    (4, True, BackendFeatures()),                  # read-only
+    (1 | 2 | 4, True, BackendFeatures()),          # CD-ROM
+    (0, True, BackendFeatures(discard=False)),     # not offered by this back-end
+])
+def test_discard_is_not_announced_without_holes_or_on_a_read_only_disk(
+    info: int, discard: bool, features: BackendFeatures
+) -> None:
+    keys = connect_keys(DiskInfo(2048, info=info, discard=discard), features)
+    assert keys["feature-discard"] == "0"
+    assert "discard-granularity" not in keys
 
 
 def test_ealready_means_the_tapdisk_still_serves_the_ring() -> None:

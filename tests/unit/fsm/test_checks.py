@@ -86,7 +86,7 @@ def test_rendered_table_has_a_row_per_state() -> None:
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["state", "unknown", "initialising"]
     assert any(line.startswith("connected ") for line in lines)
-    assert len(lines) == 1 + 10  # header + the ten non-final states
+    assert len(lines) == 1 + 13  # header + the thirteen non-final states
 
 
 def test_nested_reachability_enters_initial_children() -> None:

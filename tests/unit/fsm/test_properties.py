@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blktap3.fsm import (
+    BackendFeatures,
+    BackendFound,
     BackendRemoved,
     BackendVbd,
     DeviceClose,
@@ -57,7 +59,14 @@ ALLOWED = {
 }
 
 DISK = DiskInfo(sectors=4096)
+# What a previous tapback left in a Connected back-end directory.
+FOUND_KEYS = (*BackendFeatures().probe_keys(), *BackendFeatures().connect_keys(DISK),
+              ("kthread-pid", "10"))
 EVENTS: list[Event] = [
+    BackendFound(XenbusState.CONNECTED, FOUND_KEYS),
+    BackendFound(XenbusState.INIT_WAIT, BackendFeatures().probe_keys()),
+    BackendFound(XenbusState.CLOSING),
+    BackendFound(XenbusState.CLOSED),
     *(FrontendStateChanged(s) for s in XenbusState),
     FrontendStateInvalid("x"),
     FrontendVanished(),
@@ -80,12 +89,17 @@ EVENTS: list[Event] = [
 
 
 def check_batch(event: Event, effects: tuple[object, ...], published: int,
-                hotplug_seen: bool, transport_seen: bool) -> int:
-    """Assert the protocol rules on one batch; returns the new published state."""
-    keys_written: set[str] = set()
+                hotplug_seen: bool, transport_seen: bool, store: set[str]) -> int:
+    """Assert the protocol rules on one batch; returns the new published state.
+
+    `store` holds the keys the back-end directory has (found, or written since): a key
+    a previous tapback left needs no write for Connected to be announced with it.
+    """
+    keys_written: set[str] = set(store)
     for effect in effects:
         if isinstance(effect, WriteKeys):
             keys_written |= set(effect.as_dict())
+            store |= set(effect.as_dict())
         elif isinstance(effect, PublishState):
             new = effect.state.value
             assert (published, new) in ALLOWED, f"{published} -> {new} on {event!r}"
@@ -105,6 +119,11 @@ def check_batch(event: Event, effects: tuple[object, ...], published: int,
 # Starting points, so that short random walks also explore the later states.
 PREFIXES: dict[str, list[Event]] = {
     "fresh": [],
+    "adopted": [BackendFound(XenbusState.CONNECTED, FOUND_KEYS),
+                FrontendStateChanged(XenbusState.CONNECTED),
+                HotplugConnected(TapdiskRef(10, 1), DISK),
+                TransportRead(RingTransport((1,), 2)),
+                RingConnectFailed(errno.EALREADY)],
     "initwait": [FrontendStateChanged(XenbusState.INITIALISING),
                  HotplugConnected(TapdiskRef(10, 1), DISK)],
     "connected": [FrontendStateChanged(XenbusState.INITIALISING),
@@ -123,6 +142,7 @@ def test_random_events_keep_the_backend_within_the_protocol(
     vbd = BackendVbd(domid=1, devid=2)
     published = 1
     hotplug_seen = False
+    store: set[str] = set()
     for event in PREFIXES[start] + events:
         before = (vbd.state, vbd.published)
         try:
@@ -132,8 +152,14 @@ def test_random_events_keep_the_backend_within_the_protocol(
             assert error.state == before[0] and error.event is event
             continue
         hotplug_seen |= isinstance(event, HotplugConnected)
+        if isinstance(event, BackendFound):
+            # what the store held before us: published, and keys, without a write
+            assert effects == ()
+            assert vbd.published is not None
+            published = vbd.published.value
+            store |= {k for k, _ in event.keys}
         published = check_batch(event, effects, published, hotplug_seen,
-                                isinstance(event, TransportRead))
+                                isinstance(event, TransportRead), store)
         assert vbd.published is not None and vbd.published.value == published
 
 

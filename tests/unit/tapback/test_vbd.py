@@ -155,3 +155,83 @@ def test_writes_never_recreate_a_removed_directory(
     assert not xs.exists(PATHS.backend)  # the connect keys and state 4 were dropped
     assert worker.machine.state == "removed"
     assert disconnect.called  # the ring it had connected is taken down
+
+
+def _worker(xs: FakeXenStore) -> VbdWorker:
+    w = VbdWorker(PATHS, PATHS.frontend, SharedStore(lambda: xs),  # type: ignore[arg-type,return-value]
+                  VbdConfig(Path("/nonexistent")), on_final=lambda worker: None,
+                  on_tapdisk=lambda worker, pid: None)
+    w.start()
+    return w
+
+
+def _connected_by_a_previous_tapback(xs: FakeXenStore, mocker: MockerFixture) -> VbdWorker:
+    """Run a whole handshake with one worker, stop it, and return a second one."""
+    first = _worker(xs)
+    mocker.patch.object(TapdiskClient, "connect_xenblkif")
+    _publish_transport(xs)
+    xs.nodes[PATHS.frontend_key("state")] = "4"
+    first.post(Prompt.REFRESH)
+    wait_for(lambda: xs.nodes.get(PATHS.backend_key("state")) == "4")
+    first.post(Prompt.STOP)
+    first.join(5)
+    xs.writes.clear()
+    mocker.patch.object(TapdiskClient, "connect_xenblkif",
+                        side_effect=CtlError(errno.EALREADY, "minor 0 is connected"))
+    return _worker(xs)
+
+
+def test_restarted_tapback_adopts_a_connected_vbd_without_writing(
+        xs: FakeXenStore, mocker: MockerFixture) -> None:
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
+    second = _connected_by_a_previous_tapback(xs, mocker)
+    try:
+        second.post(Prompt.REFRESH)
+        wait_for(lambda: second.machine.state == "connected")
+        assert TapdiskClient.connect_xenblkif.called  # type: ignore[attr-defined]
+        assert xs.writes == []  # no InitWait, no key written again
+    finally:
+        second.post(Prompt.STOP)
+        second.join(5)
+
+
+def test_adoption_writes_what_changed_while_no_tapback_ran(
+        xs: FakeXenStore, mocker: MockerFixture) -> None:
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
+    second = _connected_by_a_previous_tapback(xs, mocker)
+    try:
+        # The image grew meanwhile: only `sectors` changes, and no state is published.
+        mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(4096, 512, 0))
+        second.post(Prompt.REFRESH)
+        wait_for(lambda: second.machine.state == "connected")
+        assert xs.writes == ["sectors"]
+        assert xs.nodes[PATHS.backend_key("sectors")] == "4096"
+    finally:
+        second.post(Prompt.STOP)
+        second.join(5)
+
+
+@pytest.mark.parametrize(("mode", "reply", "discard", "physical"), [
+    ("w", ImageInfo(2048, 512, 0, 4096, 1), "1", "4096"),
+    ("r", ImageInfo(2048, 512, 4, 4096, 1), "0", "4096"),  # read-only: no discard
+    ("w", ImageInfo(2048, 512, 0, 512, 0), "0", "512"),    # cannot punch holes
+    ("w", ImageInfo(2048, 4096, 0), "0", "4096"),          # a blktap tapdisk: not reported
+])
+def test_physical_sector_size_and_discard_come_from_the_tapdisk(
+        xs: FakeXenStore, mocker: MockerFixture, mode: str, reply: ImageInfo,
+        discard: str, physical: str) -> None:
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=reply)
+    mocker.patch.object(TapdiskClient, "connect_xenblkif")
+    xs.nodes[PATHS.backend_key("mode")] = mode
+    w = _worker(xs)
+    try:
+        _publish_transport(xs)
+        w.post(Prompt.REFRESH)
+        b = PATHS.backend_key
+        wait_for(lambda: xs.nodes.get(b("state")) == "4")
+        assert xs.nodes[b("feature-discard")] == discard
+        assert (b("discard-granularity") in xs.nodes) is (discard == "1")
+        assert xs.nodes[b("physical-sector-size")] == physical
+    finally:
+        w.post(Prompt.STOP)
+        w.join(5)

@@ -76,6 +76,12 @@ def opened(td: Tapdisk, root: Path, params: str | None = None) -> int:
     return minor
 
 
+def geometry(payload: p.Payload) -> tuple[int, int, int]:
+    """blktap's three fields of `u.image` (ours follow them)."""
+    assert isinstance(payload, p.ImageInfo)
+    return (payload.sectors, payload.sector_size, payload.info)
+
+
 def list_entries(td: Tapdisk) -> list[p.ListEntry]:
     entries = [m.payload for m in send(td, T.LIST, p.LIST_COOKIE).messages]
     assert all(isinstance(e, p.ListEntry) for e in entries)
@@ -109,8 +115,29 @@ def test_attach_holds_the_minor_against_free_and_other_tapdisks(
 def test_open_replies_with_the_image_geometry(tapdisk: Tapdisk, root: Path) -> None:
     minor = attached(tapdisk, root)
     reply = send(tapdisk, T.OPEN, minor, p.Params(path=f"aio:{image(root, size=8 * MiB)}"))
-    assert reply.messages[0].payload == p.ImageInfo(8 * MiB // 512, 512, 0)
-    assert send(tapdisk, T.DISK_INFO, minor).messages[0].payload == p.ImageInfo(16384, 512, 0)
+    assert geometry(reply.messages[0].payload) == (8 * MiB // 512, 512, 0)
+    assert geometry(send(tapdisk, T.DISK_INFO, minor).messages[0].payload) == (16384, 512, 0)
+
+
+@pytest.mark.parametrize("flags", [0, p.OpenFlags.RDONLY])
+def test_disk_info_carries_physical_sector_size_and_discard_from_the_image(
+    tapdisk: Tapdisk, root: Path, flags: int
+) -> None:
+    from blktap3.datapath import Image
+
+    path = image(root)
+    minor = attached(tapdisk, root)
+    opened_info = send(tapdisk, T.OPEN, minor, p.Params(flags=flags, path=f"aio:{path}"))
+    reply = send(tapdisk, T.DISK_INFO, minor).messages[0].payload
+    assert reply == opened_info.messages[0].payload
+    assert isinstance(reply, p.ImageInfo)
+    # What the data path itself reports for this file, opened the same way.
+    direct = Image.open("aio", path, readonly=bool(flags))
+    try:
+        assert reply.physical_sector_size == direct.info.physical_sector_size > 0
+        assert reply.discard is direct.info.discard
+    finally:
+        direct.close()
 
 
 def test_open_read_only_reports_vdisk_readonly(tapdisk: Tapdisk, root: Path) -> None:
@@ -203,7 +230,7 @@ def test_resume_refuses_a_changed_size_unless_resizing(tapdisk: Tapdisk, root: P
     resize = p.Resume(flags=p.ResumeFlags.RESIZE, new_params=bigger)
     assert send(tapdisk, T.RESUME, minor, resize).messages[0].type is T.RESUME_RSP
     info = send(tapdisk, T.DISK_INFO, minor).messages[0].payload
-    assert info == p.ImageInfo(8 * MiB // 512, 512, 0)
+    assert geometry(info) == (8 * MiB // 512, 512, 0)
     assert list_entries(tapdisk)[0].state == 0
 
 

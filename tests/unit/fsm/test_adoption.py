@@ -1,0 +1,147 @@
+"""A restarted tapback adopts what the previous one left: `BackendFound` first.
+
+The machine is told what the back-end directory holds; a Connected VBD is adopted (the
+ring connect replayed, EALREADY accepted) without publishing a state or writing a key the
+front-end already sees.  Other found states only spare redundant writes.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from blktap3.fsm import (
+    BackendFeatures,
+    BackendFound,
+    BackendVbd,
+    DiskInfo,
+    FrontendStateChanged,
+    FrontendVanished,
+    HotplugConnected,
+    OurBug,
+    PublishState,
+    ReadFrontendTransport,
+    RingConnected,
+    RingConnectFailed,
+    RingDisconnected,
+    RingTransport,
+    SendControl,
+    SetError,
+    TapdiskDied,
+    TapdiskRef,
+    TransportRead,
+    WriteKeys,
+    XenblkifConnect,
+    XenblkifDisconnect,
+    XenbusState,
+)
+
+S = XenbusState
+DISK = DiskInfo(sectors=2048, physical_sector_size=4096)
+HOTPLUG = HotplugConnected(TapdiskRef(pid=77, minor=3), DISK)
+TRANSPORT = TransportRead(RingTransport((11,), 9))
+
+
+def keys_of_a_connected_vbd() -> tuple[tuple[str, str], ...]:
+    """What a tapback that connected this VBD wrote (probe and connect keys)."""
+    features = BackendFeatures()
+    return (*features.probe_keys(), *features.connect_keys(DISK), ("kthread-pid", "77"))
+
+
+def adopted(frontend: XenbusState | None = S.CONNECTED) -> BackendVbd:
+    vbd = BackendVbd(domid=5, devid=768)
+    assert vbd.handle(BackendFound(S.CONNECTED, keys_of_a_connected_vbd())) == ()
+    assert vbd.state == "adopting" and vbd.published is S.CONNECTED
+    vbd.handle(FrontendVanished() if frontend is None else FrontendStateChanged(frontend))
+    return vbd
+
+
+def test_connected_vbd_is_adopted_without_a_single_write() -> None:
+    vbd = adopted()
+    assert vbd.handle(HOTPLUG) == (ReadFrontendTransport(3),)  # no InitWait, no probe keys
+    (connect,) = vbd.handle(TRANSPORT)
+    assert connect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
+    assert vbd.handle(RingConnectFailed(errno.EALREADY)) == ()
+    assert vbd.state == "connected" and vbd.published is S.CONNECTED
+
+
+def test_adoption_writes_only_the_keys_that_changed() -> None:
+    vbd = adopted()
+    vbd.handle(HotplugConnected(TapdiskRef(pid=78, minor=3), DiskInfo(4096, 512, 0, 4096)))
+    vbd.handle(TRANSPORT)
+    effects = vbd.handle(RingConnected())  # a tapdisk that had lost the ring maps it again
+    assert effects == (WriteKeys((("sectors", "4096"), ("kthread-pid", "78")), vbd.perms),)
+    assert not any(isinstance(e, PublishState) for e in effects)
+
+
+def test_adopted_vbd_closes_and_reconnects_as_usual() -> None:
+    vbd = adopted()
+    vbd.handle(HOTPLUG)
+    vbd.handle(TRANSPORT)
+    vbd.handle(RingConnectFailed(errno.EALREADY))
+    assert vbd.handle(FrontendStateChanged(S.CLOSING)) == (PublishState(S.CLOSING),)
+    assert vbd.handle(FrontendStateChanged(S.CLOSED)) == (
+        SendControl(XenblkifDisconnect(77, 3, 5, 768)),)
+    assert vbd.handle(RingDisconnected()) == (PublishState(S.CLOSED),)
+    vbd.handle(FrontendStateChanged(S.INITIALISING))
+    vbd.handle(FrontendStateChanged(S.INITIALISED))
+    vbd.handle(TRANSPORT)
+    keys, state = vbd.handle(RingConnected())
+    # Found keys are spared once; a reconnect writes the whole set as any connect does.
+    assert isinstance(keys, WriteKeys) and "sectors" in keys.as_dict()
+    assert state == PublishState(S.CONNECTED)
+
+
+def test_frontend_that_closed_while_no_tapback_ran_gets_the_ring_taken_down() -> None:
+    vbd = adopted(S.CLOSED)
+    assert vbd.handle(HOTPLUG) == (SendControl(XenblkifDisconnect(77, 3, 5, 768)),)
+    assert vbd.handle(RingDisconnected()) == (PublishState(S.CLOSED),)
+
+
+@pytest.mark.parametrize("frontend", [S.INITIALISING, S.CLOSING, None])
+def test_frontend_that_left_connected_is_asked_to_close(frontend: XenbusState | None) -> None:
+    vbd = adopted(frontend)
+    assert vbd.state == "adopting"
+    assert vbd.handle(HOTPLUG) == (PublishState(S.CLOSING),)
+    assert vbd.ring_requested  # the ring goes down on the front-end's Closed
+
+
+def test_connect_refused_during_adoption_fails_and_drops_the_ring() -> None:
+    vbd = adopted()
+    vbd.handle(HOTPLUG)
+    vbd.handle(TRANSPORT)
+    effects = vbd.handle(RingConnectFailed(errno.EINVAL))
+    assert vbd.state == "failed"
+    assert isinstance(effects[0], SetError) and effects[-1] == PublishState(S.CLOSED)
+
+
+def test_tapdisk_dying_during_adoption_fails_with_a_disconnect() -> None:
+    vbd = adopted()
+    vbd.handle(HOTPLUG)
+    effects = vbd.handle(TapdiskDied(77))
+    assert effects[0] == SetError("tapdisk 77 died")
+    assert effects[-1] == PublishState(S.CLOSED)
+
+
+def test_found_initwait_is_not_published_again() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(BackendFound(S.INIT_WAIT, (("max-ring-page-order", "3"),)))
+    vbd.handle(FrontendStateChanged(S.INITIALISING))
+    assert vbd.handle(HOTPLUG) == ()
+    assert vbd.state == "init_wait"
+
+
+def test_found_closing_is_published_again_never_skipped_to_initwait() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(BackendFound(S.CLOSING))
+    vbd.handle(FrontendStateChanged(S.INITIALISING))
+    assert vbd.handle(HOTPLUG)[-1] == PublishState(S.INIT_WAIT)  # seen as 1 -> 2
+
+
+def test_found_is_only_news_before_anything_happened() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(HOTPLUG)
+    with pytest.raises(OurBug):
+        vbd.handle(BackendFound(S.CONNECTED))
+    assert vbd.state == "waiting_frontend"
