@@ -61,7 +61,8 @@ def _row(r: dict[str, Any]) -> str:
 
 HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} "
           f"{'ours MB/s':>9} {'fio MB/s':>8} {'ours p50':>8} {'ours p99':>8} "
-          f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7} {'kicks':>6} {'cswtch':>6}")
+          f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7} "
+          f"{'kicks':>6} {'cswtch':>6}")
 
 
 def main(argv: list[str] | None = None) -> int:

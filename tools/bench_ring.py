@@ -4,12 +4,13 @@ A simulated machine (xensim) with dom0 and one guest. The tapdisks are spawned a
 tap-ctl does (``blktap3.ctl.ops.create``) with dom0's environment, one serving the
 backing file (``aio:``), one a null image; each run connects a fresh guest driver
 process's ring to one of them with XENBLKIF_CONNECT, exactly as tapback would. The
-CPU each process spent comes from ``/proc/<pid>`` (``cpu_seconds``) before and after the run.
+CPU each process spent comes from ``/proc/<pid>`` (``thread_cpu``) before and after the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -29,25 +30,43 @@ BLKIF_PROTOCOL_NATIVE = 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a whole process, in seconds.
+def process_env(run_dir: Path, domid: int) -> dict[str, str]:
+    """xensim's variables for a process of `domid`. Under sanitize.sh (BLKTAP3_SANITIZE=1)
+    the ASan/UBSan runtimes go first, so the sanitized modules load in the children."""
+    env = xensim.process_env(run_dir, domid)
+    if os.environ.get("BLKTAP3_SANITIZE") == "1":
+        runtimes = " ".join(str(p) for p in xensim.sanitizer_runtime())
+        env["LD_PRELOAD"] = f"{runtimes} {env['LD_PRELOAD']}"
+    return env
 
-    The sum of its live threads' ``schedstat`` (nanoseconds on CPU, exact) when the
-    kernel has it: a thread exiting between two readings would drop out, but none
-    does during a run. Else ``stat``'s utime + stime (clock ticks, sampled).
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each live thread of a process (thread id -> seconds).
+
+    From ``schedstat`` (nanoseconds on CPU, exact) when the kernel has it, else the
+    process's ``stat`` utime + stime (clock ticks, sampled) under the key "all".
     """
+    out: dict[str, float] = {}
     try:
-        total = 0
         for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        return total / 1e9
+            # FileNotFoundError: the thread ended meanwhile.
+            with contextlib.suppress(FileNotFoundError), \
+                    open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                out[task] = int(f.read().split()[0]) / 1e9
+        if out:
+            return out
     except (OSError, ValueError, IndexError):
         pass
     with open(f"/proc/{pid}/stat") as f:
         # The command name may hold spaces: fields count from after its ')'.
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return {"all": (int(fields[11]) + int(fields[12])) / CLK_TCK}
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU spent between two ``thread_cpu`` readings by the threads in both (a control
+    thread of the tapdisk that came and went meanwhile is not the data path)."""
+    return sum(after[t] - before[t] for t in before.keys() & after.keys())
 
 
 def context_switches(pid: int) -> int:
@@ -96,7 +115,7 @@ class RingRig:
     def __enter__(self) -> RingRig:
         self.machine.init()
         self.machine.create_domain(GUEST, 8192)
-        env = {**os.environ, **xensim.process_env(self.run_dir, 0)}
+        env = {**os.environ, **process_env(self.run_dir, 0)}
         # The tapdisk has no poll setting of its own: the data path reads this.
         env[POLL_ENV] = str(self.poll_us)
         try:
@@ -120,7 +139,7 @@ class RingRig:
     def _ring(self, image: str, order: int, run: dict[str, Any]) -> dict[str, Any]:
         vbd = self.vbds[image]
         guest = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"],
-                            xensim.process_env(self.run_dir, GUEST))
+                            process_env(self.run_dir, GUEST))
         try:
             g = guest.call("open", backend=0, order=order, protocol="native")
             vbd.client.connect_xenblkif(
@@ -128,19 +147,21 @@ class RingRig:
                 port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
             )
             try:
-                t0, g0 = cpu_seconds(vbd.pid), cpu_seconds(guest.pid)
+                t0, g0 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
                 c0 = context_switches(vbd.pid)
                 res: dict[str, Any] = guest.call("run", poll_us=self.poll_us, **run)
-                t1, g1 = cpu_seconds(vbd.pid), cpu_seconds(guest.pid)
+                t1, g1 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
                 c1 = context_switches(vbd.pid)
+                # The tapdisk's own count of what it served (its STATS, blktap's JSON).
+                res["tapdisk_stats"] = json.loads(vbd.client.stats(vbd.minor))
             finally:
                 vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
         finally:
             guest.close()
         if res["errors"] or res["lost"]:
             raise RuntimeError(f"ring errors: {res}")
-        res["tapdisk_cpu"] = t1 - t0
-        res["guest_cpu"] = g1 - g0
+        res["tapdisk_cpu"] = cpu_delta(t0, t1)
+        res["guest_cpu"] = cpu_delta(g0, g1)
         res["tapdisk_switches"] = c1 - c0
         self.last = res
         return res

@@ -1,0 +1,46 @@
+"""``blktap3-bench`` measures the issue's path: guest driver -> ring -> a real tapdisk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from blktap3.tools import bench, bench_ring
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_rig_drives_a_real_tapdisk_process(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    bench._prepare(disk, 8 << 20)
+    with bench_ring.RingRig(tmp_path / "xen", disk) as rig:
+        pid = rig.vbds["disk"].pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"blktap3.tapdisk" in cmdline
+        figures = rig.run("randread", 4096, 4, 0.3)
+        served = rig.last["tapdisk_stats"]
+        null = rig.run_null(0.2)
+    ios = rig.last["ios"]  # the null run's
+    # Every request the guest counted went through the tapdisk's ring and image.
+    assert served["xenbus"]["reqs"][1] == served["images"][0]["hits"][0] > 0
+    assert served["secs"][0] == 8 * served["images"][0]["hits"][0]
+    assert figures["ours_iops"] > 0 and figures["ours_p50_us"] > 0
+    assert figures["cpu_us_per_req"] > 0 and figures["guest_cpu_us_per_req"] > 0
+    assert null["ours_iops"] > 0 and ios > 0 and "ours_mbps" not in null
+    # The tapdisks are gone with the rig.
+    assert not Path(f"/proc/{pid}").exists() or b"blktap3.tapdisk" not in Path(
+        f"/proc/{pid}/cmdline").read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_the_command_writes_the_issue_keys(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # The default --dir (/var/tmp): the control sockets' paths must stay short.
+    rc = bench.main(["--json", str(out), "--runtime", "1", "--size-mib", "8", "--only", "QD1"])
+    assert rc == 0
+    [qd1] = json.loads(out.read_text())
+    assert set(qd1) == set(bench.JSON_KEYS) and qd1["workload"] == "4k randread QD1"
+    assert qd1["ratio"] == pytest.approx(qd1["ours_iops"] / qd1["fio_iops"])
+    assert qd1["fio_iops"] > 0 and qd1["cpu_us_per_req"] > 0
