@@ -244,7 +244,13 @@ class BackendVbd(SpecMachine):
         # kthread-pid: the process serving the ring (blkback's kernel thread, for us the
         # tapdisk), written with the rest so that tools find it once Connected.
         keys = (*self.features.connect_keys(self.disk), (KTHREAD_PID, str(self.tapdisk.pid)))
+        # Adoption of an image that grew while no tapback ran: Connected is already
+        # published, so announce it again (as a resize does) for blkfront to re-read.
+        found_sectors = self.found_keys.get("sectors")
+        resized = found_sectors is not None and found_sectors != str(self.disk.sectors)
         self.write_keys(keys)
+        if resized and self.published == XenbusState.CONNECTED:
+            self.republish()
 
     def write_sectors(self, event: DiskResized, **_: Any) -> None:
         self.write_keys((("sectors", str(event.disk.sectors)),))

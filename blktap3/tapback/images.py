@@ -7,6 +7,24 @@ has no message that tells tapback. An inotify watch on the image file sees that 
 answered once the resume completed) and announce a new `sectors` if it changed.
 
 Other opens of the file (a tool that grows it) cost one DISK_INFO that finds no change.
+
+Why inotify, and not a mark in XenStore or a message from the tapdisk (judged again
+when the tapback work was reviewed):
+- It needs nothing from the tool that resizes: blktap's control protocol has no "size
+  changed" notification and `tap-ctl` only knows a pid and a minor, not the VBD's
+  XenStore directory (libblktapctl does not and must not talk to XenStore), so a mark
+  "tapback already watches" would need the toolstack's cooperation, which an operator
+  running `tap-ctl resize` by hand does not give.  Asking the tapdisk to push news
+  would need a subscription channel blktap's protocol lacks.
+- It is exact where it matters: the tapdisk reopens the image inside RESUME, and its
+  control messages are serialized, so the DISK_INFO this prompts is answered after the
+  resume completed, with the new size.  Tapback and tapdisk always share the host (the
+  tapdisk is tapback's own back-end domain's process), so the open is seen even on NFS.
+- A resize that happened while no tapback ran is caught at adoption (the machine sees
+  `sectors` differ from what the tapdisk reports and announces Connected again).
+Known limits: an image swapped under a VBD (`tap-ctl unpause -a NEW`) is opened at a
+path not watched here, so a later resize of NEW is noticed only at the next tapback
+restart; an image that cannot be watched (ENOSPC: inotify limits) is logged.
 """
 
 from __future__ import annotations

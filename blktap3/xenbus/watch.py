@@ -9,6 +9,12 @@ When the connection dies (xenstored restarted, socket reset, the reader thread f
 every watch again and returns `Reconnected()`: the consumer must then re-read everything
 it cares about, since changes made while we were away produced no event for us.
 
+Threads: one thread calls `wait()`; any thread may call `watch()`/`unwatch()` meanwhile.
+A lock guards the set of watches and the connection: `wait()` matches an event against a
+snapshot, and a reconnection registers the watches and swaps the connection under the
+lock, so a watch added at any moment is either in what the new connection registers or
+registered by `watch()` on the new connection, never lost between the two.
+
 On dom0's socket give the stream its own connection (`WatchStream.open()`). A guest's
 ring carries exactly one connection (one reader of the response ring), so there the
 factory returns the guest's one `XenStore` (`WatchStream(lambda: xs)`), which also
@@ -18,6 +24,7 @@ serves its requests; after a loss the factory must build a new ring connection.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +74,7 @@ class WatchStream:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._watches: dict[tuple[str, str], None] = {}  # ordered: re-registered in order
+        self._lock = threading.Lock()  # guards _watches and _xs (see the module docstring)
         self._xs = connect()
 
     @classmethod
@@ -78,24 +86,30 @@ class WatchStream:
 
     @property
     def watches(self) -> list[tuple[str, str]]:
-        return list(self._watches)
+        with self._lock:
+            return list(self._watches)
 
     def watch(self, path: str, token: str) -> None:
-        """Add a watch. If the connection is down, it is registered at reconnection."""
-        self._watches[(path, token)] = None
-        try:
-            self._xs.watch(path, token)
-        except XenStoreConnectionError:
-            pass  # wait() sees the loss and re-registers everything, this one included
-        except XenStoreError:
-            del self._watches[(path, token)]
-            raise
+        """Add a watch (from any thread). If the connection is down, it is registered at
+        reconnection."""
+        # The request is made under the lock so that a reconnection cannot swap the
+        # connection between our registration and its own (see the module docstring).
+        with self._lock:
+            self._watches[(path, token)] = None
+            try:
+                self._xs.watch(path, token)
+            except XenStoreConnectionError:
+                pass  # wait() sees the loss and re-registers everything, this one included
+            except XenStoreError:
+                del self._watches[(path, token)]
+                raise
 
     def unwatch(self, path: str, token: str) -> None:
-        self._watches.pop((path, token), None)
-        # Nothing to remove on a dead connection, and it is not re-registered.
-        with contextlib.suppress(XenStoreConnectionError):
-            self._xs.unwatch(path, token)
+        with self._lock:
+            self._watches.pop((path, token), None)
+            # Nothing to remove on a dead connection, and it is not re-registered.
+            with contextlib.suppress(XenStoreConnectionError):
+                self._xs.unwatch(path, token)
 
     def wait(self, timeout: float) -> StreamEvent | None:
         """The next event, or None when `timeout` seconds pass without one.
@@ -116,7 +130,9 @@ class WatchStream:
                 item[1].decode("utf-8", "surrogateescape"),
             )
             # Drop late events of watches removed since (as pyxs's Monitor does).
-            if any(t == event.token and _covers(p, event.path) for p, t in self._watches):
+            with self._lock:
+                watches = list(self._watches)  # watch() may add one from another thread
+            if any(t == event.token and _covers(p, event.path) for p, t in watches):
                 return event
             if remaining <= 0:
                 return None
@@ -132,13 +148,14 @@ class WatchStream:
                 last = e
             else:
                 try:
-                    for path, token in self._watches:
-                        xs.watch(path, token)
+                    with self._lock:
+                        for path, token in self._watches:
+                            xs.watch(path, token)
+                        self._xs = xs
                 except XenStoreError as e:
                     last = e
                     xs.close()
                 else:
-                    self._xs = xs
                     return Reconnected(attempt)
             time.sleep(delay)
             delay = min(delay * 2, self.max_backoff)

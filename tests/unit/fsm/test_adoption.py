@@ -71,8 +71,17 @@ def test_adoption_writes_only_the_keys_that_changed() -> None:
     vbd.handle(HotplugConnected(TapdiskRef(pid=78, minor=3), DiskInfo(4096, 512, 0, 4096)))
     vbd.handle(TRANSPORT)
     effects = vbd.handle(RingConnected())  # a tapdisk that had lost the ring maps it again
-    assert effects == (WriteKeys((("sectors", "4096"), ("kthread-pid", "78")), vbd.perms),)
-    assert not any(isinstance(e, PublishState) for e in effects)
+    # The image grew while no tapback ran: new sectors, and Connected said again (a resize).
+    assert effects == (WriteKeys((("sectors", "4096"), ("kthread-pid", "78")), vbd.perms),
+                       PublishState(S.CONNECTED))
+
+
+def test_adoption_with_another_tapdisk_says_nothing_but_its_pid() -> None:
+    vbd = adopted()
+    vbd.handle(HotplugConnected(TapdiskRef(pid=78, minor=3), DISK))
+    vbd.handle(TRANSPORT)
+    effects = vbd.handle(RingConnected())
+    assert effects == (WriteKeys((("kthread-pid", "78"),), vbd.perms),)
 
 
 def test_adopted_vbd_closes_and_reconnects_as_usual() -> None:

@@ -200,11 +200,12 @@ def test_adoption_writes_what_changed_while_no_tapback_ran(
     mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
     second = _connected_by_a_previous_tapback(xs, mocker)
     try:
-        # The image grew meanwhile: only `sectors` changes, and no state is published.
+        # The image grew meanwhile: only `sectors` changes, and Connected is said again
+        # (as after a resize) so that blkfront reads it.
         mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(4096, 512, 0))
         second.post(Prompt.REFRESH)
         wait_for(lambda: second.machine.state == "connected")
-        assert xs.writes == ["sectors"]
+        assert xs.writes == ["sectors", "state"]
         assert xs.nodes[PATHS.backend_key("sectors")] == "4096"
     finally:
         second.post(Prompt.STOP)

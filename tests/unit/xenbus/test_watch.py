@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from blktap3.xenbus import (
@@ -11,6 +13,7 @@ from blktap3.xenbus import (
     XenStore,
     XenStoreConnectionError,
 )
+from blktap3.xenbus import watch as watch_module
 
 from .fakexs import WATCH, FakeXenstored
 
@@ -78,3 +81,38 @@ def test_reconnection_gives_up_after_its_bound(fake_xenstored: FakeXenstored) ->
     with pytest.raises(XenStoreConnectionError, match="3 tries"):
         stream.wait(5)
     stream.close()
+
+
+def test_watch_from_another_thread_while_wait_matches_an_event(
+    fake_xenstored: FakeXenstored, client: XenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wait() matches an event against the watches while watch() adds one elsewhere."""
+    with _stream(fake_xenstored) as stream:
+        # One token for both (as tapback's one token for its root): the event is
+        # compared with every watch's path in turn.
+        stream.watch("/first", "t")
+        stream.watch("/last", "t")
+        assert stream.wait(2) == WatchEvent("/first", "t")
+        assert stream.wait(2) == WatchEvent("/last", "t")
+        covers = watch_module._covers
+        added: list[threading.Thread] = []
+
+        def covers_while_another_thread_watches(watched: str, path: str) -> bool:
+            # The moment wait() looks at its watches, a tapback thread adds some.
+            if not added:
+                adder = threading.Thread(
+                    target=lambda: [stream.watch(f"/new{i}", "tn") for i in range(3)])
+                added.append(adder)
+                adder.start()
+                adder.join(2)
+            return covers(watched, path)
+
+        monkeypatch.setattr(watch_module, "_covers", covers_while_another_thread_watches)
+        client.write("/last/x", "1")  # matches the last watch: every watch is looked at
+        assert stream.wait(2) == WatchEvent("/last/x", "t")
+        added[0].join(2)
+        monkeypatch.setattr(watch_module, "_covers", covers)
+        assert ("/new2", "tn") in stream.watches
+        client.write("/new2/x", "1")
+        events = {stream.wait(2) for _ in range(4)}  # the registration fires, then the write
+        assert WatchEvent("/new2/x", "tn") in events
