@@ -58,3 +58,31 @@ def test_resize_after_tap_ctl_resize(host: Host, guests: GuestFactory) -> None:
     last = (6 << 20) // 512 - 8
     assert guest.write(last, b"\xee" * 4096) == 0
     assert guest.read(last, 8) == (0, b"\xee" * 4096)
+
+
+def test_resize_while_tapback_is_down_is_announced_when_it_adopts(
+        host: Host, guests: GuestFactory) -> None:
+    guest = guests(size=4 << 20)
+    guest.connect()
+    pid = guest.backend("kthread-pid")
+    assert pid == str(guest.attached.pid)
+    service.stop(host.run_dir)
+    os.truncate(guest.image, 8 << 20)
+    done = subprocess.run(
+        [TAP_CTL, "resize", "-p", str(guest.attached.pid), "-m", str(guest.attached.minor)],
+        env={**os.environ, runtime.ROOT_ENV: str(service.control_dir(host.run_dir))},
+        capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert guest.backend("sectors") == str((4 << 20) // 512)  # nobody told the guest yet
+    with WatchStream.open(str(host.xenstored_path)) as stream:
+        stream.watch(guest.paths.backend_key("state"), "s")
+        assert stream.wait(2.0) is not None  # the initial fire
+        service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
+        wait_for(lambda: guest.backend("sectors") == str((8 << 20) // 512), what="new sectors")
+        # Connected said again (never InitWait): blkfront re-reads sectors.
+        assert stream.wait(5.0) is not None
+    assert guest.backend_state() is XenbusState.CONNECTED
+    assert guest.backend("kthread-pid") == pid
+    last = (8 << 20) // 512 - 8
+    assert guest.write(last, b"\xab" * 4096) == 0
+    assert guest.read(last, 8) == (0, b"\xab" * 4096)
