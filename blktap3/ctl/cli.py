@@ -305,3 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr)
         return code
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

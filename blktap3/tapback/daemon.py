@@ -276,6 +276,10 @@ class Tapback:
         with self._lock:
             keys = self._tapdisk_users.pop(pid, set())
             workers = [self.workers[k] for k in keys if k in self.workers]
+        if not keys:
+            # Its last VBD was destroyed (tap-ctl destroy), and a tapdisk then exits.
+            log.info("tapdisk exited", pid=pid)
+            return
         log.error("tapdisk died", pid=pid, vbds=sorted(keys))
         for worker in workers:
             worker.post(Died(pid))
