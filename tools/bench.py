@@ -75,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="only workloads whose name contains this")
     ap.add_argument("--poll-us", type=int, default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
+    ap.add_argument("--pin", metavar="T,G", default=None,
+                    help="pin the tapdisk to CPU T and the guest driver to CPU G "
+                         "(default: the scheduler places them)")
     args = ap.parse_args(argv)
+    cpus = None
+    if args.pin:
+        t, _, g = args.pin.partition(",")
+        cpus = (int(t), int(g or t))
     # The control client logs every message at debug: keep the table readable.
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(30),
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     print(f"blktap3-bench on {platform.node()} ({os.cpu_count()} CPUs, {platform.system()} "
           f"{platform.release()}): {args.size_mib} MiB file in {args.dir}, "
-          f"{args.runtime:g} s per run, O_DIRECT, io_uring, poll {args.poll_us} us; "
+          f"{args.runtime:g} s per run, O_DIRECT, io_uring, poll {args.poll_us} us, "
+          f"pinned {cpus or 'no'}; "
           "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
           "driver, fio us fio itself; per request: event-channel kicks both ways, "
           "tapdisk context switches",
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="blktap3-bench-", dir=args.dir) as tmp:
         disk = Path(tmp) / "disk.img"
         _prepare(disk, args.size_mib << 20)
-        with bench_ring.RingRig(Path(tmp) / "xen", disk, poll_us=args.poll_us) as rig:
+        with bench_ring.RingRig(Path(tmp) / "xen", disk, poll_us=args.poll_us,
+                                cpus=cpus) as rig:
             for w in WORKLOADS:
                 if args.only and args.only not in w["workload"]:
                     continue

@@ -69,6 +69,13 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> float:
     return sum(after[t] - before[t] for t in before.keys() & after.keys())
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Put every thread of a process on one CPU."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), {cpu})
+
+
 def context_switches(pid: int) -> int:
     """Times the process's live threads went to sleep or were preempted: wake-ups."""
     total = 0
@@ -103,8 +110,11 @@ class Vbd:
 class RingRig:
     """xensim machine + real tapdisks (dom0) + a guest driver process per run."""
 
-    def __init__(self, run_dir: Path, disk: Path, poll_us: int = 0) -> None:
+    def __init__(self, run_dir: Path, disk: Path, poll_us: int = 0,
+                 cpus: tuple[int, int] | None = None) -> None:
+        """``cpus``: (tapdisk's CPU, guest's CPU) to pin them to; None leaves them free."""
         self.run_dir = run_dir
+        self.cpus = cpus
         self.poll_us = poll_us
         self.disk = disk
         self.ctl_root = run_dir.parent / "ctl"
@@ -121,6 +131,10 @@ class RingRig:
         try:
             self.vbds["disk"] = Vbd(self.ctl_root, f"aio:{self.disk}", env)
             self.vbds["null"] = Vbd(self.ctl_root, "null:/dev/null", env)
+            if self.cpus:
+                for vbd in self.vbds.values():
+                    # Every thread; the ring's thread, started later, inherits it.
+                    pin(vbd.pid, self.cpus[0])
         except BaseException:
             self._stop()
             raise
@@ -141,6 +155,8 @@ class RingRig:
         guest = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"],
                             process_env(self.run_dir, GUEST))
         try:
+            if self.cpus:
+                pin(guest.pid, self.cpus[1])
             g = guest.call("open", backend=0, order=order, protocol="native")
             vbd.client.connect_xenblkif(
                 vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]), order=order,

@@ -82,6 +82,7 @@ struct td_ring {
     int uring_wait;         /* sleeps in io_uring (td_engine_wait), else in poll() */
     uint32_t armed;         /* TD_WAKE_* watches queued or in the kernel */
     uint32_t to_submit;     /* I/O prepared, not yet handed to the kernel */
+    int submit_deferred;    /* to_submit was kept back for one more round (see service) */
 
     struct td_stats st;     /* written by the service thread only, read relaxed */
 };
@@ -337,6 +338,7 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
 /* The whole batch in one call. */
 static void flush_submit(struct td_ring *r)
 {
+    r->submit_deferred = 0;
     if (r->to_submit == 0)
         return;
     r->to_submit = 0;
@@ -456,6 +458,7 @@ static void sleep_in_engine(struct td_ring *r)
         usleep(100);
         return;
     }
+    r->submit_deferred = 0;
     if (r->to_submit) {
         r->to_submit = 0;
         STAT_ADD(r, batches, 1);
@@ -521,12 +524,15 @@ static void *service(void *arg)
             pthread_mutex_unlock(&r->mu);
             continue;
         }
-        /* Work done: go round again only if more is known to be waiting (cheap
-         * checks, no syscall). New requests are caught by the final check below,
-         * so a QD1 request is submitted by the very io_uring_enter that sleeps. */
-        if (work && (td_engine_ready(r->eng) || (r->held >= 0 && r->inflight == 1) ||
-                     get_state(r) != st)) {
-            flush_submit(r);
+        if (work) {
+            /* Look once more before sleeping: more may have come meanwhile, and req_event
+             * stays unarmed while we find work, so a busy front-end need not kick. The
+             * I/O prepared this round waits for that one look at most: then the next
+             * round, or the io_uring_enter that sleeps (one syscall for a QD1 request's
+             * submit and wait), hands it to the kernel. */
+            if (r->submit_deferred)
+                flush_submit(r);
+            r->submit_deferred = r->to_submit != 0;
             continue;
         }
         if (r->poll_ns && st == RS_RUN && taking && r->held < 0) {
