@@ -47,16 +47,14 @@ def thread_cpu(pid: int) -> dict[str, float]:
     process's ``stat`` utime + stime (clock ticks, sampled) under the key "all".
     """
     out: dict[str, float] = {}
-    try:
+    with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
-            # FileNotFoundError: the thread ended meanwhile.
-            with contextlib.suppress(FileNotFoundError), \
+            # A thread ending meanwhile (a control connection's) reads as ENOENT or ESRCH.
+            with contextlib.suppress(OSError, ValueError, IndexError), \
                     open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 out[task] = int(f.read().split()[0]) / 1e9
-        if out:
-            return out
-    except (OSError, ValueError, IndexError):
-        pass
+    if out:
+        return out
     with open(f"/proc/{pid}/stat") as f:
         # The command name may hold spaces: fields count from after its ')'.
         fields = f.read().rsplit(")", 1)[1].split()
