@@ -8,6 +8,12 @@
  * reads, responses written field by field, one RING_PUSH_RESPONSES_AND_CHECK_NOTIFY.
  * RING_FINAL_CHECK_FOR_REQUESTS closes the race with the front-end before it sleeps.
  *
+ * With io_uring the thread sleeps inside it: one-shot polls on the event channel and
+ * the control eventfd sit beside the I/O, so a single io_uring_enter submits the batch
+ * and waits for a completion, a kick or a control request (per QD1 request: that
+ * enter, the kick's xenevtchn_pending read, the response's notify, and one more enter
+ * to sleep). Other engines sleep in poll().
+ *
  * Control (pause, resume, disconnect) comes from other threads through `state`
  * (under `mu`) and an eventfd that wakes the service thread.
  */
