@@ -62,9 +62,10 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> float:
-    """CPU spent between two ``thread_cpu`` readings by the threads in both (a control
-    thread of the tapdisk that came and went meanwhile is not the data path)."""
-    return sum(after[t] - before[t] for t in before.keys() & after.keys())
+    """CPU spent between two ``thread_cpu`` readings. A thread born meanwhile counts
+    from zero (the ring's thread may start just after the connect's answer); one that
+    ended meanwhile (a control connection's) is not the data path and drops out."""
+    return sum(cpu - before.get(t, 0.0) for t, cpu in after.items())
 
 
 def pin(pid: int, cpu: int) -> None:
