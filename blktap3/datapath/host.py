@@ -1,6 +1,7 @@
 """A minimal dom0 host of rings, as a child process: ``python -m blktap3.datapath.host``.
 
-Stands in for the tapdisk in data-path tests and the benchmark: it opens images and
+Stands in for the tapdisk in the data-path tests (the benchmark drives the real
+tapdisk, see ``blktap3.tools.bench_ring``): it opens images and
 serves rings through the same facade the tapdisk uses, driven by JSON lines (see
 ``lineproc``). Images and rings are named by the caller.
 """
