@@ -242,11 +242,16 @@ class TapdiskClient:
         port: int,
         proto: int,
         pool: str = "",
+        poll_duration: int = 0,
     ) -> None:
-        """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served)."""
+        """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served).
+
+        `poll_duration`: microseconds the ring spins for more work before sleeping (0:
+        the tapdisk's default).
+        """
         payload = p.Blkif(
             domid=domid, devid=devid, grefs=grefs, order=order, proto=proto, pool=pool,
-            port=port,
+            port=port, poll_duration=poll_duration,
         )
         self._simple(p.MessageType.XENBLKIF_CONNECT, minor, payload)
 

@@ -134,15 +134,20 @@ def connect_ring(
     order: int,
     port: int,
     protocol: int,
+    poll_us: int = 0,
 ) -> Ring:
-    """Map the front-end's ring and start serving it (OSError with the reason if not)."""
+    """Map the front-end's ring and start serving it (OSError with the reason if not).
+
+    `poll_us` is XENBLKIF_CONNECT's `poll_duration` (blktap's: how long the ring spins
+    for more requests before sleeping); 0 leaves the data path's default.
+    """
     datapath = _datapath()
     if protocol not in RING_PROTOCOLS:
         raise OSError(errno.EINVAL, f"unknown blkif protocol {protocol}")
     try:
         ring: Ring = datapath.Ring.connect(
             image, domid=domid, devid=devid, grefs=list(grefs), order=order, port=port,
-            protocol=RING_PROTOCOLS[protocol],
+            protocol=RING_PROTOCOLS[protocol], poll_us=poll_us or None,
         )
     except OSError as exc:
         raise OSError(

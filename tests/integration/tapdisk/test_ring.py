@@ -105,3 +105,21 @@ def test_a_guest_ring_is_served_paused_swapped_and_disconnected(
     assert "xenbus" not in json.loads(client.stats(minor))
     client.close(minor)
     client.detach(minor)
+
+
+def test_poll_duration_reaches_the_ring_and_is_bounded(
+    guest: Any, vbd: tuple[TapdiskClient, int, Path]
+) -> None:
+    client, minor, _ = vbd
+    g = guest.call("open", backend=0, order=0, protocol="native")
+    blkif = {"domid": GUEST, "devid": DEVID, "grefs": tuple(g["grefs"]), "order": 0,
+             "port": g["port"], "proto": BLKIF_PROTOCOL_NATIVE}
+    with pytest.raises(CtlError) as err:
+        client.connect_xenblkif(minor, **blkif, poll_duration=2_000_000)
+    assert err.value.errno == errno.EINVAL
+    client.connect_xenblkif(minor, **blkif, poll_duration=50)
+    data = os.urandom(4096)
+    assert guest.call("write", sector=8, data=data.hex()) == 0
+    back = guest.call("read", sector=8, count=8)
+    assert back["status"] == 0 and bytes.fromhex(back["data"]) == data
+    client.disconnect_xenblkif(minor, domid=GUEST, devid=DEVID)
