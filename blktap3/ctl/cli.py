@@ -22,7 +22,8 @@ import structlog
 
 from . import ops
 from .client import CtlError, TapdiskClient
-from .protocol import OpenFlags, ResumeFlags, VbdStateBits
+from .protocol import STRING_MAX, OpenFlags, ProtocolError, ResumeFlags, VbdStateBits
+from .runtime import MAX_MINOR
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,21 +39,63 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
+def _ranged(name: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer (C syntax: 0x.., 0..) in [low, high], checked here so
+    that a number the control message cannot carry is a usage error, not a traceback."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} {value} is not in {low}..{high}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in "invalid <name> value"
+    return parse
+
+
+_pid = _ranged("pid", 1, (1 << 31) - 1)  # pid_t
+_minor = _ranged("minor", 0, MAX_MINOR - 1)
+_u16 = _ranged("number", 0, 0xFFFF)  # params.req_timeout is a u16 on the wire
+MAX_SECONDS = 1e6
+
+
+def _seconds(text: str) -> float:
+    """A timeout: finite and positive (socket.settimeout refuses the rest with a
+    ValueError/OverflowError that would otherwise escape as a traceback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seconds value: {text!r}") from None
+    if not 0 < value <= MAX_SECONDS:  # also false for nan
+        raise argparse.ArgumentTypeError(f"seconds {text} is not in (0, {MAX_SECONDS:g}]")
+    return value
+
+
+def _wire_string(text: str) -> str:
+    """A `type:/path` that fits the message's NUL-terminated char[256]."""
+    size = len(text.encode(errors="surrogateescape"))
+    if size >= STRING_MAX or "\0" in text:
+        raise argparse.ArgumentTypeError(
+            f"{size} bytes: at most {STRING_MAX - 1} fit in a control message")
+    return text
+
+
 def _add_pm(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-p", dest="pid", type=_int, required=True, help="tapdisk pid")
-    parser.add_argument("-m", dest="minor", type=_int, required=True, help="minor")
+    parser.add_argument("-p", dest="pid", type=_pid, required=True, help="tapdisk pid")
+    parser.add_argument("-m", dest="minor", type=_minor, required=True, help="minor")
 
 
 def _add_open_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-R", dest="readonly", action="store_true", help="read-only")
     parser.add_argument("-D", dest="no_o_direct", action="store_true", help="no O_DIRECT")
-    parser.add_argument("-e", dest="prt_minor", type=_int, help="parent minor to reuse")
+    parser.add_argument("-e", dest="prt_minor", type=_minor, help="parent minor to reuse")
     parser.add_argument("-r", dest="lcache", action="store_true", help="local cache")
-    parser.add_argument("-2", dest="secondary", help="secondary type:/path (mirror)")
+    parser.add_argument("-2", dest="secondary", type=_wire_string,
+                        help="secondary type:/path (mirror)")
     parser.add_argument("-s", dest="standby", action="store_true", help="secondary standby")
-    parser.add_argument("-t", dest="req_timeout", type=_int, default=0,
+    parser.add_argument("-t", dest="req_timeout", type=_u16, default=0,
                         help="request timeout, seconds")
-    parser.add_argument("-C", dest="logpath", help="changed-block log path")
+    parser.add_argument("-C", dest="logpath", type=_wire_string, help="changed-block log path")
 
 
 def _open_flags(args: argparse.Namespace) -> int:
@@ -213,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("list", cmd_list, "list tapdisks, VBDs and allocated minors")
-    p.add_argument("-p", dest="pid", type=_int)
-    p.add_argument("-m", dest="minor", type=_int)
+    p.add_argument("-p", dest="pid", type=_pid)
+    p.add_argument("-m", dest="minor", type=_minor)
     p.add_argument("-t", dest="type", help="image type")
     p.add_argument("-f", dest="file", help="image path")
     p.add_argument("--json", action="store_true", help="one JSON array (not in blktap)")
@@ -223,16 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="devname", help="device name to allocate")
 
     p = command("free", cmd_free, "free a minor")
-    p.add_argument("-m", dest="minor", type=_int, required=True)
+    p.add_argument("-m", dest="minor", type=_minor, required=True)
 
     p = command("create", cmd_create, "allocate, spawn, attach and open; prints the device")
-    p.add_argument("-a", dest="args", required=True, metavar="type:/path")
+    p.add_argument("-a", dest="args", required=True, metavar="type:/path",
+                   type=_wire_string)
     p.add_argument("-d", dest="devname", help="device name to use")
     _add_open_flags(p)
 
     p = command("destroy", cmd_destroy, "close, detach and free")
     _add_pm(p)
-    p.add_argument("-t", dest="timeout", type=float, help="seconds to wait")
+    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait")
 
     command("spawn", cmd_spawn, "start a tapdisk; prints its pid")
 
@@ -243,31 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("open", cmd_open, "open an image on an attached minor")
     _add_pm(p)
-    p.add_argument("-a", dest="args", required=True, metavar="type:/path")
+    p.add_argument("-a", dest="args", required=True, metavar="type:/path",
+                   type=_wire_string)
     _add_open_flags(p)
     p.add_argument("-E", dest="encrypted", action="store_true", help="key on stdin")
 
     p = command("close", cmd_close, "close the image of a minor")
     _add_pm(p)
     p.add_argument("-f", dest="force", action="store_true", help="force shutdown")
-    p.add_argument("-t", dest="timeout", type=float, help="seconds to wait")
+    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait")
 
     p = command("pause", cmd_pause, "drain and close the image of a minor")
     _add_pm(p)
-    p.add_argument("-t", dest="timeout", type=float, help="seconds to wait")
+    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait")
 
     p = command("unpause", cmd_unpause, "reopen a paused minor, optionally a new image")
     _add_pm(p)
-    p.add_argument("-a", dest="args", metavar="type:/path", help="new image")
-    p.add_argument("-2", dest="secondary", help="secondary type:/path")
-    p.add_argument("-c", dest="logpath", help="changed-block log path")
+    p.add_argument("-a", dest="args", metavar="type:/path", type=_wire_string,
+                   help="new image")
+    p.add_argument("-2", dest="secondary", type=_wire_string, help="secondary type:/path")
+    p.add_argument("-c", dest="logpath", type=_wire_string, help="changed-block log path")
 
     p = command("stats", cmd_stats, "print a minor's statistics as JSON")
     _add_pm(p)
 
     p = command("resize", cmd_resize, "tell a minor its image grew (not in blktap)")
     _add_pm(p)
-    p.add_argument("-t", dest="timeout", type=float, help="seconds to wait for the pause")
+    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait for the pause")
     return parser
 
 
@@ -296,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         func(args)
     except BrokenPipeError:
         return 0  # `tap-ctl list | head`: the reader left, not an error
+    except ProtocolError as exc:
+        # A value the control message cannot carry that the parser did not catch.
+        print(f"{os.strerror(errno.EINVAL)}: {exc}", file=sys.stderr)
+        return errno.EINVAL
     except OSError as exc:
         code = exc.errno or errno.EIO
         detail = exc.detail if isinstance(exc, CtlError) else exc.strerror

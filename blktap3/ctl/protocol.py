@@ -122,8 +122,9 @@ class VbdStateBits(enum.IntFlag):
 
 
 def pack_string(value: str, what: str = "string") -> bytes:
-    """Encode `value` as a NUL-terminated `char[256]`; too long is a ProtocolError."""
-    raw = value.encode()
+    """Encode `value` as a NUL-terminated `char[256]`; too long is a ProtocolError.
+    Surrogate escapes (bytes that were not UTF-8 on the wire) go back as those bytes."""
+    raw = value.encode(errors="surrogateescape")
     if len(raw) >= STRING_MAX:
         raise ProtocolError(f"{what} is {len(raw)} bytes, at most {STRING_MAX - 1} fit")
     if b"\0" in raw:
@@ -258,7 +259,8 @@ class Response:
 
     def pack(self) -> bytes:
         # The server's detail text is best effort: truncate rather than fail the reply.
-        text = self.message.encode()[: STRING_MAX - 1].decode(errors="ignore")
+        raw = self.message.encode(errors="surrogateescape")[: STRING_MAX - 1]
+        text = raw.decode(errors="surrogateescape")
         return self.FORMAT.pack(self.error, pack_string(text.replace("\0", " "), "message"))
 
     @classmethod

@@ -79,6 +79,11 @@ def parse_params(params: str) -> ImageSpec:
     kind, sep, path = params.partition(":")
     if not sep or not kind or not path:
         raise OSError(errno.EINVAL, f"expected type:/path, got {params!r}")
+    try:
+        # The wire's bytes arrive surrogate-escaped; the data path takes UTF-8 only.
+        params.encode()
+    except UnicodeEncodeError:
+        raise OSError(errno.EINVAL, f"image path is not valid UTF-8: {params!r}") from None
     if kind not in SUPPORTED_TYPES:
         raise OSError(
             errno.EINVAL,

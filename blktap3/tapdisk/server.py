@@ -1,10 +1,17 @@
 """The tapdisk's control socket: accept connections, read one message, answer, close.
 
 One thread per connection, so a client that connects and says nothing (or never reads)
-holds only its own thread until the per-connection timeout, never the tapdisk. A
-message that does not decode gets an ERROR reply (EINVAL) and the server goes on. The
-accept loop waits on the listening socket and a wake-up pipe (signals and the "last VBD
-detached" exit write to it). Python retries EINTR in every blocking call (PEP 475).
+holds only its own thread until the per-connection timeout, never the tapdisk. The
+timeout bounds the whole message (a client trickling a byte at a time is cut off too),
+and at most `max_clients` connections are served at once: beyond that the listener is
+not polled and further clients wait in the kernel's backlog, so a flood of connections
+costs neither unbounded threads nor descriptors. When accept() fails for want of
+descriptors (EMFILE...), the pending connection stays queued and the listener stays
+readable, so the loop backs off instead of spinning. A message that does not decode
+gets an ERROR reply (EINVAL), so does a request whose handling fails unexpectedly (EIO),
+and the server goes on. The accept loop waits on the listening socket and a wake-up
+pipe (signals, a freed connection slot and the "last VBD detached" exit write to it).
+Python retries EINTR in every blocking call (PEP 475).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from pathlib import Path
 
 import structlog
@@ -26,15 +34,24 @@ from .control import Tapdisk, error_reply
 log = structlog.get_logger(__name__)
 
 CLIENT_TIMEOUT = 10.0
+MAX_CLIENTS = 64
+# How long the loop stops accepting after accept() failed for want of resources.
+ACCEPT_BACKOFF = 0.1
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-def _recv_message(conn: socket.socket) -> bytes:
-    """Up to one message's bytes: fewer when the client closed its side or went silent
-    part-way (a timeout with nothing received propagates)."""
+def _recv_message(conn: socket.socket, timeout: float) -> bytes:
+    """Up to one message's bytes within `timeout` seconds: fewer when the client closed
+    its side or went silent part-way (a timeout with nothing received propagates)."""
     chunks: list[bytes] = []
     size = 0
+    deadline = time.monotonic() + timeout
     while size < p.MESSAGE_SIZE:
         try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            conn.settimeout(remaining)
             chunk = conn.recv(p.MESSAGE_SIZE - size)
         except TimeoutError:
             if not size:
@@ -51,11 +68,16 @@ class ControlServer:
     """Serves `tapdisk` on `<root>/ctl<pid>` until it exits."""
 
     def __init__(
-        self, tapdisk: Tapdisk, path: Path, *, client_timeout: float = CLIENT_TIMEOUT
+        self, tapdisk: Tapdisk, path: Path, *, client_timeout: float = CLIENT_TIMEOUT,
+        max_clients: int = MAX_CLIENTS,
     ) -> None:
         self.tapdisk = tapdisk
         self.path = path
         self.client_timeout = client_timeout
+        self.max_clients = max_clients
+        self._clients = 0  # connections being served, guarded by _clients_lock
+        self._clients_lock = threading.Lock()
+        self._backoff_until = 0.0
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
@@ -78,10 +100,19 @@ class ControlServer:
 
     def serve_forever(self) -> None:
         with selectors.DefaultSelector() as selector:
-            selector.register(self.listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
+            listening = False
             while not self._stop.is_set():
-                for key, _ in selector.select():
+                wait = self._backoff_until - time.monotonic()
+                with self._clients_lock:
+                    accepting = wait <= 0 and self._clients < self.max_clients
+                if accepting != listening:
+                    if accepting:
+                        selector.register(self.listener, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(self.listener)
+                    listening = accepting
+                for key, _ in selector.select(wait if wait > 0 else None):
                     if key.fileobj is self.listener:
                         self._accept()
                     else:
@@ -104,35 +135,72 @@ class ControlServer:
         except BlockingIOError:
             return  # another wake-up took it
         except OSError as exc:
-            log.warning("accept failed", errno=exc.errno, reason=exc.strerror)
+            if exc.errno in _RESOURCE_ERRNOS:
+                # The connection stays queued: retrying at once would spin (and log) at
+                # full speed until a descriptor is freed.
+                if time.monotonic() >= self._backoff_until + ACCEPT_BACKOFF:
+                    log.warning("accept failed, backing off", errno=exc.errno,
+                                reason=exc.strerror, seconds=ACCEPT_BACKOFF)
+                self._backoff_until = time.monotonic() + ACCEPT_BACKOFF
+            else:
+                log.warning("accept failed", errno=exc.errno, reason=exc.strerror)
             return
         conn.setblocking(True)
         conn.settimeout(self.client_timeout)
-        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        with self._clients_lock:
+            self._clients += 1
+        try:
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread": the client is dropped
+            log.warning("no thread for a client", reason=str(exc))
+            conn.close()
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        with self._clients_lock:
+            self._clients -= 1
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"s")  # the loop may listen again
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self._answer(conn)
-            except TimeoutError:
-                log.warning("client timed out", timeout=self.client_timeout)
-            except OSError as exc:
-                # The client went away mid-reply: its problem, not ours.
-                log.info("client connection failed", errno=exc.errno, reason=exc.strerror)
+        try:
+            with conn:
+                try:
+                    self._answer(conn)
+                except TimeoutError:
+                    log.warning("client timed out", timeout=self.client_timeout)
+                except OSError as exc:
+                    # The client went away mid-reply: its problem, not ours.
+                    log.info("client connection failed", errno=exc.errno,
+                             reason=exc.strerror)
+        finally:
+            self._release_slot()
         if self.tapdisk.exiting and not self._stop.is_set():
             log.info("exiting", reason="no VBD left")
             self.stop()
 
     def _answer(self, conn: socket.socket) -> None:
-        raw = _recv_message(conn)
+        raw = _recv_message(conn, self.client_timeout)
         if not raw:
             return  # connected and closed: a liveness probe
+        cookie = int.from_bytes(raw[2:4], "little") if len(raw) >= 4 else 0
         try:
             request = p.decode(raw)
         except p.ProtocolError as exc:
-            cookie = int.from_bytes(raw[2:4], "little") if len(raw) >= 4 else 0
             log.warning("bad message", reason=str(exc))
             reply = error_reply(cookie, errno.EINVAL, str(exc))
         else:
-            reply = self.tapdisk.handle(request)
+            try:
+                reply = self.tapdisk.handle(request)
+                data = reply.encode()
+            except Exception:
+                # A bug met by one request must not cost the client its answer (it
+                # would wait for its timeout) nor the tapdisk its other clients.
+                log.exception("request failed", request=request.type.name, minor=cookie)
+                reply = error_reply(cookie, errno.EIO, "internal error in the tapdisk")
+            else:
+                conn.settimeout(self.client_timeout)
+                conn.sendall(data)
+                return
+        conn.settimeout(self.client_timeout)
         conn.sendall(reply.encode())

@@ -97,3 +97,76 @@ def test_unknown_pid_is_enoent_and_debug_logs_the_message(
     err = capsys.readouterr().err
     assert "ctl999999" in err
     assert "No such file or directory" in err.splitlines()[-1]
+
+
+# -- hostile arguments: every one is a usage error (22), never a traceback ------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["attach", "-p", "1", "-m", "-1"],
+        ["attach", "-p", "1", "-m", "65536"],
+        ["stats", "-p", "1", "-m", "99999999999999999999"],
+        ["free", "-m", "-1"],
+        ["free", "-m", "99999999999999999999"],
+        ["list", "-m", "-5"],
+        ["attach", "-p", "-5", "-m", "0"],
+        ["attach", "-p", "0", "-m", "0"],
+        ["detach", "-p", "99999999999999999999", "-m", "0"],
+        ["pause", "-p", "1", "-m", "0", "-t", "-1"],
+        ["pause", "-p", "1", "-m", "0", "-t", "nan"],
+        ["close", "-p", "1", "-m", "0", "-t", "inf"],
+        ["destroy", "-p", "1", "-m", "0", "-t", "1e400"],
+        ["resize", "-p", "1", "-m", "0", "-t", "0"],
+        ["open", "-p", "1", "-m", "0", "-a", "aio:/x", "-t=-1"],
+        ["open", "-p", "1", "-m", "0", "-a", "aio:/x", "-t", "99999999999999"],
+        ["open", "-p", "1", "-m", "0", "-a", "aio:/x", "-e=-1"],
+        ["create", "-a", "aio:/x", "-e", "70000"],
+        ["attach", "-p", "1", "-m", "0", "extra"],
+        ["attach", "-p", "0x", "-m", "0"],
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(argv) == errno.EINVAL
+    err = capsys.readouterr().err
+    assert "usage: tap-ctl" in err
+    assert "Traceback" not in err
+    assert err.count("\n") <= 6  # the usage (wrapped) and one line saying what is wrong
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["open", "-p", "1", "-m", "0", "-a", "aio:/" + "x" * 300],
+        ["unpause", "-p", "1", "-m", "0", "-a", "aio:/" + "x" * 300],
+        ["create", "-a", "aio:/" + "x" * 300],
+        ["open", "-p", "1", "-m", "0", "-a", "aio:/x", "-2", "y" * 300],
+    ],
+)
+def test_a_path_too_long_for_the_message_is_a_usage_error(
+    argv: list[str], root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runtime.ensure_dirs(root)
+    assert cli.main(argv) == errno.EINVAL
+    err = capsys.readouterr().err
+    assert "usage: tap-ctl" in err and "at most 255" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    assert runtime.allocated_minors(root) == []  # refused before create allocates
+
+
+def test_a_protocol_error_past_the_parser_is_one_line_and_einval(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from blktap3.ctl.client import TapdiskClient
+    from blktap3.ctl.protocol import ProtocolError
+
+    def refuse(*_: object, **__: object) -> None:
+        raise ProtocolError("path is 300 bytes, at most 255 fit")
+
+    monkeypatch.setattr(TapdiskClient, "attach", refuse)
+    assert cli.main(["attach", "-p", "1", "-m", "0"]) == errno.EINVAL
+    err = capsys.readouterr().err
+    assert err == "Invalid argument: path is 300 bytes, at most 255 fit\n"

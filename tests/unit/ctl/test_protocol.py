@@ -243,3 +243,18 @@ def test_server_messages_are_truncated_not_refused() -> None:
     reply = p.Message(p.MessageType.ERROR, 0, p.Response(5, "x" * 400))
     decoded = p.decode(reply.encode()).payload
     assert isinstance(decoded, p.Response) and decoded.message == "x" * 255
+
+
+def test_strings_that_are_not_utf8_round_trip_as_their_bytes() -> None:
+    """A path decoded from the wire (surrogate-escaped) encodes back to the same bytes,
+    also inside an error message, instead of raising UnicodeEncodeError."""
+    from blktap3.ctl import protocol as proto
+
+    raw = b"aio:/tmp/\xff\xfe.img"
+    text = raw.decode(errors="surrogateescape")
+    msg = proto.Message(proto.MessageType.OPEN, 1, proto.Params(path=text))
+    decoded = proto.decode(msg.encode())
+    assert isinstance(decoded.payload, proto.Params) and decoded.payload.path == text
+    error = proto.Message(proto.MessageType.ERROR, 1, proto.Response(22, f"{text}: bad"))
+    payload = proto.decode(error.encode()).payload
+    assert isinstance(payload, proto.Response) and payload.message == f"{text}: bad"

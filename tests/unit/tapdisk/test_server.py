@@ -126,3 +126,99 @@ def test_last_detach_stops_the_server(tmp_path: Path) -> None:
     assert not thread.is_alive()
     srv.close()
     assert not srv.path.exists()
+
+
+# -- hostile clients ---------------------------------------------------------------------
+
+
+def test_a_client_trickling_bytes_is_cut_off_at_the_timeout(server: ControlServer) -> None:
+    """The timeout bounds the whole message, not each byte: one byte every 0.1 s must not
+    hold a connection (and its thread) for 544 * 0.1 s."""
+    with socket.socket(socket.AF_UNIX) as slow:
+        slow.connect(str(server.path))
+        slow.setblocking(False)
+        start = time.monotonic()
+        answered = None
+        while time.monotonic() - start < 3:
+            try:
+                slow.send(b"\x03")
+            except OSError:
+                answered = time.monotonic() - start  # the server closed on us
+                break
+            try:
+                if slow.recv(p.MESSAGE_SIZE) is not None:
+                    answered = time.monotonic() - start
+                    break
+            except BlockingIOError:
+                pass
+            time.sleep(0.1)
+        assert answered is not None and answered < 1.5, answered
+
+
+def test_descriptor_exhaustion_does_not_spin_the_accept_loop(
+    server: ControlServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accept() failing with EMFILE leaves the connection queued, so the listener stays
+    readable: the loop must back off rather than retry at full speed."""
+    calls = 0
+    failing = True
+    real_accept = socket.socket.accept
+
+    def accept(sock: socket.socket) -> tuple[socket.socket, object]:
+        nonlocal calls
+        if sock is server.listener and failing:
+            calls += 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    with socket.socket(socket.AF_UNIX) as waiting:
+        waiting.connect(str(server.path))
+        time.sleep(0.5)
+        spins = calls
+        failing = False  # descriptors came back
+        assert 1 <= spins <= 20, spins
+    assert client(server).get_pid() == os.getpid()  # and the queued clients get served
+
+
+def test_silent_connections_hold_a_bounded_number_of_threads(tmp_path: Path) -> None:
+    runtime.ensure_dirs(tmp_path)
+    srv = ControlServer(Tapdisk(tmp_path), tmp_path / "ctl3", client_timeout=0.3,
+                        max_clients=4)
+    srv.bind()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    before = threading.active_count()
+    silent = []
+    try:
+        for _ in range(30):
+            s = socket.socket(socket.AF_UNIX)
+            silent.append(s)
+            s.connect(str(srv.path))
+        time.sleep(0.2)
+        assert threading.active_count() - before <= 4
+        start = time.monotonic()
+        assert client(srv).get_pid() == os.getpid()  # served once slots free up
+        assert time.monotonic() - start < 4
+    finally:
+        for s in silent:
+            s.close()
+        srv.stop()
+        thread.join(5)
+        srv.close()
+    assert not thread.is_alive()
+
+
+def test_a_path_that_is_not_utf8_is_einval_and_the_server_goes_on(
+    server: ControlServer,
+) -> None:
+    pytest.importorskip("blktap3.datapath", reason="the data path is not built")
+    minor = runtime.allocate_minor(server.tapdisk.root)
+    client(server).attach(minor)
+    raw = bytearray(p.Message(p.MessageType.OPEN, minor, p.Params(path="aio:/x")).encode())
+    at = raw.index(b"aio:/x")
+    bad = b"aio:/tmp/\xff\xfe.img\0"
+    raw[at:at + len(bad)] = bad
+    code, message = error_of(raw_exchange(server, bytes(raw)))
+    assert code == errno.EINVAL and "UTF-8" in message
+    assert [v.minor for v in client(server).list()] == [minor]
