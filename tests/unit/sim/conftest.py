@@ -16,6 +16,8 @@ import pytest
 from blktap3.sim import xensim
 
 PROBE_SOURCE = Path(__file__).with_name("xensim_probe.c")
+# xensim.h: the probe's `poke` writes the shared tables in their own layout.
+XENSIM_SOURCES = Path(__file__).parents[3] / "blktap3" / "sim" / "csrc" / "xensim"
 
 Probe = Callable[..., str]
 
@@ -33,6 +35,7 @@ def probe_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("probe") / "xensim_probe"
     subprocess.run(
         ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(PROBE_SOURCE),
+         f"-I{XENSIM_SOURCES}",
          "-lxengnttab", "-lxenevtchn", "-lxenctrl"],
         check=True)
     return out

@@ -3,12 +3,18 @@
  * Debian libraries and run with libxensim preloaded, so the tests exercise
  * the same symbols a real program (xenstored, tapdisk) resolves.
  * Prints "ok ..." or "err <errno>" / "status <GNTST>" on stdout.
+ * `poke` plays a hostile guest process: it rewrites its own domain's shared state
+ * file (xensim.h's layout), as any process of that domain can.
  */
+#include "xensim.h"
+
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <xenctrl.h>
 #include <xenevtchn.h>
 #include <xengnttab.h>
@@ -103,6 +109,30 @@ static int pingpong(char **argv) /* pingpong DOMID PORT ROUNDS GREF */
     return 0;
 }
 
+static int poke(char **argv) /* poke DOMID nr_pages N | frame REF N | mem_path PATH */
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/dom%lu/state", getenv("XENSIM_DIR"), arg(argv, 2));
+    int fd = open(path, O_RDWR);
+    struct xs_domain *d = fd < 0 ? MAP_FAILED
+                                 : mmap(NULL, sizeof(*d), PROT_READ | PROT_WRITE, MAP_SHARED,
+                                        fd, 0);
+    if (d == MAP_FAILED) {
+        printf("err %d\n", errno);
+        return 1;
+    }
+    if (strcmp(argv[3], "nr_pages") == 0)
+        d->nr_pages = arg(argv, 4);
+    else if (strcmp(argv[3], "frame") == 0)
+        d->grants[arg(argv, 4) % XS_NR_GRANTS].frame = (uint32_t)arg(argv, 5);
+    else if (strcmp(argv[3], "mem_path") == 0)
+        snprintf(d->mem_path, sizeof(d->mem_path), "%s", argv[4]);
+    else
+        return 2;
+    printf("ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *op = argc > 1 ? argv[1] : "";
@@ -112,6 +142,8 @@ int main(int argc, char **argv)
         return copy(argv, 1);
     if (strcmp(op, "copy-to") == 0 && argc == 4)
         return copy(argv, 0);
+    if (strcmp(op, "poke") == 0 && argc >= 5)
+        return poke(argv);
     if (strcmp(op, "pingpong") == 0 && argc == 6)
         return pingpong(argv);
     if (strcmp(op, "bind") == 0 && argc == 4) { /* bind DOMID PORT */

@@ -78,9 +78,16 @@ XS_EXPORT int xensim_machine_init(void)
     return 0;
 }
 
+uint64_t xs_bitmap_pages(const struct xs_domain *d)
+{
+    uint64_t n = d->nr_pages;
+    return n < XS_MAX_PAGES ? n : XS_MAX_PAGES;
+}
+
 int xs_page_alloc(struct xs_domain *d)
 {
-    for (uint64_t pfn = 0; pfn < d->nr_pages; pfn++) {
+    uint64_t pages = xs_bitmap_pages(d);
+    for (uint64_t pfn = 0; pfn < pages; pfn++) {
         if (!(d->page_used[pfn / 8] & (1u << (pfn % 8)))) {
             d->page_used[pfn / 8] |= (uint8_t)(1u << (pfn % 8));
             return (int)pfn;
@@ -91,7 +98,7 @@ int xs_page_alloc(struct xs_domain *d)
 
 void xs_page_free(struct xs_domain *d, uint64_t pfn)
 {
-    if (pfn < d->nr_pages)
+    if (pfn < xs_bitmap_pages(d))
         d->page_used[pfn / 8] &= (uint8_t)~(1u << (pfn % 8));
 }
 
@@ -102,29 +109,6 @@ int xs_gref_alloc(struct xs_domain *d)
             return (int)ref;
     }
     return -1;
-}
-
-/* Memory goes to tmpfs: grant copy and map touch it on every disk request.
- * Outside the run directory the name carries the run directory's inode, so
- * machines of different run directories never collide. */
-static int mem_path_for(uint32_t domid, uint32_t gen, char *buf, size_t len)
-{
-    struct statfs sfs;
-    struct stat st;
-    const char *dir = xs_dir();
-    if (dir == NULL || statfs(dir, &sfs) < 0 || stat(dir, &st) < 0)
-        return -1;
-    int n;
-    if (sfs.f_type == TMPFS_MAGIC)
-        n = snprintf(buf, len, "%s/dom%u/mem", dir, domid);
-    else
-        n = snprintf(buf, len, "/dev/shm/xensim-%lx-%lx-%u-%u", (unsigned long)st.st_dev,
-                     (unsigned long)st.st_ino, domid, gen);
-    if (n < 0 || (size_t)n >= len) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    return 0;
 }
 
 static int domain_create_locked(uint32_t domid, uint64_t nr_pages, uint32_t *xenstore_port)
@@ -157,7 +141,7 @@ static int domain_create_locked(uint32_t domid, uint64_t nr_pages, uint32_t *xen
     if (d == MAP_FAILED)
         return -1;
     int rc = -1;
-    if (mem_path_for(domid, gen, d->mem_path, sizeof(d->mem_path)) < 0)
+    if (xs_mem_path(domid, gen, d->mem_path, sizeof(d->mem_path)) < 0)
         goto out;
     unlink(d->mem_path); /* left over by a crashed toolstack */
     int mfd = write_file_excl(d->mem_path, (size_t)nr_pages * XS_PAGE_SIZE);
@@ -243,8 +227,10 @@ XS_EXPORT int xensim_domain_destroy(uint32_t domid)
             xs_port_close(d, p);
     }
     __atomic_store_n(&xs_machine()->gen[domid], 0, __ATOMIC_RELEASE);
-    unlink(d->mem_path);
     char path[PATH_MAX];
+    /* The file we created, not d->mem_path: the guest may have renamed it to any file. */
+    if (xs_mem_path(domid, v->gen, path, sizeof(path)) == 0)
+        unlink(path);
     if (xs_path(path, sizeof(path), "dom%u/state", domid) == 0)
         unlink(path);
     if (xs_path(path, sizeof(path), "dom%u/mem", domid) == 0)
@@ -265,10 +251,11 @@ XS_EXPORT int xensim_domain_info(uint32_t domid, struct xensim_domain_info *out)
     memset(out, 0, sizeof(*out));
     out->domid = domid;
     out->flags = __atomic_load_n(&v->d->flags, __ATOMIC_ACQUIRE);
-    out->nr_pages = v->d->nr_pages;
+    out->nr_pages = v->nr_pages;
     out->xenstore_pfn = v->d->xenstore_pfn;
     out->xenstore_port = v->d->xenstore_port;
-    memcpy(out->mem_path, v->d->mem_path, sizeof(out->mem_path));
+    if (xs_mem_path(domid, v->gen, out->mem_path, sizeof(out->mem_path)) < 0)
+        return -1;
     return 0;
 }
 
@@ -292,7 +279,7 @@ XS_EXPORT void *xensim_map_own_pages(uint32_t domid, uint64_t pfn, uint32_t coun
     struct xs_dom_view *v = xs_dom(domid);
     if (v == NULL)
         return NULL;
-    if (count == 0 || pfn >= v->d->nr_pages || count > v->d->nr_pages - pfn) {
+    if (count == 0 || pfn >= v->nr_pages || count > v->nr_pages - pfn) {
         errno = EINVAL;
         return NULL;
     }

@@ -110,15 +110,20 @@ static int16_t check_grant(uint32_t self, uint32_t domid, uint32_t ref, int writ
     if (ref >= XS_NR_GRANTS)
         return GNTST_bad_gntref;
     grant_entry_v1_t *e = &v->d->grants[ref];
+    /* The granter rewrites its entry at will: each field is read once (after flags,
+     * which it writes last) and only that copy is checked and used; the frame is
+     * bounded by the pages this process mapped, not by the granter's nr_pages. */
     uint16_t flags = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
-    if ((flags & 3u) != GTF_permit_access || e->domid != self)
+    domid_t domid_ok = __atomic_load_n(&e->domid, __ATOMIC_RELAXED);
+    uint32_t fr = __atomic_load_n(&e->frame, __ATOMIC_RELAXED);
+    if ((flags & 3u) != GTF_permit_access || domid_ok != self)
         return GNTST_general_error; /* Xen: "Bad flags or dom" */
     if (write && (flags & GTF_readonly))
         return GNTST_general_error; /* Xen: "Attempt to write-pin a r/o grant" */
-    if (e->frame >= v->d->nr_pages)
+    if (fr >= v->nr_pages)
         return GNTST_bad_page;
     *view = v;
-    *frame = e->frame;
+    *frame = fr;
     return GNTST_okay;
 }
 

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 static pthread_mutex_t g_proc_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -58,6 +59,33 @@ int xs_path(char *buf, size_t len, const char *fmt, ...)
     int m = vsnprintf(buf + n, len - (size_t)n, fmt, ap);
     va_end(ap);
     if (n < 0 || m < 0 || (size_t)(n + m) >= len) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    return 0;
+}
+
+#ifndef TMPFS_MAGIC
+#define TMPFS_MAGIC 0x01021994
+#endif
+
+/* Memory goes to tmpfs: grant copy and map touch it on every disk request.
+ * Outside the run directory the name carries the run directory's inode, so
+ * machines of different run directories never collide. */
+int xs_mem_path(uint32_t domid, uint32_t gen, char *buf, size_t len)
+{
+    struct statfs sfs;
+    struct stat st;
+    const char *dir = xs_dir();
+    if (dir == NULL || statfs(dir, &sfs) < 0 || stat(dir, &st) < 0)
+        return -1;
+    int n;
+    if (sfs.f_type == TMPFS_MAGIC)
+        n = snprintf(buf, len, "%s/dom%u/mem", dir, domid);
+    else
+        n = snprintf(buf, len, "/dev/shm/xensim-%lx-%lx-%u-%u", (unsigned long)st.st_dev,
+                     (unsigned long)st.st_ino, domid, gen);
+    if (n < 0 || (size_t)n >= len) {
         errno = ENAMETOOLONG;
         return -1;
     }
@@ -166,10 +194,24 @@ static struct xs_dom_view *view_load(uint32_t domid, uint32_t gen)
         errno = ESRCH;
         return NULL;
     }
-    size_t len = (size_t)d->nr_pages * XS_PAGE_SIZE;
+    /* The size is the file's, not d->nr_pages: the guest writes its state file. */
+    char mem_path[PATH_MAX];
+    struct stat st;
     int fd = -1;
-    uint8_t *mem = map_file(d->mem_path, len, &fd);
+    uint8_t *mem = NULL;
+    size_t len = 0;
+    if (xs_mem_path(domid, gen, mem_path, sizeof(mem_path)) == 0)
+        fd = open(mem_path, O_RDWR | O_CLOEXEC);
+    if (fd >= 0 && fstat(fd, &st) == 0 && st.st_size >= (off_t)XS_PAGE_SIZE) {
+        uint64_t pages = (uint64_t)st.st_size / XS_PAGE_SIZE;
+        len = (size_t)(pages < XS_MAX_PAGES ? pages : XS_MAX_PAGES) * XS_PAGE_SIZE;
+        mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (mem == MAP_FAILED)
+            mem = NULL;
+    }
     if (mem == NULL) {
+        if (fd >= 0)
+            close(fd);
         munmap(d, sizeof(*d));
         errno = ESRCH;
         return NULL;
@@ -177,6 +219,7 @@ static struct xs_dom_view *view_load(uint32_t domid, uint32_t gen)
     v->d = d;
     v->mem = mem;
     v->mem_len = len;
+    v->nr_pages = len / XS_PAGE_SIZE;
     v->mem_fd = fd;
     __atomic_store_n(&v->gen, gen, __ATOMIC_RELEASE);
     return v;

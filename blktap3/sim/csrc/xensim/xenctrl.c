@@ -76,8 +76,8 @@ XS_EXPORT int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigne
         info[n].dying = (flags & XS_DOM_DYING) != 0;
         info[n].shutdown = (flags & XS_DOM_SHUTDOWN) != 0;
         info[n].running = !info[n].dying && !info[n].shutdown;
-        info[n].nr_pages = v->d->nr_pages;
-        info[n].max_memkb = v->d->nr_pages * (XS_PAGE_SIZE / 1024);
+        info[n].nr_pages = v->nr_pages;
+        info[n].max_memkb = v->nr_pages * (XS_PAGE_SIZE / 1024);
         info[n].nr_online_vcpus = 1;
     }
     return (int)n;
@@ -99,8 +99,8 @@ XS_EXPORT int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain,
         info[n].flags = ((flags & XS_DOM_DYING) ? XEN_DOMINF_dying : 0) |
                         ((flags & XS_DOM_SHUTDOWN) ? XEN_DOMINF_shutdown : 0) |
                         ((flags & (XS_DOM_DYING | XS_DOM_SHUTDOWN)) ? 0 : XEN_DOMINF_running);
-        info[n].tot_pages = v->d->nr_pages;
-        info[n].max_pages = v->d->nr_pages;
+        info[n].tot_pages = v->nr_pages;
+        info[n].max_pages = v->nr_pages;
         info[n].nr_online_vcpus = 1;
     }
     return (int)n;
@@ -118,7 +118,7 @@ XS_EXPORT void *xc_map_foreign_range(xc_interface *xch, uint32_t dom, int size, 
     if (v == NULL)
         return NULL;
     uint64_t pages = ((uint64_t)size + XS_PAGE_SIZE - 1) / XS_PAGE_SIZE;
-    if (size <= 0 || mfn >= v->d->nr_pages || pages > v->d->nr_pages - mfn) {
+    if (size <= 0 || mfn >= v->nr_pages || pages > v->nr_pages - mfn) {
         errno = EINVAL;
         return NULL;
     }

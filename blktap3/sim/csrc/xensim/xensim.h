@@ -80,13 +80,18 @@ struct xs_domain {
     uint8_t page_used[XS_MAX_PAGES / 8];
 };
 
-/* A process's view of one domain, valid while gen matches the machine's. */
+/* A process's view of one domain, valid while gen matches the machine's.
+ *
+ * d points into the shared state file, which every process of that domain may
+ * write: a guest's values there (nr_pages, mem_path, grant frames, port numbers)
+ * are bounded against this private view before they address anything. */
 struct xs_dom_view {
     uint32_t gen;
     struct xs_domain *d;
     int mem_fd;
     uint8_t *mem;
     size_t mem_len;
+    uint64_t nr_pages; /* pages actually mapped at mem: the file's, never d->nr_pages */
 };
 
 /* state.c */
@@ -98,6 +103,11 @@ void xs_unlock(void);
 /* The view of an existing domain, or NULL with errno ESRCH. No lock needed. */
 struct xs_dom_view *xs_dom(uint32_t domid);
 int xs_path(char *buf, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* The memory file of domain `domid`, generation `gen`: computed, never read from
+ * the shared state (a guest could name any file there). */
+int xs_mem_path(uint32_t domid, uint32_t gen, char *buf, size_t len);
+/* d->nr_pages bounded by the page bitmap: for the domain's own allocators. */
+uint64_t xs_bitmap_pages(const struct xs_domain *d);
 void xs_forget_views(void);
 
 /* evtchn.c: internal helpers shared with domain.c, gntshr.c, xenctrl.c */
