@@ -101,6 +101,18 @@ void td_req_fetch(int proto, const void *slot, struct td_req *out)
     }
 }
 
+int td_ring_prod_check(uint32_t rp, uint32_t req_cons, uint32_t rsp_prod_pvt,
+                       uint32_t nslots)
+{
+    /* Unsigned distances from the oldest unanswered request: wrap-safe over 2^32. */
+    RING_IDX ahead = rp - rsp_prod_pvt, taken = req_cons - rsp_prod_pvt;
+    if (ahead > nslots)
+        return TD_PROD_PAST_RING;   /* RING_REQUEST_PROD_OVERFLOW */
+    if (ahead < taken)
+        return TD_PROD_BEHIND;      /* a producer index never moves back */
+    return TD_PROD_OK;
+}
+
 static int range_ok(uint64_t start, uint64_t count, uint64_t dev_sectors)
 {
     /* Written so that start + count cannot wrap. */
@@ -130,7 +142,9 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
         if (r->operation != BLKIF_OP_READ && r->operation != BLKIF_OP_FLUSH_DISKCACHE &&
             readonly)
             return TD_ERR_READONLY;
-        if (!range_ok(r->sector_number, n, dev_sectors))
+        /* As blkback's xen_vbd_translate: only a request that moves data has a range; a
+         * flush or an empty barrier carries whatever sector_number the front-end left. */
+        if (n && !range_ok(r->sector_number, n, dev_sectors))
             return TD_ERR_RANGE;
         return TD_OK;
     }

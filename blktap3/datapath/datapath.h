@@ -44,6 +44,13 @@ enum td_err {
     TD_ERR_MAX = 10
 };
 
+/* Is the front-end's req_prod `rp` sane, given what we consumed and answered?
+ * Past the ring (more requests than slots) or behind what we already took (the
+ * consumer would walk ~2^32 stale slots): the ring must halt. */
+enum td_prod { TD_PROD_OK = 0, TD_PROD_PAST_RING = 1, TD_PROD_BEHIND = 2 };
+int td_ring_prod_check(uint32_t rp, uint32_t req_cons, uint32_t rsp_prod_pvt,
+                       uint32_t nslots);
+
 /* Copy one request slot of a shared ring in layout `proto` into private memory. */
 void td_req_fetch(int proto, const void *slot, struct td_req *out);
 /* Check a private copy; fills nr_sectors for r/w. Returns an enum td_err. */

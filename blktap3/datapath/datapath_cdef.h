@@ -56,6 +56,8 @@ struct td_req {
     uint8_t operation; uint8_t nr_segments; uint8_t flag; uint16_t handle; uint64_t id;
     uint64_t sector_number; uint64_t nr_sectors; struct td_seg seg[11]; ...;
 };
+int td_ring_prod_check(uint32_t rp, uint32_t req_cons, uint32_t rsp_prod_pvt,
+                       uint32_t nslots);
 void td_req_fetch(int proto, const void *slot, struct td_req *out);
 int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard);
 const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx);

@@ -128,6 +128,9 @@ int td_image_rw(struct td_image *img, int engine, int write, void *buf,
 {
     if (write && img->readonly)
         return -EROFS;
+    /* The byte length is a uint32_t (and an int32_t result): 2^23 sectors would wrap. */
+    if (nr_sectors > (uint32_t)INT32_MAX >> TD_SECTOR_SHIFT)
+        return -EINVAL;
     if (sector > img->info.sectors || nr_sectors > img->info.sectors - sector)
         return -ERANGE;
     if (img->fd < 0)

@@ -59,6 +59,7 @@ struct td_ring {
 
     /* Back-ring indices, as BACK_RING's fields but layout independent. */
     RING_IDX req_cons, rsp_prod_pvt;
+    RING_IDX rsp_pushed;    /* the rsp_prod we last published (the shared one is guest's) */
 
     struct td_image *img;
     struct td_engine *eng;
@@ -124,9 +125,12 @@ static void respond(struct td_ring *r, const struct td_req *req, int err)
 
 static void push_responses(struct td_ring *r)
 {
-    RING_IDX old = hdr(r)->rsp_prod, new = r->rsp_prod_pvt;
+    /* `old` is our own copy: the guest may scribble on the shared rsp_prod, and must
+     * not make us skip publishing or miscount the notify window with it. */
+    RING_IDX old = r->rsp_pushed, new = r->rsp_prod_pvt;
     if (old == new)
         return;
+    r->rsp_pushed = new;
     /* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, spelled out over our layout-free indices. */
     xen_wmb();  /* the front-end sees the responses before the new producer index */
     hdr(r)->rsp_prod = new;
@@ -241,6 +245,8 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
         return;
     off_t off = (off_t)(sl->req.sector_number << TD_SECTOR_SHIFT);
     off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
+    if (len == 0)
+        return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
     if (sl->req.flag & BLKIF_DISCARD_SECURE) {
         /* Secure discard: the blocks must not keep the old data, so write zeroes. */
         for (off_t done = 0; done < len && sl->err == TD_OK;) {
@@ -261,9 +267,15 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
     uint32_t nbatch = 0, ncopy = 0, taken = 0;
     xen_rmb();  /* read the requests only after the producer index that covers them */
 
-    /* RING_REQUEST_PROD_OVERFLOW: more requests than slots is a broken front-end. */
-    if ((RING_IDX)(rp - r->rsp_prod_pvt) > r->nslots) {
+    /* More requests than slots (RING_REQUEST_PROD_OVERFLOW), or req_prod moved back
+     * behind what we took: a broken front-end. Behind used to pass, and the loop then
+     * took ~2^32 stale slots (a disconnect waiting for stop_prod never ended). */
+    switch (td_ring_prod_check(rp, r->req_cons, r->rsp_prod_pvt, r->nslots)) {
+    case TD_PROD_PAST_RING:
         halt(r, "req_prod overflow");
+        return 0;
+    case TD_PROD_BEHIND:
+        halt(r, "req_prod went backwards");
         return 0;
     }
     const struct td_image_info *info = &r->img->info;
@@ -675,9 +687,12 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
         goto fail_errno;
     r->lport = (evtchn_port_t)lp;
 
-    /* Start from where the front-end's ring is (BACK_RING_ATTACH semantics). */
-    r->req_cons = hdr(r)->rsp_prod;
-    r->rsp_prod_pvt = hdr(r)->rsp_prod;
+    /* Start from where the front-end's ring is (BACK_RING_ATTACH semantics): one read,
+     * or a guest changing rsp_prod meanwhile would split req_cons from rsp_prod_pvt. */
+    RING_IDX start = hdr(r)->rsp_prod;
+    r->req_cons = start;
+    r->rsp_prod_pvt = start;
+    r->rsp_pushed = start;
     r->st.o_direct = img->info.o_direct;
     r->st.engine = r->engine_kind;
     r->st.slots = (int32_t)r->nslots;

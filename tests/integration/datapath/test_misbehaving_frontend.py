@@ -82,3 +82,17 @@ def test_req_prod_past_the_ring_halts_that_ring_only(
     assert host.call("stats", name="r2")["halted"] is None
     # And the halted ring still disconnects cleanly.
     host.call("disconnect", name="r")
+
+
+def test_edge_requests_blkback_accepts_are_answered_okay(
+        host: LineProcess, guest: LineProcess, disk: Path) -> None:
+    connect(host, guest, disk)
+    reqs = [
+        {"op": 3, "sector": 2**64 - 1},                  # flush: no data, no range
+        {"op": 2, "sector": SECTORS + 100},              # empty barrier: the same
+        {"op": 5, "sector": SECTORS, "nr_sectors": 0},   # discard of nothing at the end
+        {"op": 5, "sector": 8, "nr_sectors": 0, "flag": 1},
+    ]
+    guest.call("submit", reqs=reqs)
+    assert guest.call("collect", n=len(reqs)) == [OKAY] * len(reqs)
+    assert host.call("stats", name="r")["halted"] is None
