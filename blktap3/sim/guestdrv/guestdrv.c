@@ -470,7 +470,11 @@ static void on_raw_rsp(struct gd *g, uint64_t id, int16_t status, void *ctx)
 
 int gd_submit_raw(struct gd *g, const struct gd_raw *reqs, uint32_t n)
 {
-    if (n > g->nslots - (g->req_prod_pvt - g->rsp_cons))
+    /* Unanswered requests counted wrap-safe: after gd_overflow they exceed the ring,
+     * and `nslots - unanswered` would wrap into "room for anything" (raw_status has
+     * nslots entries). */
+    RING_IDX unanswered = g->req_prod_pvt - g->rsp_cons;
+    if (n > g->nslots || unanswered > g->nslots - n)
         return -EBUSY;
     g->raw_got = 0;
     for (uint32_t i = 0; i < n; i++) {

@@ -96,3 +96,16 @@ def test_edge_requests_blkback_accepts_are_answered_okay(
     guest.call("submit", reqs=reqs)
     assert guest.call("collect", n=len(reqs)) == [OKAY] * len(reqs)
     assert host.call("stats", name="r")["halted"] is None
+
+
+def test_the_guest_driver_refuses_more_raw_requests_than_slots_even_after_overflow(
+        host: LineProcess, guest: LineProcess, disk: Path) -> None:
+    g = connect(host, guest, disk)
+    slots = g["slots"]
+    guest.call("overflow", extra=0)
+    # After the overflow the driver's own in-flight count wrapped: it used to accept
+    # any number and write the statuses past their 32-slot array.
+    with pytest.raises(OSError) as exc:
+        guest.call("submit", reqs=[{"op": 3}] * (slots + 1))
+    assert exc.value.errno == 16  # EBUSY
+    assert len(guest.call("data_grefs", pages=1)) == 1, "the guest process lives on"
