@@ -6,8 +6,11 @@ the GIL around each call) and to read counters: never per request.
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ._datapath import ffi, lib
@@ -48,6 +51,12 @@ class Ring:
         self.image = image
         self.domid = domid
         self.devid = devid
+        # The C ring is freed by disconnect. Other calls (stats from an unserialized
+        # STATS request, a pause) hold a use of the handle; disconnect refuses new uses
+        # and waits for the current ones before it frees anything.
+        self._uses = 0
+        self._closing = False
+        self._cv = threading.Condition()
 
     @classmethod
     def connect(
@@ -97,19 +106,30 @@ class Ring:
         check(rc, f"connect ring d{domid}/{devid}")
         return cls(out[0], image, domid, devid)
 
-    def _live(self) -> Any:
-        if self._handle is None:
-            raise OSError(19, f"ring d{self.domid}/{self.devid} is disconnected")
-        return self._handle
+    @contextmanager
+    def _use(self) -> Iterator[Any]:
+        with self._cv:
+            if self._handle is None or self._closing:
+                raise OSError(errno.ENODEV, f"ring d{self.domid}/{self.devid} is disconnected")
+            self._uses += 1
+            handle = self._handle
+        try:
+            yield handle
+        finally:
+            with self._cv:
+                self._uses -= 1
+                self._cv.notify_all()
 
     def pause(self, timeout: float = 30.0) -> None:
         """Stop taking requests and wait until nothing is in flight (quiesced)."""
-        check(lib.td_ring_pause(self._live(), int(timeout * 1000)), "pause ring")
+        with self._use() as handle:
+            check(lib.td_ring_pause(handle, int(timeout * 1000)), "pause ring")
 
     def resume(self, image: Image | None = None) -> None:
         """Take requests again, optionally from a new image (only while paused)."""
-        handle = ffi.NULL if image is None else image.handle
-        check(lib.td_ring_resume(self._live(), handle), "resume ring")
+        with self._use() as handle:
+            check(lib.td_ring_resume(handle, ffi.NULL if image is None else image.handle),
+                  "resume ring")
         if image is not None:
             self.image = image
 
@@ -118,10 +138,22 @@ class Ring:
 
         Idempotent; on ETIMEDOUT nothing is freed and the call may be repeated.
         """
-        if self._handle is None:
-            return
-        check(lib.td_ring_disconnect(self._handle, int(timeout * 1000)), "disconnect ring")
-        self._handle = None
+        with self._cv:
+            if self._handle is None:
+                return
+            self._closing = True
+            while self._uses:
+                self._cv.wait()
+            handle = self._handle
+        try:
+            check(lib.td_ring_disconnect(handle, int(timeout * 1000)), "disconnect ring")
+        except OSError:
+            with self._cv:
+                self._closing = False
+            raise
+        with self._cv:
+            self._handle = None
+            self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -136,7 +168,8 @@ class Ring:
     def stats(self) -> dict[str, Any]:
         """Counters, read without locking the service thread."""
         st = ffi.new("struct td_stats *")
-        lib.td_ring_stats(self._live(), st)
+        with self._use() as handle:
+            lib.td_ring_stats(handle, st)
         halted = ffi.string(st.halted).decode(errors="replace") or None
         return {
             "domid": self.domid,
