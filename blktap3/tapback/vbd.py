@@ -13,7 +13,10 @@ Differences from blktap's tapback, on purpose:
 - a restarted tapback adopts a Connected VBD: it tells the machine what the directory
   holds (`BackendFound`), the machine replays the connect (the tapdisk answers EALREADY)
   and rewrites nothing the front-end watches (no InitWait flash, no redundant keys);
-- every failure goes to the log and to the `error` node.
+- every failure goes to the log and to the `error` node, including a guest that takes
+  away our read access to its own nodes (a driver domain is not privileged);
+- prompts are coalesced: a message already waiting is not queued again, so a guest
+  flooding its `state` node while this VBD is busy costs a bounded queue, not memory.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from blktap3.xenbus import (
     XenbusValueError,
     XenStore,
     XenStoreError,
+    XenStorePermissionError,
     parse_frontend_transport,
     reader_for,
 )
@@ -91,6 +95,9 @@ VDISK_READONLY = 4
 BLKIF_PROTOCOL = {"native": 1, "x86_32-abi": 2, "x86_64-abi": 3}
 HOTPLUG_ERROR = "hotplug-error"
 _ABSENT = object()  # "never read" marker for the last front-end state seen
+# What a front-end `state` we may not read counts as: not a xenbus state, so the VBD
+# fails with an error node like any other garbage the guest puts there.
+UNREADABLE_STATE = "<unreadable: permission denied>"
 
 
 class Prompt(enum.Enum):
@@ -159,6 +166,8 @@ class VbdWorker:
         self._hotplug_seen = False
         self._inherited_perms: list[str] | None = None
         self._queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._queued: set[Message] = set()  # what _queue holds, to post each once
+        self._queued_lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"vbd-{paths.domid}-{paths.devid}", daemon=True)
@@ -178,9 +187,24 @@ class VbdWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def pending(self) -> int:
+        """How many prompts wait for the thread."""
+        return self._queue.qsize()
+
     def post(self, message: Message) -> None:
-        if not self._done.is_set():
-            self._queue.put(message)
+        if self._done.is_set():
+            return
+        with self._queued_lock:
+            if message in self._queued:
+                return  # the thread has not taken it yet: one re-read answers both
+            self._queued.add(message)
+        self._queue.put(message)
+
+    def _take(self, message: Message) -> Message:
+        with self._queued_lock:
+            self._queued.discard(message)
+        return message
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -195,12 +219,12 @@ class VbdWorker:
         except Exception:  # never let one VBD take the daemon down
             self.log.exception("vbd setup crashed, defaults used")
         while not self._done.is_set():
-            first = self._queue.get()
+            first = self._take(self._queue.get())
             batch = [first]
             # Several watch events usually arrive together: one re-read answers them all.
             with contextlib.suppress(queue.Empty):
                 while True:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._take(self._queue.get_nowait()))
             if Prompt.STOP in batch:
                 return
             try:
@@ -232,8 +256,7 @@ class VbdWorker:
             elif message is Prompt.REFRESH:
                 self._refresh()
             elif message is Prompt.FRONTEND:
-                self._frontend_changed(
-                    self.store.call(lambda xs: xs.read_optional(self.frontend_state_path)))
+                self._frontend_changed(self.store.call(self._read_frontend_state))
 
     # -- reading XenStore ----------------------------------------------------------------
 
@@ -286,6 +309,12 @@ class VbdWorker:
                 keys.append((name, value))
         return tuple(keys)
 
+    def _read_frontend_state(self, xs: XenStore | Transaction) -> str | None:
+        try:
+            return xs.read_optional(self.frontend_state_path)
+        except XenStorePermissionError:
+            return UNREADABLE_STATE
+
     def _snapshot(self) -> Snapshot:
         def read(xs: XenStore) -> Snapshot:
             b = self.paths.backend_key
@@ -297,7 +326,7 @@ class VbdWorker:
                 hotplug == "connected" and not self._hotplug_seen) else None
             return Snapshot(
                 backend_exists=True,
-                frontend_state=xs.read_optional(self.frontend_state_path),
+                frontend_state=self._read_frontend_state(xs),
                 hotplug_status=hotplug,
                 device_path=device,
                 online=online,
@@ -465,6 +494,11 @@ class VbdWorker:
         except XenbusValueError as exc:
             self.log.error("front-end transport refused", error=str(exc))
             return TransportInvalid(str(exc))
+        except XenStorePermissionError as exc:
+            # The guest owns these nodes and may lock us out of them: its fault, and
+            # final for this VBD (retrying would wait forever).
+            self.log.error("front-end transport unreadable", error=str(exc))
+            return TransportInvalid(f"cannot read {exc.path or 'a key'}: permission denied")
 
     def _write(self, effects: Sequence[Effect]) -> None:
         """Execute consecutive write effects in ONE transaction, only if our dir exists."""

@@ -18,6 +18,7 @@ import contextlib
 import os
 import queue
 import random
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -65,11 +66,37 @@ def default_socket_path() -> str:
     return socket_path
 
 
+class _UnixSocketTransport(pyxs.connection._UnixSocketTransport):  # type: ignore[misc]
+    """pyxs's socket transport, minus two descriptor leaks: its socket stays open when
+    connect() fails, and when shutdown() fails on close (the peer is gone)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise pyxs.exceptions.ConnectionError(
+                f"error connecting to {path!r}: {e.args}") from e
+
+    def close(self) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            self.sock.close()
+
+
+class _UnixSocketConnection(pyxs.connection.UnixSocketConnection):  # type: ignore[misc]
+    def create_transport(self) -> _UnixSocketTransport:
+        return _UnixSocketTransport(self.path)
+
+
 def connection_for(path: str) -> Any:
     """The pyxs connection object for a socket path or a xenbus device path."""
     if path.startswith("/dev/") or path.startswith("/proc/xen"):
         return pyxs.connection.XenBusConnection(path)
-    return pyxs.connection.UnixSocketConnection(path)
+    return _UnixSocketConnection(path)
 
 
 def _encode_path(path: str) -> bytes:

@@ -55,8 +55,13 @@ class Router(pyxs.client.Router):  # type: ignore[misc]  # pyxs is untyped
         try:
             self.connection.connect()
         except (pyxs.exceptions.PyXSError, OSError) as e:
+            self._close_terminators()  # the thread that would close them never runs
             raise XenStoreConnectionError(f"cannot connect to XenStore: {e}") from e
         self.thread.start()
+
+    def _close_terminators(self) -> None:
+        for sock in (self.r_terminator, self.w_terminator):
+            sock.close()
 
     @property
     def alive(self) -> bool:
@@ -150,5 +155,7 @@ class Router(pyxs.client.Router):  # type: ignore[misc]  # pyxs is untyped
         else:
             with contextlib.suppress(Exception):
                 self.connection.close()
+            if self.thread.ident is None:
+                self.r_terminator.close()  # never started: its finally never ran
         with contextlib.suppress(OSError):
             self.w_terminator.close()

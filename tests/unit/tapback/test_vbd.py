@@ -19,7 +19,13 @@ from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import ImageInfo
 from blktap3.tapback.store import SharedStore
 from blktap3.tapback.vbd import Prompt, VbdConfig, VbdWorker
-from blktap3.xenbus import Permission, VbdPaths, XenStoreNotFound, owned_by
+from blktap3.xenbus import (
+    Permission,
+    VbdPaths,
+    XenStoreNotFound,
+    XenStorePermissionError,
+    owned_by,
+)
 
 T = TypeVar("T")
 PATHS = VbdPaths(5, 51712)
@@ -236,3 +242,81 @@ def test_physical_sector_size_and_discard_come_from_the_tapdisk(
     finally:
         w.post(Prompt.STOP)
         w.join(5)
+
+
+# -- a guest that locks us out of its own nodes, or floods them ------------------------
+
+
+class LockedOut(FakeXenStore):
+    """A store in which some front-end nodes refuse us (the guest changed their
+    permissions: it owns them, and a driver domain is not privileged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.denied: set[str] = set()
+
+    def read_optional(self, path: str) -> str | None:
+        if path in self.denied:
+            raise XenStorePermissionError(errno.EACCES, path=path)
+        return super().read_optional(path)
+
+
+@pytest.fixture
+def locked(xs: FakeXenStore) -> LockedOut:
+    store = LockedOut()
+    store.nodes.update(xs.nodes)
+    return store
+
+
+def test_an_unreadable_transport_key_gives_error_and_closed(
+        locked: LockedOut, mocker: MockerFixture) -> None:
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
+    connect = mocker.patch.object(TapdiskClient, "connect_xenblkif")
+    w = _worker(locked)
+    try:
+        w.post(Prompt.REFRESH)
+        b = PATHS.backend_key
+        wait_for(lambda: locked.nodes.get(b("state")) == "2")
+        _publish_transport(locked)
+        locked.denied.add(PATHS.frontend_key("ring-ref"))
+        w.post(Prompt.REFRESH)
+        wait_for(lambda: locked.nodes.get(b("state")) == "6")
+        assert "ring-ref" in locked.nodes[b("error")]
+        assert not connect.called
+    finally:
+        w.post(Prompt.STOP)
+        w.join(5)
+
+
+def test_an_unreadable_frontend_state_gives_error_and_closed(
+        locked: LockedOut, mocker: MockerFixture) -> None:
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
+    w = _worker(locked)
+    try:
+        w.post(Prompt.REFRESH)
+        b = PATHS.backend_key
+        wait_for(lambda: locked.nodes.get(b("state")) == "2")
+        locked.denied.add(PATHS.frontend_key("state"))
+        w.post(Prompt.FRONTEND)
+        wait_for(lambda: locked.nodes.get(b("state")) == "6")
+        assert "state" in locked.nodes[b("error")]
+        # and the toolstack can still take the device away
+        locked.nodes[b("online")] = "0"
+        w.post(Prompt.REFRESH)
+        wait_for(lambda: w.finished)
+        assert w.machine.state == "unregistered"
+    finally:
+        w.post(Prompt.STOP)
+        w.join(5)
+
+
+def test_a_watch_storm_queues_a_bounded_number_of_prompts(xs: FakeXenStore) -> None:
+    """The main thread posts one prompt per watch event; a worker stuck in a slow step
+    must not let a guest flooding its state node grow that queue without bound."""
+    w = VbdWorker(PATHS, PATHS.frontend, SharedStore(lambda: xs),  # type: ignore[arg-type,return-value]
+                  VbdConfig(Path("/nonexistent")), on_final=lambda worker: None,
+                  on_tapdisk=lambda worker, pid: None)  # never started: a stuck worker
+    for _ in range(10_000):
+        w.post(Prompt.FRONTEND)
+        w.post(Prompt.REFRESH)
+    assert w.pending <= len(Prompt)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import warnings
+from collections.abc import Callable
 
 import pytest
 from pytest_mock import MockerFixture
@@ -132,6 +135,38 @@ def test_dead_router_thread_fails_callers_instead_of_blocking(
 def test_connect_to_missing_socket_raises_connection_error(tmp_path: object) -> None:
     with pytest.raises(XenStoreConnectionError):
         XenStore.open(f"{tmp_path}/nothing-here", timeout=1)
+
+
+def _unclosed_sockets(action: Callable[[], object]) -> list[str]:
+    """The ResourceWarnings (sockets left for the collector to close) `action` causes."""
+    gc.collect()  # earlier tests' garbage is not ours to count
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        action()
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_failed_connect_leaves_no_socket_open(tmp_path: object) -> None:
+    def fail() -> None:
+        with pytest.raises(XenStoreConnectionError):
+            XenStore.open(f"{tmp_path}/nothing-here", timeout=1)
+
+    assert _unclosed_sockets(fail) == []
+
+
+def test_close_after_the_peer_left_closes_the_socket(
+    fake_xenstored: FakeXenstored,
+) -> None:
+    def lose_and_close() -> None:
+        xs = XenStore.open(fake_xenstored.path, timeout=1)
+        fake_xenstored.close()
+        deadline = time.monotonic() + 5
+        while xs.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        xs.close()
+
+    assert _unclosed_sockets(lose_and_close) == []
 
 
 def test_concurrent_callers_each_get_their_own_reply(client: XenStore) -> None:

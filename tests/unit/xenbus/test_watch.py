@@ -100,8 +100,11 @@ def test_watch_from_another_thread_while_wait_matches_an_event(
         def covers_while_another_thread_watches(watched: str, path: str) -> bool:
             # The moment wait() looks at its watches, a tapback thread adds some.
             if not added:
-                adder = threading.Thread(
-                    target=lambda: [stream.watch(f"/new{i}", "tn") for i in range(3)])
+                def add() -> None:
+                    for i in range(3):
+                        stream.watch(f"/new{i}", "tn")
+
+                adder = threading.Thread(target=add)
                 added.append(adder)
                 adder.start()
                 adder.join(2)
