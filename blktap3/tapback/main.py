@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,39 @@ from .daemon import Tapback, TapbackConfig
 
 log = structlog.get_logger(__name__)
 
+DOMID_FIRST_RESERVED = 0x7FF0  # Xen's DOMID_FIRST_RESERVED: ids above are not domains
+MAX_TIMEOUT = 1e6
+_KIND = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _seconds(text: str) -> float:
+    """A timeout: finite and positive (a socket timeout refuses the rest, in every VBD's
+    worker, long after start-up)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seconds value: {text!r}") from None
+    if not 0 < value <= MAX_TIMEOUT:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, {MAX_TIMEOUT:g}]")
+    return value
+
+
+def _domid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid domid: {text!r}") from None
+    if not 0 <= value < DOMID_FIRST_RESERVED:
+        raise argparse.ArgumentTypeError(f"domid {value} is not in 0..{DOMID_FIRST_RESERVED - 1}")
+    return value
+
+
+def _kind(text: str) -> str:
+    """One XenStore path element (it becomes backend/<kind>)."""
+    if not _KIND.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid back-end name: {text!r}")
+    return text
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -34,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="The blktap3 back-end daemon: runs the xenbus handshake of every "
                     "vbd3 device of this domain and connects its tapdisk to the guest's ring.",
     )
-    parser.add_argument("--backend-kind", "-n", default="vbd3", metavar="NAME",
+    parser.add_argument("--backend-kind", "-n", default="vbd3", metavar="NAME", type=_kind,
                         help="back-end name watched under backend/ (default: vbd3)")
-    parser.add_argument("--backend-domid", type=int, default=0, metavar="DOMID",
+    parser.add_argument("--backend-domid", type=_domid, default=0, metavar="DOMID",
                         help="the domain this back-end runs in (default: 0)")
     parser.add_argument("--xenstored", metavar="PATH",
                         help="xenstored socket or xenbus device (default: $XENSTORED_PATH, "
@@ -50,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
     parser.add_argument("--pid-file", metavar="FILE",
                         help="write the pid here once the daemon is watching")
-    parser.add_argument("--tapdisk-timeout", type=float, default=30.0, metavar="SECS",
+    parser.add_argument("--tapdisk-timeout", type=_seconds, default=30.0, metavar="SECS",
                         help="timeout of each control request to a tapdisk (default: 30)")
     parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
                         help="largest ring the front-end may use, 2^N pages (default: 3)")
@@ -71,8 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     daemon = Tapback(config)
 
+    stopped_by: list[str] = []
+
     def on_signal(signum: int, _: object) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
+        # No logging here: a handler that writes while the interrupted main thread was
+        # writing a log line fails ("reentrant call") and would abort the daemon.
+        stopped_by.append(signal.Signals(signum).name)
         daemon.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -88,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              backend_domid=config.backend_domid)
     try:
         daemon.run(on_ready)
+        if stopped_by:
+            log.info("stopped", signal=stopped_by[0])
     except Exception:
         log.exception("tapback failed")
         return 1

@@ -56,3 +56,26 @@ def test_service_without_a_tapback(tmp_path: Path) -> None:
     argv = service.command(tmp_path, xenstored_path="/x/socket")
     assert argv[1:3] == ["-m", "blktap3.tapback"]
     assert str(service.control_dir(tmp_path)) in argv and "/x/socket" in argv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--tapdisk-timeout", "-1"],
+        ["--tapdisk-timeout", "0"],
+        ["--tapdisk-timeout", "nan"],
+        ["--tapdisk-timeout", "inf"],
+        ["--backend-domid", "-1"],
+        ["--backend-domid", "99999999999"],
+        ["--backend-kind", "vbd3/../x"],
+        ["--backend-kind", ""],
+    ],
+)
+def test_values_the_daemon_cannot_use_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused at start, not by every VBD's worker later (settimeout(-1) raises there)."""
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert "usage: tapback" in capsys.readouterr().err
