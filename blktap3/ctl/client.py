@@ -68,7 +68,11 @@ class Connection:
     def __init__(self, path: Path, timeout: float | None) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
+        try:
+            self.sock.settimeout(timeout)
+        except (ValueError, OverflowError) as exc:  # negative, nan, too large
+            self.sock.close()
+            raise CtlError(errno.EINVAL, f"timeout {timeout}: {exc}") from None
         try:
             self.sock.connect(os.fspath(path))
         except TimeoutError:
@@ -91,6 +95,8 @@ class Connection:
             self.sock.sendall(message.encode())
         except TimeoutError:
             raise CtlError(errno.ETIMEDOUT, "sending to the tapdisk") from None
+        except OSError as exc:  # EPIPE/ECONNRESET: the tapdisk died or dropped us
+            raise CtlError(exc.errno or errno.EIO, "sending to the tapdisk") from None
 
     def receive(self, expected: p.MessageType) -> p.Message:
         """The next message; an ERROR reply becomes a CtlError."""
@@ -98,6 +104,10 @@ class Connection:
             raw = _recv_exact(self.sock, p.MESSAGE_SIZE)
         except TimeoutError:
             raise CtlError(errno.ETIMEDOUT, "waiting for the tapdisk's reply") from None
+        except CtlError:
+            raise
+        except OSError as exc:  # ECONNRESET: the tapdisk died mid-request
+            raise CtlError(exc.errno or errno.EIO, "waiting for the tapdisk's reply") from None
         try:
             reply = p.decode(raw)
         except p.ProtocolError as exc:
@@ -115,6 +125,10 @@ class Connection:
             return _recv_exact(self.sock, size)
         except TimeoutError:
             raise CtlError(errno.ETIMEDOUT, "waiting for the tapdisk's data") from None
+        except CtlError:
+            raise
+        except OSError as exc:
+            raise CtlError(exc.errno or errno.EIO, "waiting for the tapdisk's data") from None
 
 
 class TapdiskClient:
