@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,7 +153,7 @@ class Host:
             self._xenstored.stop()
             self._xenstored = None
         elif state.get("xenstored"):
-            _stop_pid(state["xenstored"]["pid"], "xenstored")
+            tapback_service.terminate(state["xenstored"]["pid"], "xenstored", STOP_TIMEOUT)
         if self.machine.exists:
             self.machine.teardown()
         log.info("host down", run_dir=str(self.run_dir))
@@ -172,14 +171,15 @@ class Host:
                     log.warning("tapdisk destroy failed", pid=entry.pid, minor=entry.minor,
                                 error=str(e))
         for pid in {e.pid for e in entries if e.pid is not None}:
-            _stop_pid(pid, "tapdisk")
+            tapback_service.terminate(pid, "tapdisk", STOP_TIMEOUT)
 
     def restart_xenstored(self) -> None:
         """Stop xenstored and start a fresh one (its database is lost, as on a real host)."""
         self.require_up()
         kind = self.xenstored_kind
         if self._xenstored is None:
-            _stop_pid(self._state()["xenstored"]["pid"], "xenstored")
+            tapback_service.terminate(self._state()["xenstored"]["pid"], "xenstored",
+                                     STOP_TIMEOUT)
             self._xenstored = Xenstored(self.run_dir, kind)
             self._xenstored.socket_path.unlink(missing_ok=True)
             self._xenstored.start()
@@ -268,30 +268,3 @@ def _wait_for_state(xs: XenStore, stream: WatchStream, key: str, wanted: XenbusS
         if state is wanted or remaining <= 0:
             return state
         stream.wait(remaining)  # any event (or a reconnection): re-read
-
-
-def _stop_pid(pid: int, name: str, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM, then SIGKILL, a daemon started by another process, and wait until it is gone."""
-    if not _is_process(pid, name):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _is_process(pid, name):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + timeout
-        time.sleep(0.02)
-
-
-def _is_process(pid: int, name: str) -> bool:
-    """Whether `pid` is still a live process whose command line names `name`."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    if "State:\tZ" in status:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return False
-    return name.encode() in cmdline

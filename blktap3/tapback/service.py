@@ -79,7 +79,7 @@ def status(run_dir: str | os.PathLike[str]) -> int | None:
         pid = int(pid_path(run_dir).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if _is_tapback(pid) else None
+    return pid if is_live(pid, "tapback") else None
 
 
 def start(
@@ -129,23 +129,31 @@ def stop(run_dir: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) -> None
     if pid is None:
         pid_path(run_dir).unlink(missing_ok=True)
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _is_tapback(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + timeout
-        time.sleep(0.02)
+    terminate(pid, "tapback", timeout)
     child = _children.pop(pid, None)
     if child is not None:
         child.wait()
     pid_path(run_dir).unlink(missing_ok=True)
 
 
-def _is_tapback(pid: int) -> bool:
-    """Whether `pid` is a live (not zombie) tapback process."""
+def terminate(pid: int, name: str, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM the live process `pid` named `name` (SIGKILL after `timeout`), wait until
+    it is gone. Nothing happens if `pid` is no longer such a process (pid reuse)."""
+    if not is_live(pid, name):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while is_live(pid, name):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.02)
+
+
+def is_live(pid: int, name: str) -> bool:
+    """Whether `pid` is a live (not zombie) process whose command line names `name`."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -156,4 +164,4 @@ def _is_tapback(pid: int) -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         return False
-    return b"tapback" in cmdline
+    return name.encode() in cmdline
