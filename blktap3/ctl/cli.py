@@ -20,9 +20,11 @@ from typing import NoReturn
 
 import structlog
 
+from blktap3.abi import VbdStateBits
+
 from . import ops
 from .client import CtlError, TapdiskClient
-from .protocol import STRING_MAX, OpenFlags, ProtocolError, ResumeFlags, VbdStateBits
+from .protocol import STRING_MAX, OpenFlags, ProtocolError, ResumeFlags
 from .runtime import MAX_MINOR
 
 

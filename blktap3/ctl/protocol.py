@@ -106,21 +106,6 @@ class ResumeFlags(enum.IntFlag):
     RESIZE = 0x10000
 
 
-class VbdStateBits(enum.IntFlag):
-    """The VBD state word reported by LIST (blktap's TD_VBD_* bits)."""
-
-    DEAD = 0x1
-    CLOSED = 0x2
-    QUIESCE_REQUESTED = 0x4
-    QUIESCED = 0x8
-    PAUSE_REQUESTED = 0x10
-    PAUSED = 0x20
-    SHUTDOWN_REQUESTED = 0x40
-    LOCKING = 0x80
-    LOG_DROPPED = 0x100
-    RESUME_FAILED = 0x200
-
-
 def pack_string(value: str, what: str = "string") -> bytes:
     """Encode `value` as a NUL-terminated `char[256]`; too long is a ProtocolError.
     Surrogate escapes (bytes that were not UTF-8 on the wire) go back as those bytes."""

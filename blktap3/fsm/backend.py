@@ -14,6 +14,7 @@ answered with its result event before the next event of this VBD is fed.  Once
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 from dataclasses import dataclass
@@ -111,10 +112,31 @@ def _bit(flag: bool) -> str:
     return "1" if flag else "0"
 
 
+class BackendState(enum.StrEnum):
+    """The states of specs/backend_vbd.toml, as code names them."""
+
+    WAITING_HOTPLUG = "waiting_hotplug"
+    ADOPTING = "adopting"
+    ADOPTING_TRANSPORT = "adopting_transport"
+    ADOPTING_RING = "adopting_ring"
+    WAITING_FRONTEND = "waiting_frontend"
+    INIT_WAIT = "init_wait"
+    READING_TRANSPORT = "reading_transport"
+    CONNECTING_RING = "connecting_ring"
+    CONNECTED = "connected"
+    CLOSING = "closing"
+    DISCONNECTING_RING = "disconnecting_ring"
+    CLOSED = "closed"
+    FAILED = "failed"
+    REMOVED = "removed"
+    UNREGISTERED = "unregistered"
+
+
 class BackendVbd(SpecMachine):
     """The xenbus handshake of one VBD, back-end side.  See the module docstring."""
 
     SPEC: ClassVar[str] = "backend_vbd"
+    STATES: ClassVar[type[enum.StrEnum]] = BackendState
     INITIAL_PUBLISHED: ClassVar[XenbusState | None] = XenbusState.INITIALISING
 
     def __init__(

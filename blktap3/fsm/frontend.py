@@ -7,6 +7,7 @@ with `BackendInfoRead` before the next event.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,10 +40,22 @@ class FrontendTransportConfig:
         return tuple(keys)
 
 
+class FrontendState(enum.StrEnum):
+    """The states of specs/frontend_vbd.toml, as code names them."""
+
+    INITIALISING = "initialising"
+    INITIALISED = "initialised"
+    READING_INFO = "reading_info"
+    CONNECTED = "connected"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
 class FrontendVbd(SpecMachine):
     """A blkfront's handshake for one VBD."""
 
     SPEC: ClassVar[str] = "frontend_vbd"
+    STATES: ClassVar[type[enum.StrEnum]] = FrontendState
     INITIAL_PUBLISHED: ClassVar[XenbusState | None] = XenbusState.INITIALISING
 
     def __init__(

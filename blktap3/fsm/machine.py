@@ -15,6 +15,7 @@ Rules (the h11 "theory of operation" for our machines):
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -35,25 +36,52 @@ def unbound_callbacks(spec: MachineSpec, cls: type) -> list[str]:
     return sorted(n for n in spec.callback_names() if not callable(getattr(cls, n, None)))
 
 
+def state_names_mismatch(spec: MachineSpec, states: type[enum.StrEnum]) -> str:
+    """Why `states` (a machine's names for its states in code) disagrees with its spec."""
+    declared, named = set(spec.leaves()), {s.value for s in states}
+    missing, unknown = sorted(declared - named), sorted(named - declared)
+    if not missing and not unknown:
+        return ""
+    return f"{states.__name__} lacks {missing}, names states not in the spec {unknown}"
+
+
+_CHECKED: dict[type, MachineSpec] = {}
+
+
+def _checked(cls: type[SpecMachine]) -> MachineSpec:
+    """The spec of `cls`, checked once against the class: callbacks and state names."""
+    if cls in _CHECKED:
+        return _CHECKED[cls]
+    spec = load_spec(cls.SPEC)
+    missing = unbound_callbacks(spec, cls)
+    if missing:
+        raise SpecError(f"{cls.SPEC}: callbacks not bound by {cls.__name__}: {missing}")
+    why = state_names_mismatch(spec, cls.STATES)
+    if why:
+        raise SpecError(f"{cls.SPEC}: {why}")
+    _CHECKED[cls] = spec
+    return spec
+
+
 class SpecMachine:
     """Base class of the machines: the instance is the `transitions` model.
 
-    Subclasses set `SPEC` (the spec file's name) and define the callbacks it names; each
-    callback takes the triggering event as keyword `event` and records effects with
-    `self.emit`.
+    Subclasses set `SPEC` (the spec file's name) and `STATES` (a StrEnum naming every
+    leaf state of the spec: code compares `machine.state` with its members, never with a
+    bare string; both sets must match, checked when the first machine is made) and define
+    the callbacks the spec names; each callback takes the triggering event as keyword
+    `event` and records effects with `self.emit`.
     """
 
     SPEC: ClassVar[str] = ""
+    STATES: ClassVar[type[enum.StrEnum]]
     # What the `state` node holds before the machine publishes anything (the toolstack
     # writes 1 when it creates a device); None for machines without a `state` node.
     INITIAL_PUBLISHED: ClassVar[XenbusState | None] = None
     state: str  # set by transitions
 
     def __init__(self) -> None:
-        self.spec = load_spec(self.SPEC)
-        missing = unbound_callbacks(self.spec, type(self))
-        if missing:
-            raise SpecError(f"{self.SPEC}: callbacks not bound by {type(self).__name__}: {missing}")
+        self.spec = _checked(type(self))
         self._effects: list[Effect] = []
         self._fired = False
         self.published: XenbusState | None = self.INITIAL_PUBLISHED

@@ -8,8 +8,11 @@ message raises `ToolstackError` (the server answers it with an errno of its choi
 
 from __future__ import annotations
 
+import enum
 import errno
 from typing import Any, ClassVar
+
+from blktap3.abi import VbdStateBits
 
 from .effects import (
     CleanupRuntime,
@@ -36,25 +39,37 @@ from .events import (
 )
 from .machine import SpecMachine
 
-# blktap's VBD state bits (tapdisk-vbd.h), as `tap-ctl list` shows them.
-VBD_STATE_BITS: dict[str, int] = {
-    "DEAD": 0x1,
-    "CLOSED": 0x2,
-    "QUIESCE_REQUESTED": 0x4,
-    "QUIESCED": 0x8,
-    "PAUSE_REQUESTED": 0x10,
-    "PAUSED": 0x20,
-    "SHUTDOWN_REQUESTED": 0x40,
-    "LOCKING": 0x80,
-    "LOG_DROPPED": 0x100,
-    "RESUME_FAILED": 0x200,
-}
+
+class ProcessState(enum.StrEnum):
+    """The states of specs/tapdisk_process.toml, as code names them."""
+
+    SPAWNING = "spawning"
+    RUNNING_IDLE = "running_idle"
+    RUNNING_SERVING = "running_serving"
+    EXITING = "exiting"
+    DEAD = "dead"
+
+
+class VbdState(enum.StrEnum):
+    """The states of specs/tapdisk_vbd.toml, as code names them."""
+
+    ALLOCATED = "allocated"
+    ATTACHED = "attached"
+    OPENING = "opening"
+    OPEN_READY = "open_ready"
+    OPEN_CONNECTED = "open_connected"
+    OPEN_QUIESCING = "open_quiescing"
+    OPEN_PAUSED = "open_paused"
+    OPEN_RESUMING = "open_resuming"
+    CLOSED = "closed"
+    DETACHED = "detached"
 
 
 class TapdiskProcess(SpecMachine):
     """One tapdisk process: spawning, running{idle, serving}, exiting, dead."""
 
     SPEC: ClassVar[str] = "tapdisk_process"
+    STATES: ClassVar[type[enum.StrEnum]] = ProcessState
 
     def __init__(self) -> None:
         self.pid: int | None = None
@@ -88,6 +103,7 @@ class TapdiskVbd(SpecMachine):
     """One VBD (minor) inside a tapdisk; `state_bits` is blktap's `state` for `list`."""
 
     SPEC: ClassVar[str] = "tapdisk_vbd"
+    STATES: ClassVar[type[enum.StrEnum]] = VbdState
 
     def __init__(self, minor: int) -> None:
         self.minor = minor
@@ -98,16 +114,19 @@ class TapdiskVbd(SpecMachine):
         self.ring: ConnectRing | None = None
         self.resume_failed = False
         super().__init__()
-        unknown = {b for s in self.spec.all_states() for b in s.bits} - set(VBD_STATE_BITS)
+        declared = {b for s in self.spec.all_states() for b in s.bits}
+        unknown = declared - set(VbdStateBits.__members__)
         if unknown:
             raise ValueError(f"tapdisk_vbd.toml: unknown state bits {sorted(unknown)}")
 
     @property
     def state_bits(self) -> int:
-        bits = sum(VBD_STATE_BITS[b] for b in self.spec.state(self.state).bits)
+        bits = VbdStateBits(0)
+        for name in self.spec.state(self.state).bits:
+            bits |= VbdStateBits[name]
         if self.resume_failed and self.state.startswith("open"):
-            bits |= VBD_STATE_BITS["RESUME_FAILED"]
-        return bits
+            bits |= VbdStateBits.RESUME_FAILED
+        return int(bits)
 
     # conditions
     def geometry_changed(self, event: ImageOpened, **_: Any) -> bool:

@@ -1,34 +1,14 @@
-"""The xenbus states of io/xenbus.h, as the machines see them.
+"""The xenbus states as the machines see them: `blktap3.abi.XenbusState` and its parser.
 
-blktap3.fsm may not import blktap3.xenbus (that package does I/O), so the nine states are
-declared here; they are the numbers of the public ABI and cannot drift.
+Kept as a module of `blktap3.fsm` so the machines import from inside their room; the
+table itself is the one in `blktap3.abi`.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from blktap3.abi import XenbusState
 
-
-class XenbusState(IntEnum):
-    """`enum xenbus_state` of io/xenbus.h."""
-
-    UNKNOWN = 0
-    INITIALISING = 1
-    INIT_WAIT = 2
-    INITIALISED = 3
-    CONNECTED = 4
-    CLOSING = 5
-    CLOSED = 6
-    RECONFIGURING = 7
-    RECONFIGURED = 8
-
-    @property
-    def trigger_suffix(self) -> str:
-        """The word used in trigger names: `frontend_initwait`, `backend_connected`..."""
-        return self.name.lower().replace("_", "")
-
-
-_VALID = {str(s.value): s for s in XenbusState}
+__all__ = ["XenbusState", "parse_xenbus_state"]
 
 
 def parse_xenbus_state(raw: str) -> XenbusState | None:
@@ -37,4 +17,4 @@ def parse_xenbus_state(raw: str) -> XenbusState | None:
     Strict on purpose: a front-end value is untrusted input (leading '+', spaces, '04'
     and the like are refused).
     """
-    return _VALID.get(raw)
+    return XenbusState.from_wire(raw)

@@ -8,6 +8,8 @@
   `Permission` (perms.py).
 """
 
+from blktap3.abi import XenbusState
+
 from .client import Transaction, XenStore, default_socket_path
 from .errors import (
     XenbusValueError,
@@ -36,7 +38,7 @@ from .schema import (
     parse_frontend_transport,
     reader_for,
 )
-from .states import XenbusState, parse_state
+from .states import parse_state
 from .watch import Reconnected, WatchEvent, WatchStream
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The xenbus state enum (xen/io/xenbus.h) and its strict parser.
+"""The strict parser of xenbus states (the enum itself is `blktap3.abi.XenbusState`).
 
 A `state` node of a front-end is written by the guest, so it is untrusted input: the
 parser accepts only the canonical decimal numbers 0..8 and raises `XenbusValueError`
@@ -7,30 +7,13 @@ parser accepts only the canonical decimal numbers 0..8 and raises `XenbusValueEr
 
 from __future__ import annotations
 
-import enum
 import re
+
+from blktap3.abi import XenbusState
 
 from .errors import XenbusValueError
 
 _DECIMAL = re.compile(r"\A(?:0|[1-9][0-9]{0,9})\Z")
-
-
-class XenbusState(enum.IntEnum):
-    """enum xenbus_state, xen/io/xenbus.h."""
-
-    UNKNOWN = 0
-    INITIALISING = 1
-    INIT_WAIT = 2
-    INITIALISED = 3
-    CONNECTED = 4
-    CLOSING = 5
-    CLOSED = 6
-    RECONFIGURING = 7
-    RECONFIGURED = 8
-
-    def wire(self) -> str:
-        """The value written to a `state` node."""
-        return str(int(self))
 
 
 def parse_decimal(value: str | None, key: str, *, lo: int = 0, hi: int = 0xFFFFFFFF) -> int:

@@ -9,6 +9,7 @@ from cffi import FFI
 from hypothesis import given
 from hypothesis import strategies as st
 
+from blktap3.abi import VbdStateBits
 from blktap3.ctl import protocol as p
 
 # blktap's include/tapdisk-message.h, as C (the facts of reference/blktap.md). cffi lays
@@ -162,7 +163,7 @@ def test_message_ids_follow_blktaps_order() -> None:
 
 def test_open_flag_and_state_bit_values_are_blktaps() -> None:
     assert (int(p.OpenFlags.NO_O_DIRECT), int(p.OpenFlags.OPEN_ENCRYPTED)) == (0x200, 0x400)
-    assert p.VbdStateBits.PAUSED | p.VbdStateBits.QUIESCED | p.VbdStateBits.CLOSED == 0x2A
+    assert VbdStateBits.PAUSED | VbdStateBits.QUIESCED | VbdStateBits.CLOSED == 0x2A
     assert p.ResumeFlags.RESIZE & 0xFFFF == 0  # never collides with an open flag
 
 

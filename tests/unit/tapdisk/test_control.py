@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap3.abi import VbdStateBits
 from blktap3.ctl import protocol as p
 from blktap3.ctl import runtime
 from blktap3.fsm import events
@@ -223,7 +224,7 @@ def test_resume_refuses_a_changed_size_unless_resizing(tapdisk: Tapdisk, root: P
     assert error_of(send(tapdisk, T.RESUME, minor, p.Resume(new_params=bigger))) == (
         errno.EMEDIUMTYPE
     )
-    assert list_entries(tapdisk)[0].state == 0x2A | p.VbdStateBits.RESUME_FAILED
+    assert list_entries(tapdisk)[0].state == 0x2A | VbdStateBits.RESUME_FAILED
     smaller = f"aio:{image(root, 'small.img', size=2 * MiB)}"
     resize = p.Resume(flags=p.ResumeFlags.RESIZE, new_params=smaller)
     assert error_of(send(tapdisk, T.RESUME, minor, resize)) == errno.EMEDIUMTYPE
