@@ -61,11 +61,13 @@ class TapbackConfig:
     xenstore_timeout: float = 10.0
     tapdisk_timeout: float = 30.0
     max_ring_page_order: int = 3
+    barrier: bool = True  # offer feature-barrier (blktap's tapback -b: no)
+    frontend_domid: int | None = None  # serve only this guest's VBDs (tapback -x)
     vbd: VbdConfig = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vbd", VbdConfig(
-            self.control_root, self.tapdisk_timeout, self.max_ring_page_order))
+            self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier))
 
     @property
     def root(self) -> str:
@@ -206,6 +208,8 @@ class Tapback:
                         self._discover(stream, key)
 
     def _discover(self, stream: WatchStream, key: tuple[int, int]) -> None:
+        if self.config.frontend_domid not in (None, key[0]):
+            return  # another guest's: a tapback started with -x serves one guest
         paths = VbdPaths(key[0], key[1], self.config.backend_domid, self.config.backend_kind)
         try:
             frontend = self.store.call(lambda xs: xs.read_optional(paths.backend_key("frontend")))

@@ -61,7 +61,7 @@ def command(
     verbose: bool = False,
 ) -> list[str]:
     """The tapback command line `start` runs."""
-    argv = [sys.executable, "-m", "blktap3.tapback",
+    argv = [sys.executable, "-m", "blktap3.tapback", "-d",  # foreground: we background it
             "--backend-kind", backend_kind,
             "--control-dir", str(control_root or control_dir(run_dir)),
             "--pid-file", str(pid_path(run_dir)),

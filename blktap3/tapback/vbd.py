@@ -120,6 +120,7 @@ class VbdConfig:
     control_root: Path
     tapdisk_timeout: float = 30.0
     max_ring_page_order: int = 3
+    barrier: bool = True
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class VbdWorker:
         # image can punch holes (DISK_INFO) and the disk is writable.
         self.machine.features = BackendFeatures(
             max_ring_page_order=self.config.max_ring_page_order,
+            barrier=self.config.barrier,
             discard=True,
             discard_granularity=512,
             discard_secure=True,

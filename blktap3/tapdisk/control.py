@@ -280,23 +280,28 @@ class Tapdisk:
         return Reply([p.Message(T.LIST_MINORS_RSP, request.cookie, p.Minors(minors))])
 
     def _stats(self, request: p.Message) -> Reply:
-        vbd = self._vbd(request.cookie)
+        if request.cookie == p.ALL_VBDS:  # every VBD's, as a JSON array
+            body: Any = [self._vbd_stats(vbd) for vbd in list(self.vbds.values())]
+        else:
+            body = self._vbd_stats(self._vbd(request.cookie))
+        data = stats.render_stats(body).encode()
+        header = p.StatInfo(int(T.STATS_RSP), request.cookie, len(data))
+        return Reply([p.Message(T.STATS_RSP, request.cookie, header)], data)
+
+    def _vbd_stats(self, vbd: Vbd) -> dict[str, Any]:
         ring_stats: dict[str, Any] | None = None
         ring_ids: tuple[int, int] | None = None
         with self.ring_lock:
             if vbd.ring is not None:
                 ring_stats, ring_ids = vbd.ring.stats(), vbd.ring_ids
         spec = vbd.spec if vbd.image is not None else None
-        body = stats.vbd_stats(
+        return stats.vbd_stats(
             params=vbd.params,
             image_type=spec.type if spec else None,
             image_path=spec.path if spec else None,
             ring_stats=ring_stats,
             ring_ids=ring_ids,
         )
-        data = stats.render_stats(body).encode()
-        header = p.StatInfo(int(T.STATS_RSP), request.cookie, len(data))
-        return Reply([p.Message(T.STATS_RSP, request.cookie, header)], data)
 
     def _disk_info(self, request: p.Message) -> Reply:
         vbd = self._vbd(request.cookie)
@@ -330,6 +335,8 @@ class Tapdisk:
 
     def _open(self, request: p.Message) -> Reply:
         assert isinstance(request.payload, p.Params)
+        if request.cookie not in self.vbds:  # blktap: EINVAL, not ENODEV (open_image)
+            raise ControlError(errno.EINVAL, f"no VBD with minor {request.cookie}")
         vbd = self._vbd(request.cookie)
         images.check_flags(request.payload.flags)
         vbd.flags = request.payload.flags
