@@ -337,7 +337,9 @@ class Runner:
                                ("pid", "pid2", "devpid", "minor2", "img", "img2", "big",
                                 "dir")})
                 for word in step.argv]
-        outcome = run_command(self.ctl_command(ctl) + argv, step.stdin, env, step.tty)
+        # A neutral working directory: `python -m` would import a blktap3 found there.
+        outcome = run_command(self.ctl_command(ctl) + argv, step.stdin, env, step.tty,
+                              cwd=self.scratch)
         if step.capture:
             match = re.search(step.pattern, outcome.out)
             if match:
@@ -346,16 +348,16 @@ class Runner:
 
 
 def run_command(argv: list[str], stdin: bytes, env: dict[str, str], tty: bool,
-                timeout: float = 120) -> Outcome:
+                cwd: Path, timeout: float = 120) -> Outcome:
     if not tty:
-        done = subprocess.run(argv, input=stdin, capture_output=True, env=env,
+        done = subprocess.run(argv, input=stdin, capture_output=True, env=env, cwd=cwd,
                               timeout=timeout, check=False)
         return Outcome(done.returncode, done.stdout.decode(errors="replace"),
                        done.stderr.decode(errors="replace"))
     leader, follower = pty.openpty()
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=follower,
-                                stderr=subprocess.PIPE, env=env)
+                                stderr=subprocess.PIPE, env=env, cwd=cwd)
         os.close(follower)
         follower = -1
         _, err = proc.communicate(stdin, timeout=timeout)
