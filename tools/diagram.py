@@ -15,6 +15,7 @@ text into a .png).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,8 @@ def build(spec: MachineSpec, engine: Engine) -> Drawing:
     for t in spec.transitions:
         if t.ignored:
             continue
-        label = edge_label(t.trigger, t.conditions, t.unless, t.before + t.after)
+        answer = (errno.errorcode[t.errno],) if t.errno is not None else ()  # `/ EALREADY`
+        label = edge_label(t.trigger, t.conditions, t.unless, t.before + t.after + answer)
         sources = list(t.sources)
         if len(sources) >= GROUP_MIN and t.dest is None:
             listed.append(label)
