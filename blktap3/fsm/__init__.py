@@ -101,6 +101,7 @@ from .events import (
     DiskResized,
     Drained,
     DrainFailed,
+    EffectFailed,
     Event,
     ExitRequested,
     FrontendStateChanged,
