@@ -3,6 +3,8 @@
 - every state is reachable from the initial state;
 - every non-final state has a way out (a transition to another state);
 - every callback and condition the spec names is a method of the machine's class;
+- (phases) no row spells out every state of a phase one by one where `@phase` says it
+  (the loader already refuses unknown phases and states in no phase or in two);
 - (back-end) every xenbus front-end state, plus `invalid` and `vanished`, is handled or
   explicitly ignored in every non-final back-end state: `render_table` prints that table.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .machine import unbound_callbacks
-from .spec import SEPARATOR, MachineSpec, TransitionSpec
+from .spec import PHASE_PREFIX, SEPARATOR, MachineSpec, TransitionSpec
 from .xenbus_state import XenbusState
 
 # machine -> the trigger prefix of the other end's states it must handle everywhere
@@ -95,14 +97,35 @@ def xenbus_table(spec: MachineSpec, prefix: str) -> tuple[list[str], dict[str, d
 
 
 def render_table(spec: MachineSpec, prefix: str) -> str:
-    """The table as aligned text: a row per state, a column per xenbus state of the peer."""
+    """The table as aligned text: a row per state, a column per xenbus state of the peer
+    (and, first, the state's phase when the machine declares phases)."""
     columns, rows = xenbus_table(spec, prefix)
     header = ["state", *(c.removeprefix(prefix) for c in columns)]
     body = [[leaf, *(str(row[c]) for c in columns)] for leaf, row in rows.items()]
+    if spec.phases:
+        header.insert(0, "phase")
+        for line in body:
+            phase = spec.phase_of(line[0])
+            line.insert(0, phase.name if phase else "")
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in [header, *body]]
     return "\n".join(lines)
+
+
+def spelled_out_phases(spec: MachineSpec) -> list[str]:
+    """Rows whose source lists every state of a phase (of two or more) one by one."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for t in spec.transitions:
+        if t.row in seen:  # an [[ignore]] of several triggers is one row
+            continue
+        seen.add(t.row)
+        for phase in spec.phases:
+            if len(phase.states) > 1 and set(phase.states) <= set(t.spelled):
+                problems.append(f"{t.row} names every state of phase {phase.name!r} "
+                                f"one by one: write {PHASE_PREFIX}{phase.name}")
+    return problems
 
 
 def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
@@ -121,6 +144,7 @@ def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
     for final in spec.final:
         if transitions_from(spec, _entry_leaf(spec, final)):
             problems.append(f"final state {final!r} has transitions")
+    problems += spelled_out_phases(spec)
     if cls is not None:
         problems += [f"callback {n!r} is not bound by {cls.__name__}"
                      for n in unbound_callbacks(spec, cls)]
