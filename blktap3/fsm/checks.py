@@ -26,14 +26,6 @@ def _ancestors(name: str) -> list[str]:
     return [SEPARATOR.join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def _entry_leaf(spec: MachineSpec, name: str) -> str:
-    state = spec.state(name)
-    while state.children:
-        assert state.initial is not None  # the schema requires it
-        state = spec.state(state.initial)
-    return state.name
-
-
 def transitions_from(
     spec: MachineSpec, leaf: str, trigger: str | None = None
 ) -> list[TransitionSpec]:
@@ -47,13 +39,13 @@ def transitions_from(
 
 def reachable(spec: MachineSpec) -> set[str]:
     """Leaf states reachable from the initial state."""
-    start = _entry_leaf(spec, spec.initial)
+    start = spec.entry_leaf(spec.initial)
     seen, todo = {start}, [start]
     while todo:
         leaf = todo.pop()
         for t in transitions_from(spec, leaf):
             if t.dest is not None:
-                nxt = _entry_leaf(spec, t.dest)
+                nxt = spec.entry_leaf(t.dest)
                 if nxt not in seen:
                     seen.add(nxt)
                     todo.append(nxt)
@@ -98,15 +90,15 @@ def xenbus_table(spec: MachineSpec, prefix: str) -> tuple[list[str], dict[str, d
 
 def render_table(spec: MachineSpec, prefix: str) -> str:
     """The table as aligned text: a row per state, a column per xenbus state of the peer
-    (and, first, the state's phase when the machine declares phases)."""
+    (and, last, the state's phase when the machine declares phases)."""
     columns, rows = xenbus_table(spec, prefix)
     header = ["state", *(c.removeprefix(prefix) for c in columns)]
     body = [[leaf, *(str(row[c]) for c in columns)] for leaf, row in rows.items()]
     if spec.phases:
-        header.insert(0, "phase")
+        header.append("phase")
         for line in body:
             phase = spec.phase_of(line[0])
-            line.insert(0, phase.name if phase else "")
+            line.append(f"@{phase.name}" if phase else "")
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in [header, *body]]
@@ -138,11 +130,11 @@ def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
         if any(a in spec.final for a in _ancestors(leaf)):
             continue
         exits = [t for t in transitions_from(spec, leaf)
-                 if t.dest is not None and _entry_leaf(spec, t.dest) != leaf]
+                 if t.dest is not None and spec.entry_leaf(t.dest) != leaf]
         if not exits:
             problems.append(f"non-final state {leaf!r} has no way out")
     for final in spec.final:
-        if transitions_from(spec, _entry_leaf(spec, final)):
+        if transitions_from(spec, spec.entry_leaf(final)):
             problems.append(f"final state {final!r} has transitions")
     problems += spelled_out_phases(spec)
     if cls is not None:

@@ -128,6 +128,14 @@ class MachineSpec:
     def leaves(self) -> list[str]:
         return [s.name for s in self.all_states() if not s.children]
 
+    def entry_leaf(self, name: str) -> str:
+        """The leaf a machine is in after entering `name` (initial children, down)."""
+        state = self.state(name)
+        while state.children:
+            assert state.initial is not None  # the schema requires it
+            state = self.state(state.initial)
+        return state.name
+
     def phase(self, name: str) -> PhaseSpec:
         for p in self.phases:
             if p.name == name:

@@ -161,6 +161,6 @@ def test_the_backend_is_partitioned_into_its_phases_in_spec_order() -> None:
 
 def test_the_backend_table_shows_each_state_s_phase() -> None:
     table = render_table(load_spec("backend_vbd"), "frontend_").splitlines()
-    assert table[0].split()[:2] == ["phase", "state"]
-    assert table[1].split()[:2] == ["hotplug", "waiting_hotplug"]
+    assert table[0].split()[-1] == "phase"
+    assert (table[1].split()[0], table[1].split()[-1]) == ("waiting_hotplug", "@hotplug")
     assert render_table(load_spec("frontend_vbd"), "backend_").startswith("state")

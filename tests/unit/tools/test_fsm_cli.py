@@ -18,7 +18,8 @@ def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     for name in ("backend_vbd", "frontend_vbd", "tapdisk_process", "tapdisk_vbd"):
         assert f"{name}: ok" in out
-    assert "phase      state               unknown  initialising" in out  # back-end
+    assert "state               unknown  initialising" in out  # the back-end's table
+    assert re.search(r"^failed .* removed +@failed$", out, re.M)  # and each state's phase
     assert "refused" in out  # the front-end's table shows what it refuses
 
 
