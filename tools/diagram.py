@@ -683,6 +683,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out is None and highlight is not None:
         parser.error("a marked drawing goes to -o DIR or --stdout (docs/ holds the unmarked)")
     out = args.out if args.out is not None else DEFAULT_OUT
+    if out.exists() and not out.is_dir():
+        raise DiagramError(f"cannot write into {out}: not a directory")
     for name in names:
         try:
             paths = write(name, formats, out, highlight, args.whole)

@@ -279,7 +279,7 @@ def test_an_output_path_that_is_a_file_is_a_one_line_error(
     occupied = tmp_path / "passwd"
     occupied.write_text("root:x:0:0\n")
     assert diagram.main(["frontend_vbd", "-f", "dot", "-o", str(occupied)]) == 1
-    assert f"cannot write {occupied}" in one_line_error(capsys)
+    assert f"cannot write into {occupied}: not a directory" in one_line_error(capsys)
     assert occupied.read_text() == "root:x:0:0\n"
     assert diagram.main(["frontend_vbd", "-f", "dot", "-o", str(occupied / "sub")]) == 1
     one_line_error(capsys)
