@@ -60,8 +60,9 @@ class BlkifProtocol(enum.IntEnum):
     """A ring layout: value = `enum blkif_protocol` (XENBLKIF_CONNECT, TD_PROTO_* in C).
 
     The front-end names it in its `protocol` key (io/protocols.h); a missing key means
-    the back-end's native layout (blkif.h).  On the wire of the control protocol 0 means
-    "not said" and is read as native, as blktap's tapdisk does.
+    the back-end's native layout (blkif.h), which has no name of its own in XenStore
+    (Linux blkback refuses the word "native" too).  On the wire of the control protocol
+    0 means "not said" and is read as native, as blktap's tapdisk does.
     """
 
     NATIVE = 1
@@ -69,14 +70,15 @@ class BlkifProtocol(enum.IntEnum):
     X86_64 = 3
 
     @property
-    def xenstore(self) -> str:
-        """The `protocol` key's value (XEN_IO_PROTO_ABI_*)."""
-        return _XENSTORE_NAME[self]
+    def xenstore(self) -> str | None:
+        """The `protocol` key's value (XEN_IO_PROTO_ABI_*); None: leave the key out."""
+        return _XENSTORE_NAME.get(self)
 
     @classmethod
-    def from_xenstore(cls, name: str) -> BlkifProtocol | None:
-        """The layout a `protocol` key names; None for a name Xen does not define."""
-        return _PROTOCOL_OF_NAME.get(name)
+    def from_xenstore(cls, name: str | None) -> BlkifProtocol | None:
+        """The layout a `protocol` key names (None: key missing, native); None for a
+        name Xen does not define."""
+        return cls.NATIVE if name is None else _PROTOCOL_OF_NAME.get(name)
 
     @classmethod
     def from_wire(cls, number: int) -> BlkifProtocol | None:
@@ -85,7 +87,6 @@ class BlkifProtocol(enum.IntEnum):
 
 
 _XENSTORE_NAME: Final = {
-    BlkifProtocol.NATIVE: "native",
     BlkifProtocol.X86_32: "x86_32-abi",
     BlkifProtocol.X86_64: "x86_64-abi",
 }

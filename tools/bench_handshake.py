@@ -46,6 +46,7 @@ from typing import Any
 
 import structlog
 
+from blktap3.abi import BlkifProtocol
 from blktap3.sim import hotplug, xenlib
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
@@ -160,7 +161,7 @@ class GuestFrontends:
         def body(tx: Transaction) -> None:
             tx.write(fe("ring-ref"), str(share.refs[0]))
             tx.write(fe("event-channel"), str(port))
-            tx.write(fe("protocol"), "x86_64-abi")
+            tx.write(fe("protocol"), str(BlkifProtocol.X86_64.xenstore))
             tx.write(fe("state"), XenbusState.INITIALISED.wire())
 
         self.xs.transact(body)

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from blktap3.abi import BlkifProtocol
 from blktap3.ctl import ops
 from blktap3.ctl.client import TapdiskClient
 from blktap3.datapath.lineproc import LineProcess
@@ -156,7 +157,7 @@ class RingRig:
         try:
             if self.cpus:
                 pin(guest.pid, self.cpus[1])
-            g = guest.call("open", backend=0, order=order, protocol="native")
+            g = guest.call("open", backend=0, order=order, protocol=BlkifProtocol.NATIVE)
             vbd.client.connect_xenblkif(
                 vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]), order=order,
                 port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,

@@ -4,14 +4,11 @@ The facade the tapdisk process calls: ``Image.open``, ``Ring.connect`` and the r
 ``pause``/``resume``/``disconnect``/``stats``. Errors are ``OSError(errno, message)``.
 """
 
-from .image import VDISK_CDROM, VDISK_READONLY, Image, ImageInfo
-from .ring import MAX_RING_PAGE_ORDER, PROTOCOLS, Ring
+from .image import Image, ImageInfo
+from .ring import MAX_RING_PAGE_ORDER, Ring
 
 __all__ = [
     "MAX_RING_PAGE_ORDER",
-    "PROTOCOLS",
-    "VDISK_CDROM",
-    "VDISK_READONLY",
     "Image",
     "ImageInfo",
     "Ring",

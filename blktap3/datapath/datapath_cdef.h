@@ -13,9 +13,9 @@
 #define VDISK_CDROM 1
 #define VDISK_READONLY 4
 
-#define TD_PROTO_NATIVE 0
-#define TD_PROTO_X86_32 1
-#define TD_PROTO_X86_64 2
+#define TD_PROTO_NATIVE 1
+#define TD_PROTO_X86_32 2
+#define TD_PROTO_X86_64 3
 #define TD_ENGINE_AUTO 0
 #define TD_ENGINE_URING 1
 #define TD_ENGINE_SYNC 2

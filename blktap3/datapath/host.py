@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from blktap3.abi import BlkifProtocol
+
 from .image import Image
 from .lineproc import serve
 from .ring import Ring
@@ -31,8 +33,12 @@ class Host:
     def close_image(self, name: str) -> None:
         self.images.pop(name).close()
 
-    def connect(self, name: str, image: str, **kwargs: Any) -> None:
-        self.rings[name] = Ring.connect(self.images[image], **kwargs)
+    def connect(self, name: str, image: str, protocol: int = BlkifProtocol.NATIVE,
+                **kwargs: Any) -> None:
+        layout = BlkifProtocol.from_wire(protocol)
+        if layout is None:
+            raise OSError(22, f"unknown ring protocol {protocol!r}")
+        self.rings[name] = Ring.connect(self.images[image], protocol=layout, **kwargs)
 
     def pause(self, name: str, timeout: float = 30.0) -> None:
         self.rings[name].pause(timeout)

@@ -6,13 +6,12 @@ import mmap
 from dataclasses import dataclass
 from typing import Any
 
+from blktap3.abi import SECTOR_SIZE, VdiskInfo
+
 from ._datapath import ffi, lib
 from ._errors import check
 
 DRIVERS = ("aio", "raw", "null")
-VDISK_CDROM = 1
-VDISK_READONLY = 4
-SECTOR = 512
 ENGINES = {
     "auto": lib.TD_ENGINE_AUTO,
     "uring": lib.TD_ENGINE_URING,
@@ -64,7 +63,7 @@ class Image:
 
     @property
     def readonly(self) -> bool:
-        return bool(self.info.info & VDISK_READONLY)
+        return bool(self.info.info & VdiskInfo.READONLY)
 
     @property
     def handle(self) -> Any:
@@ -81,25 +80,25 @@ class Image:
 
     def read(self, sector: int, count: int, *, engine: str = "auto") -> bytes:
         """Read ``count`` sectors through an io engine (tools and tests; not the hot path)."""
-        buf = _aligned(count * SECTOR)
+        buf = _aligned(count * SECTOR_SIZE)
         check(
             lib.td_image_rw(self.handle, ENGINES[engine], 0, buf, sector, count),
             f"read {self.path}",
         )
-        return bytes(ffi.buffer(buf, count * SECTOR))
+        return bytes(ffi.buffer(buf, count * SECTOR_SIZE))
 
     def write(self, sector: int, data: bytes, *, engine: str = "auto") -> None:
         """Write whole sectors through an io engine (tools and tests; not the hot path)."""
-        if len(data) % SECTOR:
+        if len(data) % SECTOR_SIZE:
             raise OSError(22, "write length must be a multiple of 512")
         buf = _aligned(len(data))
         ffi.memmove(buf, data, len(data))
         check(
-            lib.td_image_rw(self.handle, ENGINES[engine], 1, buf, sector, len(data) // SECTOR),
+            lib.td_image_rw(self.handle, ENGINES[engine], 1, buf, sector, len(data) // SECTOR_SIZE),
             f"write {self.path}",
         )
 
 
 def _aligned(size: int) -> Any:
     """A page-aligned buffer (O_DIRECT): an anonymous mmap seen through cffi."""
-    return ffi.from_buffer(mmap.mmap(-1, max(size, SECTOR)))
+    return ffi.from_buffer(mmap.mmap(-1, max(size, SECTOR_SIZE)))

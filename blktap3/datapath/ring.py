@@ -13,15 +13,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from blktap3.abi import BlkifProtocol
+
 from ._datapath import ffi, lib
 from ._errors import check
 from .image import ENGINES, Image
 
-PROTOCOLS = {
-    "native": lib.TD_PROTO_NATIVE,
-    "x86_32-abi": lib.TD_PROTO_X86_32,
-    "x86_64-abi": lib.TD_PROTO_X86_64,
-}
 MAX_RING_PAGE_ORDER = 3
 # The process-wide default of ``poll_us`` (blktap's poll_duration): the tapdisk's
 # control protocol has no field for it, so its environment carries it.
@@ -68,7 +65,7 @@ class Ring:
         grefs: Sequence[int],
         order: int,
         port: int,
-        protocol: str,
+        protocol: BlkifProtocol,
         engine: str = "auto",
         poll_us: int | None = None,
     ) -> Ring:
@@ -81,7 +78,7 @@ class Ring:
         """
         if poll_us is None:
             poll_us = _env_poll_us()
-        if protocol not in PROTOCOLS:
+        if protocol not in BlkifProtocol:
             raise OSError(22, f"unknown ring protocol {protocol!r}")
         if not 0 <= order <= MAX_RING_PAGE_ORDER or len(grefs) != 1 << order:
             raise OSError(22, f"ring order {order} needs {1 << order} grant refs, got {len(grefs)}")
@@ -98,7 +95,7 @@ class Ring:
             refs,
             order,
             port,
-            PROTOCOLS[protocol],
+            int(protocol),  # TD_PROTO_* are BlkifProtocol's numbers
             ENGINES[engine],
             poll_us,
             out,

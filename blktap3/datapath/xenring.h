@@ -35,11 +35,15 @@
 #define TD_MAX_RING_ORDER 3u
 #define TD_MAX_RING_PAGES (1u << TD_MAX_RING_ORDER)
 
-/* Which layout `protocol` names (blkif.h: a missing key means native). */
+/*
+ * Which layout `protocol` names (blkif.h: a missing key means native). The numbers are
+ * Xen's `enum blkif_protocol`, as XENBLKIF_CONNECT carries them, so the control message's
+ * value reaches the ring unconverted (blktap3.abi.BlkifProtocol; a test pins both).
+ */
 enum td_proto {
-    TD_PROTO_NATIVE = 0,
-    TD_PROTO_X86_32 = 1,
-    TD_PROTO_X86_64 = 2,
+    TD_PROTO_NATIVE = 1,
+    TD_PROTO_X86_32 = 2,
+    TD_PROTO_X86_64 = 3,
 };
 
 /*

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from blktap3.abi import SECTOR_SIZE, VdiskInfo
+
 from .effects import (
     Effect,
     Perms,
@@ -52,8 +54,6 @@ from .events import (
 from .machine import SpecMachine
 from .xenbus_state import XenbusState
 
-VDISK_CDROM = 1
-VDISK_READONLY = 4
 KTHREAD_PID = "kthread-pid"
 
 
@@ -69,7 +69,7 @@ class BackendFeatures:
     barrier: bool = True
     flush_cache: bool = True
     discard: bool = True
-    discard_granularity: int = 512
+    discard_granularity: int = SECTOR_SIZE
     discard_alignment: int = 0
     discard_secure: bool = False
     persistent: bool = False
@@ -82,7 +82,7 @@ class BackendFeatures:
         return tuple(keys)
 
     def discard_for(self, disk: DiskInfo) -> bool:
-        writable = not disk.info & (VDISK_READONLY | VDISK_CDROM)
+        writable = not disk.info & (VdiskInfo.READONLY | VdiskInfo.CDROM)
         return self.discard and disk.discard and writable
 
     def connect_keys(self, disk: DiskInfo) -> tuple[tuple[str, str], ...]:

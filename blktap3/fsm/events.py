@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from blktap3.abi import BlkifProtocol
+
 from .xenbus_state import XenbusState
 
 
@@ -53,7 +55,7 @@ class RingTransport:
 
     ring_refs: tuple[int, ...]  # ring-ref, or ring-ref0..N-1 (N = 2**ring-page-order)
     event_channel: int
-    protocol: str = "native"  # "x86_32-abi", "x86_64-abi" or "native" (key missing)
+    protocol: BlkifProtocol = BlkifProtocol.NATIVE  # native: the key was missing
     persistent: bool = False
 
 

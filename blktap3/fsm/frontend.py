@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from blktap3.abi import BlkifProtocol
+
 from .effects import Perms, ReadBackendInfo, WriteKeys
 from .events import BackendInfoRead, DiskInfo
 from .machine import SpecMachine
@@ -23,7 +25,9 @@ class FrontendTransportConfig:
 
     ring_refs: tuple[int, ...] = (8,)  # one page, or 2**order pages
     event_channel: int = 8
-    protocol: str | None = "x86_64-abi"  # None: leave the key out (means native)
+    # The `protocol` key as written (None: left out, native); a string, so that tests
+    # can write what a hostile guest would.
+    protocol: str | None = BlkifProtocol.X86_64.xenstore
     persistent: bool = False
 
     def keys(self) -> tuple[tuple[str, str], ...]:

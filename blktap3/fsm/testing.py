@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blktap3.abi import BlkifProtocol
+
 from .backend import BackendFeatures, BackendVbd
 from .effects import (
     Effect,
@@ -141,9 +143,10 @@ def parse_transport(read: Callable[[str], str | None], max_order: int) -> RingTr
     port = number("event-channel")
     if isinstance(port, str):
         return port
-    protocol = read("protocol") or "native"  # a missing key means native (blkif.h)
-    if protocol not in {"native", "x86_32-abi", "x86_64-abi"}:
-        return f"protocol={protocol!r} unknown"
+    raw = read("protocol")
+    protocol = BlkifProtocol.from_xenstore(raw)  # a missing key means native (blkif.h)
+    if protocol is None:
+        return f"protocol={raw!r} unknown"
     return RingTransport(tuple(refs), port, protocol, read("feature-persistent") == "1")
 
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from blktap3.abi import BlkifProtocol, VdiskInfo
 from blktap3.fsm import (
     BackendInfoRead,
     BackendStateChanged,
@@ -47,7 +48,6 @@ from blktap3.fsm import (
     ReadBackendInfo,
     WriteKeys,
 )
-from blktap3.fsm import XenbusState as FsmState
 from blktap3.xenbus import (
     Reconnected,
     Transaction,
@@ -65,10 +65,8 @@ log = structlog.get_logger(__name__)
 
 PERSONALITY_PACKAGE = "blktap3.specs"
 PERSONALITY_DIR = "personalities"
-PROTOCOLS = ("", "native", "x86_32-abi", "x86_64-abi")
 MAX_RING_PAGE_ORDER = 4  # QEMU's limit, the largest any back-end offers
 WATCH_SLICE = 0.1  # seconds: how often a waiting loop checks its deadline and stop flag
-VDISK_READONLY = 4
 
 
 class FrontendFailure(Exception):
@@ -85,18 +83,13 @@ class Personality:
     name: str
     doc: str
     ring_page_order: int  # the front-end's own maximum; capped by the back-end's
-    protocol: str  # "" leaves the `protocol` key out (native)
+    protocol: BlkifProtocol  # native leaves the `protocol` key out
     feature_persistent: bool
     write_feature_persistent: bool
     keys_in_transaction: bool
     state_in_transaction: bool
     mandatory_reads: tuple[str, ...]
     optional_reads: tuple[str, ...]
-
-    @property
-    def ring_protocol(self) -> str:
-        """The layout the ring driver must use for the `protocol` it announces."""
-        return self.protocol or "native"
 
 
 def personality_names() -> list[str]:
@@ -135,14 +128,16 @@ def parse_personality(data: dict[str, Any], name: str) -> Personality:
         raise ValueError(f"personality {name}: file names itself {data['personality']['name']!r}")
     if not 0 <= tr["ring_page_order"] <= MAX_RING_PAGE_ORDER:
         raise ValueError(f"personality {name}: ring_page_order not in 0..{MAX_RING_PAGE_ORDER}")
-    if tr["protocol"] not in PROTOCOLS:
-        raise ValueError(f"personality {name}: protocol {tr['protocol']!r} not in {PROTOCOLS}")
+    protocol = BlkifProtocol.from_xenstore(tr["protocol"] or None)  # "": key left out
+    if protocol is None:
+        raise ValueError(f"personality {name}: protocol {tr['protocol']!r} is not a Xen "
+                         "layout (\"\" leaves the key out)")
     reads = [*rd["mandatory"], *rd["optional"]]
     if not all(isinstance(k, str) and k for k in reads):
         raise ValueError(f"personality {name}: read keys must be non-empty strings")
     return Personality(
         name=name, doc=data["personality"]["doc"], ring_page_order=tr["ring_page_order"],
-        protocol=tr["protocol"], feature_persistent=tr["feature_persistent"],
+        protocol=protocol, feature_persistent=tr["feature_persistent"],
         write_feature_persistent=tr["write_feature_persistent"],
         keys_in_transaction=tr["keys_in_transaction"],
         state_in_transaction=tr["state_in_transaction"],
@@ -165,7 +160,7 @@ class Ring(Protocol):
     def close(self) -> None: ...
 
 
-RingFactory = Callable[[int, str], Ring]  # (ring page order, ring protocol) -> Ring
+RingFactory = Callable[[int, BlkifProtocol], Ring]  # (ring page order, layout) -> Ring
 
 
 # -- the timeline ---------------------------------------------------------------------------
@@ -387,7 +382,7 @@ class Blkfront:
             hs.backend_connected = self.timeline.now_ms()
         if state == XenbusState.INIT_WAIT and self.machine.state == "initialising":
             self._offer_ring()
-        self._feed(BackendStateChanged(FsmState(int(state))))
+        self._feed(BackendStateChanged(state))
 
     def _feed(self, event: Event) -> None:
         try:
@@ -419,11 +414,11 @@ class Blkfront:
             self.ring = None
         backend_max = self._read_number("max-ring-page-order", default=0)
         order = min(self.personality.ring_page_order, backend_max)
-        self.ring = self._ring_factory(order, self.personality.ring_protocol)
+        self.ring = self._ring_factory(order, self.personality.protocol)
         self.machine.transport = FrontendTransportConfig(
             ring_refs=tuple(self.ring.grefs),
             event_channel=self.ring.port,
-            protocol=self.personality.protocol or None,
+            protocol=self.personality.protocol.xenstore,
             persistent=self.personality.feature_persistent,
         )
         self.timeline.add("fe", f"ring of {1 << order} page(s) shared, event channel "
@@ -547,4 +542,4 @@ def _state_name(state: XenbusState | None) -> str:
 
 
 def is_readonly(disk: DiskInfo) -> bool:
-    return bool(disk.info & VDISK_READONLY)
+    return bool(disk.info & VdiskInfo.READONLY)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from blktap3.abi import SECTOR_SIZE, BlkifProtocol
 from blktap3.xenbus import BoundPort, XenStore, XenStoreError
 
 from . import xenlib, xensim
@@ -49,6 +50,7 @@ from .frontend import (
     FrontendFailure,
     Personality,
     Ring,
+    RingFactory,
     Step,
     Timeline,
     is_readonly,
@@ -60,7 +62,6 @@ if TYPE_CHECKING:
     from .host import Host
 
 WORKLOADS = ("verify", "randrw", "read", "none")
-SECTOR = 512
 MiB = 1 << 20
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -97,8 +98,8 @@ def run_workload(ring: Any, workload: str, sectors: int, readonly: bool,
 
     if workload == "none":
         return []
-    bs_sectors = opts.bs // SECTOR
-    span = min(int(opts.span_mib * MiB) // SECTOR, sectors)
+    bs_sectors = opts.bs // SECTOR_SIZE
+    span = min(int(opts.span_mib * MiB) // SECTOR_SIZE, sectors)
     span -= span % bs_sectors
     if span < bs_sectors:
         raise FrontendFailure(f"disk of {sectors} sectors is smaller than one {opts.bs} B I/O")
@@ -215,10 +216,10 @@ class GuestRun:
         }
 
 
-def _guest_ring_factory(backend: int, qd: int) -> Callable[[int, str], Ring]:
+def _guest_ring_factory(backend: int, qd: int) -> RingFactory:
     from .guestdrv import GuestRing  # the C driver loads only in the guest process
 
-    def make(order: int, protocol: str) -> Ring:
+    def make(order: int, protocol: BlkifProtocol) -> Ring:
         return GuestRing(backend, order=order, protocol=protocol, data_slots=qd)
 
     return make
@@ -301,7 +302,7 @@ def format_report(report: dict[str, Any]) -> str:
              f"workload {report['workload']}), back-end {report['backend']}"]
     disk = report.get("disk")
     if disk:
-        size = disk["sectors"] * SECTOR / MiB
+        size = disk["sectors"] * SECTOR_SIZE / MiB
         lines.append(f"  sectors {disk['sectors']} ({size:.1f} MiB), sector-size "
                      f"{disk['sector_size']}, info {disk['info']}")
     if report.get("features"):
@@ -361,7 +362,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if not (1 <= args.qd <= 256 and args.bs % SECTOR == 0 and 0 < args.bs <= 11 * 4096
+    if not (1 <= args.qd <= 256 and args.bs % SECTOR_SIZE == 0 and 0 < args.bs <= 11 * 4096
             and args.cycles >= 1):
         print("guest: --qd 1..256, --bs a multiple of 512 up to 45056, --cycles >= 1",
               file=sys.stderr)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.abi import VdiskInfo
 from blktap3.ctl import runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.fsm import (
@@ -88,11 +89,6 @@ from .tapdisks import TapdiskLocation, parse_device_path
 
 log = structlog.get_logger(__name__)
 
-VDISK_CDROM = 1
-VDISK_REMOVABLE = 2
-VDISK_READONLY = 4
-# Xen's enum blkif_protocol, as XENBLKIF_CONNECT carries it.
-BLKIF_PROTOCOL = {"native": 1, "x86_32-abi": 2, "x86_64-abi": 3}
 HOTPLUG_ERROR = "hotplug-error"
 _ABSENT = object()  # "never read" marker for the last front-end state seen
 # What a front-end `state` we may not read counts as: not a xenbus state, so the VBD
@@ -276,8 +272,14 @@ class VbdWorker:
         self._inherited_perms = [str(p) for p in perms]
         readonly = mode is not None and mode.startswith("r")
         cdrom = device_type == "cdrom"
-        self._info_bits = ((VDISK_READONLY if readonly else 0) | (VDISK_CDROM if cdrom else 0)
-                           | (VDISK_REMOVABLE if cdrom or removable == "1" else 0))
+        info = VdiskInfo(0)
+        if readonly:
+            info |= VdiskInfo.READONLY
+        if cdrom:
+            info |= VdiskInfo.CDROM
+        if cdrom or removable == "1":
+            info |= VdiskInfo.REMOVABLE
+        self._info_bits = int(info)
         if params is not None and ":" in params:
             self.image_path = params.split(":", 1)[1]
         # Discard is offered; the machine announces it only when the tapdisk says the
@@ -419,7 +421,7 @@ class VbdWorker:
                 client.connect_xenblkif(
                     message.minor, domid=message.domid, devid=message.devid,
                     grefs=t.ring_refs, order=len(t.ring_refs).bit_length() - 1,
-                    port=t.event_channel, proto=BLKIF_PROTOCOL[t.protocol])
+                    port=t.event_channel, proto=t.protocol)
             except CtlError as exc:
                 if exc.errno == errno.EALREADY:
                     self.log.info("ring already connected (adopted)", state=self.machine.state)
@@ -487,7 +489,7 @@ class VbdWorker:
                 reader_for(tx, self.frontend), max_ring_page_order=effect.max_ring_page_order)
             queue0 = transport.queues[0]
             return RingTransport(queue0.ring_refs, queue0.event_channel,
-                                 transport.protocol.value, transport.feature_persistent)
+                                 transport.protocol, transport.feature_persistent)
 
         try:
             return TransportRead(self.store.call(lambda xs: xs.transact(read)))

@@ -12,6 +12,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from blktap3.abi import BlkifProtocol
 from blktap3.ctl.protocol import OpenFlags
 
 
@@ -59,8 +60,6 @@ class Ring(Protocol):
 SUPPORTED_TYPES = ("aio", "raw", "null")
 # Open flags we honour; the rest name blktap features we do not have, refused loudly.
 SUPPORTED_FLAGS = OpenFlags.RDONLY | OpenFlags.NO_O_DIRECT | OpenFlags.SHARED
-# blkif.proto on the wire is Xen's `enum blkif_protocol` (0 = unset: native).
-RING_PROTOCOLS = {0: "native", 1: "native", 2: "x86_32-abi", 3: "x86_64-abi"}
 
 
 @dataclass(frozen=True)
@@ -147,12 +146,14 @@ def connect_ring(
     for more requests before sleeping); 0 leaves the data path's default.
     """
     datapath = _datapath()
-    if protocol not in RING_PROTOCOLS:
+    # blkif.proto on the wire is Xen's `enum blkif_protocol` (0 = unset: native).
+    layout = BlkifProtocol.from_wire(protocol)
+    if layout is None:
         raise OSError(errno.EINVAL, f"unknown blkif protocol {protocol}")
     try:
         ring: Ring = datapath.Ring.connect(
             image, domid=domid, devid=devid, grefs=list(grefs), order=order, port=port,
-            protocol=RING_PROTOCOLS[protocol], poll_us=poll_us or None,
+            protocol=layout, poll_us=poll_us or None,
         )
     except OSError as exc:
         raise OSError(

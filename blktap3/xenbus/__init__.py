@@ -28,7 +28,6 @@ from .perms import Access, Permission, owned_by
 from .ring import BoundPort, EventChannel, RingConnection
 from .schema import (
     BackendKey,
-    BlkifProtocol,
     FrontendKey,
     FrontendTransport,
     RingQueue,
@@ -44,7 +43,6 @@ from .watch import Reconnected, WatchEvent, WatchStream
 __all__ = [
     "Access",
     "BackendKey",
-    "BlkifProtocol",
     "BoundPort",
     "EventChannel",
     "FrontendKey",

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from blktap3.abi import BlkifProtocol
+
 from .errors import XenbusValueError
 from .states import parse_decimal
 
@@ -87,14 +89,6 @@ def ring_ref_key(index: int) -> str:
 def queue_dir(index: int) -> str:
     """`queue-<N>`, the sub-directory of queue N when multi-queue is used."""
     return f"queue-{index}"
-
-
-class BlkifProtocol(enum.Enum):
-    """The ring layout the front-end uses (`protocol` key; missing means native)."""
-
-    NATIVE = "native"
-    X86_32 = "x86_32-abi"
-    X86_64 = "x86_64-abi"
 
 
 def domain_path(domid: int) -> str:
@@ -188,12 +182,10 @@ def reader_for(ops: _ReadsOptional, directory: str) -> Reader:
 
 def parse_protocol(value: str | None) -> BlkifProtocol:
     """`protocol`: missing means the back-end's native layout (blkif.h)."""
-    if value is None:
-        return BlkifProtocol.NATIVE
-    for proto in (BlkifProtocol.X86_32, BlkifProtocol.X86_64):
-        if value == proto.value:
-            return proto
-    raise XenbusValueError(FrontendKey.PROTOCOL, value, "unknown protocol")
+    layout = BlkifProtocol.from_xenstore(value)
+    if layout is None:
+        raise XenbusValueError(FrontendKey.PROTOCOL, value, "unknown protocol")
+    return layout
 
 
 def parse_bool(value: str | None, key: str, default: bool = False) -> bool:

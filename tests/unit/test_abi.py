@@ -39,6 +39,9 @@ def test_protocol_names_are_protocols_h() -> None:
         assert BlkifProtocol[name].xenstore == value
         assert BlkifProtocol.from_xenstore(value) is BlkifProtocol[name]
     assert BlkifProtocol.from_xenstore("arm-abi") is None  # not a layout we serve
+    assert BlkifProtocol.from_xenstore(None) is BlkifProtocol.NATIVE  # key missing
+    assert BlkifProtocol.from_xenstore("native") is None  # no such name (blkback agrees)
+    assert BlkifProtocol.NATIVE.xenstore is None
 
 
 def test_protocol_numbers_are_the_c_constants() -> None:
@@ -78,11 +81,12 @@ def test_no_room_defines_an_abi_table_of_its_own() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and node.value in {"x86_32-abi", "x86_64-abi"}:
                 offenders.append(f"{path.name}:{node.lineno} protocol name")
-            elif isinstance(node, ast.Assign):
-                for target in node.targets:
-                    name = target.id if isinstance(target, ast.Name) else ""
-                    if name.startswith("VDISK_") or name in {"SECTOR", "SECTOR_SIZE"}:
-                        offenders.append(f"{path.name}:{node.lineno} {name}")
-            elif isinstance(node, ast.ClassDef) and node.name == "XenbusState":
-                offenders.append(f"{path.name}:{node.lineno} class XenbusState")
+            elif isinstance(node, ast.ClassDef) and node.name in {"XenbusState", "BlkifProtocol"}:
+                offenders.append(f"{path.name}:{node.lineno} class {node.name}")
+        for node in tree.body:  # module-level constants
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for target in targets:
+                name = target.id if isinstance(target, ast.Name) else ""
+                if name.startswith("VDISK_") or name in {"SECTOR", "SECTOR_SIZE"}:
+                    offenders.append(f"{path.name}:{node.lineno} {name}")
     assert offenders == []

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from blktap3.abi import SECTOR_SIZE, BlkifProtocol
+
 from ._guestdrv import ffi, lib
 
-PROTOCOLS = {"native": 0, "x86_32-abi": 1, "x86_64-abi": 2}
-SECTOR = 512
 PAGE = 4096
 SEGS = 11
 ETIMEDOUT = 110
@@ -35,12 +35,12 @@ class GuestRing:
         backend: int,
         *,
         order: int = 0,
-        protocol: str = "native",
+        protocol: BlkifProtocol = BlkifProtocol.NATIVE,
         data_slots: int = 0,
         writable: bool = True,
     ) -> None:
         out = ffi.new("struct gd **")
-        rc = lib.gd_open(backend, order, PROTOCOLS[protocol], data_slots, int(writable), out)
+        rc = lib.gd_open(backend, order, int(protocol), data_slots, int(writable), out)
         _check(rc, "guest ring open")
         self._g = out[0]
         self.order = order
@@ -92,7 +92,7 @@ class GuestRing:
         return self.collect(1, timeout)[0]
 
     def _segs_for(self, nbytes: int) -> list[Seg]:
-        sectors = nbytes // SECTOR
+        sectors = nbytes // SECTOR_SIZE
         segs: list[Seg] = []
         page = 0
         while sectors:
@@ -104,7 +104,7 @@ class GuestRing:
 
     def write(self, sector: int, data: bytes, timeout: float = 10.0) -> int | None:
         """Write whole sectors (<= 44 KiB) with one request; returns the blkif status."""
-        if not data or len(data) % SECTOR or len(data) > SEGS * PAGE:
+        if not data or len(data) % SECTOR_SIZE or len(data) > SEGS * PAGE:
             raise ValueError("write: 1..88 whole sectors")
         for page in range((len(data) + PAGE - 1) // PAGE):
             chunk = data[page * PAGE : (page + 1) * PAGE]
@@ -114,7 +114,7 @@ class GuestRing:
 
     def read(self, sector: int, count: int, timeout: float = 10.0) -> tuple[int | None, bytes]:
         """Read ``count`` sectors (<= 88) with one request: (status, data)."""
-        nbytes = count * SECTOR
+        nbytes = count * SECTOR_SIZE
         if not 0 < count <= SEGS * 8:
             raise ValueError("read: 1..88 sectors")
         spec = {"op": 0, "sector": sector, "segs": self._segs_for(nbytes)}
@@ -144,7 +144,7 @@ class GuestRing:
         ``poll_us``: spin for responses this long before sleeping on the event channel.
         """
         p = ffi.new("struct gd_params *")
-        p.qd, p.bs_sectors, p.read_pct, p.random = qd, bs // SECTOR, read_pct, int(random)
+        p.qd, p.bs_sectors, p.read_pct, p.random = qd, bs // SECTOR_SIZE, read_pct, int(random)
         p.start, p.span, p.max_ios = start, span, ios
         p.duration_ns = int(duration * 1e9)
         p.seed, p.verify, p.stamp = seed, int(verify), stamp

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from blktap3.abi import BlkifProtocol
+
 from ...datapath.lineproc import serve
 from . import GuestRing
 
@@ -21,12 +23,15 @@ class GuestServer:
         self,
         backend: int,
         order: int = 0,
-        protocol: str = "native",
+        protocol: int = BlkifProtocol.NATIVE,
         data_slots: int = 0,
         writable: bool = True,
     ) -> dict[str, Any]:
+        layout = BlkifProtocol.from_wire(protocol)
+        if layout is None:
+            raise OSError(22, f"unknown ring protocol {protocol!r}")
         self.ring = GuestRing(
-            backend, order=order, protocol=protocol, data_slots=data_slots, writable=writable
+            backend, order=order, protocol=layout, data_slots=data_slots, writable=writable
         )
         return {"grefs": self.ring.grefs, "port": self.ring.port, "slots": self.ring.slots}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
 from blktap3.sim import xensim
 
@@ -69,7 +70,7 @@ def guest(spawn: Spawn) -> LineProcess:
 
 
 def connect(host: LineProcess, guest: LineProcess, disk: Path, *, order: int = 0,
-            protocol: str = "native", readonly: bool = False, name: str = "r",
+            protocol: BlkifProtocol = BlkifProtocol.NATIVE, readonly: bool = False, name: str = "r",
             domid: int = GUEST_DOMID, driver: str = "aio") -> dict[str, Any]:
     """Open the image in the host, the ring in the guest, and connect them."""
     host.call("open", name=name, driver=driver, path=str(disk), readonly=readonly)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
 
 from .conftest import DISK_BYTES, GUEST_DOMID, Spawn, connect
@@ -34,7 +35,7 @@ def bad_requests(gref: int) -> list[tuple[str, dict[str, Any], int]]:
     ]
 
 
-@pytest.mark.parametrize("protocol", ["native", "x86_32-abi"])
+@pytest.mark.parametrize("protocol", [BlkifProtocol.NATIVE, BlkifProtocol.X86_32])
 def test_each_bad_request_gets_an_error_and_its_counter(
         host: LineProcess, guest: LineProcess, disk: Path, protocol: str) -> None:
     connect(host, guest, disk, protocol=protocol)

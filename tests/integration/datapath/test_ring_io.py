@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
 
 from .conftest import DISK_BYTES, connect
@@ -22,7 +23,7 @@ def stamp_block(sector: int, stamp: int) -> bytes:
     return struct.pack("<QQ", sector, stamp) * 32
 
 
-@pytest.mark.parametrize("protocol", ["native", "x86_32-abi", "x86_64-abi"])
+@pytest.mark.parametrize("protocol", list(BlkifProtocol))
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
 def test_written_data_reads_back_from_file_and_ring(
         host: LineProcess, guest: LineProcess, disk: Path, protocol: str, order: int) -> None:
@@ -118,9 +119,9 @@ def test_disconnect_with_requests_in_flight_completes_them(
 def test_polling_mode_serves_the_same_requests_without_kicks(
         host: LineProcess, guest: LineProcess, disk: Path) -> None:
     host.call("open", name="r", driver="aio", path=str(disk))
-    g = guest.call("open", backend=0, order=0, protocol="native")
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
     host.call("connect", name="r", image="r", domid=7, devid=51712, grefs=g["grefs"],
-              order=0, port=g["port"], protocol="native", poll_us=200)
+              order=0, port=g["port"], protocol=BlkifProtocol.NATIVE, poll_us=200)
     span = 8 * 256
     w = guest.call("run", qd=1, bs=4096, read_pct=0, span=span, ios=256, verify=True,
                    stamp=5, poll_us=200)
@@ -139,9 +140,9 @@ def test_both_ways_of_sleeping_serve_a_mixed_workload(
     control eventfd); the sync engine: in poll(). Both answer every request, take kicks
     and wake up for pause/resume."""
     host.call("open", name="r", driver="aio", path=str(disk))
-    g = guest.call("open", backend=0, order=0, protocol="native")
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
     host.call("connect", name="r", image="r", domid=7, devid=51712, grefs=g["grefs"],
-              order=0, port=g["port"], protocol="native", engine=engine)
+              order=0, port=g["port"], protocol=BlkifProtocol.NATIVE, engine=engine)
     span = 8 * 512
     w = guest.call("run", qd=1, bs=4096, read_pct=0, span=span, ios=512, verify=True,
                    stamp=9)

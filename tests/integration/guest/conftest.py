@@ -41,7 +41,7 @@ from blktap3.xenbus import (
 
 MiB = 1 << 20
 DEVID = 51712  # xvda
-PROTO_CODES = {"native": 1, "x86_32-abi": 2, "x86_64-abi": 3}  # blkif.proto of the control message
+
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ class MiniBackend:
         self.tapdisk.connect_xenblkif(
             self.minor, domid=self.paths.domid, devid=self.paths.devid,
             grefs=queue.ring_refs, order=transport.ring_page_order,
-            port=queue.event_channel, proto=PROTO_CODES[transport.protocol.value])
+            port=queue.event_channel, proto=transport.protocol)
         self._ring_up = True
         info = self.tapdisk.disk_info(self.minor)
         self.publish_disk(info.sectors,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.sim.guest import guest_env, run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
@@ -37,7 +38,7 @@ def test_linux_guest_connects_writes_and_reads_back_every_byte(host: Host, vbd: 
     tx = [w for w in fe if w.startswith("[tx] ring-ref=")]
     assert len(tx) == 1 and "protocol=x86_64-abi" in tx[0] and "feature-persistent=1" in tx[0]
     (transport,) = be.connected_transport
-    assert transport.ring_page_order == 0 and transport.protocol.value == "x86_64-abi"
+    assert transport.ring_page_order == 0 and transport.protocol is BlkifProtocol.X86_64
     # Detached at the end: 5 then 6 from us, Closed from the back-end.
     assert fe.index("[tx] state=5 (CLOSING)") < fe.index("[tx] state=6 (CLOSED)")
     assert be.frontend_state() == "6" and be.state() == "6"
@@ -57,7 +58,7 @@ def test_minios_writes_key_by_key_without_protocol(host: Host, vbd: Vbd) -> None
                       f"event-channel={be.connected_transport[0].queues[0].event_channel}"]
     assert not any(w.startswith("[tx]") for w in fe)  # neither keys nor state in a transaction
     (transport,) = be.connected_transport
-    assert transport.protocol.value == "native" and not transport.feature_persistent
+    assert transport.protocol is BlkifProtocol.NATIVE and not transport.feature_persistent
     assert be.xs.read_optional(be.paths.frontend_key("protocol")) is None
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.sim.frontend import load_personality, parse_personality, personality_names
 
 LINUX: dict[str, Any] = tomllib.loads("""
@@ -33,8 +34,8 @@ def test_shipped_personalities_load() -> None:
         p = load_personality(name)
         assert p.name == name and "sectors" in p.mandatory_reads
     linux, minios = load_personality("linux"), load_personality("minios")
-    assert linux.keys_in_transaction and linux.protocol == "x86_64-abi"
-    assert not minios.keys_in_transaction and minios.ring_protocol == "native"
+    assert linux.keys_in_transaction and linux.protocol is BlkifProtocol.X86_64
+    assert not minios.keys_in_transaction and minios.protocol is BlkifProtocol.NATIVE
 
 
 def test_unknown_personality_names_the_known_ones() -> None:

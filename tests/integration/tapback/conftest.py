@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.ctl import runtime
 from blktap3.datapath.lineproc import LineProcess
 from blktap3.sim import xenlib, xensim
@@ -95,7 +96,7 @@ class Guest:
     def set_state(self, state: XenbusState) -> None:
         self.xs.write(self.paths.frontend_key("state"), state.wire())
 
-    def open_ring(self, order: int = 0, protocol: str = "native",
+    def open_ring(self, order: int = 0, protocol: BlkifProtocol = BlkifProtocol.NATIVE,
                   data_slots: int = 0) -> dict[str, Any]:
         """Share a fresh ring (and data pages) with dom0 in the guest ring process."""
         if self.ring is None:
@@ -111,7 +112,8 @@ class Guest:
 
         `data_slots`: requests in flight the guest ring process has data pages for
         (0: a full ring); a domain's memory is small, so several disks take fewer."""
-        info = self.open_ring(order, protocol or "native", data_slots)
+        layout = BlkifProtocol.from_xenstore(protocol) or BlkifProtocol.NATIVE
+        info = self.open_ring(order, layout, data_slots)
         fe = self.paths.frontend_key
 
         def body(tx: Transaction) -> None:

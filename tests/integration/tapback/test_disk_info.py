@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap3.abi import VdiskInfo
 from blktap3.ctl import runtime
 from blktap3.sim.host import Host
 from blktap3.tapback import service
@@ -19,13 +20,12 @@ from .conftest import GuestFactory, wait_for
 pytestmark = pytest.mark.integration
 
 TAP_CTL = str(Path(sys.executable).parent / "tap-ctl")
-VDISK_CDROM, VDISK_REMOVABLE, VDISK_READONLY = 1, 2, 4
 
 
 def test_read_only_disk(host: Host, guests: GuestFactory) -> None:
     guest = guests(mode="r")
     guest.connect()
-    assert int(guest.backend("info") or "0") == VDISK_READONLY
+    assert int(guest.backend("info") or "0") == VdiskInfo.READONLY
     assert guest.backend("feature-discard") == "0"
     assert guest.read(0, 1)[0] == 0
     assert guest.write(0, b"\x01" * 512) != 0  # refused by the data path
@@ -34,7 +34,8 @@ def test_read_only_disk(host: Host, guests: GuestFactory) -> None:
 def test_cdrom(host: Host, guests: GuestFactory) -> None:
     guest = guests(mode="r", cdrom=True)
     guest.connect()
-    assert int(guest.backend("info") or "0") == VDISK_CDROM | VDISK_REMOVABLE | VDISK_READONLY
+    cdrom = VdiskInfo.CDROM | VdiskInfo.REMOVABLE | VdiskInfo.READONLY
+    assert int(guest.backend("info") or "0") == cdrom
     assert guest.backend("feature-discard") == "0"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from blktap3.abi import SECTOR_SIZE
 from blktap3.ctl import runtime
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import HotplugError, hotplug_add
@@ -15,7 +16,6 @@ from .conftest import GuestFactory, log_lines, remove, tapdisk_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
-SECTOR = 512
 
 
 def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
@@ -25,7 +25,7 @@ def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
     assert guest.backend("max-ring-page-order") == "3"
     guest.publish_transport()
     guest.wait_backend(XenbusState.CONNECTED)
-    assert guest.backend("sectors") == str((8 << 20) // SECTOR)
+    assert guest.backend("sectors") == str((8 << 20) // SECTOR_SIZE)
     assert guest.backend("sector-size") == "512"
     assert guest.backend("info") == "0"
     assert guest.backend("feature-barrier") == "1"
@@ -42,7 +42,7 @@ def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
 
     pattern = bytes(range(256)) * 16
     assert guest.write(8, pattern) == 0
-    status, data = guest.read(8, len(pattern) // SECTOR)
+    status, data = guest.read(8, len(pattern) // SECTOR_SIZE)
     assert status == 0 and data == pattern
 
     guest.close()
@@ -57,8 +57,8 @@ def test_reconnect_after_closed(host: Host, guests: GuestFactory) -> None:
     guest.close()
     guest.set_state(XenbusState.INITIALISING)
     guest.connect()  # a fresh ring, as after a resume
-    assert guest.write(0, b"\xab" * SECTOR) == 0
-    assert guest.read(0, 1) == (0, b"\xab" * SECTOR)
+    assert guest.write(0, b"\xab" * SECTOR_SIZE) == 0
+    assert guest.read(0, 1) == (0, b"\xab" * SECTOR_SIZE)
 
 
 def test_frontend_state_removed_removes_backend_dir(host: Host, dom0: XenStore,

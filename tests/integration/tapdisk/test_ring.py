@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.ctl import ops, runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
 
@@ -70,7 +71,7 @@ def test_a_guest_ring_is_served_paused_swapped_and_disconnected(
     guest: Any, vbd: tuple[TapdiskClient, int, Path], ctl_root: Path
 ) -> None:
     client, minor, disk = vbd
-    g = guest.call("open", backend=0, order=1, protocol="native")
+    g = guest.call("open", backend=0, order=1, protocol=BlkifProtocol.NATIVE)
     blkif = {"domid": GUEST, "devid": DEVID, "grefs": tuple(g["grefs"]), "order": 1,
              "port": g["port"], "proto": BLKIF_PROTOCOL_NATIVE}
     client.connect_xenblkif(minor, **blkif)
@@ -111,7 +112,7 @@ def test_poll_duration_reaches_the_ring_and_is_bounded(
     guest: Any, vbd: tuple[TapdiskClient, int, Path]
 ) -> None:
     client, minor, _ = vbd
-    g = guest.call("open", backend=0, order=0, protocol="native")
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
     blkif = {"domid": GUEST, "devid": DEVID, "grefs": tuple(g["grefs"]), "order": 0,
              "port": g["port"], "proto": BLKIF_PROTOCOL_NATIVE}
     with pytest.raises(CtlError) as err:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.xenbus import (
-    BlkifProtocol,
     RingQueue,
     Transaction,
     XenbusState,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from blktap3.datapath import VDISK_READONLY, Image
+from blktap3.abi import VdiskInfo
+from blktap3.datapath import Image
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def test_raw_image_reports_size_in_512_byte_sectors_and_o_direct(disk: Path) -> 
         assert img.info.physical_sector_size >= 512
         assert img.info.o_direct  # ext4 under tmp_path takes O_DIRECT here
         assert img.info.discard
-        assert img.info.info & VDISK_READONLY == 0
+        assert img.info.info & VdiskInfo.READONLY == 0
     finally:
         img.close()
 
@@ -49,7 +50,7 @@ def test_engines_write_and_read_back_at_the_right_offset(disk: Path, engine: str
 
 def test_readonly_image_refuses_writes_and_says_so(disk: Path) -> None:
     img = Image.open("aio", str(disk), readonly=True)
-    assert img.info.info & VDISK_READONLY
+    assert img.info.info & VdiskInfo.READONLY
     assert not img.info.discard
     with pytest.raises(OSError) as exc:
         img.write(0, bytes(512))

@@ -6,6 +6,7 @@ import errno
 
 import pytest
 
+from blktap3.abi import BlkifProtocol
 from blktap3.fsm import (
     BackendFeatures,
     BackendRemoved,
@@ -42,7 +43,7 @@ from blktap3.fsm import (
 S = XenbusState
 DISK = DiskInfo(sectors=2048, sector_size=512, info=0, physical_sector_size=4096)
 HOTPLUG = HotplugConnected(TapdiskRef(pid=77, minor=3), DISK)
-TRANSPORT = TransportRead(RingTransport((11, 12), 9, "x86_32-abi"))
+TRANSPORT = TransportRead(RingTransport((11, 12), 9, BlkifProtocol.X86_32))
 
 
 def fe(state: XenbusState) -> FrontendStateChanged:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from blktap3.abi import BlkifProtocol
 from blktap3.fsm.effects import (
     PublishState,
     RemoveDirectory,
@@ -60,7 +61,7 @@ def test_normal_handshake_follows_protocol_order() -> None:
     connect = next(e for _, e in pair.trace if isinstance(e, SendControl))
     assert isinstance(connect.message, XenblkifConnect)
     assert connect.message.transport.ring_refs == (8,)
-    assert connect.message.transport.protocol == "x86_64-abi"
+    assert connect.message.transport.protocol is BlkifProtocol.X86_64
     assert (1, 51712) in pair.tapdisk.rings
 
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from blktap3.abi import BlkifProtocol
 from blktap3.xenbus import (
-    BlkifProtocol,
     FrontendTransport,
     RingQueue,
     VbdPaths,
