@@ -337,9 +337,8 @@ def _edge_text(labels: list[str]) -> list[str]:
 
 
 def _caption(d: Drawing) -> str:
-    if not d.notes:
-        return d.title
-    return d.title + "\nin every state, staying: " + "; ".join(d.notes)
+    """The title, and a line per transition that stays in every state."""
+    return "\n".join([d.title, *(f"in every state, staying: {n}" for n in d.notes)])
 
 
 _NODE_STYLE = 'shape=rectangle style="rounded,filled" fillcolor=white fontsize=12'
