@@ -160,6 +160,10 @@ class TapdiskVbd(SpecMachine):
     def same_ring(self, event: ConnectRing | DisconnectRing, **_: Any) -> bool:
         return self.ring is not None and self.ring.ids == event.ids
 
+    def other_ring(self, event: ConnectRing, **_: Any) -> bool:
+        """The VBD serves a ring, not the one the event names."""
+        return self.ring is not None and self.ring.ids != event.ids
+
     def is_forced(self, event: Close, **_: Any) -> bool:
         return event.force
 
