@@ -161,6 +161,9 @@ def _daemonize() -> int | None:
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
             word = ready.read()
+        if word != b"ok":
+            print("tapback: the daemon stopped before it watched XenStore (see its log: "
+                  "--log-file, else syslog)", file=sys.stderr, flush=True)
         os._exit(0 if word == b"ok" else 1)
     os.close(ready_r)
     os.setsid()

@@ -10,9 +10,9 @@ A request for a VBD goes through `observer.observe` (message -> event) to the VB
 machine (`Vbd.machine`, specs/tapdisk_vbd.toml), which answers with effects: open the
 image, start or quiesce the ring, reply...  `_step` executes them, feeds their outcomes
 back as events, and sends the one `Reply` the machine gave: every protocol rule and
-errno is the spec's.  What is refused here is lookup (no VBD with that minor: ENODEV;
-ATTACH of a minor that is not allocated, EINVAL, or that another tapdisk holds, EBUSY)
-and the observer's argument checks.
+errno is the spec's.  What is refused here is lookup (no VBD with that minor: ENODEV,
+OPEN's EINVAL as blktap's; ATTACH of a minor that is not allocated, EINVAL, or that
+another tapdisk holds, EBUSY) and the observer's argument checks.
 """
 
 from __future__ import annotations

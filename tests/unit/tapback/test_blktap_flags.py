@@ -103,3 +103,17 @@ def test_domain_serves_only_that_guest(one_guest_tapback: tuple[Tapback, list[st
     with pytest.raises(ConnectionRefusedError):
         daemon._discover(None, (PATHS.domid, PATHS.devid))  # type: ignore[arg-type]
     assert reads == ["connect"]  # its own guest: looked at
+
+
+def test_a_daemon_that_cannot_start_fails_the_command(tmp_path: Path) -> None:
+    # Without -d the command returns only once the daemon is ready (blktap's unit is
+    # Type=forking): a daemon that stops first makes it fail, in one line.
+    done = subprocess.run(
+        [sys.executable, "-m", "blktap3.tapback", "-p", str(tmp_path / "t.pid"),
+         "--xenstored", str(tmp_path / "no-xenstored"), "--control-dir", str(tmp_path),
+         "--log-file", str(tmp_path / "log")],
+        capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith("tapback: ") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "t.pid").exists()
+    assert "tapback failed" in (tmp_path / "log").read_text()
