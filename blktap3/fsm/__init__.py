@@ -21,7 +21,8 @@ A tapback that starts on an existing directory feeds `BackendFound(state, keys)`
 
 Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
   `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
-  `FrontendVbd(domid, backend_domid=0, transport=FrontendTransportConfig())`  a blkfront
+  `FrontendVbd(domid, backend_domid=0, options=FrontendOptions())`  a blkfront; its
+                                     observer `observe_backend(read)` makes its events
   `TapdiskProcess()`                 spawning, running{idle, serving}, exiting, dead
   `TapdiskVbd(minor)`                one VBD inside a tapdisk; `.state_bits` for tap-ctl list
 
@@ -48,14 +49,17 @@ from .effects import (
     ControlMessage,
     Effect,
     ExitProcess,
+    OfferRing,
     OpenImage,
     Perms,
     PublishState,
     QuiesceRing,
     ReadBackendInfo,
     ReadFrontendTransport,
+    ReleaseRing,
     RemoveDirectory,
     Reply,
+    ReportFault,
     SendControl,
     SetError,
     StartRing,
@@ -80,14 +84,18 @@ from .errors import (
 from .events import (
     Attach,
     BackendFound,
+    BackendInfoInvalid,
     BackendInfoRead,
     BackendRemoved,
     BackendStateChanged,
+    BackendStateInvalid,
+    BackendVanished,
     Close,
     ConnectRing,
     ControlSocketReady,
     Detach,
     DeviceClose,
+    DeviceFound,
     DeviceReconnect,
     DisconnectRing,
     DiskInfo,
@@ -111,6 +119,8 @@ from .events import (
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
+    RingOffered,
+    RingOfferFailed,
     RingTransport,
     SpawnFailed,
     TapdiskDied,
@@ -120,7 +130,14 @@ from .events import (
     VbdAdded,
     VbdRemoved,
 )
-from .frontend import FrontendState, FrontendTransportConfig, FrontendVbd
+from .frontend import (
+    FrontendOptions,
+    FrontendState,
+    FrontendTransportConfig,
+    FrontendVbd,
+    backend_event,
+    observe_backend,
+)
 from .machine import SpecMachine
 from .spec import MachineSpec, load_spec, spec_names
 from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
@@ -131,10 +148,13 @@ __all__ = [
     "BackendError",
     "BackendFeatures",
     "BackendFound",
+    "BackendInfoInvalid",
     "BackendInfoRead",
     "BackendRemoved",
     "BackendState",
     "BackendStateChanged",
+    "BackendStateInvalid",
+    "BackendVanished",
     "BackendVbd",
     "Blame",
     "CleanupRuntime",
@@ -145,6 +165,7 @@ __all__ = [
     "ControlSocketReady",
     "Detach",
     "DeviceClose",
+    "DeviceFound",
     "DeviceReconnect",
     "DisconnectRing",
     "DiskInfo",
@@ -155,6 +176,7 @@ __all__ = [
     "ExitProcess",
     "ExitRequested",
     "FrontendError",
+    "FrontendOptions",
     "FrontendState",
     "FrontendStateChanged",
     "FrontendStateInvalid",
@@ -168,6 +190,7 @@ __all__ = [
     "ImageOpenFailed",
     "ImageOpened",
     "MachineSpec",
+    "OfferRing",
     "OnlineChanged",
     "Open",
     "OpenImage",
@@ -180,13 +203,17 @@ __all__ = [
     "QuiesceRing",
     "ReadBackendInfo",
     "ReadFrontendTransport",
+    "ReleaseRing",
     "RemoveDirectory",
     "Reply",
+    "ReportFault",
     "Resume",
     "RingConnectFailed",
     "RingConnected",
     "RingDisconnectFailed",
     "RingDisconnected",
+    "RingOfferFailed",
+    "RingOffered",
     "RingTransport",
     "SendControl",
     "SetError",
@@ -212,7 +239,9 @@ __all__ = [
     "XenblkifConnect",
     "XenblkifDisconnect",
     "XenbusState",
+    "backend_event",
     "load_spec",
+    "observe_backend",
     "parse_xenbus_state",
     "spec_names",
 ]

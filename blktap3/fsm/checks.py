@@ -4,7 +4,8 @@
 - every non-final state has a way out (a transition to another state);
 - every callback and condition the spec names is a method of the machine's class;
 - (back-end) every xenbus front-end state, plus `invalid` and `vanished`, is handled or
-  explicitly ignored in every non-final back-end state: `render_table` prints that table.
+  explicitly ignored in every non-final back-end state; (front-end) likewise every
+  back-end state: `render_table` prints that table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .spec import SEPARATOR, MachineSpec, TransitionSpec
 from .xenbus_state import XenbusState
 
 # machine -> the trigger prefix of the other end's states it must handle everywhere
-REQUIRED_TABLES = {"backend_vbd": "frontend_"}
+REQUIRED_TABLES = {"backend_vbd": "frontend_", "frontend_vbd": "backend_"}
 
 
 def _ancestors(name: str) -> list[str]:

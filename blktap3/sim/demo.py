@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blktap3.abi import XenbusState
+
 from .guest import run_guest
 from .host import Host
 from .toolstack import Image, parse_devid
@@ -128,7 +130,7 @@ def run(xenstored: Kind = "c", run_dir: str | None = None) -> int:
             "  " + line for line in machine_steps(host.tapback_log, GUEST_DOMID, devid)])
 
         state = host.detach_disk(GUEST_DOMID, devid)
-        t.check(state is not None and state.name == "CLOSED",
+        t.check(state == XenbusState.CLOSED,
                 f"{DEVICE} detached: back-end {state.name if state else 'gone'}, "
                 "tapdisk destroyed, nodes removed")
         with host.toolstack() as ts:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from blktap3.abi import SECTOR_SIZE, BlkifProtocol
+from blktap3.fsm import FrontendState
 from blktap3.xenbus import BoundPort, XenStore, XenStoreError
 
 from . import xenlib, xensim
@@ -206,7 +207,8 @@ class GuestRun:
                 "sectors": disk.sectors, "sector_size": disk.sector_size, "info": disk.info,
                 "physical_sector_size": disk.physical_sector_size},
             "features": bf.features if bf is not None else {},
-            "handshakes": [h.figures() for h in bf.handshakes] if bf is not None else [],
+            "handshakes": ([h.figures().as_dict() for h in bf.handshakes] if bf is not None
+                           else []),
             "resizes": bf.resizes if bf is not None else [],
             "backend_error": bf.backend_error if bf is not None else None,
             "cycles": self.cycles,
@@ -256,8 +258,9 @@ def run(args: argparse.Namespace, personality: Personality, emit: Callable[[Step
                 raise FrontendFailure(f"I/O failed: {failure}")
             if args.hold and cycle == args.cycles - 1:
                 timeline.add("fe", "holding the device (SIGTERM detaches)")
-                bf.wait(float("inf"), until=lambda: bf is not None and bf.state == "closed")
-            if bf.state == "closed":
+                bf.wait(float("inf"),
+                        until=lambda: bf is not None and bf.state == FrontendState.CLOSED)
+            if bf.state == FrontendState.CLOSED:
                 timeline.add("fe", "closed by the back-end")
                 bf.release_ring(args.timeout)
                 break
@@ -266,7 +269,8 @@ def run(args: argparse.Namespace, personality: Personality, emit: Callable[[Step
     except (FrontendFailure, XenStoreError, OSError) as e:
         result.error = str(e)
         timeline.add("fe", f"FAILED: {e}")
-        if bf is not None and bf.state not in ("closed", "initialising"):
+        if bf is not None and bf.state not in (FrontendState.CLOSED,
+                                               FrontendState.INITIALISING):
             with contextlib.suppress(FrontendFailure, XenStoreError, OSError):
                 bf.detach(min(args.timeout, 5.0))
     finally:

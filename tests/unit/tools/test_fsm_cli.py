@@ -16,7 +16,9 @@ def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str
     for name in ("backend_vbd", "frontend_vbd", "tapdisk_process", "tapdisk_vbd"):
         assert f"{name}: ok" in out
     assert "state               unknown  initialising" in out
-    assert "refused" in out  # the front-end's table shows what it refuses
+    # the front-end's table: every back-end state, and an absent or unparsable node
+    assert "frontend_vbd: backend_<state> events, by state" in out
+    assert "reconfigured  invalid  vanished" in out
 
 
 def test_check_fails_on_a_hole_in_the_backend(
