@@ -21,11 +21,10 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from blktap3.abi import XenbusState
 
-from .guest import run_guest
+from .guest import GuestReport, run_guest
 from .host import Host
 from .toolstack import Image, parse_devid
 from .xenstored import Kind
@@ -118,7 +117,7 @@ def run(xenstored: Kind = "c", run_dir: str | None = None) -> int:
         result = run_guest(host, GUEST_DOMID, devid, "linux", "verify", timeout=60.0)
         t.detail(result.summary().splitlines())
         t.detail(["guest timeline:"] + [
-            f"  {s['t_ms']:8.1f} ms  {s['who']:<8} {s['what']}" for s in result.timeline])
+            f"  {round(s.t_ms, 3):8.1f} ms  {s.who:<8} {s.what}" for s in result.timeline])
         t.check(result.ok, "guest finished: handshake completed and every byte it wrote "
                 "read back identically")
         t.check(result.sectors == IMAGE_BYTES // 512,
@@ -147,12 +146,12 @@ def run(xenstored: Kind = "c", run_dir: str | None = None) -> int:
     return 0 if not t.failures else 1
 
 
-def written_bytes(report: dict[str, Any]) -> int:
+def written_bytes(report: GuestReport) -> int:
     """How many bytes the guest's sequential write phase covered from sector 0."""
-    for cycle in report.get("cycles", []):
-        for phase in cycle["phases"]:
-            if phase["phase"] == "write":
-                return int(phase["bytes"])
+    for cycle in report.cycles:
+        for phase in cycle.phases:
+            if phase.phase == "write":
+                return phase.bytes
     return 0
 
 

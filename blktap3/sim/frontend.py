@@ -32,7 +32,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -172,7 +172,8 @@ class Ring(Protocol):
     def close(self) -> None: ...
 
 
-RingFactory = Callable[[int, BlkifProtocol], Ring]  # (ring page order, layout) -> Ring
+R = TypeVar("R", bound=Ring)  # the owner's own ring type (the guest's: the C driver's)
+RingFactory = Callable[[int, BlkifProtocol], R]  # (ring page order, layout) -> a ring
 
 
 # -- the timeline ---------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def machine_options(personality: Personality) -> FrontendOptions:
     )
 
 
-class Blkfront:
+class Blkfront(Generic[R]):
     """One VBD's front-end: feeds `FrontendVbd` what it sees and executes its effects.
 
     `connect_xs` makes the guest's XenStore connection (over its ring); it is called once
@@ -271,7 +272,7 @@ class Blkfront:
         domid: int,
         devid: int,
         personality: Personality,
-        ring_factory: RingFactory,
+        ring_factory: RingFactory[R],
         *,
         timeline: Timeline | None = None,
         should_stop: Callable[[], bool] = lambda: False,
@@ -293,7 +294,7 @@ class Blkfront:
         except XenbusValueError as e:
             raise FrontendFailure(str(e)) from None
         self.machine = FrontendVbd(domid, self.backend_id, machine_options(personality))
-        self.ring: Ring | None = None
+        self.ring: R | None = None
         self.backend_state: XenbusState | None = None  # last seen; None: absent or not yet
         self.features: dict[str, str] = {}
         self.backend_error: str | None = None
