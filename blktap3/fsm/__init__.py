@@ -36,7 +36,9 @@ blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
 `ToolstackError` - with `.machine`, `.state`, `.event`; the machine is left unchanged.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
 explicitly ignored in every state (`blktap3-fsm check` prints the table), and bad values
-lead to `SetError` + Closed.  `SpecError` means a malformed spec.
+lead to `SetError` + Closed.  Likewise back-end misbehaviour never raises in `FrontendVbd`
+(an out-of-protocol state is a `ReportFault`, and the machine stays).  `SpecError` means a
+malformed spec.
 
 Tools: `blktap3-fsm check` (spec checks), `blktap3-diagram` (DOT/SVG/PNG/Mermaid), and
 `blktap3.fsm.testing.VbdPair` (both ends wired through an in-memory store, for tests).
