@@ -127,6 +127,27 @@ def test_resize_announced_by_the_backend_is_seen(host: Host, vbd: Vbd) -> None:
     assert result.sectors == 32 * MiB // 512
 
 
+def test_a_backend_out_of_protocol_is_logged_and_the_guest_stays(host: Host, vbd: Vbd) -> None:
+    be = vbd(23)
+    state = be.paths.backend_key("state")
+    with start_guest(host, 23, DEVID, "linux", "none", hold=True) as guest:
+        guest.wait_for_step("holding")
+        be.xs.write(state, "3")  # a front-end-only state
+        guest.wait_for_step("out of protocol in connected")
+        be.xs.write(state, "banana")
+        guest.wait_for_step("'banana'")
+        be.xs.write(state, "4")  # back in protocol (Connected: re-read), then detach
+        guest.detach()
+        result = guest.result(30)
+    assert result.ok, result.summary() + "\n" + result.timeline_text()
+    fe = whats(result.timeline, "fe")
+    assert "ignored: back-end state 3 (a front-end-only state): out of protocol in connected" in fe
+    assert [w for w in fe if "state=" in w and w.startswith("[tx]")] == [
+        "[tx] state=3 (INITIALISED)", "[tx] state=4 (CONNECTED)", "[tx] state=5 (CLOSING)",
+        "[tx] state=6 (CLOSED)"]  # the faults published nothing
+    assert be.frontend_state() == "6"
+
+
 def test_read_only_disk_serves_reads_and_the_guest_refuses_to_write(host: Host,
                                                                       vbd: Vbd) -> None:
     vbd(10, readonly=True)
