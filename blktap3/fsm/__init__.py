@@ -28,12 +28,15 @@ Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final
 
 Contract for owners: execute the effects of one `handle` call in order; answer an effect
 that asks a question (`ReadFrontendTransport`, `ReadBackendInfo`, `SendControl`,
-`OpenImage`, `QuiesceRing`) with its result event before feeding the next event; once a
-machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE transaction.
+`OpenImage`, `StartRing`, `QuiesceRing`) with its result event before feeding the next
+event; once a machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE
+transaction.
 
 Errors: an event the spec does not allow raises an `FsmError` subclass naming who is to
 blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
 `ToolstackError` - with `.machine`, `.state`, `.event`; the machine is left unchanged.
+A request (a trigger with `errno` in its spec, the tapdisk's control messages) is never
+refused that way: the machine answers `Reply(error=...)`, as the spec says.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
 explicitly ignored in every state (`blktap3-fsm check` prints the table), and bad values
 lead to `SetError` + Closed.  Likewise back-end misbehaviour never raises in `FrontendVbd`
@@ -46,9 +49,11 @@ Tools: `blktap3-fsm check` (spec checks), `blktap3-diagram` (DOT/SVG/PNG/Mermaid
 
 from .backend import BackendFeatures, BackendState, BackendVbd
 from .effects import (
+    AcceptImage,
     CleanupRuntime,
     CloseImage,
     ControlMessage,
+    DiscardImage,
     Effect,
     ExitProcess,
     OfferRing,
@@ -58,6 +63,7 @@ from .effects import (
     QuiesceRing,
     ReadBackendInfo,
     ReadFrontendTransport,
+    ReleaseMinor,
     ReleaseRing,
     RemoveDirectory,
     Reply,
@@ -92,6 +98,7 @@ from .events import (
     BackendStateChanged,
     BackendStateInvalid,
     BackendVanished,
+    BlkifRing,
     Close,
     ConnectRing,
     ControlSocketReady,
@@ -103,11 +110,14 @@ from .events import (
     DiskInfo,
     DiskResized,
     Drained,
+    DrainFailed,
+    EffectFailed,
     Event,
     ExitRequested,
     FrontendStateChanged,
     FrontendStateInvalid,
     FrontendVanished,
+    GetDiskInfo,
     HotplugConnected,
     HotplugFailed,
     ImageOpened,
@@ -123,6 +133,8 @@ from .events import (
     RingDisconnectFailed,
     RingOffered,
     RingOfferFailed,
+    RingStarted,
+    RingStartFailed,
     RingTransport,
     SpawnFailed,
     TapdiskDied,
@@ -146,6 +158,7 @@ from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
 from .xenbus_state import XenbusState, parse_xenbus_state
 
 __all__ = [
+    "AcceptImage",
     "Attach",
     "BackendError",
     "BackendFeatures",
@@ -159,6 +172,7 @@ __all__ = [
     "BackendVanished",
     "BackendVbd",
     "Blame",
+    "BlkifRing",
     "CleanupRuntime",
     "Close",
     "CloseImage",
@@ -169,11 +183,14 @@ __all__ = [
     "DeviceClose",
     "DeviceFound",
     "DeviceReconnect",
+    "DiscardImage",
     "DisconnectRing",
     "DiskInfo",
     "DiskResized",
+    "DrainFailed",
     "Drained",
     "Effect",
+    "EffectFailed",
     "Event",
     "ExitProcess",
     "ExitRequested",
@@ -186,6 +203,7 @@ __all__ = [
     "FrontendVanished",
     "FrontendVbd",
     "FsmError",
+    "GetDiskInfo",
     "HotplugConnected",
     "HotplugFailed",
     "ImageError",
@@ -205,6 +223,7 @@ __all__ = [
     "QuiesceRing",
     "ReadBackendInfo",
     "ReadFrontendTransport",
+    "ReleaseMinor",
     "ReleaseRing",
     "RemoveDirectory",
     "Reply",
@@ -216,6 +235,8 @@ __all__ = [
     "RingDisconnected",
     "RingOfferFailed",
     "RingOffered",
+    "RingStartFailed",
+    "RingStarted",
     "RingTransport",
     "SendControl",
     "SetError",
