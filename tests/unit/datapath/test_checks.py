@@ -44,7 +44,7 @@ def _check(proto: int, req: object, *, readonly: bool = False, discard: bool = T
            ) -> tuple[int, object]:
     priv = ffi.new("struct td_req *")
     lib.td_req_fetch(proto, req, priv)
-    return lib.td_req_check(priv, DEV_SECTORS, int(readonly), int(discard)), priv
+    return lib.td_req_check(priv, DEV_SECTORS, int(readonly), int(discard), 0), priv
 
 
 @pytest.mark.parametrize("proto", list(LAYOUTS))
@@ -109,7 +109,7 @@ def test_fetch_copies_the_slot_so_later_guest_writes_change_nothing(proto: int) 
     lib.td_req_fetch(proto, req, priv)
     req.nr_segments = 200  # type: ignore[attr-defined]  # the guest rewrites the slot
     req.seg[0].last_sect = 9  # type: ignore[attr-defined]
-    assert lib.td_req_check(priv, DEV_SECTORS, 0, 1) == ERR["ok"]
+    assert lib.td_req_check(priv, DEV_SECTORS, 0, 1, 0) == ERR["ok"]
 
 
 @pytest.mark.parametrize("proto", list(LAYOUTS))

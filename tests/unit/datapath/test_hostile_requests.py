@@ -63,7 +63,7 @@ def check(proto: int, raw: bytes, dev: int, readonly: bool = False, discard: boo
     slot = ffi.new("uint8_t[]", raw)
     priv = ffi.new("struct td_req *")
     lib.td_req_fetch(proto, slot, priv)
-    return lib.td_req_check(priv, dev, int(readonly), int(discard)), priv
+    return lib.td_req_check(priv, dev, int(readonly), int(discard), 0), priv
 
 
 def slots() -> st.SearchStrategy[tuple[int, bytes]]:
