@@ -353,7 +353,7 @@ class Tapdisk:
         vbd.prepared_ring = images.connect_ring(
             vbd.image, domid=blkif.domid, devid=blkif.devid, grefs=blkif.grefs,
             order=blkif.order, port=blkif.port, protocol=blkif.proto,
-            poll_us=blkif.poll_duration,
+            poll_us=blkif.poll_duration, max_indirect_segments=blkif.max_indirect_segments,
         )
         try:
             reply = self._step(vbd, ev.ConnectRing(blkif.domid, blkif.devid))

@@ -195,9 +195,9 @@ class GuestRing:
         """A workload of ``qd`` blocks of ``bs`` bytes in flight; returns counts (``ios``:
         blocks), elapsed time, IOPS and latency percentiles.
 
-        ``max_segs``: split each block into requests of this many pages (0: 11), INDIRECT
-        beyond 11, as Linux blkfront does at the back-end's offer; at most the
-        ``max_segs`` the ring was opened with. ``poll_us``: spin for responses this long
+        ``max_segs``: split each block into requests of this many pages (0: the
+        ``max_segs`` the ring was opened with, at most that), INDIRECT beyond 11, as
+        Linux blkfront does at the back-end's offer. ``poll_us``: spin for responses this long
         before sleeping on the event channel.
         """
         p = ffi.new("struct gd_params *")

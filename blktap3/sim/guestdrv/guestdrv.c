@@ -522,7 +522,7 @@ static uint64_t percentile(const uint32_t *lat, uint64_t total, double q)
 
 int gd_run(struct gd *g, const struct gd_params *p, struct gd_result *res)
 {
-    uint32_t max_segs = p->max_segs ? p->max_segs : GD_SEGS;
+    uint32_t max_segs = p->max_segs ? p->max_segs : g->max_segs;
     if (p->bs_sectors == 0 || p->bs_sectors > g->slot_pages * TD_SECTORS_PER_PAGE ||
         p->qd == 0 || p->span < p->bs_sectors || (p->max_ios == 0 && p->duration_ns == 0) ||
         max_segs > g->max_segs)

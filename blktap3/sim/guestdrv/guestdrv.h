@@ -36,8 +36,8 @@ struct gd_raw {
 struct gd_params {
     uint32_t qd;                /* blocks in flight */
     uint32_t bs_sectors;        /* 1 .. 8 * slot_pages */
-    uint32_t max_segs;          /* segments per request (0: 11); a block is split into
-                                   requests of this many pages, INDIRECT beyond 11 */
+    uint32_t max_segs;          /* segments per request (0: the ring's); a block is split
+                                   into requests of this many pages, INDIRECT beyond 11 */
     uint32_t read_pct;          /* 0 = all writes, 100 = all reads */
     int32_t random;
     uint64_t start;             /* first sector of the region */
