@@ -45,6 +45,10 @@
  * of the offered size fits). 32 MiB in flight saturates any disk a ring sits on; it is
  * reserved, and only touched when a guest uses it. */
 #define TD_INDIRECT_POOL_BYTES (32u << 20)
+/* Data is grant-copied in chunks of about this many segments (2 MiB): the I/O of a
+ * batch's first large writes starts while the next ones are copied, and its first reads
+ * are answered while the next ones are. A batch of small requests stays one call. */
+#define TD_COPY_CHUNK 512u
 
 enum td_state { RS_RUN = 0, RS_PAUSING, RS_PAUSED, RS_STOPPING };
 /* What woke the service thread, as io_uring watch bits. */
@@ -340,6 +344,40 @@ static int take_indirect(struct td_ring *r, uint32_t s)
     return td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
 }
 
+static void flush_submit(struct td_ring *r);
+
+/* Grant-copy the data of the writes among batch[0..n) (`ncopy` segments prepared), then
+ * queue the I/O of the batch. */
+static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
+{
+    grant_copy(r, ncopy);
+    uint32_t queued = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t s = r->batch[i];
+        struct td_slot *sl = &r->slots[s];
+        if (sl->err != TD_OK) {
+            respond(r, &sl->req, sl->err);
+            free_slot(r, s);
+            r->inflight--;
+            continue;
+        }
+        int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
+        int rc = td_engine_prep(r->eng, op, r->img->fd, sl->buf,
+                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
+                                sl->req.sector_number << TD_SECTOR_SHIFT, s);
+        if (rc != 0) {
+            respond(r, &sl->req, TD_ERR_IO);
+            free_slot(r, s);
+            r->inflight--;
+            continue;
+        }
+        queued++;
+    }
+    /* Handed to the kernel by flush_submit or, when the thread is about to sleep
+     * anyway, by the same io_uring_enter that sleeps. */
+    r->to_submit += queued;
+}
+
 /* Take the requests the front-end produced up to `rp`; returns how many. */
 static uint32_t consume(struct td_ring *r, RING_IDX rp)
 {
@@ -394,6 +432,11 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
                 ncopy = prep_copy(r, s, 0, ncopy);
             r->batch[nbatch++] = s;
             r->inflight++;
+            if (ncopy >= TD_COPY_CHUNK) {
+                dispatch(r, nbatch, ncopy);
+                flush_submit(r);
+                nbatch = ncopy = 0;
+            }
             break;
         case BLKIF_OP_WRITE_BARRIER:
         case BLKIF_OP_FLUSH_DISKCACHE:
@@ -408,35 +451,8 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
             break;
         }
     }
-    if (nbatch == 0)
-        return taken;
-
-    grant_copy(r, ncopy);   /* the data of every write of the batch, in one call */
-    uint32_t queued = 0;
-    for (uint32_t i = 0; i < nbatch; i++) {
-        uint32_t s = r->batch[i];
-        struct td_slot *sl = &r->slots[s];
-        if (sl->err != TD_OK) {
-            respond(r, &sl->req, sl->err);
-            free_slot(r, s);
-            r->inflight--;
-            continue;
-        }
-        int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
-        int rc = td_engine_prep(r->eng, op, r->img->fd, sl->buf,
-                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
-                                sl->req.sector_number << TD_SECTOR_SHIFT, s);
-        if (rc != 0) {
-            respond(r, &sl->req, TD_ERR_IO);
-            free_slot(r, s);
-            r->inflight--;
-            continue;
-        }
-        queued++;
-    }
-    /* Handed to the kernel by flush_submit or, when the thread is about to sleep
-     * anyway, by the same io_uring_enter that sleeps. */
-    r->to_submit += queued;
+    if (nbatch)
+        dispatch(r, nbatch, ncopy);     /* the batch's writes' data in one call */
     __atomic_store_n(&r->st.in_flight, r->inflight, __ATOMIC_RELAXED);
     return taken;
 }
@@ -459,7 +475,7 @@ static uint32_t complete(struct td_ring *r)
     uint32_t n = td_engine_reap(r->eng, r->cqes, r->nslots);
     if (n == 0)
         return 0;
-    uint32_t ncopy = 0;
+    uint32_t ncopy = 0, done = 0;
     for (uint32_t i = 0; i < n; i++) {
         struct td_slot *sl = &r->slots[r->cqes[i].tag];
         uint32_t want = (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
@@ -467,21 +483,28 @@ static uint32_t complete(struct td_ring *r)
             sl->err = TD_ERR_IO;
         else if (sl->op == BLKIF_OP_READ && !is_null(r))
             ncopy = prep_copy(r, r->cqes[i].tag, 1, ncopy);
-    }
-    grant_copy(r, ncopy);   /* every finished read's data to the guest, in one call */
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t s = r->cqes[i].tag;
-        struct td_slot *sl = &r->slots[s];
-        if (sl->err == TD_OK) {
-            if (sl->op == BLKIF_OP_READ)
-                STAT_ADD(r, sectors_read, sl->req.nr_sectors);
-            else
-                STAT_ADD(r, sectors_written, sl->req.nr_sectors);
+        if (ncopy < TD_COPY_CHUNK && i + 1 < n)
+            continue;
+        /* The finished reads' data to the guest (in one call for small ones), then
+         * their responses: the guest sees them while the next chunk is copied. */
+        grant_copy(r, ncopy);
+        ncopy = 0;
+        for (; done <= i; done++) {
+            uint32_t s = r->cqes[done].tag;
+            struct td_slot *d = &r->slots[s];
+            if (d->err == TD_OK) {
+                if (d->op == BLKIF_OP_READ)
+                    STAT_ADD(r, sectors_read, d->req.nr_sectors);
+                else
+                    STAT_ADD(r, sectors_written, d->req.nr_sectors);
+            }
+            respond(r, &d->req, d->err);
+            free_slot(r, s);
+            r->inflight--;
         }
-        respond(r, &sl->req, sl->err);
-        free_slot(r, s);
+        if (i + 1 < n)
+            push_responses(r);
     }
-    r->inflight -= n;
     __atomic_store_n(&r->st.in_flight, r->inflight, __ATOMIC_RELAXED);
     return n;
 }
