@@ -27,12 +27,15 @@ Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final
 
 Contract for owners: execute the effects of one `handle` call in order; answer an effect
 that asks a question (`ReadFrontendTransport`, `ReadBackendInfo`, `SendControl`,
-`OpenImage`, `QuiesceRing`) with its result event before feeding the next event; once a
-machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE transaction.
+`OpenImage`, `StartRing`, `QuiesceRing`) with its result event before feeding the next
+event; once a machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE
+transaction.
 
 Errors: an event the spec does not allow raises an `FsmError` subclass naming who is to
 blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
 `ToolstackError` - with `.machine`, `.state`, `.event`; the machine is left unchanged.
+A request (a trigger with `errno` in its spec, the tapdisk's control messages) is never
+refused that way: the machine answers `Reply(error=...)`, as the spec says.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
 explicitly ignored in every state (`blktap3-fsm check` prints the table), and bad values
 lead to `SetError` + Closed.  `SpecError` means a malformed spec.
@@ -43,9 +46,11 @@ Tools: `blktap3-fsm check` (spec checks), `blktap3-diagram` (DOT/SVG/PNG/Mermaid
 
 from .backend import BackendFeatures, BackendState, BackendVbd
 from .effects import (
+    AcceptImage,
     CleanupRuntime,
     CloseImage,
     ControlMessage,
+    DiscardImage,
     Effect,
     ExitProcess,
     OpenImage,
@@ -54,6 +59,7 @@ from .effects import (
     QuiesceRing,
     ReadBackendInfo,
     ReadFrontendTransport,
+    ReleaseMinor,
     RemoveDirectory,
     Reply,
     SendControl,
@@ -83,6 +89,7 @@ from .events import (
     BackendInfoRead,
     BackendRemoved,
     BackendStateChanged,
+    BlkifRing,
     Close,
     ConnectRing,
     ControlSocketReady,
@@ -93,11 +100,14 @@ from .events import (
     DiskInfo,
     DiskResized,
     Drained,
+    DrainFailed,
+    EffectFailed,
     Event,
     ExitRequested,
     FrontendStateChanged,
     FrontendStateInvalid,
     FrontendVanished,
+    GetDiskInfo,
     HotplugConnected,
     HotplugFailed,
     ImageOpened,
@@ -111,6 +121,8 @@ from .events import (
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
+    RingStarted,
+    RingStartFailed,
     RingTransport,
     SpawnFailed,
     TapdiskDied,
@@ -127,6 +139,7 @@ from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
 from .xenbus_state import XenbusState, parse_xenbus_state
 
 __all__ = [
+    "AcceptImage",
     "Attach",
     "BackendError",
     "BackendFeatures",
@@ -137,6 +150,7 @@ __all__ = [
     "BackendStateChanged",
     "BackendVbd",
     "Blame",
+    "BlkifRing",
     "CleanupRuntime",
     "Close",
     "CloseImage",
@@ -146,11 +160,14 @@ __all__ = [
     "Detach",
     "DeviceClose",
     "DeviceReconnect",
+    "DiscardImage",
     "DisconnectRing",
     "DiskInfo",
     "DiskResized",
+    "DrainFailed",
     "Drained",
     "Effect",
+    "EffectFailed",
     "Event",
     "ExitProcess",
     "ExitRequested",
@@ -162,6 +179,7 @@ __all__ = [
     "FrontendVanished",
     "FrontendVbd",
     "FsmError",
+    "GetDiskInfo",
     "HotplugConnected",
     "HotplugFailed",
     "ImageError",
@@ -180,6 +198,7 @@ __all__ = [
     "QuiesceRing",
     "ReadBackendInfo",
     "ReadFrontendTransport",
+    "ReleaseMinor",
     "RemoveDirectory",
     "Reply",
     "Resume",
@@ -187,6 +206,8 @@ __all__ = [
     "RingConnected",
     "RingDisconnectFailed",
     "RingDisconnected",
+    "RingStartFailed",
+    "RingStarted",
     "RingTransport",
     "SendControl",
     "SetError",
