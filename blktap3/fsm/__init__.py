@@ -21,7 +21,8 @@ A tapback that starts on an existing directory feeds `BackendFound(state, keys)`
 
 Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
   `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
-  `FrontendVbd(domid, backend_domid=0, transport=FrontendTransportConfig())`  a blkfront
+  `FrontendVbd(domid, backend_domid=0, options=FrontendOptions())`  a blkfront; its
+                                     observer `observe_backend(read)` makes its events
   `TapdiskProcess()`                 spawning, running{idle, serving}, exiting, dead
   `TapdiskVbd(minor)`                one VBD inside a tapdisk; `.state_bits` for tap-ctl list
 
@@ -38,7 +39,9 @@ A request (a trigger with `errno` in its spec, the tapdisk's control messages) i
 refused that way: the machine answers `Reply(error=...)`, as the spec says.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
 explicitly ignored in every state (`blktap3-fsm check` prints the table), and bad values
-lead to `SetError` + Closed.  `SpecError` means a malformed spec.
+lead to `SetError` + Closed.  Likewise back-end misbehaviour never raises in `FrontendVbd`
+(an out-of-protocol state is a `ReportFault`, and the machine stays).  `SpecError` means a
+malformed spec.
 
 Tools: `blktap3-fsm check` (spec checks), `blktap3-diagram` (DOT/SVG/PNG/Mermaid), and
 `blktap3.fsm.testing.VbdPair` (both ends wired through an in-memory store, for tests).
@@ -53,6 +56,7 @@ from .effects import (
     DiscardImage,
     Effect,
     ExitProcess,
+    OfferRing,
     OpenImage,
     Perms,
     PublishState,
@@ -60,8 +64,10 @@ from .effects import (
     ReadBackendInfo,
     ReadFrontendTransport,
     ReleaseMinor,
+    ReleaseRing,
     RemoveDirectory,
     Reply,
+    ReportFault,
     SendControl,
     SetError,
     StartRing,
@@ -86,15 +92,19 @@ from .errors import (
 from .events import (
     Attach,
     BackendFound,
+    BackendInfoInvalid,
     BackendInfoRead,
     BackendRemoved,
     BackendStateChanged,
+    BackendStateInvalid,
+    BackendVanished,
     BlkifRing,
     Close,
     ConnectRing,
     ControlSocketReady,
     Detach,
     DeviceClose,
+    DeviceFound,
     DeviceReconnect,
     DisconnectRing,
     DiskInfo,
@@ -121,6 +131,8 @@ from .events import (
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
+    RingOffered,
+    RingOfferFailed,
     RingStarted,
     RingStartFailed,
     RingTransport,
@@ -132,7 +144,14 @@ from .events import (
     VbdAdded,
     VbdRemoved,
 )
-from .frontend import FrontendState, FrontendTransportConfig, FrontendVbd
+from .frontend import (
+    FrontendOptions,
+    FrontendState,
+    FrontendTransportConfig,
+    FrontendVbd,
+    backend_event,
+    observe_backend,
+)
 from .machine import SpecMachine
 from .spec import MachineSpec, load_spec, spec_names
 from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
@@ -144,10 +163,13 @@ __all__ = [
     "BackendError",
     "BackendFeatures",
     "BackendFound",
+    "BackendInfoInvalid",
     "BackendInfoRead",
     "BackendRemoved",
     "BackendState",
     "BackendStateChanged",
+    "BackendStateInvalid",
+    "BackendVanished",
     "BackendVbd",
     "Blame",
     "BlkifRing",
@@ -159,6 +181,7 @@ __all__ = [
     "ControlSocketReady",
     "Detach",
     "DeviceClose",
+    "DeviceFound",
     "DeviceReconnect",
     "DiscardImage",
     "DisconnectRing",
@@ -172,6 +195,7 @@ __all__ = [
     "ExitProcess",
     "ExitRequested",
     "FrontendError",
+    "FrontendOptions",
     "FrontendState",
     "FrontendStateChanged",
     "FrontendStateInvalid",
@@ -186,6 +210,7 @@ __all__ = [
     "ImageOpenFailed",
     "ImageOpened",
     "MachineSpec",
+    "OfferRing",
     "OnlineChanged",
     "Open",
     "OpenImage",
@@ -199,13 +224,17 @@ __all__ = [
     "ReadBackendInfo",
     "ReadFrontendTransport",
     "ReleaseMinor",
+    "ReleaseRing",
     "RemoveDirectory",
     "Reply",
+    "ReportFault",
     "Resume",
     "RingConnectFailed",
     "RingConnected",
     "RingDisconnectFailed",
     "RingDisconnected",
+    "RingOfferFailed",
+    "RingOffered",
     "RingStartFailed",
     "RingStarted",
     "RingTransport",
@@ -233,7 +262,9 @@ __all__ = [
     "XenblkifConnect",
     "XenblkifDisconnect",
     "XenbusState",
+    "backend_event",
     "load_spec",
+    "observe_backend",
     "parse_xenbus_state",
     "spec_names",
 ]
