@@ -17,7 +17,7 @@ ours, our tapdisk is bind-mounted over that path inside the namespace. Our tap-c
 
 Each step is one tap-ctl command line; the pairing runs the steps in order (state carries
 over: minors, tapdisks, open images). Outputs are compared after replacing pids (named
-by the order their tapdisks appeared) and the scratch directory with names. Three
+in the order the outputs first show them) and the scratch directory with names. Three
 comparisons are printed, each against blktap with blktap: our tap-ctl (driving blktap's
 tapdisk), our tapdisk (driven by blktap's tap-ctl), and ours with ours. A difference is
 "deliberate" when `DELIBERATE` names the step for that side (the README's table of
@@ -317,7 +317,7 @@ class Runner:
                     seen += [pid for pid in socket_pids() if pid not in seen]
             finally:
                 clean_runtime()
-        names = {str(pid): f"<tapdisk{i}>" for i, pid in enumerate(seen, 1)}
+        names = pid_names(pairing, seen)
         for outcome in pairing.outcomes.values():
             for attr in ("out", "err"):
                 setattr(outcome, attr, normalize(getattr(outcome, attr), names, self.scratch))
@@ -376,6 +376,20 @@ def run_command(argv: list[str], stdin: bytes, env: dict[str, str], tty: bool,
         os.close(leader)
         if follower >= 0:
             os.close(follower)
+
+
+def pid_names(pairing: Pairing, tapdisks: list[int]) -> dict[str, str]:
+    """Names for the tapdisks' pids in the order the outputs first show them (a tapdisk
+    that exits as its command returns may or may not have been seen running, so the
+    order they ran in would not name them alike in two runs)."""
+    names: dict[str, str] = {}
+    known = {str(pid) for pid in tapdisks}
+    for step in STEPS:
+        outcome = pairing.outcomes[step.name]
+        for number in re.findall(r"\d+", outcome.out + outcome.err):
+            if number in known and number not in names:
+                names[number] = f"<tapdisk{len(names) + 1}>"
+    return names
 
 
 def normalize(text: str, names: dict[str, str], scratch: Path) -> str:
