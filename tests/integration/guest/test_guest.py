@@ -13,8 +13,9 @@ from blktap3.abi import BlkifProtocol
 from blktap3.sim.guest import guest_env, run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
+from tests.support import wait_until
 
-from .conftest import DEVID, MiB, MiniBackend, wait_until
+from .conftest import DEVID, MiB, MiniBackend
 
 pytestmark = pytest.mark.integration
 

@@ -21,6 +21,7 @@ from blktap3.xenbus import (
     XenStorePermissionError,
     XenStoreTimeout,
 )
+from tests.support import wait_until
 
 from .fakexs import INTRODUCE, RELEASE, FakeXenstored
 
@@ -161,9 +162,7 @@ def test_close_after_the_peer_left_closes_the_socket(
     def lose_and_close() -> None:
         xs = XenStore.open(fake_xenstored.path, timeout=1)
         fake_xenstored.close()
-        deadline = time.monotonic() + 5
-        while xs.alive and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not xs.alive, 5, "the client to see the peer gone")
         xs.close()
 
     assert _unclosed_sockets(lose_and_close) == []
