@@ -8,7 +8,8 @@
   wrote to its log file. In-process log lines are pinned with
   `structlog.testing.capture_logs()` instead.
 - `fixtures` (a pytest plugin, loaded by tests/conftest.py): `run_dir`, `machine`,
-  `xenstored_kind`, `host`, `xenstored`, `xs`, `tapback`, `guest_xenstore`.
+  `xenstored_kind`, `host` (one per xenstored kind), `xs`, `tapback`.
+- `sim.guest_xenstore`: a guest domain's own XenStore connection over its ring page.
 
 Rules: a test waits on the real condition (an event, a counter, a key, a process
 state), never on a sleep; a `time.sleep` left in a test is the behaviour under test
