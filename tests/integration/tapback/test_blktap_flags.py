@@ -12,8 +12,7 @@ import pytest
 
 from blktap3.ctl import runtime
 from blktap3.sim.host import Host
-
-from .conftest import wait_for
+from tests.support import wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -37,5 +36,5 @@ def test_without_d_tapback_daemonizes_and_returns_once_watching(
         assert '"tapback watching"' in log.read_text()
     finally:
         os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not runtime.process_alive(pid), what="the daemon to stop")
+    wait_gone(pid, what="the daemon to stop")
     assert not pidfile.exists()

@@ -17,8 +17,9 @@ from blktap3.tapback.daemon import Tapback, TapbackConfig
 from blktap3.tapback.main import build_parser
 from blktap3.tapback.store import SharedStore
 from blktap3.tapback.vbd import Prompt, VbdConfig, VbdWorker
+from tests.support import wait_until
 
-from .test_vbd import PATHS, FakeXenStore, _publish_transport, wait_for
+from .test_vbd import PATHS, FakeXenStore, _publish_transport
 from .test_vbd import xs as xs  # the fixture, under its own name
 
 
@@ -74,7 +75,7 @@ def test_nobarrier_offers_no_barrier(xs: FakeXenStore, mocker: MockerFixture) ->
     try:
         _publish_transport(xs)
         worker.post(Prompt.REFRESH)
-        wait_for(lambda: xs.nodes.get(PATHS.backend_key("state")) == "4")
+        wait_until(lambda: xs.nodes.get(PATHS.backend_key("state")) == "4", 10, "Connected")
         assert xs.nodes[PATHS.backend_key("feature-barrier")] == "0"
     finally:
         worker.post(Prompt.STOP)
