@@ -8,7 +8,8 @@ you must execute, in order, and you feed the results back as events.
     from blktap3.fsm import BackendVbd, FrontendStateChanged, XenbusState, FsmError
 
     vbd = BackendVbd(domid=1, devid=51712)            # backend/vbd3/1/51712
-    for effect in vbd.handle(HotplugConnected(TapdiskRef(pid, minor), DiskInfo(sectors))):
+    vbd.handle(HotplugConnected(TapdiskRef(pid, minor)))  # -> SendControl(DiskInfoQuery)
+    for effect in vbd.handle(DiskInfoRead(DiskInfo(sectors))):
         execute(effect)                                # WriteKeys, PublishState, ...
     vbd.handle(FrontendStateChanged(XenbusState.INITIALISED))  # -> ReadFrontendTransport
     vbd.handle(TransportRead(RingTransport((ref,), port, "x86_64-abi")))
@@ -16,8 +17,10 @@ you must execute, in order, and you feed the results back as events.
     vbd.handle(RingConnected())      # -> WriteKeys(features+sectors+info+...), PublishState(4)
     vbd.state, vbd.published, vbd.is_final             # "connected", XenbusState.CONNECTED
 
-A tapback that starts on an existing directory feeds `BackendFound(state, keys)` first
-(before hotplug): a Connected VBD is adopted without a write the front-end would see.
+tapback feeds `BackendFound(state, keys, ...)` first (what the directory holds): a
+Connected VBD left by a previous tapback is adopted without a write the front-end would
+see.  What tapback observes in XenStore becomes events in ONE place,
+`BackendObserver` (backend_observer.py: snapshots in, events out, no I/O).
 
 Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
   `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
@@ -27,25 +30,37 @@ Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final
 
 Contract for owners: execute the effects of one `handle` call in order; answer an effect
 that asks a question (`ReadFrontendTransport`, `ReadBackendInfo`, `SendControl`,
-`OpenImage`, `QuiesceRing`) with its result event before feeding the next event; once a
-machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE transaction.
+`OpenImage`, `QuiesceRing`) with its result event before feeding the next event (a state
+that `awaits` an answer refuses anything else as `OurBug`); once a machine `is_final`,
+forget it and drop late replies.  `WriteKeys` is ONE transaction.  An effect the owner
+does not know is our bug: it raises.
 
 Errors: an event the spec does not allow raises an `FsmError` subclass naming who is to
 blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
 `ToolstackError` - with `.machine`, `.state`, `.event`; the machine is left unchanged.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
-explicitly ignored in every state (`blktap3-fsm check` prints the table), and bad values
-lead to `SetError` + Closed.  `SpecError` means a malformed spec.
+explicitly ignored in every state that awaits no answer (`blktap3-fsm check` prints the
+table), and bad values lead to `SetError` + Closed.  `SpecError` means a malformed spec.
 
-Tools: `blktap3-fsm check` (spec checks), `blktap3-diagram` (DOT/SVG/PNG/Mermaid), and
-`blktap3.fsm.testing.VbdPair` (both ends wired through an in-memory store, for tests).
+Tools: `blktap3-fsm check` (spec checks, dead rows included), `blktap3-diagram`
+(DOT/SVG/PNG/Mermaid), and `blktap3.sim.memory.VbdPair` (both ends wired through an
+in-memory store, the back-end through this observer and tapback's own readers).
 """
 
 from .backend import BackendFeatures, BackendState, BackendVbd
+from .backend_observer import (
+    UNREADABLE,
+    BackendDirectory,
+    BackendObserver,
+    BackendSnapshot,
+    FrontendValue,
+    Unreadable,
+)
 from .effects import (
     CleanupRuntime,
     CloseImage,
     ControlMessage,
+    DiskInfoQuery,
     Effect,
     ExitProcess,
     OpenImage,
@@ -62,6 +77,7 @@ from .effects import (
     StopRing,
     UnquiesceRing,
     Unregister,
+    WatchTapdisk,
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
@@ -91,15 +107,18 @@ from .events import (
     DeviceReconnect,
     DisconnectRing,
     DiskInfo,
-    DiskResized,
+    DiskInfoFailed,
+    DiskInfoRead,
     Drained,
     Event,
     ExitRequested,
     FrontendStateChanged,
     FrontendStateInvalid,
+    FrontendStateUnreadable,
     FrontendVanished,
     HotplugConnected,
     HotplugFailed,
+    ImageChanged,
     ImageOpened,
     ImageOpenFailed,
     OnlineChanged,
@@ -127,12 +146,16 @@ from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
 from .xenbus_state import XenbusState, parse_xenbus_state
 
 __all__ = [
+    "UNREADABLE",
     "Attach",
+    "BackendDirectory",
     "BackendError",
     "BackendFeatures",
     "BackendFound",
     "BackendInfoRead",
+    "BackendObserver",
     "BackendRemoved",
+    "BackendSnapshot",
     "BackendState",
     "BackendStateChanged",
     "BackendVbd",
@@ -148,7 +171,9 @@ __all__ = [
     "DeviceReconnect",
     "DisconnectRing",
     "DiskInfo",
-    "DiskResized",
+    "DiskInfoFailed",
+    "DiskInfoQuery",
+    "DiskInfoRead",
     "Drained",
     "Effect",
     "Event",
@@ -158,12 +183,15 @@ __all__ = [
     "FrontendState",
     "FrontendStateChanged",
     "FrontendStateInvalid",
+    "FrontendStateUnreadable",
     "FrontendTransportConfig",
+    "FrontendValue",
     "FrontendVanished",
     "FrontendVbd",
     "FsmError",
     "HotplugConnected",
     "HotplugFailed",
+    "ImageChanged",
     "ImageError",
     "ImageOpenFailed",
     "ImageOpened",
@@ -204,10 +232,12 @@ __all__ = [
     "TransportInvalid",
     "TransportRead",
     "UnquiesceRing",
+    "Unreadable",
     "Unregister",
     "VbdAdded",
     "VbdRemoved",
     "VbdState",
+    "WatchTapdisk",
     "WriteKeys",
     "XenblkifConnect",
     "XenblkifDisconnect",

@@ -3,8 +3,13 @@
 - every state is reachable from the initial state;
 - every non-final state has a way out (a transition to another state);
 - every callback and condition the spec names is a method of the machine's class;
-- (back-end) every xenbus front-end state, plus `invalid` and `vanished`, is handled or
-  explicitly ignored in every non-final back-end state: `render_table` prints that table.
+- no dead rows: a state that `awaits` an answer has a row for each answer and none for
+  any other trigger (nothing else can arrive there, see `blktap3.fsm.spec`);
+- (back-end) every xenbus front-end state, plus `invalid`, `unreadable` and `vanished`,
+  is handled or explicitly ignored in every non-final back-end state that awaits no
+  answer: `render_table` prints that table; so is every other event the observer or
+  the owner may feed at any time (hotplug, online, removal, a tapdisk death, an image
+  open), so that nothing tapback observes can be refused.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from .xenbus_state import XenbusState
 
 # machine -> the trigger prefix of the other end's states it must handle everywhere
 REQUIRED_TABLES = {"backend_vbd": "frontend_"}
+# machine -> the other triggers that may arrive unasked in any state that awaits nothing
+UNPROMPTED = {
+    "backend_vbd": ("hotplug_connected", "hotplug_failed", "online", "offline",
+                    "backend_removed", "tapdisk_died", "image_changed"),
+}
 
 
 def _ancestors(name: str) -> list[str]:
@@ -79,11 +89,12 @@ class Cell:
 def xenbus_table(spec: MachineSpec, prefix: str) -> tuple[list[str], dict[str, dict[str, Cell]]]:
     """Columns (triggers) and rows (non-final leaf state -> trigger -> Cell)."""
     columns = [f"{prefix}{s.trigger_suffix}" for s in XenbusState]
-    columns += [f"{prefix}{extra}" for extra in ("invalid", "vanished")
+    columns += [f"{prefix}{extra}" for extra in ("invalid", "unreadable", "vanished")
                 if f"{prefix}{extra}" in spec.triggers]
     rows: dict[str, dict[str, Cell]] = {}
+    awaiting = spec.awaiting()
     for leaf in spec.leaves():
-        if leaf in spec.final:
+        if leaf in spec.final or leaf in awaiting:
             continue
         row = {}
         for col in columns:
@@ -102,7 +113,27 @@ def render_table(spec: MachineSpec, prefix: str) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in [header, *body]]
+    awaiting = spec.awaiting()
+    if awaiting:
+        lines.append("not shown (an answer is awaited, nothing else arrives): "
+                     + ", ".join(sorted(awaiting)))
     return "\n".join(lines)
+
+
+def dead_rows(spec: MachineSpec) -> list[str]:
+    """Rows that can never fire, and answers an awaiting state would refuse."""
+    problems: list[str] = []
+    for state, answers in spec.awaiting().items():
+        for t in spec.transitions:
+            if state in t.sources and t.trigger not in answers:
+                kind = "ignore" if t.ignored else "row"
+                problems.append(f"dead {kind}: {t.trigger!r} in {state!r}, which awaits only "
+                                f"{list(answers)}")
+        for answer in answers:
+            if not transitions_from(spec, state, answer):
+                problems.append(f"{state!r} awaits {answer!r} but neither handles nor "
+                                "ignores it")
+    return problems
 
 
 def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
@@ -121,9 +152,17 @@ def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
     for final in spec.final:
         if transitions_from(spec, _entry_leaf(spec, final)):
             problems.append(f"final state {final!r} has transitions")
+    problems += dead_rows(spec)
     if cls is not None:
         problems += [f"callback {n!r} is not bound by {cls.__name__}"
                      for n in unbound_callbacks(spec, cls)]
+    awaiting = spec.awaiting()
+    for trigger in UNPROMPTED.get(spec.name, ()):
+        for leaf in spec.leaves():
+            if leaf in spec.final or leaf in awaiting:
+                continue
+            if not transitions_from(spec, leaf, trigger):
+                problems.append(f"{trigger!r} is neither handled nor ignored in {leaf!r}")
     prefix = REQUIRED_TABLES.get(spec.name)
     if prefix is not None:
         columns, rows = xenbus_table(spec, prefix)

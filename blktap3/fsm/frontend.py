@@ -1,7 +1,7 @@
 """The front-end VBD machine (specs/frontend_vbd.toml): what a blkfront does.
 
 Used by the simulated guests and by tests that wire a front-end and a back-end together
-(`blktap3.fsm.testing`).  Same contract as the back-end: `ReadBackendInfo` is answered
+(`blktap3.sim.memory`).  Same contract as the back-end: `ReadBackendInfo` is answered
 with `BackendInfoRead` before the next event.
 """
 

@@ -5,7 +5,10 @@ Format (one file per machine, `specs/<name>.toml`):
 
     [machine]      name, title, doc, initial, final = [...], nested = bool
     [states.<s>]   doc, xenbus (0..8: entering publishes it), bits = [...],
-                   on_enter = [...], on_exit = [...], initial + [states.<s>.children.<c>]
+                   on_enter = [...], on_exit = [...], initial + [states.<s>.children.<c>],
+                   awaits = [...]: the state is only ever entered with a question
+                   pending (an effect the owner answers before anything else, see
+                   `blktap3.fsm`), whose answer is one of these triggers
     [triggers.<t>] doc, blame = ours|frontend|backend|tapdisk|image|toolstack,
                    refused = true: never allowed (its error names the culprit)
     [[transitions]] trigger, source (name, list or "*"), dest (absent: internal),
@@ -14,10 +17,12 @@ Format (one file per machine, `specs/<name>.toml`):
                    applied after the transitions, so they are the fallback when the
                    conditions of every transition for that trigger fail.
 
-Source "*" means every non-final state.  Nested states are named `<parent>_<child>`
-(transitions' separator), so names in a nested machine may not contain `_`.  Callback
-names are bound to methods of the machine class by `blktap3.fsm.machine`; this module
-checks only the spec's own consistency.
+Source "*" means every non-final state that awaits no answer: nothing but the answer
+arrives in a state that `awaits` one, so a row for any other trigger there could never
+fire (`blktap3-fsm check` reports such a row when a source names the state itself).
+Nested states are named `<parent>_<child>` (transitions' separator), so names in a
+nested machine may not contain `_`.  Callback names are bound to methods of the machine
+class by `blktap3.fsm.machine`; this module checks only the spec's own consistency.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from .errors import Blame, SpecError
 
 _TOP_KEYS = {"machine", "states", "triggers", "transitions", "ignore"}
 _MACHINE_KEYS = {"name", "title", "doc", "initial", "final", "nested"}
-_STATE_KEYS = {"doc", "xenbus", "bits", "on_enter", "on_exit", "initial", "children"}
+_STATE_KEYS = {"doc", "xenbus", "bits", "on_enter", "on_exit", "initial", "children", "awaits"}
 _TRIGGER_KEYS = {"doc", "blame", "refused"}
 _TRANSITION_KEYS = {"trigger", "source", "dest", "conditions", "unless", "before", "after", "doc"}
 _IGNORE_KEYS = {"triggers", "source", "why"}
@@ -54,6 +59,7 @@ class StateSpec:
     on_exit: tuple[str, ...] = ()
     initial: str | None = None  # full name of the initial child
     children: tuple[StateSpec, ...] = ()
+    awaits: tuple[str, ...] = ()  # the only triggers that can arrive (answers)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,10 @@ class MachineSpec:
 
     def leaves(self) -> list[str]:
         return [s.name for s in self.all_states() if not s.children]
+
+    def awaiting(self) -> dict[str, tuple[str, ...]]:
+        """State -> the answer triggers it awaits, for the states that await one."""
+        return {s.name: s.awaits for s in self.all_states() if s.awaits}
 
     def callback_names(self) -> set[str]:
         names = {n for t in self.transitions for n in t.callbacks}
@@ -181,6 +191,7 @@ def _parse_state(
         on_exit=_strs(f"{where}.on_exit", table.get("on_exit", [])),
         initial=initial,
         children=children,
+        awaits=_strs(f"{where}.awaits", table.get("awaits", [])),
     )
 
 
@@ -235,10 +246,16 @@ def parse_spec(data: Mapping[str, Any], origin: str = "<spec>") -> MachineSpec:
     final = tuple(
         known(f"{origin}: [machine].final", f) for f in _strs("final", m.get("final", []))
     )
+    for s in _walk(states):
+        for name in s.awaits:
+            trigger(f"{origin}: [states.{s.name}].awaits", name)
+        if s.awaits and (s.name in final or s.children):
+            raise SpecError(f"{origin}: [states.{s.name}]: only a non-final leaf may await")
 
     def sources(where: str, value: Any) -> tuple[str, ...]:
         if value == "*":
-            return tuple(sorted(s.name for s in _walk(states) if s.name not in final))
+            return tuple(sorted(s.name for s in _walk(states)
+                                if s.name not in final and not s.awaits))
         return tuple(known(where, n) for n in _strs(where, value))
 
     transitions: list[TransitionSpec] = []

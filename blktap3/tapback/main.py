@@ -2,7 +2,7 @@
 
     tapback [--backend-kind vbd3] [--backend-domid 0] [--xenstored PATH]
             [--control-dir DIR] [--log-format json|console] [--log-file FILE]
-            [--verbose] [--pid-file FILE]
+            [--verbose] [--pid-file FILE] [--status-file FILE]
 
 It runs in the foreground (systemd's `Type=simple`; `service.start` backgrounds it),
 logs one line per lifecycle step, and stops on SIGTERM/SIGINT leaving every VBD as it
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
     parser.add_argument("--pid-file", metavar="FILE",
                         help="write the pid here once the daemon is watching")
+    parser.add_argument("--status-file", metavar="FILE", type=Path,
+                        help="every VBD's machine state, as JSON, kept up to date (default: "
+                             "<control-dir>/tapback.<backend-kind>.status.json)")
     parser.add_argument("--tapdisk-timeout", type=_seconds, default=30.0, metavar="SECS",
                         help="timeout of each control request to a tapdisk (default: 30)")
     parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
@@ -102,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend_kind=args.backend_kind,
         tapdisk_timeout=args.tapdisk_timeout,
         max_ring_page_order=args.max_ring_page_order,
+        status_file=args.status_file.absolute() if args.status_file else None,
     )
     daemon = Tapback(config)
 

@@ -27,7 +27,7 @@ def test_states_show_their_xenbus_number_and_edges_their_guards_and_effects() ->
     dot = diagram.dot_source(load_spec("backend_vbd"))
     assert 'connected [label="connected (4)' in dot
     assert 'closing [label="closing (5)' in dot
-    assert ("hotplug_connected [frontend_ready] / record_tapdisk, write_probe_keys, "
+    assert ("disk_info_read [frontend_ready] / record_disk, write_probe_keys, "
             "read_transport") in dot
     assert "ignore" not in dot  # ignored events are in the table, not the drawing
 

@@ -15,7 +15,7 @@ def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     for name in ("backend_vbd", "frontend_vbd", "tapdisk_process", "tapdisk_vbd"):
         assert f"{name}: ok" in out
-    assert "state               unknown  initialising" in out
+    assert "unknown  initialising" in out
     assert "refused" in out  # the front-end's table shows what it refuses
 
 
@@ -35,7 +35,7 @@ def test_check_fails_on_a_hole_in_the_backend(
     # a hole in every state where it failed the VBD: all but `failed` (ignored there)
     holes = sum(1 for t in spec.transitions if t.trigger == "frontend_reconfigured"
                 for _ in t.sources)
-    assert holes >= 10
+    assert holes >= 7
     assert f"backend_vbd: {holes} problem(s)" in out
     assert "'frontend_reconfigured' is neither handled nor ignored in 'connected'" in out
 

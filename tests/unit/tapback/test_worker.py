@@ -17,8 +17,9 @@ from pytest_mock import MockerFixture
 
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import ImageInfo
+from blktap3.tapback.executor import VbdConfig
 from blktap3.tapback.store import SharedStore
-from blktap3.tapback.vbd import Prompt, VbdConfig, VbdWorker
+from blktap3.tapback.worker import Prompt, VbdWorker
 from blktap3.xenbus import (
     Permission,
     VbdPaths,
