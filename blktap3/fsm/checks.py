@@ -5,6 +5,9 @@
 - every callback and condition the spec names is a method of the machine's class;
 - no dead rows: a state that `awaits` an answer has a row for each answer and none for
   any other trigger (nothing else can arrive there, see `blktap3.fsm.spec`);
+- (phases) no row spells out every state of a phase one by one where `@phase` says it
+  (the loader already refuses unknown phases and states in no phase or in two; a phase
+  names its states that await no answer);
 - (back-end) every xenbus front-end state, plus `invalid`, `unreadable` and `vanished`,
   is handled or explicitly ignored in every non-final back-end state that awaits no
   answer: `render_table` prints that table; so is every other event the observer or
@@ -17,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .machine import unbound_callbacks
-from .spec import SEPARATOR, MachineSpec, TransitionSpec
+from .spec import PHASE_PREFIX, SEPARATOR, MachineSpec, TransitionSpec
 from .xenbus_state import XenbusState
 
 # machine -> the trigger prefix of the other end's states it must handle everywhere
@@ -34,14 +37,6 @@ def _ancestors(name: str) -> list[str]:
     return [SEPARATOR.join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def _entry_leaf(spec: MachineSpec, name: str) -> str:
-    state = spec.state(name)
-    while state.children:
-        assert state.initial is not None  # the schema requires it
-        state = spec.state(state.initial)
-    return state.name
-
-
 def transitions_from(
     spec: MachineSpec, leaf: str, trigger: str | None = None
 ) -> list[TransitionSpec]:
@@ -55,13 +50,13 @@ def transitions_from(
 
 def reachable(spec: MachineSpec) -> set[str]:
     """Leaf states reachable from the initial state."""
-    start = _entry_leaf(spec, spec.initial)
+    start = spec.entry_leaf(spec.initial)
     seen, todo = {start}, [start]
     while todo:
         leaf = todo.pop()
         for t in transitions_from(spec, leaf):
             if t.dest is not None:
-                nxt = _entry_leaf(spec, t.dest)
+                nxt = spec.entry_leaf(t.dest)
                 if nxt not in seen:
                     seen.add(nxt)
                     todo.append(nxt)
@@ -106,10 +101,16 @@ def xenbus_table(spec: MachineSpec, prefix: str) -> tuple[list[str], dict[str, d
 
 
 def render_table(spec: MachineSpec, prefix: str) -> str:
-    """The table as aligned text: a row per state, a column per xenbus state of the peer."""
+    """The table as aligned text: a row per state, a column per xenbus state of the peer
+    (and, last, the state's phase when the machine declares phases)."""
     columns, rows = xenbus_table(spec, prefix)
     header = ["state", *(c.removeprefix(prefix) for c in columns)]
     body = [[leaf, *(str(row[c]) for c in columns)] for leaf, row in rows.items()]
+    if spec.phases:
+        header.append("phase")
+        for line in body:
+            phase = spec.phase_of(line[0])
+            line.append(f"@{phase.name}" if phase else "")
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in [header, *body]]
@@ -136,6 +137,24 @@ def dead_rows(spec: MachineSpec) -> list[str]:
     return problems
 
 
+def spelled_out_phases(spec: MachineSpec) -> list[str]:
+    """Rows whose source lists every state of a phase (of two or more) one by one (those
+    that await no answer: `@phase` names only them)."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    awaiting = spec.awaiting()
+    for t in spec.transitions:
+        if t.row in seen:  # an [[ignore]] of several triggers is one row
+            continue
+        seen.add(t.row)
+        for phase in spec.phases:
+            members = {s for s in phase.states if s not in awaiting}
+            if len(members) > 1 and members <= set(t.spelled):
+                problems.append(f"{t.row} names every state of phase {phase.name!r} "
+                                f"one by one: write {PHASE_PREFIX}{phase.name}")
+    return problems
+
+
 def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
     """Every problem found, as sentences; empty when the spec passes."""
     problems: list[str] = []
@@ -146,13 +165,14 @@ def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
         if any(a in spec.final for a in _ancestors(leaf)):
             continue
         exits = [t for t in transitions_from(spec, leaf)
-                 if t.dest is not None and _entry_leaf(spec, t.dest) != leaf]
+                 if t.dest is not None and spec.entry_leaf(t.dest) != leaf]
         if not exits:
             problems.append(f"non-final state {leaf!r} has no way out")
     for final in spec.final:
-        if transitions_from(spec, _entry_leaf(spec, final)):
+        if transitions_from(spec, spec.entry_leaf(final)):
             problems.append(f"final state {final!r} has transitions")
     problems += dead_rows(spec)
+    problems += spelled_out_phases(spec)
     if cls is not None:
         problems += [f"callback {n!r} is not bound by {cls.__name__}"
                      for n in unbound_callbacks(spec, cls)]

@@ -9,6 +9,8 @@ Format (one file per machine, `specs/<name>.toml`):
                    awaits = [...]: the state is only ever entered with a question
                    pending (an effect the owner answers before anything else, see
                    `blktap3.fsm`), whose answer is one of these triggers
+    [phases.<p>]   doc, states = [...]: a named group of states (flat machines only);
+                   when a machine declares phases, every state is in exactly one
     [triggers.<t>] doc, blame = ours|frontend|backend|tapdisk|image|toolstack,
                    refused = true: never allowed (its error names the culprit)
     [[transitions]] trigger, source (name, list or "*"), dest (absent: internal),
@@ -17,12 +19,17 @@ Format (one file per machine, `specs/<name>.toml`):
                    applied after the transitions, so they are the fallback when the
                    conditions of every transition for that trigger fail.
 
-Source "*" means every non-final state that awaits no answer: nothing but the answer
-arrives in a state that `awaits` one, so a row for any other trigger there could never
-fire (`blktap3-fsm check` reports such a row when a source names the state itself).
-Nested states are named `<parent>_<child>` (transitions' separator), so names in a
-nested machine may not contain `_`.  Callback names are bound to methods of the machine
-class by `blktap3.fsm.machine`; this module checks only the spec's own consistency.
+A source names states, `@<phase>` for every state of a phase (`["@handshake", "closed"]`;
+`@` cannot start a state name, so the two never clash), or is "*": every non-final state.
+A group (`@<phase>`, "*") leaves out the states that `awaits` an answer: nothing but
+the answer arrives there, so a row for any other trigger could never fire; a row for an
+answer names its state (`blktap3-fsm check` reports a dead row naming one itself).
+The loader expands phases: `TransitionSpec.sources` are always states, so the machine,
+the checks and the conformance harness see the same table whichever way a row is
+written; phases change how a spec reads and how it is drawn, never what the machine does.
+Nested states are named `<parent>_<child>` (transitions' separator), so names in a nested
+machine may not contain `_`.  Callback names are bound to methods of the machine class by
+`blktap3.fsm.machine`; this module checks only the spec's own consistency.
 """
 
 from __future__ import annotations
@@ -37,15 +44,18 @@ from typing import Any
 
 from .errors import Blame, SpecError
 
-_TOP_KEYS = {"machine", "states", "triggers", "transitions", "ignore"}
+_TOP_KEYS = {"machine", "states", "phases", "triggers", "transitions", "ignore"}
 _MACHINE_KEYS = {"name", "title", "doc", "initial", "final", "nested"}
 _STATE_KEYS = {"doc", "xenbus", "bits", "on_enter", "on_exit", "initial", "children", "awaits"}
 _TRIGGER_KEYS = {"doc", "blame", "refused"}
 _TRANSITION_KEYS = {"trigger", "source", "dest", "conditions", "unless", "before", "after", "doc"}
 _IGNORE_KEYS = {"triggers", "source", "why"}
+_PHASE_KEYS = {"doc", "states"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _NESTED_NAME = re.compile(r"^[a-z][a-z0-9]*$")
 SEPARATOR = "_"
+PHASE_PREFIX = "@"  # in a source: every state of the phase
+_ROW_HEADER = re.compile(r"^\s*\[\[\s*(transitions|ignore)\s*\]\]")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,15 @@ class StateSpec:
     initial: str | None = None  # full name of the initial child
     children: tuple[StateSpec, ...] = ()
     awaits: tuple[str, ...] = ()  # the only triggers that can arrive (answers)
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """A named group of states: a step of the machine's life, drawn as one cluster."""
+
+    name: str
+    states: tuple[str, ...]
+    doc: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,9 @@ class TransitionSpec:
     after: tuple[str, ...] = ()
     doc: str = ""
     ignored: bool = False  # comes from an [[ignore]] entry
+    # where the row is and how its source was written (`@phase` unexpanded): for messages
+    row: str = field(default="", compare=False)
+    spelled: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def callbacks(self) -> tuple[str, ...]:
@@ -96,6 +118,7 @@ class MachineSpec:
     final: tuple[str, ...] = ()
     nested: bool = False
     states: tuple[StateSpec, ...] = ()  # top level; children inside
+    phases: tuple[PhaseSpec, ...] = ()  # empty, or a partition of the states
     triggers: Mapping[str, TriggerSpec] = field(default_factory=dict)
     transitions: tuple[TransitionSpec, ...] = ()  # handled first, then the ignores
 
@@ -115,6 +138,29 @@ class MachineSpec:
     def awaiting(self) -> dict[str, tuple[str, ...]]:
         """State -> the answer triggers it awaits, for the states that await one."""
         return {s.name: s.awaits for s in self.all_states() if s.awaits}
+
+    def entry_leaf(self, name: str) -> str:
+        """The leaf a machine is in after entering `name` (initial children, down)."""
+        state = self.state(name)
+        while state.children:
+            assert state.initial is not None  # the schema requires it
+            state = self.state(state.initial)
+        return state.name
+
+    def phase(self, name: str) -> PhaseSpec:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def phase_of(self, state: str) -> PhaseSpec | None:
+        """The phase holding `state`; None when the machine declares no phases."""
+        for p in self.phases:
+            if state in p.states:
+                return p
+        if self.phases:
+            raise KeyError(state)
+        return None
 
     def callback_names(self) -> set[str]:
         names = {n for t in self.transitions for n in t.callbacks}
@@ -195,8 +241,60 @@ def _parse_state(
     )
 
 
-def parse_spec(data: Mapping[str, Any], origin: str = "<spec>") -> MachineSpec:
-    """Build a `MachineSpec` from parsed TOML, raising `SpecError` with the location."""
+def _parse_phases(
+    origin: str, table: Any, names: list[str], nested: bool
+) -> tuple[PhaseSpec, ...]:
+    """The [phases] table: named groups that partition the states (in spec order)."""
+    if not isinstance(table, dict):
+        raise SpecError(f"{origin}: [phases] must be a table of phases")
+    if table and nested:
+        raise SpecError(f"{origin}: [phases] need a flat machine (nested states group already)")
+    phases: list[PhaseSpec] = []
+    owner: dict[str, str] = {}
+    for pname, p in table.items():
+        where = f"{origin}: [phases.{pname}]"
+        _check_keys(where, p, _PHASE_KEYS, frozenset({"states"}))
+        if not _NAME.match(pname):
+            raise SpecError(f"{where}: bad phase name {pname!r} (lower-case, digits, _)")
+        members = _strs(f"{where}.states", p["states"])
+        if not members:
+            raise SpecError(f"{where}: a phase needs at least one state")
+        for s in members:
+            if s not in names:
+                raise SpecError(f"{where}: undefined state {s!r}; defined: {sorted(names)}")
+            if s in owner:
+                raise SpecError(
+                    f"{where}: state {s!r} is already in phase {owner[s]!r} "
+                    "(every state is in exactly one phase)")
+            owner[s] = pname
+        phases.append(PhaseSpec(pname, members, str(p.get("doc", ""))))
+    homeless = [n for n in names if n not in owner]
+    if phases and homeless:
+        raise SpecError(
+            f"{origin}: [phases]: state(s) {homeless} in no phase "
+            "(when a machine declares phases, every state is in exactly one)")
+    return tuple(phases)
+
+
+def row_lines(text: str) -> dict[str, list[int]]:
+    """Line numbers (1-based) of the `[[transitions]]` and `[[ignore]]` headers, in order."""
+    lines: dict[str, list[int]] = {"transitions": [], "ignore": []}
+    for number, line in enumerate(text.splitlines(), 1):
+        m = _ROW_HEADER.match(line)
+        if m:
+            lines[m.group(1)].append(number)
+    return lines
+
+
+def parse_spec(
+    data: Mapping[str, Any],
+    origin: str = "<spec>",
+    lines: Mapping[str, list[int]] | None = None,
+) -> MachineSpec:
+    """Build a `MachineSpec` from parsed TOML, raising `SpecError` with the location.
+
+    `lines` (from `row_lines` of the same text) adds each row's line to its messages.
+    """
     _check_keys(
         origin, dict(data), _TOP_KEYS, frozenset({"machine", "states", "triggers", "transitions"})
     )
@@ -220,6 +318,16 @@ def parse_spec(data: Mapping[str, Any], origin: str = "<spec>") -> MachineSpec:
         if name not in names:
             raise SpecError(f"{where}: undefined state {name!r}; defined: {sorted(names)}")
         return name
+
+    phases = _parse_phases(origin, data.get("phases", {}), [s.name for s in _walk(states)],
+                           nested)
+    by_phase = {p.name: p for p in phases}
+
+    def row(kind: str, i: int) -> str:
+        found = (lines or {}).get(kind, [])
+        rows = data.get(kind, [])
+        at = f":{found[i]}" if isinstance(rows, list) and len(found) == len(rows) else ""
+        return f"{origin}{at}: {kind}[{i}]"
 
     triggers: dict[str, TriggerSpec] = {}
     for tname, t in data["triggers"].items():
@@ -246,21 +354,44 @@ def parse_spec(data: Mapping[str, Any], origin: str = "<spec>") -> MachineSpec:
     final = tuple(
         known(f"{origin}: [machine].final", f) for f in _strs("final", m.get("final", []))
     )
+    awaiting: set[str] = set()
     for s in _walk(states):
         for name in s.awaits:
             trigger(f"{origin}: [states.{s.name}].awaits", name)
         if s.awaits and (s.name in final or s.children):
             raise SpecError(f"{origin}: [states.{s.name}]: only a non-final leaf may await")
+        if s.awaits:
+            awaiting.add(s.name)
 
     def sources(where: str, value: Any) -> tuple[str, ...]:
         if value == "*":
             return tuple(sorted(s.name for s in _walk(states)
-                                if s.name not in final and not s.awaits))
-        return tuple(known(where, n) for n in _strs(where, value))
+                                if s.name not in final and s.name not in awaiting))
+        expanded: list[str] = []
+        for n in _strs(where, value):
+            if n.startswith(PHASE_PREFIX):
+                phase = by_phase.get(n.removeprefix(PHASE_PREFIX))
+                if phase is None:
+                    known_phases = [f"{PHASE_PREFIX}{p}" for p in by_phase] or "none declared"
+                    raise SpecError(f"{where}: unknown phase {n!r}; phases: {known_phases}")
+                members = tuple(s for s in phase.states if s not in awaiting)
+                if not members:
+                    raise SpecError(f"{where}: every state of phase {n!r} awaits an answer: "
+                                    "name the state a row for its answer is for")
+            else:
+                members = (known(where, n),)
+            for s in members:
+                if s in expanded:
+                    raise SpecError(f"{where}: state {s!r} named twice in source {value!r}")
+                expanded.append(s)
+        return tuple(expanded)
+
+    def spelled(value: Any) -> tuple[str, ...]:
+        return (value,) if value == "*" else _strs("source", value)
 
     transitions: list[TransitionSpec] = []
     for i, t in enumerate(data["transitions"]):
-        where = f"{origin}: transitions[{i}]"
+        where = row("transitions", i)
         _check_keys(where, t, _TRANSITION_KEYS, frozenset({"trigger", "source"}))
         dest = t.get("dest")
         transitions.append(
@@ -273,15 +404,18 @@ def parse_spec(data: Mapping[str, Any], origin: str = "<spec>") -> MachineSpec:
                 before=_strs(f"{where}.before", t.get("before", [])),
                 after=_strs(f"{where}.after", t.get("after", [])),
                 doc=str(t.get("doc", "")),
+                row=where,
+                spelled=spelled(t["source"]),
             )
         )
     for i, ig in enumerate(data.get("ignore", [])):
-        where = f"{origin}: ignore[{i}]"
+        where = row("ignore", i)
         _check_keys(where, ig, _IGNORE_KEYS, frozenset({"triggers", "source", "why"}))
         srcs = sources(where, ig["source"])
         for tname in _strs(f"{where}.triggers", ig["triggers"]):
             transitions.append(
-                TransitionSpec(trigger(where, tname), srcs, None, doc=str(ig["why"]), ignored=True)
+                TransitionSpec(trigger(where, tname), srcs, None, doc=str(ig["why"]), ignored=True,
+                               row=where, spelled=spelled(ig["source"]))
             )
     used = {t.trigger for t in transitions}
     unused = sorted(n for n, t in triggers.items() if n not in used and not t.refused)
@@ -301,6 +435,7 @@ def parse_spec(data: Mapping[str, Any], origin: str = "<spec>") -> MachineSpec:
         final=final,
         nested=nested,
         states=states,
+        phases=phases,
         triggers=triggers,
         transitions=tuple(transitions),
     )
@@ -318,11 +453,12 @@ def load_spec(name: str) -> MachineSpec:
     resource = files("blktap3.specs").joinpath(f"{name}.toml")
     if not resource.is_file():
         raise SpecError(f"no machine spec {name!r}; known: {spec_names()}")
+    text = resource.read_text(encoding="utf-8")
     try:
-        data = tomllib.loads(resource.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{name}.toml: {e}") from None
-    spec = parse_spec(data, f"{name}.toml")
+    spec = parse_spec(data, f"{name}.toml", row_lines(text))
     if spec.name != name:
         raise SpecError(f"{name}.toml: [machine].name is {spec.name!r}, expected {name!r}")
     return spec

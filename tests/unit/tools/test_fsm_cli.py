@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from dataclasses import replace
+from importlib.resources import files
 
 import pytest
 from blktap3.tools import fsm_cli
 
-from blktap3.fsm.spec import MachineSpec, load_spec
+from blktap3.fsm.spec import MachineSpec, load_spec, parse_spec, row_lines
 
 
 def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -15,7 +18,8 @@ def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     for name in ("backend_vbd", "frontend_vbd", "tapdisk_process", "tapdisk_vbd"):
         assert f"{name}: ok" in out
-    assert "unknown  initialising" in out
+    assert "unknown  initialising" in out  # the back-end's table
+    assert re.search(r"^failed .* removed +@failed$", out, re.M)  # and each state's phase
     assert "refused" in out  # the front-end's table shows what it refuses
 
 
@@ -38,6 +42,25 @@ def test_check_fails_on_a_hole_in_the_backend(
     assert holes >= 7
     assert f"backend_vbd: {holes} problem(s)" in out
     assert "'frontend_reconfigured' is neither handled nor ignored in 'connected'" in out
+
+
+def test_check_reports_an_unknown_phase_with_the_file_and_row(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = files("blktap3.specs").joinpath("backend_vbd.toml").read_text(encoding="utf-8")
+    assert text.count('"@handshake"') > 1
+    typo = text.replace('"@handshake"', '"@handshakes"', 1)
+
+    def fake_load(name: str) -> MachineSpec:
+        if name != "backend_vbd":
+            return load_spec(name)
+        return parse_spec(tomllib.loads(typo), "backend_vbd.toml", row_lines(typo))
+
+    monkeypatch.setattr(fsm_cli, "load_spec", fake_load)
+    assert fsm_cli.main(["check", "backend_vbd"]) == 1
+    out = capsys.readouterr().out
+    assert "backend_vbd: 1 problem(s)" in out
+    assert re.search(r"backend_vbd\.toml:\d+: transitions\[\d+\]: unknown phase '@handshakes'", out)
 
 
 def test_list_and_table(capsys: pytest.CaptureFixture[str]) -> None:
