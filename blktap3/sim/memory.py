@@ -65,7 +65,7 @@ from blktap3.tapback.reads import (
     transport_answer,
 )
 from blktap3.tapback.tapdisks import device_path
-from blktap3.xenbus import VbdPaths
+from blktap3.xenbus import VbdPaths, XenStorePermissionError
 
 Watch = Callable[[str], None]
 
@@ -79,6 +79,8 @@ class MemoryStore:
     log: list[tuple[str, str, str | None]] = field(default_factory=list)  # who, path, value
     watches: list[tuple[str, Watch]] = field(default_factory=list)
     pending: deque[tuple[Watch, str]] = field(default_factory=deque)
+    # Nodes the back-end may not read (a guest took its permission away on its own node).
+    denied: set[str] = field(default_factory=set)
 
     def read(self, path: str) -> str | None:
         return self.nodes.get(path)
@@ -86,6 +88,8 @@ class MemoryStore:
     # -- what `blktap3.tapback.reads` needs of a store ---------------------------------
 
     def read_optional(self, path: str) -> str | None:
+        if path in self.denied:
+            raise XenStorePermissionError(errno.EACCES, path=path)
         return self.nodes.get(path)
 
     def exists(self, path: str) -> bool:
@@ -154,6 +158,7 @@ class FakeTapdisk:
     disk: DiskInfo = field(default_factory=lambda: DiskInfo(sectors=524288))
     alive: bool = True
     rings: set[tuple[int, int]] = field(default_factory=set)
+    refuse_connect: int = 0  # the errno XENBLKIF_CONNECT answers (0: it connects)
 
     def answer(self, message: object) -> Event:
         if isinstance(message, DiskInfoQuery):
@@ -166,6 +171,8 @@ class FakeTapdisk:
             return RingDisconnectFailed(errno.ECONNREFUSED, "tapdisk gone")
         if isinstance(message, XenblkifConnect):
             key = (message.domid, message.devid)
+            if self.refuse_connect:
+                return RingConnectFailed(self.refuse_connect, "refused")
             if key in self.rings:
                 return RingConnectFailed(errno.EALREADY)
             self.rings.add(key)

@@ -149,3 +149,24 @@ def test_an_event_tapback_may_see_at_any_time_left_unhandled_is_found() -> None:
                     if not (t.trigger == "hotplug_connected" and "connected" in t.sources))
     problems = check_spec(replace(spec, transitions=trimmed), BackendVbd)
     assert "'hotplug_connected' is neither handled nor ignored in 'connected'" in problems
+
+
+def test_a_phase_names_its_states_that_await_no_answer() -> None:
+    data = copy.deepcopy(AWAITING)
+    data["states"]["d"] = {}
+    data["phases"] = {"start": {"states": ["a", "b", "d"]}, "end": {"states": ["c"]}}
+    data["transitions"].append({"trigger": "poke", "source": "@start", "dest": "d"})
+    data["transitions"].append({"trigger": "stop_d", "source": "d", "dest": "c"})
+    data["triggers"]["stop_d"] = {"blame": "ours"}
+    spec = parse_spec(data)
+    assert [t.sources for t in spec.transitions if t.trigger == "poke" and t.dest] == [("a", "d")]
+    assert check_spec(spec) == []
+
+
+def test_a_phase_of_states_that_all_await_cannot_be_a_source() -> None:
+    data = copy.deepcopy(AWAITING)
+    data["phases"] = {"start": {"states": ["a"]}, "asking": {"states": ["b"]},
+                      "end": {"states": ["c"]}}
+    data["transitions"].append({"trigger": "poke", "source": "@asking", "dest": "c"})
+    with pytest.raises(SpecError, match="every state of phase '@asking' awaits an answer"):
+        parse_spec(data)

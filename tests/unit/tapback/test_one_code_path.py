@@ -32,6 +32,7 @@ from blktap3.fsm import (
     Effect,
     Event,
     FsmError,
+    ImageChanged,
     PublishState,
     RingConnectFailed,
     RingDisconnectFailed,
@@ -46,7 +47,7 @@ from blktap3.tapback.store import SharedStore
 from blktap3.tapback.tapdisks import device_path
 from blktap3.tapback.worker import Died, Message, Prompt, VbdWorker
 from tests.unit.fsm.test_properties import ALLOWED
-from tests.unit.tapback.test_worker import PATHS, FakeXenStore
+from tests.unit.tapback.test_worker import PATHS, LockedOut
 
 ROOT = Path("/run/blktap-control")
 PID = FakeTapdisk().pid
@@ -55,7 +56,9 @@ Record = list[tuple[Event, tuple[Effect, ...] | str]]
 STEPS: list[tuple[str, Any]] = [
     # what a guest writes: the usual states often, any value sometimes
     *(("frontend", v) for v in ("1", "3", "4", "5", "6") * 3),
-    *(("frontend", v) for v in (None, "0", "2", "7", "+4")),
+    *(("frontend", v) for v in (None, "0", "2", "7", "8", "+4")),
+    ("lock", True),  # the guest takes away our read permission on its state node
+    ("lock", False),
     ("transport", "good"),
     ("transport", "good"),
     ("transport", "bad"),
@@ -71,7 +74,11 @@ STEPS: list[tuple[str, Any]] = [
     # what tapback hears of the tapdisk
     ("resize", 1 << 20),
     ("resize", 2048),
+    ("resize_geometry", 4096),
     ("kill", None),
+    ("busy", errno.EBUSY),  # XENBLKIF_CONNECT refused from now on
+    ("busy", 0),
+    ("lose_ring", None),  # somebody (tap-ctl) disconnected the ring behind our back
 ]
 # What the back-end directory held: the toolstack's keys, or a previous tapback's too.
 TOOLSTACK = {"frontend": PATHS.frontend, "frontend-id": "5", "online": "1", "mode": "w",
@@ -138,14 +145,21 @@ def _client_of_fake(monkeypatch: pytest.MonkeyPatch) -> None:
 class Both:
     """The same store contents and tapdisk, twice: for the worker, and for the pair."""
 
-    def __init__(self, directory: dict[str, str], frontend: str) -> None:
-        self.xs = FakeXenStore()
+    def __init__(self, directory: dict[str, str], frontend: str | None, *,
+                 ring: bool | None = None, transport: str | None = None,
+                 dead: bool = False) -> None:
+        """`ring`: the tapdisk serves this VBD's ring already (default: when the
+        directory says Connected); `transport`: the front-end's keys, "good" or "bad"
+        (default: "good" when the directory says Connected); `dead`: the tapdisk is."""
+        connected = directory["state"] == "4"
+        self.xs = LockedOut()
         self.pair = VbdPair(domid=PATHS.domid, devid=PATHS.devid)
         ClientOfFake.fake = FakeTapdisk()
         self.fakes = (ClientOfFake.fake, self.pair.tapdisk)
         for fake in self.fakes:
             fake.disk = DISK
-            if directory["state"] == "4":  # the tapdisk still serves the adopted ring
+            fake.alive = not dead
+            if connected if ring is None else ring:
                 fake.rings.add((PATHS.domid, PATHS.devid))
         self.worker = VbdWorker(PATHS, PATHS.frontend, SharedStore(lambda: self.xs),  # type: ignore[arg-type,return-value]
                                 VbdConfig(ROOT), on_final=lambda w: None,
@@ -155,8 +169,9 @@ class Both:
         self.seen = (record(self.worker.machine), record(self.pair.backend))
         self.write({PATHS.backend_key(k): v for k, v in directory.items()})
         self.write({PATHS.frontend_key("state"): frontend})
-        if frontend == "4":
-            self.step("transport", "good")
+        transport = transport or ("good" if connected else None)
+        if transport is not None:
+            self.step("transport", transport)
         self.worker.step([Prompt.REFRESH])  # finds the VBD, then reads what it watches
         self.pair.backend_found()
         self.pair.tapback_refresh()
@@ -189,10 +204,23 @@ class Both:
             return  # written with state 3 or 4 by a guest: no watch of ours fires
         elif kind == "remove":
             self.write({p: None for p in self.xs.nodes if p.startswith(PATHS.backend + "/")})
-        elif kind == "resize":
+        elif kind in ("resize", "resize_geometry"):
             for fake in self.fakes:
-                fake.disk = DiskInfo(sectors=value)
+                fake.disk = (DiskInfo(sectors=value) if kind == "resize"
+                             else DiskInfo(sectors=value, sector_size=4096))
             prompt = Prompt.RESIZE
+        elif kind == "busy":
+            for fake in self.fakes:
+                fake.refuse_connect = value
+            return  # nothing tapback sees until it connects
+        elif kind == "lose_ring":
+            for fake in self.fakes:
+                fake.rings.clear()
+            return  # nothing tapback sees until it disconnects
+        elif kind == "lock":
+            for denied in (self.xs.denied, self.pair.store.denied):
+                (denied.add if value else denied.discard)(PATHS.frontend_key("state"))
+            prompt = Prompt.FRONTEND  # SET_PERMS fires the watch on the node
         elif kind == "kill":
             for fake in self.fakes:
                 fake.alive = False
@@ -202,7 +230,7 @@ class Both:
         if prompt is Prompt.FRONTEND:
             self.pair._tapback_sees_frontend("")
         elif prompt is Prompt.RESIZE:
-            self.pair.resize(value)
+            self.pair.tapback_event(ImageChanged())
         elif isinstance(prompt, Died):
             self.pair.kill_tapdisk()
         else:
@@ -226,14 +254,14 @@ def check_publications(start: int, seen: Record) -> None:
                 last = new
 
 
-STARTS = {
+STARTS: dict[str, tuple[dict[str, str], str]] = {
     "fresh": (TOOLSTACK, "1"),  # the toolstack just made the directories
     "hotplugged": ({**TOOLSTACK, **HOTPLUG}, "1"),  # tapback (re)started after hotplug
     "connected": (CONNECTED, "4"),  # a tapback before us connected it
 }
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.sampled_from(sorted(STARTS)), st.lists(st.sampled_from(STEPS), max_size=25))
 def test_worker_and_pair_feed_and_do_the_same_for_the_same_store(
     start: str, steps: list[tuple[str, Any]]
