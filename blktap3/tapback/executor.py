@@ -24,6 +24,7 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.abi import SECTOR_SIZE
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.fsm import (
     BackendFeatures,
@@ -73,7 +74,7 @@ class VbdConfig:
         return BackendFeatures(
             max_ring_page_order=self.max_ring_page_order,
             discard=True,
-            discard_granularity=512,
+            discard_granularity=SECTOR_SIZE,
             discard_secure=True,
         )
 
