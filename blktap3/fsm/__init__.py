@@ -30,14 +30,16 @@ Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final
 
 Contract for owners: execute the effects of one `handle` call in order; answer an effect
 that asks a question (`ReadFrontendTransport`, `ReadBackendInfo`, `SendControl`,
-`OpenImage`, `QuiesceRing`) with its result event before feeding the next event (a state
-that `awaits` an answer refuses anything else as `OurBug`); once a machine `is_final`,
-forget it and drop late replies.  `WriteKeys` is ONE transaction.  An effect the owner
-does not know is our bug: it raises.
+`OpenImage`, `StartRing`, `QuiesceRing`) with its result event before feeding the next
+event (a state that `awaits` an answer refuses anything else as `OurBug`); once a
+machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE transaction.
+An effect the owner does not know is our bug: it raises.
 
 Errors: an event the spec does not allow raises an `FsmError` subclass naming who is to
 blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
 `ToolstackError` - with `.machine`, `.state`, `.event`; the machine is left unchanged.
+A request (a trigger with `errno` in its spec, the tapdisk's control messages) is never
+refused that way: the machine answers `Reply(error=...)`, as the spec says.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
 explicitly ignored in every state that awaits no answer (`blktap3-fsm check` prints the
 table), and bad values lead to `SetError` + Closed.  `SpecError` means a malformed spec.
@@ -57,9 +59,11 @@ from .backend_observer import (
     Unreadable,
 )
 from .effects import (
+    AcceptImage,
     CleanupRuntime,
     CloseImage,
     ControlMessage,
+    DiscardImage,
     DiskInfoQuery,
     Effect,
     ExitProcess,
@@ -69,6 +73,7 @@ from .effects import (
     QuiesceRing,
     ReadBackendInfo,
     ReadFrontendTransport,
+    ReleaseMinor,
     RemoveDirectory,
     Reply,
     SendControl,
@@ -99,6 +104,7 @@ from .events import (
     BackendInfoRead,
     BackendRemoved,
     BackendStateChanged,
+    BlkifRing,
     Close,
     ConnectRing,
     ControlSocketReady,
@@ -110,12 +116,15 @@ from .events import (
     DiskInfoFailed,
     DiskInfoRead,
     Drained,
+    DrainFailed,
+    EffectFailed,
     Event,
     ExitRequested,
     FrontendStateChanged,
     FrontendStateInvalid,
     FrontendStateUnreadable,
     FrontendVanished,
+    GetDiskInfo,
     HotplugConnected,
     HotplugFailed,
     ImageChanged,
@@ -130,6 +139,8 @@ from .events import (
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
+    RingStarted,
+    RingStartFailed,
     RingTransport,
     SpawnFailed,
     TapdiskDied,
@@ -147,6 +158,7 @@ from .xenbus_state import XenbusState, parse_xenbus_state
 
 __all__ = [
     "UNREADABLE",
+    "AcceptImage",
     "Attach",
     "BackendDirectory",
     "BackendError",
@@ -160,6 +172,7 @@ __all__ = [
     "BackendStateChanged",
     "BackendVbd",
     "Blame",
+    "BlkifRing",
     "CleanupRuntime",
     "Close",
     "CloseImage",
@@ -169,13 +182,16 @@ __all__ = [
     "Detach",
     "DeviceClose",
     "DeviceReconnect",
+    "DiscardImage",
     "DisconnectRing",
     "DiskInfo",
     "DiskInfoFailed",
     "DiskInfoQuery",
     "DiskInfoRead",
+    "DrainFailed",
     "Drained",
     "Effect",
+    "EffectFailed",
     "Event",
     "ExitProcess",
     "ExitRequested",
@@ -189,6 +205,7 @@ __all__ = [
     "FrontendVanished",
     "FrontendVbd",
     "FsmError",
+    "GetDiskInfo",
     "HotplugConnected",
     "HotplugFailed",
     "ImageChanged",
@@ -208,6 +225,7 @@ __all__ = [
     "QuiesceRing",
     "ReadBackendInfo",
     "ReadFrontendTransport",
+    "ReleaseMinor",
     "RemoveDirectory",
     "Reply",
     "Resume",
@@ -215,6 +233,8 @@ __all__ = [
     "RingConnected",
     "RingDisconnectFailed",
     "RingDisconnected",
+    "RingStartFailed",
+    "RingStarted",
     "RingTransport",
     "SendControl",
     "SetError",

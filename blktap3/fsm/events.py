@@ -326,6 +326,34 @@ class ProcessExited(Event):
 
 
 # --- VBD inside a tapdisk (control messages and their completions) ------------------------
+# Requests come from `blktap3.tapdisk.observer` (a decoded control message in, an event
+# out); completions answer the machine's effects.
+
+
+@dataclass(frozen=True)
+class BlkifRing:
+    """The ring XENBLKIF_CONNECT names, as on the wire (the data path checks the values)."""
+
+    domid: int
+    devid: int
+    grefs: tuple[int, ...] = ()
+    order: int = 0
+    port: int = 0
+    protocol: int = 0  # Xen's `enum blkif_protocol` number (0: unset, native)
+    poll_us: int = 0  # blktap's poll_duration; 0: the data path's default
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        """(domid, devid): which front-end's ring this is."""
+        return (self.domid, self.devid)
+
+
+@dataclass(frozen=True)
+class EffectFailed(Event):
+    """Base of the answers that say an effect failed: a positive errno and why."""
+
+    errno: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -337,7 +365,7 @@ class Attach(Event):
 
 @dataclass(frozen=True)
 class Open(Event):
-    """OPEN with `type:/path` already split off into the driver's path, and open flags."""
+    """OPEN of `type:/path` (parsed by the driver that opens it) with blktap's open flags."""
 
     TRIGGER: ClassVar[str] = "open"
     path: str
@@ -353,12 +381,10 @@ class ImageOpened(Event):
 
 
 @dataclass(frozen=True)
-class ImageOpenFailed(Event):
-    """Answer to `OpenImage`: the driver could not open the image (positive errno)."""
+class ImageOpenFailed(EffectFailed):
+    """Answer to `OpenImage`: the driver could not open the image."""
 
     TRIGGER: ClassVar[str] = "image_open_failed"
-    errno: int
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -366,15 +392,38 @@ class ConnectRing(Event):
     """XENBLKIF_CONNECT for this VBD."""
 
     TRIGGER: ClassVar[str] = "connect_ring"
-    domid: int
-    devid: int
+    ring: BlkifRing
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        return self.ring.ids
+
+
+@dataclass(frozen=True)
+class RingStarted(Event):
+    """Answer to `StartRing`: the ring is mapped and served."""
+
+    TRIGGER: ClassVar[str] = "ring_started"
+
+
+@dataclass(frozen=True)
+class RingStartFailed(EffectFailed):
+    """Answer to `StartRing`: mapping or serving the ring failed."""
+
+    TRIGGER: ClassVar[str] = "ring_start_failed"
 
 
 @dataclass(frozen=True)
 class DisconnectRing(Event):
-    """XENBLKIF_DISCONNECT for this VBD."""
+    """XENBLKIF_DISCONNECT of the ring (domid, devid) from this VBD."""
 
     TRIGGER: ClassVar[str] = "disconnect_ring"
+    domid: int
+    devid: int
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        return (self.domid, self.devid)
 
 
 @dataclass(frozen=True)
@@ -392,11 +441,20 @@ class Drained(Event):
 
 
 @dataclass(frozen=True)
+class DrainFailed(EffectFailed):
+    """Answer to `QuiesceRing`: in-flight requests did not complete (e.g. ETIMEDOUT)."""
+
+    TRIGGER: ClassVar[str] = "drain_failed"
+
+
+@dataclass(frozen=True)
 class Resume(Event):
-    """RESUME, optionally with a new image path (image swap)."""
+    """RESUME, optionally with a new image path (image swap); `resize`: the image may have
+    grown (our `ResumeFlags.RESIZE`), a larger size is then accepted."""
 
     TRIGGER: ClassVar[str] = "resume"
     path: str | None = None
+    resize: bool = False
 
 
 @dataclass(frozen=True)
@@ -412,3 +470,10 @@ class Detach(Event):
     """DETACH."""
 
     TRIGGER: ClassVar[str] = "detach"
+
+
+@dataclass(frozen=True)
+class GetDiskInfo(Event):
+    """DISK_INFO: the geometry of the VBD's image."""
+
+    TRIGGER: ClassVar[str] = "disk_info"
