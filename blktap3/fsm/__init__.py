@@ -24,7 +24,8 @@ see.  What tapback observes in XenStore becomes events in ONE place,
 
 Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
   `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
-  `FrontendVbd(domid, backend_domid=0, transport=FrontendTransportConfig())`  a blkfront
+  `FrontendVbd(domid, backend_domid=0, options=FrontendOptions())`  a blkfront; its
+                                     observer `observe_backend(read)` makes its events
   `TapdiskProcess()`                 spawning, running{idle, serving}, exiting, dead
   `TapdiskVbd(minor)`                one VBD inside a tapdisk; `.state_bits` for tap-ctl list
 
@@ -42,7 +43,9 @@ A request (a trigger with `errno` in its spec, the tapdisk's control messages) i
 refused that way: the machine answers `Reply(error=...)`, as the spec says.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
 explicitly ignored in every state that awaits no answer (`blktap3-fsm check` prints the
-table), and bad values lead to `SetError` + Closed.  `SpecError` means a malformed spec.
+table), and bad values lead to `SetError` + Closed.  Likewise back-end misbehaviour never
+raises in `FrontendVbd` (an out-of-protocol state is a `ReportFault`, and the machine
+stays).  `SpecError` means a malformed spec.
 
 Tools: `blktap3-fsm check` (spec checks, dead rows included), `blktap3-diagram`
 (DOT/SVG/PNG/Mermaid), and `blktap3.sim.memory.VbdPair` (both ends wired through an
@@ -67,6 +70,7 @@ from .effects import (
     DiskInfoQuery,
     Effect,
     ExitProcess,
+    OfferRing,
     OpenImage,
     Perms,
     PublishState,
@@ -74,8 +78,10 @@ from .effects import (
     ReadBackendInfo,
     ReadFrontendTransport,
     ReleaseMinor,
+    ReleaseRing,
     RemoveDirectory,
     Reply,
+    ReportFault,
     SendControl,
     SetError,
     StartRing,
@@ -101,15 +107,19 @@ from .errors import (
 from .events import (
     Attach,
     BackendFound,
+    BackendInfoInvalid,
     BackendInfoRead,
     BackendRemoved,
     BackendStateChanged,
+    BackendStateInvalid,
+    BackendVanished,
     BlkifRing,
     Close,
     ConnectRing,
     ControlSocketReady,
     Detach,
     DeviceClose,
+    DeviceFound,
     DeviceReconnect,
     DisconnectRing,
     DiskInfo,
@@ -139,6 +149,8 @@ from .events import (
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
+    RingOffered,
+    RingOfferFailed,
     RingStarted,
     RingStartFailed,
     RingTransport,
@@ -150,7 +162,14 @@ from .events import (
     VbdAdded,
     VbdRemoved,
 )
-from .frontend import FrontendState, FrontendTransportConfig, FrontendVbd
+from .frontend import (
+    FrontendOptions,
+    FrontendState,
+    FrontendTransportConfig,
+    FrontendVbd,
+    backend_event,
+    observe_backend,
+)
 from .machine import SpecMachine
 from .spec import MachineSpec, load_spec, spec_names
 from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
@@ -164,12 +183,15 @@ __all__ = [
     "BackendError",
     "BackendFeatures",
     "BackendFound",
+    "BackendInfoInvalid",
     "BackendInfoRead",
     "BackendObserver",
     "BackendRemoved",
     "BackendSnapshot",
     "BackendState",
     "BackendStateChanged",
+    "BackendStateInvalid",
+    "BackendVanished",
     "BackendVbd",
     "Blame",
     "BlkifRing",
@@ -181,6 +203,7 @@ __all__ = [
     "ControlSocketReady",
     "Detach",
     "DeviceClose",
+    "DeviceFound",
     "DeviceReconnect",
     "DiscardImage",
     "DisconnectRing",
@@ -196,6 +219,7 @@ __all__ = [
     "ExitProcess",
     "ExitRequested",
     "FrontendError",
+    "FrontendOptions",
     "FrontendState",
     "FrontendStateChanged",
     "FrontendStateInvalid",
@@ -213,6 +237,7 @@ __all__ = [
     "ImageOpenFailed",
     "ImageOpened",
     "MachineSpec",
+    "OfferRing",
     "OnlineChanged",
     "Open",
     "OpenImage",
@@ -226,13 +251,17 @@ __all__ = [
     "ReadBackendInfo",
     "ReadFrontendTransport",
     "ReleaseMinor",
+    "ReleaseRing",
     "RemoveDirectory",
     "Reply",
+    "ReportFault",
     "Resume",
     "RingConnectFailed",
     "RingConnected",
     "RingDisconnectFailed",
     "RingDisconnected",
+    "RingOfferFailed",
+    "RingOffered",
     "RingStartFailed",
     "RingStarted",
     "RingTransport",
@@ -262,7 +291,9 @@ __all__ = [
     "XenblkifConnect",
     "XenblkifDisconnect",
     "XenbusState",
+    "backend_event",
     "load_spec",
+    "observe_backend",
     "parse_xenbus_state",
     "spec_names",
 ]

@@ -10,9 +10,10 @@
   names its states that await no answer);
 - (back-end) every xenbus front-end state, plus `invalid`, `unreadable` and `vanished`,
   is handled or explicitly ignored in every non-final back-end state that awaits no
-  answer: `render_table` prints that table; so is every other event the observer or
-  the owner may feed at any time (hotplug, online, removal, a tapdisk death, an image
-  open), so that nothing tapback observes can be refused.
+  answer; so is every other event the observer or the owner may feed at any time
+  (hotplug, online, removal, a tapdisk death, an image open), so that nothing tapback
+  observes can be refused; (front-end) likewise every back-end state: `render_table`
+  prints that table.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .spec import PHASE_PREFIX, SEPARATOR, MachineSpec, TransitionSpec
 from .xenbus_state import XenbusState
 
 # machine -> the trigger prefix of the other end's states it must handle everywhere
-REQUIRED_TABLES = {"backend_vbd": "frontend_"}
+REQUIRED_TABLES = {"backend_vbd": "frontend_", "frontend_vbd": "backend_"}
 # machine -> the other triggers that may arrive unasked in any state that awaits nothing
 UNPROMPTED = {
     "backend_vbd": ("hotplug_connected", "hotplug_failed", "online", "offline",

@@ -82,7 +82,28 @@ class ReadFrontendTransport(Effect):
 
 @dataclass(frozen=True)
 class ReadBackendInfo(Effect):
-    """(front-end) Read `sectors`, `info`, `sector-size`; answer with `BackendInfoRead`."""
+    """(front-end) Read `sectors`, `info`, `sector-size` (and the features the front-end
+    uses); answer with `BackendInfoRead`, or `BackendInfoInvalid` when one is bad."""
+
+
+@dataclass(frozen=True)
+class OfferRing(Effect):
+    """(front-end) Grant a shared ring of 2**order pages to the back-end and bind an
+    unbound event channel for it; answer with `RingOffered` or `RingOfferFailed`."""
+
+    order: int
+
+
+@dataclass(frozen=True)
+class ReleaseRing(Effect):
+    """(front-end) Ungrant the ring and close its event channel: the back-end let go."""
+
+
+@dataclass(frozen=True)
+class ReportFault(Effect):
+    """Log that the other end broke the protocol here; the machine stays where it is."""
+
+    text: str
 
 
 @dataclass(frozen=True)

@@ -98,13 +98,34 @@ class FrontendVanished(Event):
 
 @dataclass(frozen=True)
 class BackendStateChanged(Event):
-    """For front-end machines: the back-end's `state` node holds a valid xenbus state."""
+    """For front-end machines: the back-end's `state` node holds a valid xenbus state.
+
+    `max_ring_page_order` is the back-end's `max-ring-page-order` read with it (0 when
+    absent or not a number, as Linux's `xenbus_read_unsigned` defaults); the front-end
+    machine uses it on InitWait to size the ring it offers.
+    """
 
     state: XenbusState
+    max_ring_page_order: int = 0
 
     @property
     def trigger(self) -> str:
         return f"backend_{self.state.trigger_suffix}"
+
+
+@dataclass(frozen=True)
+class BackendStateInvalid(Event):
+    """For front-end machines: the back-end's `state` node holds something not 0..8."""
+
+    TRIGGER: ClassVar[str] = "backend_invalid"
+    raw: str
+
+
+@dataclass(frozen=True)
+class BackendVanished(Event):
+    """For front-end machines: the back-end's `state` node does not exist."""
+
+    TRIGGER: ClassVar[str] = "backend_vanished"
 
 
 # --- back-end VBD: our own directory and the hotplug step ----------------------------------
@@ -254,11 +275,45 @@ class TapdiskDied(Event):
 
 
 @dataclass(frozen=True)
+class DeviceFound(Event):
+    """What our own `state` node held when the blkfront started (None: absent or not a
+    xenbus state): fed first, so that a device an earlier blkfront left is started over."""
+
+    TRIGGER: ClassVar[str] = "device_found"
+    state: XenbusState | None
+
+
+@dataclass(frozen=True)
+class RingOffered(Event):
+    """Answer to `OfferRing`: the ring pages are granted and the event channel bound."""
+
+    TRIGGER: ClassVar[str] = "ring_offered"
+    ring_refs: tuple[int, ...]  # one per page, 2**order of them
+    event_channel: int
+
+
+@dataclass(frozen=True)
+class RingOfferFailed(Event):
+    """Answer to `OfferRing`: no ring could be made (grants or event channels exhausted)."""
+
+    TRIGGER: ClassVar[str] = "ring_offer_failed"
+    reason: str
+
+
+@dataclass(frozen=True)
 class BackendInfoRead(Event):
     """Answer to `ReadBackendInfo`: the front-end read sectors/info/sector-size."""
 
     TRIGGER: ClassVar[str] = "backend_info_read"
     disk: DiskInfo
+
+
+@dataclass(frozen=True)
+class BackendInfoInvalid(Event):
+    """Answer to `ReadBackendInfo`: a mandatory key is missing or malformed."""
+
+    TRIGGER: ClassVar[str] = "backend_info_invalid"
+    reason: str
 
 
 @dataclass(frozen=True)

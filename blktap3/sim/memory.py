@@ -35,17 +35,21 @@ from blktap3.fsm import (
     DiskInfoRead,
     Effect,
     Event,
+    FrontendOptions,
     FrontendTransportConfig,
     FrontendVbd,
     ImageChanged,
+    OfferRing,
     PublishState,
     ReadBackendInfo,
     ReadFrontendTransport,
+    ReleaseRing,
     RemoveDirectory,
     RingConnected,
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
+    RingOffered,
     SendControl,
     SetError,
     TapdiskDied,
@@ -202,7 +206,12 @@ class VbdPair:
         self.tapdisk = FakeTapdisk()
         self.backend = BackendVbd(domid, devid, features=features)
         self.observer = BackendObserver(parse_device)
-        self.frontend = FrontendVbd(domid, transport=transport)
+        # The ring this blkfront offers, whatever order it is asked for (a test may
+        # make it offer more pages than the back-end allows).
+        self.frontend_transport = transport or FrontendTransportConfig()
+        self.frontend = FrontendVbd(domid, options=FrontendOptions(
+            protocol=self.frontend_transport.protocol,
+            persistent=self.frontend_transport.persistent))
         self.be_path = self.paths.backend
         self.fe_path = self.paths.frontend
         self.trace: list[tuple[str, Effect]] = []  # ("backend" | "frontend", effect)
@@ -355,6 +364,11 @@ class VbdPair:
                     s.transaction("frontend", writes, perms.as_strings())
                 case PublishState(state=state):
                     s.write("frontend", f"{fe}/state", str(state.value))
+                case OfferRing():
+                    t = self.frontend_transport
+                    self.frontend_handle(RingOffered(t.ring_refs, t.event_channel))
+                case ReleaseRing():
+                    pass
                 case ReadBackendInfo():
                     disk = DiskInfo(
                         sectors=int(s.read(f"{be}/sectors") or 0),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap3.abi import VdiskInfo
 from blktap3.ctl import runtime
 from blktap3.sim.guest import run_guest, start_guest
 from blktap3.sim.host import Host
@@ -84,7 +85,7 @@ def test_guest_with_tapback_verifies_every_byte(system: Host, disk: Callable[...
                        extra=["--seconds", "0.3"])
     assert result.ok, result.summary() + "\n" + result.timeline_text()
     assert result.sectors == 16 * MiB // 512
-    assert result.report["io"]["writes"] > 0 and result.report["io"]["mismatches"] == 0
+    assert result.report.io.writes > 0 and result.report.io.mismatches == 0
     assert wait_until(lambda: backend_key(system, paths, "state") == "6")
 
 
@@ -92,7 +93,8 @@ def test_cdrom_is_read_only_for_the_guest(system: Host, disk: Callable[..., VbdP
     disk(4, mode="r", cdrom=True)
     result = run_guest(system, 4, DEVID, "linux", "read", timeout=60, extra=["--seconds", "0.2"])
     assert result.ok, result.summary()
-    assert result.report["disk"]["info"] & 1 and result.report["disk"]["info"] & 4
+    disk = result.report.disk
+    assert disk is not None and disk.info & VdiskInfo.CDROM and disk.info & VdiskInfo.READONLY
 
 
 def test_tapback_closing_the_device_lets_the_guest_go(system: Host,
@@ -105,7 +107,7 @@ def test_tapback_closing_the_device_lets_the_guest_go(system: Host,
             xs.write(paths.backend_key("state"), "5")  # as libxl does to detach a disk
         result = guest.result(30)
     assert result.ok, result.summary() + "\n" + result.timeline_text()
-    assert "closed by the back-end" in [s["what"] for s in result.timeline]
+    assert "closed by the back-end" in [s.what for s in result.timeline]
 
 
 def test_tapdisk_killed_the_guest_is_closed_with_the_reason(
@@ -118,5 +120,5 @@ def test_tapdisk_killed_the_guest_is_closed_with_the_reason(
         pid = int(Path(device).name.removeprefix("nbd").split(".")[0])
         os.kill(pid, signal.SIGKILL)
         result = guest.result(30)
-    assert "closed by the back-end" in [s["what"] for s in result.timeline], result.summary()
-    assert result.report["backend_error"], result.timeline_text()
+    assert "closed by the back-end" in [s.what for s in result.timeline], result.summary()
+    assert result.report.backend_error, result.timeline_text()
