@@ -296,7 +296,8 @@ class BackendVbd(SpecMachine):
         self.transport = event.transport
         self.ring_requested = True
         message = XenblkifConnect(
-            self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport
+            self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport,
+            self.features.max_indirect_segments,  # what the probe keys offered
         )
         self.emit(SendControl(message))
 

@@ -120,6 +120,9 @@ class XenblkifConnect(ControlMessage):
     domid: int
     devid: int
     transport: RingTransport
+    # The indirect segments the back-end offered (feature-max-indirect-segments; 0: none),
+    # which the tapdisk enforces.
+    max_indirect_segments: int = 0
 
 
 @dataclass(frozen=True)

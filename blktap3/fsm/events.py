@@ -396,6 +396,7 @@ class BlkifRing:
     port: int = 0
     protocol: int = 0  # Xen's `enum blkif_protocol` number (0: unset, native)
     poll_us: int = 0  # blktap's poll_duration; 0: the data path's default
+    max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
 
     @property
     def ids(self) -> tuple[int, int]:

@@ -26,6 +26,7 @@ import structlog
 
 from blktap3.abi import SECTOR_SIZE
 from blktap3.ctl.client import CtlError, TapdiskClient
+from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.fsm import (
     BackendFeatures,
     DiskInfo,
@@ -76,6 +77,9 @@ class VbdConfig:
             discard=True,
             discard_granularity=SECTOR_SIZE,
             discard_secure=True,
+            # Indirect descriptors (issue 13): advertised at probe; the same value goes to
+            # the tapdisk in XENBLKIF_CONNECT, which enforces it.
+            max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS,
         )
 
 
@@ -228,7 +232,8 @@ class EffectExecutor:
             self._client(message.pid).connect_xenblkif(
                 message.minor, domid=message.domid, devid=message.devid,
                 grefs=t.ring_refs, order=len(t.ring_refs).bit_length() - 1,
-                port=t.event_channel, proto=t.protocol)
+                port=t.event_channel, proto=t.protocol,
+                max_indirect_segments=message.max_indirect_segments)
         except CtlError as exc:
             if exc.errno == errno.EALREADY:
                 self.log.info("ring already connected (adopted)")

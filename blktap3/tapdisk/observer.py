@@ -80,6 +80,7 @@ def observe(message: p.Message) -> Observation | None:
             ring = ev.BlkifRing(
                 payload.domid, payload.devid, grefs=tuple(payload.grefs), order=payload.order,
                 port=payload.port, protocol=payload.proto, poll_us=payload.poll_duration,
+                max_indirect_segments=payload.max_indirect_segments,
             )
             return ToVbd(minor, ev.ConnectRing(ring))
         case T.XENBLKIF_DISCONNECT:

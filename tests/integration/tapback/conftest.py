@@ -97,23 +97,25 @@ class Guest:
         self.xs.write(self.paths.frontend_key("state"), state.wire())
 
     def open_ring(self, order: int = 0, protocol: BlkifProtocol = BlkifProtocol.NATIVE,
-                  data_slots: int = 0) -> dict[str, Any]:
-        """Share a fresh ring (and data pages) with dom0 in the guest ring process."""
+                  data_slots: int = 0, max_segs: int = 0) -> dict[str, Any]:
+        """Share a fresh ring (and data pages) with dom0 in the guest ring process;
+        `max_segs` > 11: with indirect pages, requests beyond 11 pages go INDIRECT."""
         if self.ring is None:
             env = xensim.process_env(self.host.run_dir, self.domid)
             self.ring = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"], env)
         self.ring_info = self.ring.call("open", backend=0, order=order, protocol=protocol,
-                                        data_slots=data_slots)
+                                        data_slots=data_slots, max_segs=max_segs)
         return self.ring_info
 
     def publish_transport(self, order: int = 0, protocol: str | None = "x86_64-abi",
-                          extra: dict[str, str] | None = None, data_slots: int = 0) -> None:
+                          extra: dict[str, str] | None = None, data_slots: int = 0,
+                          max_segs: int = 0) -> None:
         """blkfront's ONE transaction: ring refs, event channel, protocol, then state 3.
 
         `data_slots`: requests in flight the guest ring process has data pages for
         (0: a full ring); a domain's memory is small, so several disks take fewer."""
         layout = BlkifProtocol.from_xenstore(protocol) or BlkifProtocol.NATIVE
-        info = self.open_ring(order, layout, data_slots)
+        info = self.open_ring(order, layout, data_slots, max_segs)
         fe = self.paths.frontend_key
 
         def body(tx: Transaction) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from blktap3.abi import SECTOR_SIZE
 from blktap3.ctl import runtime
+from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import HotplugError, hotplug_add
 from blktap3.sim.toolstack import Image
@@ -49,6 +52,28 @@ def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
     lines = [line for line in log_lines(host.run_dir) if line.get("event") == "step"]
     assert lines and all(line["domid"] == guest.domid for line in lines)
     assert {"pid", "minor", "devid"} <= set(lines[-1])
+
+
+def test_indirect_descriptors_are_served_as_advertised(guests: GuestFactory) -> None:
+    """tapback advertises feature-max-indirect-segments at probe and hands the same value
+    to the tapdisk at connect: up to it an indirect request is served, past it refused."""
+    guest = guests(size=8 << 20)
+    guest.wait_backend(XenbusState.INIT_WAIT)
+    offer = int(guest.backend("feature-max-indirect-segments") or 0)
+    assert offer == DEFAULT_MAX_INDIRECT_SEGMENTS
+    guest.publish_transport(max_segs=offer + 1)
+    guest.wait_backend(XenbusState.CONNECTED)
+    guest.set_state(XenbusState.CONNECTED)
+    data = os.urandom(offer * 4096)
+    assert guest.write(8, data) == 0  # one INDIRECT request of `offer` segments
+    status, back = guest.read(8, offer * 8)
+    assert status == 0 and back == data
+    assert guest.ring is not None
+    [gref] = guest.ring.call("data_grefs", pages=1)
+    guest.ring.call("submit", reqs=[{"op": 6, "indirect_op": 0,
+                                     "segs": [[gref, 0, 7]] * (offer + 1)}])
+    assert guest.ring.call("collect", n=1) == [-1]  # BLKIF_RSP_ERROR
+    guest.close()
 
 
 def test_reconnect_after_closed(host: Host, guests: GuestFactory) -> None:

@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import ImageFlags, ImageInfo
 from blktap3.fsm import (
-    BackendFeatures,
     BackendVbd,
     DiskInfo,
     DiskInfoQuery,
@@ -86,7 +85,7 @@ TOOLSTACK = {"frontend": PATHS.frontend, "frontend-id": "5", "online": "1", "mod
 DISK = DiskInfo(sectors=2048)
 HOTPLUG = {"physical-device-path": device_path(ROOT, PID, 0), "hotplug-status": "connected"}
 CONNECTED = {**TOOLSTACK, **HOTPLUG, "state": "4",
-             **dict(BackendFeatures().probe_keys()),
+             **dict(VbdConfig(ROOT).features().probe_keys()),
              **dict(VbdConfig(ROOT).features().connect_keys(DISK)), "kthread-pid": str(PID)}
 TRANSPORT = {"ring-ref": "8", "event-channel": "3", "protocol": "x86_64-abi"}
 
@@ -123,10 +122,10 @@ class ClientOfFake:
         return ImageInfo(d.sectors, d.sector_size, d.info, d.physical_sector_size, flags)
 
     def connect_xenblkif(self: TapdiskClient, minor: int, *, domid: int, devid: int,
-                         grefs: tuple[int, ...],
-                         order: int, port: int, proto: int) -> None:
+                         grefs: tuple[int, ...], order: int, port: int, proto: int,
+                         max_indirect_segments: int = 0) -> None:
         answer = ClientOfFake.fake.answer(XenblkifConnect(
-            PID, minor, domid, devid, RingTransport(grefs, port)))
+            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments))
         if isinstance(answer, RingConnectFailed):
             raise CtlError(answer.errno, answer.message)
 

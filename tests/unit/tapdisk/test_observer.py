@@ -51,6 +51,10 @@ T = p.MessageType
         (p.Message(T.XENBLKIF_CONNECT, 3, p.Blkif(1, 51712, (8, 9), 1, 2, "", 5, 50)),
          ev.ConnectRing(ev.BlkifRing(1, 51712, (8, 9), order=1, port=5, protocol=2,
                                      poll_us=50))),
+        (p.Message(T.XENBLKIF_CONNECT, 3,
+                   p.Blkif(1, 51712, (8,), 0, 1, "", 5, max_indirect_segments=256)),
+         ev.ConnectRing(ev.BlkifRing(1, 51712, (8,), port=5, protocol=1,
+                                     max_indirect_segments=256))),
         (p.Message(T.XENBLKIF_DISCONNECT, 3, p.Blkif(1, 51712)), ev.DisconnectRing(1, 51712)),
     ],
 )

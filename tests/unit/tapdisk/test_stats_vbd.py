@@ -48,6 +48,19 @@ def test_connected_vbd_stats_carry_the_ring_counters() -> None:
     assert body["reqs_outstanding"] == 1
 
 
+def test_indirect_requests_count_as_reads_and_writes_and_their_errors_are_sorted() -> None:
+    ring = {"reqs": {"read": 5, "write": 2, "indirect": 9},
+            "indirect": {"read": 4, "write": 3, "pages": 7},
+            "responses": 16, "errors": {"grant": 1, "indirect_grant": 2, "indirect_op": 1,
+                                        "indirect_segments": 1, "sector": 1}}
+    body = json.loads(stats.render_stats(stats.vbd_stats(
+        params="aio:/p", image_type="aio", image_path="/p", ring_stats=ring,
+        ring_ids=(3, 51712))))
+    assert body["images"][0]["hits"] == [5 + 4, 2 + 3]
+    assert body["xenbus"]["reqs"] == [16, 16]
+    assert body["xenbus"]["errors"] == {"msg": 0, "map": 3, "vbd": 3, "img": 0}
+
+
 def test_the_vbd_reads_state_bits_and_params_off_the_machine() -> None:
     vbd = Vbd(0, -1)
     assert vbd.state is VbdState.ALLOCATED
