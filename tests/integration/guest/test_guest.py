@@ -15,8 +15,9 @@ from blktap3.sim.frontend import Step
 from blktap3.sim.guest import guest_env, run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
+from tests.support import wait_until
 
-from .conftest import DEVID, MiB, MiniBackend, wait_until
+from .conftest import DEVID, MiB, MiniBackend
 
 pytestmark = pytest.mark.integration
 

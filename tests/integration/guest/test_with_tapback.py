@@ -6,51 +6,30 @@ and the disk is hotplugged as Xen's `block-tap` script does (blktap3.sim.hotplug
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from blktap3.abi import VdiskInfo
-from blktap3.ctl import runtime
 from blktap3.sim.guest import run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import hotplug_add
 from blktap3.sim.toolstack import Image
-from blktap3.tapback import service
 from blktap3.xenbus import VbdPaths
+from tests.support import wait_until
 
-from .conftest import DEVID, MiB, wait_until
+from .conftest import DEVID, MiB
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def system() -> Iterator[Host]:
-    run_dir = Path(tempfile.mkdtemp(prefix="b3gt-", dir="/tmp"))
-    h = Host(run_dir / "h")
-    try:
-        h.up()
-        service.start(h.run_dir, xenstored_path=str(h.xenstored_path))
-        yield h
-    finally:
-        pids = runtime.socket_pids(service.control_dir(h.run_dir))
-        service.stop(h.run_dir)
-        try:
-            h.down()  # destroys the VBDs of its tapdisks itself, where it knows how
-        finally:
-            for pid in pids:  # whatever is left (an older Host, or a failed destroy)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            # A down() that failed half-way has not stopped xenstored: this one will.
-            with contextlib.suppress(Exception):
-                h.down()
-            shutil.rmtree(run_dir, ignore_errors=True)
+def system(host: Host, tapback: int) -> Host:
+    """The shared simulated host, with tapback running on it."""
+    return host
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from blktap3.sim.hotplug import HotplugError, hotplug_add
 from blktap3.sim.toolstack import Image
 from blktap3.tapback import service
 from blktap3.xenbus import Transaction, XenbusState, XenStore
+from tests.support import log_events, tapdisk_pids, wait_until
 
-from .conftest import GuestFactory, log_lines, remove, tapdisk_pids, wait_for
+from .conftest import GuestFactory, remove
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
     assert status == 0 and data == pattern
 
     guest.close()
-    lines = [line for line in log_lines(host.run_dir) if line.get("event") == "step"]
+    lines = log_events(host.tapback_log, "step")
     assert lines and all(line["domid"] == guest.domid for line in lines)
     assert {"pid", "minor", "devid"} <= set(lines[-1])
 
@@ -92,11 +93,11 @@ def test_frontend_state_removed_removes_backend_dir(host: Host, dom0: XenStore,
     guest.connect()
     guest.close()
     dom0.rm(guest.paths.frontend)
-    wait_for(lambda: not dom0.exists(guest.paths.backend), what="back-end dir removed")
+    wait_until(lambda: not dom0.exists(guest.paths.backend), what="back-end dir removed")
     # The original left the empty per-domain directory behind.
     assert not dom0.exists(guest.paths.backend.rsplit("/", 1)[0])
     remove(host, guest)
-    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="tapdisk gone")
+    wait_until(lambda: tapdisk_pids(host.control_dir) == [], what="tapdisk gone")
     assert runtime.allocated_minors(service.control_dir(host.run_dir)) == []
 
 
@@ -107,7 +108,7 @@ def test_nothing_left_after_the_vbd_goes(host: Host, dom0: XenStore,
     guest.close()
     remove(host, guest)
     root = service.control_dir(host.run_dir)
-    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="tapdisk gone")
+    wait_until(lambda: tapdisk_pids(host.control_dir) == [], what="tapdisk gone")
     assert runtime.socket_pids(root) == []
     assert runtime.allocated_minors(root) == []
     assert not dom0.exists(guest.paths.backend)
@@ -119,9 +120,9 @@ def test_online_0_unregisters_after_closed(host: Host, dom0: XenStore,
     guest.connect()
     dom0.write(guest.paths.backend_key("online"), "0")
     guest.close()
-    wait_for(lambda: any(line.get("event") == "vbd released" and line.get("state") ==
-                         "unregistered" for line in log_lines(host.run_dir)),
-             what="unregistered")
+    wait_until(lambda: any(line.get("state") == "unregistered"
+                           for line in log_events(host.tapback_log, "vbd released")),
+               what="unregistered")
     assert guest.backend_state() is XenbusState.CLOSED
 
 
@@ -134,7 +135,7 @@ def test_backend_waits_for_a_late_frontend(host: Host, dom0: XenStore,
     perms = dom0.get_perms(guest.paths.frontend)
     dom0.rm(guest.paths.frontend)
     service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
-    wait_for(lambda: guest.backend("max-ring-page-order") == "3", what="probe keys")
+    wait_until(lambda: guest.backend("max-ring-page-order") == "3", what="probe keys")
     assert dom0.exists(guest.paths.backend)
     assert guest.backend_state() is XenbusState.INITIALISING
 
@@ -166,10 +167,10 @@ def test_three_guests_with_four_disks_each_at_once(host: Host, guests: GuestFact
         disk.close()
     for disk in disks:
         remove(host, disk)
-    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="every tapdisk gone")
+    wait_until(lambda: tapdisk_pids(host.control_dir) == [], what="every tapdisk gone")
 
 
-@pytest.mark.parametrize("host", ["ocaml"], indirect=True)
+@pytest.mark.parametrize("xenstored_kind", ["ocaml"])
 def test_handshake_on_oxenstored(host: Host, guests: GuestFactory) -> None:
     guest = guests()
     guest.connect()
@@ -186,7 +187,7 @@ def test_hotplug_failure_reaches_the_error_node(host: Host, dom0: XenStore) -> N
     image.unlink()  # the tapdisk cannot open it
     with pytest.raises(HotplugError):
         hotplug_add(host, paths, Image.parse(f"aio:{image}", must_exist=False))
-    wait_for(lambda: dom0.read_optional(paths.backend_key("state")) == "6", what="Closed")
+    wait_until(lambda: dom0.read_optional(paths.backend_key("state")) == "6", what="Closed")
     error = dom0.read(paths.backend_key("error"))
     assert "tap-ctl create" in error and str(image) in error
-    assert tapdisk_pids(host.run_dir) == []
+    assert tapdisk_pids(host.control_dir) == []

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,10 @@ BLKIF_PROTOCOL_NATIVE = 1
 
 
 @pytest.fixture
-def machine() -> Iterator[Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="b3xen-", dir="/tmp"))
-    m = xensim.Machine(run_dir)
-    m.init()
-    m.create_domain(GUEST, 4096)
-    try:
-        yield m
-    finally:
-        m.teardown()
-        shutil.rmtree(run_dir, ignore_errors=True)
+def machine(machine: Any) -> Any:
+    """The shared simulated machine, with the guest domain."""
+    machine.create_domain(GUEST, 4096)
+    return machine
 
 
 @pytest.fixture
