@@ -9,8 +9,9 @@ import pytest
 
 from blktap3.sim.host import Host
 from blktap3.tapback import service
+from tests.support import wait_until
 
-from .conftest import DEVID, GuestFactory, remove, wait_for
+from .conftest import DEVID, GuestFactory, remove
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +29,10 @@ def test_status_file_follows_a_vbd_from_connected_to_gone(host: Host,
     connected = {"domid": 5, "devid": DEVID, "machine": "backend_vbd", "state": "connected",
                  "published": 4}
     # written after the step that published 4, which the guest may see first
-    wait_for(lambda: read(host)["vbds"] == [connected], what=f"connected in {read(host)}")
+    wait_until(lambda: read(host)["vbds"] == [connected],
+               what=lambda: f"connected in {read(host)}")
     guest.close()
     remove(host, guest)
-    wait_for(lambda: read(host)["vbds"] == [], what=f"the VBD gone from {read(host)}")
+    wait_until(lambda: read(host)["vbds"] == [], what=lambda: f"the VBD gone from {read(host)}")
     service.stop(host.run_dir)
     assert not service.status_path(host.run_dir).exists()  # removed on a clean exit
