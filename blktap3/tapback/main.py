@@ -2,7 +2,7 @@
 
     tapback [-d] [-v] [-n NAME] [-p PIDFILE] [-x DOMID] [-b]
             [--backend-domid 0] [--xenstored PATH] [--control-dir DIR]
-            [--log-format json|console] [--log-file FILE] ...
+            [--log-format json|console] [--log-file FILE] [--status-file FILE] ...
 
 blktap's options keep blktap's meanings (tapback/tapback.c): without `-d|--debug` the
 command daemonizes and returns once the daemon watches XenStore (and wrote `-p`'s pid
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
     parser.add_argument("--pid-file", "-p", "--pidfile", metavar="FILE",
                         help="write the pid here once the daemon is watching")
+    parser.add_argument("--status-file", metavar="FILE", type=Path,
+                        help="every VBD's machine state, as JSON, kept up to date (default: "
+                             "<control-dir>/tapback.<backend-kind>.status.json)")
     parser.add_argument("--tapdisk-timeout", type=_seconds, default=30.0, metavar="SECS",
                         help="timeout of each control request to a tapdisk (default: 30)")
     parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
@@ -177,12 +180,9 @@ def _daemonize() -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ready_fd = None if args.debug else _daemonize()
-    if args.log_file:
-        stream: Any = open(args.log_file, "a", buffering=1)  # noqa: SIM115
-    else:
-        stream = sys.stderr if args.debug else _Syslog()
-    logs.configure(args.log_format, verbose=args.verbose, stream=stream)
+    # Paths are taken from where the command runs: the daemon works from /.
+    pid_file = Path(args.pid_file).absolute() if args.pid_file else None
+    log_file = Path(args.log_file).absolute() if args.log_file else None
     config = TapbackConfig(
         control_root=runtime.root_dir(args.control_dir).absolute(),
         xenstored_path=args.xenstored,
@@ -192,7 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_ring_page_order=args.max_ring_page_order,
         barrier=args.barrier,
         frontend_domid=args.frontend_domid,
+        status_file=args.status_file.absolute() if args.status_file else None,
     )
+    ready_fd = None if args.debug else _daemonize()  # before any thread starts
+    if log_file:
+        stream: Any = open(log_file, "a", buffering=1)  # noqa: SIM115
+    else:
+        stream = sys.stderr if args.debug else _Syslog()
+    logs.configure(args.log_format, verbose=args.verbose, stream=stream)
     daemon = Tapback(config)
 
     stopped_by: list[str] = []
@@ -207,10 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def on_ready() -> None:
-        if args.pid_file:
-            tmp = Path(f"{args.pid_file}.tmp")
+        if pid_file:
+            tmp = Path(f"{pid_file}.tmp")
             tmp.write_text(f"{os.getpid()}\n")
-            tmp.replace(args.pid_file)
+            tmp.replace(pid_file)
         if ready_fd is not None:  # the command that daemonized us may return now
             with contextlib.suppress(OSError):
                 os.write(ready_fd, b"ok")
@@ -226,6 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.exception("tapback failed")
         return 1
     finally:
-        if args.pid_file:
-            Path(args.pid_file).unlink(missing_ok=True)
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
     return 0

@@ -14,13 +14,14 @@ from pytest_mock import MockerFixture
 from blktap3.ctl.client import TapdiskClient
 from blktap3.ctl.protocol import ImageInfo
 from blktap3.tapback.daemon import Tapback, TapbackConfig
+from blktap3.tapback.executor import VbdConfig
 from blktap3.tapback.main import build_parser
 from blktap3.tapback.store import SharedStore
-from blktap3.tapback.vbd import Prompt, VbdConfig, VbdWorker
+from blktap3.tapback.worker import Prompt, VbdWorker
 from tests.support import wait_until
 
-from .test_vbd import PATHS, FakeXenStore, _publish_transport
-from .test_vbd import xs as xs  # the fixture, under its own name
+from .test_worker import PATHS, FakeXenStore, _publish_transport
+from .test_worker import xs as xs  # the fixture, under its own name
 
 
 def test_blktaps_short_options() -> None:
