@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blktap3.abi import SECTOR_SIZE
 from blktap3.fsm import (
     BackendFeatures,
     BackendInfoRead,
     BackendObserver,
-    BackendStateChanged,
     BackendVbd,
     DiskInfo,
     DiskInfoFailed,
@@ -45,6 +45,7 @@ from blktap3.fsm import (
     ReadFrontendTransport,
     ReleaseRing,
     RemoveDirectory,
+    ReportFault,
     RingConnected,
     RingConnectFailed,
     RingDisconnected,
@@ -58,7 +59,7 @@ from blktap3.fsm import (
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
-    parse_xenbus_state,
+    observe_backend,
 )
 from blktap3.tapback.reads import (
     WATCHED_KEYS,
@@ -349,10 +350,10 @@ class VbdPair:
     # --- blkfront -------------------------------------------------------------------------
 
     def _frontend_sees_backend(self, _path: str) -> None:
-        raw = self.store.read(f"{self.be_path}/state")
-        state = parse_xenbus_state(raw) if raw is not None else None
-        if state is not None and self.store.read(f"{self.fe_path}/state") is not None:
-            self.frontend_handle(BackendStateChanged(state))
+        """blkfront's watch: the same pure observer the simulated guests use."""
+        if self.store.read(f"{self.fe_path}/state") is None:
+            return  # the front-end is gone (or not made yet): no blkfront to tell
+        self.frontend_handle(observe_backend(lambda k: self.store.read(f"{self.be_path}/{k}")))
 
     def frontend_handle(self, event: Event) -> None:
         s, fe, be = self.store, self.fe_path, self.be_path
@@ -367,12 +368,12 @@ class VbdPair:
                 case OfferRing():
                     t = self.frontend_transport
                     self.frontend_handle(RingOffered(t.ring_refs, t.event_channel))
-                case ReleaseRing():
-                    pass
+                case ReleaseRing() | ReportFault():
+                    pass  # no ring pages to ungrant here; the fault is in the trace
                 case ReadBackendInfo():
                     disk = DiskInfo(
                         sectors=int(s.read(f"{be}/sectors") or 0),
-                        sector_size=int(s.read(f"{be}/sector-size") or 512),
+                        sector_size=int(s.read(f"{be}/sector-size") or SECTOR_SIZE),
                         info=int(s.read(f"{be}/info") or 0),
                     )
                     self.frontend_handle(BackendInfoRead(disk))

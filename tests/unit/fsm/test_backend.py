@@ -286,6 +286,19 @@ def test_hotplug_completing_after_the_guest_closed_is_kept_for_a_reconnect() -> 
     assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
 
 
+def test_a_vbd_found_closed_stays_closed_when_its_front_end_appears_closing() -> None:
+    # Found by hypothesis: a tapback restarted on a Closed VBD, hotplug done, the
+    # front-end's node then appears at Closing. 6 -> 5 is not a xenbus step.
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(BackendFound(S.CLOSED))
+    hotplug(vbd)
+    assert vbd.state == "waiting_frontend"
+    assert published(vbd.handle(fe(S.CLOSING))) == []
+    assert vbd.state == "closed" and vbd.published == S.CLOSED
+    assert vbd.handle(fe(S.CLOSED)) == ()
+    assert published(vbd.handle(fe(S.INITIALISING))) == [S.INIT_WAIT]
+
+
 def test_only_the_death_of_our_own_tapdisk_fails_the_vbd() -> None:
     vbd = connected()
     assert vbd.handle(TapdiskDied(999)) == ()
