@@ -12,7 +12,7 @@ you must execute, in order, and you feed the results back as events.
     for effect in vbd.handle(DiskInfoRead(DiskInfo(sectors))):
         execute(effect)                                # WriteKeys, PublishState, ...
     vbd.handle(FrontendStateChanged(XenbusState.INITIALISED))  # -> ReadFrontendTransport
-    vbd.handle(TransportRead(RingTransport((ref,), port, "x86_64-abi")))
+    vbd.handle(TransportRead(RingTransport((ref,), port, BlkifProtocol.X86_64)))
                                                        # -> SendControl(XenblkifConnect)
     vbd.handle(RingConnected())      # -> WriteKeys(features+sectors+info+...), PublishState(4)
     vbd.state, vbd.published, vbd.is_final             # "connected", XenbusState.CONNECTED
