@@ -98,18 +98,24 @@ def build_datapath(work: Path) -> Path:
     build = work / "datapath-build"
     deps = build / "deps"
     _copy_deps((*BUILD_DEPS, "_cffi_backend"), deps)
+    # A copy of the sources: _build.py names them relative to the cwd it is imported in
+    # and cffi puts each object file at that name under tmpdir, so a build from the
+    # checkout would leave its .o files in the checkout (where the packaging test finds
+    # files the wheel does not hold).
+    out = build / "out"
+    sources = out / "blktap3" / "datapath"
+    if sources.exists():
+        shutil.rmtree(sources)
+    shutil.copytree(PROJECT / "blktap3" / "datapath", sources,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o"))
     script = (
         "import importlib.util, sys;"
-        f"spec = importlib.util.spec_from_file_location('dp_build', {str(PROJECT / 'blktap3/datapath/_build.py')!r});"  # noqa: E501
+        "spec = importlib.util.spec_from_file_location('dp_build', 'blktap3/datapath/_build.py');"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);"
         "print(m.ffibuilder.compile(tmpdir='.'))"
     )
-    out = build / "out"
-    out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(deps))
     env.pop("BLKTAP3_SANITIZE", None)
-    # cffi compiles inside tmpdir, and _build.py names its sources relative to the cwd
-    # it is imported in: the same directory for both.
     done = subprocess.run([DEBIAN_PYTHON, "-c", script], cwd=out, env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:

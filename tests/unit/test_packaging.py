@@ -150,7 +150,7 @@ def test_console_script_answers_help(script: str) -> None:
 NOT_SHIPPED = {"blktap3/datapath/sanitize.sh"}
 # What a checkout holds that a build must not see (build output, caches, local venvs).
 BUILD_IGNORES = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "_build",
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o", "_build",
     ".*_cache", ".hypothesis", "_out",
 )
 
@@ -217,7 +217,7 @@ def test_wheel_holds_every_file_of_the_listed_packages(wheel: tuple[Path, str]) 
     for package in setuptools["packages"]:
         source = _source_dir(package, setuptools["package-dir"])
         for f in source.iterdir():
-            if f.is_file() and f.suffix not in (".so", ".pyc"):
+            if f.is_file() and f.suffix not in (".so", ".o", ".pyc"):
                 expected.add(f"{package.replace('.', '/')}/{f.name}")
     with zipfile.ZipFile(built) as z:
         names = set(z.namelist())
