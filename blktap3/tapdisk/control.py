@@ -34,6 +34,7 @@ from blktap3.fsm import events as ev
 from blktap3.fsm.errors import FsmError
 
 from . import images, stats
+from .nbd import Exports
 from .vbd import Vbd, VbdState
 
 log = structlog.get_logger(__name__)
@@ -97,6 +98,7 @@ class Tapdisk:
         # Guards `Vbd.ring` against STATS (unserialized) reading a ring being freed.
         self.ring_lock = threading.Lock()
         self.exiting = False
+        self.nbd = Exports(root)  # NBD export hook (issue 15)
         self._handlers: dict[T, Callable[[p.Message], Reply]] = {
             T.PID: self._pid,
             T.ATTACH: self._attach,
@@ -173,6 +175,10 @@ class Tapdisk:
                 vbd.image, vbd.pending_image = vbd.pending_image, None
                 vbd.spec, vbd.pending_spec = vbd.pending_spec, None
                 vbd.info = _wire_info(current.disk)
+                if vbd.image is not None and vbd.spec is not None:
+                    # NBD export hook (issue 15): the image is open (OPEN) or reopened
+                    # (RESUME): start the export, or let its queued requests go on.
+                    self.nbd.serve(vbd.minor, vbd.spec.type, vbd.spec.path, vbd.image.info)
             for effect in effects:
                 if isinstance(effect, fx.Reply):
                     reply = effect
@@ -192,6 +198,10 @@ class Tapdisk:
             if vbd.pending_image is not None:
                 vbd.pending_image, vbd.pending_spec = None, None
             else:
+                # NBD export hook (issue 15): drain the export before its image goes;
+                # PAUSE queues its requests, CLOSE removes it.
+                self.nbd.close_image(vbd.minor, stop=vbd.state is VbdState.CLOSED,
+                                     timeout=self.drain_timeout)
                 vbd.image = None
             if image is not None:
                 image.close()
@@ -428,6 +438,7 @@ class Tapdisk:
         """Release every VBD without the machines (SIGTERM: the process is going away)."""
         with self.lock:
             self.exiting = True
+            self.nbd.stop_all()  # NBD export hook (issue 15): the sockets go with us
             for vbd in list(self.vbds.values()):
                 if vbd.ring is not None:
                     with contextlib.suppress(OSError):
