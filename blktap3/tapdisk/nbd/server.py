@@ -47,6 +47,8 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.ctl import runtime
+
 from . import protocol as nbd
 from .backend import Backend
 
@@ -62,7 +64,7 @@ _STOP_JOIN = 10.0
 
 
 class Listener(enum.Enum):
-    """The export's sockets: name prefix, and whether it receives an fd first."""
+    """The export's sockets, by name prefix (`runtime.NBD_SOCKET_PREFIXES`)."""
 
     NEWSTYLE = "nbd"
     OLD = "nbd-old"
@@ -71,7 +73,7 @@ class Listener(enum.Enum):
 
 
 def socket_name(kind: Listener, pid: int, minor: int) -> str:
-    return f"{kind.value}{pid}.{minor}"
+    return runtime.nbd_socket_path(Path(), kind.value, pid, minor).name
 
 
 def _set_timeouts(sock: socket.socket, seconds: float) -> None:
@@ -154,7 +156,8 @@ class Export:
         self.root = root
         self.minor = minor
         self.info = info
-        self.paths = {kind: root / socket_name(kind, pid, minor) for kind in Listener}
+        self.paths = {kind: runtime.nbd_socket_path(root, kind.value, pid, minor)
+                      for kind in Listener}
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
         self.io_timeout = io_timeout

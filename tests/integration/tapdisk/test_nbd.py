@@ -309,3 +309,15 @@ def test_nbdcopy_of_the_export_equals_the_file(
     assert disk.read_bytes() == (ctl_root / "source.img").read_bytes()
     run("nbdcopy", export, str(target))                                # and out of it
     assert target.read_bytes() == disk.read_bytes()
+
+
+def test_a_killed_tapdisks_sockets_are_cleaned_by_the_next_list(
+    tap_ctl: TapCtl, ctl_root: Path
+) -> None:
+    pid, _ = create(tap_ctl, f"aio:{sparse_image(ctl_root)}")
+    assert len(nbd_sockets(ctl_root, pid)) == 4
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    assert len(nbd_sockets(ctl_root, pid)) == 4  # nobody was there to remove them
+    assert f"pid={pid}" not in tap_ctl("list").out
+    assert nbd_sockets(ctl_root, pid) == []

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blktap3.tapdisk.nbd import Export, Listener, open_backend, socket_name
 from blktap3.tapdisk.nbd import protocol as nbd
@@ -432,3 +434,33 @@ def test_stop_drops_idle_and_waiting_clients(export: Export) -> None:
     assert export.clients == 0
     with pytest.raises(OSError):
         connect(path_of(export))
+
+
+_requests = st.lists(st.tuples(
+    st.sampled_from([0x25609513, 0x25609513, 0x25609513, 0x67446698]),
+    st.integers(0, 0xFFFF),                                     # flags
+    st.integers(0, 10),                                         # command
+    st.sampled_from([0, 512, SIZE - 512, SIZE, 2**63, 2**64 - 512]),
+    st.sampled_from([0, 1, 512, 4096, 65536, 32 * MiB + 1, 2**32 - 1]),
+), max_size=8)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=_requests, structured=st.booleans(), tail=st.binary(max_size=64))
+def test_any_request_stream_ends_cleanly_and_the_export_goes_on(
+    export: Export, image: Path, requests: list[tuple[int, int, int, int, int]],
+    structured: bool, tail: bytes,
+) -> None:
+    before = image.stat().st_size
+    with NbdClient(path_of(export), structured=structured) as client:
+        stream = bytearray()
+        for magic, flags, cmd, offset, length in requests:
+            stream += request(cmd, offset, length, flags, magic=magic)
+            if cmd == WRITE and length <= 65536:
+                stream += os.urandom(length)
+        client.sock.sendall(bytes(stream) + tail)
+        client.sock.shutdown(socket.SHUT_WR)
+        assert closed_by_server(client.sock)
+    with NbdClient(path_of(export)) as good:
+        assert len(good.read(SIZE - 512, 512)) == 512
+    assert image.stat().st_size == before
