@@ -7,6 +7,9 @@ runs a fixed, derandomized set so that a landing is never decided by luck.
 Entry points configure structlog globally (once per process, as they should); tests that
 call them in-process must not leak that configuration, say a closed log file, into the
 next test, so it is reset after every test.
+
+The shared fixtures (run directory, simulated machine and host, tapback) and helpers
+(waiting, processes, log files) live in `tests.support`, loaded here as a plugin.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 from hypothesis import settings
+
+pytest_plugins = ["tests.support.fixtures"]
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None, print_blob=True)

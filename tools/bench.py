@@ -5,7 +5,9 @@ simulated guest's ring driver against a real tapdisk process (spawned as tap-ctl
 ring connected as tapback does) on the same file, and prints IOPS, bandwidth, p50/p99
 latency, the tapdisk's CPU microseconds per request (and the guest driver's: on a
 small machine the two compete for the same cores) and the ratio ours/fio. A null
-image (no I/O) gives the ring's own ceiling.
+image (no I/O) gives the ring's own ceiling. The ring is connected with the indirect
+offer tapback advertises, so the 1 MiB workloads travel as one INDIRECT request a block
+(256 segments) against fio's 1 MiB blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ WORKLOADS: list[dict[str, Any]] = [
     {"workload": "4k randwrite QD32", "rw": "randwrite", "bs": 4096, "qd": 32},
     {"workload": "44k seqread QD8", "rw": "read", "bs": 44 * 1024, "qd": 8},
     {"workload": "4k randread QD1", "rw": "randread", "bs": 4096, "qd": 1},
+    {"workload": "1M seqread QD8", "rw": "read", "bs": 1 << 20, "qd": 8},
+    {"workload": "1M seqwrite QD8", "rw": "write", "bs": 1 << 20, "qd": 8},
 ]
 JSON_KEYS = ("workload", "ours_iops", "fio_iops", "ratio", "ours_p50_us", "ours_p99_us",
              "fio_p50_us", "cpu_us_per_req")

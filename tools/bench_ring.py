@@ -3,8 +3,10 @@
 A simulated machine (xensim) with dom0 and one guest. The tapdisks are spawned as
 tap-ctl does (``blktap3.ctl.ops.create``) with dom0's environment, one serving the
 backing file (``aio:``), one a null image; each run connects a fresh guest driver
-process's ring to one of them with XENBLKIF_CONNECT, exactly as tapback would. The
-CPU each process spent comes from ``/proc/<pid>`` (``thread_cpu``) before and after the run.
+process's ring to one of them with XENBLKIF_CONNECT, exactly as tapback would (with
+the indirect offer it advertises; the guest splits a block into requests of that many
+pages, as Linux blkfront does). The CPU each process spent comes from ``/proc/<pid>``
+(``thread_cpu``) before and after the run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from blktap3.abi import BlkifProtocol
 from blktap3.ctl import ops
 from blktap3.ctl.client import TapdiskClient
+from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.datapath.lineproc import LineProcess
 from blktap3.datapath.ring import POLL_ENV
 from blktap3.sim import xensim
@@ -29,6 +32,8 @@ GUEST = 9
 DEVID = 51712
 BLKIF_PROTOCOL_NATIVE = 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = 4096
+DIRECT_SEGMENTS = 11
 
 
 def process_env(run_dir: Path, domid: int) -> dict[str, str]:
@@ -150,17 +155,21 @@ class RingRig:
                  tb: TracebackType | None) -> None:
         self._stop()
 
-    def _ring(self, image: str, order: int, run: dict[str, Any]) -> dict[str, Any]:
+    def _ring(self, image: str, order: int, run: dict[str, Any],
+              **ring: int) -> dict[str, Any]:
+        """One guest run; ``ring``: the guest ring's ``data_slots``/``slot_pages``."""
         vbd = self.vbds[image]
         guest = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"],
                             process_env(self.run_dir, GUEST))
         try:
             if self.cpus:
                 pin(guest.pid, self.cpus[1])
-            g = guest.call("open", backend=0, order=order, protocol=BlkifProtocol.NATIVE)
+            g = guest.call("open", backend=0, order=order, protocol=BlkifProtocol.NATIVE,
+                           max_segs=DEFAULT_MAX_INDIRECT_SEGMENTS, **ring)
             vbd.client.connect_xenblkif(
                 vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]), order=order,
                 port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
+                max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS,
             )
             try:
                 t0, g0 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
@@ -199,11 +208,14 @@ class RingRig:
 
     def run(self, rw: str, bs: int, qd: int, runtime: float) -> dict[str, Any]:
         sectors = self.disk.stat().st_size // 512
+        pages = -(-bs // PAGE)
+        # Blocks beyond a direct request's 11 pages get their own pages, one block each.
+        ring = {"data_slots": qd, "slot_pages": pages} if pages > DIRECT_SEGMENTS else {}
         return self._figures(self._ring("disk", 0, {
             "qd": qd, "bs": bs, "read_pct": 100 if "read" in rw else 0,
             "random": rw.startswith("rand"), "span": sectors, "duration": runtime,
             "seed": 12345, "timeout": 30.0,
-        }))
+        }, **ring))
 
     def run_null(self, runtime: float) -> dict[str, Any]:
         """The ring's own ceiling: 8-page ring, QD256, no storage and no data copy."""

@@ -10,8 +10,9 @@ GraphMachine, which can neither cluster a flat machine's phases nor write DOT wi
 graphviz package.
 
 - States show the xenbus number they publish (`connected (4)`) or blktap's VBD state bits.
-  Edges read `trigger [condition, !unless] / effects`; parallel ones share one edge, a
-  line each.  Explicitly ignored events are not drawn (`blktap3-fsm table` shows them).
+  Edges read `trigger [condition, !unless] / effects` (a refusing row's effect is its
+  errno: `/ EALREADY`); parallel ones share one edge, a line each.  Explicitly ignored
+  events are not drawn (`blktap3-fsm table` shows them).
 - Phases, and a nested machine's parent states, are clusters.  A transition from every
   state of a cluster leaves the cluster once (a compound edge); one that stays (internal)
   in every state of a cluster is listed under the cluster's name.
@@ -29,6 +30,7 @@ graphviz package.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -152,7 +154,8 @@ def edge_label(trigger: str, conditions: tuple[str, ...], unless: tuple[str, ...
 
 
 def _label(t: TransitionSpec) -> str:
-    return edge_label(t.trigger, t.conditions, t.unless, t.before + t.after)
+    answer = (errno.errorcode[t.errno],) if t.errno is not None else ()  # `/ EALREADY`
+    return edge_label(t.trigger, t.conditions, t.unless, t.before + t.after + answer)
 
 
 def wrap(label: str, width: int = WRAP) -> list[str]:

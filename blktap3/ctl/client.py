@@ -257,15 +257,18 @@ class TapdiskClient:
         proto: int,
         pool: str = "",
         poll_duration: int = 0,
+        max_indirect_segments: int = 0,
     ) -> None:
         """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served).
 
         `poll_duration`: microseconds the ring spins for more work before sleeping (0:
-        the tapdisk's default).
+        the tapdisk's default). `max_indirect_segments`: the
+        `feature-max-indirect-segments` advertised to this front-end, enforced by the
+        tapdisk (0: not advertised, indirect requests answered EOPNOTSUPP).
         """
         payload = p.Blkif(
             domid=domid, devid=devid, grefs=grefs, order=order, proto=proto, pool=pool,
-            port=port, poll_duration=poll_duration,
+            port=port, poll_duration=poll_duration, max_indirect_segments=max_indirect_segments,
         )
         self._simple(p.MessageType.XENBLKIF_CONNECT, minor, payload)
 

@@ -5,9 +5,10 @@ The facade the tapdisk process calls: ``Image.open``, ``Ring.connect`` and the r
 """
 
 from .image import Image, ImageInfo
-from .ring import MAX_RING_PAGE_ORDER, Ring
+from .ring import MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER, Ring
 
 __all__ = [
+    "MAX_INDIRECT_SEGMENTS",
     "MAX_RING_PAGE_ORDER",
     "Image",
     "ImageInfo",

@@ -57,7 +57,7 @@ void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
 }
 
 /* Normalise one layout's private copy; a macro because the three differ only in type. */
-#define TD_NORMALISE(REQ_T, DISCARD_T, src, out)                                      \
+#define TD_NORMALISE(REQ_T, DISCARD_T, INDIRECT_T, src, out)                          \
     do {                                                                              \
         REQ_T copy;                                                                   \
         memcpy(&copy, (src), sizeof(copy));                                           \
@@ -72,6 +72,16 @@ void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
             (out)->flag = d->flag;                                                    \
             (out)->nr_sectors = d->nr_sectors;                                        \
             (out)->nr_segments = 0;                                                   \
+        } else if (copy.operation == BLKIF_OP_INDIRECT) {                             \
+            /* Its own view: id, sector_number and handle sit elsewhere in it. */     \
+            const INDIRECT_T *ind = (const INDIRECT_T *)(const void *)&copy;          \
+            (out)->indirect_op = ind->indirect_op;                                    \
+            (out)->nr_segments = ind->nr_segments;                                    \
+            (out)->handle = ind->handle;                                              \
+            (out)->id = ind->id;                                                      \
+            (out)->sector_number = ind->sector_number;                                \
+            for (unsigned i_ = 0; i_ < BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST; i_++)    \
+                (out)->indirect_grefs[i_] = ind->indirect_grefs[i_];                  \
         } else {                                                                      \
             unsigned n_ = copy.nr_segments;                                           \
             (out)->nr_segments = copy.nr_segments;                                    \
@@ -90,13 +100,16 @@ void td_req_fetch(int proto, const void *slot, struct td_req *out)
     memset(out, 0, sizeof(*out));
     switch (proto) {
     case TD_PROTO_X86_32:
-        TD_NORMALISE(blkif_x86_32_request_t, struct blkif_x86_32_request_discard, slot, out);
+        TD_NORMALISE(blkif_x86_32_request_t, struct blkif_x86_32_request_discard,
+                     struct blkif_x86_32_request_indirect, slot, out);
         break;
     case TD_PROTO_X86_64:
-        TD_NORMALISE(blkif_x86_64_request_t, struct blkif_x86_64_request_discard, slot, out);
+        TD_NORMALISE(blkif_x86_64_request_t, struct blkif_x86_64_request_discard,
+                     struct blkif_x86_64_request_indirect, slot, out);
         break;
     default:
-        TD_NORMALISE(blkif_request_t, blkif_request_discard_t, slot, out);
+        TD_NORMALISE(blkif_request_t, blkif_request_discard_t, blkif_request_indirect_t, slot,
+                     out);
         break;
     }
 }
@@ -119,7 +132,34 @@ static int range_ok(uint64_t start, uint64_t count, uint64_t dev_sectors)
     return start <= dev_sectors && count <= dev_sectors - start;
 }
 
-int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard)
+/*
+ * What every request that moves data gets, direct or indirect, in blkback's order: each
+ * segment within its page (first_sect <= last_sect <= 7), then (xen_vbd_translate) no
+ * write to a read-only VBD and the range within the device. `op` is the operation the
+ * data moves for (an INDIRECT request's indirect_op).
+ */
+static int check_data(struct td_req *r, uint8_t op, const struct td_seg *segs, unsigned nseg,
+                      uint64_t dev_sectors, int readonly)
+{
+    uint64_t n = 0;
+    for (unsigned i = 0; i < nseg; i++) {
+        const struct td_seg *s = &segs[i];
+        if (s->first_sect > s->last_sect || s->last_sect >= TD_SECTORS_PER_PAGE)
+            return TD_ERR_SECT;
+        n += (uint64_t)(s->last_sect - s->first_sect + 1);
+    }
+    r->nr_sectors = n;
+    if (op != BLKIF_OP_READ && op != BLKIF_OP_FLUSH_DISKCACHE && readonly)
+        return TD_ERR_READONLY;
+    /* As blkback's xen_vbd_translate: only a request that moves data has a range; a
+     * flush or an empty barrier carries whatever sector_number the front-end left. */
+    if (n && !range_ok(r->sector_number, n, dev_sectors))
+        return TD_ERR_RANGE;
+    return TD_OK;
+}
+
+int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard,
+                 uint32_t max_indirect)
 {
     switch (r->operation) {
     case BLKIF_OP_READ:
@@ -131,22 +171,7 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
             return TD_ERR_NSEG;
         if (r->operation == BLKIF_OP_FLUSH_DISKCACHE && r->nr_segments != 0)
             return TD_ERR_NSEG;
-        uint64_t n = 0;
-        for (unsigned i = 0; i < r->nr_segments; i++) {
-            const struct td_seg *s = &r->seg[i];
-            if (s->first_sect > s->last_sect || s->last_sect >= TD_SECTORS_PER_PAGE)
-                return TD_ERR_SECT;
-            n += (uint64_t)(s->last_sect - s->first_sect + 1);
-        }
-        r->nr_sectors = n;
-        if (r->operation != BLKIF_OP_READ && r->operation != BLKIF_OP_FLUSH_DISKCACHE &&
-            readonly)
-            return TD_ERR_READONLY;
-        /* As blkback's xen_vbd_translate: only a request that moves data has a range; a
-         * flush or an empty barrier carries whatever sector_number the front-end left. */
-        if (n && !range_ok(r->sector_number, n, dev_sectors))
-            return TD_ERR_RANGE;
-        return TD_OK;
+        return check_data(r, r->operation, r->seg, r->nr_segments, dev_sectors, readonly);
     }
     case BLKIF_OP_DISCARD:
         if (readonly)
@@ -158,8 +183,31 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
         return TD_OK;
     case BLKIF_OP_INDIRECT:
         /* Not advertised (no feature-max-indirect-segments): blkif.h says EOPNOTSUPP. */
-        return TD_ERR_UNSUPPORTED;
+        if (max_indirect == 0)
+            return TD_ERR_UNSUPPORTED;
+        /* blkback's dispatch_rw_block_io: only reads and writes travel indirect... */
+        if (r->indirect_op != BLKIF_OP_READ && r->indirect_op != BLKIF_OP_WRITE)
+            return TD_ERR_INDIRECT_OP;
+        /* ...with 1 to the offered number of segments (which bounds the pages). */
+        if (r->nr_segments == 0 || r->nr_segments > max_indirect ||
+            r->nr_segments > TD_MAX_INDIRECT_SEGS)
+            return TD_ERR_INDIRECT_NSEG;
+        r->nr_sectors = 0;  /* known once the segments are: td_req_check_segs */
+        return TD_OK;
     default:
         return TD_ERR_OP;
     }
+}
+
+int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_sectors,
+                      int readonly)
+{
+    /* Only after td_req_check passed the header: nr_segments is then 1..max_indirect,
+     * the size of `segs`, and indirect_op READ or WRITE. */
+    return check_data(r, r->indirect_op, segs, r->nr_segments, dev_sectors, readonly);
+}
+
+uint8_t td_rsp_operation(const struct td_req *r)
+{
+    return r->operation == BLKIF_OP_INDIRECT ? r->indirect_op : r->operation;
 }

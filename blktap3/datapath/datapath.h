@@ -12,20 +12,31 @@
 
 /* ---- request: the private copy a request is checked on (XSA-155) ---- */
 
+/* One segment; laid out as Xen's blkif_request_segment, so that an indirect page's
+ * array is grant-copied straight into private td_seg entries. */
 struct td_seg {
     uint32_t gref;
     uint8_t  first_sect;
     uint8_t  last_sect;
 };
+_Static_assert(sizeof(struct td_seg) == sizeof(struct blkif_request_segment) &&
+                   offsetof(struct td_seg, first_sect) ==
+                       offsetof(struct blkif_request_segment, first_sect) &&
+                   offsetof(struct td_seg, last_sect) ==
+                       offsetof(struct blkif_request_segment, last_sect),
+               "td_seg is blkif_request_segment");
 
 struct td_req {
     uint8_t  operation;
-    uint8_t  nr_segments;   /* raw value from the guest, checked before use */
+    uint8_t  indirect_op;   /* INDIRECT: the operation inside (raw, checked before use) */
+    uint16_t nr_segments;   /* raw value from the guest (16 bits for INDIRECT), checked */
     uint8_t  flag;          /* DISCARD: BLKIF_DISCARD_SECURE */
     uint16_t handle;
     uint64_t id;
     uint64_t sector_number;
     uint64_t nr_sectors;    /* DISCARD: from the request; R/W: sum of the segments */
+    /* INDIRECT: the pages holding its segments (the first TD_INDIRECT_PAGES are used) */
+    uint32_t indirect_grefs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
     struct td_seg seg[BLKIF_MAX_SEGMENTS_PER_REQUEST];
 };
 
@@ -41,7 +52,10 @@ enum td_err {
     TD_ERR_IO = 7,          /* the image driver failed */
     TD_ERR_UNSUPPORTED = 8, /* answered EOPNOTSUPP (INDIRECT, discard without support) */
     TD_ERR_OVERFLOW = 9,    /* req_prod more than a ring ahead: ring halted */
-    TD_ERR_MAX = 10
+    TD_ERR_INDIRECT_OP = 10,    /* INDIRECT whose indirect_op is not READ or WRITE */
+    TD_ERR_INDIRECT_NSEG = 11,  /* INDIRECT with 0 segments or more than offered */
+    TD_ERR_INDIRECT_GRANT = 12, /* an indirect page the guest did not give */
+    TD_ERR_MAX = 13
 };
 
 /* Is the front-end's req_prod `rp` sane, given what we consumed and answered?
@@ -53,8 +67,19 @@ int td_ring_prod_check(uint32_t rp, uint32_t req_cons, uint32_t rsp_prod_pvt,
 
 /* Copy one request slot of a shared ring in layout `proto` into private memory. */
 void td_req_fetch(int proto, const void *slot, struct td_req *out);
-/* Check a private copy; fills nr_sectors for r/w. Returns an enum td_err. */
-int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard);
+/* Check a private copy; fills nr_sectors for r/w. Returns an enum td_err.
+ * INDIRECT: only its header (`max_indirect` segments offered, 0: not offered, answered
+ * EOPNOTSUPP); TD_OK means "copy its TD_INDIRECT_PAGES(nr_segments) indirect pages into
+ * private memory, then check the segments there with td_req_check_segs". */
+int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard,
+                 uint32_t max_indirect);
+/* The segment checks of an INDIRECT request whose header passed td_req_check, on the
+ * private copy `segs` of its nr_segments segments: as a direct request's (sectors,
+ * read-only, range); fills nr_sectors. */
+int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_sectors,
+                      int readonly);
+/* The operation a response carries: INDIRECT answers with its indirect_op (blkback). */
+uint8_t td_rsp_operation(const struct td_req *r);
 /* Address of request slot `idx` / write response `idx`, in a shared ring. */
 const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx);
 void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
@@ -130,6 +155,8 @@ int td_image_rw(struct td_image *img, int engine, int write, void *buf,
 
 struct td_stats {
     uint64_t reqs[8];       /* by op: 0..6 as BLKIF_OP_*, 7 anything else */
+    uint64_t indirect[2];   /* INDIRECT requests with a sane header, by indirect_op R/W */
+    uint64_t indirect_pages;    /* indirect pages copied from the guest */
     uint64_t segments;
     uint64_t sectors_read;
     uint64_t sectors_written;
@@ -143,13 +170,16 @@ struct td_stats {
     int32_t  engine;
     int32_t  paused;
     int32_t  slots;
+    uint32_t max_indirect;  /* segments per INDIRECT request enforced (0: not offered) */
+    uint32_t indirect_bufs; /* INDIRECT requests that can be in flight at once */
     char     halted[64];
 };
 
 struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, struct td_ring **out);
+                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    struct td_ring **out);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);

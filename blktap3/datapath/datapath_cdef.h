@@ -10,6 +10,7 @@
 #define BLKIF_RSP_ERROR -1
 #define BLKIF_RSP_EOPNOTSUPP -2
 #define BLKIF_MAX_SEGMENTS_PER_REQUEST 11
+#define BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST 8
 #define VDISK_CDROM 1
 #define VDISK_READONLY 4
 
@@ -20,7 +21,9 @@
 #define TD_ENGINE_URING 1
 #define TD_ENGINE_SYNC 2
 #define TD_ENGINE_NULL 3
-#define TD_ERR_MAX 10
+#define TD_ERR_MAX 13
+#define TD_SEGS_PER_INDIRECT_PAGE ...
+#define TD_MAX_INDIRECT_SEGS ...
 
 struct blkif_request_segment { uint32_t gref; uint8_t first_sect; uint8_t last_sect; ...; };
 struct blkif_request {
@@ -39,6 +42,10 @@ struct blkif_x86_32_request_discard {
     uint8_t operation; uint8_t flag; uint16_t handle; uint64_t id;
     uint64_t sector_number; uint64_t nr_sectors; ...;
 };
+struct blkif_x86_32_request_indirect {
+    uint8_t operation; uint8_t indirect_op; uint16_t nr_segments; uint64_t id;
+    uint64_t sector_number; uint16_t handle; uint32_t indirect_grefs[8]; ...;
+};
 struct blkif_x86_32_response { uint64_t id; uint8_t operation; int16_t status; ...; };
 struct blkif_x86_64_request {
     uint8_t operation; uint8_t nr_segments; uint16_t handle; uint64_t id;
@@ -48,18 +55,31 @@ struct blkif_x86_64_request_discard {
     uint8_t operation; uint8_t flag; uint16_t handle; uint64_t id;
     uint64_t sector_number; uint64_t nr_sectors; ...;
 };
+struct blkif_x86_64_request_indirect {
+    uint8_t operation; uint8_t indirect_op; uint16_t nr_segments; uint64_t id;
+    uint64_t sector_number; uint16_t handle; uint32_t indirect_grefs[8]; ...;
+};
 struct blkif_x86_64_response { uint64_t id; uint8_t operation; int16_t status; ...; };
+struct blkif_request_indirect {
+    uint8_t operation; uint8_t indirect_op; uint16_t nr_segments; uint64_t id;
+    uint64_t sector_number; uint16_t handle; uint32_t indirect_grefs[8]; ...;
+};
 struct blkif_response { uint64_t id; uint8_t operation; int16_t status; ...; };
 
 struct td_seg { uint32_t gref; uint8_t first_sect; uint8_t last_sect; ...; };
 struct td_req {
-    uint8_t operation; uint8_t nr_segments; uint8_t flag; uint16_t handle; uint64_t id;
-    uint64_t sector_number; uint64_t nr_sectors; struct td_seg seg[11]; ...;
+    uint8_t operation; uint8_t indirect_op; uint16_t nr_segments; uint8_t flag;
+    uint16_t handle; uint64_t id; uint64_t sector_number; uint64_t nr_sectors;
+    uint32_t indirect_grefs[8]; struct td_seg seg[11]; ...;
 };
 int td_ring_prod_check(uint32_t rp, uint32_t req_cons, uint32_t rsp_prod_pvt,
                        uint32_t nslots);
 void td_req_fetch(int proto, const void *slot, struct td_req *out);
-int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard);
+int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int discard,
+                 uint32_t max_indirect);
+int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_sectors,
+                      int readonly);
+uint8_t td_rsp_operation(const struct td_req *r);
 const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx);
 void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
                      uint64_t id, uint8_t op, int16_t status);
@@ -77,15 +97,16 @@ int td_image_rw(struct td_image *img, int engine, int write, void *buf,
                 uint64_t sector, uint32_t nr_sectors);
 
 struct td_stats {
-    uint64_t reqs[8]; uint64_t segments; uint64_t sectors_read; uint64_t sectors_written;
-    uint64_t kicks_in; uint64_t kicks_out; uint64_t responses; uint64_t errors[10];
+    uint64_t reqs[8]; uint64_t indirect[2]; uint64_t indirect_pages; uint64_t segments; uint64_t sectors_read; uint64_t sectors_written;
+    uint64_t kicks_in; uint64_t kicks_out; uint64_t responses; uint64_t errors[13];
     uint64_t in_flight; uint64_t batches; int32_t o_direct; int32_t engine; int32_t paused;
-    int32_t slots; char halted[64]; ...;
+    int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64]; ...;
 };
 struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, struct td_ring **out);
+                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    struct td_ring **out);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);

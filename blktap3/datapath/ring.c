@@ -8,6 +8,11 @@
  * reads, responses written field by field, one RING_PUSH_RESPONSES_AND_CHECK_NOTIFY.
  * RING_FINAL_CHECK_FOR_REQUESTS closes the race with the front-end before it sleeps.
  *
+ * Indirect requests (BLKIF_OP_INDIRECT, when the VBD offered them at connect): the
+ * indirect pages are grant-copied into private memory once, then every segment is
+ * checked there as a direct request's would be, and the data moves by the same batched
+ * grant copy into a buffer of a bounded pool (TD_INDIRECT_POOL_BYTES per ring).
+ *
  * With io_uring the thread sleeps inside it: one-shot polls on the event channel and
  * the control eventfd sit beside the I/O, so a single io_uring_enter submits the batch
  * and waits for a completion, a kick or a control request (per QD1 request: that
@@ -36,6 +41,14 @@
 #include <xengnttab.h>
 
 #define TD_SEG_BYTES (BLKIF_MAX_SEGMENTS_PER_REQUEST * TD_PAGE_SIZE)
+/* Memory for the data of indirect requests in flight, per ring (at least one request
+ * of the offered size fits). 32 MiB in flight saturates any disk a ring sits on; it is
+ * reserved, and only touched when a guest uses it. */
+#define TD_INDIRECT_POOL_BYTES (32u << 20)
+/* Data is grant-copied in chunks of about this many segments (2 MiB): the I/O of a
+ * batch's first large writes starts while the next ones are copied, and its first reads
+ * are answered while the next ones are. A batch of small requests stays one call. */
+#define TD_COPY_CHUNK 512u
 
 enum td_state { RS_RUN = 0, RS_PAUSING, RS_PAUSED, RS_STOPPING };
 /* What woke the service thread, as io_uring watch bits. */
@@ -43,8 +56,19 @@ enum { TD_WAKE_EVTCHN = 1, TD_WAKE_CTL = 2 };
 
 struct td_slot {
     struct td_req req;
+    uint8_t op;             /* what the data moves for: INDIRECT's indirect_op, else op */
+    const struct td_seg *segs;  /* the private segments: req.seg, or an indirect buffer's */
     char *buf;              /* the request's data, segments packed back to back */
+    char *dbuf;             /* this slot's own buffer, big enough for a direct request */
+    int32_t ibuf;           /* the indirect buffer the slot holds, or -1 */
     int err;                /* enum td_err once decided */
+};
+
+/* Room for one INDIRECT request: its segments (copied from the guest's indirect pages)
+ * and its data. */
+struct td_ibuf {
+    struct td_seg *segs;
+    char *data;
 };
 
 struct td_ring {
@@ -70,6 +94,15 @@ struct td_ring {
     uint32_t nfree;
     uint32_t inflight;      /* slots taken: submitted I/O or a held barrier */
     int32_t held;           /* a barrier/flush waiting for in-flight I/O to drain, or -1 */
+
+    uint32_t max_indirect;  /* segments per INDIRECT request offered (0: not offered) */
+    uint32_t nibufs;        /* indirect buffers (INDIRECT requests in flight at most) */
+    struct td_ibuf *ibufs;
+    uint32_t *free_ibufs;
+    uint32_t nfree_ibufs;
+    char *ibuf_mem;         /* one mapping: every buffer's segment pages, then data */
+    size_t ibuf_mem_len;
+    xengnttab_grant_copy_segment_t icopy[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
 
     xengnttab_grant_copy_segment_t *gcopy;
     uint32_t *gcopy_slot;
@@ -116,7 +149,7 @@ static int16_t rsp_status_of(int err)
 static void respond(struct td_ring *r, const struct td_req *req, int err)
 {
     td_ring_put_rsp(r->proto, r->sring, r->nr_pages, r->rsp_prod_pvt, req->id,
-                    req->operation, rsp_status_of(err));
+                    td_rsp_operation(req), rsp_status_of(err));
     r->rsp_prod_pvt++;
     STAT_ADD(r, responses, 1);
     if (err != TD_OK)
@@ -142,7 +175,18 @@ static void push_responses(struct td_ring *r)
 
 static void free_slot(struct td_ring *r, uint32_t s)
 {
+    struct td_slot *sl = &r->slots[s];
+    if (sl->ibuf >= 0) {
+        r->free_ibufs[r->nfree_ibufs++] = (uint32_t)sl->ibuf;
+        sl->ibuf = -1;
+    }
     r->free_slots[r->nfree++] = s;
+}
+
+/* No INDIRECT request could be taken now: every indirect buffer is in flight. */
+static int ibufs_exhausted(const struct td_ring *r)
+{
+    return r->max_indirect && r->nfree_ibufs == 0;
 }
 
 static void halt(struct td_ring *r, const char *why)
@@ -176,7 +220,7 @@ static uint32_t prep_copy(struct td_ring *r, uint32_t s, int to_guest, uint32_t 
     struct td_slot *sl = &r->slots[s];
     uint32_t off = 0;
     for (unsigned i = 0; i < sl->req.nr_segments; i++) {
-        const struct td_seg *sg = &sl->req.seg[i];
+        const struct td_seg *sg = &sl->segs[i];
         uint32_t len = (uint32_t)(sg->last_sect - sg->first_sect + 1) << TD_SECTOR_SHIFT;
         xengnttab_grant_copy_segment_t *c = &r->gcopy[n];
         memset(c, 0, sizeof(*c));
@@ -261,6 +305,79 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
         sl->err = TD_ERR_IO;
 }
 
+/*
+ * An INDIRECT request whose header passed: take an indirect buffer, grant-copy the
+ * indirect pages the segments need (and no more) into its private segment array, then
+ * check every segment there. One copy, then checks: the guest may rewrite its pages
+ * now, we never read them again (XSA-155). consume() made sure a buffer is free.
+ */
+static int take_indirect(struct td_ring *r, uint32_t s)
+{
+    struct td_slot *sl = &r->slots[s];
+    uint32_t b = r->free_ibufs[--r->nfree_ibufs];
+    sl->ibuf = (int32_t)b;  /* back to the pool with the slot, whatever happens now */
+    sl->segs = r->ibufs[b].segs;
+    sl->buf = r->ibufs[b].data;
+    sl->op = sl->req.indirect_op;
+    STAT_ADD(r, indirect[sl->op == BLKIF_OP_WRITE], 1);
+
+    uint32_t npages = TD_INDIRECT_PAGES(sl->req.nr_segments);
+    uint32_t left = (uint32_t)sl->req.nr_segments * (uint32_t)sizeof(struct td_seg);
+    for (uint32_t p = 0; p < npages; p++) {
+        xengnttab_grant_copy_segment_t *c = &r->icopy[p];
+        memset(c, 0, sizeof(*c));
+        c->source.foreign.ref = sl->req.indirect_grefs[p];
+        c->source.foreign.offset = 0;
+        c->source.foreign.domid = (uint16_t)r->domid;
+        c->dest.virt = (char *)r->ibufs[b].segs + (size_t)p * TD_PAGE_SIZE;
+        c->len = (uint16_t)(left < TD_PAGE_SIZE ? left : TD_PAGE_SIZE);
+        c->flags = GNTCOPY_source_gref;
+        left -= c->len;
+    }
+    if (xengnttab_grant_copy(r->xgt, npages, r->icopy) != 0)
+        return TD_ERR_INDIRECT_GRANT;
+    for (uint32_t p = 0; p < npages; p++)
+        if (r->icopy[p].status != GNTST_okay)
+            return TD_ERR_INDIRECT_GRANT;
+    STAT_ADD(r, indirect_pages, npages);
+    const struct td_image_info *info = &r->img->info;
+    return td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
+}
+
+static void flush_submit(struct td_ring *r);
+
+/* Grant-copy the data of the writes among batch[0..n) (`ncopy` segments prepared), then
+ * queue the I/O of the batch. */
+static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
+{
+    grant_copy(r, ncopy);
+    uint32_t queued = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t s = r->batch[i];
+        struct td_slot *sl = &r->slots[s];
+        if (sl->err != TD_OK) {
+            respond(r, &sl->req, sl->err);
+            free_slot(r, s);
+            r->inflight--;
+            continue;
+        }
+        int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
+        int rc = td_engine_prep(r->eng, op, r->img->fd, sl->buf,
+                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
+                                sl->req.sector_number << TD_SECTOR_SHIFT, s);
+        if (rc != 0) {
+            respond(r, &sl->req, TD_ERR_IO);
+            free_slot(r, s);
+            r->inflight--;
+            continue;
+        }
+        queued++;
+    }
+    /* Handed to the kernel by flush_submit or, when the thread is about to sleep
+     * anyway, by the same io_uring_enter that sleeps. */
+    r->to_submit += queued;
+}
+
 /* Take the requests the front-end produced up to `rp`; returns how many. */
 static uint32_t consume(struct td_ring *r, RING_IDX rp)
 {
@@ -280,8 +397,11 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
     }
     const struct td_image_info *info = &r->img->info;
     while (r->req_cons != rp && r->held < 0) {
-        /* RING_REQUEST_CONS_OVERFLOW: no response slot free yet, wait for completions. */
-        if ((RING_IDX)(r->req_cons - r->rsp_prod_pvt) >= r->nslots || r->nfree == 0)
+        /* RING_REQUEST_CONS_OVERFLOW: no response slot free yet, wait for completions.
+         * Likewise without a free indirect buffer: the next request may need one, and a
+         * request is never left half taken. */
+        if ((RING_IDX)(r->req_cons - r->rsp_prod_pvt) >= r->nslots || r->nfree == 0 ||
+            ibufs_exhausted(r))
             break;
         uint32_t s = r->free_slots[--r->nfree];
         struct td_slot *sl = &r->slots[s];
@@ -292,20 +412,31 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
         r->req_cons++;
         taken++;
         STAT_ADD(r, reqs[sl->req.operation < 7 ? sl->req.operation : 7], 1);
-        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard);
+        sl->op = sl->req.operation;
+        sl->segs = sl->req.seg;
+        sl->buf = sl->dbuf;
+        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard,
+                               r->max_indirect);
+        if (sl->err == TD_OK && sl->req.operation == BLKIF_OP_INDIRECT)
+            sl->err = take_indirect(r, s);
         if (sl->err != TD_OK) {
             respond(r, &sl->req, sl->err);
             free_slot(r, s);
             continue;
         }
         STAT_ADD(r, segments, sl->req.nr_segments);
-        switch (sl->req.operation) {
+        switch (sl->op) {
         case BLKIF_OP_READ:
         case BLKIF_OP_WRITE:
-            if (sl->req.operation == BLKIF_OP_WRITE && !is_null(r))
+            if (sl->op == BLKIF_OP_WRITE && !is_null(r))
                 ncopy = prep_copy(r, s, 0, ncopy);
             r->batch[nbatch++] = s;
             r->inflight++;
+            if (ncopy >= TD_COPY_CHUNK) {
+                dispatch(r, nbatch, ncopy);
+                flush_submit(r);
+                nbatch = ncopy = 0;
+            }
             break;
         case BLKIF_OP_WRITE_BARRIER:
         case BLKIF_OP_FLUSH_DISKCACHE:
@@ -320,35 +451,8 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
             break;
         }
     }
-    if (nbatch == 0)
-        return taken;
-
-    grant_copy(r, ncopy);   /* the data of every write of the batch, in one call */
-    uint32_t queued = 0;
-    for (uint32_t i = 0; i < nbatch; i++) {
-        uint32_t s = r->batch[i];
-        struct td_slot *sl = &r->slots[s];
-        if (sl->err != TD_OK) {
-            respond(r, &sl->req, sl->err);
-            free_slot(r, s);
-            r->inflight--;
-            continue;
-        }
-        int op = sl->req.operation == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
-        int rc = td_engine_prep(r->eng, op, r->img->fd, sl->buf,
-                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
-                                sl->req.sector_number << TD_SECTOR_SHIFT, s);
-        if (rc != 0) {
-            respond(r, &sl->req, TD_ERR_IO);
-            free_slot(r, s);
-            r->inflight--;
-            continue;
-        }
-        queued++;
-    }
-    /* Handed to the kernel by flush_submit or, when the thread is about to sleep
-     * anyway, by the same io_uring_enter that sleeps. */
-    r->to_submit += queued;
+    if (nbatch)
+        dispatch(r, nbatch, ncopy);     /* the batch's writes' data in one call */
     __atomic_store_n(&r->st.in_flight, r->inflight, __ATOMIC_RELAXED);
     return taken;
 }
@@ -371,29 +475,36 @@ static uint32_t complete(struct td_ring *r)
     uint32_t n = td_engine_reap(r->eng, r->cqes, r->nslots);
     if (n == 0)
         return 0;
-    uint32_t ncopy = 0;
+    uint32_t ncopy = 0, done = 0;
     for (uint32_t i = 0; i < n; i++) {
         struct td_slot *sl = &r->slots[r->cqes[i].tag];
         uint32_t want = (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
         if (r->cqes[i].res != (int32_t)want)
             sl->err = TD_ERR_IO;
-        else if (sl->req.operation == BLKIF_OP_READ && !is_null(r))
+        else if (sl->op == BLKIF_OP_READ && !is_null(r))
             ncopy = prep_copy(r, r->cqes[i].tag, 1, ncopy);
-    }
-    grant_copy(r, ncopy);   /* every finished read's data to the guest, in one call */
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t s = r->cqes[i].tag;
-        struct td_slot *sl = &r->slots[s];
-        if (sl->err == TD_OK) {
-            if (sl->req.operation == BLKIF_OP_READ)
-                STAT_ADD(r, sectors_read, sl->req.nr_sectors);
-            else
-                STAT_ADD(r, sectors_written, sl->req.nr_sectors);
+        if (ncopy < TD_COPY_CHUNK && i + 1 < n)
+            continue;
+        /* The finished reads' data to the guest (in one call for small ones), then
+         * their responses: the guest sees them while the next chunk is copied. */
+        grant_copy(r, ncopy);
+        ncopy = 0;
+        for (; done <= i; done++) {
+            uint32_t s = r->cqes[done].tag;
+            struct td_slot *d = &r->slots[s];
+            if (d->err == TD_OK) {
+                if (d->op == BLKIF_OP_READ)
+                    STAT_ADD(r, sectors_read, d->req.nr_sectors);
+                else
+                    STAT_ADD(r, sectors_written, d->req.nr_sectors);
+            }
+            respond(r, &d->req, d->err);
+            free_slot(r, s);
+            r->inflight--;
         }
-        respond(r, &sl->req, sl->err);
-        free_slot(r, s);
+        if (i + 1 < n)
+            push_responses(r);
     }
-    r->inflight -= n;
     __atomic_store_n(&r->st.in_flight, r->inflight, __ATOMIC_RELAXED);
     return n;
 }
@@ -553,12 +664,15 @@ static void *service(void *arg)
             r->submit_deferred = r->to_submit != 0;
             continue;
         }
-        if (r->poll_ns && st == RS_RUN && taking && r->held < 0) {
+        /* Waiting for a barrier's drain or for an indirect buffer: only a completion
+         * helps, so sleep until one (req_event stays unarmed: requests wait anyway). */
+        int blocked = r->held >= 0 || ibufs_exhausted(r);
+        if (r->poll_ns && st == RS_RUN && taking && !blocked) {
             flush_submit(r);
             if (spin_for_work(r, st))
                 continue;
         }
-        if (st == RS_RUN && taking && r->held < 0) {
+        if (st == RS_RUN && taking && !blocked) {
             /* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look once more. */
             hdr(r)->req_event = r->req_cons + 1;
             xen_mb();   /* req_event is visible before we re-read req_prod */
@@ -605,6 +719,10 @@ static void free_ring(struct td_ring *r)
         close(r->ctl_efd);
     if (r->bufs)
         munmap(r->bufs, (size_t)r->nslots * TD_SEG_BYTES);
+    if (r->ibuf_mem)
+        munmap(r->ibuf_mem, r->ibuf_mem_len);
+    free(r->ibufs);
+    free(r->free_ibufs);
     free(r->zeroes);
     free(r->slots);
     free(r->free_slots);
@@ -619,9 +737,11 @@ static void free_ring(struct td_ring *r)
 
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, struct td_ring **out)
+                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    struct td_ring **out)
 {
-    if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64)
+    if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
+        max_indirect > TD_MAX_INDIRECT_SEGS)
         return -EINVAL;
     struct td_ring *r = calloc(1, sizeof(*r));
     if (!r)
@@ -638,8 +758,16 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->proto = proto;
     r->nr_pages = 1u << order;
     r->nslots = TD_RING_SLOTS(proto, r->nr_pages);
+    r->max_indirect = max_indirect;
+    if (max_indirect) {
+        size_t per = (size_t)max_indirect * TD_PAGE_SIZE;
+        size_t n = TD_INDIRECT_POOL_BYTES / per;
+        r->nibufs = (uint32_t)(n < 1 ? 1 : n > r->nslots ? r->nslots : n);
+    }
 
-    size_t nseg = (size_t)r->nslots * BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    /* A batch grant-copies at most every slot's direct data plus every indirect buffer. */
+    size_t nseg = (size_t)r->nslots * BLKIF_MAX_SEGMENTS_PER_REQUEST +
+                  (size_t)r->nibufs * max_indirect;
     r->slots = calloc(r->nslots, sizeof(*r->slots));
     r->free_slots = calloc(r->nslots, sizeof(uint32_t));
     r->gcopy = calloc(nseg, sizeof(*r->gcopy));
@@ -659,8 +787,34 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
         goto fail;
     }
     for (uint32_t i = 0; i < r->nslots; i++) {
-        r->slots[i].buf = r->bufs + (size_t)i * TD_SEG_BYTES;
+        r->slots[i].dbuf = r->bufs + (size_t)i * TD_SEG_BYTES;
+        r->slots[i].buf = r->slots[i].dbuf;
+        r->slots[i].segs = r->slots[i].req.seg;
+        r->slots[i].ibuf = -1;
         r->free_slots[r->nfree++] = r->nslots - 1 - i;
+    }
+    if (r->nibufs) {
+        /* Page-aligned both: the segment pages are grant-copy destinations a page each,
+         * the data is O_DIRECT's. Reserved, not committed: only what a guest uses is. */
+        size_t seg_bytes = (size_t)TD_INDIRECT_PAGES(max_indirect) * TD_PAGE_SIZE;
+        size_t data_bytes = (size_t)max_indirect * TD_PAGE_SIZE;
+        r->ibuf_mem_len = (size_t)r->nibufs * (seg_bytes + data_bytes);
+        r->ibufs = calloc(r->nibufs, sizeof(*r->ibufs));
+        r->free_ibufs = calloc(r->nibufs, sizeof(uint32_t));
+        if (!r->ibufs || !r->free_ibufs)
+            goto fail;
+        r->ibuf_mem = mmap(NULL, r->ibuf_mem_len, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (r->ibuf_mem == MAP_FAILED) {
+            r->ibuf_mem = NULL;
+            goto fail;
+        }
+        for (uint32_t i = 0; i < r->nibufs; i++) {
+            r->ibufs[i].segs = (struct td_seg *)(void *)(r->ibuf_mem + (size_t)i * seg_bytes);
+            r->ibufs[i].data = r->ibuf_mem + (size_t)r->nibufs * seg_bytes +
+                               (size_t)i * data_bytes;
+            r->free_ibufs[r->nfree_ibufs++] = r->nibufs - 1 - i;
+        }
     }
     r->ctl_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (r->ctl_efd < 0)
@@ -696,6 +850,8 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->st.o_direct = img->info.o_direct;
     r->st.engine = r->engine_kind;
     r->st.slots = (int32_t)r->nslots;
+    r->st.max_indirect = r->max_indirect;
+    r->st.indirect_bufs = r->nibufs;
 
     /* The service thread takes no signals: they belong to the Python main thread. */
     sigset_t all, old;
@@ -791,6 +947,9 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
         out->reqs[i] = __atomic_load_n(&r->st.reqs[i], __ATOMIC_RELAXED);
     for (unsigned i = 0; i < TD_ERR_MAX; i++)
         out->errors[i] = __atomic_load_n(&r->st.errors[i], __ATOMIC_RELAXED);
+    for (unsigned i = 0; i < 2; i++)
+        out->indirect[i] = __atomic_load_n(&r->st.indirect[i], __ATOMIC_RELAXED);
+    out->indirect_pages = __atomic_load_n(&r->st.indirect_pages, __ATOMIC_RELAXED);
     out->segments = __atomic_load_n(&r->st.segments, __ATOMIC_RELAXED);
     out->sectors_read = __atomic_load_n(&r->st.sectors_read, __ATOMIC_RELAXED);
     out->sectors_written = __atomic_load_n(&r->st.sectors_written, __ATOMIC_RELAXED);
@@ -803,6 +962,8 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
     out->engine = r->st.engine;
     out->paused = __atomic_load_n(&r->st.paused, __ATOMIC_RELAXED);
     out->slots = r->st.slots;
+    out->max_indirect = r->st.max_indirect;
+    out->indirect_bufs = r->st.indirect_bufs;
     /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */
     memcpy(out->halted, r->st.halted, sizeof(out->halted));
     out->halted[sizeof(out->halted) - 1] = 0;

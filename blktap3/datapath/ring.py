@@ -20,6 +20,9 @@ from ._errors import check
 from .image import ENGINES, Image
 
 MAX_RING_PAGE_ORDER = 3
+# The most segments an INDIRECT request may carry here (8 indirect pages of 512, Xen's
+# protocol limit). What a VBD offers is chosen at connect, up to this.
+MAX_INDIRECT_SEGMENTS = int(lib.TD_MAX_INDIRECT_SEGS)
 # The process-wide default of ``poll_us`` (blktap's poll_duration): the tapdisk's
 # control protocol has no field for it, so its environment carries it.
 POLL_ENV = "BLKTAP3_RING_POLL_US"
@@ -27,7 +30,7 @@ OPS = ("read", "write", "barrier", "flush", "reserved", "discard", "indirect", "
 # Index = enum td_err in datapath.h.
 ERROR_CAUSES = (
     None, "op", "segments", "sector", "range", "readonly", "grant", "io", "unsupported",
-    "overflow",
+    "overflow", "indirect_op", "indirect_segments", "indirect_grant",
 )
 ENGINE_NAMES = {v: k for k, v in ENGINES.items()}
 
@@ -68,6 +71,7 @@ class Ring:
         protocol: BlkifProtocol,
         engine: str = "auto",
         poll_us: int | None = None,
+        max_indirect_segments: int = 0,
     ) -> Ring:
         """Map the ring (2**order pages), bind the event channel, start the service.
 
@@ -75,6 +79,9 @@ class Ring:
         ``poll_us``: spin this long for new requests/completions before sleeping
         (blktap's ``poll_duration``; trades CPU for latency; 0 = always sleep;
         None: ``$BLKTAP3_RING_POLL_US``, else 0).
+        ``max_indirect_segments``: the ``feature-max-indirect-segments`` the back-end
+        offered this front-end, enforced on every INDIRECT request (0: not offered,
+        INDIRECT is answered EOPNOTSUPP); at most ``MAX_INDIRECT_SEGMENTS``.
         """
         if poll_us is None:
             poll_us = _env_poll_us()
@@ -86,6 +93,9 @@ class Ring:
             raise OSError(22, f"unknown io engine {engine!r}")
         if not 0 <= poll_us <= 1_000_000:
             raise OSError(22, f"poll_us {poll_us} out of range 0..1000000")
+        if not 0 <= max_indirect_segments <= MAX_INDIRECT_SEGMENTS:
+            raise OSError(22, f"max_indirect_segments {max_indirect_segments} out of range "
+                              f"0..{MAX_INDIRECT_SEGMENTS}")
         refs = ffi.new("uint32_t[]", [int(g) for g in grefs])
         out = ffi.new("struct td_ring **")
         rc = lib.td_ring_connect(
@@ -98,6 +108,7 @@ class Ring:
             int(protocol),  # TD_PROTO_* are BlkifProtocol's numbers
             ENGINES[engine],
             poll_us,
+            max_indirect_segments,
             out,
         )
         check(rc, f"connect ring d{domid}/{devid}")
@@ -174,6 +185,13 @@ class Ring:
             "reqs": {name: int(st.reqs[i]) for i, name in enumerate(OPS) if name != "reserved"}
             | {"other": int(st.reqs[4]) + int(st.reqs[7])},
             "segments": int(st.segments),
+            "indirect": {
+                "read": int(st.indirect[0]),
+                "write": int(st.indirect[1]),
+                "pages": int(st.indirect_pages),
+                "max_segments": int(st.max_indirect),
+                "buffers": int(st.indirect_bufs),
+            },
             "sectors": {"read": int(st.sectors_read), "written": int(st.sectors_written)},
             "kicks": {"in": int(st.kicks_in), "out": int(st.kicks_out)},
             "responses": int(st.responses),

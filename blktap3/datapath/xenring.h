@@ -34,6 +34,13 @@
 #define TD_SECTORS_PER_PAGE 8u
 #define TD_MAX_RING_ORDER 3u
 #define TD_MAX_RING_PAGES (1u << TD_MAX_RING_ORDER)
+/* An indirect page is an array of segments (blkif.h); a request has at most
+ * BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST of them: 4096 segments, 16 MiB. */
+#define TD_SEGS_PER_INDIRECT_PAGE ((uint32_t)(TD_PAGE_SIZE / sizeof(struct blkif_request_segment)))
+#define TD_MAX_INDIRECT_SEGS (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * TD_SEGS_PER_INDIRECT_PAGE)
+/* Indirect pages holding `nseg` segments (nseg bounded by the caller). */
+#define TD_INDIRECT_PAGES(nseg) \
+    (((uint32_t)(nseg) + TD_SEGS_PER_INDIRECT_PAGE - 1) / TD_SEGS_PER_INDIRECT_PAGE)
 
 /*
  * Which layout `protocol` names (blkif.h: a missing key means native). The numbers are
@@ -68,6 +75,17 @@ struct blkif_x86_32_request_discard {
     blkif_sector_t sector_number;
     uint64_t       nr_sectors;
 };
+/* Xen's blkif_request_indirect as an i386 compiler lays it out (its `pad` included). */
+struct blkif_x86_32_request_indirect {
+    uint8_t        operation;
+    uint8_t        indirect_op;
+    uint16_t       nr_segments;
+    uint64_t       id;
+    blkif_sector_t sector_number;
+    blkif_vdev_t   handle;
+    grant_ref_t    indirect_grefs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+    uint64_t       pad;
+};
 struct blkif_x86_32_response {
     uint64_t       id;
     uint8_t        operation;
@@ -94,6 +112,15 @@ struct blkif_x86_64_request_discard {
     blkif_sector_t sector_number;
     uint64_t       nr_sectors;
 };
+struct blkif_x86_64_request_indirect {
+    uint8_t        operation;
+    uint8_t        indirect_op;
+    uint16_t       nr_segments;
+    uint64_t       __attribute__((__aligned__(8))) id;
+    blkif_sector_t sector_number;
+    blkif_vdev_t   handle;
+    grant_ref_t    indirect_grefs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+};
 struct blkif_x86_64_response {
     uint64_t       __attribute__((__aligned__(8))) id;
     uint8_t        operation;
@@ -102,6 +129,14 @@ struct blkif_x86_64_response {
 typedef struct blkif_x86_64_request blkif_x86_64_request_t;
 typedef struct blkif_x86_64_response blkif_x86_64_response_t;
 DEFINE_RING_TYPES(blkif_x86_64, struct blkif_x86_64_request, struct blkif_x86_64_response);
+
+/* Every view of a request lies inside its ring slot. */
+_Static_assert(sizeof(struct blkif_x86_32_request_indirect) <= sizeof(struct blkif_x86_32_request),
+               "x86_32 indirect request fits its slot");
+_Static_assert(sizeof(struct blkif_x86_64_request_indirect) <= sizeof(struct blkif_x86_64_request),
+               "x86_64 indirect request fits its slot");
+_Static_assert(sizeof(struct blkif_request_indirect) <= sizeof(struct blkif_request),
+               "native indirect request fits its slot");
 
 /* Slots of a ring of `nr_pages` pages in layout `proto` (a power of two). */
 #define TD_RING_SLOTS(proto, nr_pages)                                              \

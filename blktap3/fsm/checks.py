@@ -6,7 +6,8 @@
 - (phases) no row spells out every state of a phase one by one where `@phase` says it
   (the loader already refuses unknown phases and states in no phase or in two);
 - (back-end) every xenbus front-end state, plus `invalid` and `vanished`, is handled or
-  explicitly ignored in every non-final back-end state: `render_table` prints that table.
+  explicitly ignored in every non-final back-end state; (front-end) likewise every
+  back-end state: `render_table` prints that table.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .spec import PHASE_PREFIX, SEPARATOR, MachineSpec, TransitionSpec
 from .xenbus_state import XenbusState
 
 # machine -> the trigger prefix of the other end's states it must handle everywhere
-REQUIRED_TABLES = {"backend_vbd": "frontend_"}
+REQUIRED_TABLES = {"backend_vbd": "frontend_", "frontend_vbd": "backend_"}
 
 
 def _ancestors(name: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .events import DiskInfo, RingTransport
+from .events import BlkifRing, DiskInfo, RingTransport
 from .xenbus_state import XenbusState
 
 
@@ -74,7 +74,28 @@ class ReadFrontendTransport(Effect):
 
 @dataclass(frozen=True)
 class ReadBackendInfo(Effect):
-    """(front-end) Read `sectors`, `info`, `sector-size`; answer with `BackendInfoRead`."""
+    """(front-end) Read `sectors`, `info`, `sector-size` (and the features the front-end
+    uses); answer with `BackendInfoRead`, or `BackendInfoInvalid` when one is bad."""
+
+
+@dataclass(frozen=True)
+class OfferRing(Effect):
+    """(front-end) Grant a shared ring of 2**order pages to the back-end and bind an
+    unbound event channel for it; answer with `RingOffered` or `RingOfferFailed`."""
+
+    order: int
+
+
+@dataclass(frozen=True)
+class ReleaseRing(Effect):
+    """(front-end) Ungrant the ring and close its event channel: the back-end let go."""
+
+
+@dataclass(frozen=True)
+class ReportFault(Effect):
+    """Log that the other end broke the protocol here; the machine stays where it is."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -115,46 +136,64 @@ class SendControl(Effect):
 
 @dataclass(frozen=True)
 class OpenImage(Effect):
-    """Open the image with its driver; answer `ImageOpened` or `ImageOpenFailed`."""
+    """Open the image with its driver and hold it aside; answer `ImageOpened` or
+    `ImageOpenFailed`.  The machine then accepts it (`AcceptImage`) or not (`DiscardImage`)."""
 
     path: str
     flags: int
 
 
 @dataclass(frozen=True)
+class AcceptImage(Effect):
+    """The image just opened becomes the VBD's (it replaces none: the old one is closed)."""
+
+
+@dataclass(frozen=True)
+class DiscardImage(Effect):
+    """Close the image just opened: the machine refused it (a changed geometry)."""
+
+
+@dataclass(frozen=True)
 class CloseImage(Effect):
-    """Close the image (in-flight I/O has drained)."""
+    """Close the VBD's image (in-flight I/O has drained)."""
 
 
 @dataclass(frozen=True)
 class StartRing(Effect):
-    """Map the ring and start its service thread."""
+    """Map the ring and start its service thread; answer `RingStarted` or `RingStartFailed`."""
 
-    domid: int
-    devid: int
+    ring: BlkifRing
 
 
 @dataclass(frozen=True)
 class StopRing(Effect):
-    """Stop the ring service thread, unmap, unbind."""
+    """Stop the ring service thread, unmap, unbind (in-flight requests complete first)."""
 
 
 @dataclass(frozen=True)
 class QuiesceRing(Effect):
-    """Stop taking new requests; answer `Drained` once in-flight I/O completed."""
+    """Stop taking new requests; answer `Drained` once in-flight I/O completed, or
+    `DrainFailed`."""
 
 
 @dataclass(frozen=True)
 class UnquiesceRing(Effect):
-    """Take requests again."""
+    """Take requests again (on the VBD's image, maybe a new one)."""
+
+
+@dataclass(frozen=True)
+class ReleaseMinor(Effect):
+    """The VBD is gone: forget it and release the minor's marker lock (it may be freed)."""
 
 
 @dataclass(frozen=True)
 class Reply(Effect):
-    """Answer the control request that caused this step (0 = success, else errno)."""
+    """Answer the request that caused this step: `error` 0 = success, else a positive errno
+    with `message`; `disk` = the geometry the reply carries (OPEN, DISK_INFO)."""
 
     error: int = 0
     disk: DiskInfo | None = None
+    message: str = ""
 
 
 @dataclass(frozen=True)

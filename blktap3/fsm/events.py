@@ -90,13 +90,34 @@ class FrontendVanished(Event):
 
 @dataclass(frozen=True)
 class BackendStateChanged(Event):
-    """For front-end machines: the back-end's `state` node holds a valid xenbus state."""
+    """For front-end machines: the back-end's `state` node holds a valid xenbus state.
+
+    `max_ring_page_order` is the back-end's `max-ring-page-order` read with it (0 when
+    absent or not a number, as Linux's `xenbus_read_unsigned` defaults); the front-end
+    machine uses it on InitWait to size the ring it offers.
+    """
 
     state: XenbusState
+    max_ring_page_order: int = 0
 
     @property
     def trigger(self) -> str:
         return f"backend_{self.state.trigger_suffix}"
+
+
+@dataclass(frozen=True)
+class BackendStateInvalid(Event):
+    """For front-end machines: the back-end's `state` node holds something not 0..8."""
+
+    TRIGGER: ClassVar[str] = "backend_invalid"
+    raw: str
+
+
+@dataclass(frozen=True)
+class BackendVanished(Event):
+    """For front-end machines: the back-end's `state` node does not exist."""
+
+    TRIGGER: ClassVar[str] = "backend_vanished"
 
 
 # --- back-end VBD: our own directory and the hotplug step ----------------------------------
@@ -221,11 +242,45 @@ class DiskResized(Event):
 
 
 @dataclass(frozen=True)
+class DeviceFound(Event):
+    """What our own `state` node held when the blkfront started (None: absent or not a
+    xenbus state): fed first, so that a device an earlier blkfront left is started over."""
+
+    TRIGGER: ClassVar[str] = "device_found"
+    state: XenbusState | None
+
+
+@dataclass(frozen=True)
+class RingOffered(Event):
+    """Answer to `OfferRing`: the ring pages are granted and the event channel bound."""
+
+    TRIGGER: ClassVar[str] = "ring_offered"
+    ring_refs: tuple[int, ...]  # one per page, 2**order of them
+    event_channel: int
+
+
+@dataclass(frozen=True)
+class RingOfferFailed(Event):
+    """Answer to `OfferRing`: no ring could be made (grants or event channels exhausted)."""
+
+    TRIGGER: ClassVar[str] = "ring_offer_failed"
+    reason: str
+
+
+@dataclass(frozen=True)
 class BackendInfoRead(Event):
     """Answer to `ReadBackendInfo`: the front-end read sectors/info/sector-size."""
 
     TRIGGER: ClassVar[str] = "backend_info_read"
     disk: DiskInfo
+
+
+@dataclass(frozen=True)
+class BackendInfoInvalid(Event):
+    """Answer to `ReadBackendInfo`: a mandatory key is missing or malformed."""
+
+    TRIGGER: ClassVar[str] = "backend_info_invalid"
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -293,6 +348,35 @@ class ProcessExited(Event):
 
 
 # --- VBD inside a tapdisk (control messages and their completions) ------------------------
+# Requests come from `blktap3.tapdisk.observer` (a decoded control message in, an event
+# out); completions answer the machine's effects.
+
+
+@dataclass(frozen=True)
+class BlkifRing:
+    """The ring XENBLKIF_CONNECT names, as on the wire (the data path checks the values)."""
+
+    domid: int
+    devid: int
+    grefs: tuple[int, ...] = ()
+    order: int = 0
+    port: int = 0
+    protocol: int = 0  # Xen's `enum blkif_protocol` number (0: unset, native)
+    poll_us: int = 0  # blktap's poll_duration; 0: the data path's default
+    max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        """(domid, devid): which front-end's ring this is."""
+        return (self.domid, self.devid)
+
+
+@dataclass(frozen=True)
+class EffectFailed(Event):
+    """Base of the answers that say an effect failed: a positive errno and why."""
+
+    errno: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -304,7 +388,7 @@ class Attach(Event):
 
 @dataclass(frozen=True)
 class Open(Event):
-    """OPEN with `type:/path` already split off into the driver's path, and open flags."""
+    """OPEN of `type:/path` (parsed by the driver that opens it) with blktap's open flags."""
 
     TRIGGER: ClassVar[str] = "open"
     path: str
@@ -320,12 +404,10 @@ class ImageOpened(Event):
 
 
 @dataclass(frozen=True)
-class ImageOpenFailed(Event):
-    """Answer to `OpenImage`: the driver could not open the image (positive errno)."""
+class ImageOpenFailed(EffectFailed):
+    """Answer to `OpenImage`: the driver could not open the image."""
 
     TRIGGER: ClassVar[str] = "image_open_failed"
-    errno: int
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -333,15 +415,38 @@ class ConnectRing(Event):
     """XENBLKIF_CONNECT for this VBD."""
 
     TRIGGER: ClassVar[str] = "connect_ring"
-    domid: int
-    devid: int
+    ring: BlkifRing
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        return self.ring.ids
+
+
+@dataclass(frozen=True)
+class RingStarted(Event):
+    """Answer to `StartRing`: the ring is mapped and served."""
+
+    TRIGGER: ClassVar[str] = "ring_started"
+
+
+@dataclass(frozen=True)
+class RingStartFailed(EffectFailed):
+    """Answer to `StartRing`: mapping or serving the ring failed."""
+
+    TRIGGER: ClassVar[str] = "ring_start_failed"
 
 
 @dataclass(frozen=True)
 class DisconnectRing(Event):
-    """XENBLKIF_DISCONNECT for this VBD."""
+    """XENBLKIF_DISCONNECT of the ring (domid, devid) from this VBD."""
 
     TRIGGER: ClassVar[str] = "disconnect_ring"
+    domid: int
+    devid: int
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        return (self.domid, self.devid)
 
 
 @dataclass(frozen=True)
@@ -359,11 +464,20 @@ class Drained(Event):
 
 
 @dataclass(frozen=True)
+class DrainFailed(EffectFailed):
+    """Answer to `QuiesceRing`: in-flight requests did not complete (e.g. ETIMEDOUT)."""
+
+    TRIGGER: ClassVar[str] = "drain_failed"
+
+
+@dataclass(frozen=True)
 class Resume(Event):
-    """RESUME, optionally with a new image path (image swap)."""
+    """RESUME, optionally with a new image path (image swap); `resize`: the image may have
+    grown (our `ResumeFlags.RESIZE`), a larger size is then accepted."""
 
     TRIGGER: ClassVar[str] = "resume"
     path: str | None = None
+    resize: bool = False
 
 
 @dataclass(frozen=True)
@@ -379,3 +493,10 @@ class Detach(Event):
     """DETACH."""
 
     TRIGGER: ClassVar[str] = "detach"
+
+
+@dataclass(frozen=True)
+class GetDiskInfo(Event):
+    """DISK_INFO: the geometry of the VBD's image."""
+
+    TRIGGER: ClassVar[str] = "disk_info"

@@ -8,6 +8,9 @@ Rules (the h11 "theory of operation" for our machines):
 3. An event the spec does not allow in the current state raises the `FsmError` subclass
    its trigger's `blame` names, and leaves the machine untouched; so does an event whose
    transitions all had failing conditions (e.g. CLOSE while draining, without force).
+   A request (a trigger with `errno`) is answered instead: the machine stays and returns
+   `Reply(error=errno)`; so does a refusing row (a row with `errno`) whose conditions
+   hold.  Every refusal of a request is thus a row or the trigger's errno in the spec.
 4. Publication rule: entering a state that declares `xenbus = n` publishes n, unless n is
    what was last published.  So a machine can never write a redundant `state`.  The
    publication comes after the state's own `on_enter` effects (keys first, then state).
@@ -22,7 +25,7 @@ from typing import Any, ClassVar
 from transitions import Machine, MachineError
 from transitions.extensions import HierarchicalMachine
 
-from .effects import Effect, PublishState
+from .effects import Effect, PublishState, Reply
 from .errors import ERROR_FOR_BLAME, OurBug, SpecError
 from .events import Event
 from .spec import MachineSpec, StateSpec, TransitionSpec, load_spec
@@ -118,6 +121,14 @@ class SpecMachine:
         return d
 
     def _transition_dict(self, t: TransitionSpec) -> dict[str, Any]:
+        after = self._bind(t.after)
+        if t.errno is not None:
+            code, why = t.errno, t.doc
+
+            def refuse(**_: Any) -> None:
+                self._refuse(code, why)
+
+            after.append(refuse)
         return {
             "trigger": t.trigger,
             "source": list(t.sources),
@@ -125,7 +136,7 @@ class SpecMachine:
             "conditions": self._bind(t.conditions),
             "unless": self._bind(t.unless),
             "before": self._bind(t.before),
-            "after": self._bind(t.after),
+            "after": after,
         }
 
     # --- running --------------------------------------------------------------------------
@@ -142,12 +153,21 @@ class SpecMachine:
         try:
             self.trigger(name, event=event)  # type: ignore[attr-defined]
         except MachineError:
-            raise ERROR_FOR_BLAME[trig.blame](self.spec.name, before, event, trig.doc) from None
+            if trig.errno is None:
+                raise ERROR_FOR_BLAME[trig.blame](
+                    self.spec.name, before, event, trig.doc) from None
         if not self._fired:
-            error = ERROR_FOR_BLAME[trig.blame]
-            raise error(self.spec.name, before, event, "no transition's conditions held")
+            if trig.errno is None:
+                error = ERROR_FOR_BLAME[trig.blame]
+                raise error(self.spec.name, before, event, "no transition's conditions held")
+            self._effects = []
+            self._refuse(trig.errno, f"not allowed while {before.replace('_', ' ')}")
         effects, self._effects = tuple(self._effects), []
         return effects
+
+    def _refuse(self, code: int, why: str) -> None:
+        """Answer the request with `code`; the trigger's doc names what was refused."""
+        self.emit(Reply(error=code, message=why))
 
     def emit(self, *effects: Effect) -> None:
         self._effects.extend(effects)

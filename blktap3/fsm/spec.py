@@ -9,13 +9,19 @@ Format (one file per machine, `specs/<name>.toml`):
     [phases.<p>]   doc, states = [...]: a named group of states (flat machines only);
                    when a machine declares phases, every state is in exactly one
     [triggers.<t>] doc, blame = ours|frontend|backend|tapdisk|image|toolstack,
-                   refused = true: never allowed (its error names the culprit)
+                   refused = true: never allowed (its error names the culprit),
+                   errno = "E...": the trigger is a request that always gets an answer;
+                   where no row takes it, the machine stays and answers this errno
     [[transitions]] trigger, source (name, list or "*"), dest (absent: internal),
-                   conditions, unless, before, after (callback names), doc
+                   conditions, unless, before, after (callback names), doc,
+                   errno = "E...": a refusing row (internal, no callbacks): when its
+                   conditions hold the machine stays and answers this errno
     [[ignore]]     triggers, source, why: explicit "seen and deliberately ignored";
                    applied after the transitions, so they are the fallback when the
                    conditions of every transition for that trigger fail.
 
+An `errno` is a name of Python's `errno` module (`"EALREADY"`), checked at load; the
+answer is a `Reply(error=...)` effect (see `blktap3.fsm.machine`).
 A source names states, `@<phase>` for every state of a phase (`["@handshake", "closed"]`;
 `@` cannot start a state name, so the two never clash), or is "*": every non-final state.
 The loader expands phases: `TransitionSpec.sources` are always states, so the machine,
@@ -28,6 +34,7 @@ machine may not contain `_`.  Callback names are bound to methods of the machine
 
 from __future__ import annotations
 
+import errno as errno_module
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -41,8 +48,10 @@ from .errors import Blame, SpecError
 _TOP_KEYS = {"machine", "states", "phases", "triggers", "transitions", "ignore"}
 _MACHINE_KEYS = {"name", "title", "doc", "initial", "final", "nested"}
 _STATE_KEYS = {"doc", "xenbus", "bits", "on_enter", "on_exit", "initial", "children"}
-_TRIGGER_KEYS = {"doc", "blame", "refused"}
-_TRANSITION_KEYS = {"trigger", "source", "dest", "conditions", "unless", "before", "after", "doc"}
+_TRIGGER_KEYS = {"doc", "blame", "refused", "errno"}
+_TRANSITION_KEYS = {
+    "trigger", "source", "dest", "conditions", "unless", "before", "after", "doc", "errno"
+}
 _IGNORE_KEYS = {"triggers", "source", "why"}
 _PHASE_KEYS = {"doc", "states"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -80,6 +89,7 @@ class TriggerSpec:
     blame: Blame
     doc: str = ""
     refused: bool = False
+    errno: int | None = None  # a request: refused where no row takes it, with this errno
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class TransitionSpec:
     after: tuple[str, ...] = ()
     doc: str = ""
     ignored: bool = False  # comes from an [[ignore]] entry
+    errno: int | None = None  # a refusing row: stays and answers this errno
     # where the row is and how its source was written (`@phase` unexpanded): for messages
     row: str = field(default="", compare=False)
     spelled: tuple[str, ...] = field(default=(), compare=False)
@@ -173,6 +184,16 @@ def _strs(where: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise SpecError(f"{where}: expected a name or a list of names, got {value!r}")
+
+
+def _errno(where: str, value: Any) -> int | None:
+    """An `errno = "E..."` value as its number (None when absent)."""
+    if value is None:
+        return None
+    code = getattr(errno_module, value, None) if isinstance(value, str) else None
+    if not isinstance(code, int) or errno_module.errorcode.get(code) is None:
+        raise SpecError(f"{where}: errno {value!r} is not a name of the errno module")
+    return code
 
 
 def _check_keys(
@@ -328,9 +349,11 @@ def parse_spec(
         except ValueError:
             choices = [b.value for b in Blame]
             raise SpecError(f"{where}: blame {t['blame']!r} is not one of {choices}") from None
-        triggers[tname] = TriggerSpec(
-            tname, blame, str(t.get("doc", "")), bool(t.get("refused", False))
-        )
+        refused = bool(t.get("refused", False))
+        code = _errno(f"{where}.errno", t.get("errno"))
+        if refused and code is not None:
+            raise SpecError(f"{where}: a refused trigger has no errno (it is never answered)")
+        triggers[tname] = TriggerSpec(tname, blame, str(t.get("doc", "")), refused, code)
 
     def trigger(where: str, name: Any) -> str:
         if not isinstance(name, str):
@@ -370,6 +393,9 @@ def parse_spec(
         where = row("transitions", i)
         _check_keys(where, t, _TRANSITION_KEYS, frozenset({"trigger", "source"}))
         dest = t.get("dest")
+        code = _errno(f"{where}.errno", t.get("errno"))
+        if code is not None and (dest is not None or t.get("before") or t.get("after")):
+            raise SpecError(f"{where}: a row with errno refuses: no dest, before or after")
         transitions.append(
             TransitionSpec(
                 trigger=trigger(where, t["trigger"]),
@@ -380,6 +406,7 @@ def parse_spec(
                 before=_strs(f"{where}.before", t.get("before", [])),
                 after=_strs(f"{where}.after", t.get("after", [])),
                 doc=str(t.get("doc", "")),
+                errno=code,
                 row=where,
                 spelled=spelled(t["source"]),
             )

@@ -2,8 +2,10 @@
 
 `TapdiskProcess` (specs/tapdisk_process.toml) is what tap-ctl and tapback track per
 tapdisk; `TapdiskVbd` (specs/tapdisk_vbd.toml) is what the tapdisk's control server runs
-per minor, and gives the blktap VBD state bits `tap-ctl list` prints.  A refused control
-message raises `ToolstackError` (the server answers it with an errno of its choice).
+per minor, and gives the blktap VBD state bits `tap-ctl list` prints.  Every control
+request fed to `TapdiskVbd` gets exactly one `Reply` effect, refusals included (the
+errnos are in the spec); an out-of-order completion (`ImageOpened`, `Drained`...) is
+our bug and raises.
 """
 
 from __future__ import annotations
@@ -15,23 +17,28 @@ from typing import Any, ClassVar
 from blktap3.abi import VbdStateBits
 
 from .effects import (
+    AcceptImage,
     CleanupRuntime,
     CloseImage,
+    DiscardImage,
     ExitProcess,
     OpenImage,
     QuiesceRing,
+    ReleaseMinor,
     Reply,
     StartRing,
     StopRing,
     UnquiesceRing,
 )
 from .events import (
+    BlkifRing,
     Close,
     ConnectRing,
     ControlSocketReady,
+    DisconnectRing,
     DiskInfo,
+    EffectFailed,
     ImageOpened,
-    ImageOpenFailed,
     Open,
     Resume,
     VbdAdded,
@@ -57,6 +64,7 @@ class VbdState(enum.StrEnum):
     ATTACHED = "attached"
     OPENING = "opening"
     OPEN_READY = "open_ready"
+    OPEN_CONNECTING = "open_connecting"
     OPEN_CONNECTED = "open_connected"
     OPEN_QUIESCING = "open_quiescing"
     OPEN_PAUSED = "open_paused"
@@ -100,7 +108,12 @@ class TapdiskProcess(SpecMachine):
 
 
 class TapdiskVbd(SpecMachine):
-    """One VBD (minor) inside a tapdisk; `state_bits` is blktap's `state` for `list`."""
+    """One VBD (minor) inside a tapdisk; `state_bits` is blktap's `state` for `list`.
+
+    What it remembers: `path`/`flags` to (re)open, `params` the `type:/path` it serves
+    (set when an image is accepted, kept while paused, dropped by CLOSE), `disk` the
+    accepted geometry (DISK_INFO, and what RESUME compares with), `ring` the ring served.
+    """
 
     SPEC: ClassVar[str] = "tapdisk_vbd"
     STATES: ClassVar[type[enum.StrEnum]] = VbdState
@@ -109,9 +122,12 @@ class TapdiskVbd(SpecMachine):
         self.minor = minor
         self.path: str | None = None
         self.flags = 0
+        self.params: str | None = None
         self.disk: DiskInfo | None = None
         self.image_open = False
-        self.ring: ConnectRing | None = None
+        self.ring: BlkifRing | None = None
+        self.ring_requested: BlkifRing | None = None
+        self.resize = False
         self.resume_failed = False
         super().__init__()
         declared = {b for s in self.spec.all_states() for b in s.bits}
@@ -124,7 +140,7 @@ class TapdiskVbd(SpecMachine):
         bits = VbdStateBits(0)
         for name in self.spec.state(self.state).bits:
             bits |= VbdStateBits[name]
-        if self.resume_failed and self.state.startswith("open"):
+        if self.resume_failed:
             bits |= VbdStateBits.RESUME_FAILED
         return int(bits)
 
@@ -132,8 +148,21 @@ class TapdiskVbd(SpecMachine):
     def geometry_changed(self, event: ImageOpened, **_: Any) -> bool:
         return self.disk is not None and self.disk != event.disk
 
+    def size_grows(self, event: ImageOpened, **_: Any) -> bool:
+        """A RESUME that asked for a resize found a larger disk, same sector size and info."""
+        old, new = self.disk, event.disk
+        return (self.resize and old is not None and new.sectors > old.sectors
+                and (new.sector_size, new.info) == (old.sector_size, old.info))
+
     def has_ring(self, **_: Any) -> bool:
         return self.ring is not None
+
+    def same_ring(self, event: ConnectRing | DisconnectRing, **_: Any) -> bool:
+        return self.ring is not None and self.ring.ids == event.ids
+
+    def other_ring(self, event: ConnectRing, **_: Any) -> bool:
+        """The VBD serves a ring, not the one the event names."""
+        return self.ring is not None and self.ring.ids != event.ids
 
     def is_forced(self, event: Close, **_: Any) -> bool:
         return event.force
@@ -146,24 +175,33 @@ class TapdiskVbd(SpecMachine):
     def reopen_image(self, event: Resume, **_: Any) -> None:
         assert self.path is not None  # paused implies it was opened
         self.path = event.path or self.path
+        self.resize = event.resize
         self.emit(OpenImage(self.path, self.flags))
 
-    def record_disk(self, event: ImageOpened, **_: Any) -> None:
+    def accept_image(self, event: ImageOpened, **_: Any) -> None:
         self.disk = event.disk
+        self.params = self.path
         self.image_open = True
         self.resume_failed = False
+        self.emit(AcceptImage())
 
-    def note_image_opened(self, **_: Any) -> None:
-        self.image_open = True  # a refused resume: the driver opened it, we close it again
+    def discard_image(self, **_: Any) -> None:
+        self.emit(DiscardImage())
 
     def close_image(self, **_: Any) -> None:
         if self.image_open:
             self.image_open = False
             self.emit(CloseImage())
 
+    def forget_image(self, **_: Any) -> None:
+        self.params, self.disk, self.resume_failed = None, None, False
+
     def start_ring(self, event: ConnectRing, **_: Any) -> None:
-        self.ring = event
-        self.emit(StartRing(event.domid, event.devid))
+        self.ring_requested = event.ring
+        self.emit(StartRing(event.ring))
+
+    def record_ring(self, **_: Any) -> None:
+        self.ring, self.ring_requested = self.ring_requested, None
 
     def stop_ring(self, **_: Any) -> None:
         if self.ring is not None:
@@ -179,14 +217,31 @@ class TapdiskVbd(SpecMachine):
     def mark_resume_failed(self, **_: Any) -> None:
         self.resume_failed = True
 
+    def release_minor(self, **_: Any) -> None:
+        self.emit(ReleaseMinor())
+
     def reply_ok(self, **_: Any) -> None:
         self.emit(Reply())
 
     def reply_disk(self, **_: Any) -> None:
         self.emit(Reply(disk=self.disk))
 
-    def reply_error(self, event: ImageOpenFailed, **_: Any) -> None:
-        self.emit(Reply(error=event.errno))
+    def reply_error(self, event: EffectFailed, **_: Any) -> None:
+        self.emit(Reply(error=event.errno, message=event.reason))
 
-    def reply_medium_changed(self, **_: Any) -> None:
-        self.emit(Reply(error=errno.EMEDIUMTYPE))
+    def reply_medium_changed(self, event: ImageOpened, **_: Any) -> None:
+        assert self.disk is not None  # the condition geometry_changed held
+        self.emit(Reply(error=errno.EMEDIUMTYPE,
+                        message=medium_change(self.disk, event.disk, self.resize)))
+
+
+def medium_change(old: DiskInfo, new: DiskInfo, resize: bool) -> str:
+    """Why RESUME refuses a reopened image of geometry `new` (was `old`)."""
+    if (new.sector_size, new.info) != (old.sector_size, old.info):
+        return (f"sector size/info {new.sector_size}/{new.info:#x} differ from "
+                f"{old.sector_size}/{old.info:#x}")
+    if new.sectors != old.sectors:
+        why = " (a resize only grows)" if resize else " (resize not requested)"
+        return f"size changed from {old.sectors} to {new.sectors} sectors{why}"
+    return (f"physical sector size/discard {new.physical_sector_size}/{new.discard} "
+            f"differ from {old.physical_sector_size}/{old.discard}")

@@ -20,9 +20,11 @@ from blktap3.abi import BlkifProtocol
 from .backend import BackendFeatures, BackendVbd
 from .effects import (
     Effect,
+    OfferRing,
     PublishState,
     ReadBackendInfo,
     ReadFrontendTransport,
+    ReleaseRing,
     RemoveDirectory,
     SendControl,
     SetError,
@@ -46,13 +48,14 @@ from .events import (
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
+    RingOffered,
     RingTransport,
     TapdiskDied,
     TapdiskRef,
     TransportInvalid,
     TransportRead,
 )
-from .frontend import FrontendTransportConfig, FrontendVbd
+from .frontend import FrontendOptions, FrontendTransportConfig, FrontendVbd
 from .xenbus_state import parse_xenbus_state
 
 Watch = Callable[[str], None]
@@ -194,7 +197,12 @@ class VbdPair:
         self.store = MemoryStore()
         self.tapdisk = FakeTapdisk()
         self.backend = BackendVbd(domid, devid, features=features)
-        self.frontend = FrontendVbd(domid, transport=transport)
+        # The ring this blkfront offers, whatever order it is asked for (a test may
+        # make it offer more pages than the back-end allows).
+        self.frontend_transport = transport or FrontendTransportConfig()
+        self.frontend = FrontendVbd(domid, options=FrontendOptions(
+            protocol=self.frontend_transport.protocol,
+            persistent=self.frontend_transport.persistent))
         self.be_path = f"backend/vbd3/{domid}/{devid}"
         self.fe_path = f"/local/domain/{domid}/device/vbd/{devid}"
         self.trace: list[tuple[str, Effect]] = []  # ("backend" | "frontend", effect)
@@ -339,6 +347,11 @@ class VbdPair:
                     s.transaction("frontend", writes, perms.as_strings())
                 case PublishState(state=state):
                     s.write("frontend", f"{fe}/state", str(state.value))
+                case OfferRing():
+                    t = self.frontend_transport
+                    self.frontend_handle(RingOffered(t.ring_refs, t.event_channel))
+                case ReleaseRing():
+                    pass
                 case ReadBackendInfo():
                     disk = DiskInfo(
                         sectors=int(s.read(f"{be}/sectors") or 0),

@@ -21,9 +21,10 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from .guest import run_guest
+from blktap3.abi import XenbusState
+
+from .guest import GuestReport, run_guest
 from .host import Host
 from .toolstack import Image, parse_devid
 from .xenstored import Kind
@@ -116,7 +117,7 @@ def run(xenstored: Kind = "c", run_dir: str | None = None) -> int:
         result = run_guest(host, GUEST_DOMID, devid, "linux", "verify", timeout=60.0)
         t.detail(result.summary().splitlines())
         t.detail(["guest timeline:"] + [
-            f"  {s['t_ms']:8.1f} ms  {s['who']:<8} {s['what']}" for s in result.timeline])
+            f"  {round(s.t_ms, 3):8.1f} ms  {s.who:<8} {s.what}" for s in result.timeline])
         t.check(result.ok, "guest finished: handshake completed and every byte it wrote "
                 "read back identically")
         t.check(result.sectors == IMAGE_BYTES // 512,
@@ -128,7 +129,7 @@ def run(xenstored: Kind = "c", run_dir: str | None = None) -> int:
             "  " + line for line in machine_steps(host.tapback_log, GUEST_DOMID, devid)])
 
         state = host.detach_disk(GUEST_DOMID, devid)
-        t.check(state is not None and state.name == "CLOSED",
+        t.check(state == XenbusState.CLOSED,
                 f"{DEVICE} detached: back-end {state.name if state else 'gone'}, "
                 "tapdisk destroyed, nodes removed")
         with host.toolstack() as ts:
@@ -145,12 +146,12 @@ def run(xenstored: Kind = "c", run_dir: str | None = None) -> int:
     return 0 if not t.failures else 1
 
 
-def written_bytes(report: dict[str, Any]) -> int:
+def written_bytes(report: GuestReport) -> int:
     """How many bytes the guest's sequential write phase covered from sector 0."""
-    for cycle in report.get("cycles", []):
-        for phase in cycle["phases"]:
-            if phase["phase"] == "write":
-                return int(phase["bytes"])
+    for cycle in report.cycles:
+        for phase in cycle.phases:
+            if phase.phase == "write":
+                return phase.bytes
     return 0
 
 

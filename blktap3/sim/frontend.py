@@ -3,18 +3,22 @@
 A `Blkfront` runs inside the process that is the guest domain and talks XenStore through
 the guest's own xenstore ring (`XenStore.over_ring`): for xenstored it is a real
 unprivileged domain, so it can write only its own front-end directory and read the
-back-end's. The steps are not hand-written: the front-end machine
-(`blktap3.fsm.FrontendVbd`, specs/frontend_vbd.toml) decides them from the back-end's
-`state`, and this module executes its effects (write keys, publish state, read the
-disk) the way the chosen *personality* does it.
+back-end's. It decides nothing about the protocol: each time its watch on the back-end's
+`state` fires it reads the back-end through the front-end observer
+(`blktap3.fsm.observe_backend`) and feeds the event to the front-end machine
+(`blktap3.fsm.FrontendVbd`, specs/frontend_vbd.toml), which says what to do; this module
+executes those effects (offer or release the ring, write keys, publish state, read the
+disk, log a back-end fault) the way the chosen *personality* does it.
 
 A personality (`specs/personalities/<name>.toml`) is data: which transport keys a real
-front-end writes (ring order, `protocol`, `feature-persistent`), whether it writes them
-in one transaction, how it switches state, and which back-end keys it reads on Connected.
+front-end writes (its ring order, `protocol`, `feature-persistent`: the machine's
+options), and how it writes them (keys in one transaction or not, state in a
+transaction or not) and which back-end keys it reads on Connected (this executor's).
 
-The ring itself (granted pages, unbound event channel) is allocated by a `RingFactory`
-when the back-end says InitWait, as Linux blkfront does in `talk_to_blkback`; the guest
-process passes one built on the C ring driver (`blktap3.sim.guestdrv`).
+The ring itself (granted pages, unbound event channel) is made by a `RingFactory` when
+the machine asks for it (`OfferRing`, on the back-end's InitWait, as Linux blkfront's
+`talk_to_blkback`); the guest process passes one built on the C ring driver
+(`blktap3.sim.guestdrv`).
 
 Every step is recorded in a timeline (milliseconds since the Blkfront was made, who did
 what) from which the handshake latencies are taken.
@@ -28,25 +32,34 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
 from blktap3.abi import BlkifProtocol, VdiskInfo
 from blktap3.fsm import (
+    BackendInfoInvalid,
     BackendInfoRead,
     BackendStateChanged,
+    BackendVanished,
     DeviceClose,
+    DeviceFound,
     DeviceReconnect,
     DiskInfo,
     Effect,
     Event,
-    FrontendTransportConfig,
+    FrontendOptions,
+    FrontendState,
     FrontendVbd,
-    FsmError,
+    OfferRing,
     PublishState,
     ReadBackendInfo,
+    ReleaseRing,
+    ReportFault,
+    RingOffered,
+    RingOfferFailed,
     WriteKeys,
+    observe_backend,
 )
 from blktap3.xenbus import (
     Reconnected,
@@ -57,7 +70,6 @@ from blktap3.xenbus import (
     XenbusValueError,
     XenStore,
     XenStoreError,
-    parse_state,
 )
 from blktap3.xenbus.states import parse_decimal
 
@@ -160,7 +172,8 @@ class Ring(Protocol):
     def close(self) -> None: ...
 
 
-RingFactory = Callable[[int, BlkifProtocol], Ring]  # (ring page order, layout) -> Ring
+R = TypeVar("R", bound=Ring)  # the owner's own ring type (the guest's: the C driver's)
+RingFactory = Callable[[int, BlkifProtocol], R]  # (ring page order, layout) -> a ring
 
 
 # -- the timeline ---------------------------------------------------------------------------
@@ -177,6 +190,26 @@ class Step:
     def as_dict(self) -> dict[str, Any]:
         return {"t_ms": round(self.t_ms, 3), "who": self.who, "what": self.what}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Step:
+        return cls(float(d["t_ms"]), str(d["who"]), str(d["what"]))
+
+
+@dataclass(frozen=True)
+class HandshakeFigures:
+    """The latencies of one handshake, in ms (None: that moment never came)."""
+
+    initialising_to_connected_ms: float | None
+    initialised_to_backend_connected_ms: float | None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"initialising_to_connected_ms": self.initialising_to_connected_ms,
+                "initialised_to_backend_connected_ms": self.initialised_to_backend_connected_ms}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HandshakeFigures:
+        return cls(d["initialising_to_connected_ms"], d["initialised_to_backend_connected_ms"])
+
 
 @dataclass
 class Handshake:
@@ -187,15 +220,12 @@ class Handshake:
     backend_connected: float | None = None  # first back-end Connected seen after that
     connected: float | None = None  # we wrote state 4: both ends Connected
 
-    def figures(self) -> dict[str, float | None]:
+    def figures(self) -> HandshakeFigures:
         def span(a: float | None, b: float | None) -> float | None:
             return None if a is None or b is None else round(b - a, 3)
 
-        return {
-            "initialising_to_connected_ms": span(self.started, self.connected),
-            "initialised_to_backend_connected_ms": span(self.initialised,
-                                                        self.backend_connected),
-        }
+        return HandshakeFigures(span(self.started, self.connected),
+                                span(self.initialised, self.backend_connected))
 
 
 @dataclass
@@ -218,8 +248,18 @@ class Timeline:
 # -- the blkfront ---------------------------------------------------------------------------
 
 
-class Blkfront:
-    """One VBD's front-end: drives `FrontendVbd` from the back-end's state and executes it.
+def machine_options(personality: Personality) -> FrontendOptions:
+    """What a personality tells the front-end machine: its ring limit and its keys."""
+    return FrontendOptions(
+        max_ring_page_order=personality.ring_page_order,
+        protocol=personality.protocol.xenstore,
+        persistent=(personality.feature_persistent if personality.write_feature_persistent
+                    else None),
+    )
+
+
+class Blkfront(Generic[R]):
+    """One VBD's front-end: feeds `FrontendVbd` what it sees and executes its effects.
 
     `connect_xs` makes the guest's XenStore connection (over its ring); it is called once
     now, and again only when the connection was lost. Not thread-safe: one thread runs
@@ -232,7 +272,7 @@ class Blkfront:
         domid: int,
         devid: int,
         personality: Personality,
-        ring_factory: RingFactory,
+        ring_factory: RingFactory[R],
         *,
         timeline: Timeline | None = None,
         should_stop: Callable[[], bool] = lambda: False,
@@ -253,9 +293,9 @@ class Blkfront:
             self.backend_id = parse_decimal(backend_id, "backend-id", hi=0x7FEF)
         except XenbusValueError as e:
             raise FrontendFailure(str(e)) from None
-        self.machine = FrontendVbd(domid, self.backend_id)
-        self.ring: Ring | None = None
-        self.backend_state: XenbusState | None = None
+        self.machine = FrontendVbd(domid, self.backend_id, machine_options(personality))
+        self.ring: R | None = None
+        self.backend_state: XenbusState | None = None  # last seen; None: absent or not yet
         self.features: dict[str, str] = {}
         self.backend_error: str | None = None
         self.handshakes: list[Handshake] = []
@@ -268,8 +308,8 @@ class Blkfront:
     # -- public steps ----------------------------------------------------------------------
 
     @property
-    def state(self) -> str:
-        return self.machine.state
+    def state(self) -> FrontendState:
+        return FrontendState(self.machine.state)
 
     @property
     def disk(self) -> DiskInfo | None:
@@ -277,16 +317,17 @@ class Blkfront:
 
     def connect(self, timeout: float) -> DiskInfo:
         """Run the handshake until both ends are Connected; the disk the back-end offers."""
-        if self.machine.state != "initialising":
-            raise FrontendFailure(f"connect in state {self.machine.state}")
+        if self.state != FrontendState.INITIALISING:
+            raise FrontendFailure(f"connect in state {self.state}")
         self.handshakes.append(Handshake(self.timeline.now_ms()))
         self.timeline.add("fe", f"start ({self.personality.name}), back-end {self.backend}")
-        # A new blkfront on a device an earlier one closed starts over from Initialising
-        # (the back-end, Closed, takes that as a reconnect).
-        if self.xs.read_optional(f"{self.frontend}/state") != XenbusState.INITIALISING.wire():
-            self._publish(XenbusState.INITIALISING)
+        # What an earlier blkfront (or the toolstack) left in our state node: the machine
+        # starts a device over from Initialising (the back-end, Closed, takes that as a
+        # reconnect).
+        own = self.xs.read_optional(f"{self.frontend}/state")
+        self._feed(DeviceFound(None if own is None else XenbusState.from_wire(own)))
         self._sync()
-        self._wait_for(lambda: self.machine.state == "connected", timeout, "Connected")
+        self._wait_for(lambda: self.state == FrontendState.CONNECTED, timeout, "Connected")
         assert self.machine.disk is not None
         return self.machine.disk
 
@@ -298,20 +339,16 @@ class Blkfront:
 
     def detach(self, timeout: float) -> None:
         """Let the device go (Closing, then Closed once the back-end closes); free the ring."""
-        if self.machine.state in ("initialising", "initialised", "reading_info", "connected"):
-            self._feed(DeviceClose())
-        self._wait_for(lambda: self.machine.state == "closed", timeout, "Closed", stoppable=False)
+        self._feed(DeviceClose())
+        self._wait_for(lambda: self.state == FrontendState.CLOSED, timeout, "Closed",
+                       stoppable=False)
         self.release_ring(timeout)
 
     def release_ring(self, timeout: float) -> None:
-        """Ungrant the ring once the back-end is Closed (it unmaps before saying so)."""
-        if self.ring is None:
-            return
-        self._wait_for(self._backend_let_go, timeout, "back-end Closed", stoppable=False,
-                       fail=False)
-        self.ring.close()
-        self.ring = None
-        self.timeline.add("fe", "ring released")
+        """Wait until the machine ungranted the ring (the back-end Closed or gone: it unmaps
+        first). After `timeout` it is left to `close` or to the next reconnect."""
+        self._wait_for(lambda: self.machine.ring is None, timeout, "back-end Closed",
+                       stoppable=False, fail=False)
 
     def reconnect(self) -> None:
         """Start over after Closed (resume, migration): Initialising again."""
@@ -334,7 +371,7 @@ class Blkfront:
         while not done():
             if stoppable and self.should_stop():
                 raise FrontendFailure(f"stopped while waiting for {what} "
-                                      f"(front-end {self.machine.state})")
+                                      f"(front-end {self.state})")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if not fail:
@@ -342,7 +379,7 @@ class Blkfront:
                     return
                 raise FrontendFailure(
                     f"timed out after {timeout:g} s waiting for {what}: front-end "
-                    f"{self.machine.state}, back-end {_state_name(self.backend_state)}")
+                    f"{self.state}, back-end {_state_name(self.backend_state)}")
             self._pump(min(WATCH_SLICE, remaining))
 
     def _pump(self, timeout: float) -> None:
@@ -356,87 +393,87 @@ class Blkfront:
         self._sync()
 
     def _sync(self) -> None:
-        raw = self.xs.read_optional(f"{self.backend}/state")
-        if raw is None:
+        event = observe_backend(lambda key: self.xs.read_optional(f"{self.backend}/{key}"))
+        self._note(event)
+        self._feed(event)
+
+    def _note(self, event: Event) -> None:
+        """The timeline's view of the back-end (changes only) and the handshake's clock."""
+        if isinstance(event, BackendVanished):
             if self.backend_state is not None:
                 self.timeline.add("be", "state node gone")
             self.backend_state = None
-            return
-        try:
-            state = parse_state(raw)
-        except XenbusValueError as e:
-            self.timeline.add("be", f"unparsable state ignored: {e}")
-            return
-        if state != self.backend_state or state == XenbusState.CONNECTED:
-            if state != self.backend_state:
-                self.timeline.add("be", f"state={int(state)} ({state.name})")
-                if state in (XenbusState.CLOSING, XenbusState.CLOSED):
-                    self._note_backend_error()
-            self.backend_state = state
-            self._on_backend_state(state)
-
-    def _on_backend_state(self, state: XenbusState) -> None:
+        if not isinstance(event, BackendStateChanged):
+            return  # garbage: the machine reports it
+        state = event.state
+        if state != self.backend_state:
+            self.timeline.add("be", f"state={int(state)} ({state.name})")
+            if state in (XenbusState.CLOSING, XenbusState.CLOSED):
+                self._note_backend_error()
+        self.backend_state = state
         hs = self.handshakes[-1] if self.handshakes else None
         if (state == XenbusState.CONNECTED and hs is not None and hs.initialised is not None
                 and hs.backend_connected is None):
             hs.backend_connected = self.timeline.now_ms()
-        if state == XenbusState.INIT_WAIT and self.machine.state == "initialising":
-            self._offer_ring()
-        self._feed(BackendStateChanged(state))
 
     def _feed(self, event: Event) -> None:
-        try:
-            effects = self.machine.handle(event)
-        except FsmError as e:
-            # A back-end out of protocol: blkfront logs it and stays where it is.
-            self.timeline.add("fe", f"refused: {e.detail or e}")
-            self.log.warning("event refused", error=str(e))
-            return
-        self._execute(effects)
+        # The machine takes every back-end state in every state (`blktap3-fsm check`):
+        # an FsmError here is our own bug, and is not caught.
+        self._execute(self.machine.handle(event))
 
     def _execute(self, effects: Sequence[Effect]) -> None:
         for effect in effects:
-            if isinstance(effect, WriteKeys):
-                self._write_keys(effect)
-            elif isinstance(effect, PublishState):
-                self._publish(XenbusState(int(effect.state)))
-            elif isinstance(effect, ReadBackendInfo):
-                self._feed(BackendInfoRead(self._read_backend_info()))
-            else:
-                raise FrontendFailure(f"front-end machine asked for {effect!r}")
+            match effect:
+                case OfferRing(order=order):
+                    self._offer_ring(order)
+                case WriteKeys():
+                    self._write_keys(effect)
+                case PublishState(state=state):
+                    self._publish(XenbusState(int(state)))
+                case ReadBackendInfo():
+                    self._read_backend_info()
+                case ReleaseRing():
+                    self._release_ring()
+                case ReportFault(text=text):
+                    self.timeline.add("fe", f"ignored: {text}")
+                    self.log.warning("back-end out of protocol", fault=text)
+                case _:
+                    raise TypeError(f"front-end machine asked for {effect!r}")
 
     # -- effects ---------------------------------------------------------------------------
 
-    def _offer_ring(self) -> None:
-        """Allocate the ring for the order both ends allow, before the keys are written."""
+    def _offer_ring(self, order: int) -> None:
+        """Grant a ring of 2**order pages and bind its event channel; tell the machine."""
         if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        backend_max = self._read_number("max-ring-page-order", default=0)
-        order = min(self.personality.ring_page_order, backend_max)
-        self.ring = self._ring_factory(order, self.personality.protocol)
-        self.machine.transport = FrontendTransportConfig(
-            ring_refs=tuple(self.ring.grefs),
-            event_channel=self.ring.port,
-            protocol=self.personality.protocol.xenstore,
-            persistent=self.personality.feature_persistent,
-        )
+            raise TypeError("front-end machine offered a second ring")  # our bug
+        try:
+            ring = self._ring_factory(order, self.personality.protocol)
+        except OSError as e:
+            self._feed(RingOfferFailed(str(e)))
+            raise FrontendFailure(f"cannot offer a ring of {1 << order} page(s): {e}") from None
+        self.ring = ring
         self.timeline.add("fe", f"ring of {1 << order} page(s) shared, event channel "
-                                f"{self.ring.port}")
+                                f"{ring.port}")
+        self._feed(RingOffered(tuple(ring.grefs), ring.port))
+
+    def _release_ring(self) -> None:
+        if self.ring is None:
+            raise TypeError("front-end machine released a ring never offered")  # our bug
+        self.ring.close()
+        self.ring = None
+        self.timeline.add("fe", "ring released")
 
     def _write_keys(self, effect: WriteKeys) -> None:
-        keys = [(k, v) for k, v in effect.keys
-                if k != "feature-persistent" or self.personality.write_feature_persistent]
-        text = " ".join(f"{k}={v}" for k, v in keys)
+        text = " ".join(f"{k}={v}" for k, v in effect.keys)
         if self.personality.keys_in_transaction:
             def body(tx: Transaction) -> None:
-                for key, value in keys:
+                for key, value in effect.keys:
                     tx.write(f"{self.frontend}/{key}", value)
 
             self.xs.transact(body)
             self.timeline.add("fe", f"[tx] {text}")
         else:
-            for key, value in keys:
+            for key, value in effect.keys:
                 self.xs.write(f"{self.frontend}/{key}", value)
             self.timeline.add("fe", text)
 
@@ -459,13 +496,15 @@ class Blkfront:
         if hs is not None and state == XenbusState.CONNECTED and hs.connected is None:
             hs.connected = t
 
-    def _read_backend_info(self) -> DiskInfo:
+    def _read_backend_info(self) -> None:
+        """Read the disk the back-end announces; answer the machine (valid or not)."""
         values: dict[str, int] = {}
         for key in self.personality.mandatory_reads:
             raw = self.xs.read_optional(f"{self.backend}/{key}")
             try:
                 values[key] = parse_decimal(raw, key, hi=(1 << 64) - 1)
             except XenbusValueError as e:
+                self._feed(BackendInfoInvalid(str(e)))
                 raise FrontendFailure(f"reading back-end {key}: {e}") from None
         features = {}
         for key in self.personality.optional_reads:
@@ -487,7 +526,7 @@ class Blkfront:
         elif old is None or old != disk:
             self.timeline.add("fe", f"read sectors={disk.sectors} info={disk.info} "
                                     f"sector-size={disk.sector_size}")
-        return disk
+        self._feed(BackendInfoRead(disk))
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -498,25 +537,11 @@ class Blkfront:
             self.backend_error = error
             self.timeline.add("be", f"error: {error}")
 
-    def _backend_let_go(self) -> bool:
-        self._sync()
-        return self.backend_state in (None, XenbusState.CLOSED, XenbusState.UNKNOWN)
-
     def _read_required(self, path: str) -> str:
         value = self.xs.read_optional(path)
         if value is None:
             raise FrontendFailure(f"{path} is missing (no such device for this guest?)")
         return value
-
-    def _read_number(self, key: str, default: int) -> int:
-        raw = self.xs.read_optional(f"{self.backend}/{key}")
-        if raw is None:
-            return default
-        try:
-            return parse_decimal(raw, key, hi=MAX_RING_PAGE_ORDER)
-        except XenbusValueError as e:
-            self.timeline.add("be", f"bad {key} ignored: {e}")
-            return default
 
     def _reconnect_xs(self) -> XenStore:
         # The WatchStream's first call is our own connection; later calls mean it was lost.

@@ -35,6 +35,7 @@ import structlog
 from blktap3.abi import VdiskInfo
 from blktap3.ctl import runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
+from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.fsm import (
     BackendFeatures,
     BackendFound,
@@ -289,6 +290,9 @@ class VbdWorker:
             discard=True,
             discard_granularity=512,
             discard_secure=True,
+            # Indirect descriptors (issue 13): advertised at probe; the same value goes to
+            # the tapdisk in XENBLKIF_CONNECT (_control), which enforces it.
+            max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS,
         )
         found = parse_xenbus_state(state) if state is not None else None
         keys: tuple[tuple[str, str], ...] = ()
@@ -421,7 +425,9 @@ class VbdWorker:
                 client.connect_xenblkif(
                     message.minor, domid=message.domid, devid=message.devid,
                     grefs=t.ring_refs, order=len(t.ring_refs).bit_length() - 1,
-                    port=t.event_channel, proto=t.protocol)
+                    port=t.event_channel, proto=t.protocol,
+                    # Issue 13: what _setup advertised as feature-max-indirect-segments.
+                    max_indirect_segments=self.machine.features.max_indirect_segments)
             except CtlError as exc:
                 if exc.errno == errno.EALREADY:
                     self.log.info("ring already connected (adopted)", state=self.machine.state)

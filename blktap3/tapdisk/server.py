@@ -83,6 +83,12 @@ class ControlServer:
         self._stop = threading.Event()
         self._bound = False
 
+    @property
+    def clients(self) -> int:
+        """How many connections are being served now (each holds a thread)."""
+        with self._clients_lock:
+            return self._clients
+
     def bind(self) -> None:
         """Create the socket file (a stale one of a dead tapdisk with our pid is replaced)."""
         with contextlib.suppress(FileNotFoundError):

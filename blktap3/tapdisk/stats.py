@@ -14,7 +14,9 @@ from typing import Any
 # blktap driver type ids (DISK_TYPE_*): aio 0; ours beyond it get their own.
 DRIVER_TYPE_IDS = {"aio": 0, "raw": 0, "null": 100}
 # The data path's error causes, sorted into blktap's four error counters.
-_VBD_ERRORS = ("op", "segments", "sector", "range", "readonly", "unsupported", "overflow")
+_VBD_ERRORS = ("op", "segments", "sector", "range", "readonly", "unsupported", "overflow",
+               "indirect_op", "indirect_segments")
+_MAP_ERRORS = ("grant", "indirect_grant")
 
 
 def render(value: Any) -> str:
@@ -52,7 +54,9 @@ def vbd_stats(
 ) -> dict[str, Any]:
     """The STATS object of one VBD; paused or closed VBDs list no image, as blktap's."""
     counters: Mapping[str, Any] = ring_stats or {}
-    reads, writes = _get(counters, "reqs", "read"), _get(counters, "reqs", "write")
+    # Reads and writes, direct or inside an indirect request.
+    reads = _get(counters, "reqs", "read") + _get(counters, "indirect", "read")
+    writes = _get(counters, "reqs", "write") + _get(counters, "indirect", "write")
     io_errors = _get(counters, "errors", "io")
     images: list[dict[str, Any]] = []
     if image_type is not None and image_path is not None:
@@ -87,7 +91,7 @@ def vbd_stats(
             "kicks": [_get(counters, "kicks", "in"), _get(counters, "kicks", "out")],
             "errors": {
                 "msg": 0,
-                "map": _get(counters, "errors", "grant"),
+                "map": sum(_get(counters, "errors", cause) for cause in _MAP_ERRORS),
                 "vbd": sum(_get(counters, "errors", cause) for cause in _VBD_ERRORS),
                 "img": io_errors,
             },

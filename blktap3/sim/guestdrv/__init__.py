@@ -3,7 +3,8 @@
 ``GuestRing`` runs inside a process that is the guest domain (``xensim.process_env``);
 ``python -m blktap3.sim.guestdrv`` is that process, driven by JSON lines (see
 ``blktap3.datapath.lineproc``). Besides workloads at a queue depth it sends raw
-requests, sane or not, so tests can make the front-end misbehave.
+requests, sane or not, so tests can make the front-end misbehave. With ``max_segs`` > 11
+it uses indirect requests (BLKIF_OP_INDIRECT) for anything longer than 11 pages.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from ._guestdrv import ffi, lib
 
 PAGE = 4096
 SEGS = 11
+INDIRECT = 6
+MAX_INDIRECT_GREFS = 8
 ETIMEDOUT = 110
 Seg = tuple[int, int, int]  # (gref, first_sect, last_sect)
 
@@ -37,14 +40,20 @@ class GuestRing:
         order: int = 0,
         protocol: BlkifProtocol = BlkifProtocol.NATIVE,
         data_slots: int = 0,
+        slot_pages: int = 0,
+        max_segs: int = 0,
         writable: bool = True,
     ) -> None:
+        """``data_slots`` blocks (0: one per ring slot) of ``slot_pages`` data pages (0:
+        11); ``max_segs`` (0: 11) segments at most per request, INDIRECT beyond 11."""
         out = ffi.new("struct gd **")
-        rc = lib.gd_open(backend, order, int(protocol), data_slots, int(writable), out)
+        rc = lib.gd_open(backend, order, int(protocol), data_slots, slot_pages, max_segs,
+                         int(writable), out)
         _check(rc, "guest ring open")
         self._g = out[0]
         self.order = order
         self.protocol = protocol
+        self.max_segs = max_segs or SEGS
 
     @property
     def grefs(self) -> list[int]:
@@ -58,15 +67,30 @@ class GuestRing:
     def slots(self) -> int:
         return int(lib.gd_slots(self._g))
 
+    @property
+    def data_pages(self) -> int:
+        return int(lib.gd_data_pages(self._g))
+
     def data_gref(self, page: int) -> int:
         return int(lib.gd_data_gref(self._g, page))
+
+    def indirect_gref(self, slot: int, page: int) -> int:
+        """Grant ref of indirect page ``page`` of ring request slot ``slot`` (0: none)."""
+        return int(lib.gd_indirect_gref(self._g, slot, page))
 
     def _page(self, page: int) -> Any:
         return ffi.buffer(lib.gd_data(self._g, page), PAGE)
 
     def submit(self, reqs: Sequence[dict[str, Any]]) -> None:
-        """Put raw requests on the ring (ids 0..n-1), push, notify; no waiting."""
+        """Put raw requests on the ring (ids 0..n-1), push, notify; no waiting.
+
+        A spec: ``op``, ``segs`` [(gref, first, last)], ``nr_segments`` (default: the
+        number of segs), ``sector``, ``flag``, ``handle``, ``nr_sectors`` (discard). With
+        ``op`` INDIRECT: ``indirect_op``, and ``segs`` go to request i's own indirect
+        pages, named in the request unless ``indirect_grefs`` (up to 8) says otherwise.
+        """
         raw = ffi.new("struct gd_raw[]", len(reqs))
+        keep = []  # the indirect segment arrays must live until gd_submit_raw returns
         for r, spec in zip(raw, reqs, strict=True):
             r.operation = spec["op"]
             segs: list[Sequence[int]] = spec.get("segs", [])
@@ -75,6 +99,19 @@ class GuestRing:
             r.handle = spec.get("handle", 0)
             r.sector_number = spec.get("sector", 0)
             r.nr_sectors = spec.get("nr_sectors", 0)
+            if spec["op"] == INDIRECT:
+                r.indirect_op = spec.get("indirect_op", 0)
+                isegs = ffi.new("struct gd_seg[]", max(len(segs), 1))
+                for i, (gref, first, last) in enumerate(segs):
+                    isegs[i].gref, isegs[i].first_sect, isegs[i].last_sect = gref, first, last
+                keep.append(isegs)
+                r.isegs, r.nr_isegs = isegs, len(segs)
+                lies: list[int] | None = spec.get("indirect_grefs")
+                if lies is not None:
+                    r.lie_grefs = 1
+                    for i, gref in enumerate(lies[:MAX_INDIRECT_GREFS]):
+                        r.indirect_grefs[i] = gref
+                continue
             for i, (gref, first, last) in enumerate(segs[:SEGS]):
                 r.seg[i].gref = gref
                 r.seg[i].first_sect = first
@@ -86,6 +123,12 @@ class GuestRing:
         st = ffi.new("int16_t[]", max(n, 1))
         lib.gd_collect(self._g, n, st, int(timeout * 1000))
         return [None if st[i] == 1 else int(st[i]) for i in range(n)]
+
+    def raw_ops(self, n: int) -> list[int | None]:
+        """The operation field of the responses to raw requests 0..n-1 (None: none)."""
+        ops = ffi.new("uint8_t[]", max(n, 1))
+        lib.gd_raw_ops(self._g, n, ops)
+        return [None if ops[i] == 0xFF else int(ops[i]) for i in range(n)]
 
     def request(self, spec: dict[str, Any], timeout: float = 10.0) -> int | None:
         self.submit([spec])
@@ -102,22 +145,31 @@ class GuestRing:
             page += 1
         return segs
 
+    def _rw_spec(self, op: int, sector: int, nbytes: int) -> dict[str, Any]:
+        """One request over the data pages from 0: direct up to 11 pages, else INDIRECT."""
+        pages = (nbytes + PAGE - 1) // PAGE
+        most = min(self.max_segs, self.data_pages)
+        if nbytes <= 0 or nbytes % SECTOR_SIZE or pages > most:
+            raise ValueError(f"1..{most * 8} whole sectors in one request")
+        segs = self._segs_for(nbytes)
+        if pages <= SEGS:
+            return {"op": op, "sector": sector, "segs": segs}
+        return {"op": INDIRECT, "indirect_op": op, "sector": sector, "segs": segs}
+
     def write(self, sector: int, data: bytes, timeout: float = 10.0) -> int | None:
-        """Write whole sectors (<= 44 KiB) with one request; returns the blkif status."""
-        if not data or len(data) % SECTOR_SIZE or len(data) > SEGS * PAGE:
-            raise ValueError("write: 1..88 whole sectors")
+        """Write whole sectors with one request (INDIRECT beyond 11 pages, up to
+        ``max_segs``); returns the blkif status."""
+        spec = self._rw_spec(1, sector, len(data))
         for page in range((len(data) + PAGE - 1) // PAGE):
             chunk = data[page * PAGE : (page + 1) * PAGE]
             self._page(page)[: len(chunk)] = chunk
-        spec = {"op": 1, "sector": sector, "segs": self._segs_for(len(data))}
         return self.request(spec, timeout)
 
     def read(self, sector: int, count: int, timeout: float = 10.0) -> tuple[int | None, bytes]:
-        """Read ``count`` sectors (<= 88) with one request: (status, data)."""
+        """Read ``count`` sectors with one request (INDIRECT beyond 11 pages): (status,
+        data)."""
         nbytes = count * SECTOR_SIZE
-        if not 0 < count <= SEGS * 8:
-            raise ValueError("read: 1..88 sectors")
-        spec = {"op": 0, "sector": sector, "segs": self._segs_for(nbytes)}
+        spec = self._rw_spec(0, sector, nbytes)
         status = self.request(spec, timeout)
         data = b"".join(bytes(self._page(p)) for p in range((nbytes + PAGE - 1) // PAGE))
         return status, data[:nbytes]
@@ -127,6 +179,7 @@ class GuestRing:
         *,
         qd: int = 1,
         bs: int = 4096,
+        max_segs: int = 0,
         read_pct: int = 100,
         random: bool = False,
         start: int = 0,
@@ -139,12 +192,17 @@ class GuestRing:
         timeout: float = 10.0,
         poll_us: int = 0,
     ) -> dict[str, Any]:
-        """A workload; returns counts, elapsed time, IOPS and latency percentiles.
+        """A workload of ``qd`` blocks of ``bs`` bytes in flight; returns counts (``ios``:
+        blocks), elapsed time, IOPS and latency percentiles.
 
-        ``poll_us``: spin for responses this long before sleeping on the event channel.
+        ``max_segs``: split each block into requests of this many pages (0: the
+        ``max_segs`` the ring was opened with, at most that), INDIRECT beyond 11, as
+        Linux blkfront does at the back-end's offer. ``poll_us``: spin for responses this long
+        before sleeping on the event channel.
         """
         p = ffi.new("struct gd_params *")
         p.qd, p.bs_sectors, p.read_pct, p.random = qd, bs // SECTOR_SIZE, read_pct, int(random)
+        p.max_segs = max_segs
         p.start, p.span, p.max_ios = start, span, ios
         p.duration_ns = int(duration * 1e9)
         p.seed, p.verify, p.stamp = seed, int(verify), stamp
@@ -154,8 +212,9 @@ class GuestRing:
         rc = lib.gd_run(self._g, p, res)
         if rc < 0 and rc != -ETIMEDOUT:  # a timeout still reports what was lost
             _check(rc, "run")
-        fields = ("ios", "reads", "writes", "bytes", "errors", "duplicates", "mismatches",
-                  "lost", "kicks_out", "kicks_in", "elapsed_ns", "p50_ns", "p99_ns", "max_ns")
+        fields = ("ios", "requests", "indirect", "bad_ops", "reads", "writes", "bytes",
+                  "errors", "duplicates", "mismatches", "lost", "kicks_out", "kicks_in",
+                  "elapsed_ns", "p50_ns", "p99_ns", "max_ns")
         out: dict[str, Any] = {k: int(getattr(res, k)) for k in fields}
         secs = out["elapsed_ns"] / 1e9
         out["iops"] = out["ios"] / secs if secs else 0.0

@@ -25,18 +25,27 @@ class GuestServer:
         order: int = 0,
         protocol: int = BlkifProtocol.NATIVE,
         data_slots: int = 0,
+        slot_pages: int = 0,
+        max_segs: int = 0,
         writable: bool = True,
     ) -> dict[str, Any]:
         layout = BlkifProtocol.from_wire(protocol)
         if layout is None:
             raise OSError(22, f"unknown ring protocol {protocol!r}")
         self.ring = GuestRing(
-            backend, order=order, protocol=layout, data_slots=data_slots, writable=writable
+            backend, order=order, protocol=layout, data_slots=data_slots,
+            slot_pages=slot_pages, max_segs=max_segs, writable=writable,
         )
         return {"grefs": self.ring.grefs, "port": self.ring.port, "slots": self.ring.slots}
 
     def data_grefs(self, pages: int) -> list[int]:
         return [self._r().data_gref(p) for p in range(pages)]
+
+    def indirect_grefs(self, slot: int) -> list[int]:
+        """Ring request slot ``slot``'s own indirect pages (raw request ``slot`` uses them)."""
+        r = self._r()
+        grefs = (r.indirect_gref(slot, page) for page in range(8))
+        return [g for g in grefs if g]
 
     def write(self, sector: int, data: str) -> int | None:
         return self._r().write(sector, bytes.fromhex(data))
@@ -51,6 +60,9 @@ class GuestServer:
     def collect(self, n: int, timeout: float = 10.0) -> list[int | None]:
         return self._r().collect(n, timeout)
 
+    def raw_ops(self, n: int) -> list[int | None]:
+        return self._r().raw_ops(n)
+
     def run(self, **params: Any) -> dict[str, Any]:
         return self._r().run(**params)
 
@@ -60,7 +72,8 @@ class GuestServer:
 
 def main() -> None:
     g = GuestServer()
-    names = ("open", "data_grefs", "write", "read", "submit", "collect", "run", "overflow")
+    names = ("open", "data_grefs", "indirect_grefs", "write", "read", "submit", "collect",
+             "raw_ops", "run", "overflow")
     serve({name: getattr(g, name) for name in names})
     if g.ring is not None:
         g.ring.close()

@@ -19,16 +19,32 @@
 #include "guestdrv.h"
 
 #define GD_SEGS BLKIF_MAX_SEGMENTS_PER_REQUEST
-#define GD_LAT_BUCKETS 65536u   /* 100 ns each: up to 6.5 ms, then the last bucket */
+/* Latency histogram: 100 ns buckets up to 6.5 ms, then 10 us buckets up to 662 ms (a
+ * 1 MiB request takes milliseconds), then the last bucket. */
+#define GD_LAT_FINE 65536u
 #define GD_LAT_NS 100u
+#define GD_LAT_COARSE 65536u
+#define GD_LAT_COARSE_NS 10000u
+#define GD_LAT_BUCKETS (GD_LAT_FINE + GD_LAT_COARSE)
 
+/* A block of a workload: one or more ring requests (its parts) over its data pages. */
 struct gd_slot {
     int busy;
-    uint32_t gen;
     uint8_t op;
     uint64_t sector;
     uint32_t nsect;
+    uint32_t parts_left;
+    int failed;
     uint64_t t0;
+};
+
+/* A ring request in flight: its id is (gen << 32) | its index; an INDIRECT one uses this
+ * index's indirect pages until it is answered. */
+struct gd_req {
+    int busy;
+    uint32_t gen;
+    uint32_t block;
+    uint8_t op;             /* what the response must carry: READ or WRITE */
 };
 
 struct gd {
@@ -41,13 +57,21 @@ struct gd {
     uint32_t ring_grefs[TD_MAX_RING_PAGES];
     char *data;
     uint32_t *data_grefs;
-    uint32_t data_slots, data_pages;
+    uint32_t data_slots, data_pages, slot_pages;
+    uint32_t max_segs;          /* per request; > 11: INDIRECT */
+    uint32_t ind_pages;         /* indirect pages per ring request (0: never INDIRECT) */
+    char *ind;                  /* nslots * ind_pages pages, granted read-only */
+    uint32_t *ind_grefs;
+    struct gd_req *reqs;        /* nslots */
+    uint32_t *free_reqs;
+    uint32_t nfree_reqs;
     evtchn_port_t port;
     RING_IDX req_prod_pvt, rsp_cons;
     struct gd_slot *slots;
     uint32_t *lat;
     uint64_t kicks_out, kicks_in;
     int16_t *raw_status;
+    uint8_t *raw_op;
     uint32_t raw_got;
     uint64_t poll_ns;
 };
@@ -69,9 +93,14 @@ static uint64_t now_ns(void)
 }
 
 int gd_open(uint32_t backend_domid, uint32_t order, int proto, uint32_t data_slots,
-            int data_writable, struct gd **out)
+            uint32_t slot_pages, uint32_t max_segs, int data_writable, struct gd **out)
 {
-    if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64)
+    if (slot_pages == 0)
+        slot_pages = GD_SEGS;
+    if (max_segs == 0)
+        max_segs = GD_SEGS;
+    if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
+        max_segs > TD_MAX_INDIRECT_SEGS || slot_pages > TD_MAX_INDIRECT_SEGS * 8u)
         return -EINVAL;
     struct gd *g = calloc(1, sizeof(*g));
     if (!g)
@@ -83,13 +112,21 @@ int gd_open(uint32_t backend_domid, uint32_t order, int proto, uint32_t data_slo
     if (data_slots == 0 || data_slots > g->nslots)
         data_slots = g->nslots;
     g->data_slots = data_slots;
-    g->data_pages = data_slots * GD_SEGS;
+    g->slot_pages = slot_pages;
+    g->data_pages = data_slots * slot_pages;
+    g->max_segs = max_segs;
+    g->ind_pages = max_segs > GD_SEGS ? TD_INDIRECT_PAGES(max_segs) : 0;
     int rc = -ENOMEM;
     g->slots = calloc(g->nslots, sizeof(*g->slots));
+    g->reqs = calloc(g->nslots, sizeof(*g->reqs));
+    g->free_reqs = calloc(g->nslots, sizeof(uint32_t));
     g->data_grefs = calloc(g->data_pages, sizeof(uint32_t));
+    g->ind_grefs = calloc((size_t)g->nslots * g->ind_pages + 1, sizeof(uint32_t));
     g->lat = calloc(GD_LAT_BUCKETS, sizeof(uint32_t));
     g->raw_status = calloc(g->nslots, sizeof(int16_t));
-    if (!g->slots || !g->data_grefs || !g->lat || !g->raw_status)
+    g->raw_op = calloc(g->nslots, sizeof(uint8_t));
+    if (!g->slots || !g->reqs || !g->free_reqs || !g->data_grefs || !g->ind_grefs || !g->lat ||
+        !g->raw_status || !g->raw_op)
         goto fail;
 
     g->xgs = xengntshr_open(NULL, 0);
@@ -106,6 +143,13 @@ int gd_open(uint32_t backend_domid, uint32_t order, int proto, uint32_t data_slo
                                     data_writable);
     if (!g->data)
         goto fail_errno;
+    if (g->ind_pages) {
+        /* Read-only, as blkfront grants them: the back-end only reads its segments. */
+        g->ind = xengntshr_share_pages(g->xgs, backend_domid, (int)(g->nslots * g->ind_pages),
+                                       g->ind_grefs, 0);
+        if (!g->ind)
+            goto fail_errno;
+    }
     g->xce = xenevtchn_open(NULL, 0);
     if (!g->xce)
         goto fail_errno;
@@ -134,14 +178,20 @@ void gd_close(struct gd *g)
     if (g->xgs) {
         if (g->data)
             xengntshr_unshare(g->xgs, g->data, g->data_pages);
+        if (g->ind)
+            xengntshr_unshare(g->xgs, g->ind, g->nslots * g->ind_pages);
         if (g->sring)
             xengntshr_unshare(g->xgs, g->sring, g->nr_pages);
         xengntshr_close(g->xgs);
     }
     free(g->slots);
+    free(g->reqs);
+    free(g->free_reqs);
     free(g->data_grefs);
+    free(g->ind_grefs);
     free(g->lat);
     free(g->raw_status);
+    free(g->raw_op);
     free(g);
 }
 
@@ -154,12 +204,34 @@ uint32_t gd_data_gref(struct gd *g, uint32_t page)
     return page < g->data_pages ? g->data_grefs[page] : 0;
 }
 void *gd_data(struct gd *g, uint32_t page) { return g->data + (size_t)page * TD_PAGE_SIZE; }
+uint32_t gd_indirect_gref(struct gd *g, uint32_t slot, uint32_t page)
+{
+    return slot < g->nslots && page < g->ind_pages ? g->ind_grefs[slot * g->ind_pages + page]
+                                                    : 0;
+}
 
-#define GD_PUT(REQ_T, DISC_T, SRING_T)                                              \
+/* Request slot `slot`'s indirect pages: where its segments go. */
+static struct blkif_request_segment *ind_segs(struct gd *g, uint32_t slot)
+{
+    return (struct blkif_request_segment *)(void *)(g->ind +
+                                                    (size_t)slot * g->ind_pages * TD_PAGE_SIZE);
+}
+
+#define GD_PUT(REQ_T, DISC_T, IND_T, SRING_T)                                       \
     do {                                                                            \
         SRING_T *s_ = g->sring;                                                     \
         REQ_T *q_ = &s_->ring[i].req;                                               \
-        if (r->operation == BLKIF_OP_DISCARD) {                                     \
+        if (r->operation == BLKIF_OP_INDIRECT) {                                    \
+            IND_T *n_ = (IND_T *)(void *)q_;                                        \
+            n_->operation = r->operation;                                           \
+            n_->indirect_op = r->indirect_op;                                       \
+            n_->nr_segments = r->nr_segments;                                       \
+            n_->handle = r->handle;                                                 \
+            n_->id = id;                                                            \
+            n_->sector_number = r->sector_number;                                   \
+            for (unsigned k_ = 0; k_ < BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST; k_++)  \
+                n_->indirect_grefs[k_] = grefs[k_];                                 \
+        } else if (r->operation == BLKIF_OP_DISCARD) {                              \
             DISC_T *d_ = (DISC_T *)(void *)q_;                                      \
             d_->operation = r->operation;                                           \
             d_->flag = r->flag;                                                     \
@@ -169,7 +241,7 @@ void *gd_data(struct gd *g, uint32_t page) { return g->data + (size_t)page * TD_
             d_->nr_sectors = r->nr_sectors;                                         \
         } else {                                                                    \
             q_->operation = r->operation;                                           \
-            q_->nr_segments = r->nr_segments;                                       \
+            q_->nr_segments = (uint8_t)r->nr_segments;                              \
             q_->handle = r->handle;                                                 \
             q_->id = id;                                                            \
             q_->sector_number = r->sector_number;                                   \
@@ -181,44 +253,62 @@ void *gd_data(struct gd *g, uint32_t page) { return g->data + (size_t)page * TD_
         }                                                                           \
     } while (0)
 
-static void put_request(struct gd *g, const struct gd_raw *r, uint64_t id)
+/* Put request `r` on the ring as request slot `slot` (whose indirect pages an INDIRECT
+ * one uses: its segments are written there first). */
+static void put_request(struct gd *g, const struct gd_raw *r, uint32_t slot, uint64_t id)
 {
+    uint32_t grefs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST] = {0};
+    if (r->operation == BLKIF_OP_INDIRECT) {
+        struct blkif_request_segment *dst = ind_segs(g, slot);
+        for (uint32_t k = 0; k < r->nr_isegs; k++) {
+            dst[k].gref = r->isegs[k].gref;
+            dst[k].first_sect = r->isegs[k].first_sect;
+            dst[k].last_sect = r->isegs[k].last_sect;
+        }
+        for (uint32_t k = 0; k < BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST; k++)
+            grefs[k] = r->lie_grefs ? r->indirect_grefs[k] : gd_indirect_gref(g, slot, k);
+    }
     uint32_t i = g->req_prod_pvt & (g->nslots - 1);
     switch (g->proto) {
     case TD_PROTO_X86_32:
         GD_PUT(blkif_x86_32_request_t, struct blkif_x86_32_request_discard,
-               struct blkif_x86_32_sring);
+               struct blkif_x86_32_request_indirect, struct blkif_x86_32_sring);
         break;
     case TD_PROTO_X86_64:
         GD_PUT(blkif_x86_64_request_t, struct blkif_x86_64_request_discard,
-               struct blkif_x86_64_sring);
+               struct blkif_x86_64_request_indirect, struct blkif_x86_64_sring);
         break;
     default:
-        GD_PUT(blkif_request_t, blkif_request_discard_t, struct blkif_sring);
+        GD_PUT(blkif_request_t, blkif_request_discard_t, blkif_request_indirect_t,
+               struct blkif_sring);
         break;
     }
     g->req_prod_pvt++;
 }
 
-static void get_response(struct gd *g, RING_IDX idx, uint64_t *id, int16_t *status)
+static void get_response(struct gd *g, RING_IDX idx, uint64_t *id, uint8_t *op,
+                         int16_t *status)
 {
     uint32_t i = idx & (g->nslots - 1);
     switch (g->proto) {
     case TD_PROTO_X86_32: {
         blkif_x86_32_response_t *p = &((struct blkif_x86_32_sring *)g->sring)->ring[i].rsp;
         *id = p->id;
+        *op = p->operation;
         *status = p->status;
         break;
     }
     case TD_PROTO_X86_64: {
         blkif_x86_64_response_t *p = &((struct blkif_x86_64_sring *)g->sring)->ring[i].rsp;
         *id = p->id;
+        *op = p->operation;
         *status = p->status;
         break;
     }
     default: {
         blkif_response_t *p = &((struct blkif_sring *)g->sring)->ring[i].rsp;
         *id = p->id;
+        *op = p->operation;
         *status = p->status;
         break;
     }
@@ -255,7 +345,7 @@ static int wait_event(struct gd *g, uint32_t timeout_ms)
     return 1;
 }
 
-typedef void (*gd_on_rsp)(struct gd *g, uint64_t id, int16_t status, void *ctx);
+typedef void (*gd_on_rsp)(struct gd *g, uint64_t id, uint8_t op, int16_t status, void *ctx);
 
 /* Take every response; RING_FINAL_CHECK_FOR_RESPONSES before returning 0. */
 static uint32_t reap(struct gd *g, gd_on_rsp cb, void *ctx)
@@ -266,10 +356,11 @@ static uint32_t reap(struct gd *g, gd_on_rsp cb, void *ctx)
         xen_rmb();  /* read responses only after the index that covers them */
         while (g->rsp_cons != rp) {
             uint64_t id;
+            uint8_t op;
             int16_t status;
-            get_response(g, g->rsp_cons, &id, &status);
+            get_response(g, g->rsp_cons, &id, &op, &status);
             g->rsp_cons++;
-            cb(g, id, status, ctx);
+            cb(g, id, op, status, ctx);
             n++;
         }
         if (n)
@@ -294,7 +385,7 @@ static uint32_t reap(struct gd *g, gd_on_rsp cb, void *ctx)
 struct run_ctx {
     const struct gd_params *p;
     struct gd_result *res;
-    uint32_t inflight;
+    uint32_t inflight;          /* blocks */
     uint32_t *free_slots;
     uint32_t nfree;
 };
@@ -319,52 +410,82 @@ static int check_pattern(const char *buf, uint64_t sector, uint32_t nsect, uint6
     return 1;
 }
 
-/* Requests of a workload use their slot's data pages, packed from page 0. */
-static void build_rw(struct gd *g, uint32_t slot, uint8_t op, uint64_t sector, uint32_t nsect,
-                     struct gd_raw *r)
+/*
+ * One request over `nsect` sectors of the data pages from `page` on, a page per segment
+ * (the last one partly): direct up to 11 segments, INDIRECT beyond (its segments go to
+ * the request slot's indirect pages: `isegs` holds them until put_request writes them).
+ */
+static void build_rw(struct gd *g, uint8_t op, uint64_t sector, uint32_t page, uint32_t nsect,
+                     struct gd_raw *r, struct gd_seg *isegs)
 {
     memset(r, 0, sizeof(*r));
-    r->operation = op;
+    uint32_t nseg = (nsect + TD_SECTORS_PER_PAGE - 1) / TD_SECTORS_PER_PAGE;
+    int indirect = nseg > GD_SEGS;
+    struct gd_seg *segs = indirect ? isegs : r->seg;
+    r->operation = indirect ? BLKIF_OP_INDIRECT : op;
+    r->indirect_op = indirect ? op : 0;
     r->sector_number = sector;
-    uint32_t left = nsect, page = slot * GD_SEGS;
-    while (left) {
+    r->nr_segments = (uint16_t)nseg;
+    for (uint32_t k = 0, left = nsect; k < nseg; k++) {
         uint32_t n = left < TD_SECTORS_PER_PAGE ? left : TD_SECTORS_PER_PAGE;
-        struct gd_seg *s = &r->seg[r->nr_segments++];
-        s->gref = g->data_grefs[page++];
-        s->first_sect = 0;
-        s->last_sect = (uint8_t)(n - 1);
+        segs[k].gref = g->data_grefs[page + k];
+        segs[k].first_sect = 0;
+        segs[k].last_sect = (uint8_t)(n - 1);
         left -= n;
+    }
+    if (indirect) {
+        r->isegs = isegs;
+        r->nr_isegs = nseg;
     }
 }
 
-static void on_run_rsp(struct gd *g, uint64_t id, int16_t status, void *vctx)
+static void take_latency(struct gd *g, struct gd_result *res, uint64_t lat)
+{
+    uint64_t b = lat / GD_LAT_NS;
+    if (b >= GD_LAT_FINE) {
+        b = GD_LAT_FINE + (lat - (uint64_t)GD_LAT_FINE * GD_LAT_NS) / GD_LAT_COARSE_NS;
+        if (b >= GD_LAT_BUCKETS)
+            b = GD_LAT_BUCKETS - 1;
+    }
+    g->lat[b]++;
+    if (lat > res->max_ns)
+        res->max_ns = lat;
+}
+
+static void on_run_rsp(struct gd *g, uint64_t id, uint8_t op, int16_t status, void *vctx)
 {
     struct run_ctx *c = vctx;
-    uint32_t slot = (uint32_t)id;
+    uint32_t ri = (uint32_t)id;
     uint32_t gen = (uint32_t)(id >> 32);
-    if (slot >= g->data_slots || !g->slots[slot].busy || g->slots[slot].gen != gen) {
+    if (ri >= g->nslots || !g->reqs[ri].busy || g->reqs[ri].gen != gen) {
         c->res->duplicates++;
         return;
     }
-    struct gd_slot *s = &g->slots[slot];
-    uint64_t lat = now_ns() - s->t0;
-    uint64_t b = lat / GD_LAT_NS;
-    g->lat[b < GD_LAT_BUCKETS ? b : GD_LAT_BUCKETS - 1]++;
-    if (lat > c->res->max_ns)
-        c->res->max_ns = lat;
+    struct gd_req *q = &g->reqs[ri];
+    q->busy = 0;
+    g->free_reqs[g->nfree_reqs++] = ri;
+    struct gd_slot *s = &g->slots[q->block];
+    /* blkfront checks this: an INDIRECT request is answered with its indirect_op. */
+    if (op != q->op)
+        c->res->bad_ops++;
+    if (status != BLKIF_RSP_OKAY)
+        s->failed = 1;
+    if (--s->parts_left)
+        return;
+    take_latency(g, c->res, now_ns() - s->t0);
     s->busy = 0;
-    c->free_slots[c->nfree++] = slot;
+    c->free_slots[c->nfree++] = q->block;
     c->inflight--;
     c->res->ios++;
-    if (status != BLKIF_RSP_OKAY) {
+    if (s->failed) {
         c->res->errors++;
         return;
     }
     c->res->bytes += (uint64_t)s->nsect * 512;
     if (s->op == BLKIF_OP_READ) {
         c->res->reads++;
-        if (c->p->verify && !check_pattern(gd_data(g, slot * GD_SEGS), s->sector, s->nsect,
-                                           c->p->stamp))
+        if (c->p->verify && !check_pattern(gd_data(g, q->block * g->slot_pages), s->sector,
+                                           s->nsect, c->p->stamp))
             c->res->mismatches++;
     } else {
         c->res->writes++;
@@ -380,32 +501,57 @@ static uint64_t rng_next(uint64_t *x)
     return *x * 2685821657736338717ull;
 }
 
+static uint64_t bucket_ns(uint32_t b)
+{
+    if (b < GD_LAT_FINE)
+        return (uint64_t)b * GD_LAT_NS + GD_LAT_NS / 2;
+    return (uint64_t)GD_LAT_FINE * GD_LAT_NS + (uint64_t)(b - GD_LAT_FINE) * GD_LAT_COARSE_NS +
+           GD_LAT_COARSE_NS / 2;
+}
+
 static uint64_t percentile(const uint32_t *lat, uint64_t total, double q)
 {
     uint64_t want = (uint64_t)((double)total * q), acc = 0;
     for (uint32_t b = 0; b < GD_LAT_BUCKETS; b++) {
         acc += lat[b];
         if (acc > want)
-            return (uint64_t)b * GD_LAT_NS + GD_LAT_NS / 2;
+            return bucket_ns(b);
     }
-    return (uint64_t)GD_LAT_BUCKETS * GD_LAT_NS;
+    return bucket_ns(GD_LAT_BUCKETS - 1);
 }
 
 int gd_run(struct gd *g, const struct gd_params *p, struct gd_result *res)
 {
-    if (p->bs_sectors == 0 || p->bs_sectors > GD_SEGS * TD_SECTORS_PER_PAGE || p->qd == 0 ||
-        p->span < p->bs_sectors || (p->max_ios == 0 && p->duration_ns == 0))
+    uint32_t max_segs = p->max_segs ? p->max_segs : g->max_segs;
+    if (p->bs_sectors == 0 || p->bs_sectors > g->slot_pages * TD_SECTORS_PER_PAGE ||
+        p->qd == 0 || p->span < p->bs_sectors || (p->max_ios == 0 && p->duration_ns == 0) ||
+        max_segs > g->max_segs)
+        return -EINVAL;
+    /* A block is split into requests of max_segs pages, as the block layer splits a bio
+     * at blkfront's max_hw_sectors; every block in flight must fit the ring at once. */
+    uint32_t pages = (p->bs_sectors + TD_SECTORS_PER_PAGE - 1) / TD_SECTORS_PER_PAGE;
+    uint32_t parts = (pages + max_segs - 1) / max_segs;
+    uint32_t qd = p->qd < g->data_slots ? p->qd : g->data_slots;
+    if ((uint64_t)qd * parts > g->nslots)
         return -EINVAL;
     if (g->req_prod_pvt != g->rsp_cons)
         return -EBUSY;      /* raw requests still unanswered */
     memset(res, 0, sizeof(*res));
     memset(g->lat, 0, GD_LAT_BUCKETS * sizeof(uint32_t));
-    uint32_t qd = p->qd < g->data_slots ? p->qd : g->data_slots;
+    struct gd_seg *isegs = calloc(max_segs, sizeof(*isegs));
     struct run_ctx c = {p, res, 0, calloc(g->data_slots, sizeof(uint32_t)), 0};
-    if (!c.free_slots)
+    if (!c.free_slots || !isegs) {
+        free(c.free_slots);
+        free(isegs);
         return -ENOMEM;
+    }
     for (uint32_t i = 0; i < qd; i++)
         c.free_slots[c.nfree++] = qd - 1 - i;
+    g->nfree_reqs = 0;
+    for (uint32_t i = 0; i < g->nslots; i++) {
+        g->reqs[i].busy = 0;
+        g->free_reqs[g->nfree_reqs++] = g->nslots - 1 - i;
+    }
     uint64_t blocks = p->span / p->bs_sectors, issued = 0, seed = p->seed | 1;
     uint64_t kin0 = g->kicks_in, kout0 = g->kicks_out;
     uint64_t t0 = now_ns(), tend = p->duration_ns ? t0 + p->duration_ns : UINT64_MAX;
@@ -424,16 +570,34 @@ int gd_run(struct gd *g, const struct gd_params *p, struct gd_result *res)
             uint8_t op = is_read ? BLKIF_OP_READ : BLKIF_OP_WRITE;
             struct gd_slot *s = &g->slots[slot];
             s->busy = 1;
-            s->gen++;
+            s->failed = 0;
             s->op = op;
             s->sector = sector;
             s->nsect = p->bs_sectors;
+            s->parts_left = parts;
             if (p->verify && !is_read)
-                fill_pattern(gd_data(g, slot * GD_SEGS), sector, p->bs_sectors, p->stamp);
-            struct gd_raw r;
-            build_rw(g, slot, op, sector, p->bs_sectors, &r);
+                fill_pattern(gd_data(g, slot * g->slot_pages), sector, p->bs_sectors,
+                             p->stamp);
             s->t0 = t;
-            put_request(g, &r, ((uint64_t)s->gen << 32) | slot);
+            for (uint32_t k = 0; k < parts; k++) {
+                uint32_t first = k * max_segs * TD_SECTORS_PER_PAGE;
+                uint32_t n = p->bs_sectors - first;
+                if (n > max_segs * TD_SECTORS_PER_PAGE)
+                    n = max_segs * TD_SECTORS_PER_PAGE;
+                /* Room is certain: qd * parts requests fit the ring. */
+                uint32_t ri = g->free_reqs[--g->nfree_reqs];
+                struct gd_req *q = &g->reqs[ri];
+                q->busy = 1;
+                q->gen++;
+                q->block = slot;
+                q->op = op;
+                struct gd_raw r;
+                build_rw(g, op, sector + first, slot * g->slot_pages + k * max_segs, n, &r,
+                         isegs);
+                put_request(g, &r, ri, ((uint64_t)q->gen << 32) | ri);
+                res->requests++;
+                res->indirect += r.operation == BLKIF_OP_INDIRECT;
+            }
             c.inflight++;
             issued++;
             more = p->max_ios == 0 || issued < p->max_ios;
@@ -455,16 +619,19 @@ int gd_run(struct gd *g, const struct gd_params *p, struct gd_result *res)
     res->p50_ns = percentile(g->lat, res->ios, 0.50);
     res->p99_ns = percentile(g->lat, res->ios, 0.99);
     free(c.free_slots);
+    free(isegs);
     return rc;
 }
 
 /* ---- raw requests (a misbehaving front-end) ---- */
 
-static void on_raw_rsp(struct gd *g, uint64_t id, int16_t status, void *ctx)
+static void on_raw_rsp(struct gd *g, uint64_t id, uint8_t op, int16_t status, void *ctx)
 {
     (void)ctx;
-    if (id < g->nslots)
+    if (id < g->nslots) {
         g->raw_status[id] = status;
+        g->raw_op[id] = op;
+    }
     g->raw_got++;
 }
 
@@ -476,10 +643,16 @@ int gd_submit_raw(struct gd *g, const struct gd_raw *reqs, uint32_t n)
     RING_IDX unanswered = g->req_prod_pvt - g->rsp_cons;
     if (n > g->nslots || unanswered > g->nslots - n)
         return -EBUSY;
+    /* Request i uses request slot i's indirect pages: they must hold its segments. */
+    for (uint32_t i = 0; i < n; i++)
+        if (reqs[i].operation == BLKIF_OP_INDIRECT &&
+            reqs[i].nr_isegs > g->ind_pages * TD_SEGS_PER_INDIRECT_PAGE)
+            return -EINVAL;
     g->raw_got = 0;
     for (uint32_t i = 0; i < n; i++) {
         g->raw_status[i] = 1;   /* not a blkif status: "no answer yet" */
-        put_request(g, &reqs[i], i);
+        g->raw_op[i] = 0xff;
+        put_request(g, &reqs[i], i, i);
     }
     push_requests(g);
     return 0;
@@ -499,6 +672,12 @@ int gd_collect(struct gd *g, uint32_t n, int16_t *statuses, uint32_t timeout_ms)
     for (uint32_t i = 0; i < n && i < g->nslots; i++)
         statuses[i] = g->raw_status[i];
     return (int)g->raw_got;
+}
+
+void gd_raw_ops(struct gd *g, uint32_t n, uint8_t *ops)
+{
+    for (uint32_t i = 0; i < n && i < g->nslots; i++)
+        ops[i] = g->raw_op[i];
 }
 
 int gd_overflow(struct gd *g, uint32_t extra)

@@ -24,13 +24,11 @@ Spawn = Callable[[str, int], LineProcess]
 
 
 @pytest.fixture
-def machine(tmp_path: Path) -> Iterator[xensim.Machine]:
-    m = xensim.Machine(tmp_path / "xen")
-    m.init()
-    m.create_domain(GUEST_DOMID, 4096)
-    m.create_domain(GUEST_DOMID + 1, 4096)
-    yield m
-    m.teardown()
+def machine(machine: xensim.Machine) -> xensim.Machine:
+    """The shared simulated machine, with two guest domains."""
+    machine.create_domain(GUEST_DOMID, 4096)
+    machine.create_domain(GUEST_DOMID + 1, 4096)
+    return machine
 
 
 @pytest.fixture

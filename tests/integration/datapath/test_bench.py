@@ -34,6 +34,22 @@ def test_the_rig_drives_a_real_tapdisk_process(tmp_path: Path) -> None:
         f"/proc/{pid}/cmdline").read_bytes()
 
 
+def test_the_1mib_workloads_travel_as_one_indirect_request_a_block(tmp_path: Path) -> None:
+    assert {"1M seqread QD8", "1M seqwrite QD8"} <= {w["workload"] for w in bench.WORKLOADS}
+    disk = tmp_path / "disk.img"
+    bench._prepare(disk, 8 << 20)
+    with bench_ring.RingRig(tmp_path / "xen", disk) as rig:
+        for rw in ("read", "write"):
+            figures = rig.run(rw, 1 << 20, 2, 0.2)
+            res, served = rig.last, rig.last["tapdisk_stats"]
+            assert res["ios"] > 0 and res["requests"] == res["indirect"] == res["ios"]
+            assert figures["ours_mbps"] > 0 and res["bad_ops"] == 0
+            # The tapdisk served them as indirect reads (writes): one hit per block.
+            hits = served["images"][0]["hits"][0 if rw == "read" else 1]
+            assert hits == served["xenbus"]["reqs"][1] == res["ios"]
+            assert served["secs"][0 if rw == "read" else 1] == 2048 * res["ios"]
+
+
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 def test_the_command_writes_the_issue_keys(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 from pathlib import Path
 
 import pytest
 
 from blktap3.abi import BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
+from tests.support import wait_until
 
 from .conftest import DISK_BYTES, connect
 
@@ -82,9 +82,8 @@ def test_pause_under_load_loses_and_duplicates_nothing(
     guest.send("run", qd=g["slots"], bs=4096, read_pct=0, span=span, ios=total,
                verify=True, stamp=77, timeout=30.0)
     # Start pausing only once the guest's writes are flowing.
-    deadline = time.monotonic() + 20
-    while host.call("stats", name="r")["responses"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    wait_until(lambda: host.call("stats", name="r")["responses"], 20,
+               "the guest's first responses", interval=0.001)
     under_load = 0
     for _ in range(20):
         host.call("pause", name="r")

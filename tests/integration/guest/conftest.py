@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from blktap3.ctl import ops, runtime
+from blktap3.ctl import ops
 from blktap3.ctl.client import TapdiskClient
 from blktap3.sim import xensim
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
+from blktap3.sim.xenstored import Kind
 from blktap3.xenbus import (
     FrontendTransport,
     Transaction,
@@ -45,22 +42,9 @@ DEVID = 51712  # xvda
 
 
 @pytest.fixture
-def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
-    # Short paths: xenstored's and tapdisk's sockets must fit AF_UNIX's 108 bytes.
-    run_dir = Path(tempfile.mkdtemp(prefix="b3g-", dir="/tmp"))
-    ctl_root = run_dir / "ctl"
-    ctl_root.mkdir()
-    monkeypatch.setenv(runtime.ROOT_ENV, str(ctl_root))
-    h = Host(run_dir / "h")
-    h.up()
-    try:
-        yield h
-    finally:
-        for pid in runtime.socket_pids(ctl_root):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        h.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
+def xenstored_kind() -> Kind:
+    """The shared `host` fixture (tests/support/fixtures.py), on the C xenstored only."""
+    return "c"
 
 
 @pytest.fixture
@@ -203,12 +187,3 @@ def vbd(host: Host, image: Callable[..., Path]) -> Iterator[Callable[..., MiniBa
     yield make
     for be in backends:
         be.stop()
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()

@@ -9,20 +9,23 @@ from collections.abc import Callable
 
 import pytest
 
-from blktap3.abi import BlkifProtocol
+from blktap3.abi import BlkifProtocol, VdiskInfo
+from blktap3.fsm import FrontendState
+from blktap3.sim.frontend import Step
 from blktap3.sim.guest import guest_env, run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
+from tests.support import wait_until
 
-from .conftest import DEVID, MiB, MiniBackend, wait_until
+from .conftest import DEVID, MiB, MiniBackend
 
 pytestmark = pytest.mark.integration
 
 Vbd = Callable[..., MiniBackend]
 
 
-def whats(result_timeline: list[dict[str, object]], who: str) -> list[str]:
-    return [str(s["what"]) for s in result_timeline if s["who"] == who]
+def whats(result_timeline: list[Step], who: str) -> list[str]:
+    return [s.what for s in result_timeline if s.who == who]
 
 
 def test_linux_guest_connects_writes_and_reads_back_every_byte(host: Host, vbd: Vbd) -> None:
@@ -30,8 +33,8 @@ def test_linux_guest_connects_writes_and_reads_back_every_byte(host: Host, vbd: 
     result = run_guest(host, 3, DEVID, "linux", "verify", timeout=60)
     assert result.ok, result.summary() + "\n" + result.timeline_text()
     assert result.sectors == 16 * MiB // 512
-    io = result.report["io"]
-    assert io["writes"] == io["reads"] == 8 * MiB // 4096  # the default 8 MiB span, both ways
+    io = result.report.io
+    assert io.writes == io.reads == 8 * MiB // 4096  # the default 8 MiB span, both ways
     assert result.iops > 0 and result.mbps > 0
     # Linux: the transport keys in ONE transaction, single page ring, x86_64 protocol.
     fe = whats(result.timeline, "fe")
@@ -43,7 +46,7 @@ def test_linux_guest_connects_writes_and_reads_back_every_byte(host: Host, vbd: 
     assert fe.index("[tx] state=5 (CLOSING)") < fe.index("[tx] state=6 (CLOSED)")
     assert be.frontend_state() == "6" and be.state() == "6"
     hs = result.handshakes[0]
-    assert hs["initialising_to_connected_ms"] and hs["initialised_to_backend_connected_ms"]
+    assert hs.initialising_to_connected_ms and hs.initialised_to_backend_connected_ms
     assert not be.errors
 
 
@@ -71,7 +74,7 @@ def test_multipage_ring_order_is_capped_by_the_backend(host: Host, vbd: Vbd, bac
     assert result.ok, result.summary()
     (transport,) = be.connected_transport
     assert transport.ring_page_order == order and len(transport.queues[0].ring_refs) == 1 << order
-    assert result.report["io"]["mismatches"] == 0 and result.report["io"]["reads"] > 0
+    assert result.report.io.mismatches == 0 and result.report.io.reads > 0
 
 
 def test_detach_on_request_closes_then_waits_for_the_backend(host: Host, vbd: Vbd) -> None:
@@ -106,7 +109,7 @@ def test_reconnect_after_closed_runs_the_handshake_again(host: Host, vbd: Vbd) -
     result = run_guest(host, 8, DEVID, "linux", "verify", timeout=60, extra=["--cycles", "2"])
     assert result.ok, result.summary()
     assert len(result.handshakes) == 2 and len(be.connected_transport) == 2
-    assert [c["phases"][-1]["mismatches"] for c in result.report["cycles"]] == [0, 0]
+    assert [c.phases[-1].mismatches for c in result.report.cycles] == [0, 0]
     fe = whats(result.timeline, "fe")
     assert "[tx] state=1 (INITIALISING)" in fe  # started over after Closed
 
@@ -121,8 +124,29 @@ def test_resize_announced_by_the_backend_is_seen(host: Host, vbd: Vbd) -> None:
         guest.detach()
         result = guest.result(30)
     assert result.ok, result.summary()
-    assert result.report["resizes"] == [[8 * MiB // 512, 32 * MiB // 512]]
+    assert result.report.resizes == ((8 * MiB // 512, 32 * MiB // 512),)
     assert result.sectors == 32 * MiB // 512
+
+
+def test_a_backend_out_of_protocol_is_logged_and_the_guest_stays(host: Host, vbd: Vbd) -> None:
+    be = vbd(23)
+    state = be.paths.backend_key("state")
+    with start_guest(host, 23, DEVID, "linux", "none", hold=True) as guest:
+        guest.wait_for_step("holding")
+        be.xs.write(state, "3")  # a front-end-only state
+        guest.wait_for_step("out of protocol in connected")
+        be.xs.write(state, "banana")
+        guest.wait_for_step("'banana'")
+        be.xs.write(state, "4")  # back in protocol (Connected: re-read), then detach
+        guest.detach()
+        result = guest.result(30)
+    assert result.ok, result.summary() + "\n" + result.timeline_text()
+    fe = whats(result.timeline, "fe")
+    assert "ignored: back-end state 3 (a front-end-only state): out of protocol in connected" in fe
+    assert [w for w in fe if "state=" in w and w.startswith("[tx]")] == [
+        "[tx] state=3 (INITIALISED)", "[tx] state=4 (CONNECTED)", "[tx] state=5 (CLOSING)",
+        "[tx] state=6 (CLOSED)"]  # the faults published nothing
+    assert be.frontend_state() == "6"
 
 
 def test_read_only_disk_serves_reads_and_the_guest_refuses_to_write(host: Host,
@@ -131,7 +155,8 @@ def test_read_only_disk_serves_reads_and_the_guest_refuses_to_write(host: Host,
     reads = run_guest(host, 10, DEVID, "linux", "read", timeout=60,
                       extra=["--seconds", "0.2"])
     assert reads.ok, reads.summary()
-    assert reads.report["disk"]["info"] & 4 and reads.report["io"]["reads"] > 0
+    assert reads.report.disk is not None and reads.report.disk.info & VdiskInfo.READONLY
+    assert reads.report.io.reads > 0
     vbd(14, readonly=True)
     writes = run_guest(host, 14, DEVID, "linux", "verify", timeout=60)
     assert not writes.ok and writes.returncode == 1
@@ -161,7 +186,7 @@ def test_writes_the_backend_rejects_fail_the_guest(host: Host, vbd: Vbd) -> None
     result = run_guest(host, 11, DEVID, "linux", "verify", timeout=60)
     assert result.returncode == 1 and not result.ok
     assert "write:" in str(result.error) and "errors" in str(result.error)
-    assert result.report["final_state"] == "closed"  # it still detached cleanly
+    assert result.report.final_state == FrontendState.CLOSED  # it still detached cleanly
 
 
 def test_no_backend_means_a_handshake_timeout(host: Host) -> None:
@@ -252,7 +277,7 @@ def test_data_changed_behind_the_guests_back_fails_it(host: Host, vbd: Vbd) -> N
                          extra=["--span-mib", "2"]).sectors == 8 * MiB // 512
         result = victim.result(60)
     assert result.returncode == 1 and "mismatches" in str(result.error), result.summary()
-    assert result.report["io"]["mismatches"] > 0
+    assert result.report.io.mismatches > 0
 
 
 def test_the_guest_command_prints_sectors_figures_and_timeline(host: Host, vbd: Vbd) -> None:

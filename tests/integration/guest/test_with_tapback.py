@@ -6,50 +6,30 @@ and the disk is hotplugged as Xen's `block-tap` script does (blktap3.sim.hotplug
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from blktap3.ctl import runtime
+from blktap3.abi import VdiskInfo
 from blktap3.sim.guest import run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import hotplug_add
 from blktap3.sim.toolstack import Image
-from blktap3.tapback import service
 from blktap3.xenbus import VbdPaths
+from tests.support import wait_until
 
-from .conftest import DEVID, MiB, wait_until
+from .conftest import DEVID, MiB
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def system() -> Iterator[Host]:
-    run_dir = Path(tempfile.mkdtemp(prefix="b3gt-", dir="/tmp"))
-    h = Host(run_dir / "h")
-    try:
-        h.up()
-        service.start(h.run_dir, xenstored_path=str(h.xenstored_path))
-        yield h
-    finally:
-        pids = runtime.socket_pids(service.control_dir(h.run_dir))
-        service.stop(h.run_dir)
-        try:
-            h.down()  # destroys the VBDs of its tapdisks itself, where it knows how
-        finally:
-            for pid in pids:  # whatever is left (an older Host, or a failed destroy)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            # A down() that failed half-way has not stopped xenstored: this one will.
-            with contextlib.suppress(Exception):
-                h.down()
-            shutil.rmtree(run_dir, ignore_errors=True)
+def system(host: Host, tapback: int) -> Host:
+    """The shared simulated host, with tapback running on it."""
+    return host
 
 
 @pytest.fixture
@@ -84,7 +64,7 @@ def test_guest_with_tapback_verifies_every_byte(system: Host, disk: Callable[...
                        extra=["--seconds", "0.3"])
     assert result.ok, result.summary() + "\n" + result.timeline_text()
     assert result.sectors == 16 * MiB // 512
-    assert result.report["io"]["writes"] > 0 and result.report["io"]["mismatches"] == 0
+    assert result.report.io.writes > 0 and result.report.io.mismatches == 0
     assert wait_until(lambda: backend_key(system, paths, "state") == "6")
 
 
@@ -92,7 +72,8 @@ def test_cdrom_is_read_only_for_the_guest(system: Host, disk: Callable[..., VbdP
     disk(4, mode="r", cdrom=True)
     result = run_guest(system, 4, DEVID, "linux", "read", timeout=60, extra=["--seconds", "0.2"])
     assert result.ok, result.summary()
-    assert result.report["disk"]["info"] & 1 and result.report["disk"]["info"] & 4
+    disk = result.report.disk
+    assert disk is not None and disk.info & VdiskInfo.CDROM and disk.info & VdiskInfo.READONLY
 
 
 def test_tapback_closing_the_device_lets_the_guest_go(system: Host,
@@ -105,7 +86,7 @@ def test_tapback_closing_the_device_lets_the_guest_go(system: Host,
             xs.write(paths.backend_key("state"), "5")  # as libxl does to detach a disk
         result = guest.result(30)
     assert result.ok, result.summary() + "\n" + result.timeline_text()
-    assert "closed by the back-end" in [s["what"] for s in result.timeline]
+    assert "closed by the back-end" in [s.what for s in result.timeline]
 
 
 def test_tapdisk_killed_the_guest_is_closed_with_the_reason(
@@ -118,5 +99,5 @@ def test_tapdisk_killed_the_guest_is_closed_with_the_reason(
         pid = int(Path(device).name.removeprefix("nbd").split(".")[0])
         os.kill(pid, signal.SIGKILL)
         result = guest.result(30)
-    assert "closed by the back-end" in [s["what"] for s in result.timeline], result.summary()
-    assert result.report["backend_error"], result.timeline_text()
+    assert "closed by the back-end" in [s.what for s in result.timeline], result.summary()
+    assert result.report.backend_error, result.timeline_text()

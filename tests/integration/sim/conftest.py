@@ -1,27 +1,23 @@
-"""Fixtures: a simulated machine with Debian's real xenstored (C and OCaml) on it."""
+"""Fixtures: Debian's real xenstored launcher (C and OCaml) on a simulated machine.
+
+The launcher (`blktap3.sim.xenstored.Xenstored`) is what these tests pin, so they start
+it themselves on the shared `machine`, once per `xenstored_kind`; tests of the whole
+host use the shared `host` fixture.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from blktap3.sim import xensim
-from blktap3.sim.xenstored import Xenstored
+from blktap3.sim.xenstored import Kind, Xenstored
 
 
 @pytest.fixture
-def machine(tmp_path: Path) -> Iterator[xensim.Machine]:
-    m = xensim.Machine(tmp_path / "run")
-    m.init()
-    yield m
-    m.teardown()
-
-
-@pytest.fixture(params=["c", "ocaml"])
-def xenstored(request: pytest.FixtureRequest, machine: xensim.Machine) -> Iterator[Xenstored]:
-    daemon = Xenstored(machine.run_dir, kind=request.param)
+def xenstored(machine: xensim.Machine, xenstored_kind: Kind) -> Iterator[Xenstored]:
+    daemon = Xenstored(machine.run_dir, kind=xenstored_kind)
     daemon.start()
     try:
         yield daemon

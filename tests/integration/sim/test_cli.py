@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from blktap3.sim.host import Host
+from tests.support import assert_no_process_left
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +23,12 @@ def sim(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def work() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="b3cli-", dir="/tmp"))
+def work(run_dir: Path) -> Iterator[Path]:
+    """The CLI's host lives in `work/run`, brought up and down by other processes."""
     try:
-        yield path
+        yield run_dir
     finally:
-        Host(path / "run").down()
-        for p in sorted(path.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
-        path.rmdir()
+        Host(run_dir / "run").down()
 
 
 @pytest.fixture
@@ -77,10 +74,7 @@ def test_up_domain_vbd_ls_down(work: Path, image: Path, kind: str) -> None:
     assert "/local/domain/3" not in sim(run, "ls").stdout
     down = sim(run, "down")
     assert down.returncode == 0, down.stderr
-    for daemon, name in ((pid, b"xenstored"), (tapback_pid, b"tapback"),
-                         (tapdisk_pid, b"tapdisk")):
-        assert not os.path.exists(f"/proc/{daemon}") or name not in Path(
-            f"/proc/{daemon}/cmdline").read_bytes()
+    assert_no_process_left({pid: "xenstored", tapback_pid: "tapback", tapdisk_pid: "tapdisk"})
     assert not run.exists()
 
 

@@ -17,6 +17,7 @@ import pyxs
 from blktap3.sim import xensim
 from blktap3.sim.xenlib import EventChannel, map_xenstore_page
 from blktap3.sim.xenstored import Xenstored, XenstoredError
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,10 +87,8 @@ def test_introduced_domain_is_seen_and_its_destruction_noticed(
         assert c.is_domain_introduced(guest.domid)
         machine.destroy_domain(guest.domid)
         assert next_event(monitor) == (b"@releaseDomain", b"release")
-        deadline = time.monotonic() + 5
-        while c.is_domain_introduced(guest.domid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not c.is_domain_introduced(guest.domid)
+        wait_until(lambda: not c.is_domain_introduced(guest.domid), 5,
+                   "xenstored to forget the destroyed domain")
         with pytest.raises(queue.Empty):
             next_event(monitor, timeout=0.2)
 

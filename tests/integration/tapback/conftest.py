@@ -1,9 +1,9 @@
 """Fixtures: a simulated host with the real xenstored, tapback and tapdisks, and guests.
 
-- `host`: `blktap3.sim.host.Host` up (C xenstored) in a short run directory under /tmp,
-  with tapback started through `blktap3.tapback.service`; everything (tapback, every
-  tapdisk of the host's control directory, xenstored, the machine) is stopped when the
-  test ends, failed or not.
+- `host` (tests/support/fixtures.py) on the C xenstored here (`xenstored_kind` below; a
+  test asks for oxenstored with `@pytest.mark.parametrize("xenstored_kind", ["ocaml"])`),
+  with tapback started on it for every test that uses the host (`tapback`).
+- `dom0`: a dom0 XenStore client (the shared `xs`).
 - `guests`: a factory of `Guest`: a domain created by the toolstack, a vbd3 disk added and
   hotplugged (`blktap3.sim.hotplug`), the guest's own XenStore connection over its ring
   page, and a guest ring-driver process (`blktap3.sim.guestdrv`, the domain's blkfront
@@ -15,46 +15,27 @@ The test drives the front-end's half of the handshake itself, as the guest, thro
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import signal
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from blktap3.abi import BlkifProtocol
-from blktap3.ctl import runtime
 from blktap3.datapath.lineproc import LineProcess
-from blktap3.sim import xenlib, xensim
+from blktap3.sim import xensim
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import Attached, hotplug_add, hotplug_remove
 from blktap3.sim.toolstack import Image
-from blktap3.tapback import service
-from blktap3.xenbus import BoundPort, Transaction, VbdPaths, XenbusState, XenStore
+from blktap3.sim.xenstored import Kind
+from blktap3.xenbus import Transaction, VbdPaths, XenbusState, XenStore
+from tests.support import wait_until
+from tests.support.sim import GuestXenStore, guest_xenstore
 
 MiB = 1 << 20
 DEVID = 51712
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
-    """Poll `check` until it returns something truthy (test side only)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.01)
 
 
 @dataclass
@@ -88,32 +69,34 @@ class Guest:
         return XenbusState(int(raw)) if raw is not None else None
 
     def wait_backend(self, state: XenbusState, timeout: float = 10.0) -> None:
-        wait_for(lambda: self.backend_state() == state, timeout,
-                 f"back-end state {state.name} (now {self.backend_state()!r}, "
-                 f"error {self.backend('error')!r})")
+        wait_until(lambda: self.backend_state() == state, timeout,
+                   lambda: f"back-end state {state.name} (now {self.backend_state()!r}, "
+                           f"error {self.backend('error')!r})")
 
     # -- acting as the front-end ----------------------------------------------------
     def set_state(self, state: XenbusState) -> None:
         self.xs.write(self.paths.frontend_key("state"), state.wire())
 
     def open_ring(self, order: int = 0, protocol: BlkifProtocol = BlkifProtocol.NATIVE,
-                  data_slots: int = 0) -> dict[str, Any]:
-        """Share a fresh ring (and data pages) with dom0 in the guest ring process."""
+                  data_slots: int = 0, max_segs: int = 0) -> dict[str, Any]:
+        """Share a fresh ring (and data pages) with dom0 in the guest ring process;
+        `max_segs` > 11: with indirect pages, requests beyond 11 pages go INDIRECT."""
         if self.ring is None:
             env = xensim.process_env(self.host.run_dir, self.domid)
             self.ring = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"], env)
         self.ring_info = self.ring.call("open", backend=0, order=order, protocol=protocol,
-                                        data_slots=data_slots)
+                                        data_slots=data_slots, max_segs=max_segs)
         return self.ring_info
 
     def publish_transport(self, order: int = 0, protocol: str | None = "x86_64-abi",
-                          extra: dict[str, str] | None = None, data_slots: int = 0) -> None:
+                          extra: dict[str, str] | None = None, data_slots: int = 0,
+                          max_segs: int = 0) -> None:
         """blkfront's ONE transaction: ring refs, event channel, protocol, then state 3.
 
         `data_slots`: requests in flight the guest ring process has data pages for
         (0: a full ring); a domain's memory is small, so several disks take fewer."""
         layout = BlkifProtocol.from_xenstore(protocol) or BlkifProtocol.NATIVE
-        info = self.open_ring(order, layout, data_slots)
+        info = self.open_ring(order, layout, data_slots, max_segs)
         fe = self.paths.frontend_key
 
         def body(tx: Transaction) -> None:
@@ -161,59 +144,24 @@ class Guest:
             self.ring = None
 
 
-def tapdisk_pids(run_dir: Path) -> list[int]:
-    root = service.control_dir(run_dir)
-    return [pid for pid in runtime.socket_pids(root) if runtime.process_alive(pid)]
+@pytest.fixture
+def xenstored_kind() -> Kind:
+    return "c"
 
 
-def log_lines(run_dir: Path) -> list[dict[str, Any]]:
-    """tapback's JSON log lines so far (non-JSON lines, e.g. tracebacks, skipped)."""
-    out = []
-    for line in service.log_path(run_dir).read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
-
-
-def _kill_tapdisks(run_dir: Path) -> None:
-    root = service.control_dir(run_dir)
-    pids = runtime.socket_pids(root)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not any(runtime.process_alive(p) for p in pids), 5, "tapdisks gone")
+@pytest.fixture(autouse=True)
+def _tapback_on_the_host(request: pytest.FixtureRequest) -> None:
+    """Every test here that has a host has tapback running on it."""
+    if "host" in request.fixturenames:
+        request.getfixturevalue("tapback")
 
 
 @pytest.fixture
-def host(request: pytest.FixtureRequest) -> Iterator[Host]:
-    """The C xenstored; `@pytest.mark.parametrize("host", ["ocaml"], indirect=True)`
-    for oxenstored."""
-    run_dir = Path(tempfile.mkdtemp(prefix="b3tb-", dir="/tmp"))
-    h = Host(run_dir)
-    try:
-        h.up(getattr(request, "param", "c"))
-        service.start(run_dir, xenstored_path=str(h.xenstored_path))
-        yield h
-    finally:
-        service.stop(run_dir)
-        _kill_tapdisks(run_dir)
-        h.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def dom0(host: Host) -> Iterator[XenStore]:
-    with host.xs(timeout=5.0) as xs:
-        yield xs
+def dom0(xs: XenStore) -> XenStore:
+    return xs
 
 
 GuestFactory = Callable[..., Guest]
-
-
-@dataclass
-class _Domain:
-    xs: XenStore
-    evtchn: xenlib.EventChannel
 
 
 @pytest.fixture
@@ -221,20 +169,14 @@ def guests(host: Host, dom0: XenStore) -> Iterator[GuestFactory]:
     """`guests(domid, devid, size=, mode=, cdrom=)`: a disk of domain `domid` (created
     on first use), hotplugged; disks of one domain share its XenStore ring connection."""
     made: list[Guest] = []
-    domains: dict[int, _Domain] = {}
+    domains: dict[int, GuestXenStore] = {}
 
-    def domain(domid: int) -> _Domain:
+    def domain(domid: int) -> GuestXenStore:
         if domid not in domains:
             with host.toolstack() as ts:
                 ts.create_domain(domid)
-            info = host.machine.domain(domid)
-            page = xenlib.map_xenstore_page(host.run_dir, domid)
-            evtchn = xenlib.EventChannel(host.run_dir, domid)
-            evtchn.claim(info.xenstore_port)
-            port = BoundPort(evtchn, info.xenstore_port, evtchn.fd)
-            xs = XenStore.over_ring(memoryview(page), port, timeout=5.0,
-                                    name=f"dom{domid}-xenstore")
-            domains[domid] = _Domain(xs, evtchn)
+            port = host.machine.domain(domid).xenstore_port
+            domains[domid] = guest_xenstore(host.run_dir, domid, port)
         return domains[domid]
 
     def make(domid: int = 5, devid: int = DEVID, *, size: int = 8 * MiB, mode: str = "w",
@@ -255,9 +197,7 @@ def guests(host: Host, dom0: XenStore) -> Iterator[GuestFactory]:
     for guest in reversed(made):
         guest.shutdown()
     for dom in domains.values():
-        with contextlib.suppress(Exception):
-            dom.xs.close()
-        dom.evtchn.close()
+        dom.close()
 
 
 def remove(host: Host, guest: Guest) -> None:

@@ -14,8 +14,9 @@ from blktap3.ctl import runtime
 from blktap3.sim.host import Host
 from blktap3.tapback import service
 from blktap3.xenbus import WatchStream, XenbusState
+from tests.support import wait_until
 
-from .conftest import GuestFactory, wait_for
+from .conftest import GuestFactory
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +53,7 @@ def test_resize_after_tap_ctl_resize(host: Host, guests: GuestFactory) -> None:
             env={**os.environ, runtime.ROOT_ENV: str(service.control_dir(host.run_dir))},
             capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
-        wait_for(lambda: guest.backend("sectors") == str((6 << 20) // 512), what="new sectors")
+        wait_until(lambda: guest.backend("sectors") == str((6 << 20) // 512), what="new sectors")
         # Connected is announced again (state rewritten) so that blkfront re-reads sectors.
         assert stream.wait(2.0) is not None
     assert guest.backend_state() is XenbusState.CONNECTED
@@ -79,7 +80,7 @@ def test_resize_while_tapback_is_down_is_announced_when_it_adopts(
         stream.watch(guest.paths.backend_key("state"), "s")
         assert stream.wait(2.0) is not None  # the initial fire
         service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
-        wait_for(lambda: guest.backend("sectors") == str((8 << 20) // 512), what="new sectors")
+        wait_until(lambda: guest.backend("sectors") == str((8 << 20) // 512), what="new sectors")
         # Connected said again (never InitWait): blkfront re-reads sectors.
         assert stream.wait(5.0) is not None
     assert guest.backend_state() is XenbusState.CONNECTED

@@ -11,8 +11,9 @@ import pytest
 from blktap3.sim.host import Host
 from blktap3.tapback import service
 from blktap3.xenbus import WatchEvent, WatchStream, XenbusState, XenStore
+from tests.support import log_events, tapdisk_pids, wait_until
 
-from .conftest import Guest, GuestFactory, log_lines, tapdisk_pids, wait_for
+from .conftest import Guest, GuestFactory
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +46,11 @@ def test_tapdisk_killed_during_io_closes_with_error(host: Host, guests: GuestFac
     guest.wait_backend(XenbusState.CLOSED)
     assert guest.backend("error") == f"tapdisk {guest.attached.pid} died"
     guest.ring.reply()  # the guest saw its requests go unanswered; it must not hang
-    died = [line for line in log_lines(host.run_dir) if line.get("event") == "tapdisk died"]
+    died = log_events(host.tapback_log, "tapdisk died")
     assert len(died) == 1 and died[0]["pid"] == guest.attached.pid
     # The dead tapdisk's socket is cleaned up (blktap left it behind).
     ctl = service.control_dir(host.run_dir) / f"ctl{guest.attached.pid}"
-    wait_for(lambda: not ctl.exists(), what="stale socket removed")
+    wait_until(lambda: not ctl.exists(), what="stale socket removed")
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
@@ -68,12 +69,12 @@ def test_tapback_restart_during_io_adopts_without_disturbing(
             pid = service.status(host.run_dir)
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: service.status(host.run_dir) is None, what="tapback gone")
+            wait_until(lambda: service.status(host.run_dir) is None, what="tapback gone")
         else:
             service.stop(host.run_dir)
         service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
-        wait_for(lambda: any(line.get("event") == "ring already connected (adopted)"
-                             for line in log_lines(host.run_dir)), what="adoption")
+        wait_until(lambda: log_events(host.tapback_log, "ring already connected (adopted)"),
+                   what="adoption")
         done = guest.ring.reply()
         # Nothing the front-end watches was written: no InitWait flash, no key rewritten.
         assert stream.wait(0.3) is None
@@ -92,8 +93,8 @@ def test_xenstored_restart_is_survived(host: Host, guests: GuestFactory) -> None
     guest.connect()
     assert guest.write(0, b"\x5a" * 512) == 0
     assert service.status(host.run_dir) == pid
-    assert any(line.get("event", "").startswith("xenstored connection re-made")
-               for line in log_lines(host.run_dir))
+    assert any(line["event"].startswith("xenstored connection re-made")
+               for line in log_events(host.tapback_log))
 
 
 HOSTILE = [
@@ -149,9 +150,9 @@ def test_hostile_guest_does_not_disturb_a_good_one(
     done = good.ring.reply()
     assert done["errors"] == 0 and done["mismatches"] == 0 and done["lost"] == 0
     assert good.backend_state() is XenbusState.CONNECTED
-    wait_for(lambda: bad.backend("error") is not None, what="error node for the bad guest")
+    wait_until(lambda: bad.backend("error") is not None, what="error node for the bad guest")
     assert service.status(host.run_dir) is not None
-    assert len(tapdisk_pids(host.run_dir)) == 2
+    assert len(tapdisk_pids(host.control_dir)) == 2
 
 
 def test_a_hung_tapdisk_delays_only_its_own_vbd(host: Host, guests: GuestFactory) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from blktap3.abi import SECTOR_SIZE
 from blktap3.ctl import runtime
+from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import HotplugError, hotplug_add
 from blktap3.sim.toolstack import Image
 from blktap3.tapback import service
 from blktap3.xenbus import Transaction, XenbusState, XenStore
+from tests.support import log_events, tapdisk_pids, wait_until
 
-from .conftest import GuestFactory, log_lines, remove, tapdisk_pids, wait_for
+from .conftest import GuestFactory, remove
 
 pytestmark = pytest.mark.integration
 
@@ -46,9 +50,31 @@ def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
     assert status == 0 and data == pattern
 
     guest.close()
-    lines = [line for line in log_lines(host.run_dir) if line.get("event") == "step"]
+    lines = log_events(host.tapback_log, "step")
     assert lines and all(line["domid"] == guest.domid for line in lines)
     assert {"pid", "minor", "devid"} <= set(lines[-1])
+
+
+def test_indirect_descriptors_are_served_as_advertised(guests: GuestFactory) -> None:
+    """tapback advertises feature-max-indirect-segments at probe and hands the same value
+    to the tapdisk at connect: up to it an indirect request is served, past it refused."""
+    guest = guests(size=8 << 20)
+    guest.wait_backend(XenbusState.INIT_WAIT)
+    offer = int(guest.backend("feature-max-indirect-segments") or 0)
+    assert offer == DEFAULT_MAX_INDIRECT_SEGMENTS
+    guest.publish_transport(max_segs=offer + 1)
+    guest.wait_backend(XenbusState.CONNECTED)
+    guest.set_state(XenbusState.CONNECTED)
+    data = os.urandom(offer * 4096)
+    assert guest.write(8, data) == 0  # one INDIRECT request of `offer` segments
+    status, back = guest.read(8, offer * 8)
+    assert status == 0 and back == data
+    assert guest.ring is not None
+    [gref] = guest.ring.call("data_grefs", pages=1)
+    guest.ring.call("submit", reqs=[{"op": 6, "indirect_op": 0,
+                                     "segs": [[gref, 0, 7]] * (offer + 1)}])
+    assert guest.ring.call("collect", n=1) == [-1]  # BLKIF_RSP_ERROR
+    guest.close()
 
 
 def test_reconnect_after_closed(host: Host, guests: GuestFactory) -> None:
@@ -67,11 +93,11 @@ def test_frontend_state_removed_removes_backend_dir(host: Host, dom0: XenStore,
     guest.connect()
     guest.close()
     dom0.rm(guest.paths.frontend)
-    wait_for(lambda: not dom0.exists(guest.paths.backend), what="back-end dir removed")
+    wait_until(lambda: not dom0.exists(guest.paths.backend), what="back-end dir removed")
     # The original left the empty per-domain directory behind.
     assert not dom0.exists(guest.paths.backend.rsplit("/", 1)[0])
     remove(host, guest)
-    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="tapdisk gone")
+    wait_until(lambda: tapdisk_pids(host.control_dir) == [], what="tapdisk gone")
     assert runtime.allocated_minors(service.control_dir(host.run_dir)) == []
 
 
@@ -82,7 +108,7 @@ def test_nothing_left_after_the_vbd_goes(host: Host, dom0: XenStore,
     guest.close()
     remove(host, guest)
     root = service.control_dir(host.run_dir)
-    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="tapdisk gone")
+    wait_until(lambda: tapdisk_pids(host.control_dir) == [], what="tapdisk gone")
     assert runtime.socket_pids(root) == []
     assert runtime.allocated_minors(root) == []
     assert not dom0.exists(guest.paths.backend)
@@ -94,9 +120,9 @@ def test_online_0_unregisters_after_closed(host: Host, dom0: XenStore,
     guest.connect()
     dom0.write(guest.paths.backend_key("online"), "0")
     guest.close()
-    wait_for(lambda: any(line.get("event") == "vbd released" and line.get("state") ==
-                         "unregistered" for line in log_lines(host.run_dir)),
-             what="unregistered")
+    wait_until(lambda: any(line.get("state") == "unregistered"
+                           for line in log_events(host.tapback_log, "vbd released")),
+               what="unregistered")
     assert guest.backend_state() is XenbusState.CLOSED
 
 
@@ -109,7 +135,7 @@ def test_backend_waits_for_a_late_frontend(host: Host, dom0: XenStore,
     perms = dom0.get_perms(guest.paths.frontend)
     dom0.rm(guest.paths.frontend)
     service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
-    wait_for(lambda: guest.backend("max-ring-page-order") == "3", what="probe keys")
+    wait_until(lambda: guest.backend("max-ring-page-order") == "3", what="probe keys")
     assert dom0.exists(guest.paths.backend)
     assert guest.backend_state() is XenbusState.INITIALISING
 
@@ -141,10 +167,10 @@ def test_three_guests_with_four_disks_each_at_once(host: Host, guests: GuestFact
         disk.close()
     for disk in disks:
         remove(host, disk)
-    wait_for(lambda: tapdisk_pids(host.run_dir) == [], what="every tapdisk gone")
+    wait_until(lambda: tapdisk_pids(host.control_dir) == [], what="every tapdisk gone")
 
 
-@pytest.mark.parametrize("host", ["ocaml"], indirect=True)
+@pytest.mark.parametrize("xenstored_kind", ["ocaml"])
 def test_handshake_on_oxenstored(host: Host, guests: GuestFactory) -> None:
     guest = guests()
     guest.connect()
@@ -161,7 +187,7 @@ def test_hotplug_failure_reaches_the_error_node(host: Host, dom0: XenStore) -> N
     image.unlink()  # the tapdisk cannot open it
     with pytest.raises(HotplugError):
         hotplug_add(host, paths, Image.parse(f"aio:{image}", must_exist=False))
-    wait_for(lambda: dom0.read_optional(paths.backend_key("state")) == "6", what="Closed")
+    wait_until(lambda: dom0.read_optional(paths.backend_key("state")) == "6", what="Closed")
     error = dom0.read(paths.backend_key("error"))
     assert "tap-ctl create" in error and str(image) in error
-    assert tapdisk_pids(host.run_dir) == []
+    assert tapdisk_pids(host.control_dir) == []

@@ -1,20 +1,15 @@
 """Fixtures: a private runtime root, the real `tap-ctl` command, images, and cleanup.
 
-`ctl_root` points BLKTAP_CONTROL_DIR at a fresh short directory (AF_UNIX paths must fit
-108 bytes). Every tapdisk that ever made a socket there is killed when the test ends,
-failed or not, and the directory removed.
+`ctl_root` points BLKTAP_CONTROL_DIR at `ctl` in the shared short `run_dir` (AF_UNIX
+paths must fit 108 bytes). Every tapdisk that ever made a socket there (or that the test
+recorded in `seen_pids`) is killed and reaped when the test ends, failed or not.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from blktap3.ctl import runtime
+from tests.support import kill_tapdisks
 
 TAP_CTL = str(Path(sys.executable).parent / "tap-ctl")
 MiB = 1 << 20
@@ -37,16 +33,6 @@ class Result:
 TapCtl = Callable[..., Result]
 
 
-def _kill_tapdisks(root: Path, seen: set[int]) -> None:
-    pids = seen | set(runtime.socket_pids(root))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(runtime.process_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def seen_pids() -> set[int]:
     """Tapdisks the test started (recorded by `tap_ctl`; tests add in-process spawns)."""
@@ -54,14 +40,15 @@ def seen_pids() -> set[int]:
 
 
 @pytest.fixture
-def ctl_root(monkeypatch: pytest.MonkeyPatch, seen_pids: set[int]) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="b3ctl-", dir="/tmp"))
+def ctl_root(run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+             seen_pids: set[int]) -> Iterator[Path]:
+    root = run_dir / "ctl"
+    root.mkdir()
     monkeypatch.setenv(runtime.ROOT_ENV, str(root))
     try:
         yield root
     finally:
-        _kill_tapdisks(root, seen_pids)
-        shutil.rmtree(root, ignore_errors=True)
+        kill_tapdisks(root, also=seen_pids)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 
 from blktap3.abi import BlkifProtocol
 from blktap3.ctl import ops, runtime
+from blktap3.ctl import protocol as p
 from blktap3.ctl.client import CtlError, TapdiskClient
 
 from .conftest import MiB
@@ -31,16 +31,10 @@ BLKIF_PROTOCOL_NATIVE = 1
 
 
 @pytest.fixture
-def machine() -> Iterator[Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="b3xen-", dir="/tmp"))
-    m = xensim.Machine(run_dir)
-    m.init()
-    m.create_domain(GUEST, 4096)
-    try:
-        yield m
-    finally:
-        m.teardown()
-        shutil.rmtree(run_dir, ignore_errors=True)
+def machine(machine: Any) -> Any:
+    """The shared simulated machine, with the guest domain."""
+    machine.create_domain(GUEST, 4096)
+    return machine
 
 
 @pytest.fixture
@@ -123,4 +117,51 @@ def test_poll_duration_reaches_the_ring_and_is_bounded(
     assert guest.call("write", sector=8, data=data.hex()) == 0
     back = guest.call("read", sector=8, count=8)
     assert back["status"] == 0 and bytes.fromhex(back["data"]) == data
+    client.disconnect_xenblkif(minor, domid=GUEST, devid=DEVID)
+
+
+@pytest.mark.parametrize("protocol", list(BlkifProtocol))
+def test_indirect_requests_are_served_as_offered_in_connect(
+    guest: Any, vbd: tuple[TapdiskClient, int, Path], protocol: BlkifProtocol
+) -> None:
+    """XENBLKIF_CONNECT carries the offer (our extension of u.blkif); the tapdisk serves
+    1 MiB indirect requests up to it and refuses one segment more."""
+    client, minor, disk = vbd
+    offer = p.DEFAULT_MAX_INDIRECT_SEGMENTS
+    g = guest.call("open", backend=0, order=0, protocol=protocol, data_slots=1,
+                   slot_pages=offer, max_segs=offer + 1)
+    client.connect_xenblkif(minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]),
+                            order=0, port=g["port"], proto=int(protocol),
+                            max_indirect_segments=offer)
+    data = os.urandom(offer * 4096)
+    assert guest.call("write", sector=8, data=data.hex()) == 0
+    assert disk.read_bytes()[8 * 512 : 8 * 512 + len(data)] == data
+    back = guest.call("read", sector=8, count=offer * 8)
+    assert back["status"] == 0 and bytes.fromhex(back["data"]) == data
+    grefs = guest.call("data_grefs", pages=1)
+    guest.call("submit", reqs=[{"op": 6, "indirect_op": 0,
+                                "segs": [[grefs[0], 0, 7]] * (offer + 1)}])
+    assert guest.call("collect", n=1) == [-1]  # BLKIF_RSP_ERROR
+    stats = json.loads(client.stats(minor))
+    assert stats["images"][0]["hits"] == [1, 1]
+    assert stats["secs"] == [offer * 8, offer * 8]
+    assert stats["xenbus"]["reqs"] == [3, 3]
+    assert stats["xenbus"]["errors"]["vbd"] == 1
+    client.disconnect_xenblkif(minor, domid=GUEST, devid=DEVID)
+
+
+def test_an_offer_past_the_data_path_is_refused_and_none_means_eopnotsupp(
+    guest: Any, vbd: tuple[TapdiskClient, int, Path]
+) -> None:
+    client, minor, _ = vbd
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE, max_segs=16)
+    blkif = {"domid": GUEST, "devid": DEVID, "grefs": tuple(g["grefs"]), "order": 0,
+             "port": g["port"], "proto": BLKIF_PROTOCOL_NATIVE}
+    with pytest.raises(CtlError) as err:
+        client.connect_xenblkif(minor, **blkif, max_indirect_segments=4097)
+    assert err.value.errno == errno.EINVAL
+    # blktap's tapback sends zero there (it clears the message): not offered.
+    client.connect_xenblkif(minor, **blkif)
+    assert guest.call("write", sector=0, data=bytes(16 * 4096).hex()) == -2  # EOPNOTSUPP
+    assert guest.call("write", sector=0, data=bytes(11 * 4096).hex()) == 0
     client.disconnect_xenblkif(minor, domid=GUEST, devid=DEVID)

@@ -21,19 +21,12 @@ import pytest
 from blktap3.ctl import ops, runtime
 from blktap3.ctl import protocol as p
 from blktap3.ctl.client import CtlError, TapdiskClient
+from tests.support import log_events, wait_gone, wait_until
 
 from .conftest import TAP_CTL, MiB, TapCtl, parse_list
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("blktap3.datapath", reason="the data path (Image.open) is not built")
-
-
-def wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while runtime.process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        # A tapdisk spawned by this test process is our grandchild: reaped by init.
-    return not runtime.process_alive(pid)
 
 
 def create(tap_ctl: TapCtl, params: str) -> tuple[int, int]:
@@ -67,7 +60,7 @@ def test_create_list_pause_swap_stats_destroy(
     assert tap_ctl("list").out == f"pid={pid} minor=0 state=0 args=aio:{other}\n"
 
     assert tap_ctl("destroy", "-p", str(pid), "-m", "0").code == 0
-    assert wait_gone(pid)  # its last VBD detached: the tapdisk exited
+    wait_gone(pid, what="the tapdisk to exit once its last VBD detached")
     assert tap_ctl("list").out == ""
     assert not (ctl_root / f"ctl{pid}").exists()
 
@@ -88,7 +81,7 @@ def test_list_joins_minors_tapdisks_vbds_and_skips_dead_tapdisks(
         "minor=0",
     ]
     os.kill(victim, signal.SIGKILL)
-    assert wait_gone(victim)
+    wait_gone(victim)
     # The dead tapdisk's minor is still allocated; its stale socket is cleaned up.
     assert tap_ctl("list").out.splitlines() == [
         f"minor={vminor}", f"pid={idle} minor=1 state=0", "minor=0",
@@ -194,6 +187,7 @@ def test_signals_do_not_break_requests(
         while not stop.is_set():
             for sig in (signal.SIGUSR1, signal.SIGHUP):
                 os.kill(pid, sig)
+            # The load under test (signals at ~1 kHz), not a synchronisation.
             time.sleep(0.001)
 
     thread = threading.Thread(target=pester)
@@ -238,10 +232,7 @@ def test_spawn_reports_a_tapdisk_that_dies_at_start(
 def test_create_failure_rolls_everything_back(tap_ctl: TapCtl, ctl_root: Path) -> None:
     res = tap_ctl("create", "-a", "aio:/no/such/image")
     assert res.code == errno.EINVAL and "No such file" in res.err
-    deadline = time.monotonic() + 5
-    while runtime.socket_pids(ctl_root) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert runtime.socket_pids(ctl_root) == []  # the tapdisk exited
+    wait_until(lambda: runtime.socket_pids(ctl_root) == [], 5, "the tapdisk to exit")
     assert runtime.allocated_minors(ctl_root) == []  # the minor was freed
 
 
@@ -251,7 +242,6 @@ def test_sigterm_removes_the_socket(tap_ctl: TapCtl, ctl_root: Path,
     seen_pids.add(pid)
     assert (ctl_root / f"ctl{pid}").is_socket()
     os.kill(pid, signal.SIGTERM)
-    assert wait_gone(pid)
+    wait_gone(pid)
     assert not (ctl_root / f"ctl{pid}").exists()
-    log = (ctl_root / "log" / f"tapdisk{pid}.log").read_text().splitlines()
-    assert json.loads(log[-1])["event"] == "tapdisk exited"
+    assert log_events(ctl_root / "log" / f"tapdisk{pid}.log")[-1]["event"] == "tapdisk exited"

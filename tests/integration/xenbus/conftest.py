@@ -2,9 +2,9 @@
 
 The toolstack part does what libxl does for a vbd3 device (back-end directory owned by
 dom0 and readable by the guest, front-end directory owned by the guest and readable by
-dom0), then introduces the domain. The guest part maps the domain's xenstore page and
-claims its xenstore port through blktap3.sim.xenlib, and talks XenStore over
-`RingConnection`: for xenstored it is a real unprivileged domain.
+dom0), then introduces the domain. The guest part connects over the domain's xenstore ring
+(`tests.support.sim.guest_xenstore`): for xenstored it is a real unprivileged domain.
+The host (`host`, `xs`) is the shared fixture: these tests run on both xenstoreds.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from blktap3.sim import xenlib, xensim
-from blktap3.sim.xenstored import Xenstored
-from blktap3.xenbus import BoundPort, Transaction, VbdPaths, XenStore, owned_by
+from blktap3.sim.host import Host
+from blktap3.xenbus import Transaction, VbdPaths, XenStore, owned_by
+from tests.support.sim import guest_xenstore
 
 GUEST_DOMID = 5
 DEVID = 51712
@@ -44,9 +44,8 @@ def create_vbd_nodes(xs: XenStore, vbd: VbdPaths) -> None:
 
 
 @pytest.fixture
-def guest(xenstored: Xenstored, xs: XenStore) -> Iterator[Guest]:
-    machine = xensim.Machine(xenstored.run_dir)
-    info = machine.create_domain(GUEST_DOMID)
+def guest(host: Host, xs: XenStore) -> Iterator[Guest]:
+    info = host.machine.create_domain(GUEST_DOMID)
     home = f"/local/domain/{GUEST_DOMID}"
     xs.mkdir(home, perms=owned_by(0, readers=[GUEST_DOMID]))
     xs.mkdir(f"{home}/device", perms=owned_by(GUEST_DOMID, readers=[0]))
@@ -54,14 +53,8 @@ def guest(xenstored: Xenstored, xs: XenStore) -> Iterator[Guest]:
     create_vbd_nodes(xs, vbd)
     xs.introduce(GUEST_DOMID, info.xenstore_mfn, info.xenstore_port)
 
-    page = xenlib.map_xenstore_page(xenstored.run_dir, GUEST_DOMID)
-    evtchn = xenlib.EventChannel(xenstored.run_dir, GUEST_DOMID)
-    evtchn.claim(info.xenstore_port)
-    port = BoundPort(evtchn, info.xenstore_port, evtchn.fd)
-    guest_xs = XenStore.over_ring(memoryview(page), port, timeout=5.0,
-                                  name=f"dom{GUEST_DOMID}-xenstore")
+    connection = guest_xenstore(host.run_dir, GUEST_DOMID, info.xenstore_port)
     try:
-        yield Guest(GUEST_DOMID, guest_xs, vbd)
+        yield Guest(GUEST_DOMID, connection.xs, vbd)
     finally:
-        guest_xs.close()
-        evtchn.close()
+        connection.close()

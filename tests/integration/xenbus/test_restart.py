@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blktap3.sim.xenstored import Xenstored
+from blktap3.sim.host import Host
 from blktap3.xenbus import Reconnected, WatchEvent, WatchStream, XenStore
 
 pytestmark = pytest.mark.integration
@@ -12,12 +12,12 @@ pytestmark = pytest.mark.integration
 PATH = "/local/domain/0/backend/vbd3"
 
 
-def test_watch_stream_reconnects_after_restart(xenstored: Xenstored) -> None:
+def test_watch_stream_reconnects_after_restart(host: Host) -> None:
     with WatchStream.open(reconnect_attempts=40) as stream:  # XENSTORED_PATH, set by fixture
         stream.watch(PATH, "backends")
         assert stream.wait(5) == WatchEvent(PATH, "backends")
 
-        xenstored.restart()
+        host.restart_xenstored()
 
         event = stream.wait(15)
         assert isinstance(event, Reconnected)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from blktap3.sim.xenstored import Xenstored
+from blktap3.sim.host import Host
 from blktap3.xenbus import Access, Permission, Transaction, XenStore
 
 from .conftest import Guest
@@ -17,12 +17,12 @@ COUNTER = "/local/domain/0/counter"
 
 
 def test_a_conflicting_commit_is_rerun_and_both_updates_land(
-    xs: XenStore, xenstored: Xenstored
+    xs: XenStore, host: Host
 ) -> None:
     xs.write(COUNTER, "0")
     runs = 0
 
-    with XenStore.open(str(xenstored.socket_path), timeout=5.0) as other:
+    with XenStore.open(str(host.xenstored_path), timeout=5.0) as other:
 
         def other_increment(tx: Transaction) -> None:
             tx.write(COUNTER, str(int(tx.read(COUNTER)) + 1))
@@ -42,7 +42,7 @@ def test_a_conflicting_commit_is_rerun_and_both_updates_land(
     assert xs.read(COUNTER) == "2"
 
 
-def test_concurrent_incrementers_lose_no_update(xenstored: Xenstored, xs: XenStore) -> None:
+def test_concurrent_incrementers_lose_no_update(host: Host, xs: XenStore) -> None:
     xs.write(COUNTER, "0")
     per_thread = 25
     errors: list[BaseException] = []
@@ -52,7 +52,7 @@ def test_concurrent_incrementers_lose_no_update(xenstored: Xenstored, xs: XenSto
 
     def worker() -> None:
         try:
-            with XenStore.open(str(xenstored.socket_path), timeout=5.0) as client:
+            with XenStore.open(str(host.xenstored_path), timeout=5.0) as client:
                 for _ in range(per_thread):
                     client.transact(increment, attempts=100)
         except BaseException as e:

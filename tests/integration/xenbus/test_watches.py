@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blktap3.sim.xenstored import Xenstored
+from blktap3.sim.host import Host
 from blktap3.xenbus import WatchEvent, WatchStream, XenStore
 
 from .conftest import Guest
@@ -23,9 +23,9 @@ def _next_for(stream: WatchStream, path: str, timeout: float = 5.0) -> WatchEven
 
 
 def test_dom0_sees_the_guest_write_its_frontend_state(
-    guest: Guest, xenstored: Xenstored
+    guest: Guest, host: Host
 ) -> None:
-    with WatchStream.open(str(xenstored.socket_path), timeout=5.0) as stream:
+    with WatchStream.open(str(host.xenstored_path), timeout=5.0) as stream:
         stream.watch(guest.vbd.frontend_key("state"), "fe-state")
         assert _next_for(stream, guest.vbd.frontend_key("state")).token == "fe-state"
         guest.xs.write(guest.vbd.frontend_key("state"), "3")
@@ -41,8 +41,8 @@ def test_guest_sees_dom0_write_its_backend_state(guest: Guest, xs: XenStore) -> 
     assert guest.xs.read(guest.vbd.backend_key("state")) == "2"
 
 
-def test_transaction_writes_fire_once_committed(guest: Guest, xenstored: Xenstored) -> None:
-    with WatchStream.open(str(xenstored.socket_path), timeout=5.0) as stream:
+def test_transaction_writes_fire_once_committed(guest: Guest, host: Host) -> None:
+    with WatchStream.open(str(host.xenstored_path), timeout=5.0) as stream:
         stream.watch(guest.vbd.frontend, "fe")
         _next_for(stream, guest.vbd.frontend)
         tx = guest.xs.transaction()

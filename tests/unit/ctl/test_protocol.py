@@ -51,8 +51,14 @@ struct tapdisk_message_image_ext {
     uint64_t sectors; uint32_t sector_size; uint32_t info;
     uint32_t physical_sector_size; uint32_t flags;
 };
+/* Our extension of u.blkif: blktap's fields, then ours. */
+struct tapdisk_message_blkif_ext {
+    uint32_t domid; uint32_t devid; uint32_t gref[8]; uint32_t order; uint32_t proto;
+    char pool[256]; uint32_t port; uint32_t poll_duration; uint32_t poll_idle_threshold;
+    uint32_t max_indirect_segments;
+};
 """
-EXTENSION_FIELDS = {"image.physical_sector_size", "image.flags"}
+EXTENSION_FIELDS = {"image.physical_sector_size", "image.flags", "blkif.max_indirect_segments"}
 
 MEMBER_STRUCT = {
     "image": "image", "params": "params", "string": "string", "response": "response",
@@ -74,7 +80,7 @@ def c_offset(ffi: FFI, name: str) -> int:
         return int(ffi.offsetof("struct tapdisk_message", name))
     member, fieldname = name.split(".")
     union = ffi.offsetof("struct tapdisk_message", "u")
-    struct = "image_ext" if name in EXTENSION_FIELDS else MEMBER_STRUCT[member]
+    struct = MEMBER_STRUCT[member] + ("_ext" if name in EXTENSION_FIELDS else "")
     inner = ffi.offsetof(f"struct tapdisk_message_{struct}", fieldname)
     return int(union + inner)
 
@@ -90,15 +96,17 @@ def test_field_offset_matches_the_c_struct(ffi: FFI, name: str) -> None:
     assert p.OFFSETS[name] == c_offset(ffi, name)
 
 
-def test_image_extension_leaves_blktaps_layout_alone(ffi: FFI) -> None:
+@pytest.mark.parametrize("member", ["image", "blkif"])
+def test_extensions_leave_blktaps_layout_alone(ffi: FFI, member: str) -> None:
     union = p.UNION_OFFSET
-    blktap_end = union + ffi.sizeof("struct tapdisk_message_image")
+    blktap, ours = f"struct tapdisk_message_{member}", f"struct tapdisk_message_{member}_ext"
+    blktap_end = union + ffi.sizeof(blktap)
     for name in EXTENSION_FIELDS:
-        assert p.OFFSETS[name] >= blktap_end  # past every byte blktap's struct uses
-    for name in ("sectors", "sector_size", "info"):
-        assert (ffi.offsetof("struct tapdisk_message_image_ext", name)
-                == ffi.offsetof("struct tapdisk_message_image", name))
-    assert ffi.sizeof("struct tapdisk_message_image_ext") <= p.UNION_SIZE
+        if name.startswith(f"{member}."):
+            assert p.OFFSETS[name] >= blktap_end  # past every byte blktap's struct uses
+    for name, _ in ffi.typeof(blktap).fields:
+        assert ffi.offsetof(ours, name) == ffi.offsetof(blktap, name)
+    assert ffi.sizeof(ours) <= p.UNION_SIZE
 
 
 def test_image_extension_lands_where_c_reads_it(ffi: FFI) -> None:
@@ -195,6 +203,20 @@ def test_round_trip(message: p.Message) -> None:
 def test_params_round_trip(flags: int, devnum: int, path: str, timeout: int) -> None:
     message = p.Message(p.MessageType.OPEN, 1, p.Params(flags, devnum, 0, path, 0, timeout))
     assert p.decode(message.encode()) == message
+
+
+def test_blkif_extension_lands_where_c_reads_it_and_blktaps_reads_as_not_offered(
+        ffi: FFI) -> None:
+    blkif = p.Blkif(domid=5, devid=51712, grefs=(11,), port=42, max_indirect_segments=256)
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, blkif).encode())
+    ext = ffi.cast("struct tapdisk_message_blkif_ext *", ffi.from_buffer(raw[p.UNION_OFFSET:]))
+    assert (ext.port, ext.max_indirect_segments) == (42, 256)
+    assert p.decode(bytes(raw)).payload == blkif
+    # blktap's libblktapctl clears the message and fills only its own fields.
+    off = p.OFFSETS["blkif.max_indirect_segments"]
+    raw[off : off + 4] = bytes(4)
+    decoded = p.decode(bytes(raw)).payload
+    assert isinstance(decoded, p.Blkif) and decoded.max_indirect_segments == 0
 
 
 def test_blkif_keeps_only_the_grants_its_order_uses() -> None:

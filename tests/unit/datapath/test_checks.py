@@ -44,7 +44,7 @@ def _check(proto: int, req: object, *, readonly: bool = False, discard: bool = T
            ) -> tuple[int, object]:
     priv = ffi.new("struct td_req *")
     lib.td_req_fetch(proto, req, priv)
-    return lib.td_req_check(priv, DEV_SECTORS, int(readonly), int(discard)), priv
+    return lib.td_req_check(priv, DEV_SECTORS, int(readonly), int(discard), 0), priv
 
 
 @pytest.mark.parametrize("proto", list(LAYOUTS))
@@ -109,7 +109,7 @@ def test_fetch_copies_the_slot_so_later_guest_writes_change_nothing(proto: int) 
     lib.td_req_fetch(proto, req, priv)
     req.nr_segments = 200  # type: ignore[attr-defined]  # the guest rewrites the slot
     req.seg[0].last_sect = 9  # type: ignore[attr-defined]
-    assert lib.td_req_check(priv, DEV_SECTORS, 0, 1) == ERR["ok"]
+    assert lib.td_req_check(priv, DEV_SECTORS, 0, 1, 0) == ERR["ok"]
 
 
 @pytest.mark.parametrize("proto", list(LAYOUTS))
@@ -123,3 +123,106 @@ def test_responses_go_field_by_field_into_the_slot_of_their_index(proto: int) ->
     assert (rsp.id, rsp.operation, rsp.status) == (0x1122334455667788, 1, -1)
     # Index 35 wraps to slot 3 of a 32-slot page; slot 2 was not touched.
     assert ffi.buffer(lib.td_ring_req_slot(proto, sring, 1, 2), 8)[:] == b"\xaa" * 8
+
+
+# ---- indirect requests (BLKIF_OP_INDIRECT) ----
+
+INDIRECT_LAYOUTS = {
+    lib.TD_PROTO_NATIVE: "struct blkif_request_indirect",
+    lib.TD_PROTO_X86_32: "struct blkif_x86_32_request_indirect",
+    lib.TD_PROTO_X86_64: "struct blkif_x86_64_request_indirect",
+}
+IND_ERR = {"indirect_op": 10, "indirect_segments": 11}
+
+
+@pytest.mark.parametrize(("proto", "offsets"), [
+    # nr_segments, id, sector_number, handle, indirect_grefs, size: Linux's common.h
+    (lib.TD_PROTO_X86_32, (2, 4, 12, 20, 24, 64)),
+    (lib.TD_PROTO_X86_64, (2, 8, 16, 24, 28, 64)),
+])
+def test_indirect_layouts_are_blkbacks(proto: int, offsets: tuple[int, ...]) -> None:
+    t = INDIRECT_LAYOUTS[proto]
+    fields = ("nr_segments", "id", "sector_number", "handle", "indirect_grefs")
+    assert (*(ffi.offsetof(t, f) for f in fields), ffi.sizeof(t)) == offsets
+    assert ffi.offsetof(t, "indirect_op") == 1
+    # Native on x86-64 is the 64-bit layout, from Xen's own header.
+    native = INDIRECT_LAYOUTS[lib.TD_PROTO_NATIVE]
+    if proto == lib.TD_PROTO_X86_64:
+        assert [ffi.offsetof(native, f) for f in fields] == list(offsets[:5])
+
+
+def _indirect(proto: int, indirect_op: int, nseg: int, sector: int = 64) -> object:
+    # A ring slot is a whole request: the indirect view lies over one.
+    slot = ffi.new(LAYOUTS[proto][0] + " *")
+    req = ffi.cast(INDIRECT_LAYOUTS[proto] + " *", slot)
+    req.operation, req.indirect_op, req.nr_segments = lib.BLKIF_OP_INDIRECT, indirect_op, nseg
+    req.id, req.sector_number, req.handle = 0xFEEDFACE00000000 | proto, sector, 0x1234
+    for i in range(8):
+        req.indirect_grefs[i] = 100 + i
+    return slot
+
+
+@pytest.mark.parametrize("proto", list(LAYOUTS))
+def test_fetch_reads_an_indirect_request_of_each_layout(proto: int) -> None:
+    priv = ffi.new("struct td_req *")
+    lib.td_req_fetch(proto, _indirect(proto, lib.BLKIF_OP_WRITE, 300), priv)
+    assert (priv.operation, priv.indirect_op, priv.nr_segments) == (6, 1, 300)
+    assert (priv.id, priv.sector_number, priv.handle) == (0xFEEDFACE00000000 | proto, 64, 0x1234)
+    assert list(priv.indirect_grefs) == [100 + i for i in range(8)]
+    assert lib.td_rsp_operation(priv) == lib.BLKIF_OP_WRITE  # blkback answers indirect_op
+
+
+@pytest.mark.parametrize("proto", list(LAYOUTS))
+@pytest.mark.parametrize(("indirect_op", "nseg", "offered", "cause"), [
+    (lib.BLKIF_OP_READ, 12, 0, "unsupported"),        # not offered: EOPNOTSUPP
+    (lib.BLKIF_OP_WRITE_BARRIER, 1, 256, "indirect_op"),
+    (lib.BLKIF_OP_FLUSH_DISKCACHE, 1, 256, "indirect_op"),
+    (lib.BLKIF_OP_DISCARD, 1, 256, "indirect_op"),
+    (lib.BLKIF_OP_INDIRECT, 1, 256, "indirect_op"),
+    (200, 1, 256, "indirect_op"),
+    (lib.BLKIF_OP_READ, 0, 256, "indirect_segments"),
+    (lib.BLKIF_OP_WRITE, 257, 256, "indirect_segments"),
+    (lib.BLKIF_OP_READ, 4097, 4096, "indirect_segments"),
+    (lib.BLKIF_OP_READ, 65535, 65535, "indirect_segments"),  # never past 8 pages
+    (lib.BLKIF_OP_READ, 256, 256, "ok"),
+    (lib.BLKIF_OP_WRITE, 1, 256, "ok"),
+    (lib.BLKIF_OP_WRITE, 4096, 4096, "ok"),
+])
+def test_indirect_header_is_checked_before_any_page_is_read(
+        proto: int, indirect_op: int, nseg: int, offered: int, cause: str) -> None:
+    priv = ffi.new("struct td_req *")
+    lib.td_req_fetch(proto, _indirect(proto, indirect_op, nseg), priv)
+    err = lib.td_req_check(priv, DEV_SECTORS, 0, 1, offered)
+    assert err == {**ERR, **IND_ERR}[cause]
+
+
+def _segs_check(segs: Segs, *, op: int = lib.BLKIF_OP_WRITE, sector: int = 64,
+                readonly: bool = False) -> tuple[int, object]:
+    priv = ffi.new("struct td_req *")
+    lib.td_req_fetch(lib.TD_PROTO_NATIVE, _indirect(lib.TD_PROTO_NATIVE, op, len(segs), sector),
+                     priv)
+    assert lib.td_req_check(priv, DEV_SECTORS, int(readonly), 1, 256) == 0
+    private = ffi.new("struct td_seg[]", len(segs))
+    for i, (gref, first, last) in enumerate(segs):
+        private[i].gref, private[i].first_sect, private[i].last_sect = gref, first, last
+    return lib.td_req_check_segs(priv, private, DEV_SECTORS, int(readonly)), priv
+
+
+@pytest.mark.parametrize(("segs", "op", "sector", "readonly", "cause"), [
+    ([(1, 0, 7)] * 200 + [(1, 0, 8)], lib.BLKIF_OP_WRITE, 0, False, "sector"),
+    ([(1, 0, 7)] * 30 + [(1, 5, 4)], lib.BLKIF_OP_READ, 0, False, "sector"),
+    ([(1, 0, 7)] * 256, lib.BLKIF_OP_READ, DEV_SECTORS - 2047, False, "range"),
+    ([(1, 0, 7)] * 256, lib.BLKIF_OP_READ, DEV_SECTORS - 2048, True, "ok"),
+    ([(1, 0, 7)] * 12, lib.BLKIF_OP_WRITE, 0, True, "readonly"),
+    ([(1, 0, 7)] * 200 + [(1, 0, 8)], lib.BLKIF_OP_WRITE, 0, True, "sector"),  # blkback's order
+    ([(1, 0, 7)] * 12, lib.BLKIF_OP_READ, 2**64 - 8, False, "range"),
+])
+def test_every_indirect_segment_is_checked_as_a_direct_one(
+        segs: Segs, op: int, sector: int, readonly: bool, cause: str) -> None:
+    err, _ = _segs_check(segs, op=op, sector=sector, readonly=readonly)
+    assert err == ERR[cause]
+
+
+def test_indirect_sectors_are_the_sum_of_its_segments() -> None:
+    err, priv = _segs_check([(1, 0, 7)] * 100 + [(2, 3, 5), (3, 7, 7)])
+    assert err == 0 and priv.nr_sectors == 800 + 3 + 1  # type: ignore[attr-defined]

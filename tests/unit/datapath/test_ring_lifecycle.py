@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from pytest_mock import MockerFixture
 
 from blktap3.datapath import ring as ring_mod
 from blktap3.datapath.ring import Ring
+from tests.support import wait_until
 
 
 class FakeC:
@@ -61,8 +62,9 @@ def test_disconnect_waits_for_a_pause_in_progress(fake: FakeC) -> None:
     assert fake.pause_entered.wait(5)
     closer = threading.Thread(target=ring.disconnect)
     closer.start()
-    time.sleep(0.1)
-    assert not fake.freed, "disconnect freed the ring under a pause"
+    # Disconnect has begun once new uses are refused; the pause still holds its use.
+    wait_until(lambda: _refused(ring.stats), 5, "disconnect to start refusing new uses")
+    assert closer.is_alive() and not fake.freed, "disconnect freed the ring under a pause"
     fake.release_pause.set()
     pauser.join(5)
     closer.join(5)
@@ -85,23 +87,38 @@ def test_calls_during_and_after_disconnect_are_refused_not_run(fake: FakeC) -> N
 def test_stats_hammered_while_disconnecting_never_touches_a_freed_ring(fake: FakeC) -> None:
     ring = make_ring()
     stop = threading.Event()
-    refused = []
+    refused: list[int] = []
+    served = [threading.Event() for _ in range(4)]  # each hammer had a stats() answered
+    turned_away = [threading.Event() for _ in range(4)]  # ... and one refused
 
-    def hammer() -> None:
+    def hammer(i: int) -> None:
         while not stop.is_set():
             try:
                 ring.stats()
+                served[i].set()
             except OSError as e:
                 refused.append(e.errno)
+                turned_away[i].set()
 
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
-    ring.disconnect()
-    time.sleep(0.05)
-    stop.set()
-    for t in threads:
-        t.join(5)
+    try:
+        assert all(e.wait(5) for e in served), "every hammer is calling stats()"
+        ring.disconnect()
+        assert all(e.wait(5) for e in turned_away), "every hammer saw the refusal"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
     assert fake.freed and not fake.used_after_free
-    assert refused and set(refused) == {errno.ENODEV}
+    assert set(refused) == {errno.ENODEV}
+
+
+def _refused(call: Callable[[], object]) -> bool:
+    """Whether `call` is refused as on a disconnected ring (ENODEV), not run."""
+    try:
+        call()
+    except OSError as e:
+        return e.errno == errno.ENODEV
+    return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import tomllib
 from importlib.resources import files
 from typing import Any, ClassVar
@@ -67,6 +68,12 @@ def test_a_good_minimal_spec_parses() -> None:
         (broken(transitions__0__before=["go"]), "callback names equal to trigger names"),
         (broken(states__a={"children": {"c": {}}, "initial": "c"}), "need `nested = true`"),
         (broken(transitions__0__conditions=3), "expected a name or a list of names"),
+        (broken(triggers__go={"blame": "ours", "errno": "ENOPE"}), "'ENOPE' is not a name"),
+        (broken(triggers__go={"blame": "ours", "errno": 22}), "errno 22 is not a name"),
+        (broken(triggers__go={"blame": "ours", "errno": "errorcode"}), "is not a name"),
+        (broken(triggers__spare={"blame": "ours", "refused": True, "errno": "EINVAL"}),
+         "a refused trigger has no errno"),
+        (broken(transitions__0__errno="EBUSY"), "a row with errno refuses: no dest"),
     ],
 )
 def test_schema_errors_name_the_problem(data: dict[str, Any], message: str) -> None:
@@ -98,6 +105,17 @@ def test_ignore_entries_become_internal_transitions_after_the_others() -> None:
     spec = parse_spec(data)
     last = spec.transitions[-1]
     assert (last.trigger, last.sources, last.dest, last.ignored) == ("noise", ("a",), None, True)
+
+
+def test_errno_names_become_numbers_on_triggers_and_refusing_rows() -> None:
+    data = copy.deepcopy(GOOD)
+    data["triggers"]["go"]["errno"] = "EALREADY"
+    data["transitions"].append(
+        {"trigger": "go", "source": "a", "conditions": ["twice"], "errno": "EBUSY"})
+    spec = parse_spec(data)
+    assert spec.triggers["go"].errno == errno.EALREADY
+    assert [t.errno for t in spec.transitions] == [None, errno.EBUSY]
+    assert spec.transitions[1].dest is None
 
 
 def test_unbound_callbacks_are_refused_when_a_machine_is_built() -> None:

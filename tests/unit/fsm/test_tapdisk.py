@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 import pytest
 
 from blktap3.fsm import (
+    AcceptImage,
     Attach,
+    BlkifRing,
     CleanupRuntime,
     Close,
     CloseImage,
     ConnectRing,
     ControlSocketReady,
     Detach,
+    DiscardImage,
     DisconnectRing,
     DiskInfo,
     Drained,
+    DrainFailed,
+    Event,
     ExitProcess,
     ExitRequested,
+    GetDiskInfo,
     ImageError,
     ImageOpened,
     ImageOpenFailed,
@@ -28,8 +35,11 @@ from blktap3.fsm import (
     Pause,
     ProcessExited,
     QuiesceRing,
+    ReleaseMinor,
     Reply,
     Resume,
+    RingStarted,
+    RingStartFailed,
     SpawnFailed,
     StartRing,
     StopRing,
@@ -39,18 +49,21 @@ from blktap3.fsm import (
     UnquiesceRing,
     VbdAdded,
     VbdRemoved,
+    VbdState,
 )
 
 DISK = DiskInfo(sectors=1 << 20)
+RING = BlkifRing(1, 51712, grefs=(8,), port=3)
 
 
 def open_vbd(ring: bool = True) -> TapdiskVbd:
     vbd = TapdiskVbd(minor=0)
     assert vbd.handle(Attach()) == (Reply(),)
-    assert vbd.handle(Open("/img", flags=0x2)) == (OpenImage("/img", 0x2),)
-    assert vbd.handle(ImageOpened(DISK)) == (Reply(disk=DISK),)
+    assert vbd.handle(Open("aio:/img", flags=0x2)) == (OpenImage("aio:/img", 0x2),)
+    assert vbd.handle(ImageOpened(DISK)) == (AcceptImage(), Reply(disk=DISK))
     if ring:
-        assert vbd.handle(ConnectRing(1, 51712)) == (StartRing(1, 51712), Reply())
+        assert vbd.handle(ConnectRing(RING)) == (StartRing(RING),)
+        assert vbd.handle(RingStarted()) == (Reply(),)
     return vbd
 
 
@@ -60,6 +73,12 @@ def pause(vbd: TapdiskVbd) -> None:
     assert vbd.handle(Drained()) == (CloseImage(), Reply())
 
 
+def errno_of(effects: tuple[object, ...]) -> int:
+    """The errno of a step that is exactly one refusal."""
+    assert len(effects) == 1 and isinstance(effects[0], Reply), effects
+    return effects[0].error
+
+
 def test_state_bits_follow_tap_ctl_list() -> None:
     vbd = TapdiskVbd(minor=0)
     vbd.handle(Attach())
@@ -67,7 +86,7 @@ def test_state_bits_follow_tap_ctl_list() -> None:
     vbd = open_vbd()
     assert vbd.state_bits == 0
     pause(vbd)
-    assert vbd.state == "open_paused"
+    assert vbd.state == VbdState.OPEN_PAUSED
     assert vbd.state_bits == 0x2A  # as blktap's `tap-ctl list` shows a paused VBD
     vbd.handle(Resume())
     vbd.handle(ImageOpened(DISK))
@@ -78,64 +97,189 @@ def test_state_bits_follow_tap_ctl_list() -> None:
 def test_resume_with_a_new_path_reopens_and_unquiesces_the_ring() -> None:
     vbd = open_vbd()
     pause(vbd)
-    assert vbd.handle(Resume("/new")) == (OpenImage("/new", 0x2),)
-    assert vbd.handle(ImageOpened(DISK)) == (UnquiesceRing(), Reply())
-    assert vbd.state == "open_connected"
-    assert vbd.path == "/new"
+    assert vbd.handle(Resume("aio:/new")) == (OpenImage("aio:/new", 0x2),)
+    assert vbd.handle(ImageOpened(DISK)) == (AcceptImage(), UnquiesceRing(), Reply())
+    assert vbd.state == VbdState.OPEN_CONNECTED
+    assert vbd.params == "aio:/new"
 
 
 def test_resume_without_a_ring_goes_back_to_ready() -> None:
     vbd = open_vbd(ring=False)
     pause(vbd)
     vbd.handle(Resume())
-    assert vbd.handle(ImageOpened(DISK)) == (Reply(),)
-    assert vbd.state == "open_ready"
+    assert vbd.handle(ImageOpened(DISK)) == (AcceptImage(), Reply())
+    assert vbd.state == VbdState.OPEN_READY
 
 
 def test_resume_refuses_a_changed_geometry() -> None:
     vbd = open_vbd()
     pause(vbd)
-    vbd.handle(Resume("/other"))
-    effects = vbd.handle(ImageOpened(DiskInfo(sectors=5)))
-    assert effects == (CloseImage(), Reply(error=errno.EMEDIUMTYPE))
-    assert vbd.state == "open_paused"
+    vbd.handle(Resume("aio:/other"))
+    discard, reply = vbd.handle(ImageOpened(DiskInfo(sectors=5)))
+    assert discard == DiscardImage() and isinstance(reply, Reply)
+    assert reply.error == errno.EMEDIUMTYPE and "resize not requested" in reply.message
+    assert vbd.state == VbdState.OPEN_PAUSED
     assert vbd.state_bits == 0x2A | 0x200  # RESUME_FAILED
+    assert vbd.params == "aio:/img"  # still the image it served
+
+
+@pytest.mark.parametrize(
+    ("disk", "accepted"),
+    [(DiskInfo(sectors=2 << 20), True),
+     (DiskInfo(sectors=1 << 19), False),  # a resize only grows
+     (DiskInfo(sectors=2 << 20, sector_size=4096), False),
+     (DiskInfo(sectors=2 << 20, info=4), False),
+     (DiskInfo(sectors=1 << 20, physical_sector_size=4096), False)],
+)
+def test_a_requested_resize_accepts_a_larger_disk_only(disk: DiskInfo, accepted: bool) -> None:
+    vbd = open_vbd()
+    pause(vbd)
+    vbd.handle(Resume(resize=True))
+    effects = vbd.handle(ImageOpened(disk))
+    if accepted:
+        assert effects == (AcceptImage(), UnquiesceRing(), Reply())
+        assert vbd.handle(GetDiskInfo()) == (Reply(disk=disk),)
+    else:
+        assert effects[0] == DiscardImage() and errno_of(effects[1:]) == errno.EMEDIUMTYPE
+        assert vbd.handle(GetDiskInfo()) == (Reply(disk=DISK),)
+
+
+def test_a_resize_is_asked_for_by_each_resume() -> None:
+    vbd = open_vbd()
+    pause(vbd)
+    vbd.handle(Resume(resize=True))
+    vbd.handle(ImageOpened(DiskInfo(sectors=2 << 20)))
+    pause(vbd)
+    vbd.handle(Resume())
+    assert errno_of(vbd.handle(ImageOpened(DiskInfo(sectors=4 << 20)))[1:]) == (
+        errno.EMEDIUMTYPE
+    )
 
 
 def test_open_failure_returns_to_attached_with_the_errno() -> None:
     vbd = TapdiskVbd(minor=0)
     vbd.handle(Attach())
-    vbd.handle(Open("/missing"))
-    assert vbd.handle(ImageOpenFailed(errno.ENOENT)) == (Reply(error=errno.ENOENT),)
-    assert vbd.state == "attached"
+    vbd.handle(Open("aio:/missing"))
+    assert vbd.handle(ImageOpenFailed(errno.EINVAL, "no such file")) == (
+        Reply(error=errno.EINVAL, message="no such file"),
+    )
+    assert vbd.state == VbdState.ATTACHED
+
+
+def test_a_ring_that_fails_to_start_leaves_the_vbd_ready() -> None:
+    vbd = open_vbd(ring=False)
+    vbd.handle(ConnectRing(RING))
+    assert vbd.handle(RingStartFailed(errno.EINVAL, "bad port")) == (
+        Reply(error=errno.EINVAL, message="bad port"),
+    )
+    assert vbd.state == VbdState.OPEN_READY and vbd.ring is None
+
+
+def test_disconnect_stops_the_named_ring_only() -> None:
+    vbd = open_vbd()
+    assert errno_of(vbd.handle(DisconnectRing(1, 51728))) == errno.ENODEV
+    assert vbd.handle(DisconnectRing(1, 51712)) == (StopRing(), Reply())
+    assert vbd.state == VbdState.OPEN_READY
+    assert errno_of(vbd.handle(DisconnectRing(1, 51712))) == errno.ENODEV
 
 
 def test_close_stops_the_ring_and_closes_the_image_then_detach() -> None:
     vbd = open_vbd()
     assert vbd.handle(Close()) == (StopRing(), CloseImage(), Reply())
-    assert vbd.handle(Detach()) == (Reply(),)
+    assert vbd.params is None
+    assert vbd.handle(Detach()) == (ReleaseMinor(), Reply())
     assert vbd.is_final
 
 
 def test_close_while_draining_needs_force() -> None:
     vbd = open_vbd()
     vbd.handle(Pause())
-    with pytest.raises(ToolstackError, match="conditions held"):
-        vbd.handle(Close())
-    assert vbd.state == "open_quiescing"
+    assert vbd.handle(DrainFailed(errno.ETIMEDOUT, "stuck")) == (
+        Reply(error=errno.ETIMEDOUT, message="stuck"),
+    )
+    assert errno_of(vbd.handle(Close())) == errno.EBUSY
+    assert vbd.state == VbdState.OPEN_QUIESCING
     assert vbd.handle(Close(force=True)) == (StopRing(), CloseImage(), Reply())
+
+
+def _attached() -> TapdiskVbd:
+    vbd = TapdiskVbd(minor=0)
+    vbd.handle(Attach())
+    return vbd
+
+
+def _paused(ring: bool = True) -> TapdiskVbd:
+    vbd = open_vbd(ring)
+    pause(vbd)
+    return vbd
+
+
+def _closed() -> TapdiskVbd:
+    vbd = open_vbd()
+    vbd.handle(Close())
+    return vbd
+
+
+OTHER_RING = BlkifRing(1, 51728)
+
+
+@pytest.mark.parametrize(
+    ("make", "event", "code"),
+    [
+        (_attached, Attach(), errno.EEXIST),
+        (open_vbd, Open("aio:/x"), errno.EALREADY),
+        (_paused, Open("aio:/x"), errno.EALREADY),
+        (_attached, ConnectRing(RING), errno.EINVAL),
+        (_closed, ConnectRing(RING), errno.EINVAL),
+        (lambda: _paused(ring=False), ConnectRing(RING), errno.EINVAL),
+        (open_vbd, ConnectRing(RING), errno.EALREADY),
+        (_paused, ConnectRing(RING), errno.EALREADY),
+        (open_vbd, ConnectRing(OTHER_RING), errno.EBUSY),
+        (_paused, ConnectRing(OTHER_RING), errno.EBUSY),
+        (_attached, DisconnectRing(1, 51712), errno.ENODEV),
+        (_paused, DisconnectRing(1, 51712), errno.EINVAL),
+        (_attached, Pause(), errno.EINVAL),
+        (_closed, Pause(), errno.EINVAL),
+        (open_vbd, Resume(), errno.EINVAL),
+        (open_vbd, Detach(), errno.EBUSY),
+        (_paused, Detach(), errno.EBUSY),
+        (_attached, GetDiskInfo(), errno.EINVAL),
+        (_closed, GetDiskInfo(), errno.EINVAL),
+    ],
+)
+def test_refused_requests_are_answered_with_the_spec_errno_and_change_nothing(
+    make: Callable[[], TapdiskVbd], event: Event, code: int
+) -> None:
+    vbd = make()
+    before = (vbd.state, vbd.state_bits, vbd.ring, vbd.disk, vbd.params)
+    assert errno_of(vbd.handle(event)) == code
+    assert (vbd.state, vbd.state_bits, vbd.ring, vbd.disk, vbd.params) == before
+
+
+@pytest.mark.parametrize(
+    ("make", "event"),
+    [(_paused, Pause()), (_attached, Close()), (_closed, Close()),
+     (_attached, Close(force=True))],
+)
+def test_a_repeated_pause_or_close_succeeds_and_stays(
+    make: Callable[[], TapdiskVbd], event: Event
+) -> None:
+    vbd = make()
+    state = vbd.state
+    assert vbd.handle(event) == (Reply(),)
+    assert vbd.state == state
 
 
 @pytest.mark.parametrize(
     ("event", "error"),
-    [(Attach(), ToolstackError), (Detach(), ToolstackError), (DisconnectRing(), ToolstackError),
-     (Drained(), OurBug), (ImageOpened(DISK), ImageError)],
+    [(Drained(), OurBug), (RingStarted(), OurBug), (DrainFailed(errno.EIO), OurBug),
+     (ImageOpened(DISK), ImageError)],
 )
-def test_out_of_order_messages_raise_with_the_culprit(event: object, error: type) -> None:
+def test_out_of_order_completions_raise_with_the_culprit(event: Event, error: type) -> None:
     vbd = open_vbd(ring=False)
     with pytest.raises(error):
-        vbd.handle(event)  # type: ignore[arg-type]
-    assert vbd.state == "open_ready"
+        vbd.handle(event)
+    assert vbd.state == VbdState.OPEN_READY
 
 
 def test_process_lifecycle() -> None:

@@ -43,6 +43,7 @@ def test_normal_handshake_follows_protocol_order() -> None:
                                               strict=True)] == [
         ("backend", "WriteKeys"),  # max-ring-page-order
         ("backend", "state=2"),
+        ("frontend", "OfferRing"),  # the ring granted, its event channel bound
         ("frontend", "WriteKeys"),  # ring-ref, event-channel, protocol: one transaction
         ("frontend", "state=3"),
         ("backend", "ReadFrontendTransport"),
@@ -102,8 +103,10 @@ def test_guest_close_then_reconnect() -> None:
         "state=6",  # front-end Closed (blkfront lets go on the back-end's Closing)
         "XenblkifDisconnect",
         "state=6",  # back-end Closed
+        "ReleaseRing",  # the back-end unmapped it: the front-end ungrants its ring
         "state=1",  # front-end starts over
         "state=2",  # back-end InitWait again
+        "OfferRing",
         "WriteKeys",
         "state=3",
         "ReadFrontendTransport",

@@ -1,4 +1,5 @@
-"""Fixtures of the xensim unit tests: a fresh machine per test, and the C probe.
+"""Fixtures of the xensim unit tests: the C probe, run on the shared `machine` fixture
+(a fresh simulated machine per test, tests/support/fixtures.py).
 
 The probe (xensim_probe.c) links Debian's real Xen libraries and runs with
 libxensim preloaded, as xenstored and tapdisk do, one operation per run.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,14 +21,6 @@ PROBE_SOURCE = Path(__file__).with_name("xensim_probe.c")
 XENSIM_SOURCES = Path(__file__).parents[3] / "blktap3" / "sim" / "csrc" / "xensim"
 
 Probe = Callable[..., str]
-
-
-@pytest.fixture
-def machine(tmp_path: Path) -> Iterator[xensim.Machine]:
-    m = xensim.Machine(tmp_path / "run")
-    m.init()
-    yield m
-    m.teardown()
 
 
 @pytest.fixture(scope="session")

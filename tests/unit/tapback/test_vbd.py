@@ -7,7 +7,6 @@ decisions are pinned, including error branches that are hard to reach for real.
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +25,7 @@ from blktap3.xenbus import (
     XenStorePermissionError,
     owned_by,
 )
+from tests.support import wait_until as wait_for
 
 T = TypeVar("T")
 PATHS = VbdPaths(5, 51712)
@@ -68,13 +68,6 @@ class FakeXenStore:
 
     def close(self) -> None:
         pass
-
-
-def wait_for(check: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 @pytest.fixture

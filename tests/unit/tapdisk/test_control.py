@@ -1,4 +1,8 @@
-"""The tapdisk's control logic (`Tapdisk.handle`) on real images, without a socket."""
+"""The tapdisk's control logic (`Tapdisk.handle`) on real images, without a socket.
+
+Rings are stand-ins (`FakeRing`, passed as the tapdisk's `connect_ring`): mapping a real
+one needs a simulated front-end (tests/integration/tapdisk/test_ring.py does that).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import pytest
 from blktap3.abi import VbdStateBits
 from blktap3.ctl import protocol as p
 from blktap3.ctl import runtime
-from blktap3.fsm import events
+from blktap3.fsm.tapdisk import VbdState
+from blktap3.tapdisk import images
 from blktap3.tapdisk.control import Reply, Tapdisk
-from blktap3.tapdisk.vbd import VbdState
 
 pytest.importorskip("blktap3.datapath", reason="the data path (Image.open) is not built")
 
@@ -30,9 +34,58 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
+class FakeRing:
+    """A ring that serves nothing; `drains=False`: its drain never completes."""
+
+    def __init__(self, ids: tuple[int, int], drains: bool = True) -> None:
+        self.ids = ids
+        self.drains = drains
+        self.paused = False
+        self.disconnected = False
+
+    def pause(self, timeout: float = 30.0) -> None:
+        if not self.drains:
+            raise OSError(errno.ETIMEDOUT, "in-flight requests did not complete")
+        self.paused = True
+
+    def resume(self, image: object = None) -> None:
+        assert self.paused and image is not None
+        self.paused = False
+
+    def disconnect(self, timeout: float = 30.0) -> None:
+        self.disconnected = True
+
+    def stats(self) -> dict[str, object]:
+        return {"reqs": {"read": 3, "write": 1}, "in_flight": 2, "slots": 32,
+                "kicks": {"in": 4, "out": 4}, "sectors": {"read": 24, "written": 8},
+                "errors": {"io": 0}, "responses": 2, "halted": None}
+
+
+class Rings:
+    """The tapdisk's `connect_ring`: FakeRings, or the errno the next connect fails with."""
+
+    def __init__(self) -> None:
+        self.made: list[FakeRing] = []
+        self.drains = True
+        self.fail_with = 0
+
+    def __call__(self, image: images.Image, *, domid: int, devid: int,
+                 **_: object) -> FakeRing:
+        if self.fail_with:
+            raise OSError(self.fail_with, f"ring {domid}/{devid}: refused by the test")
+        ring = FakeRing((domid, devid), drains=self.drains)
+        self.made.append(ring)
+        return ring
+
+
 @pytest.fixture
-def tapdisk(root: Path) -> Iterator[Tapdisk]:
-    td = Tapdisk(root, drain_timeout=2.0)
+def rings() -> Rings:
+    return Rings()
+
+
+@pytest.fixture
+def tapdisk(root: Path, rings: Rings) -> Iterator[Tapdisk]:
+    td = Tapdisk(root, drain_timeout=2.0, connect_ring=rings)
     yield td
     td.shutdown()
 
@@ -81,6 +134,17 @@ def geometry(payload: p.Payload) -> tuple[int, int, int]:
     """blktap's three fields of `u.image` (ours follow them)."""
     assert isinstance(payload, p.ImageInfo)
     return (payload.sectors, payload.sector_size, payload.info)
+
+
+def blkif(domid: int = 1, devid: int = 51712) -> p.Blkif:
+    return p.Blkif(domid=domid, devid=devid, grefs=(8,), order=0, port=3)
+
+
+def connected(td: Tapdisk, root: Path, domid: int = 1, devid: int = 51712) -> int:
+    minor = opened(td, root)
+    reply = send(td, T.XENBLKIF_CONNECT, minor, blkif(domid, devid))
+    assert reply.messages[0].type is T.XENBLKIF_CONNECT_RSP, reply
+    return minor
 
 
 def list_entries(td: Tapdisk) -> list[p.ListEntry]:
@@ -275,55 +339,149 @@ def test_stats_follow_blktaps_shape(tapdisk: Tapdisk, root: Path) -> None:
 
 def test_ring_messages_need_a_ring(tapdisk: Tapdisk, root: Path) -> None:
     minor = attached(tapdisk, root)
-    blkif = p.Blkif(domid=1, devid=51712, grefs=(8,), order=0, port=3)
-    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif)) == errno.EINVAL
-    assert error_of(send(tapdisk, T.XENBLKIF_DISCONNECT, minor, blkif)) == errno.ENODEV
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif())) == errno.EINVAL
+    assert error_of(send(tapdisk, T.XENBLKIF_DISCONNECT, minor, blkif())) == errno.ENODEV
 
 
 def test_replies_are_not_requests(tapdisk: Tapdisk) -> None:
     assert error_of(send(tapdisk, T.OPEN_RSP, 0, p.ImageInfo(1, 512, 0))) == errno.EINVAL
 
 
-class StuckRing:
-    """A ring whose drain never completes (the error branch of PAUSE)."""
-
-    def __init__(self) -> None:
-        self.disconnected = False
-
-    def pause(self, timeout: float = 30.0) -> None:
-        raise OSError(errno.ETIMEDOUT, "in-flight requests did not complete")
-
-    def resume(self, image: object = None) -> None:
-        raise AssertionError("not paused")
-
-    def disconnect(self, timeout: float = 30.0) -> None:
-        self.disconnected = True
-
-    def stats(self) -> dict[str, object]:
-        return {"reqs": {"read": 3, "write": 1}, "in_flight": 2, "slots": 32,
-                "kicks": {"in": 4, "out": 4}, "sectors": {"read": 24, "written": 8},
-                "errors": {"io": 0}, "responses": 2, "halted": None}
-
-
 def test_a_pause_that_cannot_drain_fails_and_force_shutdown_still_closes(
-    tapdisk: Tapdisk, root: Path
+    tapdisk: Tapdisk, root: Path, rings: Rings
 ) -> None:
-    minor = opened(tapdisk, root)
-    vbd = tapdisk.vbds[minor]
-    ring = StuckRing()
-    # Install the ring as XENBLKIF_CONNECT would (needs a simulated front-end otherwise).
-    vbd.prepared_ring = ring
-    tapdisk._step(vbd, events.ConnectRing(1, 2))
-    assert vbd.state is VbdState.CONNECTED
+    rings.drains = False
+    minor = connected(tapdisk, root, domid=1, devid=2)
+    assert tapdisk.vbds[minor].state is VbdState.OPEN_CONNECTED
     stats = json.loads(send(tapdisk, T.STATS, minor).data)
     assert stats["xenbus"]["domid"] == 1 and stats["reqs_outstanding"] == 2
-    blkif = p.Blkif(domid=1, devid=2, grefs=(8,))
-    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif)) == errno.EALREADY
     assert error_of(send(tapdisk, T.PAUSE, minor)) == errno.ETIMEDOUT
-    assert tapdisk.vbds[minor].state is VbdState.PAUSE_REQUESTED
+    assert tapdisk.vbds[minor].state is VbdState.OPEN_QUIESCING
+    assert list_entries(tapdisk)[0].state == 0x14
     assert error_of(send(tapdisk, T.CLOSE, minor)) == errno.EBUSY
     assert send(tapdisk, T.FORCE_SHUTDOWN, minor).messages[0].type is T.CLOSE_RSP
-    assert ring.disconnected and tapdisk.vbds[minor].state is VbdState.CLOSED
+    assert rings.made[0].disconnected and tapdisk.vbds[minor].state is VbdState.CLOSED
+
+
+# -- each rule of specs/tapdisk_vbd.toml that answers a request, on the wire ------------
+
+
+def test_connecting_the_connected_ring_again_is_ealready(
+    tapdisk: Tapdisk, root: Path, rings: Rings
+) -> None:
+    minor = connected(tapdisk, root)
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif())) == errno.EALREADY
+    assert len(rings.made) == 1  # refused before anything was mapped
+    send(tapdisk, T.PAUSE, minor)  # the ring stays mapped while paused
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif())) == errno.EALREADY
+
+
+def test_connecting_another_ring_is_ebusy(tapdisk: Tapdisk, root: Path, rings: Rings) -> None:
+    minor = connected(tapdisk, root)
+    other = blkif(devid=51728)
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, other)) == errno.EBUSY
+    send(tapdisk, T.PAUSE, minor)
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, other)) == errno.EBUSY
+    assert len(rings.made) == 1 and not rings.made[0].disconnected
+
+
+def test_connecting_without_an_open_image_is_einval(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    send(tapdisk, T.PAUSE, minor)  # paused: the image is closed and no ring is mapped
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif())) == errno.EINVAL
+    send(tapdisk, T.CLOSE, minor)
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif())) == errno.EINVAL
+
+
+def test_a_ring_that_cannot_be_mapped_leaves_the_vbd_ready(
+    tapdisk: Tapdisk, root: Path, rings: Rings
+) -> None:
+    minor = opened(tapdisk, root)
+    rings.fail_with = errno.EINVAL
+    assert error_of(send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif())) == errno.EINVAL
+    assert tapdisk.vbds[minor].state is VbdState.OPEN_READY
+    rings.fail_with = 0
+    assert send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif()).messages[0].type is (
+        T.XENBLKIF_CONNECT_RSP
+    )
+
+
+def test_disconnecting_is_for_the_connected_ring_only(
+    tapdisk: Tapdisk, root: Path, rings: Rings
+) -> None:
+    minor = connected(tapdisk, root)
+    assert error_of(send(tapdisk, T.XENBLKIF_DISCONNECT, minor, blkif(devid=7))) == (
+        errno.ENODEV
+    )
+    send(tapdisk, T.PAUSE, minor)
+    # The ring stays while paused: RESUME (or CLOSE) first.
+    assert error_of(send(tapdisk, T.XENBLKIF_DISCONNECT, minor, blkif())) == errno.EINVAL
+    send(tapdisk, T.RESUME, minor, p.Resume())
+    assert send(tapdisk, T.XENBLKIF_DISCONNECT, minor, blkif()).messages[0].type is (
+        T.XENBLKIF_DISCONNECT_RSP
+    )
+    assert rings.made[0].disconnected
+    assert error_of(send(tapdisk, T.XENBLKIF_DISCONNECT, minor, blkif())) == errno.ENODEV
+
+
+def test_resume_gives_the_ring_the_new_image(tapdisk: Tapdisk, root: Path, rings: Rings) -> None:
+    minor = connected(tapdisk, root)
+    send(tapdisk, T.PAUSE, minor)
+    assert rings.made[0].paused
+    swapped = f"aio:{image(root, 'swap.img')}"
+    assert send(tapdisk, T.RESUME, minor, p.Resume(new_params=swapped)).messages[0].type is (
+        T.RESUME_RSP
+    )
+    assert not rings.made[0].paused
+    assert tapdisk.vbds[minor].state is VbdState.OPEN_CONNECTED
+
+
+def test_close_with_nothing_open_succeeds(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    assert send(tapdisk, T.CLOSE, minor).messages[0].type is T.CLOSE_RSP
+    assert send(tapdisk, T.FORCE_SHUTDOWN, minor).messages[0].type is T.CLOSE_RSP
+    assert tapdisk.vbds[minor].state is VbdState.ATTACHED
+
+
+def test_pause_needs_an_open_image(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    assert error_of(send(tapdisk, T.PAUSE, minor)) == errno.EINVAL
+    minor = opened(tapdisk, root, f"aio:{image(root, 'b.img')}")
+    send(tapdisk, T.CLOSE, minor)
+    assert error_of(send(tapdisk, T.PAUSE, minor)) == errno.EINVAL
+
+
+def test_disk_info_needs_an_image_and_survives_a_pause(tapdisk: Tapdisk, root: Path) -> None:
+    minor = attached(tapdisk, root)
+    assert error_of(send(tapdisk, T.DISK_INFO, minor)) == errno.EINVAL
+    params = p.Params(path=f"aio:{image(root, size=2 * MiB)}")
+    send(tapdisk, T.OPEN, minor, params)
+    send(tapdisk, T.PAUSE, minor)
+    info = send(tapdisk, T.DISK_INFO, minor).messages[0].payload
+    assert geometry(info) == (2 * MiB // 512, 512, 0)
+    send(tapdisk, T.CLOSE, minor)
+    assert error_of(send(tapdisk, T.DISK_INFO, minor)) == errno.EINVAL
+
+
+def test_open_or_detach_of_a_paused_vbd_is_refused(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    send(tapdisk, T.PAUSE, minor)
+    params = p.Params(path=f"aio:{image(root)}")
+    assert error_of(send(tapdisk, T.OPEN, minor, params)) == errno.EALREADY
+    assert error_of(send(tapdisk, T.DETACH, minor)) == errno.EBUSY
+    assert tapdisk.vbds[minor].state is VbdState.OPEN_PAUSED
+
+
+def test_a_refused_resize_says_why(tapdisk: Tapdisk, root: Path) -> None:
+    minor = opened(tapdisk, root)
+    send(tapdisk, T.PAUSE, minor)
+    bigger = f"aio:{image(root, 'big.img', size=8 * MiB)}"
+    reply = send(tapdisk, T.RESUME, minor, p.Resume(new_params=bigger)).messages[0].payload
+    assert isinstance(reply, p.Response) and reply.error == errno.EMEDIUMTYPE
+    assert "resize not requested" in reply.message
+    assert list_entries(tapdisk)[0].state == 0x2A | VbdStateBits.RESUME_FAILED
+    # LIST still names the image the VBD served.
+    assert list_entries(tapdisk)[0].path == f"aio:{root / 'disk.img'}"
 
 
 def test_shutdown_releases_every_minor(root: Path) -> None:

@@ -8,35 +8,55 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from blktap3.ctl import protocol as p
 from blktap3.ctl import runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
+from blktap3.tapdisk import server as server_mod
 from blktap3.tapdisk.control import Tapdisk
 from blktap3.tapdisk.server import ControlServer
+from tests.support import wait_until
+
+Serve = Callable[..., ControlServer]
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ControlServer]:
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    """`serve(name, **options)`: a ControlServer on `tmp_path/name`, served by a thread;
+    stopped, joined and closed when the test ends."""
     runtime.ensure_dirs(tmp_path)
-    srv = ControlServer(Tapdisk(tmp_path), tmp_path / "ctl1", client_timeout=0.5)
-    srv.bind()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.stop()
-    thread.join(5)
-    srv.close()
-    assert not thread.is_alive()
+    running: list[tuple[ControlServer, threading.Thread]] = []
+
+    def start(name: str, **options: Any) -> ControlServer:
+        srv = ControlServer(Tapdisk(tmp_path), tmp_path / name, **options)
+        srv.bind()
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        running.append((srv, thread))
+        return srv
+
+    yield start
+    for srv, thread in running:
+        srv.stop()
+        thread.join(5)
+        srv.close()
+        assert not thread.is_alive()
 
 
-def client(server: ControlServer) -> TapdiskClient:
-    return TapdiskClient(os.getpid(), path=server.path, timeout=5)
+@pytest.fixture
+def server(serve: Serve) -> ControlServer:
+    return serve("ctl1", client_timeout=0.5)
+
+
+def client(server: ControlServer, timeout: float = 5) -> TapdiskClient:
+    return TapdiskClient(os.getpid(), path=server.path, timeout=timeout)
 
 
 def raw_exchange(server: ControlServer, data: bytes, *, half_close: bool = True) -> bytes:
@@ -76,20 +96,31 @@ def test_garbage_gets_einval_and_the_server_goes_on(
 def test_a_partial_message_then_silence_is_answered_after_the_timeout(
     server: ControlServer,
 ) -> None:
-    start = time.monotonic()
+    # The client keeps its side open: only the server's timeout can end the message, so
+    # a "short message" answer is the timeout at work (a server without one would leave
+    # this client waiting for its own 5 s socket timeout).
     code, message = error_of(raw_exchange(server, b"\x03\x00\x00", half_close=False))
     assert code == errno.EINVAL and "short" in message
-    assert time.monotonic() - start >= 0.4
 
 
-def test_a_silent_client_does_not_block_others(server: ControlServer) -> None:
+def test_a_silent_client_does_not_block_others(serve: Serve) -> None:
+    srv = serve("ctl-silent", client_timeout=60)  # the silent one outlives the test
     with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(srv.path))
+        wait_until(lambda: srv.clients == 1, 5, "the silent connection to be served")
+        assert client(srv).list() == []
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still held, unanswered, while the other was
+            silent.recv(1)
+
+
+def test_a_silent_client_is_dropped_at_the_timeout(server: ControlServer) -> None:
+    with capture_logs() as logs, socket.socket(socket.AF_UNIX) as silent:
         silent.connect(str(server.path))
-        start = time.monotonic()
-        assert client(server).list() == []
-        assert time.monotonic() - start < 0.4  # answered before the silent one timed out
         silent.settimeout(5)
-        assert silent.recv(1) == b""  # then the server dropped the silent client
+        assert silent.recv(1) == b""  # the server closed it
+    assert {"event": "client timed out", "timeout": 0.5, "log_level": "warning"} in logs
+    assert client(server).get_pid() == os.getpid()
 
 
 def test_concurrent_clients_are_all_answered(server: ControlServer) -> None:
@@ -122,7 +153,7 @@ def test_last_detach_stops_the_server(tmp_path: Path) -> None:
     c = client(srv)
     c.attach(0)
     c.detach(0)
-    thread.join(5)
+    thread.join(5)  # the loop ends by itself
     assert not thread.is_alive()
     srv.close()
     assert not srv.path.exists()
@@ -132,34 +163,53 @@ def test_last_detach_stops_the_server(tmp_path: Path) -> None:
 
 
 def test_a_client_trickling_bytes_is_cut_off_at_the_timeout(server: ControlServer) -> None:
-    """The timeout bounds the whole message, not each byte: one byte every 0.1 s must not
-    hold a connection (and its thread) for 544 * 0.1 s."""
+    """The timeout bounds the whole message, not each byte: a client sending one byte
+    every 0.1 s is answered (or dropped) long before its 544 bytes are in; a timeout per
+    byte would hold the connection (and its thread) for all of them."""
     with socket.socket(socket.AF_UNIX) as slow:
         slow.connect(str(server.path))
         slow.setblocking(False)
-        start = time.monotonic()
-        answered = None
-        while time.monotonic() - start < 3:
+        sent = 0
+        answered = False
+        while sent < p.MESSAGE_SIZE and not answered:
             try:
                 slow.send(b"\x03")
-            except OSError:
-                answered = time.monotonic() - start  # the server closed on us
-                break
-            try:
-                if slow.recv(p.MESSAGE_SIZE) is not None:
-                    answered = time.monotonic() - start
-                    break
+                sent += 1
+                slow.recv(p.MESSAGE_SIZE)  # an answer or the end: either way, cut off
+                answered = True
             except BlockingIOError:
-                pass
+                pass  # not answered yet
+            except OSError:
+                answered = True  # the server closed on us
+            # The stalling client under test (a byte per 0.1 s), not a synchronisation.
             time.sleep(0.1)
-        assert answered is not None and answered < 1.5, answered
+        assert answered and sent < p.MESSAGE_SIZE, sent
+
+
+class FrozenClock:
+    """Stands in for the server module's `time`: `monotonic()` stands still until
+    `advance()`d, and counts its reads (each turn of the accept loop makes one)."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def test_descriptor_exhaustion_does_not_spin_the_accept_loop(
     server: ControlServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """accept() failing with EMFILE leaves the connection queued, so the listener stays
-    readable: the loop must back off rather than retry at full speed."""
+    readable: the loop must back off (no accept before ACCEPT_BACKOFF has passed) rather
+    than retry at full speed. The server's clock is frozen, so "has passed" is ours to say."""
+    clock = FrozenClock()
+    monkeypatch.setattr(server_mod, "time", clock)
     calls = 0
     failing = True
     real_accept = socket.socket.accept
@@ -174,20 +224,19 @@ def test_descriptor_exhaustion_does_not_spin_the_accept_loop(
     monkeypatch.setattr(socket.socket, "accept", accept)
     with socket.socket(socket.AF_UNIX) as waiting:
         waiting.connect(str(server.path))
-        time.sleep(0.5)
-        spins = calls
+        wait_until(lambda: calls, 5, "the first accept, failing")
+        turns = clock.reads
+        wait_until(lambda: clock.reads >= turns + 3, 5, "three turns of the accept loop")
+        assert calls == 1, "accept retried before the back-off ended"
+        clock.advance(server_mod.ACCEPT_BACKOFF)
+        wait_until(lambda: calls == 2, 5, "accept retried once the back-off ended")
         failing = False  # descriptors came back
-        assert 1 <= spins <= 20, spins
-    assert client(server).get_pid() == os.getpid()  # and the queued clients get served
+        clock.advance(server_mod.ACCEPT_BACKOFF)
+        assert client(server).get_pid() == os.getpid()  # the queued clients get served
 
 
-def test_silent_connections_hold_a_bounded_number_of_threads(tmp_path: Path) -> None:
-    runtime.ensure_dirs(tmp_path)
-    srv = ControlServer(Tapdisk(tmp_path), tmp_path / "ctl3", client_timeout=0.3,
-                        max_clients=4)
-    srv.bind()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+def test_silent_connections_hold_a_bounded_number_of_threads(serve: Serve) -> None:
+    srv = serve("ctl3", client_timeout=0.3, max_clients=4)
     before = threading.active_count()
     silent = []
     try:
@@ -195,18 +244,13 @@ def test_silent_connections_hold_a_bounded_number_of_threads(tmp_path: Path) -> 
             s = socket.socket(socket.AF_UNIX)
             silent.append(s)
             s.connect(str(srv.path))
-        time.sleep(0.2)
-        assert threading.active_count() - before <= 4
-        start = time.monotonic()
-        assert client(srv).get_pid() == os.getpid()  # served once slots free up
-        assert time.monotonic() - start < 4
+        wait_until(lambda: srv.clients == srv.max_clients, 5, "every slot taken")
+        assert threading.active_count() - before <= srv.max_clients
+        # Served once the silent ones ahead of it timed out, four at a time.
+        assert client(srv, timeout=60).get_pid() == os.getpid()
     finally:
         for s in silent:
             s.close()
-        srv.stop()
-        thread.join(5)
-        srv.close()
-    assert not thread.is_alive()
 
 
 def test_a_path_that_is_not_utf8_is_einval_and_the_server_goes_on(

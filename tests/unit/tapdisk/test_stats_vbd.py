@@ -7,8 +7,9 @@ import json
 import pytest
 
 from blktap3.fsm import events
+from blktap3.fsm.tapdisk import VbdState
 from blktap3.tapdisk import stats
-from blktap3.tapdisk.vbd import STATE_OF_SPEC, Vbd, VbdState
+from blktap3.tapdisk.vbd import Vbd
 
 
 def test_render_spells_json_as_blktap() -> None:
@@ -47,22 +48,30 @@ def test_connected_vbd_stats_carry_the_ring_counters() -> None:
     assert body["reqs_outstanding"] == 1
 
 
-def test_every_spec_state_has_an_issue_3_name() -> None:
-    vbd = Vbd(0, -1)
-    assert set(STATE_OF_SPEC) == {s.name for s in vbd.machine.spec.all_states()
-                                  if not s.children}
+def test_indirect_requests_count_as_reads_and_writes_and_their_errors_are_sorted() -> None:
+    ring = {"reqs": {"read": 5, "write": 2, "indirect": 9},
+            "indirect": {"read": 4, "write": 3, "pages": 7},
+            "responses": 16, "errors": {"grant": 1, "indirect_grant": 2, "indirect_op": 1,
+                                        "indirect_segments": 1, "sector": 1}}
+    body = json.loads(stats.render_stats(stats.vbd_stats(
+        params="aio:/p", image_type="aio", image_path="/p", ring_stats=ring,
+        ring_ids=(3, 51712))))
+    assert body["images"][0]["hits"] == [5 + 4, 2 + 3]
+    assert body["xenbus"]["reqs"] == [16, 16]
+    assert body["xenbus"]["errors"] == {"msg": 0, "map": 3, "vbd": 3, "img": 0}
 
 
-def test_state_bits_follow_the_machine() -> None:
+def test_the_vbd_reads_state_bits_and_params_off_the_machine() -> None:
     vbd = Vbd(0, -1)
     assert vbd.state is VbdState.ALLOCATED
     vbd.machine.handle(events.Attach())
     vbd.machine.handle(events.Open("aio:/p"))
+    assert (vbd.state, vbd.params) == (VbdState.OPENING, "")
     vbd.machine.handle(events.ImageOpened(events.DiskInfo(8)))
-    assert (vbd.state, vbd.bits) == (VbdState.OPEN, 0)
+    assert (vbd.state, vbd.bits, vbd.params) == (VbdState.OPEN_READY, 0, "aio:/p")
     vbd.machine.handle(events.Pause())
-    assert (vbd.state, vbd.bits) == (VbdState.PAUSE_REQUESTED, 0x14)
+    assert (vbd.state, vbd.bits) == (VbdState.OPEN_QUIESCING, 0x14)
     vbd.machine.handle(events.Drained())
-    assert (vbd.state, vbd.bits) == (VbdState.PAUSED, 0x2A)
+    assert (vbd.state, vbd.bits, vbd.params) == (VbdState.OPEN_PAUSED, 0x2A, "aio:/p")
     vbd.machine.handle(events.Close())
-    assert (vbd.state, vbd.bits) == (VbdState.CLOSED, 0x2)
+    assert (vbd.state, vbd.bits, vbd.params) == (VbdState.CLOSED, 0x2, "")

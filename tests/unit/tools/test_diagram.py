@@ -3,6 +3,7 @@ every spec row is drawn; highlight, formats and errors work; graphviz is optiona
 
 from __future__ import annotations
 
+import errno
 import struct
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def labels_of(d: diagram.Drawing) -> set[str]:
 
 
 def row_label(t: TransitionSpec) -> str:
-    return diagram.edge_label(t.trigger, t.conditions, t.unless, t.before + t.after)
+    answer = (errno.errorcode[t.errno],) if t.errno is not None else ()  # a refusing row
+    return diagram.edge_label(t.trigger, t.conditions, t.unless, t.before + t.after + answer)
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -20,7 +20,9 @@ def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str
         assert f"{name}: ok" in out
     assert "state               unknown  initialising" in out  # the back-end's table
     assert re.search(r"^failed .* removed +@failed$", out, re.M)  # and each state's phase
-    assert "refused" in out  # the front-end's table shows what it refuses
+    # the front-end's table: every back-end state, and an absent or unparsable node
+    assert "frontend_vbd: backend_<state> events, by state" in out
+    assert "reconfigured  invalid  vanished" in out
 
 
 def test_check_fails_on_a_hole_in_the_backend(

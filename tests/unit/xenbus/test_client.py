@@ -21,6 +21,7 @@ from blktap3.xenbus import (
     XenStorePermissionError,
     XenStoreTimeout,
 )
+from tests.support import wait_until
 
 from .fakexs import INTRODUCE, RELEASE, FakeXenstored
 
@@ -101,21 +102,24 @@ def test_silent_xenstored_gives_a_timeout_not_a_hang(
     client: XenStore, fake_xenstored: FakeXenstored
 ) -> None:
     fake_xenstored.store.silent = True
-    started = time.monotonic()
-    with pytest.raises(XenStoreTimeout):
+    with pytest.raises(XenStoreTimeout) as err:
         client.call(2, b"/x\0", timeout=0.3)
-    assert time.monotonic() - started < 2.0
+    assert "within 0.3s" in str(err.value)  # the call's timeout, not the client's 2 s
 
 
 def test_lost_connection_fails_pending_call_at_once(
     client: XenStore, fake_xenstored: FakeXenstored
 ) -> None:
     fake_xenstored.store.silent = True
-    threading.Timer(0.2, fake_xenstored.drop_connections).start()
-    started = time.monotonic()
+
+    def drop_once_pending() -> None:
+        wait_until(lambda: fake_xenstored.store.requests, 5, "the call to reach xenstored")
+        fake_xenstored.drop_connections()
+
+    threading.Thread(target=drop_once_pending, daemon=True).start()
+    # A ConnectionError, not the XenStoreTimeout of the call's 30 s: failed when dropped.
     with pytest.raises(XenStoreConnectionError):
         client.call(2, b"/x\0", timeout=30)
-    assert time.monotonic() - started < 5.0
     assert not client.alive
     with pytest.raises(XenStoreConnectionError):
         client.read("/x")
@@ -126,10 +130,9 @@ def test_dead_router_thread_fails_callers_instead_of_blocking(
 ) -> None:
     # The router thread dies inside recv() with a bug of its own (not a socket error).
     mocker.patch.object(client.connection, "recv", side_effect=RuntimeError("router bug"))
-    started = time.monotonic()
+    # A ConnectionError naming the bug, not the XenStoreTimeout of the 2 s call timeout.
     with pytest.raises(XenStoreConnectionError, match="router bug"):
         client.read("/")
-    assert time.monotonic() - started < 1.5, "failed at once, not at the 2 s call timeout"
 
 
 def test_connect_to_missing_socket_raises_connection_error(tmp_path: object) -> None:
@@ -161,9 +164,7 @@ def test_close_after_the_peer_left_closes_the_socket(
     def lose_and_close() -> None:
         xs = XenStore.open(fake_xenstored.path, timeout=1)
         fake_xenstored.close()
-        deadline = time.monotonic() + 5
-        while xs.alive and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not xs.alive, 5, "the client to see the peer gone")
         xs.close()
 
     assert _unclosed_sockets(lose_and_close) == []

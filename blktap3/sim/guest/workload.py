@@ -1,0 +1,202 @@
+"""The guest's workloads and their typed figures: what a guest does on a connected ring.
+
+`run_workload(ring, workload, sectors, readonly, options)` runs the phases of one of
+`WORKLOADS` on a ring (the C driver's `GuestRing`) and returns a `PhaseFigures` per
+phase; `check_phases` says why they failed, `IoTotals.of` sums them. The figures travel
+from the guest process to its parent as JSON (`as_json` / `from_json`, with the keys the
+guest's `--json` lines have always had).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from blktap3.abi import SECTOR_SIZE
+
+WORKLOADS = ("verify", "randrw", "read", "none")
+MiB = 1 << 20
+
+
+class WorkloadError(Exception):
+    """The workload cannot run on this disk (too small, or read-only for a writer)."""
+
+
+class WorkloadRing(Protocol):
+    """What a workload needs of a ring: `GuestRing.run` (figures as the C driver counts)."""
+
+    def run(self, *, qd: int = ..., bs: int = ..., read_pct: int = ..., random: bool = ...,
+            start: int = ..., span: int = ..., ios: int = ..., duration: float = ...,
+            seed: int = ..., verify: bool = ..., stamp: int = ...,
+            timeout: float = ...) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class IoOptions:
+    qd: int = 16
+    bs: int = 4096
+    seconds: float = 1.0
+    span_mib: float = 8.0
+    timeout: float = 10.0
+
+
+# What the C driver counts for one run, in the order the JSON has them.
+_RING_COUNTS = ("ios", "reads", "writes", "bytes", "errors", "duplicates", "mismatches", "lost",
+                "kicks_out", "kicks_in", "elapsed_ns", "p50_ns", "p99_ns", "max_ns")
+_FAILURES = ("errors", "lost", "duplicates", "mismatches")
+
+
+@dataclass(frozen=True)
+class PhaseFigures:
+    """One phase of a workload: the ring's counts, rates and latencies."""
+
+    phase: str
+    ios: int
+    reads: int
+    writes: int
+    bytes: int
+    errors: int
+    duplicates: int
+    mismatches: int
+    lost: int
+    kicks_out: int
+    kicks_in: int
+    elapsed_ns: int
+    p50_ns: int
+    p99_ns: int
+    max_ns: int
+    iops: float
+    mbps: float
+    timed_out: bool
+
+    @classmethod
+    def from_ring(cls, phase: str, figures: Mapping[str, Any]) -> PhaseFigures:
+        counts = {k: int(figures[k]) for k in _RING_COUNTS}
+        secs = counts["elapsed_ns"] / 1e9
+        return cls(phase=phase, **counts, iops=float(figures["iops"]),
+                   mbps=counts["bytes"] / secs / 1e6 if secs else 0.0,
+                   timed_out=bool(figures["timed_out"]))
+
+    def failure(self) -> str | None:
+        """Why this phase failed (errors, lost, ... or a timeout), or None."""
+        bad = {k: getattr(self, k) for k in _FAILURES if getattr(self, k)}
+        if not bad and not self.timed_out:
+            return None
+        return ", ".join(f"{v} {k}" for k, v in bad.items()) or "timed out"
+
+    def as_json(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in _RING_COUNTS}, "iops": self.iops,
+                "timed_out": self.timed_out, "phase": self.phase, "mbps": self.mbps}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PhaseFigures:
+        return cls(phase=str(d["phase"]), **{k: int(d[k]) for k in _RING_COUNTS},
+                   iops=float(d["iops"]), mbps=float(d["mbps"]), timed_out=bool(d["timed_out"]))
+
+
+@dataclass(frozen=True)
+class IoTotals:
+    """Every phase of a guest's life added up, with the overall rates."""
+
+    ios: int = 0
+    reads: int = 0
+    writes: int = 0
+    bytes: int = 0
+    errors: int = 0
+    mismatches: int = 0
+    lost: int = 0
+    elapsed_ns: int = 0
+    iops: float = 0.0
+    mbps: float = 0.0
+
+    @classmethod
+    def of(cls, phases: Sequence[PhaseFigures]) -> IoTotals:
+        def total(key: str) -> int:
+            return sum(int(getattr(p, key)) for p in phases)
+
+        elapsed = total("elapsed_ns")
+        secs = elapsed / 1e9
+        return cls(ios=total("ios"), reads=total("reads"), writes=total("writes"),
+                   bytes=total("bytes"), errors=total("errors"),
+                   mismatches=total("mismatches"), lost=total("lost"), elapsed_ns=elapsed,
+                   iops=round(total("ios") / secs, 1) if secs else 0.0,
+                   mbps=round(total("bytes") / secs / 1e6, 2) if secs else 0.0)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ios": self.ios, "reads": self.reads, "writes": self.writes,
+                "bytes": self.bytes, "errors": self.errors, "mismatches": self.mismatches,
+                "lost": self.lost, "elapsed_ns": self.elapsed_ns, "iops": self.iops,
+                "mbps": self.mbps}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> IoTotals:
+        ints = ("ios", "reads", "writes", "bytes", "errors", "mismatches", "lost", "elapsed_ns")
+        return cls(**{k: int(d[k]) for k in ints}, iops=float(d["iops"]),
+                   mbps=float(d["mbps"]))
+
+
+@dataclass(frozen=True)
+class CycleFigures:
+    """One connect-workload-detach cycle: the disk size it saw and its phases."""
+
+    sectors: int
+    phases: tuple[PhaseFigures, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"sectors": self.sectors, "phases": [p.as_json() for p in self.phases]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CycleFigures:
+        return cls(int(d["sectors"]), tuple(PhaseFigures.from_json(p) for p in d["phases"]))
+
+
+PhaseDone = Callable[[PhaseFigures], None]
+
+
+def run_workload(ring: WorkloadRing, workload: str, sectors: int, readonly: bool,
+                 opts: IoOptions, on_phase: PhaseDone = lambda _: None) -> list[PhaseFigures]:
+    """Run one workload on a connected ring; its phases' figures, in order.
+
+    Written data carries (sector, stamp) in every 16 bytes with a stamp fresh for this
+    run, so a read can only verify what this run wrote, never an older image's content.
+    """
+    def _phase(name: str, *, read_pct: int, ios: int = 0, duration: float = 0.0,
+               random: bool = False, verify: bool = False, stamp: int = 0,
+               seed: int = 1) -> PhaseFigures:
+        figures = PhaseFigures.from_ring(name, ring.run(
+            qd=opts.qd, bs=opts.bs, start=0, span=span, timeout=opts.timeout,
+            read_pct=read_pct, ios=ios, duration=duration, random=random, verify=verify,
+            stamp=stamp, seed=seed))
+        on_phase(figures)
+        return figures
+
+    if workload == "none":
+        return []
+    bs_sectors = opts.bs // SECTOR_SIZE
+    span = min(int(opts.span_mib * MiB) // SECTOR_SIZE, sectors)
+    span -= span % bs_sectors
+    if span < bs_sectors:
+        raise WorkloadError(f"disk of {sectors} sectors is smaller than one {opts.bs} B I/O")
+    blocks = span // bs_sectors
+    if workload == "read":
+        return [_phase("random read", read_pct=100, random=True, duration=opts.seconds)]
+    if readonly:
+        raise WorkloadError(f"workload {workload} writes, but the disk is read-only")
+    stamp = int.from_bytes(os.urandom(8), "little") or 1
+    phases = [_phase("write", read_pct=0, ios=blocks, verify=True, stamp=stamp)]
+    if workload == "randrw":
+        phases.append(_phase("random read/write", read_pct=50, random=True,
+                             duration=opts.seconds, seed=stamp, verify=True, stamp=stamp))
+    phases.append(_phase("read back", read_pct=100, ios=blocks, verify=True, stamp=stamp))
+    return phases
+
+
+def check_phases(phases: Sequence[PhaseFigures]) -> str | None:
+    """Why the I/O failed, or None when every request succeeded and every byte matched."""
+    for p in phases:
+        failure = p.failure()
+        if failure is not None:
+            return f"{p.phase}: {failure}"
+    return None
