@@ -20,11 +20,12 @@ import pytest
 
 from blktap3.abi import BlkifProtocol
 from blktap3.ctl.client import TapdiskClient
-from tests.nbd_client import READ, WRITE, NbdClient, NbdError
+from tests.support import wait_gone
+from tests.support.nbd import READ, WRITE, NbdClient, NbdError
 
 from . import test_ring as ring
 from .conftest import MiB, TapCtl, parse_list
-from .test_tap_ctl import create, wait_gone
+from .test_tap_ctl import create
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("blktap3.datapath", reason="the data path (Image.open) is not built")
@@ -211,13 +212,13 @@ def test_the_sockets_go_on_close_detach_and_tapdisk_exit(
     assert len(nbd_sockets(ctl_root, pid)) == 4
     assert tap_ctl("destroy", "-p", str(pid), "-m", str(minor)).code == 0  # close+detach
     assert nbd_sockets(ctl_root, pid) == []
-    assert wait_gone(pid)
+    wait_gone(pid, what="the tapdisk to exit")
 
     pid, minor = create(tap_ctl, f"aio:{disk}")
     with NbdClient(f"{ctl_root}/nbd{pid}.{minor}") as client:
         os.kill(pid, signal.SIGTERM)
         assert client.sock.recv(1) == b""  # dropped on the way out
-    assert wait_gone(pid)
+    wait_gone(pid, what="the tapdisk to exit")
     assert nbd_sockets(ctl_root, pid) == []
 
 
@@ -317,7 +318,7 @@ def test_a_killed_tapdisks_sockets_are_cleaned_by_the_next_list(
     pid, _ = create(tap_ctl, f"aio:{sparse_image(ctl_root)}")
     assert len(nbd_sockets(ctl_root, pid)) == 4
     os.kill(pid, signal.SIGKILL)
-    assert wait_gone(pid)
+    wait_gone(pid, what="the tapdisk to exit")
     assert len(nbd_sockets(ctl_root, pid)) == 4  # nobody was there to remove them
     assert f"pid={pid}" not in tap_ctl("list").out
     assert nbd_sockets(ctl_root, pid) == []

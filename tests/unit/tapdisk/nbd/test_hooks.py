@@ -15,7 +15,7 @@ import pytest
 from blktap3.ctl import protocol as p
 from blktap3.ctl import runtime
 from blktap3.tapdisk.control import Tapdisk
-from tests.nbd_client import READ, T_READ_ONLY, NbdClient, NbdError
+from tests.support.nbd import READ, T_READ_ONLY, NbdClient, NbdError
 
 pytest.importorskip("blktap3.datapath", reason="the data path (Image.open) is not built")
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from blktap3.tapdisk.nbd import Export, Listener, open_backend, socket_name
 from blktap3.tapdisk.nbd import protocol as nbd
-from tests.nbd_client import (
+from tests.support.nbd import (
     BLOCK_STATUS,
     CACHE,
     FLAG_FUA,
