@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,9 +205,16 @@ def _add_state_tree(d: Drawing, spec: MachineSpec, states: tuple[StateSpec, ...]
             d.node(Node(s.name, state_label(s), parent, tooltip=s.doc), s.name)
 
 
-def _groups(d: Drawing, spec: MachineSpec) -> dict[str, set[str]]:
-    """Clusters a flat machine's row may leave at once: phases of two or more states."""
-    return {_cid(p.name): set(p.states) for p in spec.phases
+def _receivers(spec: MachineSpec, states: Iterable[str], trigger: str) -> set[str]:
+    """Those of `states` where `trigger` can arrive: a state that awaits an answer
+    receives nothing else (so a row from the rest of its phase leaves the whole phase)."""
+    return {s for s in states if not spec.state(s).awaits or trigger in spec.state(s).awaits}
+
+
+def _groups(d: Drawing, spec: MachineSpec, trigger: str) -> dict[str, set[str]]:
+    """Clusters a flat machine's row may leave at once: phases of two or more states
+    (each with its states where `trigger` can arrive)."""
+    return {_cid(p.name): _receivers(spec, p.states, trigger) for p in spec.phases
             if len(p.states) > 1 and _cid(p.name) in d.clusters}
 
 
@@ -235,8 +243,8 @@ def _draw_row(d: Drawing, spec: MachineSpec, t: TransitionSpec, sources: list[st
         clusters = [_cid(s) for s in clusters]
     else:
         states = list(sources)
-        for cluster, members in _groups(d, spec).items():
-            if members <= set(states):
+        for cluster, members in _groups(d, spec, t.trigger).items():
+            if len(members) > 1 and members <= set(states):
                 clusters.append(cluster)
                 states = [s for s in states if s not in members]
     if t.dest is None:  # internal: a loop, or a note under a cluster
@@ -266,7 +274,7 @@ def whole(spec: MachineSpec) -> Drawing:
     d.initial = spec.entry_leaf(spec.initial)
     everywhere = {s for s in spec.leaves() if s not in spec.final}
     for t in _drawn(spec):
-        if t.dest is None and set(t.sources) >= everywhere:
+        if t.dest is None and set(t.sources) >= _receivers(spec, everywhere, t.trigger):
             d.notes.append(_label(t))  # staying in every state: said once, in the caption
         else:
             _draw_row(d, spec, t, list(t.sources))

@@ -1,122 +1,203 @@
-"""`tap-ctl`: blktap's command-line tool, same subcommands, flags, output and exit codes.
+"""`tap-ctl`: blktap's command-line tool, with its subcommands, flags, output and exit status.
 
-A failing command prints one line starting with `strerror(errno)` on stderr and exits
-with that errno; bad usage prints the usage and exits 22 (EINVAL). `--debug` anywhere on
-the line logs every control message on stderr. Beyond blktap: `list --json`, and
-`resize -p -m` (the image grew: pause, then resume with `ResumeFlags.RESIZE`, after
+Scripts (XCP-ng's storage manager, Xen's hotplug scripts, OpenStack's driver probe) parse
+what tap-ctl prints and its exit status, so those are blktap v4.0.8's
+(control/tap-ctl.c and the tap-ctl-*.c it calls), bugs included where a script could
+notice:
+- options are parsed as getopt(3) does (`-m0`, options after operands, the last of a
+  repeated option wins); a bad option or a missing required one prints getopt's line,
+  the usage and `strerror(EINVAL)` on stderr, exit 22; `-h` prints the usage on stdout
+  (attach: on stderr) and exits 0;
+- no command, or an unknown one, prints the list of commands on stdout and exits 0;
+- a failing command prints `strerror(errno)` alone on stderr and exits with that errno;
+  an ERROR answer to ATTACH or DETACH is EINVAL (22), DETACH's also saying
+  `got unexpected result 'error' from <pid>` on stdout; `stats` of a minor the tapdisk
+  does not have prints two empty lines and exits 0;
+- `--debug` (anywhere) prints `sending '<message>' message (uuid = <minor>)` and
+  `received ...` lines on stdout.
+
+Deliberately different (the README lists them with the reasons): `--precise` (anywhere)
+keeps the tapdisk's own errno and prints its detail after `strerror`, and makes `stats`
+of an unknown minor fail with ENODEV; numbers are checked (blktap's atoi(3) reads
+`-m abc` as minor 0); `pause -t` waits that long (blktap's treats it as a usage error);
+`--debug` is also taken before the command; the usage texts are ours. Beyond blktap
+4.0.8: `check` and `major` (as blktap 3.x answers them), `list --json`, `allocate -d`,
+and `resize -p -m` (the image grew: pause, then resume with `ResumeFlags.RESIZE`, after
 which DISK_INFO reports the new size for tapback to publish).
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
+import getopt
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import structlog
 
 from blktap3.abi import VbdStateBits
 
-from . import ops
+from . import ops, runtime
 from .client import CtlError, TapdiskClient
-from .protocol import STRING_MAX, OpenFlags, ProtocolError, ResumeFlags
+from .protocol import (
+    ALL_VBDS,
+    MAX_KEY,
+    NO_PARENT,
+    STRING_MAX,
+    MessageType,
+    OpenFlags,
+    ProtocolError,
+    ResumeFlags,
+    message_name,
+)
 from .runtime import MAX_MINOR
 
-
-class _Parser(argparse.ArgumentParser):
-    """blktap's tap-ctl answers bad usage with its usage and EINVAL, not argparse's 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(errno.EINVAL)
+DEBUG_FLAG = "--debug"
+PRECISE_FLAG = "--precise"
+MAX_SECONDS = 1e6
+KEY_READ = 1024  # open -E reads the key with one read of at most this many bytes
+KEY_SIZES = (32, 64)  # AES-XTS 256 or 512 bits, the sizes blktap's tap-ctl sends
+PROC_DEVICES = Path("/proc/devices")
 
 
-def _int(text: str) -> int:
-    return int(text, 0)
+class Usage(Exception):
+    """Bad usage: the line saying what is wrong ("" for none) precedes the usage."""
 
 
-def _ranged(name: str, low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer (C syntax: 0x.., 0..) in [low, high], checked here so
-    that a number the control message cannot carry is a usage error, not a traceback."""
+@dataclass
+class Options:
+    """A command's parsed options: the last value of each (getopt's rule), operands."""
 
-    def parse(text: str) -> int:
-        value = _int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} {value} is not in {low}..{high}")
+    command: str
+    values: dict[str, str] = field(default_factory=dict)
+    operands: list[str] = field(default_factory=list)
+    precise: bool = False
+
+    def flag(self, name: str) -> bool:
+        return name in self.values
+
+    def text(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    def number(self, name: str, what: str, low: int, high: int,
+               *, extra: tuple[int, ...] = ()) -> int | None:
+        """An integer option in [low, high] (or one of `extra`); None when absent."""
+        text = self.values.get(name)
+        if text is None:
+            return None
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise Usage(f"{self.command}: invalid {what} '{text}'") from None
+        if not low <= value <= high and value not in extra:
+            raise Usage(f"{self.command}: {what} {value} is not in {low}..{high}")
         return value
 
-    parse.__name__ = name  # argparse names the type in "invalid <name> value"
-    return parse
+    def required(self, name: str, what: str, low: int, high: int,
+                 *, extra: tuple[int, ...] = ()) -> int:
+        value = self.number(name, what, low, high, extra=extra)
+        if value is None:
+            raise Usage("")
+        return value
+
+    def seconds(self, name: str) -> float | None:
+        text = self.values.get(name)
+        if text is None:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise Usage(f"{self.command}: invalid seconds '{text}'") from None
+        if not 0 < value <= MAX_SECONDS:  # also false for nan
+            raise Usage(f"{self.command}: seconds {text} is not in (0, {MAX_SECONDS:g}]")
+        return value
+
+    def path(self, name: str, *, required: bool = False) -> str | None:
+        """A `type:/path` (or path) that fits the message's NUL-terminated char[256]."""
+        text = self.values.get(name)
+        if text is None:
+            if required:
+                raise Usage("")
+            return None
+        size = len(text.encode(errors="surrogateescape"))
+        if size >= STRING_MAX or "\0" in text:
+            raise Usage(f"{self.command}: -{name} is {size} bytes: at most "
+                        f"{STRING_MAX - 1} fit in a control message")
+        return text
 
 
-_pid = _ranged("pid", 1, (1 << 31) - 1)  # pid_t
-_minor = _ranged("minor", 0, MAX_MINOR - 1)
-_u16 = _ranged("number", 0, 0xFFFF)  # params.req_timeout is a u16 on the wire
-MAX_SECONDS = 1e6
+Handler = Callable[[Options], int]
 
 
-def _seconds(text: str) -> float:
-    """A timeout: finite and positive (socket.settimeout refuses the rest with a
-    ValueError/OverflowError that would otherwise escape as a traceback)."""
+@dataclass(frozen=True)
+class Command:
+    name: str
+    shortopts: str
+    synopsis: str
+    run: Handler
+    longopts: tuple[str, ...] = ()
+    help_to_stderr: bool = False  # blktap's `attach -h` prints its usage on stderr
+
+
+def _pid(opts: Options) -> int:
+    return opts.required("p", "pid", 1, (1 << 31) - 1)
+
+
+def _minor(opts: Options, *, extra: tuple[int, ...] = ()) -> int:
+    return opts.required("m", "minor", 0, MAX_MINOR - 1, extra=extra)
+
+
+def _refusal(exc: OSError, opts: Options, pid: int) -> int:
+    """The exit status blktap's tap-ctl gives a failure: its library turns an ERROR
+    answer to ATTACH (control/tap-ctl-attach.c) or DETACH (tap-ctl-detach.c, which also
+    prints a line on stdout) into EINVAL; other failures keep their errno."""
+    code = exc.errno or errno.EIO
+    if opts.precise or not isinstance(exc, CtlError):
+        return code
+    if exc.refused is MessageType.DETACH:
+        print(f"got unexpected result '{message_name(MessageType.ERROR)}' from {pid}")
+        return errno.EINVAL
+    if exc.refused is MessageType.ATTACH:
+        return errno.EINVAL
+    return code
+
+
+def _report(exc: OSError, opts: Options, code: int | None = None) -> int:
+    """Print `strerror` (with the tapdisk's detail under --precise); the exit status."""
+    code = code if code is not None else exc.errno or errno.EIO
+    text = os.strerror(code)
+    if opts.precise:
+        detail = exc.detail if isinstance(exc, CtlError) else exc.strerror
+        if detail and detail != text:
+            text = f"{text}: {detail}"
+    print(text, file=sys.stderr)
+    return code
+
+
+class Failed(Exception):
+    """A command failed with `code`; its message was printed already."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _guard(opts: Options, pid: int, call: Callable[[], object]) -> None:
+    """Run one control call; a failure is reported as blktap's tap-ctl does."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seconds value: {text!r}") from None
-    if not 0 < value <= MAX_SECONDS:  # also false for nan
-        raise argparse.ArgumentTypeError(f"seconds {text} is not in (0, {MAX_SECONDS:g}]")
-    return value
+        call()
+    except OSError as exc:
+        raise Failed(_report(exc, opts, _refusal(exc, opts, pid))) from None
 
 
-def _wire_string(text: str) -> str:
-    """A `type:/path` that fits the message's NUL-terminated char[256]."""
-    size = len(text.encode(errors="surrogateescape"))
-    if size >= STRING_MAX or "\0" in text:
-        raise argparse.ArgumentTypeError(
-            f"{size} bytes: at most {STRING_MAX - 1} fit in a control message")
-    return text
-
-
-def _add_pm(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-p", dest="pid", type=_pid, required=True, help="tapdisk pid")
-    parser.add_argument("-m", dest="minor", type=_minor, required=True, help="minor")
-
-
-def _add_open_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-R", dest="readonly", action="store_true", help="read-only")
-    parser.add_argument("-D", dest="no_o_direct", action="store_true", help="no O_DIRECT")
-    parser.add_argument("-e", dest="prt_minor", type=_minor, help="parent minor to reuse")
-    parser.add_argument("-r", dest="lcache", action="store_true", help="local cache")
-    parser.add_argument("-2", dest="secondary", type=_wire_string,
-                        help="secondary type:/path (mirror)")
-    parser.add_argument("-s", dest="standby", action="store_true", help="secondary standby")
-    parser.add_argument("-t", dest="req_timeout", type=_u16, default=0,
-                        help="request timeout, seconds")
-    parser.add_argument("-C", dest="logpath", type=_wire_string, help="changed-block log path")
-
-
-def _open_flags(args: argparse.Namespace) -> int:
-    flags = OpenFlags(0)
-    for attr, flag in (
-        ("readonly", OpenFlags.RDONLY), ("no_o_direct", OpenFlags.NO_O_DIRECT),
-        ("lcache", OpenFlags.ADD_LCACHE), ("standby", OpenFlags.STANDBY),
-    ):
-        if getattr(args, attr):
-            flags |= flag
-    if args.prt_minor is not None:
-        flags |= OpenFlags.REUSE_PRT
-    if args.secondary:
-        flags |= OpenFlags.SECONDARY
-    if args.logpath:
-        flags |= OpenFlags.ADD_LOG
-    if getattr(args, "encrypted", False):
-        flags |= OpenFlags.OPEN_ENCRYPTED
-    return int(flags)
+# -- list -------------------------------------------------------------------------------
 
 
 def state_text(state: int) -> str:
@@ -152,177 +233,352 @@ def _bit_names(state: int | None) -> list[str] | None:
     return [bit.name for bit in VbdStateBits if bit & state and bit.name]
 
 
-def cmd_list(args: argparse.Namespace) -> None:
+def cmd_list(opts: Options) -> int:
+    minor = opts.number("m", "minor", 0, MAX_MINOR - 1)
+    pid = opts.number("p", "pid", 1, (1 << 31) - 1)
+    kind, path = opts.text("t"), opts.text("f")
+    # `-p`: that tapdisk's rows only, no orphan minors (control/tap-ctl-list.c).
+    found = ops.list_pid(pid) if pid is not None else ops.list_all()
     entries = [
-        e for e in ops.list_all()
-        if (args.minor is None or e.minor == args.minor)
-        and (args.pid is None or e.pid == args.pid)
-        and (args.type is None or e.type == args.type)
-        and (args.file is None or e.path == args.file)
+        e for e in found
+        if (minor is None or e.minor == minor) and (pid is None or e.pid == pid)
+        and (kind is None or e.type == kind) and (path is None or e.path == path)
     ]
-    if args.json:
+    if opts.flag("json"):
         rows = [e.as_dict() | {"state_bits": _bit_names(e.state)} for e in entries]
         print(json.dumps(rows))
-        return
+        return 0
     render = format_row if sys.stdout.isatty() else format_dict
     for entry in entries:
         print(render(entry))
+    return 0
 
 
-def cmd_allocate(args: argparse.Namespace) -> None:
-    print(ops.allocate(devname=args.devname))
+# -- minors and tapdisks ----------------------------------------------------------------
 
 
-def cmd_free(args: argparse.Namespace) -> None:
-    ops.free(args.minor)
+def cmd_allocate(opts: Options) -> int:
+    print(ops.allocate(devname=opts.text("d")))
+    return 0
 
 
-def cmd_create(args: argparse.Namespace) -> None:
-    _, _, devname = ops.create(
-        args.args, devname=args.devname, flags=_open_flags(args),
-        prt_minor=args.prt_minor or 0, req_timeout=args.req_timeout,
-        secondary=args.secondary or "",
-    )
-    print(devname)
+def cmd_free(opts: Options) -> int:
+    ops.free(_minor(opts))
+    return 0
 
 
-def cmd_destroy(args: argparse.Namespace) -> None:
-    ops.destroy(args.pid, args.minor, timeout=args.timeout)
+def cmd_spawn(opts: Options) -> int:
+    pid = ops.spawn()
+    # control/tap-ctl.c: a sentence on a terminal, the bare pid for scripts.
+    print(f"tapdisk spawned with pid {pid}" if sys.stdout.isatty() else pid)
+    return 0
 
 
-def cmd_spawn(args: argparse.Namespace) -> None:
-    print(ops.spawn())
+def cmd_attach(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    _guard(opts, pid, lambda: TapdiskClient(pid).attach(minor))
+    return 0
 
 
-def cmd_attach(args: argparse.Namespace) -> None:
-    TapdiskClient(args.pid).attach(args.minor)
+def cmd_detach(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    _guard(opts, pid, lambda: TapdiskClient(pid).detach(minor))
+    return 0
 
 
-def cmd_detach(args: argparse.Namespace) -> None:
-    TapdiskClient(args.pid).detach(args.minor)
+# -- images -------------------------------------------------------------------------------
 
 
-def cmd_open(args: argparse.Namespace) -> None:
-    if args.encrypted:
-        sys.stdin.buffer.read()  # blktap reads the key here; the tapdisk refuses encryption
-    TapdiskClient(args.pid).open(
-        args.minor, args.args, _open_flags(args), prt_minor=args.prt_minor or 0,
-        req_timeout=args.req_timeout, secondary=args.secondary or "",
-    )
+@dataclass(frozen=True)
+class OpenArgs:
+    """What create and open send with OPEN."""
+
+    flags: int
+    prt_minor: int
+    req_timeout: int
+    secondary: str
+    logpath: str | None
 
 
-def cmd_close(args: argparse.Namespace) -> None:
-    TapdiskClient(args.pid).close(args.minor, force=args.force, timeout=args.timeout)
-
-
-def cmd_pause(args: argparse.Namespace) -> None:
-    TapdiskClient(args.pid).pause(args.minor, timeout=args.timeout)
-
-
-def cmd_unpause(args: argparse.Namespace) -> None:
+def _open_args(opts: Options) -> OpenArgs:
     flags = OpenFlags(0)
-    if args.secondary:
+    for name, flag in (("R", OpenFlags.RDONLY), ("D", OpenFlags.NO_O_DIRECT),
+                       ("r", OpenFlags.ADD_LCACHE), ("s", OpenFlags.STANDBY)):
+        if opts.flag(name):
+            flags |= flag
+    prt = opts.number("e", "minor", 0, MAX_MINOR - 1)
+    if prt is not None:
+        flags |= OpenFlags.REUSE_PRT
+    secondary = opts.path("2")
+    if secondary is not None:
         flags |= OpenFlags.SECONDARY
-    if args.logpath:
-        flags |= OpenFlags.ADD_LOG
-    TapdiskClient(args.pid).resume(
-        args.minor, args.args or "", int(flags), args.secondary or ""
-    )
+    logpath = opts.path("C")
+    timeout = opts.number("t", "timeout", 0, 0xFFFF)  # params.req_timeout is a u16
+    return OpenArgs(int(flags), NO_PARENT if prt is None else prt, timeout or 0,
+                    secondary or "", logpath)
 
 
-def cmd_stats(args: argparse.Namespace) -> None:
-    sys.stdout.write(TapdiskClient(args.pid).stats(args.minor) + "\n")
+def _read_key() -> bytes:
+    """`open -E`: one read of the key from stdin; blktap's tap-ctl takes 32 or 64 bytes
+    and otherwise stops with exit status 1 (control/tap-ctl.c, tap_cli_open)."""
+    key = os.read(sys.stdin.fileno(), KEY_READ)
+    if len(key) not in KEY_SIZES:
+        print(f"tap-ctl: the key read from stdin is {len(key)} bytes, not "
+              f"{' or '.join(map(str, KEY_SIZES))}", file=sys.stderr)
+        raise Failed(1)
+    assert len(key) <= MAX_KEY
+    return key
 
 
-def cmd_resize(args: argparse.Namespace) -> None:
-    client = TapdiskClient(args.pid)
-    paused = any(
-        vbd.minor == args.minor and vbd.state & VbdStateBits.PAUSED for vbd in client.list()
-    )
-    if not paused:
-        client.pause(args.minor, timeout=args.timeout)
-    client.resume(args.minor, flags=int(ResumeFlags.RESIZE))
+def cmd_create(opts: Options) -> int:
+    params = opts.path("a", required=True)
+    assert params is not None
+    args = _open_args(opts)
+    try:
+        # `-d` is taken and not used: blktap 4.0.8's tap_ctl_create allocates the lowest
+        # free minor whatever -d said (control/tap-ctl-allocate.c overwrites the name).
+        _, _, devname = ops.create(
+            params, flags=args.flags, prt_minor=args.prt_minor,
+            req_timeout=args.req_timeout, secondary=args.secondary, logpath=args.logpath)
+    except OSError as exc:
+        # tap_ctl_create: an ATTACH refused is EINVAL, as `attach` (no stdout line).
+        code = exc.errno or errno.EIO
+        if (not opts.precise and isinstance(exc, CtlError)
+                and exc.refused is MessageType.ATTACH):
+            code = errno.EINVAL
+        raise Failed(_report(exc, opts, code)) from None
+    print(devname)
+    return 0
 
 
-Command = Callable[[argparse.Namespace], None]
+def cmd_destroy(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    timeout = opts.seconds("t")
+    client = TapdiskClient(pid)
+    # control/tap-ctl-destroy.c: close, detach, free; the first failure ends it.
+    _guard(opts, pid, lambda: client.close(minor, timeout=timeout))
+    _guard(opts, pid, lambda: client.detach(minor))
+    _guard(opts, pid, lambda: ops.free(minor))
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tap-ctl", description="Control tapdisks (blktap compatible).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+def cmd_open(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    params = opts.path("a", required=True)
+    assert params is not None
+    args = _open_args(opts)
+    key = _read_key() if opts.flag("E") else None
+    _guard(opts, pid, lambda: TapdiskClient(pid).open(
+        minor, params, args.flags, prt_minor=args.prt_minor, req_timeout=args.req_timeout,
+        secondary=args.secondary, logpath=args.logpath, key=key))
+    return 0
 
-    def command(name: str, func: Command, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(func=func)
-        return p
 
-    p = command("list", cmd_list, "list tapdisks, VBDs and allocated minors")
-    p.add_argument("-p", dest="pid", type=_pid)
-    p.add_argument("-m", dest="minor", type=_minor)
-    p.add_argument("-t", dest="type", help="image type")
-    p.add_argument("-f", dest="file", help="image path")
-    p.add_argument("--json", action="store_true", help="one JSON array (not in blktap)")
+def cmd_close(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    timeout = opts.seconds("t")
+    _guard(opts, pid, lambda: TapdiskClient(pid).close(
+        minor, force=opts.flag("f"), timeout=timeout))
+    return 0
 
-    p = command("allocate", cmd_allocate, "allocate a minor; prints its device name")
-    p.add_argument("-d", dest="devname", help="device name to allocate")
 
-    p = command("free", cmd_free, "free a minor")
-    p.add_argument("-m", dest="minor", type=_minor, required=True)
+def cmd_pause(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    timeout = opts.seconds("t")
+    _guard(opts, pid, lambda: TapdiskClient(pid).pause(minor, timeout=timeout))
+    return 0
 
-    p = command("create", cmd_create, "allocate, spawn, attach and open; prints the device")
-    p.add_argument("-a", dest="args", required=True, metavar="type:/path",
-                   type=_wire_string)
-    p.add_argument("-d", dest="devname", help="device name to use")
-    _add_open_flags(p)
 
-    p = command("destroy", cmd_destroy, "close, detach and free")
-    _add_pm(p)
-    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait")
+def cmd_unpause(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    params, secondary, logpath = opts.path("a"), opts.path("2"), opts.path("c")
+    flags = OpenFlags.SECONDARY if secondary is not None else OpenFlags(0)
+    _guard(opts, pid, lambda: TapdiskClient(pid).resume(
+        minor, params or "", int(flags), secondary or "", logpath=logpath))
+    return 0
 
-    command("spawn", cmd_spawn, "start a tapdisk; prints its pid")
 
-    p = command("attach", cmd_attach, "attach a minor to a tapdisk")
-    _add_pm(p)
-    p = command("detach", cmd_detach, "detach a closed minor from a tapdisk")
-    _add_pm(p)
+def cmd_stats(opts: Options) -> int:
+    pid = _pid(opts)
+    minor = _minor(opts, extra=(ALL_VBDS,))  # blktap's -m 65535 asks for every VBD
+    try:
+        text = TapdiskClient(pid).stats(minor)
+    except CtlError as exc:
+        if exc.refused is None or opts.precise:
+            raise Failed(_report(exc, opts)) from None
+        # blktap's tap-ctl does not look at the reply's type: an ERROR reads as an empty
+        # body (control/tap-ctl-stats.c, tap_ctl_stats_fwrite).
+        text = ""
+    # The body, then a newline from the library and one from the command.
+    sys.stdout.write(text + "\n\n")
+    return 0
 
-    p = command("open", cmd_open, "open an image on an attached minor")
-    _add_pm(p)
-    p.add_argument("-a", dest="args", required=True, metavar="type:/path",
-                   type=_wire_string)
-    _add_open_flags(p)
-    p.add_argument("-E", dest="encrypted", action="store_true", help="key on stdin")
 
-    p = command("close", cmd_close, "close the image of a minor")
-    _add_pm(p)
-    p.add_argument("-f", dest="force", action="store_true", help="force shutdown")
-    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait")
+def cmd_resize(opts: Options) -> int:
+    pid, minor = _pid(opts), _minor(opts)
+    timeout = opts.seconds("t")
+    client = TapdiskClient(pid)
 
-    p = command("pause", cmd_pause, "drain and close the image of a minor")
-    _add_pm(p)
-    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait")
+    def resize() -> None:
+        paused = any(vbd.minor == minor and vbd.state & VbdStateBits.PAUSED
+                     for vbd in client.list())
+        if not paused:
+            client.pause(minor, timeout=timeout)
+        client.resume(minor, flags=int(ResumeFlags.RESIZE))
 
-    p = command("unpause", cmd_unpause, "reopen a paused minor, optionally a new image")
-    _add_pm(p)
-    p.add_argument("-a", dest="args", metavar="type:/path", type=_wire_string,
-                   help="new image")
-    p.add_argument("-2", dest="secondary", type=_wire_string, help="secondary type:/path")
-    p.add_argument("-c", dest="logpath", type=_wire_string, help="changed-block log path")
+    _guard(opts, pid, resize)
+    return 0
 
-    p = command("stats", cmd_stats, "print a minor's statistics as JSON")
-    _add_pm(p)
 
-    p = command("resize", cmd_resize, "tell a minor its image grew (not in blktap)")
-    _add_pm(p)
-    p.add_argument("-t", dest="timeout", type=_seconds, help="seconds to wait for the pause")
-    return parser
+# -- blktap 3.x's environment commands ----------------------------------------------------
+
+
+def check_environment() -> tuple[int, str] | None:
+    """Why a tapdisk could not run here, as (errno, reason), or None: the runtime root
+    must be (or be creatable as) a directory we can use, and the tapdisk command must
+    exist."""
+    root = runtime.root_dir()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return errno.ENOTDIR, f"{existing} is not a directory"
+    if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
+        return errno.EACCES, f"{existing} is not writable"
+    program = ops.tapdisk_command()[0]
+    if shutil.which(program) is None:
+        return errno.ENOENT, f"tapdisk not found: {program}"
+    return None
+
+
+def cmd_check(opts: Options) -> int:
+    # blktap 3.x (control/tap-ctl-check.c, tap-ctl.c's tap_cli_check): "ok" or why not
+    # on stdout, the errno as the exit status (and strerror on stderr, as for every
+    # failing command).
+    if opts.operands:
+        raise Usage("")
+    problem = check_environment()
+    if problem is None:
+        print("ok")
+        return 0
+    code, reason = problem
+    print(reason)
+    print(os.strerror(code), file=sys.stderr)
+    return code
+
+
+def blk_major(devices: Path | None = None) -> int | None:
+    """The block major of blktap's kernel driver (`tapdev` in /proc/devices), if any."""
+    try:
+        lines = (devices or PROC_DEVICES).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        number, _, name = line.strip().partition(" ")
+        if name == "tapdev" and number.isdigit():
+            return int(number)
+    return None
+
+
+def cmd_major(opts: Options) -> int:
+    # blktap 3.x (control/tap-ctl-major.c): the major, else ENODEV; -c (a character
+    # major) is EINVAL. blktap3 has no kernel driver, so this finds one only where
+    # blktap2's module is loaded.
+    if opts.flag("c") and not opts.flag("b"):
+        print(os.strerror(errno.EINVAL), file=sys.stderr)
+        return errno.EINVAL
+    major = blk_major()
+    if major is None:
+        print(os.strerror(errno.ENODEV), file=sys.stderr)
+        return errno.ENODEV
+    print(major)
+    return 0
+
+
+PID_MINOR = "-p <pid> -m <minor>"
+OPEN_OPTIONS = ("[-R] [-D] [-e <parent minor>] [-r] [-2 <type:/path>] [-s] "
+                "[-t <request timeout, s>] [-C <log path>]")
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("list", "m:p:t:f:h", "list [-p <pid>] [-m <minor>] [-t <type>] [-f <path>] "
+            "[--json]\n  columns on a terminal: pid minor state type file", cmd_list,
+            longopts=("json",)),
+    Command("allocate", "d:h", "allocate [-d <device name>]", cmd_allocate),
+    Command("free", "m:h", "free -m <minor>", cmd_free),
+    Command("create", "a:RDd:e:r2:st:C:h",
+            f"create -a <type:/path> [-d <device name>] {OPEN_OPTIONS}", cmd_create),
+    Command("destroy", "p:m:t:h", f"destroy {PID_MINOR} [-t <seconds>]", cmd_destroy),
+    Command("spawn", "h", "spawn", cmd_spawn),
+    Command("attach", "p:m:h", f"attach {PID_MINOR}", cmd_attach, help_to_stderr=True),
+    Command("detach", "p:m:h", f"detach {PID_MINOR}", cmd_detach),
+    Command("open", "a:RDm:p:e:r2:st:C:Eh",
+            f"open {PID_MINOR} -a <type:/path> {OPEN_OPTIONS} [-E (key on stdin)]",
+            cmd_open),
+    Command("close", "p:m:ft:h", f"close {PID_MINOR} [-f (force)] [-t <seconds>]",
+            cmd_close),
+    Command("pause", "p:m:t:h", f"pause {PID_MINOR} [-t <seconds>]", cmd_pause),
+    Command("unpause", "p:m:a:2:c:h",
+            f"unpause {PID_MINOR} [-a <type:/path>] [-2 <type:/path>] [-c <log path>]",
+            cmd_unpause),
+    Command("stats", "p:m:h", f"stats {PID_MINOR}\n  the VBD's statistics as JSON",
+            cmd_stats),
+    Command("major", "bch", "major [-b | -c]", cmd_major),
+    Command("check", "h", "check\n  whether a tapdisk can run here", cmd_check),
+    Command("resize", "p:m:t:h", f"resize {PID_MINOR} [-t <seconds>]\n  the image grew: "
+            "reopen it at its new size", cmd_resize),
+)}
+
+
+def _usage(command: Command) -> str:
+    return f"usage: tap-ctl {command.synopsis}\n"
+
+
+def _help() -> int:
+    """No command or an unknown one: the commands, on stdout, exit 0 (blktap's help())."""
+    sys.stdout.write("usage: tap-ctl <command> [options] [--debug] [--precise]\n"
+                     f"commands: {' '.join(COMMANDS)}\n")
+    return 0
+
+
+def _getopt_line(command: str, exc: getopt.GetoptError) -> str:
+    """glibc getopt's complaint, which blktap's tap-ctl prints before its usage."""
+    opt = exc.opt
+    if "requires argument" in exc.msg:
+        return (f"{command}: option requires an argument -- '{opt}'" if len(opt) == 1
+                else f"{command}: option '--{opt}' requires an argument")
+    if len(opt) == 1:
+        return f"{command}: invalid option -- '{opt}'"
+    return f"{command}: unrecognized option '--{opt}'"
+
+
+def parse(command: Command, words: Sequence[str], precise: bool) -> Options:
+    try:
+        pairs, operands = getopt.gnu_getopt(list(words), command.shortopts,
+                                            list(command.longopts))
+    except getopt.GetoptError as exc:
+        raise Usage(_getopt_line(command.name, exc)) from None
+    opts = Options(command.name, operands=operands, precise=precise)
+    for name, value in pairs:
+        opts.values[name.lstrip("-")] = value
+    return opts
 
 
 def _configure_logging(debug: bool) -> None:
+    """--debug: blktap's lines for each message sent and received, on stdout; anything
+    else the library logs at debug level, on stderr."""
+
+    def blktap_lines(_: Any, __: str, event: MutableMapping[str, Any]
+                     ) -> MutableMapping[str, Any]:
+        verb = {"send": "sending", "receive": "received"}.get(event.get("event", ""))
+        if verb is not None and "type" in event:
+            name = message_name(MessageType[event["type"]])
+            print(f"{verb} '{name}' message (uuid = {event.get('cookie', 0)})", flush=True)
+            raise structlog.DropEvent
+        return event
+
     structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(
-            colors=False)],
+        processors=[blktap_lines, structlog.processors.add_log_level,
+                    structlog.dev.ConsoleRenderer(colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.DEBUG if debug else logging.WARNING),
         # Looked up per call, not bound now: whatever sys.stderr is when a line is logged.
@@ -332,31 +588,35 @@ def _configure_logging(debug: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in words
-    words = [w for w in words if w != "--debug"]
+    debug, precise = DEBUG_FLAG in words, PRECISE_FLAG in words
+    words = [w for w in words if w not in (DEBUG_FLAG, PRECISE_FLAG)]
     _configure_logging(debug)
+    command = COMMANDS.get(words[0]) if words else None
+    if command is None:
+        return _help()
     try:
-        args = build_parser().parse_args(words)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else errno.EINVAL
-    func: Command = args.func
-    try:
-        func(args)
+        opts = parse(command, words[1:], precise)
+        if opts.flag("h"):
+            stream = sys.stderr if command.help_to_stderr else sys.stdout
+            stream.write(_usage(command))
+            return 0
+        return command.run(opts)
+    except Usage as exc:
+        line = str(exc)
+        sys.stderr.write((f"{line}\n" if line else "") + _usage(command)
+                         + os.strerror(errno.EINVAL) + "\n")
+        return errno.EINVAL
+    except Failed as failed:
+        return failed.code
     except BrokenPipeError:
         return 0  # `tap-ctl list | head`: the reader left, not an error
     except ProtocolError as exc:
         # A value the control message cannot carry that the parser did not catch.
-        print(f"{os.strerror(errno.EINVAL)}: {exc}", file=sys.stderr)
+        text = os.strerror(errno.EINVAL)
+        print(f"{text}: {exc}" if precise else text, file=sys.stderr)
         return errno.EINVAL
     except OSError as exc:
-        code = exc.errno or errno.EIO
-        detail = exc.detail if isinstance(exc, CtlError) else exc.strerror
-        text = os.strerror(code)
-        if detail and detail != text:
-            text = f"{text}: {detail}"
-        print(text, file=sys.stderr)
-        return code
-    return 0
+        return _report(exc, Options(command.name, precise=precise))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,15 @@ DEFAULT_TIMEOUT = 120.0  # other requests: long enough for a drain, short of "an
 
 
 class CtlError(OSError):
-    """A control operation failed with `errno`; `detail` is the tapdisk's own message."""
+    """A control operation failed with `errno`; `detail` is the tapdisk's own message.
+    `refused`: the request the tapdisk answered with an ERROR message (None: the failure
+    was not the tapdisk's answer, e.g. no tapdisk, a timeout, a broken connection)."""
 
-    def __init__(self, code: int, detail: str = "") -> None:
+    def __init__(self, code: int, detail: str = "", *,
+                 refused: p.MessageType | None = None) -> None:
         super().__init__(code, os.strerror(code))
         self.detail = detail
+        self.refused = refused
 
     def __str__(self) -> str:
         if self.detail:
@@ -67,6 +71,7 @@ class Connection:
 
     def __init__(self, path: Path, timeout: float | None) -> None:
         self.path = path
+        self.sent: p.MessageType | None = None  # the request, for CtlError.refused
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self.sock.settimeout(timeout)
@@ -88,11 +93,13 @@ class Connection:
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
-    def send(self, message: p.Message) -> None:
+    def send(self, message: p.Message, trailer: p.Trailer | None = None) -> None:
         log.debug("send", socket=str(self.path), type=message.type.name,
                   cookie=message.cookie, payload=message.payload)
+        data = message.encode() + (trailer or p.Trailer()).encode(message)
+        self.sent = message.type
         try:
-            self.sock.sendall(message.encode())
+            self.sock.sendall(data)
         except TimeoutError:
             raise CtlError(errno.ETIMEDOUT, "sending to the tapdisk") from None
         except OSError as exc:  # EPIPE/ECONNRESET: the tapdisk died or dropped us
@@ -115,7 +122,8 @@ class Connection:
         log.debug("receive", type=reply.type.name, cookie=reply.cookie, payload=reply.payload)
         if reply.type in (p.MessageType.ERROR, p.MessageType.RUNTIME_ERROR):
             assert isinstance(reply.payload, p.Response)
-            raise CtlError(reply.payload.error or errno.EIO, reply.payload.message)
+            raise CtlError(reply.payload.error or errno.EIO, reply.payload.message,
+                           refused=self.sent)
         if reply.type is not expected:
             raise CtlError(errno.EPROTO, f"expected {expected.name}, got {reply.type.name}")
         return reply
@@ -146,10 +154,11 @@ class TapdiskClient:
         self.path = path if path is not None else socket_path(root_dir(root), pid)
         self.timeout = timeout
 
-    def request(self, message: p.Message, timeout: float | None = None) -> p.Message:
-        """Send one message and return its (non-error) reply."""
+    def request(self, message: p.Message, timeout: float | None = None,
+                trailer: p.Trailer | None = None) -> p.Message:
+        """Send one message (and what follows it) and return its (non-error) reply."""
         with Connection(self.path, timeout or self.timeout) as conn:
-            conn.send(message)
+            conn.send(message, trailer)
             return conn.receive(p.reply_type(message.type))
 
     def _simple(
@@ -175,17 +184,26 @@ class TapdiskClient:
         params: str,
         flags: int = 0,
         *,
-        prt_minor: int = 0,
+        prt_minor: int = p.NO_PARENT,
         req_timeout: int = 0,
         secondary: str = "",
         domid: int = 0,
+        logpath: str | None = None,
+        key: bytes | None = None,
     ) -> p.ImageInfo:
-        """OPEN `type:/path` on an attached VBD; returns the image's size and info."""
+        """OPEN `type:/path` on an attached VBD; returns the image's size and info.
+        A `logpath` (changed-block log) or `key` (encryption) follows the message and
+        sets its flag."""
+        if logpath is not None:
+            flags |= p.OpenFlags.ADD_LOG
+        if key is not None:
+            flags |= p.OpenFlags.OPEN_ENCRYPTED
         payload = p.Params(
             flags=flags, devnum=minor, domid=domid, path=params, prt_devnum=prt_minor,
             req_timeout=req_timeout, secondary=secondary,
         )
-        reply = self._simple(p.MessageType.OPEN, minor, payload)
+        reply = self.request(p.Message(p.MessageType.OPEN, minor, payload),
+                             trailer=p.Trailer(logpath or "", key or b""))
         assert isinstance(reply.payload, p.ImageInfo)
         return reply.payload
 
@@ -200,12 +218,16 @@ class TapdiskClient:
 
     def resume(
         self, minor: int, params: str = "", flags: int = 0, secondary: str = "",
-        *, timeout: float | None = None,
+        *, timeout: float | None = None, logpath: str | None = None,
     ) -> None:
         """RESUME a paused VBD, optionally on a new `type:/path`; add
-        `ResumeFlags.RESIZE` to accept an image that grew."""
+        `ResumeFlags.RESIZE` to accept an image that grew. A `logpath` follows the
+        message and sets ADD_LOG."""
+        if logpath is not None:
+            flags |= p.OpenFlags.ADD_LOG
         payload = p.Resume(flags=flags, new_params=params, secondary=secondary)
-        self._simple(p.MessageType.RESUME, minor, payload, timeout=timeout)
+        self.request(p.Message(p.MessageType.RESUME, minor, payload), timeout,
+                     p.Trailer(logpath or ""))
 
     def detach(self, minor: int) -> None:
         """DETACH a closed VBD (EBUSY while open); the tapdisk exits after its last one."""
@@ -238,7 +260,8 @@ class TapdiskClient:
                 entries.append(VbdEntry(entry.minor, entry.state, entry.path))
 
     def stats(self, minor: int) -> str:
-        """STATS: the VBD's statistics as blktap's JSON text."""
+        """STATS: the VBD's statistics as blktap's JSON text; `p.ALL_VBDS` as the minor:
+        every VBD's, as a JSON array."""
         with Connection(self.path, LIST_TIMEOUT) as conn:
             conn.send(p.Message(p.MessageType.STATS, minor))
             reply = conn.receive(p.MessageType.STATS_RSP)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import runtime
 from .client import CtlError, TapdiskClient, VbdEntry
+from .protocol import NO_PARENT
 
 TAPDISK_ENV = "BLKTAP_TAPDISK"  # command line of the tapdisk to spawn (shell words)
 SPAWN_TIMEOUT = 30.0
@@ -108,9 +109,10 @@ def create(
     root: str | os.PathLike[str] | None = None,
     devname: str | None = None,
     flags: int = 0,
-    prt_minor: int = 0,
+    prt_minor: int = NO_PARENT,
     req_timeout: int = 0,
     secondary: str = "",
+    logpath: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> tuple[int, int, str]:
     """Allocate, spawn, attach, open; on failure undo what was done and re-raise.
@@ -126,7 +128,7 @@ def create(
         client.attach(minor)
         attached = True
         client.open(minor, params, flags, prt_minor=prt_minor,
-                    req_timeout=req_timeout, secondary=secondary)
+                    req_timeout=req_timeout, secondary=secondary, logpath=logpath)
     except BaseException:
         if client is not None:
             with contextlib.suppress(OSError):
@@ -151,40 +153,57 @@ def destroy(
     runtime.free_minor(runtime.root_dir(root), minor)
 
 
-def _probe(root: Path, pid: int) -> tuple[int, list[VbdEntry]] | None:
-    """A live tapdisk's VBDs; None for a dead or foreign socket (a dead one is removed)."""
+def _probe(root: Path, pid: int) -> tuple[int, list[VbdEntry] | None] | None:
+    """A live tapdisk's VBDs (None when it did not list them); None for a dead or
+    foreign socket (a dead one is removed)."""
     if runtime.remove_stale_socket(root, pid):
         return None
     client = TapdiskClient(pid, root=root)
     try:
         if client.get_pid() != pid:
             return None
-        return pid, client.list()
     except OSError:  # CtlError, or the tapdisk went away mid-answer (ECONNRESET, EPIPE)
         return None
+    try:
+        return pid, client.list()
+    except OSError:
+        return pid, None
+
+
+def _rows(pid: int, vbds: list[VbdEntry] | None) -> list[TapEntry]:
+    """A tapdisk's rows as blktap's tap-ctl makes them: its VBDs newest (last attached)
+    first, or the tapdisk alone when it has none or did not list them."""
+    if not vbds:
+        return [TapEntry(pid=pid)]
+    rows = []
+    for vbd in reversed(vbds):
+        kind, sep, path = vbd.params.partition(":")
+        rows.append(TapEntry(pid=pid, minor=vbd.minor, state=vbd.state,
+                             type=kind if sep else None, path=path if sep else None))
+    return rows
 
 
 def list_all(root: str | os.PathLike[str] | None = None) -> list[TapEntry]:
-    """Every tapdisk, VBD and allocated minor: newest (highest) minor first; tapdisks
-    without VBDs as pid-only rows, minors no tapdisk holds as minor-only rows."""
+    """Every tapdisk, VBD and allocated minor, in blktap's order: tapdisks by the name
+    of their socket (`ctl<pid>` as text, what glob(3) sorts by), each with its VBDs
+    newest first or alone when idle, then the minors no tapdisk holds, by marker name
+    (control/tap-ctl-list.c, tap_ctl_list)."""
     base = runtime.root_dir(root)
-    pids = runtime.socket_pids(base)
+    pids = sorted(runtime.socket_pids(base), key=str)
     minors = set(runtime.allocated_minors(base))
     # Tapdisks answer independently: ask them in parallel, so 100 cost about one.
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(pids)))) as pool:
         found = [r for r in pool.map(lambda pid: _probe(base, pid), pids) if r is not None]
     entries: list[TapEntry] = []
     for pid, vbds in found:
-        if not vbds:
-            entries.append(TapEntry(pid=pid))
-        for vbd in vbds:
-            minors.discard(vbd.minor)
-            kind, sep, path = vbd.params.partition(":")
-            entries.append(TapEntry(
-                pid=pid, minor=vbd.minor, state=vbd.state,
-                type=kind if sep else None, path=path if sep else None,
-            ))
-    entries.extend(TapEntry(minor=minor) for minor in minors)
-    # Idle tapdisks first, then by minor, highest (newest) first.
-    entries.sort(key=lambda e: (e.minor is not None, -(e.minor or 0)))
+        minors.difference_update(vbd.minor for vbd in vbds or ())
+        entries.extend(_rows(pid, vbds))
+    entries.extend(TapEntry(minor=minor) for minor in sorted(minors, key=str))
     return entries
+
+
+def list_pid(pid: int, root: str | os.PathLike[str] | None = None) -> list[TapEntry]:
+    """The rows of one tapdisk (`tap-ctl list -p`): none when no tapdisk answers as
+    `pid`; no orphan minors (control/tap-ctl-list.c, tap_ctl_list_pid)."""
+    found = _probe(runtime.root_dir(root), pid)
+    return [] if found is None else _rows(*found)

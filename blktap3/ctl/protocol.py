@@ -25,6 +25,15 @@ Extensions of ours (blktap has no such thing):
   tapdisk enforces on every indirect request. blktap's libblktapctl clears the message,
   so from blktap's tapback it reads 0: not offered (blktap's tapback does not advertise
   indirect descriptors), and the tapdisk answers BLKIF_OP_INDIRECT with EOPNOTSUPP.
+
+Two things of blktap's wire that its header does not say:
+- RESUME travels in `u.params`, not in `u.resume`: blktap's tap-ctl writes the flags, the
+  new `type:/path` and the secondary at params' offsets (control/tap-ctl-unpause.c) and
+  its tapdisk reads them there (drivers/tapdisk-control.c, resume_vbd). `Resume` packs
+  that layout.
+- OPEN and RESUME may be followed by more bytes on the same connection (`Trailer`): with
+  ADD_LOG a `char[256]` log path, and with OPEN_ENCRYPTED (OPEN only) a u8 key length and
+  the key (control/tap-ctl-ipc.c, tap_ctl_send_and_receive_ex).
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ STRING_MAX = 256
 MAX_MINORS = 63
 MAX_GREFS = 8
 LIST_COOKIE = 0xFFFF  # blktap's tap-ctl sends LIST with cookie = (u16)-1
+ALL_VBDS = 0xFFFF  # STATS with this cookie asks for every VBD (a JSON array)
+NO_PARENT = -1  # params.prt_devnum when there is no parent minor to stack on
+MAX_KEY = 128  # the longest key (bytes) blktap's tapdisk reads after OPEN_ENCRYPTED
 # What our back-end advertises as `feature-max-indirect-segments` and hands its tapdisk
 # in XENBLKIF_CONNECT: Linux blkback's value, 1 MiB per request (a Linux bio's 256
 # pages). Measured with 1 MiB blocks at QD8: one request a block costs the tapdisk the
@@ -202,14 +214,20 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class Params:
-    """`u.params` (OPEN, ATTACH): open flags, minor, domid, `type:/path`, secondary..."""
+    """`u.params` (OPEN, ATTACH): open flags, minor, domid, `type:/path`, secondary...
 
-    FORMAT: ClassVar[struct.Struct] = struct.Struct("<III256sIH256s")
+    `prt_devnum` is a u32 in blktap's header but its tapdisk reads it as an int and
+    stacks the image on the parent minor's NBD server whenever it is >= 0
+    (drivers/tapdisk-image.c, tapdisk_image_open_chain): "no parent" is -1, what
+    blktap's tap-ctl sends unless `-e` is given. It is packed signed.
+    """
+
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<III256siH256s")
     flags: int = 0
     devnum: int = 0
     domid: int = 0
     path: str = ""
-    prt_devnum: int = 0
+    prt_devnum: int = NO_PARENT
     req_timeout: int = 0
     secondary: str = ""
 
@@ -373,9 +391,10 @@ class Blkif:
 
 @dataclass(frozen=True)
 class Resume:
-    """`u.resume` (RESUME): flags, optional new `type:/path`, secondary."""
+    """RESUME's flags, optional new `type:/path` and secondary, at the offsets of
+    `u.params` (flags @8, path @20, secondary @282) where blktap puts and reads them."""
 
-    FORMAT: ClassVar[struct.Struct] = struct.Struct("<I256s256s")
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<I8x256s6x256s")
     flags: int = 0
     new_params: str = ""
     secondary: str = ""
@@ -433,9 +452,10 @@ OFFSETS: dict[str, int] = {
     "blkif.poll_duration": 316,
     "blkif.poll_idle_threshold": 320,
     "blkif.max_indirect_segments": 324,  # our extension
+    # RESUME's fields sit where `u.params` has flags, path and secondary (see Resume).
     "resume.flags": 8,
-    "resume.new_params": 12,
-    "resume.secondary": 268,
+    "resume.new_params": 20,
+    "resume.secondary": 282,
 }
 
 PayloadClass = (
@@ -475,6 +495,77 @@ PAYLOAD_OF: dict[MessageType, PayloadClass] = {
     MessageType.DISK_INFO_RSP: ImageInfo,
     MessageType.EXIT: Empty,
 }
+
+
+@dataclass(frozen=True)
+class Trailer:
+    """What a client sends after an OPEN or RESUME on the same connection, before it
+    reads the reply: with ADD_LOG the changed-block log path as a `char[256]`, then with
+    OPEN_ENCRYPTED (OPEN only) a u8 key length and the key. A tapdisk must read them
+    whatever it answers, or the bytes would be taken for the next message."""
+
+    logpath: str = ""
+    key: bytes = b""
+
+    @staticmethod
+    def expected(request: Message) -> tuple[bool, bool]:
+        """(a log path follows, a key follows) for this request."""
+        if request.type not in (MessageType.OPEN, MessageType.RESUME):
+            return False, False
+        flags = request.payload.flags if isinstance(request.payload, Params | Resume) else 0
+        return (bool(flags & OpenFlags.ADD_LOG),
+                request.type is MessageType.OPEN and bool(flags & OpenFlags.OPEN_ENCRYPTED))
+
+    def encode(self, request: Message) -> bytes:
+        logpath, key = self.expected(request)
+        data = pack_string(self.logpath, "log path") if logpath else b""
+        if key:
+            if not 0 < len(self.key) <= MAX_KEY:
+                raise ProtocolError(f"a key of {len(self.key)} bytes: 1 to {MAX_KEY} fit")
+            data += bytes([len(self.key)]) + self.key
+        return data
+
+
+# How blktap names each message in its debug output ("sending 'open' message").
+NAMES: dict[MessageType, str] = {
+    MessageType.ERROR: "error",
+    MessageType.PID: "pid",
+    MessageType.PID_RSP: "pid response",
+    MessageType.OPEN: "open",
+    MessageType.OPEN_RSP: "open response",
+    MessageType.PAUSE: "pause",
+    MessageType.PAUSE_RSP: "pause response",
+    MessageType.RESUME: "resume",
+    MessageType.RESUME_RSP: "resume response",
+    MessageType.CLOSE: "close",
+    MessageType.FORCE_SHUTDOWN: "force shutdown",
+    MessageType.CLOSE_RSP: "close response",
+    MessageType.ATTACH: "attach",
+    MessageType.ATTACH_RSP: "attach response",
+    MessageType.DETACH: "detach",
+    MessageType.DETACH_RSP: "detach response",
+    MessageType.LIST_MINORS: "list minors",
+    MessageType.LIST_MINORS_RSP: "list minors response",
+    MessageType.LIST: "list",
+    MessageType.LIST_RSP: "list response",
+    MessageType.STATS: "stats",
+    MessageType.STATS_RSP: "stats response",
+    MessageType.XENBLKIF_CONNECT: "sring connect",
+    MessageType.XENBLKIF_CONNECT_RSP: "sring connect rsp",
+    MessageType.XENBLKIF_DISCONNECT: "sring disconnect",
+    MessageType.XENBLKIF_DISCONNECT_RSP: "sring disconnect rsp",
+    MessageType.DISK_INFO: "disk info",
+    MessageType.DISK_INFO_RSP: "disk info rsp",
+    MessageType.EXIT: "exit",
+}
+
+
+def message_name(mtype: int) -> str:
+    """blktap's name of a message type, "unknown" for others."""
+    try:
+        return NAMES.get(MessageType(mtype), "unknown")
+    except ValueError:
+        return "unknown"
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,19 @@ you must execute, in order, and you feed the results back as events.
     from blktap3.fsm import BackendVbd, FrontendStateChanged, XenbusState, FsmError
 
     vbd = BackendVbd(domid=1, devid=51712)            # backend/vbd3/1/51712
-    for effect in vbd.handle(HotplugConnected(TapdiskRef(pid, minor), DiskInfo(sectors))):
+    vbd.handle(HotplugConnected(TapdiskRef(pid, minor)))  # -> SendControl(DiskInfoQuery)
+    for effect in vbd.handle(DiskInfoRead(DiskInfo(sectors))):
         execute(effect)                                # WriteKeys, PublishState, ...
     vbd.handle(FrontendStateChanged(XenbusState.INITIALISED))  # -> ReadFrontendTransport
-    vbd.handle(TransportRead(RingTransport((ref,), port, "x86_64-abi")))
+    vbd.handle(TransportRead(RingTransport((ref,), port, BlkifProtocol.X86_64)))
                                                        # -> SendControl(XenblkifConnect)
     vbd.handle(RingConnected())      # -> WriteKeys(features+sectors+info+...), PublishState(4)
     vbd.state, vbd.published, vbd.is_final             # "connected", XenbusState.CONNECTED
 
-A tapback that starts on an existing directory feeds `BackendFound(state, keys)` first
-(before hotplug): a Connected VBD is adopted without a write the front-end would see.
+tapback feeds `BackendFound(state, keys, ...)` first (what the directory holds): a
+Connected VBD left by a previous tapback is adopted without a write the front-end would
+see.  What tapback observes in XenStore becomes events in ONE place,
+`BackendObserver` (backend_observer.py: snapshots in, events out, no I/O).
 
 Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
   `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
@@ -29,8 +32,9 @@ Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final
 Contract for owners: execute the effects of one `handle` call in order; answer an effect
 that asks a question (`ReadFrontendTransport`, `ReadBackendInfo`, `SendControl`,
 `OpenImage`, `StartRing`, `QuiesceRing`) with its result event before feeding the next
-event; once a machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE
-transaction.
+event (a state that `awaits` an answer refuses anything else as `OurBug`); once a
+machine `is_final`, forget it and drop late replies.  `WriteKeys` is ONE transaction.
+An effect the owner does not know is our bug: it raises.
 
 Errors: an event the spec does not allow raises an `FsmError` subclass naming who is to
 blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
@@ -38,22 +42,32 @@ blame - `OurBug`, `FrontendError`, `BackendError`, `TapdiskError`, `ImageError`,
 A request (a trigger with `errno` in its spec, the tapdisk's control messages) is never
 refused that way: the machine answers `Reply(error=...)`, as the spec says.
 Front-end misbehaviour never raises in `BackendVbd`: every front-end state is handled or
-explicitly ignored in every state (`blktap3-fsm check` prints the table), and bad values
-lead to `SetError` + Closed.  Likewise back-end misbehaviour never raises in `FrontendVbd`
-(an out-of-protocol state is a `ReportFault`, and the machine stays).  `SpecError` means a
-malformed spec.
+explicitly ignored in every state that awaits no answer (`blktap3-fsm check` prints the
+table), and bad values lead to `SetError` + Closed.  Likewise back-end misbehaviour never
+raises in `FrontendVbd` (an out-of-protocol state is a `ReportFault`, and the machine
+stays).  `SpecError` means a malformed spec.
 
-Tools: `blktap3-fsm check` (spec checks), `blktap3-diagram` (DOT/SVG/PNG/Mermaid), and
-`blktap3.fsm.testing.VbdPair` (both ends wired through an in-memory store, for tests).
+Tools: `blktap3-fsm check` (spec checks, dead rows included), `blktap3-diagram`
+(DOT/SVG/PNG/Mermaid), and `blktap3.sim.memory.VbdPair` (both ends wired through an
+in-memory store, the back-end through this observer and tapback's own readers).
 """
 
 from .backend import BackendFeatures, BackendState, BackendVbd
+from .backend_observer import (
+    UNREADABLE,
+    BackendDirectory,
+    BackendObserver,
+    BackendSnapshot,
+    FrontendValue,
+    Unreadable,
+)
 from .effects import (
     AcceptImage,
     CleanupRuntime,
     CloseImage,
     ControlMessage,
     DiscardImage,
+    DiskInfoQuery,
     Effect,
     ExitProcess,
     OfferRing,
@@ -74,6 +88,7 @@ from .effects import (
     StopRing,
     UnquiesceRing,
     Unregister,
+    WatchTapdisk,
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
@@ -108,7 +123,8 @@ from .events import (
     DeviceReconnect,
     DisconnectRing,
     DiskInfo,
-    DiskResized,
+    DiskInfoFailed,
+    DiskInfoRead,
     Drained,
     DrainFailed,
     EffectFailed,
@@ -116,10 +132,12 @@ from .events import (
     ExitRequested,
     FrontendStateChanged,
     FrontendStateInvalid,
+    FrontendStateUnreadable,
     FrontendVanished,
     GetDiskInfo,
     HotplugConnected,
     HotplugFailed,
+    ImageChanged,
     ImageOpened,
     ImageOpenFailed,
     OnlineChanged,
@@ -158,14 +176,18 @@ from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
 from .xenbus_state import XenbusState, parse_xenbus_state
 
 __all__ = [
+    "UNREADABLE",
     "AcceptImage",
     "Attach",
+    "BackendDirectory",
     "BackendError",
     "BackendFeatures",
     "BackendFound",
     "BackendInfoInvalid",
     "BackendInfoRead",
+    "BackendObserver",
     "BackendRemoved",
+    "BackendSnapshot",
     "BackendState",
     "BackendStateChanged",
     "BackendStateInvalid",
@@ -186,7 +208,9 @@ __all__ = [
     "DiscardImage",
     "DisconnectRing",
     "DiskInfo",
-    "DiskResized",
+    "DiskInfoFailed",
+    "DiskInfoQuery",
+    "DiskInfoRead",
     "DrainFailed",
     "Drained",
     "Effect",
@@ -199,13 +223,16 @@ __all__ = [
     "FrontendState",
     "FrontendStateChanged",
     "FrontendStateInvalid",
+    "FrontendStateUnreadable",
     "FrontendTransportConfig",
+    "FrontendValue",
     "FrontendVanished",
     "FrontendVbd",
     "FsmError",
     "GetDiskInfo",
     "HotplugConnected",
     "HotplugFailed",
+    "ImageChanged",
     "ImageError",
     "ImageOpenFailed",
     "ImageOpened",
@@ -254,10 +281,12 @@ __all__ = [
     "TransportInvalid",
     "TransportRead",
     "UnquiesceRing",
+    "Unreadable",
     "Unregister",
     "VbdAdded",
     "VbdRemoved",
     "VbdState",
+    "WatchTapdisk",
     "WriteKeys",
     "XenblkifConnect",
     "XenblkifDisconnect",

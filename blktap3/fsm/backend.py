@@ -1,11 +1,17 @@
 """The back-end VBD machine (specs/backend_vbd.toml): tapback's half of the handshake.
 
 One `BackendVbd` per `backend/vbd3/<domid>/<devid>`.  The daemon feeds it what it saw
-(front-end `state`, `hotplug-status`, `online`, control replies, tapdisk deaths) and
-executes the effects it returns.  A daemon that starts on an existing directory (tapback
-restarted) first feeds `BackendFound` with what the directory holds: a Connected VBD is
-then adopted (the connect replayed, EALREADY, nothing the front-end sees rewritten), and
-keys already holding the value we would write are not written again.
+(front-end `state`, `hotplug-status`, `online`: the changes `BackendObserver` finds in
+its snapshots; control replies, tapdisk deaths, image opens) and executes the effects it
+returns.  The first event is always `BackendFound`, what the directory held: the
+toolstack's mode and device type (the `info` bits), and what a previous tapback left (a
+restarted tapback): a Connected VBD is then adopted (the connect replayed, EALREADY,
+nothing the front-end sees rewritten), and keys already holding the value we would
+write are not written again.
+
+The machine asks the tapdisk for the disk's geometry itself (`DiskInfoQuery`) once
+hotplug named it, and again when its image was reopened (`ImageChanged`): whether the
+size changed, and what that means in each state, is the spec's.
 
 Contract: an effect that asks a question (`ReadFrontendTransport`, `SendControl`) is
 answered with its result event before the next event of this VBD is fed.  Once
@@ -17,12 +23,13 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from blktap3.abi import SECTOR_SIZE, VdiskInfo
 
 from .effects import (
+    DiskInfoQuery,
     Effect,
     Perms,
     ReadFrontendTransport,
@@ -30,6 +37,7 @@ from .effects import (
     SendControl,
     SetError,
     Unregister,
+    WatchTapdisk,
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
@@ -37,10 +45,12 @@ from .effects import (
 from .events import (
     BackendFound,
     DiskInfo,
-    DiskResized,
+    DiskInfoFailed,
+    DiskInfoRead,
     Event,
     FrontendStateChanged,
     FrontendStateInvalid,
+    FrontendStateUnreadable,
     FrontendVanished,
     HotplugConnected,
     HotplugFailed,
@@ -117,8 +127,10 @@ class BackendState(enum.StrEnum):
 
     WAITING_HOTPLUG = "waiting_hotplug"
     ADOPTING = "adopting"
+    ADOPTING_DISK = "adopting_disk"
     ADOPTING_TRANSPORT = "adopting_transport"
     ADOPTING_RING = "adopting_ring"
+    QUERYING_DISK = "querying_disk"
     WAITING_FRONTEND = "waiting_frontend"
     INIT_WAIT = "init_wait"
     READING_TRANSPORT = "reading_transport"
@@ -154,7 +166,8 @@ class BackendVbd(SpecMachine):
         self.frontend_state: XenbusState | None = None  # None: node absent or invalid
         self.frontend_has_appeared = False
         self.tapdisk: TapdiskRef | None = None
-        self.disk: DiskInfo | None = None
+        self.disk: DiskInfo | None = None  # the tapdisk's, with `info_bits` added
+        self.info_bits = VdiskInfo(0)  # from the toolstack's mode and type (BackendFound)
         self.transport: RingTransport | None = None
         self.ring_requested = False  # XENBLKIF_CONNECT sent and not undone since
         self.wants_online = True
@@ -170,7 +183,7 @@ class BackendVbd(SpecMachine):
         if isinstance(event, FrontendStateChanged):
             self.frontend_state = event.state
             self.frontend_has_appeared = True
-        elif isinstance(event, FrontendStateInvalid):
+        elif isinstance(event, FrontendStateInvalid | FrontendStateUnreadable):
             self.frontend_state = None
             self.frontend_has_appeared = True
         elif isinstance(event, FrontendVanished):
@@ -204,13 +217,24 @@ class BackendVbd(SpecMachine):
     def tapdisk_known(self, **_: Any) -> bool:
         return self.tapdisk is not None and self.disk is not None
 
+    def tapdisk_unknown(self, **_: Any) -> bool:
+        return self.tapdisk is None
+
+    def disk_unknown(self, **_: Any) -> bool:
+        return self.disk is None
+
+    def our_tapdisk(self, event: TapdiskDied, **_: Any) -> bool:
+        return self.tapdisk is not None and event.pid == self.tapdisk.pid
+
     def already_connected(self, event: RingConnectFailed, **_: Any) -> bool:
         return event.errno == errno.EALREADY
 
-    def geometry_changed(self, event: DiskResized, **_: Any) -> bool:
-        old = self.disk
-        new = event.disk
+    def geometry_changed(self, event: DiskInfoRead, **_: Any) -> bool:
+        old, new = self.disk, self._with_bits(event.disk)
         return old is not None and (old.sector_size, old.info) != (new.sector_size, new.info)
+
+    def sectors_changed(self, event: DiskInfoRead, **_: Any) -> bool:
+        return self.disk is not None and self.disk.sectors != event.disk.sectors
 
     def ring_up(self, **_: Any) -> bool:
         return self.ring_requested
@@ -223,6 +247,14 @@ class BackendVbd(SpecMachine):
     def record_found(self, event: BackendFound, **_: Any) -> None:
         self.found = True
         self.found_keys = dict(event.keys)
+        bits = VdiskInfo(0)
+        if event.readonly:
+            bits |= VdiskInfo.READONLY
+        if event.cdrom:
+            bits |= VdiskInfo.CDROM
+        if event.cdrom or event.removable:  # a CD-ROM's medium can always be removed
+            bits |= VdiskInfo.REMOVABLE
+        self.info_bits = bits
         # A published state the normal path can continue from without a step xenbus
         # forbids: InitWait (not written again), Connected (adoption), Closed (then
         # InitWait on reconnect).  Closing is not kept: 5 -> 2 is not a xenbus step.
@@ -241,10 +273,17 @@ class BackendVbd(SpecMachine):
 
     def record_tapdisk(self, event: HotplugConnected, **_: Any) -> None:
         self.tapdisk = event.tapdisk
-        self.disk = event.disk
+        self.emit(WatchTapdisk(event.tapdisk))
 
-    def record_disk(self, event: DiskResized, **_: Any) -> None:
-        self.disk = event.disk
+    def query_disk(self, **_: Any) -> None:
+        assert self.tapdisk is not None  # asked only once hotplug named the tapdisk
+        self.emit(SendControl(DiskInfoQuery(self.tapdisk.pid, self.tapdisk.minor)))
+
+    def _with_bits(self, disk: DiskInfo) -> DiskInfo:
+        return replace(disk, info=disk.info | self.info_bits)
+
+    def record_disk(self, event: DiskInfoRead, **_: Any) -> None:
+        self.disk = self._with_bits(event.disk)
 
     def write_probe_keys(self, **_: Any) -> None:
         self.write_keys(self.features.probe_keys())
@@ -257,7 +296,8 @@ class BackendVbd(SpecMachine):
         self.transport = event.transport
         self.ring_requested = True
         message = XenblkifConnect(
-            self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport
+            self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport,
+            self.features.max_indirect_segments,  # what the probe keys offered
         )
         self.emit(SendControl(message))
 
@@ -274,13 +314,15 @@ class BackendVbd(SpecMachine):
         if resized and self.published == XenbusState.CONNECTED:
             self.republish()
 
-    def write_sectors(self, event: DiskResized, **_: Any) -> None:
+    def write_sectors(self, event: DiskInfoRead, **_: Any) -> None:
         self.write_keys((("sectors", str(event.disk.sectors)),))
 
     def send_disconnect(self, **_: Any) -> None:
-        if self.tapdisk is not None:
-            pid, minor = self.tapdisk.pid, self.tapdisk.minor
-            self.emit(SendControl(XenblkifDisconnect(pid, minor, self.domid, self.devid)))
+        # disconnecting_ring awaits the answer: it is entered only with a ring asked
+        # of a known tapdisk, and `release`/`report_failure` ask only then too.
+        assert self.tapdisk is not None
+        pid, minor = self.tapdisk.pid, self.tapdisk.minor
+        self.emit(SendControl(XenblkifDisconnect(pid, minor, self.domid, self.devid)))
 
     def ring_down(self, **_: Any) -> None:
         self.ring_requested = False
@@ -314,14 +356,18 @@ def failure_text(event: Event) -> str:
             return f"front-end published state {state.value} ({state.name}), not a front-end state"
         case FrontendStateInvalid(raw=raw):
             return f"front-end state {raw!r} is not a xenbus state"
+        case FrontendStateUnreadable():
+            return "front-end state node unreadable: permission denied"
         case TransportInvalid(reason=reason):
             return f"front-end transport keys: {reason}"
         case RingConnectFailed(errno=code, message=message):
             return f"tapdisk refused XENBLKIF_CONNECT: {os.strerror(code)} {message}".strip()
         case HotplugFailed(reason=reason):
             return f"hotplug: {reason}"
+        case DiskInfoFailed(errno=code, message=message):
+            return f"hotplug: the tapdisk refused DISK_INFO: {os.strerror(code)} {message}".strip()
         case TapdiskDied(pid=pid):
             return f"tapdisk {pid} died"
-        case DiskResized(disk=disk):
+        case DiskInfoRead(disk=disk):
             return f"image geometry changed (sector size {disk.sector_size}, info {disk.info})"
     return f"failed on {event!r}"

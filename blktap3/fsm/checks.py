@@ -3,11 +3,17 @@
 - every state is reachable from the initial state;
 - every non-final state has a way out (a transition to another state);
 - every callback and condition the spec names is a method of the machine's class;
+- no dead rows: a state that `awaits` an answer has a row for each answer and none for
+  any other trigger (nothing else can arrive there, see `blktap3.fsm.spec`);
 - (phases) no row spells out every state of a phase one by one where `@phase` says it
-  (the loader already refuses unknown phases and states in no phase or in two);
-- (back-end) every xenbus front-end state, plus `invalid` and `vanished`, is handled or
-  explicitly ignored in every non-final back-end state; (front-end) likewise every
-  back-end state: `render_table` prints that table.
+  (the loader already refuses unknown phases and states in no phase or in two; a phase
+  names its states that await no answer);
+- (back-end) every xenbus front-end state, plus `invalid`, `unreadable` and `vanished`,
+  is handled or explicitly ignored in every non-final back-end state that awaits no
+  answer; so is every other event the observer or the owner may feed at any time
+  (hotplug, online, removal, a tapdisk death, an image open), so that nothing tapback
+  observes can be refused; (front-end) likewise every back-end state: `render_table`
+  prints that table.
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ from .xenbus_state import XenbusState
 
 # machine -> the trigger prefix of the other end's states it must handle everywhere
 REQUIRED_TABLES = {"backend_vbd": "frontend_", "frontend_vbd": "backend_"}
+# machine -> the other triggers that may arrive unasked in any state that awaits nothing
+UNPROMPTED = {
+    "backend_vbd": ("hotplug_connected", "hotplug_failed", "online", "offline",
+                    "backend_removed", "tapdisk_died", "image_changed"),
+}
 
 
 def _ancestors(name: str) -> list[str]:
@@ -74,11 +85,12 @@ class Cell:
 def xenbus_table(spec: MachineSpec, prefix: str) -> tuple[list[str], dict[str, dict[str, Cell]]]:
     """Columns (triggers) and rows (non-final leaf state -> trigger -> Cell)."""
     columns = [f"{prefix}{s.trigger_suffix}" for s in XenbusState]
-    columns += [f"{prefix}{extra}" for extra in ("invalid", "vanished")
+    columns += [f"{prefix}{extra}" for extra in ("invalid", "unreadable", "vanished")
                 if f"{prefix}{extra}" in spec.triggers]
     rows: dict[str, dict[str, Cell]] = {}
+    awaiting = spec.awaiting()
     for leaf in spec.leaves():
-        if leaf in spec.final:
+        if leaf in spec.final or leaf in awaiting:
             continue
         row = {}
         for col in columns:
@@ -103,19 +115,42 @@ def render_table(spec: MachineSpec, prefix: str) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in [header, *body]]
+    awaiting = spec.awaiting()
+    if awaiting:
+        lines.append("not shown (an answer is awaited, nothing else arrives): "
+                     + ", ".join(sorted(awaiting)))
     return "\n".join(lines)
 
 
+def dead_rows(spec: MachineSpec) -> list[str]:
+    """Rows that can never fire, and answers an awaiting state would refuse."""
+    problems: list[str] = []
+    for state, answers in spec.awaiting().items():
+        for t in spec.transitions:
+            if state in t.sources and t.trigger not in answers:
+                kind = "ignore" if t.ignored else "row"
+                problems.append(f"dead {kind}: {t.trigger!r} in {state!r}, which awaits only "
+                                f"{list(answers)}")
+        for answer in answers:
+            if not transitions_from(spec, state, answer):
+                problems.append(f"{state!r} awaits {answer!r} but neither handles nor "
+                                "ignores it")
+    return problems
+
+
 def spelled_out_phases(spec: MachineSpec) -> list[str]:
-    """Rows whose source lists every state of a phase (of two or more) one by one."""
+    """Rows whose source lists every state of a phase (of two or more) one by one (those
+    that await no answer: `@phase` names only them)."""
     problems: list[str] = []
     seen: set[str] = set()
+    awaiting = spec.awaiting()
     for t in spec.transitions:
         if t.row in seen:  # an [[ignore]] of several triggers is one row
             continue
         seen.add(t.row)
         for phase in spec.phases:
-            if len(phase.states) > 1 and set(phase.states) <= set(t.spelled):
+            members = {s for s in phase.states if s not in awaiting}
+            if len(members) > 1 and members <= set(t.spelled):
                 problems.append(f"{t.row} names every state of phase {phase.name!r} "
                                 f"one by one: write {PHASE_PREFIX}{phase.name}")
     return problems
@@ -137,10 +172,18 @@ def check_spec(spec: MachineSpec, cls: type | None = None) -> list[str]:
     for final in spec.final:
         if transitions_from(spec, spec.entry_leaf(final)):
             problems.append(f"final state {final!r} has transitions")
+    problems += dead_rows(spec)
     problems += spelled_out_phases(spec)
     if cls is not None:
         problems += [f"callback {n!r} is not bound by {cls.__name__}"
                      for n in unbound_callbacks(spec, cls)]
+    awaiting = spec.awaiting()
+    for trigger in UNPROMPTED.get(spec.name, ()):
+        for leaf in spec.leaves():
+            if leaf in spec.final or leaf in awaiting:
+                continue
+            if not transitions_from(spec, leaf, trigger):
+                problems.append(f"{trigger!r} is neither handled nor ignored in {leaf!r}")
     prefix = REQUIRED_TABLES.get(spec.name)
     if prefix is not None:
         columns, rows = xenbus_table(spec, prefix)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .events import BlkifRing, DiskInfo, RingTransport
+from .events import BlkifRing, DiskInfo, RingTransport, TapdiskRef
 from .xenbus_state import XenbusState
 
 
@@ -65,6 +65,14 @@ class Unregister(Effect):
 
 
 @dataclass(frozen=True)
+class WatchTapdisk(Effect):
+    """Report this tapdisk's exit (`TapdiskDied`) and its opens of the VBD's image
+    (`ImageChanged`) from now on."""
+
+    tapdisk: TapdiskRef
+
+
+@dataclass(frozen=True)
 class ReadFrontendTransport(Effect):
     """Read and strictly parse the front-end's transport keys; answer with
     `TransportRead` or `TransportInvalid` (an order above the maximum is invalid)."""
@@ -112,6 +120,9 @@ class XenblkifConnect(ControlMessage):
     domid: int
     devid: int
     transport: RingTransport
+    # The indirect segments the back-end offered (feature-max-indirect-segments; 0: none),
+    # which the tapdisk enforces.
+    max_indirect_segments: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,14 @@ class XenblkifDisconnect(ControlMessage):
     minor: int
     domid: int
     devid: int
+
+
+@dataclass(frozen=True)
+class DiskInfoQuery(ControlMessage):
+    """DISK_INFO: the image's geometry (`DiskInfoRead` or `DiskInfoFailed`)."""
+
+    pid: int
+    minor: int
 
 
 @dataclass(frozen=True)

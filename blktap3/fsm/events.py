@@ -82,6 +82,14 @@ class FrontendStateInvalid(Event):
 
 
 @dataclass(frozen=True)
+class FrontendStateUnreadable(Event):
+    """The front-end's `state` node exists but refuses us (the guest changed its
+    permissions: it owns the node, and a driver domain is not privileged)."""
+
+    TRIGGER: ClassVar[str] = "frontend_unreadable"
+
+
+@dataclass(frozen=True)
 class FrontendVanished(Event):
     """The front-end's `state` node does not exist (not yet, or not any more)."""
 
@@ -125,27 +133,35 @@ class BackendVanished(Event):
 
 @dataclass(frozen=True)
 class BackendFound(Event):
-    """What our directory already held when the machine was made (a restarted tapback).
+    """What our directory held when tapback found the VBD: fed first, exactly once.
 
     `state` is the back-end `state` node (None: absent or not a xenbus state); `keys`
-    are the other nodes a previous tapback may have written, with their values.  Fed
-    first, before anything was published: Connected makes the machine adopt the VBD
-    (replay the ring connect, answered EALREADY, and publish nothing the front-end
-    already sees); the other states only spare redundant writes.
+    are the other nodes (the toolstack's, and those a previous tapback may have
+    written), with their values.  Connected makes the machine adopt the VBD (replay the
+    ring connect, answered EALREADY, and publish nothing the front-end already sees);
+    the other states only spare redundant writes.
     """
 
     TRIGGER: ClassVar[str] = "backend_found"
     state: XenbusState | None
     keys: tuple[tuple[str, str], ...] = ()
+    # What the toolstack says of the disk (`mode`, `device-type`, `removable`): the
+    # `info` bits the back-end adds to the tapdisk's.
+    readonly: bool = False
+    cdrom: bool = False
+    removable: bool = False
 
 
 @dataclass(frozen=True)
 class HotplugConnected(Event):
-    """`hotplug-status=connected`: the tapdisk is found and its disk geometry known."""
+    """`hotplug-status=connected` and `physical-device-path` names this tapdisk's VBD.
+
+    Reported each time the hotplug nodes change (the spec decides what a repeat means);
+    the disk geometry is asked of the tapdisk next (`DiskInfoQuery`).
+    """
 
     TRIGGER: ClassVar[str] = "hotplug_connected"
     tapdisk: TapdiskRef
-    disk: DiskInfo
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,31 @@ class HotplugFailed(Event):
 
     TRIGGER: ClassVar[str] = "hotplug_failed"
     reason: str
+
+
+@dataclass(frozen=True)
+class DiskInfoRead(Event):
+    """Answer to `DiskInfoQuery`: the geometry the tapdisk reports for the image (its
+    own `info` bits; the machine adds those the toolstack's mode and type ask for)."""
+
+    TRIGGER: ClassVar[str] = "disk_info_read"
+    disk: DiskInfo
+
+
+@dataclass(frozen=True)
+class DiskInfoFailed(Event):
+    """Answer to `DiskInfoQuery`: the tapdisk did not answer, or refused (positive errno)."""
+
+    TRIGGER: ClassVar[str] = "disk_info_failed"
+    errno: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ImageChanged(Event):
+    """The image of this VBD's tapdisk was opened again (a resize may have happened)."""
+
+    TRIGGER: ClassVar[str] = "image_changed"
 
 
 @dataclass(frozen=True)
@@ -224,18 +265,10 @@ class RingDisconnectFailed(Event):
 
 @dataclass(frozen=True)
 class TapdiskDied(Event):
-    """The tapdisk serving this VBD exited or stopped answering."""
+    """A tapdisk exited (the machine knows whether it is the one serving this VBD)."""
 
     TRIGGER: ClassVar[str] = "tapdisk_died"
     pid: int
-
-
-@dataclass(frozen=True)
-class DiskResized(Event):
-    """The image now has a new size (sector size and info must not change)."""
-
-    TRIGGER: ClassVar[str] = "disk_resized"
-    disk: DiskInfo
 
 
 # --- front-end (simulated blkfront) --------------------------------------------------------

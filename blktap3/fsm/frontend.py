@@ -14,7 +14,7 @@ Two pure pieces, no I/O (the h11 split):
 
 Used by the simulated guests (`blktap3.sim.frontend.Blkfront` executes the effects the
 way a personality does) and by tests that wire a front-end and a back-end together
-(`blktap3.fsm.testing`).
+(`blktap3.sim.memory`).
 """
 
 from __future__ import annotations

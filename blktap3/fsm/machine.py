@@ -14,6 +14,9 @@ Rules (the h11 "theory of operation" for our machines):
 4. Publication rule: entering a state that declares `xenbus = n` publishes n, unless n is
    what was last published.  So a machine can never write a redundant `state`.  The
    publication comes after the state's own `on_enter` effects (keys first, then state).
+5. A state that `awaits` answers (it is entered with a question pending: the owner
+   answers before feeding anything else) accepts only those: any other event there is
+   `OurBug`, whoever its trigger would blame, and changes nothing.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class SpecMachine:
 
     def __init__(self) -> None:
         self.spec = _checked(type(self))
+        self._awaits = self.spec.awaiting()
         self._effects: list[Effect] = []
         self._fired = False
         self.published: XenbusState | None = self.INITIAL_PUBLISHED
@@ -148,6 +152,9 @@ class SpecMachine:
         if trig is None:
             raise OurBug(self.spec.name, self.state, event, f"{self.SPEC} has no trigger {name!r}")
         before = self.state
+        awaited = self._awaits.get(before)
+        if awaited is not None and name not in awaited:
+            raise OurBug(self.spec.name, before, event, f"an answer is awaited: {awaited}")
         self._effects = []
         self._fired = False
         try:

@@ -5,7 +5,10 @@ Format (one file per machine, `specs/<name>.toml`):
 
     [machine]      name, title, doc, initial, final = [...], nested = bool
     [states.<s>]   doc, xenbus (0..8: entering publishes it), bits = [...],
-                   on_enter = [...], on_exit = [...], initial + [states.<s>.children.<c>]
+                   on_enter = [...], on_exit = [...], initial + [states.<s>.children.<c>],
+                   awaits = [...]: the state is only ever entered with a question
+                   pending (an effect the owner answers before anything else, see
+                   `blktap3.fsm`), whose answer is one of these triggers
     [phases.<p>]   doc, states = [...]: a named group of states (flat machines only);
                    when a machine declares phases, every state is in exactly one
     [triggers.<t>] doc, blame = ours|frontend|backend|tapdisk|image|toolstack,
@@ -24,6 +27,9 @@ An `errno` is a name of Python's `errno` module (`"EALREADY"`), checked at load;
 answer is a `Reply(error=...)` effect (see `blktap3.fsm.machine`).
 A source names states, `@<phase>` for every state of a phase (`["@handshake", "closed"]`;
 `@` cannot start a state name, so the two never clash), or is "*": every non-final state.
+A group (`@<phase>`, "*") leaves out the states that `awaits` an answer: nothing but
+the answer arrives there, so a row for any other trigger could never fire; a row for an
+answer names its state (`blktap3-fsm check` reports a dead row naming one itself).
 The loader expands phases: `TransitionSpec.sources` are always states, so the machine,
 the checks and the conformance harness see the same table whichever way a row is
 written; phases change how a spec reads and how it is drawn, never what the machine does.
@@ -47,7 +53,7 @@ from .errors import Blame, SpecError
 
 _TOP_KEYS = {"machine", "states", "phases", "triggers", "transitions", "ignore"}
 _MACHINE_KEYS = {"name", "title", "doc", "initial", "final", "nested"}
-_STATE_KEYS = {"doc", "xenbus", "bits", "on_enter", "on_exit", "initial", "children"}
+_STATE_KEYS = {"doc", "xenbus", "bits", "on_enter", "on_exit", "initial", "children", "awaits"}
 _TRIGGER_KEYS = {"doc", "blame", "refused", "errno"}
 _TRANSITION_KEYS = {
     "trigger", "source", "dest", "conditions", "unless", "before", "after", "doc", "errno"
@@ -72,6 +78,7 @@ class StateSpec:
     on_exit: tuple[str, ...] = ()
     initial: str | None = None  # full name of the initial child
     children: tuple[StateSpec, ...] = ()
+    awaits: tuple[str, ...] = ()  # the only triggers that can arrive (answers)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,10 @@ class MachineSpec:
 
     def leaves(self) -> list[str]:
         return [s.name for s in self.all_states() if not s.children]
+
+    def awaiting(self) -> dict[str, tuple[str, ...]]:
+        """State -> the answer triggers it awaits, for the states that await one."""
+        return {s.name: s.awaits for s in self.all_states() if s.awaits}
 
     def entry_leaf(self, name: str) -> str:
         """The leaf a machine is in after entering `name` (initial children, down)."""
@@ -247,6 +258,7 @@ def _parse_state(
         on_exit=_strs(f"{where}.on_exit", table.get("on_exit", [])),
         initial=initial,
         children=children,
+        awaits=_strs(f"{where}.awaits", table.get("awaits", [])),
     )
 
 
@@ -365,10 +377,19 @@ def parse_spec(
     final = tuple(
         known(f"{origin}: [machine].final", f) for f in _strs("final", m.get("final", []))
     )
+    awaiting: set[str] = set()
+    for s in _walk(states):
+        for name in s.awaits:
+            trigger(f"{origin}: [states.{s.name}].awaits", name)
+        if s.awaits and (s.name in final or s.children):
+            raise SpecError(f"{origin}: [states.{s.name}]: only a non-final leaf may await")
+        if s.awaits:
+            awaiting.add(s.name)
 
     def sources(where: str, value: Any) -> tuple[str, ...]:
         if value == "*":
-            return tuple(sorted(s.name for s in _walk(states) if s.name not in final))
+            return tuple(sorted(s.name for s in _walk(states)
+                                if s.name not in final and s.name not in awaiting))
         expanded: list[str] = []
         for n in _strs(where, value):
             if n.startswith(PHASE_PREFIX):
@@ -376,7 +397,10 @@ def parse_spec(
                 if phase is None:
                     known_phases = [f"{PHASE_PREFIX}{p}" for p in by_phase] or "none declared"
                     raise SpecError(f"{where}: unknown phase {n!r}; phases: {known_phases}")
-                members = phase.states
+                members = tuple(s for s in phase.states if s not in awaiting)
+                if not members:
+                    raise SpecError(f"{where}: every state of phase {n!r} awaits an answer: "
+                                    "name the state a row for its answer is for")
             else:
                 members = (known(where, n),)
             for s in members:

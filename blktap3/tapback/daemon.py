@@ -3,7 +3,7 @@
 The main thread owns the `WatchStream` (one connection): a watch on the back-end root
 (`/local/domain/<backend-domid>/backend/vbd3`) and one on each known VBD's front-end
 `state` node. It never talks to a tapdisk: an event only becomes a prompt in the queue
-of the VBD it concerns (see `vbd.py`), so a slow tapdisk delays only its own VBD.
+of the VBD it concerns (see `worker.py`), so a slow tapdisk delays only its own VBD.
 
 - The root watch fires once when registered: that is the start-up scan, which finds
   every existing VBD (a restarted tapback adopts connected ones through EALREADY).
@@ -12,6 +12,7 @@ of the VBD it concerns (see `vbd.py`), so a slow tapdisk delays only its own VBD
 - A VBD whose machine reached a final state is forgotten (its front-end watch removed);
   one unregistered by `online=0` while its directory still exists is remembered as
   retired, so that the toolstack's later writes there do not bring it back.
+- Every VBD's machine state is kept in a status file for other tools (`status.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.ctl import runtime
+from blktap3.fsm import BackendState
 from blktap3.xenbus import (
     Reconnected,
     VbdPaths,
@@ -36,18 +39,22 @@ from blktap3.xenbus import (
     parse_backend_path,
 )
 
+from .executor import VbdConfig
 from .images import ImageWatcher
+from .reads import WATCHED_KEYS
+from .status import StatusFile, VbdStatus, default_path
 from .store import SharedStore
 from .tapdisks import TapdiskMonitor
-from .vbd import Died, Prompt, VbdConfig, VbdWorker
+from .worker import Died, Prompt, VbdWorker
 
 log = structlog.get_logger(__name__)
 
 BACKEND_TOKEN = "backend"
 FRONTEND_TOKEN_PREFIX = "frontend:"
 WAIT_SLICE = 0.25  # how often the main loop looks at its stop flag and retirements
-# Back-end keys a worker reacts to ("" is the directory itself: created or removed).
-WATCHED_BACKEND_KEYS = frozenset({"", "hotplug-status", "physical-device-path", "online"})
+# Back-end keys a worker reacts to ("" is the directory itself: created or removed):
+# what its snapshot reads.
+WATCHED_BACKEND_KEYS = frozenset({"", *WATCHED_KEYS})
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,17 @@ class TapbackConfig:
     xenstore_timeout: float = 10.0
     tapdisk_timeout: float = 30.0
     max_ring_page_order: int = 3
+    barrier: bool = True  # offer feature-barrier (blktap's tapback -b: no)
+    frontend_domid: int | None = None  # serve only this guest's VBDs (tapback -x)
+    status_file: Path | None = None  # None: <control_root>/tapback.<kind>.status.json
     vbd: VbdConfig = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vbd", VbdConfig(
-            self.control_root, self.tapdisk_timeout, self.max_ring_page_order))
+            self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier))
+        if self.status_file is None:
+            object.__setattr__(self, "status_file",
+                               default_path(self.control_root, self.backend_kind))
 
     @property
     def root(self) -> str:
@@ -92,6 +105,8 @@ class Tapback:
         self._tapdisk_users: dict[int, set[tuple[int, int]]] = {}
         self.monitor = TapdiskMonitor(self._tapdisk_died)
         self.images = ImageWatcher(self._image_opened)
+        assert config.status_file is not None  # set by TapbackConfig
+        self.status = StatusFile(config.status_file)
         self.ready = threading.Event()  # set once the root watch is registered
 
     def stop(self) -> None:
@@ -106,7 +121,9 @@ class Tapback:
         try:
             stream.watch(root, BACKEND_TOKEN)
             self.store.get()  # both connections exist once we say we are ready
-            log.info("tapback watching", root=root, control_root=str(self.config.control_root))
+            self.status.start()
+            log.info("tapback watching", root=root, control_root=str(self.config.control_root),
+                     status_file=str(self.status.path))
             self.ready.set()
             if on_ready is not None:
                 on_ready()
@@ -136,6 +153,7 @@ class Tapback:
         self.images.close()
         stream.close()
         self.store.close()
+        self.status.remove()
         log.info("tapback stopped", vbds=len(workers))
 
     def _dispatch(self, stream: WatchStream, event: WatchEvent) -> None:
@@ -206,6 +224,8 @@ class Tapback:
                         self._discover(stream, key)
 
     def _discover(self, stream: WatchStream, key: tuple[int, int]) -> None:
+        if self.config.frontend_domid not in (None, key[0]):
+            return  # another guest's: a tapback started with -x serves one guest
         paths = VbdPaths(key[0], key[1], self.config.backend_domid, self.config.backend_kind)
         try:
             frontend = self.store.call(lambda xs: xs.read_optional(paths.backend_key("frontend")))
@@ -224,9 +244,11 @@ class Tapback:
             # else is not ours to watch.
             frontend = paths.frontend
         worker = VbdWorker(paths, frontend, self.store, self.config.vbd,
-                           on_final=self._finished.put, on_tapdisk=self._note_tapdisk)
+                           on_final=self._finished.put, on_tapdisk=self._note_tapdisk,
+                           on_state=self._note_state)
         with self._lock:
             self.workers[key] = worker
+        self._note_state(worker)
         try:
             stream.watch(worker.frontend_state_path, frontend_token(key))
         except XenStoreError as exc:
@@ -243,14 +265,15 @@ class Tapback:
             stream.unwatch(worker.frontend_state_path, frontend_token(worker.key))
             self.images.forget(worker.key)
             worker.join(timeout=1)
-            backend_left = worker.machine.state == "unregistered"
+            backend_left = worker.machine.state == BackendState.UNREGISTERED
             with self._lock:
                 if self.workers.get(worker.key) is worker:
                     del self.workers[worker.key]
+                    self.status.forget(worker.key)
                 if backend_left:
                     self._retired.add(worker.key)
-                if worker.location is not None:
-                    users = self._tapdisk_users.get(worker.location.pid)
+                if worker.tapdisk is not None:
+                    users = self._tapdisk_users.get(worker.tapdisk.pid)
                     if users is not None:
                         users.discard(worker.key)
             if backend_left:
@@ -258,6 +281,11 @@ class Tapback:
                 self._discover(stream, worker.key)
 
     # -- tapdisks ----------------------------------------------------------------------------
+
+    def _note_state(self, worker: VbdWorker) -> None:
+        machine = worker.machine
+        published = int(machine.published) if machine.published is not None else None
+        self.status.update(worker.key, VbdStatus(machine.spec.name, machine.state, published))
 
     def _note_tapdisk(self, worker: VbdWorker, pid: int) -> None:
         with self._lock:
@@ -281,5 +309,7 @@ class Tapback:
             log.info("tapdisk exited", pid=pid)
             return
         log.error("tapdisk died", pid=pid, vbds=sorted(keys))
+        # blktap leaves a dead tapdisk's socket behind; we do not.
+        runtime.remove_stale_socket(self.config.control_root, pid)
         for worker in workers:
             worker.post(Died(pid))

@@ -1,23 +1,33 @@
 """The `tapback` command: run the daemon for one back-end domain.
 
-    tapback [--backend-kind vbd3] [--backend-domid 0] [--xenstored PATH]
-            [--control-dir DIR] [--log-format json|console] [--log-file FILE]
-            [--verbose] [--pid-file FILE]
+    tapback [-d] [-v] [-n NAME] [-p PIDFILE] [-x DOMID] [-b]
+            [--backend-domid 0] [--xenstored PATH] [--control-dir DIR]
+            [--log-format json|console] [--log-file FILE] [--status-file FILE] ...
 
-It runs in the foreground (systemd's `Type=simple`; `service.start` backgrounds it),
-logs one line per lifecycle step, and stops on SIGTERM/SIGINT leaving every VBD as it
+blktap's options keep blktap's meanings (tapback/tapback.c): without `-d|--debug` the
+command daemonizes and returns once the daemon watches XenStore (and wrote `-p`'s pid
+file), as blktap's `Type=forking` unit expects; `-d` stays in the foreground (systemd's
+`Type=simple`, `service.start`). `-v|--verbose` logs debug lines, `-n|--name` is the
+back-end name (backend/<name>), `-p|--pidfile` the pid file, `-x|--domain` serves only
+that guest's VBDs, `-b|--nobarrier` does not offer feature-barrier. A daemon without
+`--log-file` logs to syslog, as blktap's does. An unknown option is a one-line error.
+
+It logs one line per lifecycle step, and stops on SIGTERM/SIGINT leaving every VBD as it
 is: a tapback started again adopts them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import sys
+import syslog
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import structlog
 
@@ -62,14 +72,44 @@ def _kind(text: str) -> str:
     return text
 
 
+def _frontend_domid(text: str) -> int | None:
+    """`-x`: a guest's domid, in strtoul(3)'s forms as blktap reads it (12, 0x0c, 014);
+    0 means every guest, as in blktap (tapback.c: a domid of 0 is the master's)."""
+    digits = text.strip()
+    base = 16 if digits[:2].lower() == "0x" else 8 if digits[:1] == "0" and digits[1:] else 10
+    try:
+        value = int(digits, base)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid domain ID {text!r}") from None
+    if not 0 <= value < DOMID_FIRST_RESERVED:
+        raise argparse.ArgumentTypeError(
+            f"domain ID {value} is not in 0..{DOMID_FIRST_RESERVED - 1}")
+    return value or None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (blktap's tapback prints its usage; ours says what is
+    wrong and where to look), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tapback",
         description="The blktap3 back-end daemon: runs the xenbus handshake of every "
                     "vbd3 device of this domain and connects its tapdisk to the guest's ring.",
     )
-    parser.add_argument("--backend-kind", "-n", default="vbd3", metavar="NAME", type=_kind,
-                        help="back-end name watched under backend/ (default: vbd3)")
+    parser.add_argument("--backend-kind", "-n", "--name", default="vbd3", metavar="NAME",
+                        type=_kind, help="back-end name watched under backend/ "
+                        "(default: vbd3)")
+    parser.add_argument("-d", "--debug", action="store_true",
+                        help="stay in the foreground (else daemonize once watching)")
+    parser.add_argument("-x", "--domain", dest="frontend_domid", type=_frontend_domid,
+                        metavar="DOMID", help="serve only this guest domain's VBDs")
+    parser.add_argument("-b", "--nobarrier", dest="barrier", action="store_false",
+                        help="do not offer feature-barrier to front-ends")
     parser.add_argument("--backend-domid", type=_domid, default=0, metavar="DOMID",
                         help="the domain this back-end runs in (default: 0)")
     parser.add_argument("--xenstored", metavar="PATH",
@@ -82,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON lines (default) or a readable console format")
     parser.add_argument("--log-file", metavar="FILE", help="append logs here (default: stderr)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
-    parser.add_argument("--pid-file", metavar="FILE",
+    parser.add_argument("--pid-file", "-p", "--pidfile", metavar="FILE",
                         help="write the pid here once the daemon is watching")
+    parser.add_argument("--status-file", metavar="FILE", type=Path,
+                        help="every VBD's machine state, as JSON, kept up to date (default: "
+                             "<control-dir>/tapback.<backend-kind>.status.json)")
     parser.add_argument("--tapdisk-timeout", type=_seconds, default=30.0, metavar="SECS",
                         help="timeout of each control request to a tapdisk (default: 30)")
     parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
@@ -91,10 +134,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Syslog:
+    """A text stream whose lines go to syslog (a daemon without --log-file)."""
+
+    def __init__(self) -> None:
+        syslog.openlog("tapback", syslog.LOG_PID, syslog.LOG_DAEMON)
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line:
+                syslog.syslog(syslog.LOG_INFO, line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _daemonize() -> int | None:
+    """Fork; the parent waits until the daemon says it is ready (the descriptor returned
+    to the child) and exits 0, or 1 when it failed. As daemon(3): a new session, /
+    as the working directory, standard streams on /dev/null."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork():
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            word = ready.read()
+        if word != b"ok":
+            print("tapback: the daemon stopped before it watched XenStore (see its log: "
+                  "--log-file, else syslog)", file=sys.stderr, flush=True)
+        os._exit(0 if word == b"ok" else 1)
+    os.close(ready_r)
+    os.setsid()
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return ready_w
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    stream = open(args.log_file, "a", buffering=1) if args.log_file else sys.stderr  # noqa: SIM115
-    logs.configure(args.log_format, verbose=args.verbose, stream=stream)
+    # Paths are taken from where the command runs: the daemon works from /.
+    pid_file = Path(args.pid_file).absolute() if args.pid_file else None
+    log_file = Path(args.log_file).absolute() if args.log_file else None
     config = TapbackConfig(
         control_root=runtime.root_dir(args.control_dir).absolute(),
         xenstored_path=args.xenstored,
@@ -102,7 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend_kind=args.backend_kind,
         tapdisk_timeout=args.tapdisk_timeout,
         max_ring_page_order=args.max_ring_page_order,
+        barrier=args.barrier,
+        frontend_domid=args.frontend_domid,
+        status_file=args.status_file.absolute() if args.status_file else None,
     )
+    ready_fd = None if args.debug else _daemonize()  # before any thread starts
+    if log_file:
+        stream: Any = open(log_file, "a", buffering=1)  # noqa: SIM115
+    else:
+        stream = sys.stderr if args.debug else _Syslog()
+    logs.configure(args.log_format, verbose=args.verbose, stream=stream)
     daemon = Tapback(config)
 
     stopped_by: list[str] = []
@@ -117,13 +214,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def on_ready() -> None:
-        if args.pid_file:
-            tmp = Path(f"{args.pid_file}.tmp")
+        if pid_file:
+            tmp = Path(f"{pid_file}.tmp")
             tmp.write_text(f"{os.getpid()}\n")
-            tmp.replace(args.pid_file)
+            tmp.replace(pid_file)
+        if ready_fd is not None:  # the command that daemonized us may return now
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"ok")
+            os.close(ready_fd)
 
     log.info("tapback starting", pid=os.getpid(), backend_kind=config.backend_kind,
-             backend_domid=config.backend_domid)
+             backend_domid=config.backend_domid, frontend_domid=config.frontend_domid)
     try:
         daemon.run(on_ready)
         if stopped_by:
@@ -132,6 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.exception("tapback failed")
         return 1
     finally:
-        if args.pid_file:
-            Path(args.pid_file).unlink(missing_ok=True)
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
     return 0

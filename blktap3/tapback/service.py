@@ -7,7 +7,8 @@ What the simulated host (and anything else that is not systemd) uses:
     service.status(run_dir) -> pid or None
 
 Files in `run_dir`: `tapback.pid` (written by tapback itself once it watches, so
-`start` returning means the daemon is serving) and `tapback.log` (JSON lines).
+`start` returning means the daemon is serving) and `tapback.log` (JSON lines); its
+status file (every VBD's machine state, `status_path`) is in the control directory.
 `start` may run in one process and `stop` in another: both go by the pid file.
 """
 
@@ -23,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from blktap3.ctl import runtime
+
+from . import status as status_file
 
 PID_FILE = "tapback.pid"
 LOG_FILE = "tapback.log"
@@ -52,6 +55,11 @@ def log_path(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / LOG_FILE
 
 
+def status_path(run_dir: str | os.PathLike[str], backend_kind: str = "vbd3") -> Path:
+    """The status file of the tapback `start` runs (its default, in the control dir)."""
+    return status_file.default_path(control_dir(run_dir), backend_kind)
+
+
 def command(
     run_dir: str | os.PathLike[str],
     *,
@@ -61,7 +69,7 @@ def command(
     verbose: bool = False,
 ) -> list[str]:
     """The tapback command line `start` runs."""
-    argv = [sys.executable, "-m", "blktap3.tapback",
+    argv = [sys.executable, "-m", "blktap3.tapback", "-d",  # foreground: we background it
             "--backend-kind", backend_kind,
             "--control-dir", str(control_root or control_dir(run_dir)),
             "--pid-file", str(pid_path(run_dir)),

@@ -10,9 +10,9 @@ A request for a VBD goes through `observer.observe` (message -> event) to the VB
 machine (`Vbd.machine`, specs/tapdisk_vbd.toml), which answers with effects: open the
 image, start or quiesce the ring, reply...  `_step` executes them, feeds their outcomes
 back as events, and sends the one `Reply` the machine gave: every protocol rule and
-errno is the spec's.  What is refused here is lookup (no VBD with that minor: ENODEV;
-ATTACH of a minor that is not allocated, EINVAL, or that another tapdisk holds, EBUSY)
-and the observer's argument checks.
+errno is the spec's.  What is refused here is lookup (no VBD with that minor: ENODEV,
+OPEN's EINVAL as blktap's; ATTACH of a minor that is not allocated, EINVAL, or that
+another tapdisk holds, EBUSY) and the observer's argument checks.
 """
 
 from __future__ import annotations
@@ -157,6 +157,9 @@ class Tapdisk:
         minor = observation.minor
         if isinstance(observation, ToVbd) and isinstance(observation.event, ev.Attach):
             vbd = self.vbds.get(minor) or self._new_vbd(minor)
+        elif request.type is T.OPEN and minor not in self.vbds:
+            # blktap's open_image answers EINVAL here (drivers/tapdisk-control.c:710).
+            raise ControlError(errno.EINVAL, f"no VBD with minor {minor}")
         else:
             vbd = self._vbd(minor)
         if isinstance(observation, BadArgument):
@@ -323,23 +326,28 @@ class Tapdisk:
         return Reply([p.Message(T.LIST_MINORS_RSP, request.cookie, p.Minors(minors))])
 
     def _stats(self, request: p.Message) -> Reply:
-        vbd = self._vbd(request.cookie)
+        if request.cookie == p.ALL_VBDS:  # every VBD's, as a JSON array
+            body: Any = [self._vbd_stats(vbd) for vbd in list(self.vbds.values())]
+        else:
+            body = self._vbd_stats(self._vbd(request.cookie))
+        data = stats.render_stats(body).encode()
+        header = p.StatInfo(int(T.STATS_RSP), request.cookie, len(data))
+        return Reply([p.Message(T.STATS_RSP, request.cookie, header)], data)
+
+    def _vbd_stats(self, vbd: Vbd) -> dict[str, Any]:
         ring_stats: dict[str, Any] | None = None
         ring_ids: tuple[int, int] | None = None
         with self.ring_lock:
             if vbd.ring is not None:
                 ring_stats, ring_ids = vbd.ring.stats(), vbd.ring_ids
         spec = vbd.image_spec
-        body = stats.vbd_stats(
+        return stats.vbd_stats(
             params=vbd.params,
             image_type=spec.type if spec else None,
             image_path=spec.path if spec else None,
             ring_stats=ring_stats,
             ring_ids=ring_ids,
         )
-        data = stats.render_stats(body).encode()
-        header = p.StatInfo(int(T.STATS_RSP), request.cookie, len(data))
-        return Reply([p.Message(T.STATS_RSP, request.cookie, header)], data)
 
     # -- the tapdisk's own --------------------------------------------------------------
 

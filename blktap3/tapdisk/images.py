@@ -77,9 +77,11 @@ class ImageSpec:
 
 
 def parse_params(params: str) -> ImageSpec:
-    """Split `type:/path`; a malformed or unknown type is EINVAL, as in blktap."""
+    """Split `type:/path` with blktap's errnos (drivers/tapdisk-disktype.c,
+    tapdisk_disktype_parse_params): no colon is EINVAL, an unknown (or empty) type
+    ENOENT; an empty path is ENOENT too, what opening "" gives."""
     kind, sep, path = params.partition(":")
-    if not sep or not kind or not path:
+    if not sep:
         raise OSError(errno.EINVAL, f"expected type:/path, got {params!r}")
     try:
         # The wire's bytes arrive surrogate-escaped; the data path takes UTF-8 only.
@@ -88,9 +90,11 @@ def parse_params(params: str) -> ImageSpec:
         raise OSError(errno.EINVAL, f"image path is not valid UTF-8: {params!r}") from None
     if kind not in SUPPORTED_TYPES:
         raise OSError(
-            errno.EINVAL,
+            errno.ENOENT,
             f"image type {kind!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})",
         )
+    if not path:
+        raise OSError(errno.ENOENT, f"{params!r} names no image")
     return ImageSpec(kind, path)
 
 
@@ -113,7 +117,8 @@ def _datapath() -> Any:
 
 
 def open_image(spec: ImageSpec, flags: int) -> Image:
-    """Open the image; a missing file is EINVAL as blktap reports it, with the reason."""
+    """Open the image; failures keep their errno (a missing file is ENOENT, as blktap's
+    aio driver answers) and say which image."""
     check_flags(flags)
     datapath = _datapath()
     try:
@@ -123,11 +128,7 @@ def open_image(spec: ImageSpec, flags: int) -> Image:
             readonly=bool(flags & OpenFlags.RDONLY),
             o_direct=not flags & OpenFlags.NO_O_DIRECT,
         )
-    except FileNotFoundError:
-        raise OSError(errno.EINVAL, f"{spec}: No such file or directory") from None
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise OSError(errno.EINVAL, f"{spec}: No such file or directory") from None
         raise OSError(exc.errno or errno.EIO, f"{spec}: {exc.strerror or exc}") from None
     return image
 

@@ -9,8 +9,14 @@ costs neither unbounded threads nor descriptors. When accept() fails for want of
 descriptors (EMFILE...), the pending connection stays queued and the listener stays
 readable, so the loop backs off instead of spinning. A message that does not decode
 gets an ERROR reply (EINVAL), so does a request whose handling fails unexpectedly (EIO),
-and the server goes on. The accept loop waits on the listening socket and a wake-up
-pipe (signals, a freed connection slot and the "last VBD detached" exit write to it).
+and the server goes on. What a client sends after OPEN or RESUME on the same connection
+(`protocol.Trailer`: a changed-block log path, an encryption key) is read before the
+request is handled, so it is never taken for a message; the request is then refused
+(EOPNOTSUPP) by the flag check until those features exist. An ERROR answer to STATS
+carries no text: blktap's tap-ctl reads a STATS reply's length without looking at its
+type, and the text would land where the length is. The accept loop waits on the
+listening socket and a wake-up pipe (signals, a freed connection slot and the "last VBD
+detached" exit write to it).
 Python retries EINTR in every blocking call (PEP 475).
 """
 
@@ -29,7 +35,7 @@ import structlog
 
 from blktap3.ctl import protocol as p
 
-from .control import Tapdisk, error_reply
+from .control import Reply, Tapdisk, error_reply
 
 log = structlog.get_logger(__name__)
 
@@ -40,19 +46,20 @@ ACCEPT_BACKOFF = 0.1
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-def _recv_message(conn: socket.socket, timeout: float) -> bytes:
-    """Up to one message's bytes within `timeout` seconds: fewer when the client closed
-    its side or went silent part-way (a timeout with nothing received propagates)."""
+def _recv_message(conn: socket.socket, timeout: float, wanted: int = p.MESSAGE_SIZE) -> bytes:
+    """Up to `wanted` bytes (one message) within `timeout` seconds: fewer when the
+    client closed its side or went silent part-way (a timeout with nothing received
+    propagates)."""
     chunks: list[bytes] = []
     size = 0
     deadline = time.monotonic() + timeout
-    while size < p.MESSAGE_SIZE:
+    while size < wanted:
         try:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
             conn.settimeout(remaining)
-            chunk = conn.recv(p.MESSAGE_SIZE - size)
+            chunk = conn.recv(wanted - size)
         except TimeoutError:
             if not size:
                 raise
@@ -196,8 +203,11 @@ class ControlServer:
             log.warning("bad message", reason=str(exc))
             reply = error_reply(cookie, errno.EINVAL, str(exc))
         else:
+            refusal = self._read_trailer(conn, request)
             try:
-                reply = self.tapdisk.handle(request)
+                reply = refusal or self.tapdisk.handle(request)
+                if request.type is p.MessageType.STATS:
+                    reply = _without_text(reply)
                 data = reply.encode()
             except Exception:
                 # A bug met by one request must not cost the client its answer (it
@@ -210,3 +220,46 @@ class ControlServer:
                 return
         conn.settimeout(self.client_timeout)
         conn.sendall(reply.encode())
+
+    def _read_trailer(self, conn: socket.socket, request: p.Message) -> Reply | None:
+        """Read what follows an OPEN/RESUME (drivers/tapdisk-control.c, open_image and
+        resume_vbd: a char[256] log path; then a u8 key size, 1..128, and the key);
+        an ERROR reply when it is missing (EIO) or its size is not 1..128 (EINVAL),
+        else None."""
+        logpath, key = p.Trailer.expected(request)
+
+        def missing(what: str) -> Reply:
+            log.warning("trailer missing", request=request.type.name, part=what)
+            return error_reply(request.cookie, errno.EIO, f"no {what} after the request")
+
+        if logpath and self._read(conn, p.STRING_MAX) is None:
+            return missing("log path")
+        if key:
+            size = self._read(conn, 1)
+            if size is None:
+                return missing("key size")
+            # Read even a key too long to take (blktap's tapdisk leaves it unread), so
+            # that closing the connection does not reset it under our answer.
+            if size[0] and self._read(conn, size[0]) is None:
+                return missing("key")
+            if not 0 < size[0] <= p.MAX_KEY:
+                return error_reply(request.cookie, errno.EINVAL,
+                                   f"key size {size[0]} is not in 1..{p.MAX_KEY}")
+        return None
+
+    def _read(self, conn: socket.socket, size: int) -> bytes | None:
+        """Exactly `size` bytes within the client timeout, or None."""
+        try:
+            data = _recv_message(conn, self.client_timeout, size)
+        except TimeoutError:
+            return None
+        return data if len(data) == size else None
+
+
+def _without_text(reply: Reply) -> Reply:
+    """The reply with the detail text of its ERROR messages removed."""
+    return Reply([
+        p.Message(m.type, m.cookie, p.Response(m.payload.error))
+        if m.type is p.MessageType.ERROR and isinstance(m.payload, p.Response) else m
+        for m in reply.messages
+    ], reply.data)

@@ -1,8 +1,9 @@
 """A VBD's statistics in blktap's JSON text, spacing included (`{ "k": [ 0, 0 ] }`).
 
 blktap's tapdisk writes JSON with its own printer: a space inside every bracket, `, `
-between items, and an empty list as `[  ]`. Scripts that scrape `tap-ctl stats` see the
-same text from us. The counters come from the data path's `Ring.stats()`.
+between items, an empty list as `[  ]`, no newline at the end, and a VBD without an image
+named `"(null)"` (printf of a NULL name). Scripts that scrape `tap-ctl stats` see the same
+text from us. The counters come from the data path's `Ring.stats()`.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def vbd_stats(
             },
         })
     result: dict[str, Any] = {
-        "name": params,
+        "name": params or "(null)",
         "secs": [_get(counters, "sectors", "read"), _get(counters, "sectors", "written")],
         "images": images,
         "FIXME_enospc_redirect_count": 0,
@@ -104,6 +105,7 @@ def vbd_stats(
     return result
 
 
-def render_stats(stats: Mapping[str, Any]) -> str:
-    """The text sent after the STATS_RSP header: one line, newline-terminated."""
-    return render(stats) + "\n"
+def render_stats(stats: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
+    """The text sent after the STATS_RSP header: one VBD's object, or the array of every
+    VBD's (STATS for all VBDs, drivers/tapdisk-control.c), with no newline."""
+    return render(stats)

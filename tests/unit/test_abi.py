@@ -49,6 +49,8 @@ def test_protocol_numbers_are_the_c_constants() -> None:
 
     for proto in BlkifProtocol:
         assert getattr(lib, f"TD_PROTO_{proto.name}") == proto.value
+    # The VDISK_* bits the C data path sets come from blkif.h: the same as ours.
+    assert (lib.VDISK_CDROM, lib.VDISK_READONLY) == (VdiskInfo.CDROM, VdiskInfo.READONLY)
     assert BlkifProtocol.from_wire(0) is BlkifProtocol.NATIVE  # "not said"
     assert BlkifProtocol.from_wire(4) is None
 

@@ -3,9 +3,12 @@
 export PYTHONPATH=/opt/blktap3
 PY=/usr/bin/python3.11
 mkdir -p /run/blktap-control
-tapback --log-format console --log-file /run/tapback.log \
-    --pid-file /run/tapback.pid &
-wait_for 60 test -s /run/tapback.pid || die "tapback did not start"
+# Started as blktap's own unit starts its tapback (`tapback -p PIDFILE`, Type=forking):
+# the command daemonizes and returns once the daemon watches XenStore. The log options
+# are ours (blktap's logs to syslog).
+tapback -p /run/tapback.pid --log-format console --log-file /run/tapback.log \
+    || die "tapback did not start"
+wait_for 60 test -s /run/tapback.pid || die "tapback wrote no pid file"
 step tapback-up
 (tail -n +1 -f /run/tapback.log | while IFS= read -r l; do echo "[tapback] $l"; done) &
 attach() { $PY /opt/blktap3/rig/vbd3.py attach "$GUEST" 51712 "$IMG"; }

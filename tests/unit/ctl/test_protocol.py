@@ -73,6 +73,10 @@ def ffi() -> FFI:
     return ffi
 
 
+# RESUME's fields travel at u.params' offsets (see test_resume_lands_in_params).
+RESUME_IN_PARAMS = {"flags": "flags", "new_params": "path", "secondary": "secondary"}
+
+
 def c_offset(ffi: FFI, name: str) -> int:
     if "." not in name:
         if name == "tapdisk_pid":
@@ -80,6 +84,8 @@ def c_offset(ffi: FFI, name: str) -> int:
         return int(ffi.offsetof("struct tapdisk_message", name))
     member, fieldname = name.split(".")
     union = ffi.offsetof("struct tapdisk_message", "u")
+    if member == "resume":
+        member, fieldname = "params", RESUME_IN_PARAMS[fieldname]
     struct = MEMBER_STRUCT[member] + ("_ext" if name in EXTENSION_FIELDS else "")
     inner = ffi.offsetof(f"struct tapdisk_message_{struct}", fieldname)
     return int(union + inner)
@@ -145,6 +151,56 @@ def test_params_encoding_lands_where_c_reads_it(ffi: FFI) -> None:
     assert ffi.string(params.secondary) == b"aio:/mirror"
 
 
+def test_no_parent_is_minus_one_where_c_reads_the_parent_minor(ffi: FFI) -> None:
+    # blktap's tap-ctl sends prt_devnum = -1 unless -e is given (control/tap-ctl.c:725,
+    # tap-ctl-open.c:56); its tapdisk stacks on the parent's NBD socket for any value
+    # >= 0 (drivers/tapdisk-image.c:363): 0 would stack every image on minor 0's.
+    assert p.Params().prt_devnum == p.NO_PARENT == -1
+    raw = bytearray(p.Message(p.MessageType.OPEN, 3, p.Params(devnum=3)).encode())
+    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(raw))
+    assert c.u.params.prt_devnum == 0xFFFFFFFF
+    assert ffi.cast("int", c.u.params.prt_devnum) == -1
+    decoded = p.decode(bytes(raw)).payload
+    assert isinstance(decoded, p.Params) and decoded.prt_devnum == -1
+
+
+def test_resume_lands_in_params(ffi: FFI) -> None:
+    # blktap's tap-ctl puts RESUME's path in u.params.path (control/tap-ctl-unpause.c:58)
+    # and its tapdisk reads it there (drivers/tapdisk-control.c:1054), not in u.resume.
+    resume = p.Resume(flags=0x80, new_params="aio:/new", secondary="aio:/mirror")
+    raw = bytearray(p.Message(p.MessageType.RESUME, 2, resume).encode())
+    c = ffi.cast("struct tapdisk_message *", ffi.from_buffer(raw))
+    assert c.u.params.flags == 0x80
+    assert ffi.string(c.u.params.path) == b"aio:/new"
+    assert ffi.string(c.u.params.secondary) == b"aio:/mirror"
+    assert p.decode(bytes(raw)).payload == resume
+
+
+def test_trailers_follow_open_and_resume_as_blktaps_tap_ctl_sends_them() -> None:
+    # control/tap-ctl-ipc.c:191-219: with ADD_LOG a char[256] log path, then with
+    # OPEN_ENCRYPTED a u8 key size and the key; the tapdisk reads only the log path
+    # after RESUME (drivers/tapdisk-control.c:1037).
+    flags = p.OpenFlags.ADD_LOG | p.OpenFlags.OPEN_ENCRYPTED
+    opening = p.Message(p.MessageType.OPEN, 0, p.Params(flags=flags))
+    trailer = p.Trailer("/log", b"k" * 32).encode(opening)
+    assert trailer == b"/log".ljust(256, b"\0") + b"\x20" + b"k" * 32
+    resuming = p.Message(p.MessageType.RESUME, 0, p.Resume(flags=flags))
+    assert p.Trailer("/log", b"k" * 32).encode(resuming) == b"/log".ljust(256, b"\0")
+    assert p.Trailer("/log").encode(p.Message(p.MessageType.OPEN, 0, p.Params())) == b""
+    assert p.Trailer.expected(opening) == (True, True)
+    assert p.Trailer.expected(p.Message(p.MessageType.PID)) == (False, False)
+    with pytest.raises(p.ProtocolError, match="key"):
+        p.Trailer(key=b"k" * 129).encode(opening)
+
+
+def test_message_names_are_blktaps() -> None:
+    # include/tapdisk-message.h, tapdisk_message_name().
+    assert p.message_name(p.MessageType.ERROR) == "error"
+    assert p.message_name(p.MessageType.STATS_RSP) == "stats response"
+    assert p.message_name(p.MessageType.XENBLKIF_CONNECT) == "sring connect"
+    assert p.message_name(99) == "unknown"
+
+
 def test_blkif_and_stat_encoding_land_where_c_reads_them(ffi: FFI) -> None:
     blkif = p.Blkif(domid=5, devid=51712, grefs=(11, 12), order=1, proto=3, pool="p",
                     port=42, poll_duration=1, poll_idle_threshold=2)
@@ -201,7 +257,7 @@ def test_round_trip(message: p.Message) -> None:
     timeout=st.integers(0, 0xFFFF),
 )
 def test_params_round_trip(flags: int, devnum: int, path: str, timeout: int) -> None:
-    message = p.Message(p.MessageType.OPEN, 1, p.Params(flags, devnum, 0, path, 0, timeout))
+    message = p.Message(p.MessageType.OPEN, 1, p.Params(flags, devnum, 0, path, -1, timeout))
     assert p.decode(message.encode()) == message
 
 

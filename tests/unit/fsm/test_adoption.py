@@ -16,6 +16,9 @@ from blktap3.fsm import (
     BackendFound,
     BackendVbd,
     DiskInfo,
+    DiskInfoFailed,
+    DiskInfoQuery,
+    DiskInfoRead,
     FrontendStateChanged,
     FrontendVanished,
     HotplugConnected,
@@ -31,6 +34,7 @@ from blktap3.fsm import (
     TapdiskDied,
     TapdiskRef,
     TransportRead,
+    WatchTapdisk,
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
@@ -39,7 +43,7 @@ from blktap3.fsm import (
 
 S = XenbusState
 DISK = DiskInfo(sectors=2048, physical_sector_size=4096)
-HOTPLUG = HotplugConnected(TapdiskRef(pid=77, minor=3), DISK)
+TAPDISK = TapdiskRef(pid=77, minor=3)
 TRANSPORT = TransportRead(RingTransport((11,), 9))
 
 
@@ -47,6 +51,14 @@ def keys_of_a_connected_vbd() -> tuple[tuple[str, str], ...]:
     """What a tapback that connected this VBD wrote (probe and connect keys)."""
     features = BackendFeatures()
     return (*features.probe_keys(), *features.connect_keys(DISK), ("kthread-pid", "77"))
+
+
+def hotplug(vbd: BackendVbd, disk: DiskInfo = DISK,
+            tapdisk: TapdiskRef = TAPDISK) -> tuple[object, ...]:
+    """hotplug-status=connected, then the answer to DISK_INFO: the effects of the answer."""
+    assert vbd.handle(HotplugConnected(tapdisk)) == (
+        WatchTapdisk(tapdisk), SendControl(DiskInfoQuery(tapdisk.pid, tapdisk.minor)))
+    return vbd.handle(DiskInfoRead(disk))
 
 
 def adopted(frontend: XenbusState | None = S.CONNECTED) -> BackendVbd:
@@ -59,7 +71,7 @@ def adopted(frontend: XenbusState | None = S.CONNECTED) -> BackendVbd:
 
 def test_connected_vbd_is_adopted_without_a_single_write() -> None:
     vbd = adopted()
-    assert vbd.handle(HOTPLUG) == (ReadFrontendTransport(3),)  # no InitWait, no probe keys
+    assert hotplug(vbd) == (ReadFrontendTransport(3),)  # no InitWait, no probe keys
     (connect,) = vbd.handle(TRANSPORT)
     assert connect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
     assert vbd.handle(RingConnectFailed(errno.EALREADY)) == ()
@@ -68,7 +80,7 @@ def test_connected_vbd_is_adopted_without_a_single_write() -> None:
 
 def test_adoption_writes_only_the_keys_that_changed() -> None:
     vbd = adopted()
-    vbd.handle(HotplugConnected(TapdiskRef(pid=78, minor=3), DiskInfo(4096, 512, 0, 4096)))
+    hotplug(vbd, DiskInfo(4096, 512, 0, 4096), TapdiskRef(pid=78, minor=3))
     vbd.handle(TRANSPORT)
     effects = vbd.handle(RingConnected())  # a tapdisk that had lost the ring maps it again
     # The image grew while no tapback ran: new sectors, and Connected said again (a resize).
@@ -78,7 +90,7 @@ def test_adoption_writes_only_the_keys_that_changed() -> None:
 
 def test_adoption_with_another_tapdisk_says_nothing_but_its_pid() -> None:
     vbd = adopted()
-    vbd.handle(HotplugConnected(TapdiskRef(pid=78, minor=3), DISK))
+    hotplug(vbd, DISK, TapdiskRef(pid=78, minor=3))
     vbd.handle(TRANSPORT)
     effects = vbd.handle(RingConnected())
     assert effects == (WriteKeys((("kthread-pid", "78"),), vbd.perms),)
@@ -86,7 +98,7 @@ def test_adoption_with_another_tapdisk_says_nothing_but_its_pid() -> None:
 
 def test_adopted_vbd_closes_and_reconnects_as_usual() -> None:
     vbd = adopted()
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     vbd.handle(TRANSPORT)
     vbd.handle(RingConnectFailed(errno.EALREADY))
     assert vbd.handle(FrontendStateChanged(S.CLOSING)) == (PublishState(S.CLOSING),)
@@ -104,7 +116,7 @@ def test_adopted_vbd_closes_and_reconnects_as_usual() -> None:
 
 def test_frontend_that_closed_while_no_tapback_ran_gets_the_ring_taken_down() -> None:
     vbd = adopted(S.CLOSED)
-    assert vbd.handle(HOTPLUG) == (SendControl(XenblkifDisconnect(77, 3, 5, 768)),)
+    assert hotplug(vbd) == (SendControl(XenblkifDisconnect(77, 3, 5, 768)),)
     assert vbd.handle(RingDisconnected()) == (PublishState(S.CLOSED),)
 
 
@@ -112,22 +124,32 @@ def test_frontend_that_closed_while_no_tapback_ran_gets_the_ring_taken_down() ->
 def test_frontend_that_left_connected_is_asked_to_close(frontend: XenbusState | None) -> None:
     vbd = adopted(frontend)
     assert vbd.state == "adopting"
-    assert vbd.handle(HOTPLUG) == (PublishState(S.CLOSING),)
+    assert hotplug(vbd) == (PublishState(S.CLOSING),)
     assert vbd.ring_requested  # the ring goes down on the front-end's Closed
 
 
 def test_connect_refused_during_adoption_fails_and_drops_the_ring() -> None:
     vbd = adopted()
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     vbd.handle(TRANSPORT)
     effects = vbd.handle(RingConnectFailed(errno.EINVAL))
     assert vbd.state == "failed"
     assert isinstance(effects[0], SetError) and effects[-1] == PublishState(S.CLOSED)
 
 
-def test_tapdisk_dying_during_adoption_fails_with_a_disconnect() -> None:
+def test_tapdisk_dead_at_adoption_fails_without_a_disconnect() -> None:
     vbd = adopted()
-    vbd.handle(HOTPLUG)
+    vbd.handle(HotplugConnected(TAPDISK))
+    effects = vbd.handle(DiskInfoFailed(errno.ECONNREFUSED))
+    assert vbd.state == "failed"
+    assert isinstance(effects[0], SetError)
+    assert effects[1:] == (PublishState(S.CLOSED),)  # no ring was assumed yet
+
+
+def test_tapdisk_dying_after_adoption_fails_with_a_disconnect() -> None:
+    vbd = adopted(S.CLOSING)
+    hotplug(vbd)
+    assert vbd.state == "closing"
     effects = vbd.handle(TapdiskDied(77))
     assert effects[0] == SetError("tapdisk 77 died")
     assert effects[-1] == PublishState(S.CLOSED)
@@ -137,7 +159,7 @@ def test_found_initwait_is_not_published_again() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(BackendFound(S.INIT_WAIT, (("max-ring-page-order", "3"),)))
     vbd.handle(FrontendStateChanged(S.INITIALISING))
-    assert vbd.handle(HOTPLUG) == ()
+    assert hotplug(vbd) == ()
     assert vbd.state == "init_wait"
 
 
@@ -145,12 +167,12 @@ def test_found_closing_is_published_again_never_skipped_to_initwait() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(BackendFound(S.CLOSING))
     vbd.handle(FrontendStateChanged(S.INITIALISING))
-    assert vbd.handle(HOTPLUG)[-1] == PublishState(S.INIT_WAIT)  # seen as 1 -> 2
+    assert hotplug(vbd)[-1] == PublishState(S.INIT_WAIT)  # seen as 1 -> 2
 
 
 def test_found_is_only_news_before_anything_happened() -> None:
     vbd = BackendVbd(domid=5, devid=768)
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     with pytest.raises(OurBug):
         vbd.handle(BackendFound(S.CONNECTED))
     assert vbd.state == "waiting_frontend"

@@ -9,15 +9,19 @@ import pytest
 from blktap3.abi import BlkifProtocol
 from blktap3.fsm import (
     BackendFeatures,
+    BackendFound,
     BackendRemoved,
     BackendVbd,
     DiskInfo,
-    DiskResized,
+    DiskInfoFailed,
+    DiskInfoQuery,
+    DiskInfoRead,
     FrontendStateChanged,
     FrontendStateInvalid,
     FrontendVanished,
     HotplugConnected,
     HotplugFailed,
+    ImageChanged,
     OnlineChanged,
     OurBug,
     PublishState,
@@ -30,10 +34,12 @@ from blktap3.fsm import (
     RingTransport,
     SendControl,
     SetError,
+    TapdiskDied,
     TapdiskRef,
     ToolstackError,
     TransportRead,
     Unregister,
+    WatchTapdisk,
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
@@ -42,7 +48,7 @@ from blktap3.fsm import (
 
 S = XenbusState
 DISK = DiskInfo(sectors=2048, sector_size=512, info=0, physical_sector_size=4096)
-HOTPLUG = HotplugConnected(TapdiskRef(pid=77, minor=3), DISK)
+TAPDISK = TapdiskRef(pid=77, minor=3)
 TRANSPORT = TransportRead(RingTransport((11, 12), 9, BlkifProtocol.X86_32))
 
 
@@ -54,9 +60,17 @@ def published(effects: tuple[object, ...]) -> list[int]:
     return [e.state.value for e in effects if isinstance(e, PublishState)]
 
 
+def hotplug(vbd: BackendVbd, disk: DiskInfo = DISK) -> tuple[object, ...]:
+    """hotplug-status=connected, then the tapdisk's answer to DISK_INFO: its effects."""
+    assert vbd.handle(HotplugConnected(TAPDISK)) == (
+        WatchTapdisk(TAPDISK), SendControl(DiskInfoQuery(77, 3)))
+    assert vbd.state == "querying_disk"
+    return vbd.handle(DiskInfoRead(disk))
+
+
 def to_connecting(vbd: BackendVbd) -> None:
     vbd.handle(fe(S.INITIALISING))
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     vbd.handle(fe(S.INITIALISED))
     vbd.handle(TRANSPORT)
     assert vbd.state == "connecting_ring"
@@ -73,7 +87,7 @@ def connected() -> BackendVbd:
 def test_probe_keys_then_initwait_only_after_hotplug() -> None:
     vbd = BackendVbd(domid=5, devid=768, features=BackendFeatures(max_indirect_segments=256))
     assert vbd.handle(fe(S.INITIALISING)) == ()
-    effects = vbd.handle(HOTPLUG)
+    effects = hotplug(vbd)
     assert effects[0] == WriteKeys(
         (("max-ring-page-order", "3"), ("feature-max-indirect-segments", "256")), vbd.perms
     )
@@ -84,7 +98,7 @@ def test_probe_keys_then_initwait_only_after_hotplug() -> None:
 def test_frontend_ready_before_hotplug_goes_straight_to_reading_its_keys() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISED))
-    effects = vbd.handle(HOTPLUG)
+    effects = hotplug(vbd)
     assert [type(e) for e in effects] == [WriteKeys, PublishState, ReadFrontendTransport]
     assert vbd.state == "reading_transport"
 
@@ -92,7 +106,7 @@ def test_frontend_ready_before_hotplug_goes_straight_to_reading_its_keys() -> No
 def test_connect_sends_xenblkif_connect_with_the_transport() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     assert vbd.handle(fe(S.CONNECTED)) == (ReadFrontendTransport(3),)
     (effect,) = vbd.handle(TRANSPORT)
     assert effect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
@@ -114,7 +128,7 @@ def test_connected_publishes_every_key_in_one_transaction_then_state_4() -> None
 def connect_keys(disk: DiskInfo, features: BackendFeatures | None = None) -> dict[str, str]:
     vbd = BackendVbd(5, 768, features=features)
     vbd.handle(fe(S.INITIALISING))
-    vbd.handle(HotplugConnected(TapdiskRef(pid=77, minor=3), disk))
+    hotplug(vbd, disk)
     vbd.handle(fe(S.INITIALISED))
     vbd.handle(TRANSPORT)
     keys = vbd.handle(RingConnected())[0]
@@ -189,17 +203,48 @@ def test_disconnect_error_is_not_fatal() -> None:
     assert vbd.handle(RingDisconnectFailed(errno.ENODEV)) == (PublishState(S.CLOSED),)
 
 
+def resized(vbd: BackendVbd, disk: DiskInfo) -> tuple[object, ...]:
+    """The image was reopened: the machine asks DISK_INFO, the tapdisk answers `disk`."""
+    assert vbd.handle(ImageChanged()) == (SendControl(DiskInfoQuery(77, 3)),)
+    return vbd.handle(DiskInfoRead(disk))
+
+
+def test_resize_announces_the_new_sectors_then_connected_again() -> None:
+    vbd = connected()
+    effects = resized(vbd, DiskInfo(sectors=4096, physical_sector_size=4096))
+    assert effects == (WriteKeys((("sectors", "4096"),), vbd.perms), PublishState(S.CONNECTED))
+
+
+def test_an_image_reopened_without_a_resize_writes_nothing() -> None:
+    vbd = connected()
+    assert resized(vbd, DISK) == ()
+    assert vbd.state == "connected"
+
+
 def test_resize_with_another_sector_size_fails() -> None:
     vbd = connected()
-    vbd.handle(DiskResized(DiskInfo(sectors=4096, sector_size=4096)))
+    resized(vbd, DiskInfo(sectors=4096, sector_size=4096))
     assert vbd.state == "failed"
+
+
+def test_a_size_check_the_tapdisk_does_not_answer_changes_nothing() -> None:
+    vbd = connected()
+    vbd.handle(ImageChanged())
+    assert vbd.handle(DiskInfoFailed(errno.ECONNREFUSED)) == ()
+    assert vbd.state == "connected"
+
+
+def test_an_image_opened_before_hotplug_is_no_news() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    assert vbd.handle(ImageChanged()) == ()
+    assert vbd.state == "waiting_hotplug"
 
 
 def test_resize_before_connect_is_announced_by_the_connect() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
-    vbd.handle(HOTPLUG)
-    assert vbd.handle(DiskResized(DiskInfo(sectors=9999))) == ()
+    hotplug(vbd)
+    assert resized(vbd, DiskInfo(sectors=9999)) == ()
     vbd.handle(fe(S.INITIALISED))
     vbd.handle(TRANSPORT)
     keys = vbd.handle(RingConnected())[0]
@@ -212,6 +257,85 @@ def test_hotplug_failure_fails_before_initwait() -> None:
                                                        PublishState(S.CLOSED))
 
 
+def test_a_tapdisk_that_does_not_answer_disk_info_is_a_hotplug_failure() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(HotplugConnected(TAPDISK))
+    effects = vbd.handle(DiskInfoFailed(errno.ECONNREFUSED, "no tapdisk"))
+    assert effects == (SetError("hotplug: the tapdisk refused DISK_INFO: Connection refused "
+                                "no tapdisk"), PublishState(S.CLOSED))
+
+
+def test_hotplug_reported_again_changes_nothing() -> None:
+    vbd = connected()
+    assert vbd.handle(HotplugConnected(TapdiskRef(pid=78, minor=0))) == ()
+    assert vbd.handle(HotplugFailed("rewritten")) == ()
+    assert vbd.tapdisk == TAPDISK and vbd.state == "connected"
+
+
+def test_hotplug_completing_after_the_guest_closed_is_kept_for_a_reconnect() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(fe(S.CLOSING))
+    vbd.handle(fe(S.CLOSED))
+    assert vbd.state == "closed"
+    assert vbd.handle(HotplugConnected(TAPDISK)) == (WatchTapdisk(TAPDISK),
+                                                     SendControl(DiskInfoQuery(77, 3)))
+    # the probe keys InitWait goes with, written now: no tapdisk was known at hotplug
+    assert vbd.handle(DiskInfoRead(DISK)) == (WriteKeys((("max-ring-page-order", "3"),),
+                                                        vbd.perms),)
+    assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
+
+
+def test_a_vbd_found_closed_stays_closed_when_its_front_end_appears_closing() -> None:
+    # Found by hypothesis: a tapback restarted on a Closed VBD, hotplug done, the
+    # front-end's node then appears at Closing. 6 -> 5 is not a xenbus step.
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(BackendFound(S.CLOSED))
+    hotplug(vbd)
+    assert vbd.state == "waiting_frontend"
+    assert published(vbd.handle(fe(S.CLOSING))) == []
+    assert vbd.state == "closed" and vbd.published == S.CLOSED
+    assert vbd.handle(fe(S.CLOSED)) == ()
+    assert published(vbd.handle(fe(S.INITIALISING))) == [S.INIT_WAIT]
+
+
+def test_only_the_death_of_our_own_tapdisk_fails_the_vbd() -> None:
+    vbd = connected()
+    assert vbd.handle(TapdiskDied(999)) == ()
+    assert vbd.state == "connected"
+    assert vbd.handle(TapdiskDied(77))[0] == SetError("tapdisk 77 died")
+    assert vbd.state == "failed"
+
+
+def test_a_death_before_hotplug_is_not_ours() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    assert vbd.handle(TapdiskDied(77)) == ()
+
+
+@pytest.mark.parametrize(("found", "info"), [
+    ({"readonly": True}, 4),
+    ({"cdrom": True}, 1 | 2),  # a CD-ROM's medium is removable
+    ({"removable": True}, 2),
+])
+def test_the_toolstacks_mode_and_type_add_info_bits(found: dict[str, bool], info: int) -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(BackendFound(S.INITIALISING, **found))
+    vbd.handle(fe(S.INITIALISING))
+    hotplug(vbd)
+    vbd.handle(fe(S.INITIALISED))
+    vbd.handle(TRANSPORT)
+    keys = vbd.handle(RingConnected())[0]
+    assert isinstance(keys, WriteKeys) and keys.as_dict()["info"] == str(info)
+
+
+def test_only_the_answer_is_accepted_while_one_is_awaited() -> None:
+    vbd = BackendVbd(domid=5, devid=768)
+    vbd.handle(HotplugConnected(TAPDISK))
+    with pytest.raises(OurBug, match="an answer is awaited"):
+        vbd.handle(fe(S.CLOSING))  # a front-end event: not its fault, the owner's
+    assert vbd.state == "querying_disk"
+
+
 def test_backend_removed_while_connected_takes_the_ring_down_and_forgets() -> None:
     vbd = connected()
     effects = vbd.handle(BackendRemoved())
@@ -222,7 +346,7 @@ def test_backend_removed_while_connected_takes_the_ring_down_and_forgets() -> No
 def test_frontend_absent_at_first_is_awaited() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     assert vbd.handle(FrontendVanished()) == ()
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     assert vbd.state == "waiting_frontend"
     assert vbd.handle(FrontendVanished()) == ()
     assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
@@ -237,7 +361,7 @@ def test_frontend_vanishing_after_it_was_seen_removes_our_directory() -> None:
 def test_online_zero_without_a_ring_unregisters_at_once() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     effects = vbd.handle(OnlineChanged(False))
     assert effects == (PublishState(S.CLOSED), Unregister())
     assert vbd.state == "unregistered"
@@ -255,7 +379,7 @@ def test_online_zero_then_one_keeps_the_device() -> None:
 def test_unexpected_reply_raises_our_bug_and_leaves_the_machine_alone() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
-    vbd.handle(HOTPLUG)
+    hotplug(vbd)
     with pytest.raises(OurBug) as info:
         vbd.handle(RingConnected())
     assert info.value.state == "init_wait"
@@ -270,4 +394,4 @@ def test_events_after_the_end_raise_with_the_triggers_blame() -> None:
     vbd = connected()
     vbd.handle(BackendRemoved())
     with pytest.raises(ToolstackError, match="'removed'"):
-        vbd.handle(HOTPLUG)
+        vbd.handle(HotplugConnected(TAPDISK))

@@ -10,6 +10,7 @@ import pytest
 
 from blktap3.fsm.backend import BackendVbd
 from blktap3.fsm.checks import check_spec, reachable, render_table, xenbus_table
+from blktap3.fsm.errors import SpecError
 from blktap3.fsm.registry import MACHINE_CLASSES
 from blktap3.fsm.spec import load_spec, parse_spec, spec_names
 from blktap3.fsm.xenbus_state import XenbusState
@@ -74,8 +75,10 @@ def test_backend_table_covers_every_xenbus_state_in_every_live_state() -> None:
     spec = load_spec("backend_vbd")
     columns, rows = xenbus_table(spec, "frontend_")
     assert columns[:9] == [f"frontend_{s.trigger_suffix}" for s in XenbusState]
-    assert columns[9:] == ["frontend_invalid", "frontend_vanished"]
-    assert set(rows) == set(spec.leaves()) - set(spec.final)
+    assert columns[9:] == ["frontend_invalid", "frontend_unreadable", "frontend_vanished"]
+    # nothing but an answer arrives where one is awaited: those states are not rows
+    assert set(rows) == set(spec.leaves()) - set(spec.final) - set(spec.awaiting())
+    assert "reading_transport" in spec.awaiting()
     assert all(not cell.missing for row in rows.values() for cell in row.values())
     assert str(rows["init_wait"]["frontend_initialised"]) == "reading_transport"
     assert str(rows["connected"]["frontend_connected"]) == "ignore"
@@ -86,10 +89,84 @@ def test_rendered_table_has_a_row_per_state() -> None:
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["state", "unknown", "initialising"]
     assert any(line.startswith("connected ") for line in lines)
-    assert len(lines) == 1 + 13  # header + the thirteen non-final states
+    assert len(lines) == 1 + 8 + 1  # header + the non-final states that await nothing,
+    assert lines[-1].startswith("not shown (an answer is awaited")  # + those that do
 
 
 def test_nested_reachability_enters_initial_children() -> None:
     assert reachable(load_spec("tapdisk_process")) == {
         "spawning", "running_idle", "running_serving", "exiting", "dead"
     }
+
+
+AWAITING: dict[str, Any] = {
+    "machine": {"name": "m", "initial": "a", "final": ["c"]},
+    "states": {"a": {}, "b": {"awaits": ["yes", "no"]}, "c": {}},
+    "triggers": {"ask": {"blame": "ours"}, "yes": {"blame": "ours"}, "no": {"blame": "ours"},
+                 "poke": {"blame": "frontend"}},
+    "transitions": [
+        {"trigger": "ask", "source": "a", "dest": "b"},
+        {"trigger": "yes", "source": "b", "dest": "c"},
+        {"trigger": "no", "source": "b", "dest": "a"},
+        {"trigger": "poke", "source": "*"},  # every state that awaits nothing: `a` only
+    ],
+}
+
+
+def test_a_state_awaiting_its_answers_passes() -> None:
+    spec = parse_spec(AWAITING)
+    assert check_spec(spec) == []
+    assert spec.awaiting() == {"b": ("yes", "no")}
+    assert [t.sources for t in spec.transitions if t.trigger == "poke"] == [("a",)]
+
+
+def test_a_row_for_another_trigger_where_an_answer_is_awaited_is_dead() -> None:
+    data = copy.deepcopy(AWAITING)
+    data["transitions"].append({"trigger": "poke", "source": "b", "dest": "c"})
+    data["ignore"] = [{"triggers": ["ask"], "source": "b", "why": "never"}]
+    problems = check_spec(parse_spec(data))
+    assert "dead row: 'poke' in 'b', which awaits only ['yes', 'no']" in problems
+    assert "dead ignore: 'ask' in 'b', which awaits only ['yes', 'no']" in problems
+
+
+def test_an_awaited_answer_left_unhandled_is_found() -> None:
+    data = copy.deepcopy(AWAITING)
+    data["transitions"] = [t for t in data["transitions"] if t["trigger"] != "no"]
+    data["transitions"].append({"trigger": "no", "source": "a"})
+    assert "'b' awaits 'no' but neither handles nor ignores it" in check_spec(parse_spec(data))
+
+
+def test_an_awaited_trigger_must_be_declared() -> None:
+    data = copy.deepcopy(AWAITING)
+    data["states"]["b"]["awaits"] = ["maybe"]
+    with pytest.raises(SpecError, match="undeclared trigger 'maybe'"):
+        parse_spec(data)
+
+
+def test_an_event_tapback_may_see_at_any_time_left_unhandled_is_found() -> None:
+    spec = load_spec("backend_vbd")
+    trimmed = tuple(t for t in spec.transitions
+                    if not (t.trigger == "hotplug_connected" and "connected" in t.sources))
+    problems = check_spec(replace(spec, transitions=trimmed), BackendVbd)
+    assert "'hotplug_connected' is neither handled nor ignored in 'connected'" in problems
+
+
+def test_a_phase_names_its_states_that_await_no_answer() -> None:
+    data = copy.deepcopy(AWAITING)
+    data["states"]["d"] = {}
+    data["phases"] = {"start": {"states": ["a", "b", "d"]}, "end": {"states": ["c"]}}
+    data["transitions"].append({"trigger": "poke", "source": "@start", "dest": "d"})
+    data["transitions"].append({"trigger": "stop_d", "source": "d", "dest": "c"})
+    data["triggers"]["stop_d"] = {"blame": "ours"}
+    spec = parse_spec(data)
+    assert [t.sources for t in spec.transitions if t.trigger == "poke" and t.dest] == [("a", "d")]
+    assert check_spec(spec) == []
+
+
+def test_a_phase_of_states_that_all_await_cannot_be_a_source() -> None:
+    data = copy.deepcopy(AWAITING)
+    data["phases"] = {"start": {"states": ["a"]}, "asking": {"states": ["b"]},
+                      "end": {"states": ["c"]}}
+    data["transitions"].append({"trigger": "poke", "source": "@asking", "dest": "c"})
+    with pytest.raises(SpecError, match="every state of phase '@asking' awaits an answer"):
+        parse_spec(data)

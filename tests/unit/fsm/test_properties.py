@@ -21,16 +21,21 @@ from blktap3.fsm import (
     DeviceClose,
     DeviceReconnect,
     DiskInfo,
-    DiskResized,
+    DiskInfoFailed,
+    DiskInfoQuery,
+    DiskInfoRead,
     Event,
     FrontendStateChanged,
     FrontendStateInvalid,
+    FrontendStateUnreadable,
     FrontendVanished,
     FsmError,
     HotplugConnected,
     HotplugFailed,
+    ImageChanged,
     OnlineChanged,
     PublishState,
+    ReadFrontendTransport,
     RingConnected,
     RingConnectFailed,
     RingDisconnected,
@@ -43,9 +48,10 @@ from blktap3.fsm import (
     TransportRead,
     WriteKeys,
     XenblkifConnect,
+    XenblkifDisconnect,
     XenbusState,
 )
-from blktap3.fsm.testing import VbdPair
+from blktap3.sim.memory import VbdPair
 
 # Back-end state changes the xenbus protocol allows (protocol.md steps 2-7): InitWait
 # after the toolstack's 1, Connected from InitWait, Closing/Closed from anywhere live,
@@ -69,8 +75,13 @@ EVENTS: list[Event] = [
     BackendFound(XenbusState.CLOSED),
     *(FrontendStateChanged(s) for s in XenbusState),
     FrontendStateInvalid("x"),
+    FrontendStateUnreadable(),
     FrontendVanished(),
-    HotplugConnected(TapdiskRef(10, 1), DISK),
+    HotplugConnected(TapdiskRef(10, 1)),
+    HotplugConnected(TapdiskRef(11, 0)),
+    DiskInfoRead(DISK),
+    DiskInfoFailed(errno.ECONNREFUSED),
+    ImageChanged(),
     HotplugFailed("error"),
     OnlineChanged(False),
     OnlineChanged(True),
@@ -83,8 +94,9 @@ EVENTS: list[Event] = [
     RingDisconnected(),
     RingDisconnectFailed(errno.ENODEV),
     TapdiskDied(10),
-    DiskResized(DiskInfo(sectors=8192)),
-    DiskResized(DiskInfo(sectors=8192, sector_size=4096)),
+    TapdiskDied(11),
+    DiskInfoRead(DiskInfo(sectors=8192)),
+    DiskInfoRead(DiskInfo(sectors=8192, sector_size=4096)),
 ]
 
 
@@ -121,13 +133,13 @@ PREFIXES: dict[str, list[Event]] = {
     "fresh": [],
     "adopted": [BackendFound(XenbusState.CONNECTED, FOUND_KEYS),
                 FrontendStateChanged(XenbusState.CONNECTED),
-                HotplugConnected(TapdiskRef(10, 1), DISK),
+                HotplugConnected(TapdiskRef(10, 1)), DiskInfoRead(DISK),
                 TransportRead(RingTransport((1,), 2)),
                 RingConnectFailed(errno.EALREADY)],
     "initwait": [FrontendStateChanged(XenbusState.INITIALISING),
-                 HotplugConnected(TapdiskRef(10, 1), DISK)],
+                 HotplugConnected(TapdiskRef(10, 1)), DiskInfoRead(DISK)],
     "connected": [FrontendStateChanged(XenbusState.INITIALISING),
-                  HotplugConnected(TapdiskRef(10, 1), DISK),
+                  HotplugConnected(TapdiskRef(10, 1)), DiskInfoRead(DISK),
                   FrontendStateChanged(XenbusState.INITIALISED),
                   TransportRead(RingTransport((1,), 2)),
                   RingConnected()],
@@ -164,21 +176,39 @@ def test_random_events_keep_the_backend_within_the_protocol(
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.sampled_from([*XenbusState, "vanish", "garbage"]), max_size=30))
+@given(st.lists(st.sampled_from([*XenbusState, "vanish", "garbage", "locked"]), max_size=30))
 def test_frontend_events_alone_never_raise(values: list[XenbusState | str]) -> None:
     """A front-end can write anything: the back-end handles or ignores it, never raises."""
     vbd = BackendVbd(domid=1, devid=2)
-    vbd.handle(HotplugConnected(TapdiskRef(10, 1), DISK))
+    answered(vbd, HotplugConnected(TapdiskRef(10, 1)))
     for value in values:
         if vbd.is_final:
             break
         if value == "vanish":
-            vbd.handle(FrontendVanished())
+            answered(vbd, FrontendVanished())
         elif value == "garbage":
-            vbd.handle(FrontendStateInvalid("9"))
+            answered(vbd, FrontendStateInvalid("9"))
+        elif value == "locked":
+            answered(vbd, FrontendStateUnreadable())
         else:
             assert isinstance(value, XenbusState)
-            vbd.handle(FrontendStateChanged(value))
+            answered(vbd, FrontendStateChanged(value))
+
+
+def answered(vbd: BackendVbd, event: Event) -> None:
+    """Feed `event`, then answer every question it raises (a tapdisk that says yes)."""
+    pending = [event]
+    while pending and not vbd.is_final:
+        for effect in vbd.handle(pending.pop(0)):
+            match effect:
+                case ReadFrontendTransport():
+                    pending.append(TransportRead(RingTransport((1,), 2)))
+                case SendControl(message=XenblkifConnect()):
+                    pending.append(RingConnected())
+                case SendControl(message=XenblkifDisconnect()):
+                    pending.append(RingDisconnected())
+                case SendControl(message=DiskInfoQuery()):
+                    pending.append(DiskInfoRead(DISK))
 
 
 ACTIONS = ["close", "reconnect", "resize", "kill", "vanish", "offline", "bogus"]

@@ -14,8 +14,8 @@ from blktap3.fsm.effects import (
 )
 from blktap3.fsm.events import DeviceClose, DeviceReconnect
 from blktap3.fsm.frontend import FrontendTransportConfig
-from blktap3.fsm.testing import VbdPair
 from blktap3.fsm.xenbus_state import XenbusState as S
+from blktap3.sim.memory import VbdPair
 
 
 def kinds(effects: list[object]) -> list[str]:
@@ -41,6 +41,8 @@ def test_normal_handshake_follows_protocol_order() -> None:
     pair = connected_pair()
     assert [(who, k) for (who, _), k in zip(pair.trace, kinds([e for _, e in pair.trace]),
                                               strict=True)] == [
+        ("backend", "WatchTapdisk"),  # hotplug named the tapdisk
+        ("backend", "DiskInfoQuery"),  # the machine asks it for the disk
         ("backend", "WriteKeys"),  # max-ring-page-order
         ("backend", "state=2"),
         ("frontend", "OfferRing"),  # the ring granted, its event channel bound
@@ -52,6 +54,9 @@ def test_normal_handshake_follows_protocol_order() -> None:
         ("backend", "state=4"),
         ("frontend", "ReadBackendInfo"),
         ("frontend", "state=4"),
+        # Its watch on our `state` fires once more (for the write of 4, delivered after
+        # it read 4 already): blkfront reads the size again, as Linux's does.
+        ("frontend", "ReadBackendInfo"),
     ]
     be = pair.be_path
     assert pair.store.read(f"{be}/sectors") == str(pair.tapdisk.disk.sectors)
@@ -59,7 +64,8 @@ def test_normal_handshake_follows_protocol_order() -> None:
     assert pair.store.read(f"{be}/max-ring-page-order") == "3"
     assert pair.store.perms[f"{be}/sectors"] == ("n0", "r1")
     assert pair.backend_states() == [1, 2, 4]  # no redundant state write
-    connect = next(e for _, e in pair.trace if isinstance(e, SendControl))
+    connect = next(e for _, e in pair.trace
+                   if isinstance(e, SendControl) and isinstance(e.message, XenblkifConnect))
     assert isinstance(connect.message, XenblkifConnect)
     assert connect.message.transport.ring_refs == (8,)
     assert connect.message.transport.protocol is BlkifProtocol.X86_64
@@ -126,6 +132,7 @@ def test_resize_reannounces_connected_with_new_sectors() -> None:
     assert pair.frontend.disk is not None and pair.frontend.disk.sectors == 1 << 21
     new = pair.trace[mark:]
     assert [(who, k) for (who, _), k in zip(new, kinds([e for _, e in new]), strict=True)] == [
+        ("backend", "DiskInfoQuery"),  # the image was reopened: what size now?
         ("backend", "WriteKeys"),
         ("backend", "state=4"),
         ("frontend", "ReadBackendInfo"),
@@ -209,7 +216,8 @@ def test_bad_transport_fails_with_the_reason_in_the_error_node() -> None:
     pair.create()
     assert pair.backend.state == "failed"
     assert pair.frontend.state == "closed"
-    assert "protocol='x86_16-abi' unknown" in (pair.store.read(f"{pair.be_path}/error") or "")
+    assert "protocol: 'x86_16-abi': unknown protocol" in (
+        pair.store.read(f"{pair.be_path}/error") or "")
     assert kinds(pair.effects("backend"))[-3:] == ["ReadFrontendTransport", "SetError", "state=6"]
     assert pair.tapdisk.rings == set()
 
@@ -218,7 +226,8 @@ def test_multi_page_ring_transport_reaches_the_tapdisk() -> None:
     pair = VbdPair(transport=FrontendTransportConfig(ring_refs=(10, 11, 12, 13)))
     pair.create()
     assert pair.store.read(f"{pair.fe_path}/ring-page-order") == "2"
-    connect = next(e for e in pair.effects("backend") if isinstance(e, SendControl))
+    connect = next(e for e in pair.effects("backend")
+                   if isinstance(e, SendControl) and isinstance(e.message, XenblkifConnect))
     assert isinstance(connect.message, XenblkifConnect)
     assert connect.message.transport.ring_refs == (10, 11, 12, 13)
 
@@ -227,4 +236,5 @@ def test_ring_order_above_our_maximum_is_refused() -> None:
     pair = VbdPair(transport=FrontendTransportConfig(ring_refs=tuple(range(16))))
     pair.create()
     assert pair.backend.state == "failed"
-    assert "above max-ring-page-order=3" in (pair.store.read(f"{pair.be_path}/error") or "")
+    assert "ring-page-order: '4': out of range 0..3" in (
+        pair.store.read(f"{pair.be_path}/error") or "")

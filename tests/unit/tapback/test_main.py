@@ -78,4 +78,5 @@ def test_values_the_daemon_cannot_use_are_usage_errors(
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
     assert info.value.code == 2
-    assert "usage: tapback" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("tapback: ") and err.count("\n") == 1  # one line

@@ -214,8 +214,11 @@ def test_open_read_only_reports_vdisk_readonly(tapdisk: Tapdisk, root: Path) -> 
 
 @pytest.mark.parametrize(
     ("params", "code"),
-    [("aio:/does/not/exist", errno.EINVAL), ("vhd:/x", errno.EINVAL),
-     ("no-colon", errno.EINVAL), ("aio:", errno.EINVAL)],
+    # blktap's errnos: an unknown type is ENOENT and no colon EINVAL
+    # (drivers/tapdisk-disktype.c:222, 234); a missing file (or an empty path) is the
+    # open's ENOENT.
+    [("aio:/does/not/exist", errno.ENOENT), ("vhd:/x", errno.ENOENT),
+     ("no-colon", errno.EINVAL), ("aio:", errno.ENOENT)],
 )
 def test_bad_images_are_refused_and_the_vbd_stays_attached(
     tapdisk: Tapdisk, root: Path, params: str, code: int
@@ -243,10 +246,15 @@ def test_detach_while_open_is_ebusy(tapdisk: Tapdisk, root: Path) -> None:
     assert error_of(send(tapdisk, T.DETACH, minor)) == errno.EBUSY
 
 
-@pytest.mark.parametrize("mtype", [T.OPEN, T.CLOSE, T.PAUSE, T.RESUME, T.DETACH, T.STATS,
+@pytest.mark.parametrize("mtype", [T.CLOSE, T.PAUSE, T.RESUME, T.DETACH, T.STATS,
                                    T.DISK_INFO])
 def test_unknown_minor_is_enodev(tapdisk: Tapdisk, mtype: T) -> None:
     assert error_of(send(tapdisk, mtype, 9)) == errno.ENODEV
+
+
+def test_open_of_an_unknown_minor_is_einval(tapdisk: Tapdisk) -> None:
+    # drivers/tapdisk-control.c:710: open_image answers EINVAL, not ENODEV.
+    assert error_of(send(tapdisk, T.OPEN, 9, p.Params(path="aio:/x"))) == errno.EINVAL
 
 
 def test_list_reports_blktap_state_words(tapdisk: Tapdisk, root: Path) -> None:

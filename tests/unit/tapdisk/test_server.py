@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
@@ -266,3 +267,89 @@ def test_a_path_that_is_not_utf8_is_einval_and_the_server_goes_on(
     code, message = error_of(raw_exchange(server, bytes(raw)))
     assert code == errno.EINVAL and "UTF-8" in message
     assert [v.minor for v in client(server).list()] == [minor]
+
+
+# -- what blktap's clients send and read beyond one message (blktap v4.0.8 lines) ----------
+
+LOG = p.OpenFlags.ADD_LOG
+KEY = p.OpenFlags.OPEN_ENCRYPTED
+
+
+def open_message(flags: int) -> bytes:
+    return p.Message(p.MessageType.OPEN, 0, p.Params(flags=flags, path="aio:/x")).encode()
+
+
+def attach(server: ControlServer, minor: int) -> None:
+    root = server.path.parent
+    runtime.allocate_minor(root, minor)
+    client(server).attach(minor)
+
+
+def test_a_log_path_after_open_is_read_then_the_open_refused(server: ControlServer) -> None:
+    # drivers/tapdisk-control.c:736 reads a char[256] after OPEN with ADD_LOG.
+    attach(server, 0)
+    reply = raw_exchange(server, open_message(LOG) + b"/var/log/cbt".ljust(256, b"\0"))
+    assert error_of(reply)[0] == errno.EOPNOTSUPP
+
+
+def test_a_missing_log_path_is_eio(server: ControlServer) -> None:
+    # The server waits for the 256 bytes (its client timeout, 0.5 s here) before it
+    # answers: it does read them.
+    attach(server, 0)
+    code, message = error_of(raw_exchange(server, open_message(LOG) + b"/var/log"))
+    assert code == errno.EIO and "log path" in message
+
+
+@pytest.mark.parametrize(
+    ("trailer", "code"),
+    [
+        (b"\x20" + b"k" * 32, errno.EOPNOTSUPP),  # read, then refused: no encryption yet
+        (b"\x00", errno.EINVAL),  # drivers/tapdisk-control.c:774: size 0 or > 128
+        (b"\xc8" + b"k" * 200, errno.EINVAL),
+        (b"\x20" + b"k" * 5, errno.EIO),  # fewer bytes than the size said
+    ],
+)
+def test_a_key_after_open_is_read(server: ControlServer, trailer: bytes, code: int) -> None:
+    attach(server, 0)
+    assert error_of(raw_exchange(server, open_message(KEY) + trailer))[0] == code
+
+
+def test_log_path_then_key_in_that_order(server: ControlServer) -> None:
+    # control/tap-ctl-ipc.c:191-219 sends the log path first, then the key.
+    attach(server, 0)
+    data = open_message(LOG | KEY) + b"/l".ljust(256, b"\0") + b"\x40" + b"k" * 64
+    assert error_of(raw_exchange(server, data))[0] == errno.EOPNOTSUPP
+
+
+def test_resume_reads_only_a_log_path(server: ControlServer) -> None:
+    # drivers/tapdisk-control.c:1037: after RESUME the tapdisk reads a log path, no key.
+    resume = p.Message(p.MessageType.RESUME, 9, p.Resume(flags=LOG | KEY)).encode()
+    assert error_of(raw_exchange(server, resume + b"/l".ljust(256, b"\0")))[0] == errno.ENODEV
+
+
+def test_the_client_sends_what_the_flags_announce(server: ControlServer) -> None:
+    attach(server, 0)
+    with pytest.raises(CtlError) as err:
+        client(server).open(0, "aio:/x", logpath="/var/log/cbt", key=b"k" * 32)
+    assert err.value.errno == errno.EOPNOTSUPP  # not EIO: both trailers arrived
+
+
+def test_a_stats_error_carries_no_text(server: ControlServer) -> None:
+    # control/tap-ctl-stats.c:131 reads u.info.length (bytes 16-23) of whatever comes
+    # back: an ERROR's text would be taken for a length.
+    raw = raw_exchange(server, p.Message(p.MessageType.STATS, 9).encode())
+    assert error_of(raw) == (errno.ENODEV, "")
+    assert struct.unpack_from("<Q", raw, 16) == (0,)
+    # Other errors keep their detail.
+    assert error_of(raw_exchange(server, p.Message(p.MessageType.PAUSE, 9).encode()))[1] != ""
+
+
+def test_stats_of_every_vbd_is_a_json_array(server: ControlServer) -> None:
+    # drivers/tapdisk-control.c:1087: cookie (u16)-1 asks for every VBD, "[ {...}, ... ]".
+    assert client(server).stats(p.ALL_VBDS) == "[  ]"
+    attach(server, 3)
+    attach(server, 1)
+    text = client(server).stats(p.ALL_VBDS)
+    assert text.startswith("[ { ") and text.endswith(" } ]")
+    # A VBD without an image is named as blktap's printf names NULL.
+    assert [vbd["name"] for vbd in json.loads(text)] == ["(null)", "(null)"]

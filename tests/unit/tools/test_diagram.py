@@ -130,17 +130,22 @@ def test_phases_are_clusters_and_a_row_from_a_whole_phase_leaves_it_once() -> No
     dot = diagram.to_dot(diagram.whole(spec))
     for phase in spec.phases:
         assert f'subgraph "cluster_{phase.name}"' in dot
-    up = diagram.detail(spec, "up")
-    closing = [e for e in up.edges if "frontend_closing" in e.labels]
-    assert [(e.tail, e.head) for e in closing] == [("up__any", "closing")]
-    assert up.nodes["up__any"].cluster == "cluster_up"
+    handshake = diagram.detail(spec, "handshake")
+    closing = [e for e in handshake.edges if "frontend_closing" in e.labels]
+    # from every state of the phase where it can arrive: not from reading_transport,
+    # which awaits the transport keys
+    assert [(e.tail, e.head) for e in closing] == [("handshake__any", "closing")]
+    assert handshake.nodes["handshake__any"].cluster == "cluster_handshake"
+    up = diagram.detail(spec, "up")  # one state of it receives frontend_closing: from it
+    assert [(e.tail, e.head) for e in up.edges if "frontend_closing" in e.labels] == [
+        ("connected", "closing")]
     # a row from part of a phase is drawn from its states
     down = diagram.detail(spec, "down")
     offline = [e.tail for e in down.edges if "offline / note_offline" in e.labels]
-    assert offline == ["closing", "disconnecting_ring"]
-    mmd = diagram.to_mermaid(up)
-    assert "subgraph c_up [" in mmd
-    assert 's_up__any -->|"frontend_closing"| s_closing' in mmd
+    assert offline == ["closing"]
+    mmd = diagram.to_mermaid(handshake)
+    assert "subgraph c_handshake [" in mmd
+    assert 's_handshake__any -->|"frontend_closing"| s_closing' in mmd
 
 
 def test_states_of_other_phases_are_drawn_dashed_in_their_own_phase() -> None:
@@ -153,17 +158,18 @@ def test_states_of_other_phases_are_drawn_dashed_in_their_own_phase() -> None:
 
 
 def test_a_row_staying_in_every_state_of_a_phase_is_listed_under_it() -> None:
-    up = diagram.detail(load_spec("backend_vbd"), "up")
-    assert "offline / note_offline" in up.clusters["cluster_up"].notes
-    assert not any("offline / note_offline" in e.labels for e in up.edges)
-    assert "staying: offline / note_offline" in diagram.to_dot(up)
+    handshake = diagram.detail(load_spec("backend_vbd"), "handshake")
+    note = "image_changed [tapdisk_known] / query_disk"
+    assert note in handshake.clusters["cluster_handshake"].notes
+    assert not any(note in e.labels for e in handshake.edges)
+    assert f"staying: {note}" in diagram.to_dot(handshake)
 
 
 def test_states_show_their_xenbus_number_and_edges_their_guards_and_effects() -> None:
     dot = diagram.to_dot(diagram.detail(load_spec("backend_vbd"), "hotplug"))
     assert '"adopting" [label="adopting"' in dot
     assert '"init_wait" [label="init wait (2)"' in dot
-    assert ("hotplug_connected\\l  [frontend_is_initialising]\\l  / record_tapdisk,\\l"
+    assert ("disk_info_read\\l  [frontend_is_initialising]\\l  / record_disk,\\l"
             "  write_probe_keys\\l") in dot
     assert "ignore" not in dot  # ignored events are in the table, not the drawing
 

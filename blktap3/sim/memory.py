@@ -4,59 +4,73 @@
 that fire on every write and removal, and once when registered).  `VbdPair` plays the
 toolstack, a tapback that drives a `BackendVbd`, a blkfront that drives a `FrontendVbd`,
 and a tapdisk that answers control messages, all in memory, so tests can run whole
-handshakes and faults and look at every effect in order.  Test support only: the real
-daemons execute the same effects against xenstored.
+handshakes and faults and look at every effect in order.
+
+Its tapback is the daemon's own code where it reads: the directory, the snapshots and
+the transport keys through `blktap3.tapback.reads` (and so the strict
+`blktap3.xenbus.parse_frontend_transport`), turned into events by the one
+`blktap3.fsm.BackendObserver`.  Only the execution of the effects is its own (writes to
+this store, answers of `FakeTapdisk`), so a test that passes here runs the rules the
+daemon runs.  It lives in `sim` and not in `fsm` because it reads through xenbus and
+tapback, which the machines' room may not import.
 """
 
 from __future__ import annotations
 
 import errno
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from blktap3.abi import BlkifProtocol
-
-from .backend import BackendFeatures, BackendVbd
-from .effects import (
+from blktap3.abi import SECTOR_SIZE
+from blktap3.fsm import (
+    BackendFeatures,
+    BackendInfoRead,
+    BackendObserver,
+    BackendVbd,
+    DiskInfo,
+    DiskInfoFailed,
+    DiskInfoQuery,
+    DiskInfoRead,
     Effect,
+    Event,
+    FrontendOptions,
+    FrontendTransportConfig,
+    FrontendVbd,
+    ImageChanged,
     OfferRing,
     PublishState,
     ReadBackendInfo,
     ReadFrontendTransport,
     ReleaseRing,
     RemoveDirectory,
-    SendControl,
-    SetError,
-    Unregister,
-    WriteKeys,
-    XenblkifConnect,
-    XenblkifDisconnect,
-)
-from .events import (
-    BackendInfoRead,
-    BackendStateChanged,
-    DiskInfo,
-    DiskResized,
-    Event,
-    FrontendStateChanged,
-    FrontendStateInvalid,
-    FrontendVanished,
-    HotplugConnected,
-    OnlineChanged,
+    ReportFault,
     RingConnected,
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
     RingOffered,
-    RingTransport,
+    SendControl,
+    SetError,
     TapdiskDied,
-    TapdiskRef,
-    TransportInvalid,
-    TransportRead,
+    Unregister,
+    WatchTapdisk,
+    WriteKeys,
+    XenblkifConnect,
+    XenblkifDisconnect,
+    observe_backend,
 )
-from .frontend import FrontendOptions, FrontendTransportConfig, FrontendVbd
-from .xenbus_state import parse_xenbus_state
+from blktap3.tapback.reads import (
+    WATCHED_KEYS,
+    parse_device,
+    read_directory,
+    read_frontend_state,
+    read_snapshot,
+    transport_answer,
+)
+from blktap3.tapback.tapdisks import device_path
+from blktap3.xenbus import VbdPaths, XenStorePermissionError
 
 Watch = Callable[[str], None]
 
@@ -70,9 +84,27 @@ class MemoryStore:
     log: list[tuple[str, str, str | None]] = field(default_factory=list)  # who, path, value
     watches: list[tuple[str, Watch]] = field(default_factory=list)
     pending: deque[tuple[Watch, str]] = field(default_factory=deque)
+    # Nodes the back-end may not read (a guest took its permission away on its own node).
+    denied: set[str] = field(default_factory=set)
 
     def read(self, path: str) -> str | None:
         return self.nodes.get(path)
+
+    # -- what `blktap3.tapback.reads` needs of a store ---------------------------------
+
+    def read_optional(self, path: str) -> str | None:
+        if path in self.denied:
+            raise XenStorePermissionError(errno.EACCES, path=path)
+        return self.nodes.get(path)
+
+    def exists(self, path: str) -> bool:
+        return any(p == path or p.startswith(path + "/") for p in self.nodes)
+
+    def ls(self, path: str) -> list[str]:
+        prefix = path + "/"
+        return sorted({p[len(prefix):].split("/")[0] for p in self.nodes if p.startswith(prefix)})
+
+    # -- writing ------------------------------------------------------------------------
 
     def write(self, who: str, path: str, value: str, perms: tuple[str, ...] = ()) -> None:
         self.transaction(who, {path: value}, perms)
@@ -120,56 +152,32 @@ class MemoryStore:
         return [int(v) for _, p, v in self.log if p == path and v is not None and v.isdigit()]
 
 
-def parse_transport(read: Callable[[str], str | None], max_order: int) -> RingTransport | str:
-    """Strict parse of a front-end's transport keys; a reason string when they are bad."""
-
-    def number(key: str) -> int | str:
-        raw = read(key)
-        if raw is None:
-            return f"{key} missing"
-        if not raw.isdigit() or len(raw) > 10:
-            return f"{key}={raw!r} is not a number"
-        return int(raw)
-
-    order = 0 if read("ring-page-order") is None else number("ring-page-order")
-    if isinstance(order, str):
-        return order
-    if order > max_order:
-        return f"ring-page-order={order} above max-ring-page-order={max_order}"
-    keys = ["ring-ref"] if order == 0 else [f"ring-ref{i}" for i in range(1 << order)]
-    refs: list[int] = []
-    for key in keys:
-        ref = number(key)
-        if isinstance(ref, str):
-            return ref
-        refs.append(ref)
-    port = number("event-channel")
-    if isinstance(port, str):
-        return port
-    raw = read("protocol")
-    protocol = BlkifProtocol.from_xenstore(raw)  # a missing key means native (blkif.h)
-    if protocol is None:
-        return f"protocol={raw!r} unknown"
-    return RingTransport(tuple(refs), port, protocol, read("feature-persistent") == "1")
-
-
 @dataclass
 class FakeTapdisk:
-    """Answers XENBLKIF_CONNECT/DISCONNECT as tapdisk does (EALREADY, ENODEV)."""
+    """Answers XENBLKIF_CONNECT/DISCONNECT and DISK_INFO as tapdisk does (EALREADY,
+    ENODEV; a dead one refuses everything)."""
 
     pid: int = 4242
     minor: int = 0
+    root: Path = Path("/run/blktap-control")  # its runtime root (physical-device-path)
     disk: DiskInfo = field(default_factory=lambda: DiskInfo(sectors=524288))
     alive: bool = True
     rings: set[tuple[int, int]] = field(default_factory=set)
+    refuse_connect: int = 0  # the errno XENBLKIF_CONNECT answers (0: it connects)
 
     def answer(self, message: object) -> Event:
+        if isinstance(message, DiskInfoQuery):
+            if not self.alive:
+                return DiskInfoFailed(errno.ECONNREFUSED, "tapdisk gone")
+            return DiskInfoRead(self.disk)
         if not self.alive:
             if isinstance(message, XenblkifConnect):
                 return RingConnectFailed(errno.ECONNREFUSED, "tapdisk gone")
             return RingDisconnectFailed(errno.ECONNREFUSED, "tapdisk gone")
         if isinstance(message, XenblkifConnect):
             key = (message.domid, message.devid)
+            if self.refuse_connect:
+                return RingConnectFailed(self.refuse_connect, "refused")
             if key in self.rings:
                 return RingConnectFailed(errno.EALREADY)
             self.rings.add(key)
@@ -194,34 +202,38 @@ class VbdPair:
         transport: FrontendTransportConfig | None = None,
     ) -> None:
         self.domid, self.devid = domid, devid
+        self.paths = VbdPaths(domid, devid)
         self.store = MemoryStore()
         self.tapdisk = FakeTapdisk()
         self.backend = BackendVbd(domid, devid, features=features)
+        self.observer = BackendObserver(parse_device)
         # The ring this blkfront offers, whatever order it is asked for (a test may
         # make it offer more pages than the back-end allows).
         self.frontend_transport = transport or FrontendTransportConfig()
         self.frontend = FrontendVbd(domid, options=FrontendOptions(
             protocol=self.frontend_transport.protocol,
             persistent=self.frontend_transport.persistent))
-        self.be_path = f"backend/vbd3/{domid}/{devid}"
-        self.fe_path = f"/local/domain/{domid}/device/vbd/{devid}"
+        self.be_path = self.paths.backend
+        self.fe_path = self.paths.frontend
         self.trace: list[tuple[str, Effect]] = []  # ("backend" | "frontend", effect)
+        self.watched_tapdisks: list[int] = []  # pids the back-end asked to watch
         self._backend_watching = False
         self._frontend_watching = False
 
     # --- the toolstack --------------------------------------------------------------------
 
-    def create_backend_dir(self) -> None:
+    def create_backend_dir(self, mode: str = "w") -> None:
         s, be, fe = self.store, self.be_path, self.fe_path
         keys = {"frontend": fe, "frontend-id": str(self.domid), "online": "1",
-                "params": "aio:/dev/null", "mode": "w", "state": "1"}
+                "params": "aio:/dev/null", "mode": mode, "state": "1"}
         s.transaction("toolstack", {f"{be}/{k}": v for k, v in keys.items()},
                       ("n0", f"r{self.domid}"))
-        if not self._backend_watching:  # tapback's watches on this VBD
+        if not self._backend_watching:  # tapback finds the VBD, then watches it
             self._backend_watching = True
-            s.watch(f"{fe}/state", self._backend_sees_frontend)
-            s.watch(f"{be}/hotplug-status", self._backend_sees_hotplug)
-            s.watch(f"{be}/online", self._backend_sees_online)
+            self.backend_found()
+            s.watch(f"{fe}/state", self._tapback_sees_frontend)
+            for key in WATCHED_KEYS:
+                s.watch(f"{be}/{key}", self._tapback_refresh)
 
     def create_frontend_dir(self) -> None:
         s, be, fe = self.store, self.be_path, self.fe_path
@@ -234,7 +246,7 @@ class VbdPair:
             s.watch(f"{be}/state", self._frontend_sees_backend)
 
     def hotplug(self) -> None:
-        path = f"/run/blktap-control/nbd{self.tapdisk.pid}.{self.tapdisk.minor}"
+        path = device_path(self.tapdisk.root, self.tapdisk.pid, self.tapdisk.minor)
         self.store.write("hotplug", f"{self.be_path}/physical-device-path", path)
         self.store.write("hotplug", f"{self.be_path}/hotplug-status", "connected")
 
@@ -256,54 +268,61 @@ class VbdPair:
         self.store.pump()
 
     def kill_tapdisk(self) -> None:
+        """The tapdisk exits; tapback's monitor reports it (the machine knows its pid)."""
         self.tapdisk.alive = False
         self.tapdisk.rings.clear()
-        self.backend_handle(TapdiskDied(self.tapdisk.pid))
+        self.tapback_event(TapdiskDied(self.tapdisk.pid))
         self.store.pump()
 
     def resize(self, sectors: int) -> None:
-        disk = DiskInfo(sectors=sectors, sector_size=self.tapdisk.disk.sector_size)
-        self.tapdisk.disk = disk
-        self.backend_handle(DiskResized(disk))
+        """`tap-ctl resize`: the tapdisk reopens the image, tapback sees the open."""
+        self.tapdisk.disk = DiskInfo(sectors=sectors, sector_size=self.tapdisk.disk.sector_size)
+        self.tapback_event(ImageChanged())
         self.store.pump()
 
     def guest(self, event: Event) -> None:
         self.frontend_handle(event)
         self.store.pump()
 
-    # --- tapback: watches -> events -> effects --------------------------------------------
+    # --- tapback: store -> snapshot -> observer -> events -> effects ------------------------
 
-    def _backend_sees_frontend(self, _path: str) -> None:
-        if self.backend.is_final:
-            return
-        raw = self.store.read(f"{self.fe_path}/state")  # re-read: never trust the event
-        if raw is None:
-            self.backend_handle(FrontendVanished())
-            return
-        state = parse_xenbus_state(raw)
-        self.backend_handle(
-            FrontendStateChanged(state) if state is not None else FrontendStateInvalid(raw)
-        )
+    def backend_found(self) -> None:
+        """What the daemon does when it finds the VBD: read the directory once."""
+        self._tapback_feed(self.observer.found(read_directory(self.store, self.paths)))
 
-    def _backend_sees_hotplug(self, _path: str) -> None:
-        if self.backend.is_final or self.backend.tapdisk is not None:
-            return  # tapback acts on hotplug-status once
-        if self.store.read(f"{self.be_path}/hotplug-status") == "connected":
-            ref = TapdiskRef(self.tapdisk.pid, self.tapdisk.minor)
-            self.backend_handle(HotplugConnected(ref, self.tapdisk.disk))
+    def tapback_refresh(self) -> None:
+        """What a back-end watch makes the daemon do: re-read everything it watches."""
+        self._tapback_feed(self.observer.observe(
+            read_snapshot(self.store, self.paths, self.fe_path)))
 
-    def _backend_sees_online(self, _path: str) -> None:
-        raw = self.store.read(f"{self.be_path}/online")
-        if raw is not None and not self.backend.is_final:
-            self.backend_handle(OnlineChanged(raw == "1"))
+    def tapback_event(self, event: Event) -> None:
+        """An event that does not come from the store (a tapdisk death, an image open)."""
+        self._tapback_feed([event])
+
+    def _tapback_refresh(self, _path: str) -> None:
+        self.tapback_refresh()
+
+    def _tapback_sees_frontend(self, _path: str) -> None:
+        self._tapback_feed(self.observer.observe_frontend(
+            read_frontend_state(self.store, self.fe_path)))
+
+    def _tapback_feed(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if self.backend.is_final:
+                return  # forgotten, as the daemon forgets a finished worker
+            self.backend_handle(event)
 
     def backend_handle(self, event: Event) -> None:
-        for effect in self.backend.handle(event):
-            self.trace.append(("backend", effect))
-            answer = self._backend_execute(effect)
-            # a final machine is forgotten: replies to its last requests are dropped
-            if answer is not None and not self.backend.is_final:
-                self.backend_handle(answer)
+        """Feed one event; execute the effects in order, answers fed before anything else."""
+        pending = deque([event])
+        # a final machine is forgotten: replies to its last requests are dropped
+        while pending and not self.backend.is_final:
+            effects = self.backend.handle(pending.popleft())
+            for effect in effects:
+                self.trace.append(("backend", effect))
+                answer = self._backend_execute(effect)
+                if answer is not None:
+                    pending.append(answer)
 
     def _backend_execute(self, effect: Effect) -> Event | None:
         s, be = self.store, self.be_path
@@ -311,31 +330,30 @@ class VbdPair:
             case WriteKeys(keys=keys, perms=perms):
                 s.transaction("backend", {f"{be}/{k}": v for k, v in keys}, perms.as_strings())
             case PublishState(state=state):
-                s.write("backend", f"{be}/state", str(state.value))
+                s.write("backend", f"{be}/state", state.wire())
             case SetError(text=text):
                 s.write("backend", f"{be}/error", text)
             case RemoveDirectory():
                 s.rm("backend", be)
+            case WatchTapdisk(tapdisk=tapdisk):
+                self.watched_tapdisks.append(tapdisk.pid)
             case Unregister():
                 pass
             case ReadFrontendTransport(max_ring_page_order=order):
-                parsed = parse_transport(lambda k: s.read(f"{self.fe_path}/{k}"), order)
-                if isinstance(parsed, str):
-                    return TransportInvalid(parsed)
-                return TransportRead(parsed)
+                return transport_answer(lambda k: s.read(f"{self.fe_path}/{k}"), order)
             case SendControl(message=message):
                 return self.tapdisk.answer(message)
             case _:
-                raise TypeError(f"unexpected back-end effect {effect!r}")
+                raise TypeError(f"unknown back-end effect {effect!r}")
         return None
 
     # --- blkfront -------------------------------------------------------------------------
 
     def _frontend_sees_backend(self, _path: str) -> None:
-        raw = self.store.read(f"{self.be_path}/state")
-        state = parse_xenbus_state(raw) if raw is not None else None
-        if state is not None and self.store.read(f"{self.fe_path}/state") is not None:
-            self.frontend_handle(BackendStateChanged(state))
+        """blkfront's watch: the same pure observer the simulated guests use."""
+        if self.store.read(f"{self.fe_path}/state") is None:
+            return  # the front-end is gone (or not made yet): no blkfront to tell
+        self.frontend_handle(observe_backend(lambda k: self.store.read(f"{self.be_path}/{k}")))
 
     def frontend_handle(self, event: Event) -> None:
         s, fe, be = self.store, self.fe_path, self.be_path
@@ -350,12 +368,12 @@ class VbdPair:
                 case OfferRing():
                     t = self.frontend_transport
                     self.frontend_handle(RingOffered(t.ring_refs, t.event_channel))
-                case ReleaseRing():
-                    pass
+                case ReleaseRing() | ReportFault():
+                    pass  # no ring pages to ungrant here; the fault is in the trace
                 case ReadBackendInfo():
                     disk = DiskInfo(
                         sectors=int(s.read(f"{be}/sectors") or 0),
-                        sector_size=int(s.read(f"{be}/sector-size") or 512),
+                        sector_size=int(s.read(f"{be}/sector-size") or SECTOR_SIZE),
                         info=int(s.read(f"{be}/info") or 0),
                     )
                     self.frontend_handle(BackendInfoRead(disk))

@@ -16,8 +16,9 @@ from pytest_mock import MockerFixture
 
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import ImageInfo
+from blktap3.tapback.executor import VbdConfig
 from blktap3.tapback.store import SharedStore
-from blktap3.tapback.vbd import Prompt, VbdConfig, VbdWorker
+from blktap3.tapback.worker import Died, Prompt, VbdWorker
 from blktap3.xenbus import (
     Permission,
     VbdPaths,
@@ -313,3 +314,68 @@ def test_a_watch_storm_queues_a_bounded_number_of_prompts(xs: FakeXenStore) -> N
         w.post(Prompt.FRONTEND)
         w.post(Prompt.REFRESH)
     assert w.pending <= len(Prompt)
+
+
+# -- what the spec decides, seen through the worker ------------------------------------
+
+
+def _connected(xs: FakeXenStore, mocker: MockerFixture,
+               states: list[tuple[str, int | None]] | None = None) -> VbdWorker:
+    mocker.patch.object(TapdiskClient, "connect_xenblkif")
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
+    w = VbdWorker(PATHS, PATHS.frontend, SharedStore(lambda: xs),  # type: ignore[arg-type,return-value]
+                  VbdConfig(Path("/nonexistent")), on_final=lambda worker: None,
+                  on_tapdisk=lambda worker, pid: None,
+                  on_state=lambda worker: (states if states is not None else []).append(
+                      (worker.machine.state, worker.machine.published)))
+    _publish_transport(xs)
+    w.step([Prompt.REFRESH])  # no thread: each step is run here
+    assert w.machine.state == "connected"
+    return w
+
+
+def test_an_image_reopened_bigger_is_announced(
+        xs: FakeXenStore, mocker: MockerFixture) -> None:
+    w = _connected(xs, mocker)
+    xs.writes.clear()
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(4096, 512, 0))
+    w.step([Prompt.RESIZE, Prompt.RESIZE])  # coalesced: asked once
+    assert TapdiskClient.disk_info.call_count == 1  # type: ignore[attr-defined]
+    assert xs.writes == ["sectors", "state"]
+    assert xs.nodes[PATHS.backend_key("sectors")] == "4096"
+
+
+def test_only_the_death_of_its_own_tapdisk_fails_the_vbd(
+        xs: FakeXenStore, mocker: MockerFixture) -> None:
+    mocker.patch.object(TapdiskClient, "disconnect_xenblkif")
+    w = _connected(xs, mocker)
+    w.step([Died(999)])
+    assert w.machine.state == "connected"
+    w.step([Died(123)])  # physical-device-path names nbd123.0
+    assert w.machine.state == "failed"
+    assert xs.nodes[PATHS.backend_key("error")] == "tapdisk 123 died"
+
+
+def test_each_step_that_moved_the_machine_is_reported_once(
+        xs: FakeXenStore, mocker: MockerFixture) -> None:
+    states: list[tuple[str, int | None]] = []
+    w = _connected(xs, mocker, states)
+    assert states[-1] == ("connected", 4)
+    count = len(states)
+    w.step([Prompt.REFRESH])  # nothing changed: nothing to report
+    assert len(states) == count
+
+
+def test_a_directory_that_cannot_be_read_is_found_at_the_next_prompt(
+        xs: FakeXenStore, mocker: MockerFixture) -> None:
+    w = VbdWorker(PATHS, PATHS.frontend, SharedStore(lambda: xs),  # type: ignore[arg-type,return-value]
+                  VbdConfig(Path("/nonexistent")), on_final=lambda worker: None,
+                  on_tapdisk=lambda worker, pid: None)
+    mocker.patch.object(xs, "ls", side_effect=XenStoreNotFound(errno.ENOENT))
+    with pytest.raises(XenStoreNotFound):
+        w.step([Prompt.REFRESH])
+    assert xs.writes == []  # nothing fed before the machine knew its directory
+    mocker.stopall()
+    mocker.patch.object(TapdiskClient, "disk_info", return_value=ImageInfo(2048, 512, 0))
+    w.step([Prompt.REFRESH])
+    assert xs.nodes[PATHS.backend_key("state")] == "2"
