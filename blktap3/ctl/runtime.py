@@ -25,7 +25,12 @@ MAX_MINOR = 16384  # blktap's limit on minors (exclusive)
 MARKER_PREFIX = "tapdisk-"
 SOCKET_PREFIX = "ctl"
 
+# A tapdisk's NBD sockets, per VBD: `<prefix><pid>.<minor>` (blktap's names; see
+# blktap3.tapdisk.nbd.server for what each one speaks).
+NBD_SOCKET_PREFIXES = ("nbd", "nbd-old", "nbdserver", "nbdserver-new")
+
 _SOCKET_RE = re.compile(rf"^{SOCKET_PREFIX}(\d+)$")
+_NBD_SOCKET_RE = re.compile(rf"^(?:{'|'.join(NBD_SOCKET_PREFIXES)})(\d+)\.\d+$")
 _MARKER_RE = re.compile(rf"^{MARKER_PREFIX}(\d+)$")
 
 
@@ -42,6 +47,13 @@ def minors_dir(root: Path) -> Path:
 
 def socket_path(root: Path, pid: int) -> Path:
     return root / f"{SOCKET_PREFIX}{pid}"
+
+
+def nbd_socket_path(root: Path, prefix: str, pid: int, minor: int) -> Path:
+    """One of a VBD's NBD sockets, `<root>/<prefix><pid>.<minor>`."""
+    if prefix not in NBD_SOCKET_PREFIXES:
+        raise ValueError(f"not an NBD socket prefix: {prefix!r}")
+    return root / f"{prefix}{pid}.{minor}"
 
 
 def marker_path(root: Path, minor: int) -> Path:
@@ -155,9 +167,16 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_stale_socket(root: Path, pid: int) -> bool:
-    """Unlink `ctl<pid>` when its process is gone (blktap leaves these behind)."""
+    """Unlink `ctl<pid>` and its NBD sockets when the process is gone (a SIGKILLed
+    tapdisk, blktap's or ours, leaves them behind)."""
     if process_alive(pid):
         return False
     with contextlib.suppress(FileNotFoundError):
         socket_path(root, pid).unlink()
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for name in os.listdir(root):
+            match = _NBD_SOCKET_RE.match(name)
+            if match is not None and int(match.group(1)) == pid:
+                with contextlib.suppress(FileNotFoundError):
+                    (root / name).unlink()
     return True

@@ -33,8 +33,10 @@ from blktap3.ctl import protocol as p
 from blktap3.ctl.runtime import marker_path
 from blktap3.fsm import effects as fx
 from blktap3.fsm import events as ev
+from blktap3.fsm.tapdisk import VbdState
 
 from . import images, stats
+from .nbd import Exports
 from .observer import BadArgument, ToVbd, observe
 from .vbd import Vbd
 
@@ -109,6 +111,7 @@ class Tapdisk:
         # Guards `Vbd.ring` against STATS (unserialized) reading a ring being freed.
         self.ring_lock = threading.Lock()
         self.exiting = False
+        self.nbd = Exports(root)  # NBD export hook (issue 15)
         self._own: dict[T, Callable[[p.Message], Reply]] = {
             T.PID: self._pid,
             T.LIST_MINORS: self._list_minors,
@@ -223,11 +226,20 @@ class Tapdisk:
                 assert vbd.image is None and vbd.pending_image is not None
                 vbd.image, vbd.image_spec = vbd.pending_image, vbd.pending_spec
                 vbd.pending_image, vbd.pending_spec = None, None
+                if vbd.image_spec is not None:
+                    # NBD export hook (issue 15): the image is open (OPEN) or reopened
+                    # (RESUME): start the export, or let its held requests go on.
+                    self.nbd.serve(vbd.minor, vbd.image_spec.type, vbd.image_spec.path,
+                                   vbd.image.info)
             case fx.DiscardImage():
                 assert vbd.pending_image is not None
                 vbd.pending_image.close()
                 vbd.pending_image, vbd.pending_spec = None, None
             case fx.CloseImage():
+                # NBD export hook (issue 15): drain the export before its image goes;
+                # PAUSE holds its requests, CLOSE removes it.
+                self.nbd.close_image(vbd.minor, stop=vbd.state is VbdState.CLOSED,
+                                     timeout=self.drain_timeout)
                 image, vbd.image, vbd.image_spec = vbd.image, None, None
                 if image is not None:
                     image.close()
@@ -349,6 +361,7 @@ class Tapdisk:
         """Release every VBD without the machines (SIGTERM: the process is going away)."""
         with self.lock:
             self.exiting = True
+            self.nbd.stop_all()  # NBD export hook (issue 15): the sockets go with us
             for vbd in list(self.vbds.values()):
                 if vbd.ring is not None:
                     with contextlib.suppress(OSError):

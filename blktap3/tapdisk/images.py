@@ -34,6 +34,9 @@ class ImageInfo(Protocol):
     @property
     def discard(self) -> bool: ...
 
+    @property
+    def o_direct(self) -> bool: ...  # the NBD export opens the file the same way
+
 
 class Image(Protocol):
     """The part of `blktap3.datapath.Image` the tapdisk uses."""

@@ -10,6 +10,8 @@
 - `fixtures` (a pytest plugin, loaded by tests/conftest.py): `run_dir`, `machine`,
   `xenstored_kind`, `host` (one per xenstored kind), `xs`, `tapback`.
 - `sim.guest_xenstore`: a guest domain's own XenStore connection over its ring page.
+- `nbd.NbdClient`: a small NBD client written from the protocol document (not from our
+  codec), for the tapdisk's NBD export.
 
 Rules: a test waits on the real condition (an event, a counter, a key, a process
 state), never on a sleep; a `time.sleep` left in a test is the behaviour under test

@@ -80,3 +80,18 @@ def test_stale_socket_of_a_dead_process_is_removed(tmp_path: Path) -> None:
     assert runtime.remove_stale_socket(tmp_path, pid)
     assert not runtime.remove_stale_socket(tmp_path, os.getpid())
     assert runtime.socket_pids(tmp_path) == [os.getpid()]
+
+
+def test_a_dead_tapdisks_nbd_sockets_go_with_its_control_socket(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    (tmp_path / f"ctl{pid}").touch()
+    theirs = [runtime.nbd_socket_path(tmp_path, prefix, pid, minor)
+              for prefix in runtime.NBD_SOCKET_PREFIXES for minor in (0, 12)]
+    others = [tmp_path / f"nbd{pid}1.0", tmp_path / f"nbd{os.getpid()}.0",
+              tmp_path / f"nbdclient{pid}", tmp_path / f"nbd{pid}.x"]
+    for path in theirs + others:
+        path.touch()
+    assert runtime.remove_stale_socket(tmp_path, pid)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in others)

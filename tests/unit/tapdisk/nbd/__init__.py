@@ -1,0 +1,1 @@
+"""Tests of the tapdisk NBD export: codec, image backend, server."""
