@@ -9,6 +9,11 @@ restarted tapback): a Connected VBD is then adopted (the connect replayed, EALRE
 nothing the front-end sees rewritten), and keys already holding the value we would
 write are not written again.
 
+Which toolstack's order is served (`Toolstack`, tapback's `--toolstack`) is a fact of the
+machine the spec's conditions read: xapi (blktap's order, the default) runs hotplug first
+and InitWait follows it; libxl waits for InitWait before it runs its block-tap script, so
+InitWait is published as soon as the directory appears.  Both are served by one table.
+
 The machine asks the tapdisk for the disk's geometry itself (`DiskInfoQuery`) once
 hotplug named it, and again when its image was reopened (`ImageChanged`): whether the
 size changed, and what that means in each state, is the spec's.
@@ -33,7 +38,6 @@ from .effects import (
     Effect,
     Perms,
     ReadFrontendTransport,
-    RemoveDirectory,
     SendControl,
     SetError,
     Unregister,
@@ -65,6 +69,13 @@ from .machine import SpecMachine
 from .xenbus_state import XenbusState
 
 KTHREAD_PID = "kthread-pid"
+
+
+class Toolstack(enum.StrEnum):
+    """Whose order of hotplug and InitWait tapback serves (see the module docstring)."""
+
+    XAPI = "xapi"  # hotplug-status=connected first, then InitWait (blktap's tapback)
+    LIBXL = "libxl"  # InitWait first: libxl runs block-tap add only once it saw it
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,7 @@ class BackendState(enum.StrEnum):
     """The states of specs/backend_vbd.toml, as code names them."""
 
     WAITING_HOTPLUG = "waiting_hotplug"
+    PROBED = "probed"
     ADOPTING = "adopting"
     ADOPTING_DISK = "adopting_disk"
     ADOPTING_TRANSPORT = "adopting_transport"
@@ -157,11 +169,13 @@ class BackendVbd(SpecMachine):
         devid: int,
         backend_domid: int = 0,
         features: BackendFeatures | None = None,
+        toolstack: Toolstack = Toolstack.XAPI,
     ) -> None:
         self.domid = domid
         self.devid = devid
         self.backend_domid = backend_domid
         self.features = features or BackendFeatures()
+        self.toolstack = toolstack
         self.perms = Perms(owner=backend_domid, readers=(domid,))
         self.frontend_state: XenbusState | None = None  # None: node absent or invalid
         self.frontend_has_appeared = False
@@ -171,6 +185,8 @@ class BackendVbd(SpecMachine):
         self.transport: RingTransport | None = None
         self.ring_requested = False  # XENBLKIF_CONNECT sent and not undone since
         self.wants_online = True
+        self.probe_written = False  # the probe keys go out once (libxl: before hotplug)
+        self.restarting = False  # Connected -> Initialising: InitWait once the ring is down
         # Nodes a previous tapback left (BackendFound): a key is written only when we
         # would change it; each is forgotten once we wrote (or skipped) it.
         self.found_keys: dict[str, str] = {}
@@ -203,6 +219,20 @@ class BackendVbd(SpecMachine):
 
     def frontend_is_closed(self, **_: Any) -> bool:
         return self.frontend_state == XenbusState.CLOSED
+
+    def frontend_absent(self, **_: Any) -> bool:
+        """The front-end's state node is gone (after it was seen: a vanished guest)."""
+        return self.frontend_has_appeared and self.frontend_state is None
+
+    def serves_libxl(self, **_: Any) -> bool:
+        return self.toolstack is Toolstack.LIBXL
+
+    def found_not_closed(self, event: BackendFound, **_: Any) -> bool:
+        """Nothing or 1/2 published: InitWait at once is a xenbus step (6 -> 2 is not)."""
+        return event.state in (None, XenbusState.INITIALISING, XenbusState.INIT_WAIT)
+
+    def restarting_frontend(self, **_: Any) -> bool:
+        return self.restarting
 
     def untouched(self, **_: Any) -> bool:
         """Nothing happened yet: what was found is still what the store holds."""
@@ -286,7 +316,9 @@ class BackendVbd(SpecMachine):
         self.disk = self._with_bits(event.disk)
 
     def write_probe_keys(self, **_: Any) -> None:
-        self.write_keys(self.features.probe_keys())
+        if not self.probe_written:
+            self.probe_written = True
+            self.write_keys(self.features.probe_keys())
 
     def read_transport(self, **_: Any) -> None:
         self.emit(ReadFrontendTransport(self.features.max_ring_page_order))
@@ -333,8 +365,11 @@ class BackendVbd(SpecMachine):
             self.send_disconnect()
             self.ring_requested = False
 
-    def remove_directory(self, **_: Any) -> None:
-        self.emit(RemoveDirectory())
+    def note_restart(self, **_: Any) -> None:
+        self.restarting = True
+
+    def restart_done(self, **_: Any) -> None:
+        self.restarting = False
 
     def release(self, **_: Any) -> None:
         if self.ring_requested:

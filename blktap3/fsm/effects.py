@@ -55,11 +55,6 @@ class SetError(Effect):
 
 
 @dataclass(frozen=True)
-class RemoveDirectory(Effect):
-    """Remove our own device directory (the other end is gone)."""
-
-
-@dataclass(frozen=True)
 class Unregister(Effect):
     """Stop watching this device and forget its machine."""
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from blktap3.ctl import runtime
-from blktap3.fsm import BackendState
+from blktap3.fsm import BackendState, Toolstack
 from blktap3.xenbus import (
     Reconnected,
     VbdPaths,
@@ -69,13 +69,15 @@ class TapbackConfig:
     tapdisk_timeout: float = 30.0
     max_ring_page_order: int = 3
     barrier: bool = True  # offer feature-barrier (blktap's tapback -b: no)
+    toolstack: Toolstack = Toolstack.XAPI  # whose hotplug/InitWait order is served
     frontend_domid: int | None = None  # serve only this guest's VBDs (tapback -x)
     status_file: Path | None = None  # None: <control_root>/tapback.<kind>.status.json
     vbd: VbdConfig = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vbd", VbdConfig(
-            self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier))
+            self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier,
+            self.toolstack))
         if self.status_file is None:
             object.__setattr__(self, "status_file",
                                default_path(self.control_root, self.backend_kind))

@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import structlog
 
 from blktap3.ctl import runtime
+from blktap3.fsm import Toolstack
 
 from . import logs
 from .daemon import Tapback, TapbackConfig
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "<control-dir>/tapback.<backend-kind>.status.json)")
     parser.add_argument("--tapdisk-timeout", type=_seconds, default=30.0, metavar="SECS",
                         help="timeout of each control request to a tapdisk (default: 30)")
+    parser.add_argument("--toolstack", type=Toolstack, choices=list(Toolstack),
+                        default=Toolstack.XAPI,
+                        help="whose order to serve: xapi (default, as blktap's tapback: "
+                             "InitWait once hotplug-status is connected) or libxl (Xen >= "
+                             "4.19's xl and its block-tap script: InitWait as soon as the "
+                             "back-end directory appears; libxl runs block-tap after it)")
     parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
                         help="largest ring the front-end may use, 2^N pages (default: 3)")
     return parser
@@ -191,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tapdisk_timeout=args.tapdisk_timeout,
         max_ring_page_order=args.max_ring_page_order,
         barrier=args.barrier,
+        toolstack=args.toolstack,
         frontend_domid=args.frontend_domid,
         status_file=args.status_file.absolute() if args.status_file else None,
     )

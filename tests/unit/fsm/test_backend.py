@@ -26,7 +26,6 @@ from blktap3.fsm import (
     OurBug,
     PublishState,
     ReadFrontendTransport,
-    RemoveDirectory,
     RingConnected,
     RingConnectFailed,
     RingDisconnected,
@@ -352,10 +351,11 @@ def test_frontend_absent_at_first_is_awaited() -> None:
     assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
 
 
-def test_frontend_vanishing_after_it_was_seen_removes_our_directory() -> None:
+def test_frontend_vanishing_after_it_was_seen_publishes_closed_and_keeps_our_directory() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
-    assert vbd.handle(FrontendVanished()) == (RemoveDirectory(), Unregister())
+    assert vbd.handle(FrontendVanished()) == (PublishState(S.CLOSED),)
+    assert vbd.state == "closed" and not vbd.is_final
 
 
 def test_online_zero_without_a_ring_unregisters_at_once() -> None:
