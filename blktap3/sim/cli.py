@@ -1,6 +1,6 @@
 """blktap3-sim: drive the simulated Xen host from a shell.
 
-    blktap3-sim [--run-dir DIR] up [--xenstored c|ocaml] [--no-tapback]
+    blktap3-sim [--run-dir DIR] up [--xenstored c|ocaml] [--no-tapback] [--toolstack xapi|libxl]
     blktap3-sim [--run-dir DIR] down
     blktap3-sim [--run-dir DIR] domain create|destroy DOMID
     blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom] [--no-hotplug]
@@ -28,7 +28,7 @@ from .frontend import personality_names
 from .guest import WORKLOADS, run_guest
 from .host import Host, HostError, default_run_dir
 from .hotplug import HotplugError
-from .toolstack import Image, ToolstackError, parse_devid, parse_domid
+from .toolstack import TOOLSTACKS, Image, ToolstackError, parse_devid, parse_domid
 from .xensim import XensimError
 from .xenstored import XenstoredError
 
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Debian's C xenstored (default) or oxenstored")
     up.add_argument("--no-tapback", dest="tapback", action="store_false",
                     help="do not start tapback")
+    up.add_argument("--toolstack", choices=TOOLSTACKS, default="xapi",
+                    help="whose order the toolstack and tapback follow: xapi (default: "
+                         "hotplug, then InitWait) or libxl (Xen >= 4.19: InitWait, then "
+                         "Xen's block-tap script)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything and remove the run directory")
@@ -78,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     create = dsub.add_parser("create", help="memory, xenstore page, introduce")
     create.add_argument("domid", type=_domid)
     create.set_defaults(func=cmd_domain_create)
-    destroy = dsub.add_parser("destroy", help="release, remove its nodes, VIRQ_DOM_EXC")
+    destroy = dsub.add_parser("destroy", help="detach its disks (tapdisks destroyed), "
+                              "release, remove its nodes, VIRQ_DOM_EXC")
     destroy.add_argument("domid", type=_domid)
     destroy.set_defaults(func=cmd_domain_destroy)
 
@@ -121,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_up(host: Host, args: argparse.Namespace) -> None:
-    host.up(args.xenstored, tapback=args.tapback)
+    host.up(args.xenstored, tapback=args.tapback, toolstack=args.toolstack)
     print(f"export XENSTORED_PATH={host.xenstored_path}")
 
 
@@ -136,8 +141,7 @@ def cmd_domain_create(host: Host, args: argparse.Namespace) -> None:
 
 
 def cmd_domain_destroy(host: Host, args: argparse.Namespace) -> None:
-    with host.toolstack() as ts:
-        ts.destroy_domain(args.domid)
+    host.destroy_domain(args.domid)
 
 
 def cmd_vbd_add(host: Host, args: argparse.Namespace) -> None:

@@ -35,6 +35,10 @@ BACKEND_DOMID = 0
 DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 IMAGE_DRIVERS = ("aio", "raw")
 XVD_MAJOR = 202
+# What libxl (Xen >= 4.19) writes as `script` of a vbd3 disk: the hotplug script it runs
+# (tools/libs/light/libxl_disk.c, LIBXL_DISK_BACKEND_TAP).
+BLOCK_TAP_SCRIPT = "/etc/xen/scripts/block-tap"
+TOOLSTACKS = ("xapi", "libxl")
 
 
 class ToolstackError(Exception):
@@ -158,8 +162,9 @@ class Toolstack:
         return VbdPaths(domid, devid, BACKEND_DOMID, self.backend_kind)
 
     def add_vbd(self, domid: int, devid: int, image: Image, *, mode: str = "w",
-                cdrom: bool = False) -> VbdPaths:
-        """Write the back-end and front-end directories of a new disk in one transaction."""
+                cdrom: bool = False, script: str | None = None) -> VbdPaths:
+        """Write the back-end and front-end directories of a new disk in one transaction
+        (`script`: libxl's hotplug script node, which libxl writes for vbd3 disks)."""
         if domid not in self.machine.domain_ids():
             raise ToolstackError(f"no domain {domid}")
         if mode not in ("r", "w"):
@@ -182,6 +187,8 @@ class Toolstack:
             "dev": device_name(devid),
             BackendKey.STATE: initialising,
         }
+        if script is not None:
+            backend["script"] = script
         frontend: dict[str, str] = {
             FrontendKey.BACKEND: paths.backend,
             FrontendKey.BACKEND_ID: str(BACKEND_DOMID),
