@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from blktap3.vbd3.disk import devid_argument, domid_argument
 from blktap3.xenbus import XenStore, XenStoreError
 
 from . import demo
@@ -28,7 +29,7 @@ from .frontend import personality_names
 from .guest import WORKLOADS, run_guest
 from .host import Host, HostError, default_run_dir
 from .hotplug import HotplugError
-from .toolstack import TOOLSTACKS, Image, ToolstackError, parse_devid, parse_domid
+from .toolstack import TOOLSTACKS, Image, ToolstackError
 from .xensim import XensimError
 from .xenstored import XenstoredError
 
@@ -39,20 +40,6 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """Bad command-line input: reported with the usage line."""
-
-
-def _domid(text: str) -> int:
-    try:
-        return parse_domid(text)
-    except ToolstackError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _devid(text: str) -> int:
-    try:
-        return parse_devid(text)
-    except ToolstackError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,18 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     domain = sub.add_parser("domain", help="create or destroy a guest domain")
     dsub = domain.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = dsub.add_parser("create", help="memory, xenstore page, introduce")
-    create.add_argument("domid", type=_domid)
+    create.add_argument("domid", type=domid_argument)
     create.set_defaults(func=cmd_domain_create)
     destroy = dsub.add_parser("destroy", help="detach its disks (tapdisks destroyed), "
                               "release, remove its nodes, VIRQ_DOM_EXC")
-    destroy.add_argument("domid", type=_domid)
+    destroy.add_argument("domid", type=domid_argument)
     destroy.set_defaults(func=cmd_domain_destroy)
 
     vbd = sub.add_parser("vbd", help="add or remove a vbd3 disk")
     vsub = vbd.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = vsub.add_parser("add", help="write the nodes, then the hotplug step (tapdisk)")
-    add.add_argument("domid", type=_domid)
-    add.add_argument("devid", type=_devid, help="virtual-device number or xvdX name")
+    add.add_argument("domid", type=domid_argument)
+    add.add_argument("devid", type=devid_argument, help="virtual-device number or xvdX name")
     add.add_argument("image", help="aio:/path, raw:/path or a plain path")
     add.add_argument("--mode", choices=("r", "w"), default="w")
     add.add_argument("--cdrom", action="store_true", help="device-type cdrom (read-only)")
@@ -100,16 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     add.set_defaults(func=cmd_vbd_add)
     remove = vsub.add_parser("remove", help="online=0 + Closing, wait for Closed, "
                              "tap-ctl destroy, remove both directories")
-    remove.add_argument("domid", type=_domid)
-    remove.add_argument("devid", type=_devid)
+    remove.add_argument("domid", type=domid_argument)
+    remove.add_argument("devid", type=devid_argument)
     remove.set_defaults(func=cmd_vbd_remove)
 
     guest = sub.add_parser("guest", help="run a simulated guest against a disk")
     gsub = guest.add_subparsers(dest="action", required=True, metavar="ACTION")
     grun = gsub.add_parser("run", help="handshake, verified I/O, detach; exit 0 only if "
                            "every byte read back identically")
-    grun.add_argument("domid", type=_domid)
-    grun.add_argument("devid", type=_devid)
+    grun.add_argument("domid", type=domid_argument)
+    grun.add_argument("devid", type=devid_argument)
     grun.add_argument("--personality", default="linux", choices=personality_names())
     grun.add_argument("--workload", default="verify", choices=WORKLOADS)
     grun.add_argument("--timeout", type=float, default=60.0)

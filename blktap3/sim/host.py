@@ -36,6 +36,7 @@ import structlog
 from blktap3.ctl import ops
 from blktap3.ctl.client import CtlError
 from blktap3.tapback import service as tapback_service
+from blktap3.vbd3.blocktap import BlockTap, BlockTapError, TapCtl
 from blktap3.xenbus import (
     BackendKey,
     Transaction,
@@ -47,7 +48,6 @@ from blktap3.xenbus import (
     parse_state,
 )
 
-from .blocktap import BlockTap, BlockTapError, TapCtl
 from .hotplug import Attached, HotplugError, hotplug_add, hotplug_remove, tapdisk_env
 from .toolstack import BLOCK_TAP_SCRIPT, TOOLSTACKS, Image, Toolstack
 from .xensim import Machine

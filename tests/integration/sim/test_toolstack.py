@@ -21,10 +21,11 @@ from blktap3.sim.guest import run_guest
 from blktap3.sim.host import Host, HostError
 from blktap3.sim.hotplug import HotplugError
 from blktap3.sim.toolstack import BLOCK_TAP_SCRIPT, Image
-from blktap3.tapback import service
 from blktap3.xenbus import XenbusState
 from tests.support import wait_gone, wait_until
 from tests.support.processes import tapdisk_pids
+
+from .conftest import serving
 
 pytestmark = pytest.mark.integration
 DOMID = 4
@@ -44,25 +45,14 @@ def _image(host: Host, name: str) -> Image:
     return Image.parse(f"aio:{path}")
 
 
-def _serve(host: Host, toolstack: str) -> Iterator[Host]:
-    host.use_toolstack(toolstack)
-    host.start_tapback()
-    try:
-        with host.toolstack() as ts:
-            ts.create_domain(DOMID)
-        yield host
-    finally:
-        service.stop(host.run_dir)
-
-
 @pytest.fixture
 def libxl(host: Host) -> Iterator[Host]:
-    yield from _serve(host, "libxl")
+    yield from serving(host, "libxl", DOMID)
 
 
 @pytest.fixture
 def xapi(host: Host) -> Iterator[Host]:
-    yield from _serve(host, "xapi")
+    yield from serving(host, "xapi", DOMID)
 
 
 def _state(host: Host, key: str) -> str | None:
