@@ -21,12 +21,20 @@ from pathlib import Path
 
 DEFAULT_ROOT = Path("/run/blktap-control")
 ROOT_ENV = "BLKTAP_CONTROL_DIR"
+# Where a tapdisk keeps blktap's stats files (td3-<pid>, vbd3-<domid>-<devid>; default
+# /dev/shm): a simulated host gives itself its own (`shm_dir`).
+SHM_ENV = "BLKTAP3_SHM_DIR"
 MAX_MINOR = 16384  # blktap's limit on minors (exclusive)
 MARKER_PREFIX = "tapdisk-"
 SOCKET_PREFIX = "ctl"
 
 # A tapdisk's NBD sockets, per VBD: `<prefix><pid>.<minor>` (blktap's names; see
 # blktap3.tapdisk.nbd.server for what each one speaks).
+def shm_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The stats files' root of a simulated host: `<run_dir>/shm`."""
+    return Path(run_dir).absolute() / "shm"
+
+
 NBD_SOCKET_PREFIXES = ("nbd", "nbd-old", "nbdserver", "nbdserver-new")
 
 _SOCKET_RE = re.compile(rf"^{SOCKET_PREFIX}(\d+)$")

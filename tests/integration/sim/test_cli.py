@@ -45,7 +45,9 @@ def test_up_domain_vbd_ls_down(work: Path, image: Path, kind: str) -> None:
     up = sim(run, "up", "--xenstored", kind)
     assert up.returncode == 0, up.stderr
     socket = run / "xenstored" / "socket"
-    assert up.stdout.strip() == f"export XENSTORED_PATH={socket}"
+    assert up.stdout.splitlines() == [f"export XENSTORED_PATH={socket}",
+                                      f"export BLKTAP_CONTROL_DIR={run}/blktap-control",
+                                      f"export BLKTAP3_SHM_DIR={run}/shm"]
     pid = Host(run).xenstored_pid
     assert pid and os.path.exists(f"/proc/{pid}")
 
