@@ -17,6 +17,7 @@ line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     grun.add_argument("--timeout", type=float, default=60.0)
     grun.add_argument("--hold", type=_seconds, metavar="SECONDS", default=0.0,
                       help="stay connected this long after the workload (a live VBD to "
-                           "look at: tap-ctl stats, the stats files, NBD), then detach")
+                           "look at: tap-ctl stats, the stats files, NBD), then detach; "
+                           "SIGINT ends the hold early")
     grun.set_defaults(func=cmd_guest_run)
 
     ls = sub.add_parser("ls", help="print the XenStore tree with permissions")
@@ -198,9 +200,10 @@ def _held_guest(host: Host, args: argparse.Namespace) -> GuestResult:
             guest.wait_for_step("holding", timeout=args.timeout)
         except TimeoutError:
             return guest.result(args.timeout)
-        print(f"guest {args.domid}: connected to {args.devid}, holding for {args.hold:g} s",
-              file=sys.stderr, flush=True)
-        time.sleep(args.hold)  # the point of the command: a person looks meanwhile
+        print(f"guest {args.domid}: connected to {args.devid}, holding for {args.hold:g} s "
+              "(Ctrl-C detaches now)", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(args.hold)  # the point of the command: a person looks meanwhile
         guest.detach()
         return guest.result(args.timeout)
 

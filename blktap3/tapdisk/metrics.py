@@ -170,6 +170,7 @@ class Metrics:
         self._vdis: dict[int, RingCounters] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._active = False  # td3-<pid> was made: the files are kept
 
     # -- the process -------------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class Metrics:
             log.warning("no stats files", path=str(self.dir), errno=exc.errno,
                         reason=exc.strerror)
             return
+        self._active = True
         self._thread = threading.Thread(target=self._run, name="stats-files", daemon=True)
         self._thread.start()
 
@@ -194,10 +196,14 @@ class Metrics:
         if self._thread is not None:
             self._thread.join()
         with self._lock:
+            if not self._active:
+                return
+            self._active = False
             for ids in list(self._rings):
                 self._remove_ring(ids)
+            self._rings.clear()
             self._vdis.clear()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             shutil.rmtree(self.dir)
 
     # -- what the tapdisk tells ----------------------------------------------------------
@@ -207,6 +213,8 @@ class Metrics:
         """A ring is served: its files appear, filled at once; the image's file follows
         its counters."""
         with self._lock:
+            if not self._active:
+                return
             self._rings[(domid, devid)] = counters
             self._vdis[minor] = counters
             self._refresh_ring((domid, devid), counters)
@@ -215,6 +223,8 @@ class Metrics:
     def ring_disconnected(self, domid: int, devid: int, minor: int) -> None:
         """The ring's files go; the image's keeps the last figures while it is open."""
         with self._lock:
+            if not self._active:
+                return
             self._rings.pop((domid, devid), None)
             self._remove_ring((domid, devid))
             counters = self._vdis.pop(minor, None)
@@ -225,6 +235,8 @@ class Metrics:
         """An image is open (OPEN, RESUME): its vdi-<minor> file, following the ring's
         counters when one is served (zeros until then)."""
         with self._lock:
+            if not self._active:
+                return
             if counters is not None:
                 self._vdis[minor] = counters
                 self._refresh_vdi(minor, counters)
@@ -235,6 +247,8 @@ class Metrics:
     def image_closed(self, minor: int) -> None:
         """The image is closed (PAUSE, CLOSE): its file goes, as blktap's close_vdi."""
         with self._lock:
+            if not self._active:
+                return
             self._vdis.pop(minor, None)
             self._remove_vdi(minor)
 
@@ -278,13 +292,13 @@ class Metrics:
         top = self.ring_dir(*ids)
         for path in (self.dir / f"vbd-{ids[0]}-{ids[1]}", top / "statistics",
                      top / "io_ring", top / "io_ring~"):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 path.unlink()
-        with contextlib.suppress(FileNotFoundError, OSError):
+        with contextlib.suppress(OSError):
             top.rmdir()
 
     def _remove_vdi(self, minor: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             (self.dir / f"vdi-{minor}").unlink()
 
     def _run(self) -> None:
