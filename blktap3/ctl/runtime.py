@@ -16,7 +16,7 @@ import errno
 import fcntl
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 DEFAULT_ROOT = Path("/run/blktap-control")
@@ -172,6 +172,25 @@ def process_alive(pid: int) -> bool:
             return stat.read().rpartition(b")")[2].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
+
+
+def shm_root() -> Path:
+    """Where tapdisks keep their stats files: $BLKTAP3_SHM_DIR, else /dev/shm."""
+    return Path(os.environ.get(SHM_ENV) or "/dev/shm")
+
+
+def remove_stale_stats(pid: int, rings: Iterable[tuple[int, int]]) -> None:
+    """Remove what a dead tapdisk left in the shm root: `td3-<pid>` and the
+    `vbd3-<domid>-<devid>` directories of its rings (only regular files inside)."""
+    if process_alive(pid):
+        return
+    root = shm_root()
+    for top in (root / f"td3-{pid}", *(root / f"vbd3-{d}-{v}" for d, v in rings)):
+        with contextlib.suppress(OSError):
+            for entry in top.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
+            top.rmdir()
 
 
 def remove_stale_socket(root: Path, pid: int) -> bool:

@@ -180,6 +180,9 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t max_indirect,
                     struct td_ring **out);
+/* After a failed td_ring_connect (same thread): the step that failed and its values
+ * ("grant map of the ring: domain 7, 1 page(s), first ref 8"), or "" for another cause. */
+const char *td_ring_connect_failure(void);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);

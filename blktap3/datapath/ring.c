@@ -31,6 +31,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -813,14 +814,38 @@ static void free_ring(struct td_ring *r)
     free(r);
 }
 
+/* Which step of the last td_ring_connect of this thread failed, and on which values. */
+static __thread char connect_failure[192];
+
+const char *td_ring_connect_failure(void)
+{
+    return connect_failure;
+}
+
+/* Note the failed step; errno is kept for the caller. */
+static void connect_failed(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void connect_failed(const char *fmt, ...)
+{
+    int saved = errno;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(connect_failure, sizeof(connect_failure), fmt, ap);
+    va_end(ap);
+    errno = saved;
+}
+
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t max_indirect,
                     struct td_ring **out)
 {
+    connect_failure[0] = 0;
     if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
-        max_indirect > TD_MAX_INDIRECT_SEGS)
+        max_indirect > TD_MAX_INDIRECT_SEGS) {
+        connect_failed("arguments: ring order %u, protocol %d, %u indirect segments", order,
+                       proto, max_indirect);
         return -EINVAL;
+    }
     struct td_ring *r = calloc(1, sizeof(*r));
     if (!r)
         return -ENOMEM;
@@ -906,18 +931,27 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->uring_wait = td_engine_use_watches(r->eng) == 0;
 
     r->xgt = xengnttab_open(NULL, 0);
-    if (!r->xgt)
+    if (!r->xgt) {
+        connect_failed("opening the grant device (xengnttab_open, /dev/xen/gntdev)");
         goto fail_errno;
+    }
     r->sring = xengnttab_map_domain_grant_refs(r->xgt, r->nr_pages, domid,
                                                (uint32_t *)grefs, PROT_READ | PROT_WRITE);
-    if (!r->sring)
+    if (!r->sring) {
+        connect_failed("grant map of the ring: domain %u, %u page(s), first ref %u", domid,
+                       r->nr_pages, grefs[0]);
         goto fail_errno;
+    }
     r->xce = xenevtchn_open(NULL, 0);
-    if (!r->xce)
+    if (!r->xce) {
+        connect_failed("opening the event-channel device (xenevtchn_open, /dev/xen/evtchn)");
         goto fail_errno;
+    }
     xenevtchn_port_or_error_t lp = xenevtchn_bind_interdomain(r->xce, domid, port);
-    if (lp < 0)
+    if (lp < 0) {
+        connect_failed("event-channel bind: domain %u, port %u", domid, port);
         goto fail_errno;
+    }
     r->lport = (evtchn_port_t)lp;
 
     /* Start from where the front-end's ring is (BACK_RING_ATTACH semantics): one read,

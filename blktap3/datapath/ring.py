@@ -111,7 +111,8 @@ class Ring:
             max_indirect_segments,
             out,
         )
-        check(rc, f"connect ring d{domid}/{devid}")
+        step = ffi.string(lib.td_ring_connect_failure()).decode(errors="replace")
+        check(rc, f"connect ring d{domid}/{devid}" + (f": {step}" if step else ""))
         return cls(out[0], image, domid, devid)
 
     @contextmanager

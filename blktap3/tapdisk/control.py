@@ -288,7 +288,11 @@ class Tapdisk:
             spec = images.parse_params(params)
             image = self.open_image(spec, flags)
         except OSError as exc:
-            return ev.ImageOpenFailed(exc.errno or errno.EIO, str(exc.strerror or exc))
+            code = exc.errno or errno.EIO
+            # Why, in the tapdisk's own log (the toolstack may print only strerror).
+            log.warning("image open failed", minor=vbd.minor, image=params, errno=code,
+                        reason=str(exc.strerror or exc))
+            return ev.ImageOpenFailed(code, str(exc.strerror or exc))
         vbd.pending_image, vbd.pending_spec = image, spec
         return ev.ImageOpened(_disk_info(image))
 

@@ -21,7 +21,7 @@ from blktap3.sim.host import Host
 from blktap3.sim.hotplug import hotplug_add
 from blktap3.sim.toolstack import Image
 from blktap3.xenbus import VbdPaths
-from tests.support import wait_until
+from tests.support import log_events, wait_until
 
 from .conftest import DEVID, MiB
 
@@ -162,3 +162,9 @@ def test_stats_files_follow_the_guests_io_and_go_with_the_vbd(
                what="the ring's stats files removed")
     system.detach_disk(7, DEVID)
     wait_until(lambda: not (root / f"td3-{pid}").exists(), what="td3-<pid> removed")
+    # An orderly detach (libxl's order: Closed, then tap-ctl destroy) is no death.
+    exited = wait_until(lambda: [e for e in log_events(system.tapback_log, "tapdisk exited")
+                                 if e["pid"] == int(pid)], what="tapdisk exit logged")
+    assert exited[0]["level"] == "info"
+    assert [e for e in log_events(system.tapback_log, "tapdisk died")
+            if e["pid"] == int(pid)] == []

@@ -239,9 +239,14 @@ def test_bad_images_are_refused_and_the_vbd_stays_attached(
     tapdisk: Tapdisk, root: Path, params: str, code: int
 ) -> None:
     minor = attached(tapdisk, root)
-    reply = send(tapdisk, T.OPEN, minor, p.Params(path=params))
+    with capture_logs() as logs:
+        reply = send(tapdisk, T.OPEN, minor, p.Params(path=params))
     assert error_of(reply) == code
     assert tapdisk.vbds[minor].state is VbdState.ATTACHED
+    # The tapdisk's log says why (tap-ctl prints only strerror, as blktap's).
+    failed = [e for e in logs if e["event"] == "image open failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "warning"
+    assert (failed[0]["image"], failed[0]["errno"]) == (params, code) and failed[0]["reason"]
 
 
 def test_unsupported_open_flags_are_eopnotsupp(tapdisk: Tapdisk, root: Path) -> None:
