@@ -396,7 +396,9 @@ static int32_t io_result(struct td_ring *r, struct td_cqe *c, uint64_t now)
     if (res != -EAGAIN && res != -EBUSY && res != -EINTR)
         return res;
     uint64_t timeout = __atomic_load_n(&r->req_timeout_ns, __ATOMIC_RELAXED);
-    if (now - sl->t0 < timeout) {
+    /* No retry once the ring is going down (blktap: not when SHUTDOWN_REQUESTED). */
+    int stopping = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE) == RS_STOPPING;
+    if (!stopping && now - sl->t0 < timeout) {
         int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
         if (td_engine_prep(r->eng, op, r->img->fd, sl->buf,
                            (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from blktap3.datapath.lineproc import LineProcess
+from tests.support import wait_until
 
 from .conftest import Spawn, connect
 
@@ -61,3 +62,15 @@ def test_req_timeout_out_of_range_is_refused(host: LineProcess, guest: LineProce
         with pytest.raises(OSError) as exc:
             host.call("req_timeout", name="r", seconds=bad)
         assert exc.value.errno == 22
+
+
+def test_a_disconnect_does_not_wait_for_retries(host: LineProcess, guest: LineProcess,
+                                                disk: Path) -> None:
+    # blktap's tapdisk_vbd_request_should_retry: no retry once shutdown is requested; the
+    # default timeout (120 s) would otherwise hold the disconnect that long.
+    connect(host, guest, disk)
+    host.call("inject_eagain", name="r", count=1 << 31)
+    guest.send("read", sector=0, count=8)
+    wait_until(lambda: host.call("io_stats", name="r")["retried"] > 0, what="retrying")
+    host.call("disconnect", name="r", timeout=30.0)
+    assert guest.reply()["status"] == ERROR
