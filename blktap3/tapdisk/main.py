@@ -109,6 +109,8 @@ def _run(server: ControlServer, tapdisk: Tapdisk) -> None:
         tapdisk.shutdown()
         if tapdisk.metrics is not None:
             tapdisk.metrics.stop()
+        # The socket last, just before the exit: tools wait for it to go, and its absence
+        # tells tapback the exit was in order.
         server.close()
         log.info("tapdisk exited")
 
