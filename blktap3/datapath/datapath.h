@@ -180,9 +180,33 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t max_indirect,
                     struct td_ring **out);
+/* After a failed td_ring_connect (same thread): the step that failed and its values
+ * ("grant map of the ring: domain 7, 1 page(s), first ref 8"), or "" for another cause. */
+const char *td_ring_connect_failure(void);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);
 void td_ring_stats(struct td_ring *r, struct td_stats *out);
+
+/* ---- what blktap's stats files hold (vbd3-<domid>-<devid>/{statistics,io_ring},
+ * td3-<pid>/vbd-<domid>-<devid>): kept apart from td_stats, read the same way ---- */
+struct td_io_stats {
+    uint64_t submitted[2];  /* [0] reads, [1] writes (direct or inside INDIRECT) queued */
+    uint64_t completed[2];  /* their I/O completed, well or not */
+    uint64_t usecs[2];      /* sum of their times from queued to completed */
+    uint64_t max_usecs[2];
+    uint64_t retried;       /* I/O reissued after EAGAIN/EBUSY/EINTR (blktap's retry) */
+    uint64_t timed_out;     /* failed for being older than req_timeout when retried */
+    /* The back ring, as blktap's io_ring file shows it (xen-ringwatch). */
+    uint32_t nr_ents, req_prod, req_cons, req_event, rsp_prod, rsp_prod_pvt, rsp_event;
+};
+void td_ring_io_stats(struct td_ring *r, struct td_io_stats *out);
+/* blktap's req_timeout (drivers/tapdisk-vbd.c, tapdisk_vbd_request_should_retry): an
+ * I/O that failed with EAGAIN, EBUSY or EINTR is reissued until the request is older
+ * than `secs`, then answered BLKIF_RSP_ERROR with a log line. Default 120 (blktap's
+ * TD_VBD_REQUEST_TIMEOUT). */
+void td_ring_set_req_timeout(struct td_ring *r, uint32_t secs);
+/* Error-branch tests: the next `n` I/O completions report -EAGAIN instead. */
+void td_ring_inject_eagain(struct td_ring *r, uint32_t n);
 
 #endif

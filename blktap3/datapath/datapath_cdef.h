@@ -107,7 +107,18 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t max_indirect,
                     struct td_ring **out);
+const char *td_ring_connect_failure(void);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);
 void td_ring_stats(struct td_ring *r, struct td_stats *out);
+
+struct td_io_stats {
+    uint64_t submitted[2]; uint64_t completed[2]; uint64_t usecs[2]; uint64_t max_usecs[2];
+    uint64_t retried; uint64_t timed_out;
+    uint32_t nr_ents; uint32_t req_prod; uint32_t req_cons; uint32_t req_event;
+    uint32_t rsp_prod; uint32_t rsp_prod_pvt; uint32_t rsp_event; ...;
+};
+void td_ring_io_stats(struct td_ring *r, struct td_io_stats *out);
+void td_ring_set_req_timeout(struct td_ring *r, uint32_t secs);
+void td_ring_inject_eagain(struct td_ring *r, uint32_t n);

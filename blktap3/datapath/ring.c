@@ -31,6 +31,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -62,6 +63,8 @@ struct td_slot {
     char *dbuf;             /* this slot's own buffer, big enough for a direct request */
     int32_t ibuf;           /* the indirect buffer the slot holds, or -1 */
     int err;                /* enum td_err once decided */
+    uint64_t t0;            /* its I/O was queued (ns, CLOCK_MONOTONIC): latency, timeout */
+    uint32_t retries;       /* its I/O was reissued after a retryable error */
 };
 
 /* Room for one INDIRECT request: its segments (copied from the guest's indirect pages)
@@ -125,9 +128,20 @@ struct td_ring {
     int submit_deferred;    /* to_submit was kept back for one more round (see service) */
 
     struct td_stats st;     /* written by the service thread only, read relaxed */
+    struct td_io_stats ios; /* the stats files' counters: same rules as st */
+    uint64_t req_timeout_ns;    /* retry a retryable I/O error until this old (relaxed) */
+    uint32_t inject_eagain;     /* tests: completions still to report as -EAGAIN */
 };
 
+/* The default req_timeout: blktap's TD_VBD_REQUEST_TIMEOUT (drivers/tapdisk-vbd.h). */
+#define TD_REQ_TIMEOUT_DEFAULT_S 120u
+/* A completion whose I/O was reissued: no response yet. */
+#define TD_CQE_RETRIED INT32_MIN
+
 #define STAT_ADD(r, field, n) __atomic_fetch_add(&(r)->st.field, (n), __ATOMIC_RELAXED)
+#define IOS_ADD(r, field, n) __atomic_fetch_add(&(r)->ios.field, (n), __ATOMIC_RELAXED)
+
+static uint64_t now_ns(void);
 
 /* The four indices that open every layout's sring; volatile: the guest writes them. */
 struct td_sring_hdr {
@@ -346,12 +360,71 @@ static int take_indirect(struct td_ring *r, uint32_t s)
 
 static void flush_submit(struct td_ring *r);
 
+/* ---- the stats files' counters and blktap's req_timeout: off the per-segment work,
+ * one clock read per batch queued and per batch reaped ---- */
+
+static void io_queued(struct td_ring *r, struct td_slot *sl, uint64_t now)
+{
+    sl->t0 = now;
+    sl->retries = 0;
+    IOS_ADD(r, submitted[sl->op == BLKIF_OP_WRITE], 1);
+}
+
+static void io_done(struct td_ring *r, const struct td_slot *sl, uint64_t now)
+{
+    int w = sl->op == BLKIF_OP_WRITE;
+    uint64_t us = now > sl->t0 ? (now - sl->t0) / 1000u : 0;
+    IOS_ADD(r, completed[w], 1);
+    IOS_ADD(r, usecs[w], us);
+    if (us > r->ios.max_usecs[w])
+        __atomic_store_n(&r->ios.max_usecs[w], us, __ATOMIC_RELAXED);
+}
+
+/* The result of completion `c`, after the test hook; a retryable error of a request
+ * younger than req_timeout reissues its I/O and returns TD_CQE_RETRIED (blktap:
+ * tapdisk_vbd_request_should_retry, then "req %s timed out, retried %d times"). */
+static int32_t io_result(struct td_ring *r, struct td_cqe *c, uint64_t now)
+{
+    struct td_slot *sl = &r->slots[c->tag];
+    int32_t res = c->res;
+    uint32_t inj = __atomic_load_n(&r->inject_eagain, __ATOMIC_RELAXED);
+    while (inj && !__atomic_compare_exchange_n(&r->inject_eagain, &inj, inj - 1, 0,
+                                               __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+    if (inj)
+        res = -EAGAIN;
+    if (res != -EAGAIN && res != -EBUSY && res != -EINTR)
+        return res;
+    uint64_t timeout = __atomic_load_n(&r->req_timeout_ns, __ATOMIC_RELAXED);
+    /* No retry once the ring is going down (blktap: not when SHUTDOWN_REQUESTED). */
+    int stopping = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE) == RS_STOPPING;
+    if (!stopping && now - sl->t0 < timeout) {
+        int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
+        if (td_engine_prep(r->eng, op, r->img->fd, sl->buf,
+                           (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
+                           sl->req.sector_number << TD_SECTOR_SHIFT, c->tag) == 0) {
+            sl->retries++;
+            r->to_submit++;
+            IOS_ADD(r, retried, 1);
+            return c->res = TD_CQE_RETRIED;
+        }
+        return res;
+    }
+    IOS_ADD(r, timed_out, 1);
+    /* One line per timed-out request, as blktap's ERR(): rare by definition. */
+    fprintf(stderr, "blktap3 datapath: ring d%u/%u: req %llu timed out, retried %u times: "
+            "%s\n", r->domid, r->devid, (unsigned long long)sl->req.id, sl->retries,
+            strerror(-res));
+    return res;
+}
+
 /* Grant-copy the data of the writes among batch[0..n) (`ncopy` segments prepared), then
  * queue the I/O of the batch. */
 static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
 {
     grant_copy(r, ncopy);
     uint32_t queued = 0;
+    uint64_t now = now_ns();    /* one clock read per batch */
     for (uint32_t i = 0; i < n; i++) {
         uint32_t s = r->batch[i];
         struct td_slot *sl = &r->slots[s];
@@ -371,6 +444,7 @@ static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
             r->inflight--;
             continue;
         }
+        io_queued(r, sl, now);
         queued++;
     }
     /* Handed to the kernel by flush_submit or, when the thread is about to sleep
@@ -476,10 +550,14 @@ static uint32_t complete(struct td_ring *r)
     if (n == 0)
         return 0;
     uint32_t ncopy = 0, done = 0;
+    uint64_t now = now_ns();    /* one clock read per batch */
     for (uint32_t i = 0; i < n; i++) {
         struct td_slot *sl = &r->slots[r->cqes[i].tag];
         uint32_t want = (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
-        if (r->cqes[i].res != (int32_t)want)
+        int32_t res = io_result(r, &r->cqes[i], now);
+        if (res == TD_CQE_RETRIED)
+            ;   /* still in flight */
+        else if (res != (int32_t)want)
             sl->err = TD_ERR_IO;
         else if (sl->op == BLKIF_OP_READ && !is_null(r))
             ncopy = prep_copy(r, r->cqes[i].tag, 1, ncopy);
@@ -490,8 +568,11 @@ static uint32_t complete(struct td_ring *r)
         grant_copy(r, ncopy);
         ncopy = 0;
         for (; done <= i; done++) {
+            if (r->cqes[done].res == TD_CQE_RETRIED)
+                continue;
             uint32_t s = r->cqes[done].tag;
             struct td_slot *d = &r->slots[s];
+            io_done(r, d, now);
             if (d->err == TD_OK) {
                 if (d->op == BLKIF_OP_READ)
                     STAT_ADD(r, sectors_read, d->req.nr_sectors);
@@ -735,14 +816,38 @@ static void free_ring(struct td_ring *r)
     free(r);
 }
 
+/* Which step of the last td_ring_connect of this thread failed, and on which values. */
+static __thread char connect_failure[192];
+
+const char *td_ring_connect_failure(void)
+{
+    return connect_failure;
+}
+
+/* Note the failed step; errno is kept for the caller. */
+static void connect_failed(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void connect_failed(const char *fmt, ...)
+{
+    int saved = errno;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(connect_failure, sizeof(connect_failure), fmt, ap);
+    va_end(ap);
+    errno = saved;
+}
+
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t max_indirect,
                     struct td_ring **out)
 {
+    connect_failure[0] = 0;
     if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
-        max_indirect > TD_MAX_INDIRECT_SEGS)
+        max_indirect > TD_MAX_INDIRECT_SEGS) {
+        connect_failed("arguments: ring order %u, protocol %d, %u indirect segments", order,
+                       proto, max_indirect);
         return -EINVAL;
+    }
     struct td_ring *r = calloc(1, sizeof(*r));
     if (!r)
         return -ENOMEM;
@@ -759,6 +864,7 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->nr_pages = 1u << order;
     r->nslots = TD_RING_SLOTS(proto, r->nr_pages);
     r->max_indirect = max_indirect;
+    r->req_timeout_ns = (uint64_t)TD_REQ_TIMEOUT_DEFAULT_S * 1000000000ull;
     if (max_indirect) {
         size_t per = (size_t)max_indirect * TD_PAGE_SIZE;
         size_t n = TD_INDIRECT_POOL_BYTES / per;
@@ -827,18 +933,27 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->uring_wait = td_engine_use_watches(r->eng) == 0;
 
     r->xgt = xengnttab_open(NULL, 0);
-    if (!r->xgt)
+    if (!r->xgt) {
+        connect_failed("opening the grant device (xengnttab_open, /dev/xen/gntdev)");
         goto fail_errno;
+    }
     r->sring = xengnttab_map_domain_grant_refs(r->xgt, r->nr_pages, domid,
                                                (uint32_t *)grefs, PROT_READ | PROT_WRITE);
-    if (!r->sring)
+    if (!r->sring) {
+        connect_failed("grant map of the ring: domain %u, %u page(s), first ref %u", domid,
+                       r->nr_pages, grefs[0]);
         goto fail_errno;
+    }
     r->xce = xenevtchn_open(NULL, 0);
-    if (!r->xce)
+    if (!r->xce) {
+        connect_failed("opening the event-channel device (xenevtchn_open, /dev/xen/evtchn)");
         goto fail_errno;
+    }
     xenevtchn_port_or_error_t lp = xenevtchn_bind_interdomain(r->xce, domid, port);
-    if (lp < 0)
+    if (lp < 0) {
+        connect_failed("event-channel bind: domain %u, port %u", domid, port);
         goto fail_errno;
+    }
     r->lport = (evtchn_port_t)lp;
 
     /* Start from where the front-end's ring is (BACK_RING_ATTACH semantics): one read,
@@ -967,4 +1082,34 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
     /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */
     memcpy(out->halted, r->st.halted, sizeof(out->halted));
     out->halted[sizeof(out->halted) - 1] = 0;
+}
+
+void td_ring_io_stats(struct td_ring *r, struct td_io_stats *out)
+{
+    /* As td_ring_stats: single-writer values, each read atomically. */
+    for (unsigned i = 0; i < 2; i++) {
+        out->submitted[i] = __atomic_load_n(&r->ios.submitted[i], __ATOMIC_RELAXED);
+        out->completed[i] = __atomic_load_n(&r->ios.completed[i], __ATOMIC_RELAXED);
+        out->usecs[i] = __atomic_load_n(&r->ios.usecs[i], __ATOMIC_RELAXED);
+        out->max_usecs[i] = __atomic_load_n(&r->ios.max_usecs[i], __ATOMIC_RELAXED);
+    }
+    out->retried = __atomic_load_n(&r->ios.retried, __ATOMIC_RELAXED);
+    out->timed_out = __atomic_load_n(&r->ios.timed_out, __ATOMIC_RELAXED);
+    out->nr_ents = r->nslots;
+    out->req_prod = hdr(r)->req_prod;
+    out->req_event = hdr(r)->req_event;
+    out->rsp_prod = hdr(r)->rsp_prod;
+    out->rsp_event = hdr(r)->rsp_event;
+    out->req_cons = __atomic_load_n(&r->req_cons, __ATOMIC_RELAXED);
+    out->rsp_prod_pvt = __atomic_load_n(&r->rsp_prod_pvt, __ATOMIC_RELAXED);
+}
+
+void td_ring_set_req_timeout(struct td_ring *r, uint32_t secs)
+{
+    __atomic_store_n(&r->req_timeout_ns, (uint64_t)secs * 1000000000ull, __ATOMIC_RELAXED);
+}
+
+void td_ring_inject_eagain(struct td_ring *r, uint32_t n)
+{
+    __atomic_store_n(&r->inject_eagain, n, __ATOMIC_RELAXED);
 }

@@ -111,7 +111,8 @@ class Ring:
             max_indirect_segments,
             out,
         )
-        check(rc, f"connect ring d{domid}/{devid}")
+        step = ffi.string(lib.td_ring_connect_failure()).decode(errors="replace")
+        check(rc, f"connect ring d{domid}/{devid}" + (f": {step}" if step else ""))
         return cls(out[0], image, domid, devid)
 
     @contextmanager
@@ -172,6 +173,40 @@ class Ring:
         """Why the ring was halted (a broken front-end), or None."""
         halted: str | None = self.stats()["halted"]
         return halted
+
+    def io_stats(self) -> dict[str, Any]:
+        """What blktap's stats files hold (`blktap3.tapdisk.metrics`): per direction the
+        I/O queued and completed and their times, retries, and the back ring's indices."""
+        st = ffi.new("struct td_io_stats *")
+        with self._use() as handle:
+            lib.td_ring_io_stats(handle, st)
+        per_op = {
+            name: {
+                "submitted": int(st.submitted[i]),
+                "completed": int(st.completed[i]),
+                "usecs": int(st.usecs[i]),
+                "max_usecs": int(st.max_usecs[i]),
+            }
+            for i, name in enumerate(("read", "write"))
+        }
+        ring = {name: int(getattr(st, name)) for name in (
+            "nr_ents", "req_prod", "req_cons", "req_event", "rsp_prod", "rsp_prod_pvt",
+            "rsp_event")}
+        return per_op | {"retried": int(st.retried), "timed_out": int(st.timed_out),
+                         "ring": ring}
+
+    def set_req_timeout(self, seconds: int) -> None:
+        """blktap's ``req_timeout``: an I/O failing with EAGAIN/EBUSY/EINTR is reissued
+        until its request is this old, then answered BLKIF_RSP_ERROR (and logged)."""
+        if not 0 < seconds <= 0xFFFF:
+            raise OSError(errno.EINVAL, f"req_timeout {seconds} out of range 1..65535")
+        with self._use() as handle:
+            lib.td_ring_set_req_timeout(handle, seconds)
+
+    def inject_eagain(self, count: int) -> None:
+        """Tests of the retry branch: the next `count` I/O completions fail EAGAIN."""
+        with self._use() as handle:
+            lib.td_ring_inject_eagain(handle, count)
 
     def stats(self) -> dict[str, Any]:
         """Counters, read without locking the service thread."""

@@ -6,6 +6,7 @@
     blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom] [--no-hotplug]
     blktap3-sim [--run-dir DIR] vbd remove DOMID DEVID
     blktap3-sim [--run-dir DIR] guest run DOMID DEVID [--personality P] [--workload W]
+                                      [--hold SECONDS]
     blktap3-sim [--run-dir DIR] ls [PATH]
     blktap3-sim demo [--xenstored c|ocaml]
 
@@ -16,17 +17,21 @@ line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import structlog
 
+from blktap3.ctl import runtime
 from blktap3.vbd3.disk import devid_argument, domid_argument
 from blktap3.xenbus import XenStore, XenStoreError
 
 from . import demo
 from .frontend import personality_names
-from .guest import WORKLOADS, run_guest
+from .guest import WORKLOADS, GuestResult, run_guest, start_guest
 from .host import Host, HostError, default_run_dir
 from .hotplug import HotplugError
 from .toolstack import TOOLSTACKS, Image, ToolstackError
@@ -40,6 +45,16 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """Bad command-line input: reported with the usage line."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in 0..86400 seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     grun.add_argument("--personality", default="linux", choices=personality_names())
     grun.add_argument("--workload", default="verify", choices=WORKLOADS)
     grun.add_argument("--timeout", type=float, default=60.0)
+    grun.add_argument("--hold", type=_seconds, metavar="SECONDS", default=0.0,
+                      help="stay connected this long after the workload (a live VBD to "
+                           "look at: tap-ctl stats, the stats files, NBD), then detach; "
+                           "SIGINT ends the hold early")
     grun.set_defaults(func=cmd_guest_run)
 
     ls = sub.add_parser("ls", help="print the XenStore tree with permissions")
@@ -115,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_up(host: Host, args: argparse.Namespace) -> None:
     host.up(args.xenstored, tapback=args.tapback, toolstack=args.toolstack)
     print(f"export XENSTORED_PATH={host.xenstored_path}")
+    print(f"export {runtime.ROOT_ENV}={host.control_dir}")
+    print(f"export {runtime.SHM_ENV}={runtime.shm_dir(host.run_dir)}")
 
 
 def cmd_down(host: Host, args: argparse.Namespace) -> None:
@@ -152,11 +173,30 @@ def cmd_vbd_remove(host: Host, args: argparse.Namespace) -> None:
 
 
 def cmd_guest_run(host: Host, args: argparse.Namespace) -> None:
-    result = run_guest(host, args.domid, args.devid, args.personality, args.workload,
-                       args.timeout)
+    if args.hold:
+        result = _held_guest(host, args)
+    else:
+        result = run_guest(host, args.domid, args.devid, args.personality, args.workload,
+                           args.timeout)
     print(result.summary())
     if not result.ok:
         raise SystemExit(EXIT_ERROR)
+
+
+def _held_guest(host: Host, args: argparse.Namespace) -> GuestResult:
+    """A guest that stays connected `--hold` seconds after its workload, then detaches."""
+    with start_guest(host, args.domid, args.devid, args.personality, args.workload,
+                     hold=True, extra=["--timeout", str(min(args.timeout, 30.0))]) as guest:
+        try:
+            guest.wait_for_step("holding", timeout=args.timeout)
+        except TimeoutError:
+            return guest.result(args.timeout)
+        print(f"guest {args.domid}: connected to {args.devid}, holding for {args.hold:g} s "
+              "(Ctrl-C detaches now)", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(args.hold)  # the point of the command: a person looks meanwhile
+        guest.detach()
+        return guest.result(args.timeout)
 
 
 def cmd_ls(host: Host, args: argparse.Namespace) -> None:

@@ -306,12 +306,16 @@ class Tapback:
         with self._lock:
             keys = self._tapdisk_users.pop(pid, set())
             workers = [self.workers[k] for k in keys if k in self.workers]
-        if not keys:
-            # Its last VBD was destroyed (tap-ctl destroy), and a tapdisk then exits.
-            log.info("tapdisk exited", pid=pid)
-            return
-        log.error("tapdisk died", pid=pid, vbds=sorted(keys))
-        # blktap leaves a dead tapdisk's socket behind; we do not.
-        runtime.remove_stale_socket(self.config.control_root, pid)
+        # A tapdisk that exits in order (its last VBD detached: tap-ctl destroy, as a
+        # toolstack's detach ends) removes its control socket; a crashed or killed one
+        # leaves it. Only the second is an error.
+        orderly = not runtime.socket_path(self.config.control_root, pid).exists()
+        if orderly:
+            log.info("tapdisk exited", pid=pid, vbds=sorted(keys))
+        else:
+            log.error("tapdisk died", pid=pid, vbds=sorted(keys))
+            # blktap leaves a dead tapdisk's socket and stats files behind; we do not.
+            runtime.remove_stale_socket(self.config.control_root, pid)
+            runtime.remove_stale_stats(pid, keys)
         for worker in workers:
             worker.post(Died(pid))

@@ -110,6 +110,8 @@ def start(
     runtime.ensure_dirs(root)
     child_env = dict(os.environ if env is None else env)
     child_env[runtime.ROOT_ENV] = str(root)
+    # The tapdisks it spawns keep their stats files under the host's run dir.
+    child_env.setdefault(runtime.SHM_ENV, str(runtime.shm_dir(run_dir)))
     if xenstored_path:
         child_env["XENSTORED_PATH"] = xenstored_path
     with open(log_path(run_dir), "ab") as log:  # the child keeps its own copy

@@ -58,6 +58,10 @@ class Ring(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def io_stats(self) -> dict[str, Any]: ...
+
+    def set_req_timeout(self, seconds: int) -> None: ...
+
 
 # Image types the data path serves now; blktap's others (vhd, ram, nbd, filters) later.
 SUPPORTED_TYPES = ("aio", "raw", "null")

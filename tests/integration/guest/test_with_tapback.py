@@ -12,14 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from blktap3.tools import vbdstat
 
 from blktap3.abi import VdiskInfo
+from blktap3.ctl import runtime
 from blktap3.sim.guest import run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import hotplug_add
 from blktap3.sim.toolstack import Image
 from blktap3.xenbus import VbdPaths
-from tests.support import wait_until
+from tests.support import log_events, wait_until
 
 from .conftest import DEVID, MiB
 
@@ -101,3 +103,68 @@ def test_tapdisk_killed_the_guest_is_closed_with_the_reason(
         result = guest.result(30)
     assert "closed by the back-end" in [s.what for s in result.timeline], result.summary()
     assert result.report.backend_error, result.timeline_text()
+
+
+def test_stats_files_follow_the_guests_io_and_go_with_the_vbd(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """blktap's stats files of a live VBD, read as libxenstat (xentop) reads them, agree
+    with what the guest itself counted; they go with the ring, then with the tapdisk."""
+    paths = disk(7)
+    root = runtime.shm_dir(system.run_dir)
+    ring_dir = root / f"vbd3-7-{DEVID}"
+    with start_guest(system, 7, DEVID, "linux", "randrw", hold=True,
+                     extra=["--seconds", "0.3"]) as guest:
+        guest.wait_for_step("holding")
+        pid = backend_key(system, paths, "kthread-pid")
+        assert pid is not None
+        vbd_file = root / f"td3-{pid}" / f"vbd-7-{DEVID}"
+        device = backend_key(system, paths, "physical-device-path")
+        assert device is not None
+        vdi_file = root / f"td3-{pid}" / f"vdi-{device.rsplit('.', 1)[1]}"
+
+        def settled() -> tuple[dict[str, int], ...] | None:
+            # Refreshed from the C counters every second, file after file: wait for every
+            # I/O answered, in all of them.
+            try:
+                st, vdi = vbdstat.read_vbd3_stats(vbd_file), vbdstat.read_vbd3_stats(vdi_file)
+                blk = vbdstat.read_blkback(ring_dir / "statistics")
+            except vbdstat.StatsFileError:
+                return None
+            done = (st["read_reqs_completed"] == st["read_reqs_submitted"] > 0
+                    and st["write_reqs_completed"] == st["write_reqs_submitted"] > 0
+                    and vdi == st and blk["st_wr_cnt"] == st["write_reqs_completed"]
+                    and blk["st_rd_cnt"] == st["read_reqs_completed"])
+            return (st, blk) if done else None
+
+        st, blk = wait_until(settled, what=f"{vbd_file}: every request counted")
+        with system.xs() as xs:  # other tests' disks may be on this host too
+            found, errors = vbdstat.collect(xs, root)
+        assert [e for e in errors if f"vbd-7-{DEVID}" in e] == []
+        assert [v for v in found if v.domid == 7] == [vbdstat.VbdCounters(
+            7, DEVID, 0, st["read_reqs_submitted"], st["write_reqs_submitted"],
+            st["read_sectors"], st["write_sectors"])]
+        assert (blk["st_rd_req"], blk["st_rd_sect"], blk["st_wr_req"], blk["st_wr_sect"]) == (
+            st["read_reqs_submitted"], st["read_sectors"], st["write_reqs_submitted"],
+            st["write_sectors"])
+        assert blk["st_rd_max_usecs"] <= blk["st_rd_sum_usecs"] == st["read_total_ticks"]
+        ring = vbdstat.read_io_ring(ring_dir / "io_ring")
+        assert ring["nr_ents"] == 32  # one page, native layout
+        assert ring["req_prod"] == ring["req_cons"] == ring["rsp_prod_pvt"]
+        guest.detach()
+        result = guest.result(30)
+    assert result.ok, result.summary()
+    # What the guest counted on its side of the ring: every one of its requests.
+    io = result.report.io
+    assert (st["read_reqs_submitted"], st["write_reqs_submitted"]) == (io.reads, io.writes)
+    assert (st["read_sectors"] + st["write_sectors"]) * 512 == io.bytes
+    # The ring's files go with the ring; td3-<pid> with the tapdisk.
+    wait_until(lambda: not ring_dir.exists() and not vbd_file.exists(),
+               what="the ring's stats files removed")
+    system.detach_disk(7, DEVID)
+    wait_until(lambda: not (root / f"td3-{pid}").exists(), what="td3-<pid> removed")
+    # An orderly detach (libxl's order: Closed, then tap-ctl destroy) is no death.
+    exited = wait_until(lambda: [e for e in log_events(system.tapback_log, "tapdisk exited")
+                                 if e["pid"] == int(pid)], what="tapdisk exit logged")
+    assert exited[0]["level"] == "info"
+    assert [e for e in log_events(system.tapback_log, "tapdisk died")
+            if e["pid"] == int(pid)] == []

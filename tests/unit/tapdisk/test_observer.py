@@ -204,7 +204,7 @@ AFTER_SUCCESS: dict[T, set[VbdState]] = {
     T.OPEN: {VbdState.OPEN_READY},
     T.XENBLKIF_CONNECT: {VbdState.OPEN_CONNECTED},
     T.XENBLKIF_DISCONNECT: {VbdState.OPEN_READY},
-    T.PAUSE: {VbdState.OPEN_PAUSED},
+    T.PAUSE: {VbdState.OPEN_PAUSED, VbdState.EMPTY_PAUSED},
     T.RESUME: {VbdState.OPEN_READY, VbdState.OPEN_CONNECTED},
     T.CLOSE: {VbdState.ATTACHED, VbdState.CLOSED},
     T.FORCE_SHUTDOWN: {VbdState.ATTACHED, VbdState.CLOSED},
