@@ -19,7 +19,7 @@ from ._datapath import ffi, lib
 from ._errors import check
 from .image import ENGINES, Image
 
-MAX_RING_PAGE_ORDER = 3
+MAX_RING_PAGE_ORDER = int(lib.TD_MAX_RING_ORDER)  # blktap3.abi's, checked by a test
 # The most segments an INDIRECT request may carry here (8 indirect pages of 512, Xen's
 # protocol limit). What a VBD offers is chosen at connect, up to this.
 MAX_INDIRECT_SEGMENTS = int(lib.TD_MAX_INDIRECT_SEGS)

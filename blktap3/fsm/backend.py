@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from blktap3.abi import SECTOR_SIZE, VdiskInfo
+from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE, VdiskInfo
 
 from .effects import (
     DiskInfoQuery,
@@ -75,7 +75,7 @@ class BackendFeatures:
     image can punch holes (`DiskInfo.discard`) and that the guest may write.
     """
 
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True
     flush_cache: bool = True
     discard: bool = True
@@ -86,7 +86,12 @@ class BackendFeatures:
     max_indirect_segments: int = 0  # 0: feature not offered
 
     def probe_keys(self) -> tuple[tuple[str, str], ...]:
-        keys = [("max-ring-page-order", str(self.max_ring_page_order))]
+        keys = [
+            ("max-ring-page-order", str(self.max_ring_page_order)),
+            # The same offer in pages, the legacy key FreeBSD's blkfront reads (blkback
+            # stopped writing it; FreeBSD still falls back to it).
+            ("max-ring-pages", str(1 << self.max_ring_page_order)),
+        ]
         if self.max_indirect_segments:
             keys.append(("feature-max-indirect-segments", str(self.max_indirect_segments)))
         return tuple(keys)

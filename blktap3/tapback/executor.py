@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from blktap3.abi import SECTOR_SIZE
+from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.fsm import (
@@ -67,7 +67,7 @@ class VbdConfig:
 
     control_root: Path
     tapdisk_timeout: float = 30.0
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True  # feature-barrier (blktap's tapback -b: not offered)
 
     def features(self) -> BackendFeatures:

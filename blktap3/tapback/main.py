@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import structlog
 
+from blktap3.abi import MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
 
 from . import logs
@@ -129,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "<control-dir>/tapback.<backend-kind>.status.json)")
     parser.add_argument("--tapdisk-timeout", type=_seconds, default=30.0, metavar="SECS",
                         help="timeout of each control request to a tapdisk (default: 30)")
-    parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
-                        help="largest ring the front-end may use, 2^N pages (default: 3)")
+    parser.add_argument("--max-ring-page-order", type=int, default=MAX_RING_PAGE_ORDER,
+                        choices=range(0, MAX_RING_PAGE_ORDER + 1),
+                        help="largest ring the front-end may use, 2^N pages "
+                             f"(default: {MAX_RING_PAGE_ORDER})")
     return parser
 
 

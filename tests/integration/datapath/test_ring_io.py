@@ -24,7 +24,7 @@ def stamp_block(sector: int, stamp: int) -> bytes:
 
 
 @pytest.mark.parametrize("protocol", list(BlkifProtocol))
-@pytest.mark.parametrize("order", [0, 1, 2, 3])
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
 def test_written_data_reads_back_from_file_and_ring(
         host: LineProcess, guest: LineProcess, disk: Path, protocol: str, order: int) -> None:
     g = connect(host, guest, disk, order=order, protocol=protocol)

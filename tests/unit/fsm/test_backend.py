@@ -89,7 +89,8 @@ def test_probe_keys_then_initwait_only_after_hotplug() -> None:
     assert vbd.handle(fe(S.INITIALISING)) == ()
     effects = hotplug(vbd)
     assert effects[0] == WriteKeys(
-        (("max-ring-page-order", "3"), ("feature-max-indirect-segments", "256")), vbd.perms
+        (("max-ring-page-order", "4"), ("max-ring-pages", "16"),
+         ("feature-max-indirect-segments", "256")), vbd.perms
     )
     assert effects[1:] == (PublishState(S.INIT_WAIT),)
     assert vbd.perms.as_strings() == ("n0", "r5")
@@ -107,7 +108,7 @@ def test_connect_sends_xenblkif_connect_with_the_transport() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
     hotplug(vbd)
-    assert vbd.handle(fe(S.CONNECTED)) == (ReadFrontendTransport(3),)
+    assert vbd.handle(fe(S.CONNECTED)) == (ReadFrontendTransport(4),)
     (effect,) = vbd.handle(TRANSPORT)
     assert effect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
 
@@ -281,7 +282,8 @@ def test_hotplug_completing_after_the_guest_closed_is_kept_for_a_reconnect() -> 
     assert vbd.handle(HotplugConnected(TAPDISK)) == (WatchTapdisk(TAPDISK),
                                                      SendControl(DiskInfoQuery(77, 3)))
     # the probe keys InitWait goes with, written now: no tapdisk was known at hotplug
-    assert vbd.handle(DiskInfoRead(DISK)) == (WriteKeys((("max-ring-page-order", "3"),),
+    assert vbd.handle(DiskInfoRead(DISK)) == (WriteKeys((("max-ring-page-order", "4"),
+                                                         ("max-ring-pages", "16")),
                                                         vbd.perms),)
     assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
 
@@ -387,7 +389,7 @@ def test_unexpected_reply_raises_our_bug_and_leaves_the_machine_alone() -> None:
     assert info.value.machine == "backend_vbd"
     assert "blame: ours" in str(info.value)
     assert vbd.state == "init_wait"
-    assert vbd.handle(fe(S.INITIALISED)) == (ReadFrontendTransport(3),)  # still usable
+    assert vbd.handle(fe(S.INITIALISED)) == (ReadFrontendTransport(4),)  # still usable
 
 
 def test_events_after_the_end_raise_with_the_triggers_blame() -> None:
