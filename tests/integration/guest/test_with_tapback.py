@@ -68,6 +68,25 @@ def test_guest_with_tapback_verifies_every_byte(system: Host, disk: Callable[...
     assert wait_until(lambda: backend_key(system, paths, "state") == "6")
 
 
+def test_order_4_ring_through_tapback_and_the_control_message(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """16 ring pages: tapback offers order 4 (and 16 pages for FreeBSD), the 16 grant refs
+    reach the tapdisk in XENBLKIF_CONNECT (8 of them in our gref_hi), and serve I/O."""
+    paths = disk(13, size=16 * MiB)
+    assert wait_until(lambda: backend_key(system, paths, "max-ring-pages") == "16")
+    assert backend_key(system, paths, "max-ring-page-order") == "4"
+    with start_guest(system, 13, DEVID, "linux-order4", "randrw", hold=True,
+                     extra=["--qd", "64", "--seconds", "0.3"]) as guest:
+        guest.wait_for_step("holding")
+        with system.xs() as xs:
+            assert xs.read(paths.frontend_key("ring-page-order")) == "4"
+            assert xs.read(paths.frontend_key("ring-ref15")) is not None
+        guest.detach()
+        result = guest.result(60)
+    assert result.ok, result.summary() + "\n" + result.timeline_text()
+    assert result.report.io.writes > 0 and result.report.io.mismatches == 0
+
+
 def test_cdrom_is_read_only_for_the_guest(system: Host, disk: Callable[..., VbdPaths]) -> None:
     disk(4, mode="r", cdrom=True)
     result = run_guest(system, 4, DEVID, "linux", "read", timeout=60, extra=["--seconds", "0.2"])
