@@ -178,6 +178,11 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
             return TD_ERR_READONLY;
         if (!discard)
             return TD_ERR_UNSUPPORTED;
+        /* No image of ours erases securely (a punched hole, even zeroes written through
+         * a file system, may leave the old data on the medium), so discard-secure is
+         * never offered and a secure discard is refused, as blkback without it does. */
+        if (r->flag & BLKIF_DISCARD_SECURE)
+            return TD_ERR_UNSUPPORTED;
         if (!range_ok(r->sector_number, r->nr_sectors, dev_sectors))
             return TD_ERR_RANGE;
         return TD_OK;

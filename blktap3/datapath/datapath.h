@@ -43,14 +43,14 @@ struct td_req {
 /* Why a request was refused: the index of its error counter. */
 enum td_err {
     TD_OK = 0,
-    TD_ERR_OP = 1,          /* unknown operation */
+    TD_ERR_OP = 1,          /* unknown operation (answered EOPNOTSUPP) */
     TD_ERR_NSEG = 2,        /* nr_segments 0 (r/w) or > 11 */
     TD_ERR_SECT = 3,        /* first_sect > last_sect or last_sect > 7 */
     TD_ERR_RANGE = 4,       /* past the end of the device */
     TD_ERR_READONLY = 5,    /* write to a read-only VBD */
     TD_ERR_GRANT = 6,       /* grant copy failed: a grant the guest did not give */
     TD_ERR_IO = 7,          /* the image driver failed */
-    TD_ERR_UNSUPPORTED = 8, /* answered EOPNOTSUPP (INDIRECT, discard without support) */
+    TD_ERR_UNSUPPORTED = 8, /* answered EOPNOTSUPP (INDIRECT or discard not offered, secure discard) */
     TD_ERR_OVERFLOW = 9,    /* req_prod more than a ring ahead: ring halted */
     TD_ERR_INDIRECT_OP = 10,    /* INDIRECT whose indirect_op is not READ or WRITE */
     TD_ERR_INDIRECT_NSEG = 11,  /* INDIRECT with 0 segments or more than offered */

@@ -108,7 +108,6 @@ struct td_ring {
     uint32_t *gcopy_slot;
     uint32_t *batch;        /* slots of the batch being assembled */
     struct td_cqe *cqes;
-    char *zeroes;           /* secure discard writes these */
 
     pthread_t thread;
     pthread_mutex_t mu;
@@ -139,11 +138,14 @@ static struct td_sring_hdr *hdr(struct td_ring *r)
     return (struct td_sring_hdr *)r->sring;
 }
 
+/* An operation we do not serve is EOPNOTSUPP, never ERROR (blktap since CA-416464): a
+ * guest migrated from a richer back-end may re-issue one, and a hard error can crash it;
+ * Windows xenvbd drops the feature on EOPNOTSUPP. */
 static int16_t rsp_status_of(int err)
 {
     return (int16_t)(err == TD_OK ? BLKIF_RSP_OKAY
-                     : err == TD_ERR_UNSUPPORTED ? BLKIF_RSP_EOPNOTSUPP
-                                                 : BLKIF_RSP_ERROR);
+                     : err == TD_ERR_UNSUPPORTED || err == TD_ERR_OP ? BLKIF_RSP_EOPNOTSUPP
+                                                                     : BLKIF_RSP_ERROR);
 }
 
 static void respond(struct td_ring *r, const struct td_req *req, int err)
@@ -291,16 +293,6 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
     off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
     if (len == 0)
         return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
-    if (sl->req.flag & BLKIF_DISCARD_SECURE) {
-        /* Secure discard: the blocks must not keep the old data, so write zeroes. */
-        for (off_t done = 0; done < len && sl->err == TD_OK;) {
-            size_t n = (size_t)(len - done) < TD_SEG_BYTES ? (size_t)(len - done) : TD_SEG_BYTES;
-            if (pwrite(r->img->fd, r->zeroes, n, off + done) != (ssize_t)n)
-                sl->err = TD_ERR_IO;
-            done += (off_t)n;
-        }
-        return;
-    }
     if (fallocate(r->img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0)
         sl->err = TD_ERR_IO;
 }
@@ -723,7 +715,6 @@ static void free_ring(struct td_ring *r)
         munmap(r->ibuf_mem, r->ibuf_mem_len);
     free(r->ibufs);
     free(r->free_ibufs);
-    free(r->zeroes);
     free(r->slots);
     free(r->free_slots);
     free(r->gcopy);
@@ -774,11 +765,9 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->gcopy_slot = calloc(nseg, sizeof(uint32_t));
     r->batch = calloc(r->nslots, sizeof(uint32_t));
     r->cqes = calloc(r->nslots, sizeof(*r->cqes));
-    r->zeroes = aligned_alloc(TD_PAGE_SIZE, TD_SEG_BYTES);
     if (!r->slots || !r->free_slots || !r->gcopy || !r->gcopy_slot || !r->batch ||
-        !r->cqes || !r->zeroes)
+        !r->cqes)
         goto fail;
-    memset(r->zeroes, 0, TD_SEG_BYTES);
     /* Page-aligned buffers, 11 pages per slot: O_DIRECT needs the alignment. */
     r->bufs = mmap(NULL, (size_t)r->nslots * TD_SEG_BYTES, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -72,7 +72,10 @@ class BackendFeatures:
     """What this back-end offers the front-end (keys written at probe and at connect).
 
     `discard` says the back-end may offer discard: it is announced only for a disk whose
-    image can punch holes (`DiskInfo.discard`) and that the guest may write.
+    image can punch holes (`DiskInfo.discard`) and that the guest may write, and not when
+    the toolstack wrote `discard-enable` = 0 (`BackendFound.discard_enabled`).
+    `discard_secure` likewise: `discard-secure` is written, as blkback does, only when
+    the image really erases (`DiskInfo.discard_secure`), and left out otherwise.
     """
 
     max_ring_page_order: int = MAX_RING_PAGE_ORDER
@@ -111,8 +114,9 @@ class BackendFeatures:
             keys += [
                 ("discard-granularity", str(self.discard_granularity)),
                 ("discard-alignment", str(self.discard_alignment)),
-                ("discard-secure", _bit(self.discard_secure)),
             ]
+            if self.discard_secure and disk.discard_secure:
+                keys.append(("discard-secure", "1"))
         keys += [
             ("feature-persistent", _bit(self.persistent)),
             ("sectors", str(disk.sectors)),

@@ -39,6 +39,9 @@ class DiskInfo:
     info: int = 0  # VDISK_CDROM 1, VDISK_REMOVABLE 2, VDISK_READONLY 4
     physical_sector_size: int = SECTOR_SIZE
     discard: bool = False  # the image can punch holes (the data path serves DISCARD)
+    # The image really erases (a secure erase of the medium): none of our drivers does, a
+    # punched hole or zeroes written through a file system may leave the old data behind.
+    discard_secure: bool = False
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,15 @@ def connect_keys(disk: DiskInfo, features: BackendFeatures | None = None) -> dic
 
 def test_discard_feature_adds_its_keys_when_the_image_can_punch_holes() -> None:
     keys = connect_keys(DiskInfo(2048, discard=True), BackendFeatures(discard_secure=True))
-    assert {"discard-granularity": "512", "discard-alignment": "0", "discard-secure": "1",
+    assert {"discard-granularity": "512", "discard-alignment": "0",
             "feature-discard": "1"}.items() <= keys.items()
+    assert "discard-secure" not in keys  # a punched hole is no secure erase
+
+
+def test_discard_secure_only_for_an_image_that_really_erases() -> None:
+    secure = DiskInfo(2048, discard=True, discard_secure=True)
+    assert connect_keys(secure, BackendFeatures(discard_secure=True))["discard-secure"] == "1"
+    assert "discard-secure" not in connect_keys(secure, BackendFeatures(discard_secure=False))
 
 
 @pytest.mark.parametrize(("info", "discard", "features"), [
