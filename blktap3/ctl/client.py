@@ -281,17 +281,20 @@ class TapdiskClient:
         pool: str = "",
         poll_duration: int = 0,
         max_indirect_segments: int = 0,
+        discard: bool = True,
     ) -> None:
         """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served).
 
         `poll_duration`: microseconds the ring spins for more work before sleeping (0:
         the tapdisk's default). `max_indirect_segments`: the
         `feature-max-indirect-segments` advertised to this front-end, enforced by the
-        tapdisk (0: not advertised, indirect requests answered EOPNOTSUPP).
+        tapdisk (0: not advertised, indirect requests answered EOPNOTSUPP). `discard`
+        False: withheld from this front-end (BlkifFlags.NO_DISCARD: EOPNOTSUPP).
         """
         payload = p.Blkif(
             domid=domid, devid=devid, grefs=grefs, order=order, proto=proto, pool=pool,
             port=port, poll_duration=poll_duration, max_indirect_segments=max_indirect_segments,
+            flags=p.BlkifFlags.NONE if discard else p.BlkifFlags.NO_DISCARD,
         )
         self._simple(p.MessageType.XENBLKIF_CONNECT, minor, payload)
 

@@ -27,6 +27,8 @@ Extensions of ours (blktap has no such thing):
   indirect descriptors), and the tapdisk answers BLKIF_OP_INDIRECT with EOPNOTSUPP.
   Then `gref_hi[8]` @328: grant refs 8..15 of an order-4 ring (blktap's `gref[8]` holds a
   ring of order 3 at most; blkback and QEMU offer 4). blktap's tapback never asks order 4.
+  Then `flags` @360 (`BlkifFlags`): what the back-end withheld from this front-end, so
+  that blktap's zeroes mean blktap's behaviour (serve what the image can).
 
 Two things of blktap's wire that its header does not say:
 - RESUME travels in `u.params`, not in `u.resume`: blktap's tap-ctl writes the flags, the
@@ -119,6 +121,13 @@ class OpenFlags(enum.IntFlag):
     STANDBY = 0x100
     NO_O_DIRECT = 0x200
     OPEN_ENCRYPTED = 0x400
+
+
+class BlkifFlags(enum.IntFlag):
+    """`blkif.flags`, our extension of XENBLKIF_CONNECT (zero from blktap's tapback)."""
+
+    NONE = 0
+    NO_DISCARD = 0x1  # the toolstack's discard-enable=0: DISCARD answered EOPNOTSUPP
 
 
 class ImageFlags(enum.IntFlag):
@@ -349,7 +358,7 @@ class Blkif:
     """`u.blkif` (XENBLKIF_CONNECT/DISCONNECT): the ring the front-end shared."""
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct(
-        f"<II{MAX_GREFS}III256sIIII{MAX_RING_GREFS - MAX_GREFS}I")
+        f"<II{MAX_GREFS}III256sIIII{MAX_RING_GREFS - MAX_GREFS}II")
     domid: int
     devid: int
     grefs: tuple[int, ...] = ()
@@ -360,6 +369,7 @@ class Blkif:
     poll_duration: int = 0
     poll_idle_threshold: int = 0
     max_indirect_segments: int = 0  # our extension (0: indirect requests not offered)
+    flags: BlkifFlags = BlkifFlags.NONE  # our extension
 
     def pack(self) -> bytes:
         if len(self.grefs) > MAX_RING_GREFS:
@@ -377,6 +387,7 @@ class Blkif:
             self.poll_idle_threshold,
             self.max_indirect_segments,
             *grefs[MAX_GREFS:],
+            int(self.flags),
         )
 
     @classmethod
@@ -384,14 +395,14 @@ class Blkif:
         values = cls.FORMAT.unpack_from(union)
         domid, devid = values[0], values[1]
         rest = 2 + MAX_GREFS + 7
-        grefs = (*values[2 : 2 + MAX_GREFS], *values[rest:])
+        grefs = (*values[2 : 2 + MAX_GREFS], *values[rest:-1])
         order, proto, pool, port, duration, idle, indirect = values[2 + MAX_GREFS : rest]
         # The ring spans 2**order pages: only that many grant refs are meaningful.
         if 1 << min(order, 31) > MAX_RING_GREFS:
             raise ProtocolError(f"ring order {order} needs more than {MAX_RING_GREFS} grant refs")
         return cls(
             domid, devid, grefs[: 1 << order], order, proto, unpack_string(pool), port,
-            duration, idle, indirect,
+            duration, idle, indirect, BlkifFlags(values[-1]),
         )
 
 
@@ -459,6 +470,7 @@ OFFSETS: dict[str, int] = {
     "blkif.poll_idle_threshold": 320,
     "blkif.max_indirect_segments": 324,  # our extension
     "blkif.gref_hi": 328,  # our extension: grant refs 8..15 (order 4)
+    "blkif.flags": 360,  # our extension: BlkifFlags
     # RESUME's fields sit where `u.params` has flags, path and secondary (see Resume).
     "resume.flags": 8,
     "resume.new_params": 20,

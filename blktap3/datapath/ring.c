@@ -96,6 +96,7 @@ struct td_ring {
     int32_t held;           /* a barrier/flush waiting for in-flight I/O to drain, or -1 */
 
     uint32_t max_indirect;  /* segments per INDIRECT request offered (0: not offered) */
+    int discard;            /* the back-end offers discard (0: withheld, EOPNOTSUPP) */
     uint32_t nibufs;        /* indirect buffers (INDIRECT requests in flight at most) */
     struct td_ibuf *ibufs;
     uint32_t *free_ibufs;
@@ -407,7 +408,7 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
         sl->op = sl->req.operation;
         sl->segs = sl->req.seg;
         sl->buf = sl->dbuf;
-        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard,
+        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard && r->discard,
                                r->max_indirect);
         if (sl->err == TD_OK && sl->req.operation == BLKIF_OP_INDIRECT)
             sl->err = take_indirect(r, s);
@@ -728,7 +729,7 @@ static void free_ring(struct td_ring *r)
 
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    int engine, uint32_t poll_us, uint32_t max_indirect, int discard,
                     struct td_ring **out)
 {
     if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
@@ -750,6 +751,7 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->nr_pages = 1u << order;
     r->nslots = TD_RING_SLOTS(proto, r->nr_pages);
     r->max_indirect = max_indirect;
+    r->discard = discard != 0;
     if (max_indirect) {
         size_t per = (size_t)max_indirect * TD_PAGE_SIZE;
         size_t n = TD_INDIRECT_POOL_BYTES / per;

@@ -72,6 +72,7 @@ class Ring:
         engine: str = "auto",
         poll_us: int | None = None,
         max_indirect_segments: int = 0,
+        discard: bool = True,
     ) -> Ring:
         """Map the ring (2**order pages), bind the event channel, start the service.
 
@@ -82,6 +83,8 @@ class Ring:
         ``max_indirect_segments``: the ``feature-max-indirect-segments`` the back-end
         offered this front-end, enforced on every INDIRECT request (0: not offered,
         INDIRECT is answered EOPNOTSUPP); at most ``MAX_INDIRECT_SEGMENTS``.
+        ``discard``: False when the back-end withheld discard (`discard-enable` = 0):
+        DISCARD is then answered EOPNOTSUPP whatever the image can do.
         """
         if poll_us is None:
             poll_us = _env_poll_us()
@@ -109,6 +112,7 @@ class Ring:
             ENGINES[engine],
             poll_us,
             max_indirect_segments,
+            int(discard),
             out,
         )
         check(rc, f"connect ring d{domid}/{devid}")

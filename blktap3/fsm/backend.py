@@ -99,6 +99,10 @@ class BackendFeatures:
             keys.append(("feature-max-indirect-segments", str(self.max_indirect_segments)))
         return tuple(keys)
 
+    def for_toolstack(self, found: BackendFound) -> BackendFeatures:
+        """The offer once the toolstack's word on this VBD is known (`discard-enable`)."""
+        return self if found.discard_enabled else replace(self, discard=False)
+
     def discard_for(self, disk: DiskInfo) -> bool:
         writable = not disk.info & (VdiskInfo.READONLY | VdiskInfo.CDROM)
         return self.discard and disk.discard and writable
@@ -264,6 +268,7 @@ class BackendVbd(SpecMachine):
         if event.cdrom or event.removable:  # a CD-ROM's medium can always be removed
             bits |= VdiskInfo.REMOVABLE
         self.info_bits = bits
+        self.features = self.features.for_toolstack(event)
         # A published state the normal path can continue from without a step xenbus
         # forbids: InitWait (not written again), Connected (adoption), Closed (then
         # InitWait on reconnect).  Closing is not kept: 5 -> 2 is not a xenbus step.
@@ -307,6 +312,7 @@ class BackendVbd(SpecMachine):
         message = XenblkifConnect(
             self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport,
             self.features.max_indirect_segments,  # what the probe keys offered
+            self.features.discard,
         )
         self.emit(SendControl(message))
 

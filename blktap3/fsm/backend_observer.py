@@ -26,7 +26,7 @@ Events out, in this order within one snapshot:
 - `BackendFound(state, keys, readonly, cdrom, removable)` from the directory: `state`
   parsed strictly (None when absent or not a xenbus state), `keys` every other node;
   `readonly` when `mode` starts with "r", `cdrom` when `device-type` is "cdrom",
-  `removable` when `removable` is "1";
+  `removable` when `removable` is "1"; `discard_enabled` unless `discard-enable` is "0";
 - `BackendRemoved()` once, when the directory is gone;
 - the front-end's state when its value changed (the first snapshot always reports
   it): `FrontendStateChanged(state)`, `FrontendStateInvalid(raw)`,
@@ -122,6 +122,7 @@ class BackendObserver:
             readonly=mode.startswith("r"),
             cdrom=directory.get("device-type") == "cdrom",
             removable=directory.get("removable") == "1",
+            discard_enabled=directory.get("discard-enable") != "0",
         )]
 
     def observe(self, snapshot: BackendSnapshot) -> list[Event]:

@@ -123,6 +123,9 @@ class XenblkifConnect(ControlMessage):
     # The indirect segments the back-end offered (feature-max-indirect-segments; 0: none),
     # which the tapdisk enforces.
     max_indirect_segments: int = 0
+    # Whether discard may be served (False: withheld by the toolstack; the tapdisk then
+    # answers DISCARD with EOPNOTSUPP whatever its image can do).
+    discard: bool = True
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,9 @@ class BackendFound(Event):
     readonly: bool = False
     cdrom: bool = False
     removable: bool = False
+    # The toolstack's `discard-enable` (libxl writes it): "0" withholds discard from the
+    # guest whatever the image can do (blkback's xen_blkbk_discard).
+    discard_enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -400,6 +403,7 @@ class BlkifRing:
     protocol: int = 0  # Xen's `enum blkif_protocol` number (0: unset, native)
     poll_us: int = 0  # blktap's poll_duration; 0: the data path's default
     max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
+    discard: bool = True  # ours: False when the back-end withheld discard (EOPNOTSUPP)
 
     @property
     def ids(self) -> tuple[int, int]:

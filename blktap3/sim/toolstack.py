@@ -158,8 +158,11 @@ class Toolstack:
         return VbdPaths(domid, devid, BACKEND_DOMID, self.backend_kind)
 
     def add_vbd(self, domid: int, devid: int, image: Image, *, mode: str = "w",
-                cdrom: bool = False) -> VbdPaths:
-        """Write the back-end and front-end directories of a new disk in one transaction."""
+                cdrom: bool = False, discard: bool | None = None) -> VbdPaths:
+        """Write the back-end and front-end directories of a new disk in one transaction.
+
+        `discard`: libxl's `discard-enable` ("1"/"0"); None leaves the key out.
+        """
         if domid not in self.machine.domain_ids():
             raise ToolstackError(f"no domain {domid}")
         if mode not in ("r", "w"):
@@ -182,6 +185,8 @@ class Toolstack:
             "dev": device_name(devid),
             BackendKey.STATE: initialising,
         }
+        if discard is not None:
+            backend["discard-enable"] = "1" if discard else "0"
         frontend: dict[str, str] = {
             FrontendKey.BACKEND: paths.backend,
             FrontendKey.BACKEND_ID: str(BACKEND_DOMID),

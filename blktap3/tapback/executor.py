@@ -235,7 +235,7 @@ class EffectExecutor:
                 message.minor, domid=message.domid, devid=message.devid,
                 grefs=t.ring_refs, order=len(t.ring_refs).bit_length() - 1,
                 port=t.event_channel, proto=t.protocol,
-                max_indirect_segments=message.max_indirect_segments)
+                max_indirect_segments=message.max_indirect_segments, discard=message.discard)
         except CtlError as exc:
             if exc.errno == errno.EALREADY:
                 self.log.info("ring already connected (adopted)")

@@ -286,6 +286,7 @@ class Tapdisk:
                 vbd.image, domid=ring.domid, devid=ring.devid, grefs=ring.grefs,
                 order=ring.order, port=ring.port, protocol=ring.protocol,
                 poll_us=ring.poll_us, max_indirect_segments=ring.max_indirect_segments,
+                discard=ring.discard,
             )
         except OSError as exc:
             return ev.RingStartFailed(exc.errno or errno.EIO, str(exc.strerror or exc))

@@ -144,13 +144,15 @@ def connect_ring(
     protocol: int,
     poll_us: int = 0,
     max_indirect_segments: int = 0,
+    discard: bool = True,
 ) -> Ring:
     """Map the front-end's ring and start serving it (OSError with the reason if not).
 
     `poll_us` is XENBLKIF_CONNECT's `poll_duration` (blktap's: how long the ring spins
     for more requests before sleeping); 0 leaves the data path's default.
     `max_indirect_segments` is ours: the segments per indirect request the back-end
-    offered (0: not offered); EINVAL beyond the data path's limit.
+    offered (0: not offered); EINVAL beyond the data path's limit. `discard` False:
+    the back-end withheld discard (DISCARD answered EOPNOTSUPP).
     """
     datapath = _datapath()
     # blkif.proto on the wire is Xen's `enum blkif_protocol` (0 = unset: native).
@@ -161,7 +163,7 @@ def connect_ring(
         ring: Ring = datapath.Ring.connect(
             image, domid=domid, devid=devid, grefs=list(grefs), order=order, port=port,
             protocol=layout, poll_us=poll_us or None,
-            max_indirect_segments=max_indirect_segments,
+            max_indirect_segments=max_indirect_segments, discard=discard,
         )
     except OSError as exc:
         raise OSError(

@@ -81,6 +81,7 @@ def observe(message: p.Message) -> Observation | None:
                 payload.domid, payload.devid, grefs=tuple(payload.grefs), order=payload.order,
                 port=payload.port, protocol=payload.proto, poll_us=payload.poll_duration,
                 max_indirect_segments=payload.max_indirect_segments,
+                discard=not payload.flags & p.BlkifFlags.NO_DISCARD,
             )
             return ToVbd(minor, ev.ConnectRing(ring))
         case T.XENBLKIF_DISCONNECT:

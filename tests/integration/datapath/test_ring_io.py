@@ -12,7 +12,7 @@ from blktap3.abi import BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
 from tests.support import wait_until
 
-from .conftest import DISK_BYTES, connect
+from .conftest import DISK_BYTES, GUEST_DOMID, connect
 
 pytestmark = pytest.mark.integration
 OKAY, ERROR, EOPNOTSUPP = 0, -1, -2
@@ -72,6 +72,19 @@ def test_flush_barrier_and_discard(host: LineProcess, guest: LineProcess, disk: 
     st = host.call("stats", name="r")
     assert (st["reqs"]["flush"], st["reqs"]["barrier"], st["reqs"]["discard"]) == (1, 1, 2)
     assert {cause: n for cause, n in st["errors"].items() if n} == {"unsupported": 1}
+
+
+def test_discard_withheld_by_the_back_end_is_eopnotsupp(
+        host: LineProcess, guest: LineProcess, disk: Path) -> None:
+    host.call("open", name="r", driver="aio", path=str(disk), readonly=False)
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
+    host.call("connect", name="r", image="r", domid=GUEST_DOMID, devid=51712, grefs=g["grefs"],
+              order=0, port=g["port"], protocol=BlkifProtocol.NATIVE, discard=False)
+    guest.call("write", sector=0, data=(b"\x22" * 4096).hex())
+    guest.call("submit", reqs=[{"op": 5, "sector": 0, "nr_sectors": 8}])
+    assert guest.call("collect", n=1) == [EOPNOTSUPP]
+    assert disk.read_bytes()[:4096] == b"\x22" * 4096  # the image could punch; it did not
+    assert host.call("stats", name="r")["errors"]["unsupported"] == 1
 
 
 def test_pause_under_load_loses_and_duplicates_nothing(

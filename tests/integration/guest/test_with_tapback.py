@@ -37,14 +37,14 @@ def disk(system: Host) -> Callable[..., VbdPaths]:
     """`disk(domid, size=..., mode=..., cdrom=...)`: a domain with one hotplugged vbd3 disk."""
 
     def make(domid: int, *, size: int = 16 * MiB, mode: str = "w",
-             cdrom: bool = False) -> VbdPaths:
+             cdrom: bool = False, discard: bool | None = None) -> VbdPaths:
         path = system.run_dir.parent / f"disk{domid}.img"
         with open(path, "wb") as f:
             f.truncate(size)
         image = Image.parse(f"aio:{path}")
         with system.toolstack() as ts:
             ts.create_domain(domid)
-            paths = ts.add_vbd(domid, DEVID, image, mode=mode, cdrom=cdrom)
+            paths = ts.add_vbd(domid, DEVID, image, mode=mode, cdrom=cdrom, discard=discard)
         hotplug_add(system, paths, image, mode=mode)
         return paths
 
@@ -85,6 +85,18 @@ def test_order_4_ring_through_tapback_and_the_control_message(
         result = guest.result(60)
     assert result.ok, result.summary() + "\n" + result.timeline_text()
     assert result.report.io.writes > 0 and result.report.io.mismatches == 0
+
+
+@pytest.mark.parametrize(("enable", "feature"), [(None, "1"), (False, "0")])
+def test_toolstacks_discard_enable_decides_feature_discard(
+        system: Host, disk: Callable[..., VbdPaths], enable: bool | None, feature: str) -> None:
+    paths = disk(14, discard=enable)
+    with start_guest(system, 14, DEVID, "linux", "none", hold=True) as guest:
+        guest.wait_for_step("holding")
+        assert backend_key(system, paths, "feature-discard") == feature
+        assert backend_key(system, paths, "discard-secure") is None  # a file never erases
+        guest.detach()
+        assert guest.result(30).ok
 
 
 def test_cdrom_is_read_only_for_the_guest(system: Host, disk: Callable[..., VbdPaths]) -> None:

@@ -55,11 +55,11 @@ struct tapdisk_message_image_ext {
 struct tapdisk_message_blkif_ext {
     uint32_t domid; uint32_t devid; uint32_t gref[8]; uint32_t order; uint32_t proto;
     char pool[256]; uint32_t port; uint32_t poll_duration; uint32_t poll_idle_threshold;
-    uint32_t max_indirect_segments; uint32_t gref_hi[8];
+    uint32_t max_indirect_segments; uint32_t gref_hi[8]; uint32_t flags;
 };
 """
 EXTENSION_FIELDS = {"image.physical_sector_size", "image.flags", "blkif.max_indirect_segments",
-                    "blkif.gref_hi"}
+                    "blkif.gref_hi", "blkif.flags"}
 
 MEMBER_STRUCT = {
     "image": "image", "params": "params", "string": "string", "response": "response",
@@ -292,6 +292,19 @@ def test_ring_order_past_sixteen_grants_is_refused(order: int) -> None:
     raw[p.OFFSETS["blkif.order"] : p.OFFSETS["blkif.order"] + 4] = order.to_bytes(4, "little")
     with pytest.raises(p.ProtocolError, match="grant refs"):
         p.decode(bytes(raw))
+
+
+def test_discard_withheld_travels_in_blkif_flags_and_blktaps_zero_serves_it(ffi: FFI) -> None:
+    blkif = p.Blkif(5, 7, (1,), flags=p.BlkifFlags.NO_DISCARD)
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, blkif).encode())
+    union = raw[p.UNION_OFFSET:]
+    ext = ffi.cast("struct tapdisk_message_blkif_ext *", ffi.from_buffer(union))
+    assert ext.flags == p.BlkifFlags.NO_DISCARD
+    assert p.decode(bytes(raw)).payload == blkif
+    off = p.OFFSETS["blkif.flags"]
+    raw[off : off + 4] = bytes(4)  # what blktap's libblktapctl leaves there
+    decoded = p.decode(bytes(raw)).payload
+    assert isinstance(decoded, p.Blkif) and decoded.flags == p.BlkifFlags.NONE
 
 
 def test_blkif_keeps_only_the_grants_its_order_uses() -> None:

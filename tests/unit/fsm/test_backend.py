@@ -144,6 +144,25 @@ def test_discard_feature_adds_its_keys_when_the_image_can_punch_holes() -> None:
     assert "discard-secure" not in keys  # a punched hole is no secure erase
 
 
+@pytest.mark.parametrize(("raw", "offered"), [(None, True), ("1", True), ("0", False)])
+def test_toolstacks_discard_enable_0_withholds_discard_from_keys_and_ring(
+        raw: str | None, offered: bool) -> None:
+    vbd = BackendVbd(5, 768, features=BackendFeatures(discard_secure=True))
+    keys = () if raw is None else (("discard-enable", raw),)
+    vbd.handle(BackendFound(None, keys, discard_enabled=raw != "0"))
+    vbd.handle(fe(S.INITIALISING))
+    hotplug(vbd, DiskInfo(2048, discard=True, discard_secure=True))
+    vbd.handle(fe(S.INITIALISED))
+    (connect,) = vbd.handle(TRANSPORT)
+    assert isinstance(connect, SendControl) and isinstance(connect.message, XenblkifConnect)
+    assert connect.message.discard is offered  # the tapdisk refuses what was withheld
+    written = vbd.handle(RingConnected())[0]
+    assert isinstance(written, WriteKeys)
+    got = written.as_dict()
+    assert got["feature-discard"] == ("1" if offered else "0")
+    assert ("discard-granularity" in got) is offered and ("discard-secure" in got) is offered
+
+
 def test_discard_secure_only_for_an_image_that_really_erases() -> None:
     secure = DiskInfo(2048, discard=True, discard_secure=True)
     assert connect_keys(secure, BackendFeatures(discard_secure=True))["discard-secure"] == "1"

@@ -50,6 +50,15 @@ def test_the_directory_becomes_backend_found_with_the_toolstacks_disk_kind() -> 
         readonly=True, cdrom=True, removable=False)]
 
 
+@pytest.mark.parametrize(("raw", "enabled"), [(None, True), ("1", True), ("0", False),
+                                              ("", True)])
+def test_discard_enable_0_is_the_toolstack_withholding_discard(raw: str | None,
+                                                               enabled: bool) -> None:
+    keys = (("discard-enable", raw),) if raw is not None else ()
+    (found,) = BackendObserver(parse).found(BackendDirectory(keys))
+    assert isinstance(found, BackendFound) and found.discard_enabled is enabled
+
+
 @pytest.mark.parametrize("state", [None, "+4", "9"])
 def test_a_directory_without_a_usable_state_is_found_with_none(state: str | None) -> None:
     keys = (("state", state),) if state is not None else ()

@@ -123,9 +123,10 @@ class ClientOfFake:
 
     def connect_xenblkif(self: TapdiskClient, minor: int, *, domid: int, devid: int,
                          grefs: tuple[int, ...], order: int, port: int, proto: int,
-                         max_indirect_segments: int = 0) -> None:
+                         max_indirect_segments: int = 0, discard: bool = True) -> None:
         answer = ClientOfFake.fake.answer(XenblkifConnect(
-            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments))
+            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments,
+            discard))
         if isinstance(answer, RingConnectFailed):
             raise CtlError(answer.errno, answer.message)
 
