@@ -78,6 +78,10 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
  * read-only, range); fills nr_sectors. */
 int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_sectors,
                       int readonly);
+/* `sector-size` as alignment only (blkif.h; sectors stay 512 bytes): a request that
+ * moves data must start on a logical block and each segment (of nr_segments, after
+ * the other checks) cover whole blocks, else TD_ERR_SECT, as blkback. */
+int td_req_check_align(const struct td_req *r, const struct td_seg *segs, uint32_t sector_size);
 /* The operation a response carries: INDIRECT answers with its indirect_op (blkback). */
 uint8_t td_rsp_operation(const struct td_req *r);
 /* Address of request slot `idx` / write response `idx`, in a shared ring. */

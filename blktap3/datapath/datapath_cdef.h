@@ -80,6 +80,7 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
                  uint32_t max_indirect);
 int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_sectors,
                       int readonly);
+int td_req_check_align(const struct td_req *r, const struct td_seg *segs, uint32_t sector_size);
 uint8_t td_rsp_operation(const struct td_req *r);
 const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx);
 void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,

@@ -334,7 +334,8 @@ static int take_indirect(struct td_ring *r, uint32_t s)
             return TD_ERR_INDIRECT_GRANT;
     STAT_ADD(r, indirect_pages, npages);
     const struct td_image_info *info = &r->img->info;
-    return td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
+    int err = td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
+    return err ? err : td_req_check_align(&sl->req, sl->segs, info->sector_size);
 }
 
 static void flush_submit(struct td_ring *r);
@@ -408,10 +409,12 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
         sl->op = sl->req.operation;
         sl->segs = sl->req.seg;
         sl->buf = sl->dbuf;
-        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard && r->discard,
-                               r->max_indirect);
+        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly,
+                               info->discard && r->discard, r->max_indirect);
         if (sl->err == TD_OK && sl->req.operation == BLKIF_OP_INDIRECT)
             sl->err = take_indirect(r, s);
+        else if (sl->err == TD_OK && sl->req.operation != BLKIF_OP_DISCARD)
+            sl->err = td_req_check_align(&sl->req, sl->req.seg, info->sector_size);
         if (sl->err != TD_OK) {
             respond(r, &sl->req, sl->err);
             free_slot(r, s);
