@@ -102,12 +102,20 @@ struct td_stats {
     uint64_t reqs[8]; uint64_t indirect[2]; uint64_t indirect_pages; uint64_t segments; uint64_t sectors_read; uint64_t sectors_written;
     uint64_t kicks_in; uint64_t kicks_out; uint64_t responses; uint64_t errors[13];
     uint64_t in_flight; uint64_t batches; int32_t o_direct; int32_t engine; int32_t paused;
-    int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64]; ...;
+    int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64];
+    uint64_t polls; uint64_t polls_busy; uint32_t poll_idle_threshold; ...;
 };
+/* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
+struct td_cpu_times { uint64_t total; uint64_t idle; };
+int td_cpu_read(struct td_cpu_times *out);
+/* Percent of the CPU time between two readings that was idle; -1 when unknown. */
+int td_cpu_idle_pct(const struct td_cpu_times *before, const struct td_cpu_times *after);
+
 struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, uint32_t max_indirect, int discard,
+                    int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
+                    int discard,
                     struct td_ring **out);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);

@@ -117,6 +117,10 @@ struct td_ring {
     int ctl_efd;
     int exited;
     uint64_t poll_ns;       /* spin this long for work before sleeping (0: never) */
+    uint32_t poll_idle;     /* ...only while this % of CPU time is idle (0: always) */
+    int poll_ok;            /* the last interval was idle enough */
+    uint64_t cpu_at_ns;     /* when `cpu` was read */
+    struct td_cpu_times cpu;
     int stop_seen;          /* disconnect: req_prod when it was asked, served up to there */
     RING_IDX stop_prod;
     int uring_wait;         /* sleeps in io_uring (td_engine_wait), else in poll() */
@@ -537,6 +541,33 @@ static int spin_for_work(struct td_ring *r, int st)
     return 0;
 }
 
+/*
+ * May the ring spin now? With a `polling-idle-threshold`, only while that share of all
+ * CPU time was idle over the last interval (blktap's CPU monitor): polling then uses
+ * spare cycles, never a loaded host's. /proc/stat is read at most every
+ * TD_CPU_INTERVAL_NS, by this thread, so the hot path sees a plain flag.
+ */
+#define TD_CPU_INTERVAL_NS 100000000ull
+static int may_poll(struct td_ring *r)
+{
+    if (r->poll_idle == 0)
+        return 1;
+    uint64_t now = now_ns();
+    if (now - r->cpu_at_ns >= TD_CPU_INTERVAL_NS) {
+        struct td_cpu_times cur;
+        if (td_cpu_read(&cur) == 0) {
+            int idle = r->cpu_at_ns ? td_cpu_idle_pct(&r->cpu, &cur) : -1;
+            if (r->cpu_at_ns)
+                r->poll_ok = idle >= 0 && (uint32_t)idle >= r->poll_idle;
+            r->cpu = cur;
+        } else {
+            r->poll_ok = 0;     /* cannot tell: do not spin */
+        }
+        r->cpu_at_ns = now;
+    }
+    return r->poll_ok;
+}
+
 /* A kick from the front-end: take it off the event channel and unmask the port. */
 static void take_kick(struct td_ring *r)
 {
@@ -665,8 +696,13 @@ static void *service(void *arg)
         int blocked = r->held >= 0 || ibufs_exhausted(r);
         if (r->poll_ns && st == RS_RUN && taking && !blocked) {
             flush_submit(r);
-            if (spin_for_work(r, st))
-                continue;
+            if (!may_poll(r)) {
+                STAT_ADD(r, polls_busy, 1);
+            } else {
+                STAT_ADD(r, polls, 1);
+                if (spin_for_work(r, st))
+                    continue;
+            }
         }
         if (st == RS_RUN && taking && !blocked) {
             /* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look once more. */
@@ -732,11 +768,12 @@ static void free_ring(struct td_ring *r)
 
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, uint32_t max_indirect, int discard,
+                    int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
+                    int discard,
                     struct td_ring **out)
 {
     if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
-        max_indirect > TD_MAX_INDIRECT_SEGS)
+        max_indirect > TD_MAX_INDIRECT_SEGS || poll_idle > 100)
         return -EINVAL;
     struct td_ring *r = calloc(1, sizeof(*r));
     if (!r)
@@ -747,6 +784,9 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->ctl_efd = -1;
     r->held = -1;
     r->poll_ns = (uint64_t)poll_us * 1000u;
+    r->poll_idle = poll_idle;
+    r->poll_ok = poll_idle == 0;    /* with a threshold: not before one interval says so */
+    r->st.poll_idle_threshold = poll_idle;
     r->img = img;
     r->domid = domid;
     r->devid = devid;
@@ -958,6 +998,9 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
     out->slots = r->st.slots;
     out->max_indirect = r->st.max_indirect;
     out->indirect_bufs = r->st.indirect_bufs;
+    out->polls = __atomic_load_n(&r->st.polls, __ATOMIC_RELAXED);
+    out->polls_busy = __atomic_load_n(&r->st.polls_busy, __ATOMIC_RELAXED);
+    out->poll_idle_threshold = r->st.poll_idle_threshold;
     /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */
     memcpy(out->halted, r->st.halted, sizeof(out->halted));
     out->halted[sizeof(out->halted) - 1] = 0;

@@ -87,6 +87,8 @@ class BackendFeatures:
     discard_secure: bool = False
     persistent: bool = False
     max_indirect_segments: int = 0  # 0: feature not offered
+    polling_duration: int = 0  # us the ring spins for work (0: never), from the toolstack
+    polling_idle_threshold: int = 0  # ...only while this % of CPU is idle (0: always)
 
     def probe_keys(self) -> tuple[tuple[str, str], ...]:
         keys = [
@@ -101,7 +103,9 @@ class BackendFeatures:
 
     def for_toolstack(self, found: BackendFound) -> BackendFeatures:
         """The offer once the toolstack's word on this VBD is known (`discard-enable`)."""
-        return self if found.discard_enabled else replace(self, discard=False)
+        return replace(self, discard=self.discard and found.discard_enabled,
+                       polling_duration=found.polling_duration,
+                       polling_idle_threshold=found.polling_idle_threshold)
 
     def discard_for(self, disk: DiskInfo) -> bool:
         writable = not disk.info & (VdiskInfo.READONLY | VdiskInfo.CDROM)
@@ -313,6 +317,8 @@ class BackendVbd(SpecMachine):
             self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport,
             self.features.max_indirect_segments,  # what the probe keys offered
             self.features.discard,
+            self.features.polling_duration,
+            self.features.polling_idle_threshold,
         )
         self.emit(SendControl(message))
 

@@ -126,6 +126,10 @@ class XenblkifConnect(ControlMessage):
     # Whether discard may be served (False: withheld by the toolstack; the tapdisk then
     # answers DISCARD with EOPNOTSUPP whatever its image can do).
     discard: bool = True
+    # blktap's polling, passed on as its tapback does: spin this many us for work before
+    # sleeping, only while this % of CPU time is idle.
+    poll_duration: int = 0
+    poll_idle_threshold: int = 0
 
 
 @dataclass(frozen=True)

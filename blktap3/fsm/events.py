@@ -156,6 +156,11 @@ class BackendFound(Event):
     # The toolstack's `discard-enable` (libxl writes it): "0" withholds discard from the
     # guest whatever the image can do (blkback's xen_blkbk_discard).
     discard_enabled: bool = True
+    # blktap's polling keys, the toolstack's: `polling-duration` (microseconds the ring
+    # spins for work before sleeping) and `polling-idle-threshold` (% of CPU time that
+    # must be idle for it to spin); 0 (absent, or not a number in range): no polling.
+    polling_duration: int = 0
+    polling_idle_threshold: int = 0
 
 
 @dataclass(frozen=True)
@@ -402,6 +407,7 @@ class BlkifRing:
     port: int = 0
     protocol: int = 0  # Xen's `enum blkif_protocol` number (0: unset, native)
     poll_us: int = 0  # blktap's poll_duration; 0: the data path's default
+    poll_idle_threshold: int = 0  # blktap's: spin only while this % of CPU is idle
     max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
     discard: bool = True  # ours: False when the back-end withheld discard (EOPNOTSUPP)
 

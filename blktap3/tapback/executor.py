@@ -235,7 +235,9 @@ class EffectExecutor:
                 message.minor, domid=message.domid, devid=message.devid,
                 grefs=t.ring_refs, order=len(t.ring_refs).bit_length() - 1,
                 port=t.event_channel, proto=t.protocol,
-                max_indirect_segments=message.max_indirect_segments, discard=message.discard)
+                max_indirect_segments=message.max_indirect_segments, discard=message.discard,
+                poll_duration=message.poll_duration,
+                poll_idle_threshold=message.poll_idle_threshold)
         except CtlError as exc:
             if exc.errno == errno.EALREADY:
                 self.log.info("ring already connected (adopted)")

@@ -143,6 +143,26 @@ def test_polling_mode_serves_the_same_requests_without_kicks(
     st = host.call("stats", name="r")
     # While both sides spin, req_event/rsp_event stay behind: far fewer kicks than I/Os.
     assert st["kicks"]["in"] < st["responses"]
+    # No polling-idle-threshold: it spins every time it would sleep, never held back.
+    assert st["polling"]["polls"] > 0 and st["polling"]["busy"] == 0
+    assert st["polling"]["idle_threshold"] == 0
+
+
+def test_polling_idle_threshold_reaches_the_ring_and_is_bounded(
+        host: LineProcess, guest: LineProcess, disk: Path) -> None:
+    host.call("open", name="r", driver="aio", path=str(disk))
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
+    kwargs = dict(name="r", image="r", domid=7, devid=51712, grefs=g["grefs"], order=0,
+                  port=g["port"], protocol=BlkifProtocol.NATIVE, poll_us=200)
+    with pytest.raises(OSError) as info:
+        host.call("connect", **kwargs, poll_idle_threshold=101)  # a percentage
+    assert info.value.errno == 22
+    host.call("connect", **kwargs, poll_idle_threshold=50)
+    r = guest.call("run", qd=1, bs=4096, read_pct=100, span=8 * 64, ios=64, poll_us=200)
+    assert (r["errors"], r["ios"]) == (0, 64)
+    st = host.call("stats", name="r")["polling"]
+    # Each time it would sleep, the monitor's verdict decided: spin or not, counted.
+    assert st["idle_threshold"] == 50 and st["polls"] + st["busy"] > 0
 
 
 @pytest.mark.parametrize("engine", ["uring", "sync"])

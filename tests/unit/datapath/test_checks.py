@@ -252,3 +252,28 @@ def test_a_flush_carries_no_data_to_align() -> None:
     err, priv = _check(lib.TD_PROTO_NATIVE, _request(lib.TD_PROTO_NATIVE, 3, 5, []))
     p: object = priv
     assert err == ERR["ok"] and lib.td_req_check_align(priv, p.seg, 4096) == ERR["ok"]  # type: ignore[attr-defined]
+
+
+def _times(total: int, idle: int) -> object:
+    t = ffi.new("struct td_cpu_times *")
+    t.total, t.idle = total, idle
+    return t
+
+
+@pytest.mark.parametrize(("before", "after", "pct"), [
+    ((1000, 400), (2000, 1150), 75),    # 750 of 1000 jiffies idle
+    ((1000, 400), (2000, 400), 0),      # fully busy: polling would hurt
+    ((1000, 400), (1100, 500), 100),
+    ((1000, 400), (1000, 400), -1),     # no time passed: unknown
+    ((1000, 400), (900, 300), -1),      # counters went back: unknown
+    ((1000, 400), (1100, 600), -1),     # more idle than time: nonsense
+])
+def test_cpu_idle_share_between_two_readings(before: tuple[int, int], after: tuple[int, int],
+                                             pct: int) -> None:
+    assert lib.td_cpu_idle_pct(_times(*before), _times(*after)) == pct
+
+
+def test_cpu_times_come_from_proc_stat() -> None:
+    t = ffi.new("struct td_cpu_times *")
+    assert lib.td_cpu_read(t) == 0
+    assert t.total > 0 and t.idle <= t.total

@@ -163,6 +163,17 @@ def test_toolstacks_discard_enable_0_withholds_discard_from_keys_and_ring(
     assert ("discard-granularity" in got) is offered and ("discard-secure" in got) is offered
 
 
+def test_polling_keys_travel_in_xenblkif_connect() -> None:
+    vbd = BackendVbd(5, 768)
+    vbd.handle(BackendFound(None, polling_duration=300, polling_idle_threshold=40))
+    vbd.handle(fe(S.INITIALISING))
+    hotplug(vbd)
+    vbd.handle(fe(S.INITIALISED))
+    (connect,) = vbd.handle(TRANSPORT)
+    assert isinstance(connect, SendControl) and isinstance(connect.message, XenblkifConnect)
+    assert (connect.message.poll_duration, connect.message.poll_idle_threshold) == (300, 40)
+
+
 def test_discard_secure_only_for_an_image_that_really_erases() -> None:
     secure = DiskInfo(2048, discard=True, discard_secure=True)
     assert connect_keys(secure, BackendFeatures(discard_secure=True))["discard-secure"] == "1"
