@@ -99,6 +99,7 @@ struct td_ring {
     int32_t held;           /* a barrier/flush waiting for in-flight I/O to drain, or -1 */
 
     uint32_t max_indirect;  /* segments per INDIRECT request offered (0: not offered) */
+    int discard;            /* the back-end offers discard (0: withheld, EOPNOTSUPP) */
     uint32_t nibufs;        /* indirect buffers (INDIRECT requests in flight at most) */
     struct td_ibuf *ibufs;
     uint32_t *free_ibufs;
@@ -111,7 +112,6 @@ struct td_ring {
     uint32_t *gcopy_slot;
     uint32_t *batch;        /* slots of the batch being assembled */
     struct td_cqe *cqes;
-    char *zeroes;           /* secure discard writes these */
 
     pthread_t thread;
     pthread_mutex_t mu;
@@ -120,6 +120,10 @@ struct td_ring {
     int ctl_efd;
     int exited;
     uint64_t poll_ns;       /* spin this long for work before sleeping (0: never) */
+    uint32_t poll_idle;     /* ...only while this % of CPU time is idle (0: always) */
+    int poll_ok;            /* the last interval was idle enough */
+    uint64_t cpu_at_ns;     /* when `cpu` was read */
+    struct td_cpu_times cpu;
     int stop_seen;          /* disconnect: req_prod when it was asked, served up to there */
     RING_IDX stop_prod;
     int uring_wait;         /* sleeps in io_uring (td_engine_wait), else in poll() */
@@ -153,11 +157,14 @@ static struct td_sring_hdr *hdr(struct td_ring *r)
     return (struct td_sring_hdr *)r->sring;
 }
 
+/* An operation we do not serve is EOPNOTSUPP, never ERROR (blktap since CA-416464): a
+ * guest migrated from a richer back-end may re-issue one, and a hard error can crash it;
+ * Windows xenvbd drops the feature on EOPNOTSUPP. */
 static int16_t rsp_status_of(int err)
 {
     return (int16_t)(err == TD_OK ? BLKIF_RSP_OKAY
-                     : err == TD_ERR_UNSUPPORTED ? BLKIF_RSP_EOPNOTSUPP
-                                                 : BLKIF_RSP_ERROR);
+                     : err == TD_ERR_UNSUPPORTED || err == TD_ERR_OP ? BLKIF_RSP_EOPNOTSUPP
+                                                                     : BLKIF_RSP_ERROR);
 }
 
 static void respond(struct td_ring *r, const struct td_req *req, int err)
@@ -305,16 +312,6 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
     off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
     if (len == 0)
         return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
-    if (sl->req.flag & BLKIF_DISCARD_SECURE) {
-        /* Secure discard: the blocks must not keep the old data, so write zeroes. */
-        for (off_t done = 0; done < len && sl->err == TD_OK;) {
-            size_t n = (size_t)(len - done) < TD_SEG_BYTES ? (size_t)(len - done) : TD_SEG_BYTES;
-            if (pwrite(r->img->fd, r->zeroes, n, off + done) != (ssize_t)n)
-                sl->err = TD_ERR_IO;
-            done += (off_t)n;
-        }
-        return;
-    }
     if (fallocate(r->img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0)
         sl->err = TD_ERR_IO;
 }
@@ -355,7 +352,8 @@ static int take_indirect(struct td_ring *r, uint32_t s)
             return TD_ERR_INDIRECT_GRANT;
     STAT_ADD(r, indirect_pages, npages);
     const struct td_image_info *info = &r->img->info;
-    return td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
+    int err = td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
+    return err ? err : td_req_check_align(&sl->req, sl->segs, info->sector_size);
 }
 
 static void flush_submit(struct td_ring *r);
@@ -489,10 +487,12 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
         sl->op = sl->req.operation;
         sl->segs = sl->req.seg;
         sl->buf = sl->dbuf;
-        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard,
-                               r->max_indirect);
+        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly,
+                               info->discard && r->discard, r->max_indirect);
         if (sl->err == TD_OK && sl->req.operation == BLKIF_OP_INDIRECT)
             sl->err = take_indirect(r, s);
+        else if (sl->err == TD_OK && sl->req.operation != BLKIF_OP_DISCARD)
+            sl->err = td_req_check_align(&sl->req, sl->req.seg, info->sector_size);
         if (sl->err != TD_OK) {
             respond(r, &sl->req, sl->err);
             free_slot(r, s);
@@ -620,6 +620,33 @@ static int spin_for_work(struct td_ring *r, int st)
         }
     } while (now_ns() < end);
     return 0;
+}
+
+/*
+ * May the ring spin now? With a `polling-idle-threshold`, only while that share of all
+ * CPU time was idle over the last interval (blktap's CPU monitor): polling then uses
+ * spare cycles, never a loaded host's. /proc/stat is read at most every
+ * TD_CPU_INTERVAL_NS, by this thread, so the hot path sees a plain flag.
+ */
+#define TD_CPU_INTERVAL_NS 100000000ull
+static int may_poll(struct td_ring *r)
+{
+    if (r->poll_idle == 0)
+        return 1;
+    uint64_t now = now_ns();
+    if (now - r->cpu_at_ns >= TD_CPU_INTERVAL_NS) {
+        struct td_cpu_times cur;
+        if (td_cpu_read(&cur) == 0) {
+            int idle = r->cpu_at_ns ? td_cpu_idle_pct(&r->cpu, &cur) : -1;
+            if (r->cpu_at_ns)
+                r->poll_ok = idle >= 0 && (uint32_t)idle >= r->poll_idle;
+            r->cpu = cur;
+        } else {
+            r->poll_ok = 0;     /* cannot tell: do not spin */
+        }
+        r->cpu_at_ns = now;
+    }
+    return r->poll_ok;
 }
 
 /* A kick from the front-end: take it off the event channel and unmask the port. */
@@ -750,8 +777,13 @@ static void *service(void *arg)
         int blocked = r->held >= 0 || ibufs_exhausted(r);
         if (r->poll_ns && st == RS_RUN && taking && !blocked) {
             flush_submit(r);
-            if (spin_for_work(r, st))
-                continue;
+            if (!may_poll(r)) {
+                STAT_ADD(r, polls_busy, 1);
+            } else {
+                STAT_ADD(r, polls, 1);
+                if (spin_for_work(r, st))
+                    continue;
+            }
         }
         if (st == RS_RUN && taking && !blocked) {
             /* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look once more. */
@@ -804,7 +836,6 @@ static void free_ring(struct td_ring *r)
         munmap(r->ibuf_mem, r->ibuf_mem_len);
     free(r->ibufs);
     free(r->free_ibufs);
-    free(r->zeroes);
     free(r->slots);
     free(r->free_slots);
     free(r->gcopy);
@@ -838,14 +869,15 @@ static void connect_failed(const char *fmt, ...)
 
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
+                    int discard,
                     struct td_ring **out)
 {
     connect_failure[0] = 0;
     if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
-        max_indirect > TD_MAX_INDIRECT_SEGS) {
-        connect_failed("arguments: ring order %u, protocol %d, %u indirect segments", order,
-                       proto, max_indirect);
+        max_indirect > TD_MAX_INDIRECT_SEGS || poll_idle > 100) {
+        connect_failed("arguments: ring order %u, protocol %d, %u indirect segments, "
+                       "idle threshold %u%%", order, proto, max_indirect, poll_idle);
         return -EINVAL;
     }
     struct td_ring *r = calloc(1, sizeof(*r));
@@ -857,6 +889,9 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->ctl_efd = -1;
     r->held = -1;
     r->poll_ns = (uint64_t)poll_us * 1000u;
+    r->poll_idle = poll_idle;
+    r->poll_ok = poll_idle == 0;    /* with a threshold: not before one interval says so */
+    r->st.poll_idle_threshold = poll_idle;
     r->img = img;
     r->domid = domid;
     r->devid = devid;
@@ -865,6 +900,7 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->nslots = TD_RING_SLOTS(proto, r->nr_pages);
     r->max_indirect = max_indirect;
     r->req_timeout_ns = (uint64_t)TD_REQ_TIMEOUT_DEFAULT_S * 1000000000ull;
+    r->discard = discard != 0;
     if (max_indirect) {
         size_t per = (size_t)max_indirect * TD_PAGE_SIZE;
         size_t n = TD_INDIRECT_POOL_BYTES / per;
@@ -880,11 +916,9 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->gcopy_slot = calloc(nseg, sizeof(uint32_t));
     r->batch = calloc(r->nslots, sizeof(uint32_t));
     r->cqes = calloc(r->nslots, sizeof(*r->cqes));
-    r->zeroes = aligned_alloc(TD_PAGE_SIZE, TD_SEG_BYTES);
     if (!r->slots || !r->free_slots || !r->gcopy || !r->gcopy_slot || !r->batch ||
-        !r->cqes || !r->zeroes)
+        !r->cqes)
         goto fail;
-    memset(r->zeroes, 0, TD_SEG_BYTES);
     /* Page-aligned buffers, 11 pages per slot: O_DIRECT needs the alignment. */
     r->bufs = mmap(NULL, (size_t)r->nslots * TD_SEG_BYTES, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -1079,6 +1113,9 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
     out->slots = r->st.slots;
     out->max_indirect = r->st.max_indirect;
     out->indirect_bufs = r->st.indirect_bufs;
+    out->polls = __atomic_load_n(&r->st.polls, __ATOMIC_RELAXED);
+    out->polls_busy = __atomic_load_n(&r->st.polls_busy, __ATOMIC_RELAXED);
+    out->poll_idle_threshold = r->st.poll_idle_threshold;
     /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */
     memcpy(out->halted, r->st.halted, sizeof(out->halted));
     out->halted[sizeof(out->halted) - 1] = 0;

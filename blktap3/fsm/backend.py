@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from blktap3.abi import SECTOR_SIZE, VdiskInfo
+from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE, VdiskInfo
 
 from .effects import (
     DiskInfoQuery,
@@ -83,10 +83,13 @@ class BackendFeatures:
     """What this back-end offers the front-end (keys written at probe and at connect).
 
     `discard` says the back-end may offer discard: it is announced only for a disk whose
-    image can punch holes (`DiskInfo.discard`) and that the guest may write.
+    image can punch holes (`DiskInfo.discard`) and that the guest may write, and not when
+    the toolstack wrote `discard-enable` = 0 (`BackendFound.discard_enabled`).
+    `discard_secure` likewise: `discard-secure` is written, as blkback does, only when
+    the image really erases (`DiskInfo.discard_secure`), and left out otherwise.
     """
 
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True
     flush_cache: bool = True
     discard: bool = True
@@ -95,12 +98,25 @@ class BackendFeatures:
     discard_secure: bool = False
     persistent: bool = False
     max_indirect_segments: int = 0  # 0: feature not offered
+    polling_duration: int = 0  # us the ring spins for work (0: never), from the toolstack
+    polling_idle_threshold: int = 0  # ...only while this % of CPU is idle (0: always)
 
     def probe_keys(self) -> tuple[tuple[str, str], ...]:
-        keys = [("max-ring-page-order", str(self.max_ring_page_order))]
+        keys = [
+            ("max-ring-page-order", str(self.max_ring_page_order)),
+            # The same offer in pages, the legacy key FreeBSD's blkfront reads (blkback
+            # stopped writing it; FreeBSD still falls back to it).
+            ("max-ring-pages", str(1 << self.max_ring_page_order)),
+        ]
         if self.max_indirect_segments:
             keys.append(("feature-max-indirect-segments", str(self.max_indirect_segments)))
         return tuple(keys)
+
+    def for_toolstack(self, found: BackendFound) -> BackendFeatures:
+        """The offer once the toolstack's word on this VBD is known (`discard-enable`)."""
+        return replace(self, discard=self.discard and found.discard_enabled,
+                       polling_duration=found.polling_duration,
+                       polling_idle_threshold=found.polling_idle_threshold)
 
     def discard_for(self, disk: DiskInfo) -> bool:
         writable = not disk.info & (VdiskInfo.READONLY | VdiskInfo.CDROM)
@@ -117,8 +133,9 @@ class BackendFeatures:
             keys += [
                 ("discard-granularity", str(self.discard_granularity)),
                 ("discard-alignment", str(self.discard_alignment)),
-                ("discard-secure", _bit(self.discard_secure)),
             ]
+            if self.discard_secure and disk.discard_secure:
+                keys.append(("discard-secure", "1"))
         keys += [
             ("feature-persistent", _bit(self.persistent)),
             ("sectors", str(disk.sectors)),
@@ -285,6 +302,7 @@ class BackendVbd(SpecMachine):
         if event.cdrom or event.removable:  # a CD-ROM's medium can always be removed
             bits |= VdiskInfo.REMOVABLE
         self.info_bits = bits
+        self.features = self.features.for_toolstack(event)
         # A published state the normal path can continue from without a step xenbus
         # forbids: InitWait (not written again), Connected (adoption), Closed (then
         # InitWait on reconnect).  Closing is not kept: 5 -> 2 is not a xenbus step.
@@ -330,6 +348,9 @@ class BackendVbd(SpecMachine):
         message = XenblkifConnect(
             self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport,
             self.features.max_indirect_segments,  # what the probe keys offered
+            self.features.discard,
+            self.features.polling_duration,
+            self.features.polling_idle_threshold,
         )
         self.emit(SendControl(message))
 

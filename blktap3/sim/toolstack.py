@@ -85,14 +85,16 @@ class Toolstack:
         return VbdPaths(domid, devid, BACKEND_DOMID, self.backend_kind)
 
     def add_vbd(self, domid: int, devid: int, image: Image, *, mode: str = "w",
-                cdrom: bool = False, script: str | None = None) -> VbdPaths:
+                cdrom: bool = False, script: str | None = None,
+                discard: bool | None = None) -> VbdPaths:
         """Write the back-end and front-end directories of a new disk in one transaction
-        (`script`: libxl's hotplug script node, which libxl writes for vbd3 disks)."""
+        (`script`: libxl's hotplug script node, which libxl writes for vbd3 disks;
+        `discard`: libxl's `discard-enable` ("1"/"0"), None leaves the key out)."""
         if domid not in self.machine.domain_ids():
             raise ToolstackError(f"no domain {domid}")
         paths = self.vbd_paths(domid, devid)
         self.xs.transact(lambda tx: write_vbd_nodes(tx, paths, image, mode=mode, cdrom=cdrom,
-                                                    script=script))
+                                                    script=script, discard=discard))
         return paths
 
     def remove_vbd(self, domid: int, devid: int) -> None:

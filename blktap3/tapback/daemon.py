@@ -25,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.abi import MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
 from blktap3.fsm import BackendState, Toolstack
 from blktap3.xenbus import (
@@ -67,7 +68,7 @@ class TapbackConfig:
     backend_kind: str = "vbd3"
     xenstore_timeout: float = 10.0
     tapdisk_timeout: float = 30.0
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True  # offer feature-barrier (blktap's tapback -b: no)
     toolstack: Toolstack = Toolstack.XAPI  # whose hotplug/InitWait order is served
     frontend_domid: int | None = None  # serve only this guest's VBDs (tapback -x)

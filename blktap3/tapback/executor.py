@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from blktap3.abi import SECTOR_SIZE
+from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.fsm import (
@@ -65,7 +65,7 @@ class VbdConfig:
 
     control_root: Path
     tapdisk_timeout: float = 30.0
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True  # feature-barrier (blktap's tapback -b: not offered)
     # xapi: InitWait once hotplug is connected (blktap's order); libxl: InitWait first.
     toolstack: Toolstack = Toolstack.XAPI
@@ -219,7 +219,9 @@ class EffectExecutor:
                 message.minor, domid=message.domid, devid=message.devid,
                 grefs=t.ring_refs, order=len(t.ring_refs).bit_length() - 1,
                 port=t.event_channel, proto=t.protocol,
-                max_indirect_segments=message.max_indirect_segments)
+                max_indirect_segments=message.max_indirect_segments, discard=message.discard,
+                poll_duration=message.poll_duration,
+                poll_idle_threshold=message.poll_idle_threshold)
         except CtlError as exc:
             if exc.errno == errno.EALREADY:
                 self.log.info("ring already connected (adopted)")

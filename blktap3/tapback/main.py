@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 
 import structlog
 
+from blktap3.abi import MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
 from blktap3.fsm import Toolstack
 from blktap3.xenbus import XenStoreConnectionError, XenStoreError, default_socket_path
@@ -138,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "InitWait once hotplug-status is connected) or libxl (Xen >= "
                              "4.19's xl and its block-tap script: InitWait as soon as the "
                              "back-end directory appears; libxl runs block-tap after it)")
-    parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
-                        help="largest ring the front-end may use, 2^N pages (default: 3)")
+    parser.add_argument("--max-ring-page-order", type=int, default=MAX_RING_PAGE_ORDER,
+                        choices=range(0, MAX_RING_PAGE_ORDER + 1),
+                        help="largest ring the front-end may use, 2^N pages "
+                             f"(default: {MAX_RING_PAGE_ORDER})")
     return parser
 
 

@@ -303,7 +303,9 @@ class Tapdisk:
             served = self.connect_ring(
                 vbd.image, domid=ring.domid, devid=ring.devid, grefs=ring.grefs,
                 order=ring.order, port=ring.port, protocol=ring.protocol,
-                poll_us=ring.poll_us, max_indirect_segments=ring.max_indirect_segments,
+                poll_us=ring.poll_us, poll_idle_threshold=ring.poll_idle_threshold,
+                max_indirect_segments=ring.max_indirect_segments,
+                discard=ring.discard,
             )
         except OSError as exc:
             log.warning("ring connect failed", minor=vbd.minor, domid=ring.domid,

@@ -133,8 +133,10 @@ class Image:
 
 
 def write_vbd_nodes(tx: Transaction, paths: VbdPaths, image: Image, *, mode: str = "w",
-                    cdrom: bool = False, script: str | None = None) -> None:
-    """Write both directories of a new disk in `tx` (ToolstackError if either exists)."""
+                    cdrom: bool = False, script: str | None = None,
+                    discard: bool | None = None) -> None:
+    """Write both directories of a new disk in `tx` (ToolstackError if either exists);
+    `discard`: libxl's `discard-enable` ("1"/"0"), None leaves the key out."""
     if mode not in ("r", "w"):
         raise ToolstackError(f"bad mode {mode!r}: r or w")
     device_type = "cdrom" if cdrom else "disk"
@@ -154,6 +156,8 @@ def write_vbd_nodes(tx: Transaction, paths: VbdPaths, image: Image, *, mode: str
     }
     if script is not None:
         backend["script"] = script
+    if discard is not None:
+        backend["discard-enable"] = "1" if discard else "0"
     frontend: dict[str, str] = {
         FrontendKey.BACKEND: paths.backend,
         FrontendKey.BACKEND_ID: str(paths.backend_domid),

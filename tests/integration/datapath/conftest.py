@@ -26,7 +26,8 @@ Spawn = Callable[..., LineProcess]
 @pytest.fixture
 def machine(machine: xensim.Machine) -> xensim.Machine:
     """The shared simulated machine, with two guest domains."""
-    machine.create_domain(GUEST_DOMID, 4096)
+    # 32 MiB: an order-4 ring's 512 slots of 11 data pages each are granted up front.
+    machine.create_domain(GUEST_DOMID, 8192)
     machine.create_domain(GUEST_DOMID + 1, 4096)
     return machine
 

@@ -39,14 +39,14 @@ def disk(system: Host) -> Callable[..., VbdPaths]:
     """`disk(domid, size=..., mode=..., cdrom=...)`: a domain with one hotplugged vbd3 disk."""
 
     def make(domid: int, *, size: int = 16 * MiB, mode: str = "w",
-             cdrom: bool = False) -> VbdPaths:
+             cdrom: bool = False, discard: bool | None = None) -> VbdPaths:
         path = system.run_dir.parent / f"disk{domid}.img"
         with open(path, "wb") as f:
             f.truncate(size)
         image = Image.parse(f"aio:{path}")
         with system.toolstack() as ts:
             ts.create_domain(domid)
-            paths = ts.add_vbd(domid, DEVID, image, mode=mode, cdrom=cdrom)
+            paths = ts.add_vbd(domid, DEVID, image, mode=mode, cdrom=cdrom, discard=discard)
         hotplug_add(system, paths, image, mode=mode)
         return paths
 
@@ -68,6 +68,37 @@ def test_guest_with_tapback_verifies_every_byte(system: Host, disk: Callable[...
     assert result.sectors == 16 * MiB // 512
     assert result.report.io.writes > 0 and result.report.io.mismatches == 0
     assert wait_until(lambda: backend_key(system, paths, "state") == "6")
+
+
+def test_order_4_ring_through_tapback_and_the_control_message(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """16 ring pages: tapback offers order 4 (and 16 pages for FreeBSD), the 16 grant refs
+    reach the tapdisk in XENBLKIF_CONNECT (8 of them in our gref_hi), and serve I/O."""
+    paths = disk(13, size=16 * MiB)
+    assert wait_until(lambda: backend_key(system, paths, "max-ring-pages") == "16")
+    assert backend_key(system, paths, "max-ring-page-order") == "4"
+    with start_guest(system, 13, DEVID, "linux-order4", "randrw", hold=True,
+                     extra=["--qd", "64", "--seconds", "0.3"]) as guest:
+        guest.wait_for_step("holding")
+        with system.xs() as xs:
+            assert xs.read(paths.frontend_key("ring-page-order")) == "4"
+            assert xs.read(paths.frontend_key("ring-ref15")) is not None
+        guest.detach()
+        result = guest.result(60)
+    assert result.ok, result.summary() + "\n" + result.timeline_text()
+    assert result.report.io.writes > 0 and result.report.io.mismatches == 0
+
+
+@pytest.mark.parametrize(("enable", "feature"), [(None, "1"), (False, "0")])
+def test_toolstacks_discard_enable_decides_feature_discard(
+        system: Host, disk: Callable[..., VbdPaths], enable: bool | None, feature: str) -> None:
+    paths = disk(14, discard=enable)
+    with start_guest(system, 14, DEVID, "linux", "none", hold=True) as guest:
+        guest.wait_for_step("holding")
+        assert backend_key(system, paths, "feature-discard") == feature
+        assert backend_key(system, paths, "discard-secure") is None  # a file never erases
+        guest.detach()
+        assert guest.result(30).ok
 
 
 def test_cdrom_is_read_only_for_the_guest(system: Host, disk: Callable[..., VbdPaths]) -> None:

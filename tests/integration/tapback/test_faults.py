@@ -107,6 +107,7 @@ HOSTILE = [
     ({"event-channel": "0x10"}, "event-channel"),
     ({"event-channel": "0"}, "event-channel"),
     ({"ring-page-order": "9"}, "ring-page-order"),
+    ({"ring-page-order": "5"}, "ring-page-order"),  # one past the 16 pages offered
     ({"protocol": "sparc64-abi"}, "protocol"),
     ({"ring-ref": "1" * 40}, "ring-ref"),
     ({"multi-queue-num-queues": "4"}, "multi-queue-num-queues"),

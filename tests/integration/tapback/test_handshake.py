@@ -26,7 +26,8 @@ def test_handshake_connects_and_io_reads_back(host: Host, dom0: XenStore,
                                               guests: GuestFactory) -> None:
     guest = guests(size=8 << 20)
     guest.wait_backend(XenbusState.INIT_WAIT)
-    assert guest.backend("max-ring-page-order") == "3"
+    assert guest.backend("max-ring-page-order") == "4"  # blkback's and QEMU's
+    assert guest.backend("max-ring-pages") == "16"  # the same, for FreeBSD's blkfront
     guest.publish_transport()
     guest.wait_backend(XenbusState.CONNECTED)
     assert guest.backend("sectors") == str((8 << 20) // SECTOR_SIZE)
@@ -138,7 +139,7 @@ def test_backend_waits_for_a_late_frontend(host: Host, dom0: XenStore,
     perms = dom0.get_perms(guest.paths.frontend)
     dom0.rm(guest.paths.frontend)
     service.start(host.run_dir, xenstored_path=str(host.xenstored_path))
-    wait_until(lambda: guest.backend("max-ring-page-order") == "3", what="probe keys")
+    wait_until(lambda: guest.backend("max-ring-page-order") == "4", what="probe keys")
     assert dom0.exists(guest.paths.backend)
     assert guest.backend_state() is XenbusState.INITIALISING
 

@@ -60,7 +60,7 @@ def test_normal_handshake_follows_protocol_order() -> None:
     be = pair.be_path
     assert pair.store.read(f"{be}/sectors") == str(pair.tapdisk.disk.sectors)
     assert pair.store.read(f"{be}/sector-size") == "512"
-    assert pair.store.read(f"{be}/max-ring-page-order") == "3"
+    assert pair.store.read(f"{be}/max-ring-page-order") == "4"
     assert pair.store.perms[f"{be}/sectors"] == ("n0", "r1")
     assert pair.backend_states() == [1, 2, 4]  # no redundant state write
     connect = next(e for _, e in pair.trace
@@ -239,8 +239,8 @@ def test_multi_page_ring_transport_reaches_the_tapdisk() -> None:
 
 
 def test_ring_order_above_our_maximum_is_refused() -> None:
-    pair = VbdPair(transport=FrontendTransportConfig(ring_refs=tuple(range(16))))
+    pair = VbdPair(transport=FrontendTransportConfig(ring_refs=tuple(range(32))))
     pair.create()
     assert pair.backend.state == "failed"
-    assert "ring-page-order: '4': out of range 0..3" in (
+    assert "ring-page-order: '5': out of range 0..4" in (
         pair.store.read(f"{pair.be_path}/error") or "")

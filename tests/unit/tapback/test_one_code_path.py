@@ -124,9 +124,11 @@ class ClientOfFake:
 
     def connect_xenblkif(self: TapdiskClient, minor: int, *, domid: int, devid: int,
                          grefs: tuple[int, ...], order: int, port: int, proto: int,
-                         max_indirect_segments: int = 0) -> None:
+                         max_indirect_segments: int = 0, discard: bool = True,
+                         poll_duration: int = 0, poll_idle_threshold: int = 0) -> None:
         answer = ClientOfFake.fake.answer(XenblkifConnect(
-            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments))
+            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments,
+            discard, poll_duration, poll_idle_threshold))
         if isinstance(answer, RingConnectFailed):
             raise CtlError(answer.errno, answer.message)
 
