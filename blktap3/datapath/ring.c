@@ -259,16 +259,8 @@ static void run_held(struct td_ring *r)
         if (sl->req.nr_segments) {
             grant_copy(r, prep_copy(r, s, 0, 0));
             if (sl->err == TD_OK) {
-                struct td_engine *e = NULL;
-                struct td_cqe c = {0, -EIO};
-                if (td_engine_open(TD_ENGINE_SYNC, 1, &e) == 0) {
-                    td_engine_prep(e, TD_IO_WRITE, r->img->fd, sl->buf,
-                                   (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
-                                   sl->req.sector_number << TD_SECTOR_SHIFT, s);
-                    td_engine_reap(e, &c, 1);
-                    td_engine_close(e);
-                }
-                if (c.res < 0)
+                if (td_image_sync_io(r->img, 1, sl->buf, sl->req.sector_number,
+                                     (uint32_t)sl->req.nr_sectors) != 0)
                     sl->err = TD_ERR_IO;
                 else
                     STAT_ADD(r, sectors_written, sl->req.nr_sectors);
@@ -346,6 +338,28 @@ static int take_indirect(struct td_ring *r, uint32_t s)
 
 static void flush_submit(struct td_ring *r);
 
+/* A request the image cannot map to one extent (a VHD block to allocate, a bitmap to
+ * update, a read through a chain): served here, synchronously, then answered. */
+static void run_sync(struct td_ring *r, uint32_t s)
+{
+    struct td_slot *sl = &r->slots[s];
+    int write = sl->op == BLKIF_OP_WRITE;
+    if (td_image_sync_io(r->img, write, sl->buf, sl->req.sector_number,
+                         (uint32_t)sl->req.nr_sectors) != 0)
+        sl->err = TD_ERR_IO;
+    else if (!write)
+        grant_copy(r, prep_copy(r, s, 1, 0));
+    if (sl->err == TD_OK) {
+        if (write)
+            STAT_ADD(r, sectors_written, sl->req.nr_sectors);
+        else
+            STAT_ADD(r, sectors_read, sl->req.nr_sectors);
+    }
+    respond(r, &sl->req, sl->err);
+    free_slot(r, s);
+    r->inflight--;
+}
+
 /* Grant-copy the data of the writes among batch[0..n) (`ncopy` segments prepared), then
  * queue the I/O of the batch. */
 static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
@@ -362,9 +376,16 @@ static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
             continue;
         }
         int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
-        int rc = td_engine_prep(r->eng, op, r->img->fd, sl->buf,
-                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
-                                sl->req.sector_number << TD_SECTOR_SHIFT, s);
+        uint64_t off = 0;
+        int fd = is_null(r) ? -1
+                            : td_image_map(r->img, op == TD_IO_WRITE, sl->req.sector_number,
+                                           (uint32_t)sl->req.nr_sectors, &off);
+        if (fd < 0 && !is_null(r)) {
+            run_sync(r, s);
+            continue;
+        }
+        int rc = td_engine_prep(r->eng, op, fd, sl->buf,
+                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT), off, s);
         if (rc != 0) {
             respond(r, &sl->req, TD_ERR_IO);
             free_slot(r, s);
