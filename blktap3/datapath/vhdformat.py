@@ -540,7 +540,8 @@ def _write_dynamic(f: BinaryIO, p: Path, size: int, block_size: int,
     # one in every dynamic image that "tap" created (vhd_has_batmap). Ours stays zero:
     # a clear bit only means "look at the block's bitmap".
     batmap_at = bat_off + bat_bytes
-    batmap_secs = max(1, -(-(-(-entries // 8)) // SECTOR))
+    batmap_bytes = (entries + 7) // 8
+    batmap_secs = max(1, (batmap_bytes + SECTOR - 1) // SECTOR)
     batmap = bytearray(SECTOR)
     struct.pack_into(">8sQIII", batmap, 0, BATMAP_COOKIE, batmap_at + SECTOR, batmap_secs,
                      BATMAP_VERSION, 0xFFFF_FFFF)  # the checksum of an all-zero map

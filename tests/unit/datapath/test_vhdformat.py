@@ -102,7 +102,7 @@ def test_header_checksum_mismatch_is_refused(image: Path) -> None:
 def test_bat_entry_past_the_end_is_refused(image: Path) -> None:
     layer = vhd.Layer.open(image)
     _bat_entry(image, layer, 1, image.stat().st_size // 512)
-    with pytest.raises(vhd.VhdError, match="BAT entry 1: block at .* runs past the end"):
+    with pytest.raises(vhd.VhdError, match=r"BAT entry 1: block at .* runs past the end"):
         vhd.Layer.open(image)
 
 
@@ -124,7 +124,7 @@ def test_overlapping_blocks_are_refused(image: Path) -> None:
     _poke(image, end + 5 * MiB - 512, layer.footer.pack())
     _bat_entry(image, layer, 0, end // 512)
     _bat_entry(image, layer, 1, end // 512 + 8)
-    with pytest.raises(vhd.VhdError, match="block 0 at .* overlaps block 1"):
+    with pytest.raises(vhd.VhdError, match=r"block 0 at .* overlaps block 1"):
         vhd.Layer.open(image)
 
 
@@ -166,7 +166,7 @@ def test_parent_with_another_uuid_is_refused(tmp_path: Path) -> None:
     vhd.create(tmp_path / "b.vhd", 0, parent=tmp_path / "a.vhd")
     (tmp_path / "a.vhd").unlink()
     vhd.create(tmp_path / "a.vhd", 4 * MiB)  # same name, new disk
-    with pytest.raises(vhd.VhdError, match="has UUID .* the child expects"):
+    with pytest.raises(vhd.VhdError, match=r"has UUID .* the child expects"):
         vhd.open_chain(tmp_path / "b.vhd")
 
 
@@ -185,7 +185,7 @@ def test_missing_parent_is_enoent(tmp_path: Path) -> None:
     vhd.create(tmp_path / "a.vhd", 4 * MiB)
     vhd.create(tmp_path / "b.vhd", 0, parent=tmp_path / "a.vhd")
     (tmp_path / "a.vhd").unlink()
-    with pytest.raises(vhd.VhdError, match="parent ./a.vhd not found") as exc:
+    with pytest.raises(vhd.VhdError, match=r"parent ./a.vhd not found") as exc:
         vhd.open_chain(tmp_path / "b.vhd")
     assert exc.value.errno == 2
 
