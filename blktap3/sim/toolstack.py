@@ -33,7 +33,7 @@ from .xensim import DomainInfo, Machine
 
 BACKEND_DOMID = 0
 DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
-IMAGE_DRIVERS = ("aio", "raw")
+IMAGE_DRIVERS = ("aio", "raw", "vhd")
 XVD_MAJOR = 202
 
 
