@@ -57,15 +57,15 @@ def disk(system: Host) -> Callable[..., VbdPaths]:
 
 def test_guest_with_tapback_on_a_vhd_verifies_every_byte(
         system: Host, disk: Callable[..., VbdPaths]) -> None:
-    paths = disk(4, size=16 * MiB, vhd=True)
-    result = run_guest(system, 4, DEVID, "linux", "randrw", timeout=60,
+    paths = disk(8, size=16 * MiB, vhd=True)
+    result = run_guest(system, 8, DEVID, "linux", "randrw", timeout=60,
                        extra=["--seconds", "0.3"])
     assert result.ok, result.summary() + "\n" + result.timeline_text()
     assert result.sectors == 16 * MiB // 512
     assert result.report.io.writes > 0 and result.report.io.mismatches == 0
     assert wait_until(lambda: backend_key(system, paths, "state") == "6")
     # The image the guest wrote through tapdisk is still a valid VHD.
-    vhdformat.open_chain(system.run_dir.parent / "disk4.img")
+    vhdformat.open_chain(system.run_dir.parent / "disk8.img")
 
 
 def backend_key(host: Host, paths: VbdPaths, key: str) -> str | None:
