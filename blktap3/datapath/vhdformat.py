@@ -398,7 +398,8 @@ class Layer:
         if not names:
             raise VhdError(self.path, "differencing disk with no usable parent locator")
         for name in names:
-            cand = Path(name) if os.path.isabs(name) else self.path.parent / name
+            # As blktap's vhd_find_parent: relative to the child's folder, canonical.
+            cand = Path(os.path.realpath(self.path.parent / name))
             if cand.exists():
                 return cand
         raise VhdError(self.path, f"parent {names[0]} not found", errno.ENOENT)
@@ -552,14 +553,7 @@ def _write_dynamic(f: BinaryIO, p: Path, size: int, block_size: int,
     kind = DiskType.DYNAMIC
     if parent is not None:
         kind = DiskType.DIFF
-        # As blktap's vhd_write_parent_locators: MACX, W2KU, W2RU, each holding the
-        # parent's path relative to the child ("./a.vhd"; ".\\a.vhd" in UTF-16LE for
-        # the Windows two), data_space in bytes.
-        rel = os.path.relpath(parent.path.resolve(), p.resolve().parent)
-        win = ".\\" + rel.replace("/", "\\")
-        for code, blob in ((Platform.MACX, f"file://./{rel}".encode()),
-                           (Platform.W2KU, win.encode("utf-16-le")),
-                           (Platform.W2RU, win.encode("utf-16-le"))):
+        for code, blob in _locator_blobs(p, parent.path):
             space = -(-len(blob) // SECTOR) * SECTOR
             locators.append(Locator(code, space, len(blob), end))
             blobs.append((end, blob))
@@ -598,3 +592,83 @@ def set_hidden(path: str | os.PathLike[str], hidden: int) -> None:
         f.write(footer)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _locator_blobs(child: Path, parent: Path) -> list[tuple[int, bytes]]:
+    """MACX, W2KU, W2RU, each holding the parent's path relative to the child
+    ("./a.vhd"; ".\\a.vhd" in UTF-16LE for the Windows two): blktap's
+    vhd_write_parent_locators."""
+    rel = os.path.relpath(parent.resolve(), child.resolve().parent)
+    win = ".\\" + rel.replace("/", "\\")
+    return [(Platform.MACX, f"file://./{rel}".encode()),
+            (Platform.W2KU, win.encode("utf-16-le")),
+            (Platform.W2RU, win.encode("utf-16-le"))]
+
+
+def reparent(child: Layer, parent: Layer) -> None:
+    """Point a differencing disk at `parent` (blktap's vhd_change_parent): UUID,
+    timestamp, name and locators change; each locator keeps its space (ENOSPC if the
+    new name does not fit)."""
+    assert child.header is not None
+    slots = [loc for loc in child.header.locators if loc.code != Platform.NONE]
+    blobs = _locator_blobs(child.path, parent.path)
+    if len(slots) < len(blobs):
+        raise VhdError(child.path, "not enough parent locators to re-parent", errno.ENOSPC)
+    locators = []
+    writes = []
+    for slot, (code, blob) in zip(slots, blobs, strict=False):
+        if len(blob) > slot.space_bytes:
+            raise VhdError(child.path, f"parent name {parent.path} does not fit the locator",
+                           errno.ENOSPC)
+        locators.append(Locator(code, slot.data_space, len(blob), slot.data_offset))
+        writes.append((slot.data_offset, blob.ljust(slot.space_bytes, b"\0")))
+    header = replace(child.header, parent_uuid=parent.footer.uuid,
+                     parent_timestamp=_mtime(parent.path), parent_name=parent.path.name,
+                     locators=tuple(locators))
+    with open(child.path, "r+b") as f:
+        for off, blob in writes:
+            f.seek(off)
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())    # the locators before the header that names them
+        f.seek(child.footer.data_offset)
+        f.write(header.pack())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def repair_footer(path: str | os.PathLike[str]) -> None:
+    """A dynamic disk whose end footer is lost (a crash while the file grew, a
+    truncation): the copy at offset 0 is written after the last block, the file cut
+    there (blktap's vhd-util repair)."""
+    p = Path(path)
+    with open(p, "r+b") as f:
+        footer = Footer.unpack(f.read(FOOTER_SIZE), p, "copy at offset 0")
+        if footer.disk_type == DiskType.FIXED:
+            raise VhdError(p, "a fixed disk has no footer copy to repair from")
+        f.seek(footer.data_offset)
+        header = Header.unpack(f.read(HEADER_SIZE), p)
+        f.seek(header.table_offset)
+        raw = f.read(header.max_table_entries * 4)
+        if len(raw) != header.max_table_entries * 4:
+            raise VhdError(p, "truncated inside its BAT")
+        bat = struct.unpack(f">{header.max_table_entries}I", raw)
+        bitmap = -(-(header.block_size // SECTOR) // 8 // SECTOR) * SECTOR
+        end = header.table_offset + -(-len(raw) // SECTOR) * SECTOR
+        for loc in header.locators:
+            if loc.code != Platform.NONE:
+                end = max(end, loc.data_offset + loc.space_bytes)
+        f.seek(end)
+        head = f.read(SECTOR)
+        if head[:8] == BATMAP_COOKIE:
+            boff, bsecs = struct.unpack_from(">QI", head, 8)
+            end = max(end, boff + bsecs * SECTOR)
+        for e in bat:
+            if e != BAT_UNUSED:
+                end = max(end, e * SECTOR + bitmap + header.block_size)
+        f.truncate(end)
+        f.seek(end)
+        f.write(footer.pack())
+        f.flush()
+        os.fsync(f.fileno())
+    Layer.open(p)

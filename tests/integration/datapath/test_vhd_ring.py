@@ -5,13 +5,13 @@ qemu-img (dynamic, fixed) and by the chain read back through the driver."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from blktap3.datapath import vhdformat as vhd
 from blktap3.datapath.lineproc import LineProcess
+from tests.support.tools import run_tool
 
 from .conftest import DISK_BYTES, GUEST_DOMID, Spawn, connect
 from .test_ring_io import stamp_block
@@ -31,8 +31,7 @@ def guest_run(guest: LineProcess, g: dict[str, object], *, read_pct: int, stamp:
 
 def raw_of(path: Path, tmp: Path) -> bytes:
     out = tmp / "out.raw"
-    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(path), str(out)],
-                   check=True)
+    run_tool("qemu-img", "convert", "-f", "vpc", "-O", "raw", path, out)
     return out.read_bytes()
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from blktap3.datapath import Image
 from blktap3.datapath import vhdformat as vhd
+from tests.support.tools import run_tool
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -26,8 +26,7 @@ needs_blktap = pytest.mark.skipif(VHD_UTIL is None or not VHD_UTIL.exists(),
 
 
 def run(*cmd: str | Path) -> str:
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True,
-                          text=True).stdout
+    return run_tool(*cmd).stdout
 
 
 def to_raw(path: Path) -> bytes:

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from blktap3.datapath import vhdformat as vhd
+from tests.support.tools import run_tool
 
 MiB = 1 << 20
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-utils missing")
 
 
 def qemu_vhd(path: Path, size: str, subformat: str) -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "vpc", "-o",
-                    f"subformat={subformat},force_size=on", str(path), size], check=True)
+    run_tool("qemu-img", "create", "-q", "-f", "vpc", "-o",
+             f"subformat={subformat},force_size=on", path, size)
     return path
 
 
@@ -34,9 +34,8 @@ def test_qemu_images_parse_with_their_size_and_type(tmp_path: Path, subformat: s
 @needs_qemu
 def test_our_dynamic_image_is_what_qemu_img_reads(tmp_path: Path) -> None:
     vhd.create(tmp_path / "ours.vhd", 10 * MiB)
-    info = subprocess.run(["qemu-img", "info", "-f", "vpc", "--output=json",
-                           str(tmp_path / "ours.vhd")], check=True, capture_output=True,
-                          text=True).stdout
+    info = run_tool("qemu-img", "info", "-f", "vpc", "--output=json",
+                    tmp_path / "ours.vhd").stdout
     assert '"virtual-size": 10485760' in info
 
 
