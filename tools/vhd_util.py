@@ -31,7 +31,9 @@ class Usage(Exception):
         self.err = err
 
 
-def _opts(args: list[str], spec: str, usage: str) -> dict[str, str]:
+def _opts(args: list[str], spec: str, usage: str, required: str = "n") -> dict[str, str]:
+    """getopt as blktap's commands call it; a missing `required` option is a usage
+    error too."""
     try:
         pairs, rest = getopt.getopt(args, spec)
     except getopt.GetoptError:
@@ -44,6 +46,9 @@ def _opts(args: list[str], spec: str, usage: str) -> dict[str, str]:
     if "h" in opts:
         print(usage)
         raise Usage(0)
+    if any(k not in opts for k in required):
+        print(usage)
+        raise Usage()
     return opts
 
 
@@ -69,10 +74,7 @@ CREATE_USAGE = ("options: <-n name> <-s size (MB)> [-r reserve] [-h help] "
 
 def create(args: list[str]) -> int:
     # vhd-util-create.c: -s is required; size in MiB, rounded up to whole 2 MiB blocks.
-    o = _opts(args, "n:s:S:rh", CREATE_USAGE)
-    if "n" not in o or "s" not in o:
-        print(CREATE_USAGE)
-        return -errno.EINVAL
+    o = _opts(args, "n:s:S:rh", CREATE_USAGE, "ns")
     size = _strtoull(o["s"]) * MiB
     size = -(-size // vhd.DEFAULT_BLOCK_SIZE) * vhd.DEFAULT_BLOCK_SIZE
     if "S" in o and _strtoull(o["S"]) * MiB < size:
@@ -97,10 +99,7 @@ SNAPSHOT_USAGE = ("options: <-n name> <-p parent name> [-l snapshot depth limit]
 
 
 def snapshot(args: list[str]) -> int:
-    o = _opts(args, "n:p:S:l:meh", SNAPSHOT_USAGE)
-    if "n" not in o or "p" not in o:
-        print(SNAPSHOT_USAGE)
-        return -errno.EINVAL
+    o = _opts(args, "n:p:S:l:meh", SNAPSHOT_USAGE, "np")
     if "m" in o:
         print("raw parents are not supported", file=sys.stderr)
         return -errno.EOPNOTSUPP
@@ -165,9 +164,6 @@ def _marker(layer: vhd.Layer) -> int:
 def query(args: list[str]) -> int:
     # vhd-util-query.c: each asked field on its own line, in this order.
     o = _opts(args, "n:vspfdSmauh", QUERY_USAGE)
-    if "n" not in o:
-        print(QUERY_USAGE)
-        return -errno.EINVAL
     name = o["n"]
     try:
         layer = vhd.Layer.open(name)
@@ -231,9 +227,6 @@ def _check_one(name: str | Path, ignore_uuid: bool) -> int:
 
 def check(args: list[str]) -> int:
     o = _opts(args, "n:iItpbBsh", CHECK_USAGE)
-    if "n" not in o:
-        print(CHECK_USAGE)
-        return -errno.EINVAL
     name = o["n"]
     if not os.path.exists(name):
         print(f"cannot stat {name}: {errno.ENOENT}")
@@ -260,10 +253,7 @@ SET_USAGE = "options: <-n name> <-f field> <-v value> [-h help]"
 
 
 def set_field(args: list[str]) -> int:
-    o = _opts(args, "n:f:v:h", SET_USAGE)
-    if "n" not in o or "f" not in o or "v" not in o:
-        print(SET_USAGE)
-        return -errno.EINVAL
+    o = _opts(args, "n:f:v:h", SET_USAGE, "nfv")
     field = o["f"]
     if field not in ("hidden", "marker"):
         print(f"invalid field {field}")
@@ -310,9 +300,6 @@ COALESCE_USAGE = ("options: <-n name> [-a ancestor] [-o output] [-s sparse] "
 def coalesce(args: list[str]) -> int:
     """Write the sectors the child holds into its parent (vhd-util-coalesce.c)."""
     o = _opts(args, "n:o:a:x:sph", COALESCE_USAGE)
-    if "n" not in o:
-        print(COALESCE_USAGE)
-        return -errno.EINVAL
     from blktap3.datapath import Image
     try:
         child = vhd.Layer.open(o["n"])
@@ -358,8 +345,8 @@ MODIFY_USAGE = ("options: <-n name> [-s size (in bytes)] [-P parent_path] "
 def modify(args: list[str]) -> int:
     """`-p PARENT`: point the differencing disk at another parent (vhd_change_parent):
     its UUID, timestamp, name and locators; the locators keep their space."""
-    o = _opts(args, "n:s:p:P:mzh", MODIFY_USAGE)
-    if "n" not in o or "p" not in o or set(o) - {"n", "p"}:
+    o = _opts(args, "n:s:p:P:mzh", MODIFY_USAGE, "np")
+    if set(o) - {"n", "p"}:
         print(MODIFY_USAGE)
         return -errno.EINVAL
     try:
@@ -387,9 +374,6 @@ def repair(args: list[str]) -> int:
     """vhd-util-repair.c: a dynamic disk whose end footer is lost or damaged gets its
     footer back from the copy at offset 0, written at the end of its data."""
     o = _opts(args, "n:h", REPAIR_USAGE)
-    if "n" not in o:
-        print(REPAIR_USAGE)
-        return -errno.EINVAL
     name = o["n"]
     try:
         vhd.Layer.open(name)
