@@ -463,12 +463,13 @@ def read_chain(chain: list[Layer], sector: int, count: int) -> bytes:
     out = bytearray(count * SECTOR)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(layer.path, "rb")) for layer in chain]
+        bitmaps: dict[tuple[int, int], bytes] = {}
         for i in range(count):
             s = sector + i
             for layer, f in zip(chain, files, strict=True):
                 if s >= layer.sectors:
                     continue
-                off = _sector_offset(layer, f, s)
+                off = _sector_offset(layer, f, s, bitmaps)
                 if off is None:
                     continue
                 f.seek(off)
@@ -477,14 +478,18 @@ def read_chain(chain: list[Layer], sector: int, count: int) -> bytes:
     return bytes(out)
 
 
-def _sector_offset(layer: Layer, f: BinaryIO, s: int) -> int | None:
+def _sector_offset(layer: Layer, f: BinaryIO, s: int,
+                   bitmaps: dict[tuple[int, int], bytes]) -> int | None:
     if layer.header is None:
         return s * SECTOR
     spb = layer.block_size // SECTOR
     blk, idx = divmod(s, spb)
     if layer.bat[blk] == BAT_UNUSED:
         return None
-    if not bit(layer.bitmap(f, blk), idx):
+    key = (id(layer), blk)
+    if key not in bitmaps:
+        bitmaps[key] = layer.bitmap(f, blk)
+    if not bit(bitmaps[key], idx):
         return None
     return layer.bat[blk] * SECTOR + layer.bitmap_size + idx * SECTOR
 
