@@ -21,3 +21,12 @@ def run_tool(*cmd: str | Path, check: bool = True) -> subprocess.CompletedProces
     """Run an external tool; its output as text."""
     return subprocess.run([str(c) for c in cmd], check=check, capture_output=True,
                           text=True, env=tool_env(), timeout=120)
+
+
+def blktap_vhd_util() -> Path | None:
+    """blktap's vhd-util in the blktap install prefix BLKTAP_BUILD names (as for
+    blktap3.tools.parity: `configure --prefix=P`, `make install` in vhd/ puts it in
+    P/bin), or None."""
+    prefix = os.environ.get("BLKTAP_BUILD")
+    tool = Path(prefix, "bin", "vhd-util") if prefix else None
+    return tool if tool is not None and tool.exists() else None

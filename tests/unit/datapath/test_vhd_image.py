@@ -5,7 +5,6 @@ into a dynamic image qemu-img then converts."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -14,15 +13,14 @@ import pytest
 
 from blktap3.datapath import Image
 from blktap3.datapath import vhdformat as vhd
-from tests.support.tools import run_tool
+from tests.support.tools import blktap_vhd_util, run_tool
 
 MiB = 1 << 20
 SIZE = 8 * MiB
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-utils missing")
-BLKTAP = os.environ.get("BLKTAP_BUILD")
-VHD_UTIL = Path(BLKTAP, "vhd", "vhd-util") if BLKTAP else None
-needs_blktap = pytest.mark.skipif(VHD_UTIL is None or not VHD_UTIL.exists(),
-                                  reason="set BLKTAP_BUILD to a blktap build for its vhd-util")
+VHD_UTIL = blktap_vhd_util()
+needs_blktap = pytest.mark.skipif(VHD_UTIL is None,
+                                  reason="set BLKTAP_BUILD to a blktap install prefix")
 
 
 def run(*cmd: str | Path) -> str:
@@ -164,3 +162,27 @@ def test_chains_blktap_made_read_through_ours(tmp_path: Path) -> None:
         img.close()
     for f in (base, mid, leaf):
         assert "is valid" in run(VHD_UTIL, "check", "-n", f)
+
+
+def test_a_parent_shared_by_two_open_leaves_is_never_written(tmp_path: Path) -> None:
+    base = tmp_path / "base.vhd"
+    vhd.create(base, SIZE)
+    img = Image.open("vhd", str(base))
+    try:
+        img.write(0, b"\x01" * SIZE)
+    finally:
+        img.close()
+    before = base.read_bytes()
+    leaves = []
+    for i in (1, 2):
+        vhd.create(tmp_path / f"leaf{i}.vhd", 0, parent=base)
+        leaves.append(Image.open("vhd", str(tmp_path / f"leaf{i}.vhd")))
+    try:
+        leaves[0].write(8, b"\x0a" * 4096)
+        leaves[1].write(8, b"\x0b" * 1024)
+        assert leaves[0].read(8, 8) == b"\x0a" * 4096
+        assert leaves[1].read(8, 8) == b"\x0b" * 1024 + b"\x01" * 3072
+    finally:
+        for leaf in leaves:
+            leaf.close()
+    assert base.read_bytes() == before

@@ -14,14 +14,13 @@ from blktap3.tools import vhd_util
 
 from blktap3.datapath import Image
 from blktap3.datapath import vhdformat as vhd
-from tests.support.tools import run_tool
+from tests.support.tools import blktap_vhd_util, run_tool
 
 MiB = 1 << 20
-BLKTAP = os.environ.get("BLKTAP_BUILD")
-BLKTAP_VHD_UTIL = Path(BLKTAP, "vhd", "vhd-util") if BLKTAP else None
+BLKTAP_VHD_UTIL = blktap_vhd_util()
 needs_blktap = pytest.mark.skipif(
-    BLKTAP_VHD_UTIL is None or not BLKTAP_VHD_UTIL.exists(),
-    reason="set BLKTAP_BUILD to a blktap build to compare with its vhd-util")
+    BLKTAP_VHD_UTIL is None,
+    reason="set BLKTAP_BUILD to a blktap install prefix to compare with its vhd-util")
 
 
 def ours(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
