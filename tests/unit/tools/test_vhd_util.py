@@ -172,3 +172,38 @@ def test_errors_on_non_vhd_and_missing_files(capsys: pytest.CaptureFixture[str],
     assert rc == 22 and out == f"error opening {tmp_path / 'raw.img'}: -22\n"
     rc, out = ours(capsys, "check", "-n", tmp_path / "raw.img")
     assert rc == 22 and out.splitlines()[-1].endswith("appears invalid; dumping metadata")
+
+
+def test_scan_prints_one_line_per_image(capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    vhd.create(base, 4 * MiB)
+    vhd.create(leaf, 0, parent=base)
+    vhd.set_hidden(base, 1)
+    # vhd-util-scan.c:300: vhd= capacity= size= hidden= parent=, basenames without -v.
+    rc, out = ours(capsys, "scan", "-f", "-m", tmp_path / "*.vhd")
+    assert rc == 0 and out.splitlines() == [
+        f"vhd=base.vhd capacity={4 * MiB} size={base.stat().st_size} hidden=1 parent=none",
+        f"vhd=leaf.vhd capacity={4 * MiB} size={leaf.stat().st_size} hidden=0 "
+        "parent=base.vhd"]
+    (tmp_path / "bad.vhd").write_bytes(bytes(1024))
+    rc, out = ours(capsys, "scan", "-c", "-m", tmp_path / "*.vhd")
+    assert rc == 0 and "vhd=" + str(tmp_path / "bad.vhd") + " scan-error=-22" in out
+
+
+@needs_blktap
+def test_scan_matches_blktaps(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    base, mid, leaf = (tmp_path / n for n in ("base.vhd", "mid.vhd", "leaf.vhd"))
+    theirs("create", "-n", base, "-s", "8")
+    fill(base, 11)
+    theirs("snapshot", "-n", mid, "-p", base)
+    fill(mid, 12)
+    ours(capsys, "snapshot", "-n", leaf, "-p", mid)
+    theirs("set", "-n", mid, "-f", "hidden", "-v", "1")
+    for opts in (["-f"], ["-v"], ["-f", "-M"]):
+        args = ["scan", *opts, "-m", str(tmp_path / "*.vhd")]
+        rc, out = ours(capsys, *args)
+        trc, tout = theirs(*args)
+        assert (rc, sorted(out.splitlines())) == (trc, sorted(tout.splitlines()))
+    args = ["scan", "-a", str(leaf)]
+    assert ours(capsys, *args) == theirs(*args)
