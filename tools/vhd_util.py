@@ -4,7 +4,8 @@ Same commands, options (getopt strings), output lines and exit codes as blktap's
 vhd/vhd-util.c and vhd/lib/vhd-util-*.c (v4.0.8): a command returns a negative errno,
 the process exits with its absolute value; bad options print the command's usage line
 (on stdout, as blktap does) and exit 22. Commands: create, snapshot, query, check, set,
-coalesce, modify (-p: re-parent), repair, scan (files). Data moves through the C data path's VHD
+coalesce, modify (-p: re-parent), repair, scan (files), resize (growing within
+the BAT). Data moves through the C data path's VHD
 driver (`Image.open("vhd", ...)`), metadata through `blktap3.datapath.vhdformat`.
 """
 
@@ -82,7 +83,7 @@ def create(args: list[str]) -> int:
         print("Error: <-S size> must be greater than <-s size>")
         return -errno.EINVAL
     try:
-        vhd.create(o["n"], size, fixed="r" in o)
+        vhd.create(o["n"], size, fixed="r" in o, max_size=_strtoull(o.get("S", "0")) * MiB)
     except FileExistsError:
         # blktap truncates; refusing to destroy an image is the safer answer.
         print(f"{o['n']}: failed to create: {-errno.EEXIST}", file=sys.stderr)
@@ -114,7 +115,8 @@ def snapshot(args: list[str]) -> int:
             if depth + 1 > limit:
                 print(f"snapshot depth exceeded: current depth: {depth}, limit: {limit}")
                 return -errno.ENOSPC
-        vhd.create(o["n"], vhd.Layer.open(o["p"]).footer.current_size, parent=target)
+        vhd.create(o["n"], vhd.Layer.open(o["p"]).footer.current_size, parent=target,
+                   max_size=_strtoull(o.get("S", "0")) * MiB)
     except OSError as exc:
         print(str(exc), file=sys.stderr)
         return _err(exc)
@@ -389,6 +391,29 @@ def repair(args: list[str]) -> int:
     return 0
 
 
+# ---- resize ------------------------------------------------------------------------
+
+RESIZE_USAGE = ("options: <-n name> <-s size (in MB)> (<-j journal>|<-f fast>) [-h help]")
+
+
+def resize(args: list[str]) -> int:
+    """vhd-util-resize.c, growing a dynamic disk within its BAT (what `-f` does, and
+    what `-j` does when no block has to move; no journal is needed then). Shrinking,
+    fixed disks, and growing past the BAT (blocks moved under a journal) are refused."""
+    o = _opts(args, "n:s:j:fh", RESIZE_USAGE, "ns")
+    if ("j" in o) == ("f" in o):
+        print(RESIZE_USAGE)
+        return -errno.EINVAL
+    size = _strtoull(o["s"]) * MiB
+    size = -(-size // vhd.DEFAULT_BLOCK_SIZE) * vhd.DEFAULT_BLOCK_SIZE
+    try:
+        vhd.grow(o["n"], size)
+    except OSError as exc:
+        print(f"resize failed: {_err(exc)} ({exc.strerror or exc})")
+        return _err(exc)
+    return 0
+
+
 # ---- scan --------------------------------------------------------------------------
 
 SCAN_USAGE = ("usage: [OPTIONS] FILES\n"
@@ -474,7 +499,7 @@ def _scan_one(name: str, *, fast: bool, verbose: bool,
 COMMANDS: dict[str, Command] = {
     "create": create, "snapshot": snapshot, "query": query, "check": check,
     "set": set_field, "coalesce": coalesce, "modify": modify, "repair": repair,
-    "scan": scan,
+    "scan": scan, "resize": resize,
 }
 
 

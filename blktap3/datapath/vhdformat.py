@@ -505,9 +505,10 @@ def new_footer(disk_type: int, size: int, data_offset: int) -> Footer:
 
 def create(path: str | os.PathLike[str], size: int, *, fixed: bool = False,
            parent: str | os.PathLike[str] | None = None,
-           block_size: int = DEFAULT_BLOCK_SIZE) -> Layer:
+           block_size: int = DEFAULT_BLOCK_SIZE, max_size: int = 0) -> Layer:
     """A new fixed, dynamic or (with `parent`) differencing VHD of `size` bytes (a
-    differencing disk takes its parent's size when `size` is 0). Refuses to overwrite."""
+    differencing disk takes its parent's size when `size` is 0), its BAT large enough to
+    grow to `max_size` without moving blocks (blktap's -S). Refuses to overwrite."""
     p = Path(path)
     if size % SECTOR or size < 0:
         raise VhdError(p, f"size {size} is not a multiple of 512")
@@ -530,7 +531,7 @@ def create(path: str | os.PathLike[str], size: int, *, fixed: bool = False,
                 f.seek(size)
                 f.write(footer.pack())
             else:
-                _write_dynamic(f, p, size, block_size, parent_layer)
+                _write_dynamic(f, p, size, block_size, parent_layer, max(size, max_size))
     except BaseException:
         p.unlink(missing_ok=True)
         raise
@@ -538,8 +539,8 @@ def create(path: str | os.PathLike[str], size: int, *, fixed: bool = False,
 
 
 def _write_dynamic(f: BinaryIO, p: Path, size: int, block_size: int,
-                   parent: Layer | None) -> None:
-    entries = -(-size // block_size)
+                   parent: Layer | None, max_size: int) -> None:
+    entries = -(-max_size // block_size)
     bat_off = FOOTER_SIZE + HEADER_SIZE
     bat_bytes = -(-entries * 4 // SECTOR) * SECTOR
     # blktap's batmap (a bit per block, "all its sectors allocated"): its tools expect
@@ -588,7 +589,30 @@ def _mtime(p: Path) -> int:
 def set_hidden(path: str | os.PathLike[str], hidden: int) -> None:
     """blktap's `vhd-util set -f hidden`: both footers, checksum recomputed."""
     layer = Layer.open(path)
-    footer = replace(layer.footer, hidden=hidden).pack()
+    _write_footers(path, layer, replace(layer.footer, hidden=hidden))
+
+
+def grow(path: str | os.PathLike[str], size: int) -> None:
+    """A dynamic disk's new, larger size, within the blocks its BAT can map (blktap's
+    vhd_dynamic_grow_fast): no block moves, only the footers change."""
+    layer = Layer.open(path)
+    if layer.header is None:
+        raise VhdError(path, "resizing a fixed disk is not supported", errno.EOPNOTSUPP)
+    if size < layer.footer.current_size:
+        raise VhdError(path, f"size ({size}) < curr size ({layer.footer.current_size})")
+    if size > MAX_SIZE:
+        raise VhdError(path, f"size {size} exceeds VHD's limit of {MAX_SIZE} bytes "
+                             "(2040 GiB)", errno.EFBIG)
+    if -(-size // layer.block_size) > layer.header.max_table_entries:
+        raise VhdError(path, f"{size} bytes need more blocks than the BAT's "
+                             f"{layer.header.max_table_entries} (moving blocks to grow "
+                             "the BAT is not supported)", errno.EOPNOTSUPP)
+    _write_footers(path, layer, replace(layer.footer, current_size=size,
+                                        geometry=geometry(size)))
+
+
+def _write_footers(path: str | os.PathLike[str], layer: Layer, new: Footer) -> None:
+    footer = new.pack()
     with open(path, "r+b") as f:
         if layer.header is not None:
             f.seek(0)

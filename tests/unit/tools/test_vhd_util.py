@@ -207,3 +207,23 @@ def test_scan_matches_blktaps(capsys: pytest.CaptureFixture[str], tmp_path: Path
         assert (rc, sorted(out.splitlines())) == (trc, sorted(tout.splitlines()))
     args = ["scan", "-a", str(leaf)]
     assert ours(capsys, *args) == theirs(*args)
+
+
+def test_resize_grows_within_the_bat_and_refuses_the_rest(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    p = tmp_path / "d.vhd"
+    assert ours(capsys, "create", "-n", p, "-s", "8", "-S", "64")[0] == 0
+    fill(p, 13)
+    img = Image.open("vhd", str(p), readonly=True)
+    before = img.read(0, img.info.sectors)
+    img.close()
+    assert ours(capsys, "resize", "-n", p, "-s", "32", "-f")[0] == 0
+    assert ours(capsys, "query", "-n", p, "-v", "-S")[1] == "32\n64\n"
+    img = Image.open("vhd", str(p), readonly=True)
+    assert img.info.sectors == 32 * MiB // 512
+    assert img.read(0, len(before) // 512) == before
+    img.close()
+    assert ours(capsys, "resize", "-n", p, "-s", "16", "-f")[0] == 22    # shrink
+    assert ours(capsys, "resize", "-n", p, "-s", "128", "-j", tmp_path / "j")[0] == 95
+    assert ours(capsys, "resize", "-n", p, "-s", "40")[0] == 22          # no -f, no -j
+    assert ours(capsys, "check", "-n", p)[0] == 0
