@@ -123,15 +123,20 @@ int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int re
         return rc;
     }
     struct stat st;
+    if (fstat(img->fd, &st) != 0) {
+        rc = -errno;
+        td_vhd_close(img->vhd);
+        free(img);
+        return rc;
+    }
     img->readonly = readonly;
     img->info.sectors = layers[0].sectors;
     img->info.sector_size = 512;
     img->info.info = readonly ? VDISK_READONLY : 0;
     img->info.o_direct = direct;
-    img->info.physical_sector_size =
-        fstat(img->fd, &st) == 0 ? physical_sector_size(img->fd, &st) : 512;
-    /* DISCARD is not offered: a VHD block cannot be freed without moving others. */
-    img->info.discard = 0;
+    img->info.physical_sector_size = physical_sector_size(img->fd, &st);
+    /* DISCARD punches holes under the leaf's data (vhd.c says what it reclaims). */
+    img->info.discard = !readonly && can_punch(img->fd, (uint64_t)st.st_size);
     *out = img;
     return 0;
 }

@@ -283,6 +283,12 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
     off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
     if (len == 0)
         return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
+    if (r->img->vhd) {
+        if (td_vhd_discard(r->img->vhd, sl->req.sector_number, sl->req.nr_sectors,
+                           sl->req.flag & BLKIF_DISCARD_SECURE) != 0)
+            sl->err = TD_ERR_IO;
+        return;
+    }
     if (sl->req.flag & BLKIF_DISCARD_SECURE) {
         /* Secure discard: the blocks must not keep the old data, so write zeroes. */
         for (off_t done = 0; done < len && sl->err == TD_OK;) {

@@ -27,6 +27,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -37,6 +38,7 @@
 #define VHD_FIXED 2u
 #define VHD_DIFF 4u
 #define VHD_ALIGN 4096u     /* blocks are placed where their data is page aligned */
+#define VHD_ZERO_CHUNK (64u << 10)
 
 enum { BM_UNKNOWN = 0, BM_FULL = 1, BM_PARTIAL = 2 };
 
@@ -60,6 +62,7 @@ struct td_vhd {
     struct td_vhd_layer *l; /* [0] is the leaf */
     char *footer;           /* the leaf's footer, rewritten at each new end */
     char *bmbuf;            /* scratch: a bitmap being read or written */
+    char *zeroes;           /* secure discard writes these (allocated on first use) */
 };
 
 static void *aligned(size_t len)
@@ -309,6 +312,50 @@ static int vhd_write(struct td_vhd *v, const char *buf, uint64_t sector, uint32_
     return 0;
 }
 
+/* What DISCARD reclaims: the file system's space under the leaf's data of the range
+ * (holes punched; the blocks stay in the BAT, their sectors now read as zeros, which
+ * also hides what a parent holds there). Secure: zeros written instead. The file does
+ * not shrink (a block in the middle cannot go without moving the ones after it), and a
+ * parent is never touched: data a snapshot shares cannot be erased from the leaf. */
+static int discard_extent(struct td_vhd *v, int fd, uint64_t off, uint64_t len, int secure)
+{
+    if (!secure)
+        return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                         (off_t)len) == 0 ? 0 : -errno;
+    for (uint64_t done = 0; done < len;) {
+        size_t n = len - done < VHD_ZERO_CHUNK ? (size_t)(len - done) : VHD_ZERO_CHUNK;
+        int rc = td_pio(fd, 1, v->zeroes, n, off + done);
+        if (rc)
+            return rc;
+        done += n;
+    }
+    return 0;
+}
+
+int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr, int secure)
+{
+    struct td_vhd_layer *l = &v->l[0];
+    if (secure && !v->zeroes && !(v->zeroes = aligned(VHD_ZERO_CHUNK)))
+        return -ENOMEM;
+    if (l->type == VHD_FIXED)
+        return discard_extent(v, l->fd, sector << TD_SECTOR_SHIFT, nr << TD_SECTOR_SHIFT,
+                              secure);
+    uint64_t spb = (uint64_t)1 << l->spb_shift;
+    while (nr) {
+        uint64_t blk = sector >> l->spb_shift, idx = sector & (spb - 1);
+        uint64_t n = spb - idx < nr ? spb - idx : nr;
+        if (bat_get(l, blk) != VHD_UNUSED) {
+            int rc = discard_extent(v, l->fd, block_off(l, blk) + l->bm_bytes +
+                                    (idx << TD_SECTOR_SHIFT), n << TD_SECTOR_SHIFT, secure);
+            if (rc)
+                return rc;
+        }
+        sector += n;
+        nr -= n;
+    }
+    return 0;
+}
+
 int td_vhd_io(struct td_vhd *v, int write, void *buf, uint64_t sector, uint32_t nr)
 {
     return write ? vhd_write(v, buf, sector, nr) : vhd_read(v, buf, sector, nr);
@@ -336,6 +383,7 @@ void td_vhd_close(struct td_vhd *v)
     free(v->l);
     free(v->footer);
     free(v->bmbuf);
+    free(v->zeroes);
     free(v);
 }
 

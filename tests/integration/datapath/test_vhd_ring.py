@@ -77,3 +77,26 @@ def test_a_snapshot_reads_its_parent_and_keeps_the_guests_writes(
     assert all(got[s * 512 : (s + 1) * 512] == want[s] for s in range(SPAN))
     # The parent was not written.
     assert vhd.read_chain(chain[1:], 0, 8) == b"".join(stamp_block(s, 5) for s in range(8))
+
+
+def test_discard_on_a_snapshot_punches_the_leaf_and_reads_zeros(
+        host: LineProcess, guest: LineProcess, tmp_path: Path) -> None:
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    vhd.create(base, DISK_BYTES)
+    vhd.create(leaf, 0, parent=base)
+    g = connect(host, guest, leaf, driver="vhd")
+    guest_run(guest, g, read_pct=0, stamp=7, span=4096 * 2)   # two whole blocks
+    used = leaf.stat().st_blocks
+    guest.call("submit", reqs=[
+        {"op": 5, "sector": 0, "nr_sectors": 4096},           # block 0: punched
+        {"op": 5, "sector": 4096, "nr_sectors": 8, "flag": 1},  # secure: zeros written
+        {"op": 5, "sector": 3 * 4096, "nr_sectors": 64},      # never written: nothing
+    ])
+    assert guest.call("collect", n=3) == [OKAY, OKAY, OKAY]
+    host.call("disconnect", name="r")
+    host.call("close_image", name="r")
+    # Block 0's 2 MiB of data went back to the file system (st_blocks: 512-byte units).
+    assert used - leaf.stat().st_blocks >= (2 << 20) // 512
+    got = vhd.read_chain(vhd.open_chain(leaf), 0, 2 * 4096)
+    assert got[: 4096 * 512 + 8 * 512] == bytes(4096 * 512 + 8 * 512)
+    assert all(got[s * 512 : (s + 1) * 512] == stamp_block(s, 7) for s in range(4104, 8192))
