@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from blktap3.abi import SECTOR_SIZE
 from blktap3.datapath import vhdformat as vhd
 
 MiB = 1 << 20
@@ -151,7 +152,7 @@ def physical_size(layer: vhd.Layer) -> int:
     span = layer.bitmap_size + layer.block_size
     for e in layer.bat:
         if e != vhd.BAT_UNUSED:
-            end = max(end, e * vhd.SECTOR + span)
+            end = max(end, e * SECTOR_SIZE + span)
     return end + vhd.FOOTER_SIZE
 
 
@@ -160,7 +161,7 @@ def _marker(layer: vhd.Layer) -> int:
         return 0
     with open(layer.path, "rb") as f:
         f.seek(layer.header.table_offset + layer.bat_bytes)
-        head = f.read(vhd.SECTOR)
+        head = f.read(SECTOR_SIZE)
     return head[28] if head[:8] == vhd.BATMAP_COOKIE else 0
 
 
@@ -285,7 +286,7 @@ def _set_marker(name: str, value: int) -> None:
     at = layer.header.table_offset + layer.bat_bytes
     with open(name, "r+b") as f:
         f.seek(at)
-        head = bytearray(f.read(vhd.SECTOR))
+        head = bytearray(f.read(SECTOR_SIZE))
         if head[:8] != vhd.BATMAP_COOKIE:
             raise OSError(errno.EINVAL, "no batmap")
         head[28] = value
@@ -314,7 +315,7 @@ def coalesce(args: list[str]) -> int:
         print(f"error opening {o['n']}: {_err(exc)}")
         return _err(exc)
     try:
-        spb = child.block_size // vhd.SECTOR
+        spb = child.block_size // SECTOR_SIZE
         with open(child.path, "rb") as f:
             for blk, entry in enumerate(child.bat):
                 if entry == vhd.BAT_UNUSED:
@@ -328,8 +329,8 @@ def coalesce(args: list[str]) -> int:
                     n = 1
                     while i + n < spb and vhd.bit(bitmap, i + n):
                         n += 1
-                    f.seek(entry * vhd.SECTOR + child.bitmap_size + i * vhd.SECTOR)
-                    parent.write(blk * spb + i, f.read(n * vhd.SECTOR))
+                    f.seek(entry * SECTOR_SIZE + child.bitmap_size + i * SECTOR_SIZE)
+                    parent.write(blk * spb + i, f.read(n * SECTOR_SIZE))
                     i += n
     except OSError as exc:
         print(f"error coalescing {o['n']}: {_err(exc)}")

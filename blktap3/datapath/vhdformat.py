@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
-SECTOR = 512
+from blktap3.abi import SECTOR_SIZE
+
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
 FOOTER_COOKIE = b"conectix"
@@ -80,7 +81,7 @@ def vhd_time(unix: float | None = None) -> int:
 
 def geometry(size: int) -> int:
     """CHS as the spec's appendix computes it (what qemu and blktap store)."""
-    sectors = min(size // SECTOR, 65535 * 16 * 255)
+    sectors = min(size // SECTOR_SIZE, 65535 * 16 * 255)
     if sectors >= 65535 * 16 * 63:
         spt, heads = 255, 16
         cth = sectors // spt
@@ -146,7 +147,7 @@ class Footer:
             raise VhdError(path, f"footer {where}: unsupported version 0x{version:08x}")
         if dtype not in (DiskType.FIXED, DiskType.DYNAMIC, DiskType.DIFF):
             raise VhdError(path, f"footer {where}: unsupported disk type {dtype}")
-        if cur % SECTOR:
+        if cur % SECTOR_SIZE:
             raise VhdError(path, f"footer {where}: size {cur} is not a multiple of 512")
         if cur > MAX_SIZE:
             raise VhdError(path, f"footer {where}: size {cur} exceeds VHD's limit of "
@@ -172,9 +173,9 @@ class Locator:
     @property
     def space_bytes(self) -> int:
         """blktap's rule (vhd_parent_locator_size): < 512 counts sectors, else bytes."""
-        if self.data_space < SECTOR:
-            return self.data_space * SECTOR
-        return self.data_space if self.data_space % SECTOR == 0 else 0
+        if self.data_space < SECTOR_SIZE:
+            return self.data_space * SECTOR_SIZE
+        return self.data_space if self.data_space % SECTOR_SIZE == 0 else 0
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class Header:
             raise VhdError(path, f"unsupported header version 0x{version:08x}")
         # blktap opens blocks of at most 2 MiB (vhd_validate_header); at least 4 KiB
         # keeps a block's bitmap in one sector.
-        if block_size & (block_size - 1) or not SECTOR * 8 <= block_size <= DEFAULT_BLOCK_SIZE:
+        if block_size & (block_size - 1) or not SECTOR_SIZE * 8 <= block_size <= DEFAULT_BLOCK_SIZE:
             raise VhdError(path, f"unsupported block size {block_size}")
         locators = []
         for i in range(8):
@@ -243,7 +244,7 @@ class Layer:
     @property
     def data_start(self) -> int:
         """No block starts below this (the end of the metadata, or a lower block)."""
-        used = [e * SECTOR for e in self.bat if e != BAT_UNUSED]
+        used = [e * SECTOR_SIZE for e in self.bat if e != BAT_UNUSED]
         return min([self.batmap_end, *used])
 
     @property
@@ -252,7 +253,7 @@ class Layer:
 
     @property
     def sectors(self) -> int:
-        return self.footer.current_size // SECTOR
+        return self.footer.current_size // SECTOR_SIZE
 
     @property
     def block_size(self) -> int:
@@ -261,13 +262,13 @@ class Layer:
     @property
     def bitmap_size(self) -> int:
         """Bytes of a block's sector bitmap, padded to whole sectors."""
-        bits = self.block_size // SECTOR
-        return -(-bits // 8 // SECTOR) * SECTOR
+        bits = self.block_size // SECTOR_SIZE
+        return -(-bits // 8 // SECTOR_SIZE) * SECTOR_SIZE
 
     @property
     def bat_bytes(self) -> int:
         assert self.header is not None
-        return -(-self.header.max_table_entries * 4 // SECTOR) * SECTOR
+        return -(-self.header.max_table_entries * 4 // SECTOR_SIZE) * SECTOR_SIZE
 
     @property
     def is_diff(self) -> bool:
@@ -315,7 +316,7 @@ class Layer:
             # other difference is damage, but the end footer is the one that counts.
             Footer.unpack(copy, p, "copy at offset 0")
         hoff = footer.data_offset
-        if hoff % SECTOR or hoff < FOOTER_SIZE or hoff + HEADER_SIZE > size - FOOTER_SIZE:
+        if hoff % SECTOR_SIZE or hoff < FOOTER_SIZE or hoff + HEADER_SIZE > size - FOOTER_SIZE:
             raise VhdError(p, f"header offset {hoff} is outside the file")
         header = Header.unpack(read_at(hoff, HEADER_SIZE), p)
         layer.header = header
@@ -325,7 +326,7 @@ class Layer:
                               f"{footer.current_size} bytes ({need} blocks)")
         toff = header.table_offset
         meta_end = layer.footer_offset
-        if toff % SECTOR:
+        if toff % SECTOR_SIZE:
             raise VhdError(p, f"BAT at {toff} is not sector aligned")
         if toff < FOOTER_SIZE or toff + layer.bat_bytes > meta_end:
             raise VhdError(p, f"BAT at {toff} ({layer.bat_bytes} bytes) runs past the data")
@@ -335,19 +336,19 @@ class Layer:
         regions = [(0, FOOTER_SIZE, "footer copy"), (hoff, HEADER_SIZE, "header"),
                    (toff, layer.bat_bytes, "BAT")]
         bm_at = toff + layer.bat_bytes
-        if bm_at + SECTOR <= meta_end:
-            bm = read_at(bm_at, SECTOR)
+        if bm_at + SECTOR_SIZE <= meta_end:
+            bm = read_at(bm_at, SECTOR_SIZE)
             if bm[:8] == BATMAP_COOKIE:
                 boff, bsecs = struct.unpack_from(">QI", bm, 8)
-                regions.append((bm_at, SECTOR, "batmap header"))
-                if boff % SECTOR or boff + bsecs * SECTOR > meta_end:
+                regions.append((bm_at, SECTOR_SIZE, "batmap header"))
+                if boff % SECTOR_SIZE or boff + bsecs * SECTOR_SIZE > meta_end:
                     raise VhdError(p, f"batmap at {boff} runs past the data")
-                regions.append((boff, bsecs * SECTOR, "batmap"))
+                regions.append((boff, bsecs * SECTOR_SIZE, "batmap"))
         for i, loc in enumerate(header.locators):
             if loc.code == Platform.NONE:
                 continue
             space = loc.space_bytes
-            if loc.data_offset % SECTOR or loc.data_len > space or \
+            if loc.data_offset % SECTOR_SIZE or loc.data_len > space or \
                     loc.data_offset + space > meta_end or loc.data_offset < FOOTER_SIZE:
                 raise VhdError(p, f"parent locator {i} at {loc.data_offset} is outside "
                                   f"the metadata")
@@ -357,7 +358,7 @@ class Layer:
         for blk, entry in enumerate(layer.bat):
             if entry == BAT_UNUSED:
                 continue
-            off = entry * SECTOR
+            off = entry * SECTOR_SIZE
             if blk >= need:
                 raise VhdError(p, f"BAT entry {blk} is beyond the disk's {need} blocks")
             if off + span > meta_end:
@@ -406,7 +407,7 @@ class Layer:
 
     def bitmap(self, f: BinaryIO, blk: int) -> bytes:
         """Block `blk`'s sector bitmap (an open file of this layer)."""
-        f.seek(self.bat[blk] * SECTOR)
+        f.seek(self.bat[blk] * SECTOR_SIZE)
         return f.read(self.bitmap_size)
 
 
@@ -460,7 +461,7 @@ def _identity(p: Path) -> tuple[int, int]:
 
 def read_chain(chain: list[Layer], sector: int, count: int) -> bytes:
     """Read sectors through the chain (tools and tests; the data path does this in C)."""
-    out = bytearray(count * SECTOR)
+    out = bytearray(count * SECTOR_SIZE)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(layer.path, "rb")) for layer in chain]
         bitmaps: dict[tuple[int, int], bytes] = {}
@@ -473,7 +474,8 @@ def read_chain(chain: list[Layer], sector: int, count: int) -> bytes:
                 if off is None:
                     continue
                 f.seek(off)
-                out[i * SECTOR : (i + 1) * SECTOR] = f.read(SECTOR).ljust(SECTOR, b"\0")
+                at = i * SECTOR_SIZE
+                out[at : at + SECTOR_SIZE] = f.read(SECTOR_SIZE).ljust(SECTOR_SIZE, b"\0")
                 break
     return bytes(out)
 
@@ -481,8 +483,8 @@ def read_chain(chain: list[Layer], sector: int, count: int) -> bytes:
 def _sector_offset(layer: Layer, f: BinaryIO, s: int,
                    bitmaps: dict[tuple[int, int], bytes]) -> int | None:
     if layer.header is None:
-        return s * SECTOR
-    spb = layer.block_size // SECTOR
+        return s * SECTOR_SIZE
+    spb = layer.block_size // SECTOR_SIZE
     blk, idx = divmod(s, spb)
     if layer.bat[blk] == BAT_UNUSED:
         return None
@@ -491,7 +493,7 @@ def _sector_offset(layer: Layer, f: BinaryIO, s: int,
         bitmaps[key] = layer.bitmap(f, blk)
     if not bit(bitmaps[key], idx):
         return None
-    return layer.bat[blk] * SECTOR + layer.bitmap_size + idx * SECTOR
+    return layer.bat[blk] * SECTOR_SIZE + layer.bitmap_size + idx * SECTOR_SIZE
 
 
 # ---- writing new images ------------------------------------------------------------
@@ -510,7 +512,7 @@ def create(path: str | os.PathLike[str], size: int, *, fixed: bool = False,
     differencing disk takes its parent's size when `size` is 0), its BAT large enough to
     grow to `max_size` without moving blocks (blktap's -S). Refuses to overwrite."""
     p = Path(path)
-    if size % SECTOR or size < 0:
+    if size % SECTOR_SIZE or size < 0:
         raise VhdError(p, f"size {size} is not a multiple of 512")
     parent_layer = None
     if parent is not None:
@@ -542,17 +544,17 @@ def _write_dynamic(f: BinaryIO, p: Path, size: int, block_size: int,
                    parent: Layer | None, max_size: int) -> None:
     entries = -(-max_size // block_size)
     bat_off = FOOTER_SIZE + HEADER_SIZE
-    bat_bytes = -(-entries * 4 // SECTOR) * SECTOR
+    bat_bytes = -(-entries * 4 // SECTOR_SIZE) * SECTOR_SIZE
     # blktap's batmap (a bit per block, "all its sectors allocated"): its tools expect
     # one in every dynamic image that "tap" created (vhd_has_batmap). Ours stays zero:
     # a clear bit only means "look at the block's bitmap".
     batmap_at = bat_off + bat_bytes
     batmap_bytes = (entries + 7) // 8
-    batmap_secs = max(1, (batmap_bytes + SECTOR - 1) // SECTOR)
-    batmap = bytearray(SECTOR)
-    struct.pack_into(">8sQIII", batmap, 0, BATMAP_COOKIE, batmap_at + SECTOR, batmap_secs,
+    batmap_secs = max(1, (batmap_bytes + SECTOR_SIZE - 1) // SECTOR_SIZE)
+    batmap = bytearray(SECTOR_SIZE)
+    struct.pack_into(">8sQIII", batmap, 0, BATMAP_COOKIE, batmap_at + SECTOR_SIZE, batmap_secs,
                      BATMAP_VERSION, 0xFFFF_FFFF)  # the checksum of an all-zero map
-    end = batmap_at + SECTOR + batmap_secs * SECTOR
+    end = batmap_at + SECTOR_SIZE + batmap_secs * SECTOR_SIZE
     locators: list[Locator] = []
     blobs: list[tuple[int, bytes]] = []
     header = Header(bat_off, entries, block_size)
@@ -560,7 +562,7 @@ def _write_dynamic(f: BinaryIO, p: Path, size: int, block_size: int,
     if parent is not None:
         kind = DiskType.DIFF
         for code, blob in _locator_blobs(p, parent.path):
-            space = -(-len(blob) // SECTOR) * SECTOR
+            space = -(-len(blob) // SECTOR_SIZE) * SECTOR_SIZE
             locators.append(Locator(code, space, len(blob), end))
             blobs.append((end, blob))
             end += space
@@ -574,7 +576,7 @@ def _write_dynamic(f: BinaryIO, p: Path, size: int, block_size: int,
     f.write(header.pack())
     f.write(b"\xff" * (entries * 4) + b"\0" * (bat_bytes - entries * 4))
     f.seek(batmap_at)
-    f.write(bytes(batmap) + bytes(batmap_secs * SECTOR))
+    f.write(bytes(batmap) + bytes(batmap_secs * SECTOR_SIZE))
     for off, blob in blobs:
         f.seek(off)
         f.write(blob)
@@ -682,19 +684,19 @@ def repair_footer(path: str | os.PathLike[str]) -> None:
         if len(raw) != header.max_table_entries * 4:
             raise VhdError(p, "truncated inside its BAT")
         bat = struct.unpack(f">{header.max_table_entries}I", raw)
-        bitmap = -(-(header.block_size // SECTOR) // 8 // SECTOR) * SECTOR
-        end = header.table_offset + -(-len(raw) // SECTOR) * SECTOR
+        bitmap = -(-(header.block_size // SECTOR_SIZE) // 8 // SECTOR_SIZE) * SECTOR_SIZE
+        end = header.table_offset + -(-len(raw) // SECTOR_SIZE) * SECTOR_SIZE
         for loc in header.locators:
             if loc.code != Platform.NONE:
                 end = max(end, loc.data_offset + loc.space_bytes)
         f.seek(end)
-        head = f.read(SECTOR)
+        head = f.read(SECTOR_SIZE)
         if head[:8] == BATMAP_COOKIE:
             boff, bsecs = struct.unpack_from(">QI", head, 8)
-            end = max(end, boff + bsecs * SECTOR)
+            end = max(end, boff + bsecs * SECTOR_SIZE)
         for e in bat:
             if e != BAT_UNUSED:
-                end = max(end, e * SECTOR + bitmap + header.block_size)
+                end = max(end, e * SECTOR_SIZE + bitmap + header.block_size)
         f.truncate(end)
         f.seek(end)
         f.write(footer.pack())
