@@ -14,7 +14,7 @@ from blktap3.datapath.lineproc import LineProcess
 from tests.support.tools import run_tool
 
 from .conftest import DISK_BYTES, GUEST_DOMID, Spawn, connect
-from .test_ring_io import stamp_block
+from .test_ring_io import EOPNOTSUPP, stamp_block
 
 pytestmark = pytest.mark.integration
 OKAY = 0
@@ -89,14 +89,15 @@ def test_discard_on_a_snapshot_punches_the_leaf_and_reads_zeros(
     used = leaf.stat().st_blocks
     guest.call("submit", reqs=[
         {"op": 5, "sector": 0, "nr_sectors": 4096},           # block 0: punched
-        {"op": 5, "sector": 4096, "nr_sectors": 8, "flag": 1},  # secure: zeros written
+        {"op": 5, "sector": 4096, "nr_sectors": 8, "flag": 1},  # secure: refused, kept
         {"op": 5, "sector": 3 * 4096, "nr_sectors": 64},      # never written: nothing
     ])
-    assert guest.call("collect", n=3) == [OKAY, OKAY, OKAY]
+    assert guest.call("collect", n=3) == [OKAY, EOPNOTSUPP, OKAY]
     host.call("disconnect", name="r")
     host.call("close_image", name="r")
     # Block 0's 2 MiB of data went back to the file system (st_blocks: 512-byte units).
     assert used - leaf.stat().st_blocks >= (2 << 20) // 512
     got = vhd.read_chain(vhd.open_chain(leaf), 0, 2 * 4096)
-    assert got[: 4096 * 512 + 8 * 512] == bytes(4096 * 512 + 8 * 512)
-    assert all(got[s * 512 : (s + 1) * 512] == stamp_block(s, 7) for s in range(4104, 8192))
+    assert got[: 4096 * 512] == bytes(4096 * 512)
+    # No image of ours erases securely: a secure discard is refused and changes nothing.
+    assert all(got[s * 512 : (s + 1) * 512] == stamp_block(s, 7) for s in range(4096, 8192))
