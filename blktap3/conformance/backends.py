@@ -71,7 +71,7 @@ FAULTS = {
     "forgets-sectors": "publishes Connected without `sectors`",
     "guest-writable-keys": "writes its keys writable by the guest",
     "no-reconnect": "stays Closed when the front-end starts over at Initialising",
-    "publishes-initialised": "publishes 3 (a front-end-only state) before InitWait",
+    "publishes-initialised": "publishes Initialised (3, a front-end-only state) where InitWait is due",
     "no-error-node": "closes a front-end with bad transport keys without an `error` node",
 }
 
@@ -182,7 +182,9 @@ class DoubleBackend:
             self._write(vbd, {"state": "6"})
         elif be == "1" and fe in ("1", "3", "4"):
             if self.fault == "publishes-initialised":
-                self._write(vbd, {"state": "3"})
+                self._write(vbd, {"max-ring-page-order": str(self.max_ring_page_order),
+                                  "state": "3"})
+                return
             if self.fault == "skips-initwait":
                 if fe in ("3", "4"):
                     self._connect(vbd, frontend)

@@ -15,12 +15,12 @@ def table(results: Sequence[ScenarioResult], *, steps: bool = True) -> str:
     """One line per scenario (name, personality, back-end, verdict), then, under each
     that did not pass, its steps with what was expected and what was observed."""
     width = max((len(r.scenario.name) for r in results), default=8)
-    lines = [f"{'scenario':<{width}}  {'personality':<16} {'backend':<22} {'xs':<5} "
+    lines = [f"{'scenario':<{width}}  {'personality':<16} {'backend':<28} {'xs':<5} "
              f"{'steps':>5}  verdict"]
     for r in results:
         n_ok = sum(1 for s in r.steps if s.verdict == "pass")
         lines.append(f"{r.scenario.name:<{width}}  {r.scenario.personality:<16} "
-                     f"{r.backend:<22} {r.xenstored:<5} {n_ok:>2}/{len(r.steps):<2}  "
+                     f"{r.backend:<28} {r.xenstored:<5} {n_ok:>2}/{len(r.steps):<2}  "
                      f"{MARK[r.verdict]}")
         if r.verdict in ("xfail", "XPASS") and r.scenario.xfail:
             lines.append(f"    expected to fail: {r.scenario.xfail}")
