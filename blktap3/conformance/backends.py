@@ -71,7 +71,8 @@ FAULTS = {
     "forgets-sectors": "publishes Connected without `sectors`",
     "guest-writable-keys": "writes its keys writable by the guest",
     "no-reconnect": "stays Closed when the front-end starts over at Initialising",
-    "publishes-initialised": "publishes Initialised (3, a front-end-only state) where InitWait is due",
+    "publishes-initialised":
+        "publishes Initialised (3, a front-end-only state) where InitWait is due",
     "no-error-node": "closes a front-end with bad transport keys without an `error` node",
 }
 
