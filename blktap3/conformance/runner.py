@@ -28,7 +28,7 @@ from blktap3.ctl import ops
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import ResumeFlags
 from blktap3.sim.host import Host
-from blktap3.sim.hotplug import Attached, hotplug_remove
+from blktap3.sim.hotplug import Attached, hotplug_add, hotplug_remove
 from blktap3.sim.toolstack import Image
 from blktap3.sim.xenstored import Kind
 from blktap3.xenbus import VbdPaths, WatchStream, XenbusState, XenStoreError
@@ -107,6 +107,7 @@ class _Run:
         self.paths: VbdPaths | None = None
         self.attached: Attached | None = None
         self.image: Path | None = None
+        self.mode = "w"
         self.guests: dict[str, ScriptedGuest] = {}
         self.observed: dict[str, Any] = {}  # what the last action produced
 
@@ -165,6 +166,12 @@ class _Run:
             case "remove_key":
                 path = self._dir_key(g, str(p.get("dir", "frontend")), str(p["key"]))
                 self._xs_write(lambda: g.xs.rm(path))
+            case "hotplug":
+                self.hotplug()
+            case "toolstack_write":
+                assert self.paths is not None
+                with self.host.xs() as xs:
+                    xs.write(self.paths.backend_key(str(p["key"])), str(p["value"]))
             case "resize":
                 self.resize(int(p["size_mib"]))
             case "kill_tapdisk":
@@ -186,14 +193,25 @@ class _Run:
                 raise StepFailed(f"no such action {step.do}")
 
     def attach(self, p: Mapping[str, Any]) -> None:
+        """The domain, then its disk's nodes as the toolstack writes them, then (unless
+        `hotplug = false`: libxl's order, which runs it once the back-end is at InitWait)
+        the hotplug step."""
         self.image = self.host.run_dir / f"disk{self.domid}.img"
         with open(self.image, "wb") as f:
             f.truncate(int(p.get("size_mib", 16)) * MiB)
+        self.mode = str(p.get("mode", "w"))
         with self.host.toolstack() as ts:
             ts.create_domain(self.domid)
-        self.paths, self.attached = self.host.attach_disk(
-            self.domid, DEVID, Image.parse(f"aio:{self.image}"), mode=str(p.get("mode", "w")),
-            cdrom=bool(p.get("cdrom", False)))
+            self.paths = ts.add_vbd(self.domid, DEVID, Image.parse(f"aio:{self.image}"),
+                                    mode=self.mode, cdrom=bool(p.get("cdrom", False)))
+        if p.get("hotplug", True):
+            self.hotplug()
+
+    def hotplug(self) -> None:
+        """The block-tap hotplug step: tapdisk created, physical-device-path, connected."""
+        assert self.paths is not None and self.image is not None
+        self.attached = hotplug_add(self.host, self.paths, Image.parse(f"aio:{self.image}"),
+                                    mode=self.mode)
 
     def detach(self) -> XenbusState | None:
         """libxl's detach (online=0, Closing, wait for Closed, hotplug remove, directories

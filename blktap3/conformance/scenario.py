@@ -29,7 +29,9 @@ DIRECTORY = "conformance"
 
 # action -> its parameters and their types (a tuple: any of these)
 ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
-    "attach": {"mode": (str,), "cdrom": (bool,), "size_mib": (int,)},
+    "attach": {"mode": (str,), "cdrom": (bool,), "size_mib": (int,), "hotplug": (bool,)},
+    "hotplug": {},
+    "toolstack_write": {"key": (str,), "value": (str,)},
     "wait_backend": {"states": (list,)},
     "open_ring": {"order": (int,)},
     "write_transport": {"tx": (bool,), "state": (int,), "omit": (list,),

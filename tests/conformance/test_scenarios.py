@@ -71,7 +71,7 @@ def test_the_command_exits_0_and_writes_json_when_all_pass(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report.json"
     assert cli.main(["--only", "linux-connect-io-detach", "--only", "linux-multiqueue",
-                     "--json", str(out)]) == cli.EXIT_OK
+                     "--json", str(out), "--timeout", "5"]) == cli.EXIT_OK
     report = json.loads(out.read_text())
     verdicts = {s["name"]: s["verdict"] for s in report["scenarios"]}
     assert verdicts == {"linux-connect-io-detach": "pass", "linux-multiqueue": "xfail"}
