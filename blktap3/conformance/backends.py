@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from blktap3.xenbus import (
     Transaction,
     WatchStream,
     XenbusValueError,
+    XenStore,
     XenStoreError,
     owned_by,
     parse_frontend_transport,
@@ -33,6 +36,30 @@ from blktap3.xenbus import (
 from blktap3.xenbus.perms import Access, Permission
 
 ROOT = "/local/domain/0/backend/vbd3"
+RESTART_TIMEOUT = 10.0
+STATUS_POLL = 0.05
+# Machine states a VBD is in before tapback knows what it serves (spec backend_vbd).
+NOT_SETTLED = {"waiting_hotplug", "adopting", "adopting_disk", "adopting_transport",
+               "adopting_ring", "querying_disk"}
+
+
+def _ls(xs: XenStore, path: str) -> list[str]:
+    try:
+        return [n for n in xs.ls(path) if n.isdigit()]
+    except XenStoreError:
+        return []
+
+
+def _settled_vbds(path: Path, pid: int | None) -> set[tuple[int, int]]:
+    """The VBDs tapback `pid`'s status file shows past hotplug and adoption."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    if pid is None or status.get("pid") != pid:
+        return set()
+    return {(int(v["domid"]), int(v["devid"])) for v in status.get("vbds", [])
+            if v.get("state") not in NOT_SETTLED}
 
 
 class Backend(Protocol):
@@ -40,7 +67,8 @@ class Backend(Protocol):
 
     def start(self, host: Host) -> None: ...
 
-    def restart(self, host: Host) -> None: ...
+    def restart(self, host: Host) -> None:
+        """Stop and start again; return once the back-end serves what it found."""
 
     def stop(self, host: Host) -> None: ...
 
@@ -55,9 +83,23 @@ class OursBackend:
     def start(self, host: Host) -> None:
         service.start(host.run_dir, xenstored_path=str(host.xenstored_path), verbose=True)
 
-    def restart(self, host: Host) -> None:
+    def restart(self, host: Host, timeout: float = RESTART_TIMEOUT) -> None:
+        """Stop and start the daemon; return once it has taken back every VBD it finds
+        (its status file lists each, past hotplug and adoption), so that the next step
+        meets the new daemon, not a gap (adopting writes nothing to XenStore)."""
         service.stop(host.run_dir)
         self.start(host)
+        with host.xs() as xs:
+            expected = {(int(d), int(v)) for d in _ls(xs, ROOT) for v in _ls(xs, f"{ROOT}/{d}")}
+        deadline = time.monotonic() + timeout
+        while True:
+            taken = _settled_vbds(service.status_path(host.run_dir), service.status(host.run_dir))
+            if expected <= taken:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"restarted back-end took back {sorted(taken)} of "
+                                   f"{sorted(expected)} within {timeout:g} s")
+            time.sleep(STATUS_POLL)  # the status file gives no notice: look again soon
 
     def stop(self, host: Host) -> None:
         service.stop(host.run_dir)

@@ -25,8 +25,8 @@ def table(results: Sequence[ScenarioResult], *, steps: bool = True) -> str:
         if r.verdict in ("xfail", "XPASS") and r.scenario.xfail:
             lines.append(f"    expected to fail: {r.scenario.xfail}")
         if steps and r.verdict != "pass":
-            for s in r.steps:
-                if s.verdict == "skip":
+            for s in r.steps:  # the steps that did not pass (the rest: the counts)
+                if s.verdict in ("skip", "pass"):
                     continue
                 lines.append(f"    {s.index:>5} {MARK[s.verdict]:<5} {s.label}")
                 for d in s.diff:
