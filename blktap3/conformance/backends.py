@@ -74,6 +74,9 @@ class Backend(Protocol):
 
     def log_path(self, host: Host) -> Path | None: ...
 
+    def alive(self, host: Host) -> bool:
+        """The back-end daemon still runs."""
+
 
 class OursBackend:
     """blktap3-py's tapback, run as the daemon (verbose: every step logged)."""
@@ -106,6 +109,9 @@ class OursBackend:
 
     def log_path(self, host: Host) -> Path | None:
         return host.tapback_log
+
+    def alive(self, host: Host) -> bool:
+        return service.status(host.run_dir) is not None
 
 
 FAULTS = {
@@ -164,6 +170,9 @@ class DoubleBackend:
 
     def log_path(self, host: Host) -> Path | None:
         return None
+
+    def alive(self, host: Host) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # -- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -2,6 +2,7 @@
 
     blktap3-conformance [--xenstored c|ocaml] [--backend ours|double|double:<fault>]
                         [--only NAME ...] [--json FILE] [--timeout S] [--list]
+    blktap3-conformance --random N [--seed S]    (random front-end walks)
     blktap3-conformance --self-test
 
 Exit status 0 only when every scenario passes (an expected failure, marked in its file
@@ -29,6 +30,7 @@ from .coverage import coverage
 from .report import as_json, coverage_text, table
 from .runner import ScenarioResult, run_scenario
 from .scenario import Personality, Scenario, ScenarioError, load_personalities, load_scenarios
+from .walks import walks
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -54,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=10.0,
                     help="seconds a step's expectations may take (default 10)")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    ap.add_argument("--random", type=int, default=0, metavar="N",
+                    help="run N random front-end walks instead of the scenarios")
+    ap.add_argument("--seed", type=int, default=1, help="the first walk's seed (default 1)")
     ap.add_argument("--self-test", action="store_true",
                     help="check that broken back-ends are caught")
     return ap
@@ -120,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.self_test:
         return self_test(personalities, scenarios, args.xenstored, args.timeout)
-    chosen = _select(scenarios, args.only)
+    if args.random < 0:
+        print("blktap3-conformance: --random takes a count >= 0", file=sys.stderr)
+        ap.print_usage(sys.stderr)
+        return EXIT_USAGE
+    chosen = walks(args.random, args.seed) if args.random else _select(scenarios, args.only)
     if not chosen:
         print(f"blktap3-conformance: no scenario matches {args.only}", file=sys.stderr)
         ap.print_usage(sys.stderr)

@@ -318,6 +318,8 @@ class _Run:
             check("refused", expect["refused"], self.observed.get("refused"))
         if "tapdisks" in expect:
             check("tapdisks", expect["tapdisks"], self._tapdisks())
+        if "alive" in expect:
+            check("alive", expect["alive"], self.backend.alive(self.host))
         if "backend_dir" in expect:
             check("backend_dir", expect["backend_dir"], self._backend_dir())
         return diffs, ", ".join(seen)

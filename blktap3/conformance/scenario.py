@@ -63,6 +63,7 @@ EXPECTS: dict[str, tuple[type, ...]] = {
     "refused": (bool,),
     "tapdisks": (int,),
     "backend_dir": (bool,),
+    "alive": (bool,),
     "verified": (bool,),
 }
 

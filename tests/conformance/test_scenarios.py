@@ -17,6 +17,7 @@ from blktap3.conformance.backends import FAULTS, DoubleBackend, OursBackend
 from blktap3.conformance.report import table
 from blktap3.conformance.runner import run_scenario
 from blktap3.conformance.scenario import load_personalities, load_scenarios
+from blktap3.conformance.walks import walk
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +94,19 @@ def test_the_command_refuses_bad_arguments_with_usage(
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("blktap3-conformance: ") and "usage:" in err
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_front_end_walks_leave_our_backend_alive_and_nothing_behind(
+        seed: int, run_dir: Path) -> None:
+    result = run_scenario(walk(seed), PERSONALITIES, OursBackend(), workdir=run_dir,
+                          timeout=5.0)
+    assert result.ok, "\n" + table([result])
+
+
+def test_a_walk_fails_a_backend_publishing_a_state_netbsd_panics_on(run_dir: Path) -> None:
+    result = run_scenario(walk(1), PERSONALITIES, DoubleBackend("publishes-initialised"),
+                          workdir=run_dir, timeout=3.0)
+    assert result.verdict == "FAIL"
+    diffs = [d for s in result.steps for d in s.diff]
+    assert "netbsd panics: back-end state '3' (it handles [1, 2, 4, 5, 6])" in diffs

@@ -58,3 +58,18 @@ def test_the_table_shows_the_difference_and_the_json_the_verdicts() -> None:
     assert [s["verdict"] for s in report["scenarios"]] == ["FAIL", "pass"]
     assert report["ok"] is False
     assert {"name", "personality", "verdict", "steps"} <= set(report["scenarios"][0])
+
+
+def test_a_walk_is_its_seed_and_ends_with_a_clean_detach() -> None:
+    from blktap3.conformance.walks import walk, walks
+
+    assert walk(7) == walk(7) and walk(7) != walk(8)
+    for w in walks(20, 1):
+        assert w.steps[0].do == "attach" and w.personality == "netbsd"
+        assert w.steps[-1].do == "detach"
+        assert w.steps[-1].expect == {"backend_dir": False, "tapdisks": 0, "alive": True}
+        # a transport is only written with a ring open
+        ring = False
+        for step in w.steps:
+            ring = (ring or step.do == "open_ring") and step.do != "release_ring"
+            assert step.do != "write_transport" or ring
