@@ -30,6 +30,11 @@ def _expected_to_fail(name: str) -> bool:
     return s.xfail is not None or any(step.xfail for step in s.steps)
 
 
+def _workdir(run_dir: Path, name: str) -> Path:
+    (run_dir / name).mkdir()
+    return run_dir / name
+
+
 ON_OCAML = ("linux-connect-io-detach", "minios-connect", "hostile-write-backend-keys")
 
 
@@ -53,8 +58,8 @@ def test_our_backend_conforms_on_oxenstored(name: str, run_dir: Path) -> None:
 def test_each_broken_double_is_caught_with_a_difference(fault: str, run_dir: Path) -> None:
     # A broken back-end fails by not doing something: 3 s is what it is given to do it.
     results = [run_scenario(SCENARIOS[n], PERSONALITIES, DoubleBackend(fault),
-                            workdir=run_dir / n, timeout=3.0)
-               for n in cli.SELF_TEST[fault] if (run_dir / n).mkdir() is None]
+                            workdir=_workdir(run_dir, n), timeout=3.0)
+               for n in cli.SELF_TEST[fault]]
     failed = [r for r in results if r.verdict == "FAIL"]
     assert failed, "\n" + table(results)
     step = next(s for s in failed[0].steps if s.verdict == "FAIL")
@@ -63,8 +68,8 @@ def test_each_broken_double_is_caught_with_a_difference(fault: str, run_dir: Pat
 
 def test_the_clean_double_passes_what_catches_the_broken_ones(run_dir: Path) -> None:
     names = sorted({n for ns in cli.SELF_TEST.values() for n in ns})
-    results = [run_scenario(SCENARIOS[n], PERSONALITIES, DoubleBackend(), workdir=run_dir / n)
-               for n in names if (run_dir / n).mkdir() is None]
+    results = [run_scenario(SCENARIOS[n], PERSONALITIES, DoubleBackend(),
+                            workdir=_workdir(run_dir, n)) for n in names]
     assert all(r.verdict == "pass" for r in results), "\n" + table(results)
 
 
