@@ -21,8 +21,8 @@ NOT_GRANTED = 0x7FFF0
 def bad_requests(gref: int) -> list[tuple[str, dict[str, Any], int]]:
     seg = [[gref, 0, 7]]
     return [
-        ("op", {"op": 9, "segs": seg}, ERROR),
-        ("op", {"op": 4, "segs": seg}, ERROR),
+        ("op", {"op": 9, "segs": seg}, EOPNOTSUPP),  # unknown: as Linux blkback
+        ("op", {"op": 4, "segs": seg}, EOPNOTSUPP),
         ("segments", {"op": 0, "segs": []}, ERROR),
         ("segments", {"op": 1, "segs": seg * 11, "nr_segments": 12}, ERROR),
         ("sector", {"op": 0, "segs": [[gref, 6, 5]]}, ERROR),
