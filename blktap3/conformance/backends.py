@@ -122,6 +122,8 @@ FAULTS = {
     "publishes-initialised":
         "publishes Initialised (3, a front-end-only state) where InitWait is due",
     "no-error-node": "closes a front-end with bad transport keys without an `error` node",
+    "leaks-tapdisk": "removes its directory when the front-end's state node goes, so the "
+                     "toolstack skips its hotplug remove and the tapdisk is leaked",
 }
 
 
@@ -229,7 +231,14 @@ class DoubleBackend:
         hotplugged = self._read(vbd, "hotplug-status") == "connected"
         if not hotplugged:
             return
-        if self._read(vbd, "online") == "0" and be != "6":
+        if fe is None and self._xs.exists(frontend) and be == "4":
+            # The front-end is gone (Linux blkback reads Unknown): Closed, directory kept.
+            self._disconnect(vbd)
+            if self.fault == "leaks-tapdisk":
+                self._xs.rm(vbd.path)
+                return
+            self._write(vbd, {"state": "6"})
+        elif self._read(vbd, "online") == "0" and be != "6":
             self._disconnect(vbd)
             self._write(vbd, {"state": "6"})
         elif be == "1" and fe in ("1", "3", "4"):

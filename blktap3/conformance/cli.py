@@ -42,6 +42,7 @@ SELF_TEST: dict[str, tuple[str, ...]] = {
     "no-reconnect": ("linux-suspend-resume",),
     "publishes-initialised": ("netbsd-connect",),
     "no-error-node": ("hostile-garbage-ring-ref",),
+    "leaks-tapdisk": ("hostile-remove-own-state",),
 }
 
 
@@ -90,6 +91,10 @@ def run_all(scenarios: Sequence[Scenario], personalities: dict[str, Personality]
     return results
 
 
+def _passed(result: ScenarioResult) -> bool:
+    return result.verdict == "pass"  # a double is judged plainly (marks are for ours)
+
+
 def self_test(personalities: dict[str, Personality], scenarios: list[Scenario],
               xenstored: str, timeout: float) -> int:
     by_name = {s.name: s for s in scenarios}
@@ -99,11 +104,11 @@ def self_test(personalities: dict[str, Personality], scenarios: list[Scenario],
     clean = run_all([by_name[n] for n in needed], personalities, DoubleBackend(), xenstored,
                     timeout, progress=False)
     print(table(clean))
-    ok &= all(r.verdict == "pass" for r in clean)
+    ok &= all(_passed(r) for r in clean)
     for fault, names in SELF_TEST.items():
         results = run_all([by_name[n] for n in names], personalities, DoubleBackend(fault),
                           xenstored, timeout, progress=False)
-        caught = [r for r in results if r.verdict == "FAIL"]
+        caught = [r for r in results if not _passed(r)]
         print(f"\n{'caught' if caught else 'MISSED'}: double:{fault} ({FAULTS[fault]})")
         print(table(results))
         ok &= bool(caught)

@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -387,6 +387,11 @@ def run_scenario(scenario: Scenario, personalities: Mapping[str, Personality],
                  backend: Backend, *, workdir: Path, xenstored: Kind = "c",
                  timeout: float = 10.0) -> ScenarioResult:
     """Run one scenario on a fresh host in `workdir/<n>`; never raises for a failed step."""
+    # The expected-failure marks say what OUR back-end lacks today; any other back-end
+    # is judged plainly.
+    if backend.name != "ours":
+        scenario = replace(scenario, xfail=None,
+                           steps=tuple(replace(s, xfail=None) for s in scenario.steps))
     result = ScenarioResult(scenario, backend.name, xenstored)
     host = Host(workdir / "h")
     host.up(xenstored)

@@ -60,7 +60,7 @@ def test_each_broken_double_is_caught_with_a_difference(fault: str, run_dir: Pat
     results = [run_scenario(SCENARIOS[n], PERSONALITIES, DoubleBackend(fault),
                             workdir=_workdir(run_dir, n), timeout=3.0)
                for n in cli.SELF_TEST[fault]]
-    failed = [r for r in results if r.verdict == "FAIL"]
+    failed = [r for r in results if r.verdict == "FAIL"]  # marks are for ours only
     assert failed, "\n" + table(results)
     step = next(s for s in failed[0].steps if s.verdict == "FAIL")
     assert step.diff and all(d.strip() for d in step.diff)
