@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from blktap3.abi import BlkifProtocol
+from blktap3.abi import SECTOR_SIZE, BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
 from blktap3.sim import xensim
 from blktap3.sim.guest.child import ring_xenstore
@@ -30,7 +30,6 @@ from blktap3.xenbus import Transaction, VbdPaths, WatchStream, XenStore, XenStor
 
 from .scenario import Personality
 
-SECTOR = 512
 PATTERN_SEED = 0x5A
 
 
@@ -40,7 +39,7 @@ class GuestFault(Exception):
 
 def pattern(sector: int, count: int) -> bytes:
     """The bytes a verified write puts at `sector`: different for every sector."""
-    return b"".join(bytes([(sector + i + PATTERN_SEED) & 0xFF]) * SECTOR for i in range(count))
+    return b"".join(bytes([(sector + i + PATTERN_SEED) & 0xFF]) * SECTOR_SIZE for i in range(count))
 
 
 class BackendStates:

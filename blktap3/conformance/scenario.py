@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+from blktap3.abi import BlkifStatus
+
 PACKAGE = "blktap3.specs"
 DIRECTORY = "conformance"
 
@@ -53,7 +55,7 @@ ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 DIRS = ("frontend", "backend")
 IO_OPS = ("write", "read", "flush")
-STATUSES = {"okay": 0, "error": -1, "eopnotsupp": -2}
+STATUSES = {s.name.lower(): int(s) for s in BlkifStatus}  # okay, error, eopnotsupp
 EXPECTS: dict[str, tuple[type, ...]] = {
     "backend_state": (int,),
     "keys": (dict,),
