@@ -252,6 +252,8 @@ class _Run:
             ts.destroy_domain(self.domid)
         hotplug_remove(self.host, self.paths, device=self.attached.device_path)
         for guest in self.guests.values():
+            if guest.ring is not None:
+                guest.ring.proc.kill()  # the domain is gone, and its blkfront with it
             guest.release_ring()
 
     def _dir_key(self, g: ScriptedGuest, which: str, key: str) -> str:
