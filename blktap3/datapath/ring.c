@@ -159,9 +159,11 @@ static struct td_sring_hdr *hdr(struct td_ring *r)
     return (struct td_sring_hdr *)r->sring;
 }
 
-/* An operation we do not serve is EOPNOTSUPP, never ERROR (blktap since CA-416464): a
- * guest migrated from a richer back-end may re-issue one, and a hard error can crash it;
- * Windows xenvbd drops the feature on EOPNOTSUPP. */
+/* An operation blkif does not define is EOPNOTSUPP, not ERROR: Linux blkback's
+ * dispatch_other_io answers so, and blktap since CA-416464 (a guest migrated from
+ * another back-end may issue requests this one lacks; ERROR can crash its OS, Windows
+ * xenvbd drops the feature on EOPNOTSUPP). Found by the conformance scenario
+ * hostile-bad-requests. It is still counted as "op". */
 static int16_t rsp_status_of(int err)
 {
     return (int16_t)(err == TD_OK ? BLKIF_RSP_OKAY
