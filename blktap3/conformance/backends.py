@@ -84,7 +84,8 @@ class OursBackend:
     name = "ours"
 
     def start(self, host: Host) -> None:
-        service.start(host.run_dir, xenstored_path=str(host.xenstored_path), verbose=True)
+        service.start(host.run_dir, xenstored_path=str(host.xenstored_path), verbose=True,
+                      toolstack=host.toolstack_kind)
 
     def restart(self, host: Host, timeout: float = RESTART_TIMEOUT) -> None:
         """Stop and start the daemon; return once it has taken back every VBD it finds

@@ -29,9 +29,9 @@ from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import ResumeFlags
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import Attached, hotplug_add, hotplug_remove
-from blktap3.sim.toolstack import Image
+from blktap3.sim.toolstack import BLOCK_TAP_SCRIPT, Image
 from blktap3.sim.xenstored import Kind
-from blktap3.xenbus import VbdPaths, WatchStream, XenbusState, XenStoreError
+from blktap3.xenbus import BackendKey, VbdPaths, WatchStream, XenbusState, XenStoreError
 
 from .backends import Backend
 from .guest import GuestFault, ScriptedGuest
@@ -203,13 +203,21 @@ class _Run:
         with self.host.toolstack() as ts:
             ts.create_domain(self.domid)
             self.paths = ts.add_vbd(self.domid, DEVID, Image.parse(f"aio:{self.image}"),
-                                    mode=self.mode, cdrom=bool(p.get("cdrom", False)))
+                                    mode=self.mode, cdrom=bool(p.get("cdrom", False)),
+                                    script=BLOCK_TAP_SCRIPT
+                                    if self.host.toolstack_kind == "libxl" else None)
         if p.get("hotplug", True):
             self.hotplug()
 
     def hotplug(self) -> None:
         """The block-tap hotplug step: tapdisk created, physical-device-path, connected."""
         assert self.paths is not None and self.image is not None
+        if self.host.toolstack_kind == "libxl":  # Xen's block-tap add, as libxl runs it
+            with self.host.xs() as xs:
+                pid, minor = self.host.block_tap(xs).add(self.paths)
+                device = xs.read(self.paths.backend_key(BackendKey.PHYSICAL_DEVICE_PATH))
+            self.attached = Attached(pid, minor, device)
+            return
         self.attached = hotplug_add(self.host, self.paths, Image.parse(f"aio:{self.image}"),
                                     mode=self.mode)
 
@@ -396,7 +404,7 @@ def run_scenario(scenario: Scenario, personalities: Mapping[str, Personality],
                            steps=tuple(replace(s, xfail=None) for s in scenario.steps))
     result = ScenarioResult(scenario, backend.name, xenstored)
     host = Host(workdir / "h")
-    host.up(xenstored)
+    host.up(xenstored, toolstack=scenario.toolstack)
     run = _Run(scenario, personalities, backend, host, timeout)
     try:
         backend.start(host)

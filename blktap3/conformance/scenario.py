@@ -25,6 +25,7 @@ from importlib.resources import files
 from typing import Any
 
 from blktap3.abi import BlkifStatus
+from blktap3.vbd3.disk import TOOLSTACKS
 
 PACKAGE = "blktap3.specs"
 DIRECTORY = "conformance"
@@ -108,6 +109,7 @@ class Scenario:
     kind: str  # handshake | lifecycle | hostile
     steps: tuple[Step, ...]
     xfail: str | None = None
+    toolstack: str = "xapi"  # whose order the host's toolstack and the back-end follow
 
 
 def _check(where: str, data: Mapping[str, Any], allowed: Mapping[str, tuple[type, ...]],
@@ -202,13 +204,16 @@ def parse_scenario(data: Mapping[str, Any], name: str, personalities: Mapping[st
     _check(where, data, {"scenario": (dict,), "steps": (list,)}, ("scenario", "steps"))
     s = data["scenario"]
     _check(where, s, {"name": (str,), "personality": (str,), "doc": (str,), "kind": (str,),
-                      "xfail": (str,)}, ("name", "personality", "doc", "kind"))
+                      "xfail": (str,), "toolstack": (str,)},
+           ("name", "personality", "doc", "kind"))
     if s["name"] != name:
         raise ScenarioError(f"{where}: the file names itself {s['name']!r}")
     if s["personality"] not in personalities:
         raise ScenarioError(f"{where}: unknown personality {s['personality']!r}")
     if s["kind"] not in KINDS:
         raise ScenarioError(f"{where}: kind is one of {KINDS}")
+    if s.get("toolstack", "xapi") not in TOOLSTACKS:
+        raise ScenarioError(f"{where}: toolstack is one of {TOOLSTACKS}")
     steps = []
     for i, raw in enumerate(data["steps"]):
         step = parse_step(f"{where} step {i + 1}", raw, ROUTINES)
@@ -221,7 +226,8 @@ def parse_scenario(data: Mapping[str, Any], name: str, personalities: Mapping[st
     if not steps or steps[0].do != "attach":
         raise ScenarioError(f"{where}: the first step attaches the disk")
     return Scenario(name=name, personality=s["personality"], doc=s["doc"], kind=s["kind"],
-                    steps=tuple(steps), xfail=s.get("xfail"))
+                    steps=tuple(steps), xfail=s.get("xfail"),
+                    toolstack=s.get("toolstack", "xapi"))
 
 
 def _toml_files(sub: str) -> dict[str, Any]:
