@@ -106,10 +106,10 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
                                f"flushed {flushed[blk]}, later {later.get(blk)}")
                 elif len(stamps) > 1:
                     torn += 1
-        leftovers = sorted(p.name for p in (rig.scratch / "ctl").iterdir()
-                           if p.name not in ("tapdisk", "log")) if (rig.scratch / "ctl").exists() else []
-        minors = sorted(p.name for p in (rig.scratch / "ctl" / "tapdisk").glob("*")) \
-            if (rig.scratch / "ctl" / "tapdisk").exists() else []
+        ctl = rig.scratch / "ctl"
+        # What a dead tapdisk may leave: sockets, minors (its log directory is kept).
+        leftovers = sorted(p.name for p in ctl.glob("*") if p.name not in ("tapdisk", "log"))
+        minors = sorted(p.name for p in (ctl / "tapdisk").glob("*"))
     v.figures.update({
         "tapdisk SIGKILLs": cycles,
         "of which cut a write run short": cut,

@@ -155,10 +155,10 @@ def run(count: int | None = None, seconds: float | None = None, *, sanitize: boo
             v.fail("the ring host did not load the sanitized data path")
         host.call("disconnect", name="good")
         host.call("disconnect", name="hostile")
-        for proc in (good, hostile, host):
+        for what, proc in (("good guest", good), ("hostile guest", hostile), ("host", host)):
             proc.close()
             if proc.proc.returncode:
-                v.fail(f"{proc.proc.args[-1]} exited {proc.proc.returncode}")
+                v.fail(f"the {what} process exited {proc.proc.returncode}")
         wrong = good_pattern_errors(disks["good"])
         reports = rig.reports()
         v.figures.update({
