@@ -154,8 +154,13 @@ def pack_string(value: str, what: str = "string") -> bytes:
 
 
 def unpack_string(raw: bytes) -> str:
-    """Decode a `char[256]`: up to the first NUL, undecodable bytes escaped."""
-    return raw.split(b"\0", 1)[0].decode(errors="surrogateescape")
+    """Decode a `char[256]`: up to the first NUL, undecodable bytes escaped. One with no
+    NUL is a ProtocolError: no C peer can send it (C reads it past its end), and a
+    truncated path would name another file (found by tests/fuzz, target ctl)."""
+    text, nul, _ = raw.partition(b"\0")
+    if not nul:
+        raise ProtocolError(f"a string of {len(raw)} bytes with no NUL terminator")
+    return text.decode(errors="surrogateescape")
 
 
 class Payload(Protocol):
@@ -293,7 +298,9 @@ class Response:
     @classmethod
     def unpack(cls, union: bytes) -> Response:
         error, message = cls.FORMAT.unpack_from(union)
-        return cls(error, unpack_string(message))
+        # A peer's detail text is best effort, as on encoding: cut, never refused.
+        text = message.partition(b"\0")[0][: STRING_MAX - 1]
+        return cls(error, text.decode(errors="surrogateescape"))
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,23 @@ class GuestRing:
         out["timed_out"] = rc == -ETIMEDOUT
         return out
 
+    def hostile(self, *, requests: int, disk_sectors: int, seed: int = 1,
+                scribble_pct: int = 10, stale_per_mille: int = 15,
+                timeout: float = 30.0) -> dict[str, Any]:
+        """Misbehave at random (see ``gd_hostile``): ``requests`` hostile requests, each
+        of which must be answered once; returns the counts."""
+        h = ffi.new("struct gd_hostile *")
+        h.seed, h.requests, h.disk_sectors = seed, requests, disk_sectors
+        h.scribble_pct, h.stale_per_mille = scribble_pct, stale_per_mille
+        h.timeout_ms = int(timeout * 1000)
+        res = ffi.new("struct gd_hostile_result *")
+        rc = lib.gd_hostile(self._g, h, res)
+        if rc < 0 and rc != -ETIMEDOUT:  # a timeout still reports what was lost
+            _check(rc, "hostile")
+        fields = ("requests", "responses", "okay", "errors", "eopnotsupp", "bad_status",
+                  "bad_ids", "lost", "extra", "scribbles", "stale")
+        return {k: int(getattr(res, k)) for k in fields}
+
     def overflow(self, extra: int = 0) -> None:
         """Misbehave: publish req_prod more than a ring ahead of the responses."""
         lib.gd_overflow(self._g, extra)

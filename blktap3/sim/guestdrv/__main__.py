@@ -32,6 +32,9 @@ class GuestServer:
         layout = BlkifProtocol.from_wire(protocol)
         if layout is None:
             raise OSError(22, f"unknown ring protocol {protocol!r}")
+        if self.ring is not None:
+            self.ring.close()   # its pages and port go back: a reopen must not leak them
+            self.ring = None
         self.ring = GuestRing(
             backend, order=order, protocol=layout, data_slots=data_slots,
             slot_pages=slot_pages, max_segs=max_segs, writable=writable,
@@ -69,11 +72,14 @@ class GuestServer:
     def overflow(self, extra: int = 0) -> None:
         self._r().overflow(extra)
 
+    def hostile(self, **params: Any) -> dict[str, Any]:
+        return self._r().hostile(**params)
+
 
 def main() -> None:
     g = GuestServer()
     names = ("open", "data_grefs", "indirect_grefs", "write", "read", "submit", "collect",
-             "raw_ops", "run", "overflow")
+             "raw_ops", "run", "overflow", "hostile")
     serve({name: getattr(g, name) for name in names})
     if g.ring is not None:
         g.ring.close()

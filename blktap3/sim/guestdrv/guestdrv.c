@@ -690,3 +690,225 @@ int gd_overflow(struct gd *g, uint32_t extra)
     g->kicks_out++;
     return 0;
 }
+
+/* ---- hostile mode (blktap3-torture ring) ---- */
+
+/* The bytes of ring slot `i` and their size, for rewriting a published request. */
+static unsigned char *slot_bytes(struct gd *g, uint32_t i, size_t *size)
+{
+    i &= g->nslots - 1;
+    switch (g->proto) {
+    case TD_PROTO_X86_32:
+        *size = sizeof(((struct blkif_x86_32_sring *)g->sring)->ring[0]);
+        return (unsigned char *)&((struct blkif_x86_32_sring *)g->sring)->ring[i];
+    case TD_PROTO_X86_64:
+        *size = sizeof(((struct blkif_x86_64_sring *)g->sring)->ring[0]);
+        return (unsigned char *)&((struct blkif_x86_64_sring *)g->sring)->ring[i];
+    default:
+        *size = sizeof(((struct blkif_sring *)g->sring)->ring[0]);
+        return (unsigned char *)&((struct blkif_sring *)g->sring)->ring[i];
+    }
+}
+
+/* A grant ref as a hostile guest picks it: one of its own (data, read-only indirect
+ * pages, and, where the back-end only reads it, the ring itself), none, or anything.
+ * A ring page as the buffer of a READ would have the back-end write the disk's bytes
+ * over the ring: the guest wrecking its own ring, which only halts it. */
+static uint32_t hostile_gref(struct gd *g, uint64_t *x, int ring_ok)
+{
+    uint64_t r = rng_next(x);
+    switch (r % 10) {
+    case 0: case 1: case 2: case 3: case 4:
+        return g->data_grefs[(r >> 8) % g->data_pages];
+    case 5:
+        if (ring_ok)
+            return g->ring_grefs[(r >> 8) % g->nr_pages];
+        return g->data_grefs[(r >> 8) % g->data_pages];
+    case 6:
+        return g->ind_pages ? g->ind_grefs[(r >> 8) % (g->nslots * g->ind_pages)] : 0;
+    case 7:
+        return 0;
+    default:
+        return (uint32_t)(r >> 16);
+    }
+}
+
+static uint64_t hostile_sector(uint64_t disk_sectors, uint64_t *x)
+{
+    uint64_t r = rng_next(x);
+    switch (r % 5) {
+    case 0: case 1:
+        return disk_sectors ? (r >> 8) % disk_sectors : 0;
+    case 2:
+        return disk_sectors - ((r >> 8) % 200);   /* around the end, past it too */
+    case 3:
+        return rng_next(x);
+    default:
+        return (r >> 8) % 64;
+    }
+}
+
+static const uint8_t hostile_ops[] = {
+    BLKIF_OP_READ, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
+    BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, BLKIF_OP_INDIRECT, 4,
+};
+
+static void hostile_request(struct gd *g, const struct gd_hostile *h, uint64_t *x,
+                            struct gd_raw *r, struct gd_seg *isegs, uint32_t icap,
+                            int ring_ok)
+{
+    uint64_t a = rng_next(x), b = rng_next(x);
+    memset(r, 0, sizeof(*r));
+    r->operation = a % 16 == 0 ? (uint8_t)(a >> 8) : hostile_ops[(a >> 8) % sizeof(hostile_ops)];
+    switch ((a >> 16) % 8) {
+    case 0:
+        r->nr_segments = 0;
+        break;
+    case 1:
+        r->nr_segments = (uint16_t)(b % 256);
+        break;
+    default:
+        r->nr_segments = (uint16_t)(1 + b % GD_SEGS);
+        break;
+    }
+    if (a % 32 == 1)
+        r->handle = (uint16_t)(b >> 16);
+    r->sector_number = hostile_sector(h->disk_sectors, x);
+    for (unsigned k = 0; k < GD_SEGS; k++) {
+        uint64_t s = rng_next(x);
+        r->seg[k].gref = hostile_gref(g, x, 0);
+        /* Mostly a sane sector range in the page, sometimes not. */
+        uint8_t first = (uint8_t)(s % 8), last = (uint8_t)(first + (s >> 8) % (8 - first));
+        if (s % 8 == 0) {
+            first = (uint8_t)(s >> 16) % 16;
+            last = (uint8_t)(s >> 24) % 16;
+        }
+        r->seg[k].first_sect = first;
+        r->seg[k].last_sect = last;
+    }
+    if (r->operation == BLKIF_OP_DISCARD) {
+        r->flag = (uint8_t)(b >> 40) % 3;
+        r->nr_sectors = b % 4 == 0 ? rng_next(x) : (b >> 8) % 4096;
+    }
+    if (r->operation == BLKIF_OP_INDIRECT) {
+        r->indirect_op = (a >> 24) % 8 == 0 ? (uint8_t)(a >> 32)
+                                            : hostile_ops[(a >> 32) % 4];
+        uint64_t c = rng_next(x);
+        r->nr_segments = c % 4 == 0 ? (uint16_t)(c >> 8) : (uint16_t)((c >> 8) % (icap + 2));
+        r->nr_isegs = r->nr_segments < icap ? r->nr_segments : icap;
+        for (uint32_t k = 0; k < r->nr_isegs; k++) {
+            uint64_t s = rng_next(x);
+            isegs[k].gref = hostile_gref(g, x, 0);
+            isegs[k].first_sect = (uint8_t)(s % 9);
+            isegs[k].last_sect = (uint8_t)((s >> 8) % 9);
+        }
+        r->isegs = isegs;
+        if (c % 3 == 0) {
+            r->lie_grefs = 1;
+            for (unsigned k = 0; k < BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST; k++)
+                r->indirect_grefs[k] = hostile_gref(g, x, ring_ok);
+        }
+    }
+}
+
+static void on_hostile_rsp(struct gd *g, uint64_t id, uint8_t op, int16_t status, void *ctx)
+{
+    (void)op;
+    struct gd_hostile_result *res = ctx;
+    res->responses++;
+    if (g->raw_got == UINT32_MAX)
+        return;     /* this batch was rewritten while published: ids and statuses are ours */
+    if (id >= g->nslots || g->raw_status[id] != 1) {
+        res->bad_ids++;
+        return;
+    }
+    g->raw_status[id] = status;
+    if (status == BLKIF_RSP_OKAY)
+        res->okay++;
+    else if (status == BLKIF_RSP_ERROR)
+        res->errors++;
+    else if (status == BLKIF_RSP_EOPNOTSUPP)
+        res->eopnotsupp++;
+    else
+        res->bad_status++;
+}
+
+int gd_hostile(struct gd *g, const struct gd_hostile *h, struct gd_hostile_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    if (g->req_prod_pvt != g->rsp_cons)
+        return -EBUSY;  /* requests of another mode still unanswered */
+    uint32_t icap = g->ind_pages * TD_SEGS_PER_INDIRECT_PAGE;
+    struct gd_seg *isegs = calloc(icap ? icap : 1, sizeof(*isegs));
+    if (!isegs)
+        return -ENOMEM;
+    uint64_t x = h->seed | 1;
+    int rc = 0;
+    while (res->requests < h->requests) {
+        uint64_t left = h->requests - res->requests;
+        uint32_t n = 1 + (uint32_t)(rng_next(&x) % g->nslots);
+        if (n > left)
+            n = (uint32_t)left;
+        int scribble = h->scribble_pct && rng_next(&x) % 100 < h->scribble_pct;
+        memset(g->raw_status, 0, g->nslots * sizeof(*g->raw_status));
+        int stale = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            if (rng_next(&x) % 1000 < h->stale_per_mille) {
+                /* An index jump: publish a slot without writing it, so the back-end
+                 * reads whatever it holds (an old request, a response). */
+                g->req_prod_pvt++;
+                stale = 1;
+                res->stale++;
+                continue;
+            }
+            struct gd_raw r;
+            /* Not in a batch to be rewritten: a rewritten op could turn the ring page
+             * named as an indirect page into the buffer of a READ. */
+            hostile_request(g, h, &x, &r, isegs, icap, !scribble);
+            g->raw_status[i] = 1;
+            put_request(g, &r, i, i);
+        }
+        uint64_t before = res->responses;
+        push_requests(g);
+        res->requests += n;
+        if (stale)
+            g->raw_got = UINT32_MAX;
+        if (scribble) {
+            /* Rewrite published requests while the back-end may be copying them: it must
+             * answer each slot it consumed once, whatever it read. */
+            g->raw_got = UINT32_MAX;
+            RING_IDX first = g->req_prod_pvt - n;
+            for (uint32_t k = 0; k < 4 * n; k++) {
+                size_t size;
+                uint64_t s = rng_next(&x);
+                unsigned char *p = slot_bytes(g, first + (uint32_t)(s % n), &size);
+                __atomic_store_n(&p[(s >> 8) % size], (unsigned char)(s >> 32),
+                                 __ATOMIC_RELAXED);
+                res->scribbles++;
+            }
+        } else if (!stale) {
+            g->raw_got = 0;
+        }
+        uint64_t deadline = now_ns() + (uint64_t)h->timeout_ms * 1000000ull;
+        while (res->responses - before < n) {
+            if (reap(g, on_hostile_rsp, res))
+                continue;
+            uint64_t t = now_ns();
+            if (t >= deadline)
+                break;
+            wait_event(g, (uint32_t)((deadline - t) / 1000000ull) + 1);
+        }
+        if (res->responses - before < n) {
+            res->lost += n - (res->responses - before);
+            rc = -ETIMEDOUT;
+            break;
+        }
+        if (res->responses - before > n) {
+            res->extra += res->responses - before - n;
+            break;
+        }
+    }
+    g->raw_got = 0;
+    free(isegs);
+    return rc;
+}

@@ -83,3 +83,27 @@ int gd_collect(struct gd *g, uint32_t n, int16_t *statuses, uint32_t timeout_ms)
 void gd_raw_ops(struct gd *g, uint32_t n, uint8_t *ops);
 /* Misbehave: publish a req_prod a whole ring (+ extra) ahead of the responses. */
 int gd_overflow(struct gd *g, uint32_t extra);
+
+struct gd_hostile {
+    uint64_t seed;
+    uint64_t requests;
+    uint64_t disk_sectors;
+    uint32_t scribble_pct;
+    uint32_t stale_per_mille;   /* of the slots, published without being written */
+    uint32_t timeout_ms;
+};
+
+struct gd_hostile_result {
+    uint64_t requests;
+    uint64_t responses;
+    uint64_t okay;
+    uint64_t errors;
+    uint64_t eopnotsupp;
+    uint64_t bad_status;        /* a status that is none of blkif's */
+    uint64_t bad_ids;           /* an id not in flight, or answered twice */
+    uint64_t lost;              /* never answered */
+    uint64_t extra;             /* more responses than requests */
+    uint64_t scribbles;         /* bytes rewritten in published requests */
+    uint64_t stale;             /* slots published without being written */
+};
+int gd_hostile(struct gd *g, const struct gd_hostile *h, struct gd_hostile_result *res);

@@ -1,0 +1,13 @@
+"""``blktap3-torture``: long, hostile, faulty runs of the back-end, each bounded, each
+printing its figures and failing when anything was lost, wrong, crashed, hung or leaked.
+
+- ``ring``: a hostile guest ring against the ASan+UBSan data path, a verifying one beside
+  it (``ring``);
+- ``kill``: SIGKILL of the tapdisk under a flushed write load, every acknowledged and
+  flushed block checked after reattaching (``kill``);
+- ``pause``: pause/resume (and resume on a swapped image) under a verifying load
+  (``pause``).
+
+Each module runs one of them and returns a ``Verdict`` (``verdict``); ``cli`` is the
+command.
+"""
