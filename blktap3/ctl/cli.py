@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import errno
 import getopt
-import json
-import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from blktap3 import lazylog
 from blktap3.abi import VbdStateBits
 
 from . import ops, runtime
@@ -245,6 +241,8 @@ def cmd_list(opts: Options) -> int:
         and (kind is None or e.type == kind) and (path is None or e.path == path)
     ]
     if opts.flag("json"):
+        import json
+
         rows = [e.as_dict() | {"state_bits": _bit_names(e.state)} for e in entries]
         print(json.dumps(rows))
         return 0
@@ -445,6 +443,8 @@ def check_environment() -> tuple[int, str] | None:
         return errno.ENOTDIR, f"{existing} is not a directory"
     if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
         return errno.EACCES, f"{existing} is not writable"
+    import shutil
+
     program = ops.tapdisk_command()[0]
     if shutil.which(program) is None:
         return errno.ENOENT, f"tapdisk not found: {program}"
@@ -565,7 +565,15 @@ def parse(command: Command, words: Sequence[str], precise: bool) -> Options:
 
 def _configure_logging(debug: bool) -> None:
     """--debug: blktap's lines for each message sent and received, on stdout; anything
-    else the library logs at debug level, on stderr."""
+    else the library logs at debug level, on stderr. Without it, lines below warning are
+    dropped before structlog is even imported (`tap-ctl list` stays fast); structlog is
+    configured at the first line that passes."""
+    lazylog.set_threshold(lazylog.DEBUG if debug else lazylog.WARNING,
+                          lambda: _configure_structlog(debug))
+
+
+def _configure_structlog(debug: bool) -> None:
+    import structlog
 
     def blktap_lines(_: Any, __: str, event: MutableMapping[str, Any]
                      ) -> MutableMapping[str, Any]:
@@ -580,7 +588,7 @@ def _configure_logging(debug: bool) -> None:
         processors=[blktap_lines, structlog.processors.add_log_level,
                     structlog.dev.ConsoleRenderer(colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if debug else logging.WARNING),
+            lazylog.DEBUG if debug else lazylog.WARNING),
         # Looked up per call, not bound now: whatever sys.stderr is when a line is logged.
         logger_factory=lambda *_: structlog.WriteLogger(sys.stderr),
     )

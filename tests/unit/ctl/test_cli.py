@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from blktap3 import lazylog
 from blktap3.ctl import cli, ops, runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.ops import TapEntry
@@ -27,6 +28,7 @@ def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     monkeypatch.setenv(runtime.ROOT_ENV, str(tmp_path))
     yield tmp_path
     structlog.reset_defaults()  # main() configures logging for the whole process
+    lazylog.set_threshold(0)
 
 
 def run(capsys: Capture, *argv: str) -> tuple[int, str, str]:
