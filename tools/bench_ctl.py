@@ -30,6 +30,7 @@ from pathlib import Path
 
 import structlog
 
+from blktap3 import cmdline
 from blktap3.ctl import ops, runtime
 from blktap3.ctl.client import TapdiskClient
 
@@ -118,9 +119,11 @@ def startup(runs: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_ctl", description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--tapdisks", type=int, default=100)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--startup-runs", type=int, default=10,
+    parser.add_argument("-n", "--tapdisks", type=cmdline.int_in(0, 4096), default=100,
+                        help="tapdisks to list (default 100; 0: start-up figures only)")
+    parser.add_argument("--runs", type=cmdline.int_in(1), default=5,
+                        help="runs of each list figure (default 5)")
+    parser.add_argument("--startup-runs", type=cmdline.int_in(0), default=10,
                         help="runs of each start-up figure (0: leave them out)")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

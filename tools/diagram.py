@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blktap3 import cmdline
 from blktap3.ctl import runtime
 from blktap3.fsm.errors import SpecError
 from blktap3.fsm.spec import MachineSpec, StateSpec, TransitionSpec, load_spec, spec_names
@@ -637,7 +638,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-f", "--formats", default="dot,svg,png,mmd",
                         help=f"comma-separated, from {', '.join(FORMATS)} (svg and png need "
                              "graphviz)")
-    parser.add_argument("-o", "--out", type=Path,
+    parser.add_argument("-o", "--out", type=cmdline.dir_to_create,
                         help="output directory (default: ./docs, unless a state is marked)")
     parser.add_argument("--whole", action="store_true",
                         help="one drawing per machine, even for one drawn by phases")

@@ -61,6 +61,7 @@ MAX_SECONDS = 1e6
 KEY_READ = 1024  # open -E reads the key with one read of at most this many bytes
 KEY_SIZES = (32, 64)  # AES-XTS 256 or 512 bits, the sizes blktap's tap-ctl sends
 PROC_DEVICES = Path("/proc/devices")
+NULL_TYPE = "null"  # the image type that names no file
 
 
 class Usage(Exception):
@@ -115,8 +116,9 @@ class Options:
             raise Usage(f"{self.command}: seconds {text} is not in (0, {MAX_SECONDS:g}]")
         return value
 
-    def path(self, name: str, *, required: bool = False) -> str | None:
-        """A `type:/path` (or path) that fits the message's NUL-terminated char[256]."""
+    def path(self, name: str, *, required: bool = False, log: bool = False) -> str | None:
+        """A `type:/path` (or path; `log`: a plain file path) that fits the message's
+        NUL-terminated char[256], its path absolute."""
         text = self.values.get(name)
         if text is None:
             if required:
@@ -126,6 +128,13 @@ class Options:
         if size >= STRING_MAX or "\0" in text:
             raise Usage(f"{self.command}: -{name} is {size} bytes: at most "
                         f"{STRING_MAX - 1} fit in a control message")
+        # The tapdisk works from /: a relative path would name another file than the one
+        # meant (blktap's tap-ctl sends it as it is). `null:` names no file; no type, or
+        # no path, is the tapdisk's to refuse, with blktap's errno.
+        kind, sep, rest = text.partition(":")
+        file = rest if sep and not log else text
+        if file and not file.startswith("/") and (log or (sep and kind != NULL_TYPE)):
+            raise Usage(f"{self.command}: -{name} {text}: the path must be absolute")
         return text
 
 
@@ -310,7 +319,7 @@ def _open_args(opts: Options) -> OpenArgs:
     secondary = opts.path("2")
     if secondary is not None:
         flags |= OpenFlags.SECONDARY
-    logpath = opts.path("C")
+    logpath = opts.path("C", log=True)
     timeout = opts.number("t", "timeout", 0, 0xFFFF)  # params.req_timeout is a u16
     return OpenArgs(int(flags), NO_PARENT if prt is None else prt, timeout or 0,
                     secondary or "", logpath)
@@ -389,7 +398,7 @@ def cmd_pause(opts: Options) -> int:
 
 def cmd_unpause(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
-    params, secondary, logpath = opts.path("a"), opts.path("2"), opts.path("c")
+    params, secondary, logpath = opts.path("a"), opts.path("2"), opts.path("c", log=True)
     flags = OpenFlags.SECONDARY if secondary is not None else OpenFlags(0)
     _guard(opts, pid, lambda: TapdiskClient(pid).resume(
         minor, params or "", int(flags), secondary or "", logpath=logpath))

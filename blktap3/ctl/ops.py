@@ -13,7 +13,7 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +104,22 @@ def _stop_idle(client: TapdiskClient) -> None:
             os.kill(client.pid, signal.SIGTERM)
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold ^C and SIGTERM back from this thread while a tapdisk starts: stopped between
+    the daemon's fork and the answer that names its pid, a command would leak a tapdisk
+    it cannot name. Delivered when the block ends, they stop the caller where it can
+    undo what it did."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def create(
     params: str,
     *,
@@ -124,8 +140,9 @@ def create(
     client: TapdiskClient | None = None
     attached = False
     try:
-        pid = spawn(base, env=env)
-        client = TapdiskClient(pid, root=base)
+        with _signals_deferred():
+            pid = spawn(base, env=env)
+            client = TapdiskClient(pid, root=base)
         client.attach(minor)
         attached = True
         client.open(minor, params, flags, prt_minor=prt_minor,

@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import structlog
 
+from blktap3 import cmdline
 from blktap3.ctl import runtime
 
 from . import logs
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{runtime.DEFAULT_ROOT})")
     parser.add_argument("--log-format", choices=("json", "console"), default="json",
                         help="JSON lines (default) or a readable console format")
-    parser.add_argument("--log-file", metavar="FILE", help="append logs here (default: stderr)")
+    parser.add_argument("--log-file", metavar="FILE", type=cmdline.file_to_write,
+                        help="append logs here (default: stderr with -d, else syslog)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
     parser.add_argument("--pid-file", "-p", "--pidfile", metavar="FILE",
                         help="write the pid here once the daemon is watching")
@@ -179,10 +181,13 @@ def _daemonize() -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Its pid file, status file and logs are root's alone.
+    os.umask(0o077)
     # Paths are taken from where the command runs: the daemon works from /.
     pid_file = Path(args.pid_file).absolute() if args.pid_file else None
-    log_file = Path(args.log_file).absolute() if args.log_file else None
+    log_file = args.log_file
     config = TapbackConfig(
         control_root=runtime.root_dir(args.control_dir).absolute(),
         xenstored_path=args.xenstored,
@@ -194,10 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         frontend_domid=args.frontend_domid,
         status_file=args.status_file.absolute() if args.status_file else None,
     )
-    ready_fd = None if args.debug else _daemonize()  # before any thread starts
+    stream: Any = None
     if log_file:
-        stream: Any = open(log_file, "a", buffering=1)  # noqa: SIM115
-    else:
+        try:
+            stream = open(log_file, "a", buffering=1)  # noqa: SIM115
+        except OSError as exc:
+            # Before the fork: the command says why (a daemon has only its log).
+            parser.error(f"argument --log-file: {log_file}: {exc.strerror}")
+    ready_fd = None if args.debug else _daemonize()  # before any thread starts
+    if stream is None:
         stream = sys.stderr if args.debug else _Syslog()
     logs.configure(args.log_format, verbose=args.verbose, stream=stream)
     daemon = Tapback(config)

@@ -1,0 +1,63 @@
+"""A tapdisk's runtime files are root's alone (issue 17): nothing in the runtime root
+grants group or others anything, whatever the umask of whoever started it (sockets are
+0700: bind(2) takes 0777 less the umask, and x on a socket means nothing)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from blktap3.ctl import runtime
+
+from .conftest import TapCtl, parse_list
+
+pytestmark = pytest.mark.integration
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_sockets_logs_and_markers_are_private(ctl_root: Path, tap_ctl: TapCtl,
+                                              make_image: object) -> None:
+    assert callable(make_image)
+    image = make_image()
+    old = os.umask(0o000)  # the loosest caller: nothing may depend on its umask
+    try:
+        created = tap_ctl("create", "-a", f"aio:{image}")
+    finally:
+        os.umask(old)
+    assert created.code == 0, created.err
+    [row] = parse_list(tap_ctl("list").out)
+    pid, minor = int(row["pid"]), int(row["minor"])
+    sockets = [runtime.socket_path(ctl_root, pid)] + [
+        runtime.nbd_socket_path(ctl_root, prefix, pid, minor)
+        for prefix in runtime.NBD_SOCKET_PREFIXES]
+    for path in sockets:
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        assert _mode(path) & 0o077 == 0, path
+    log = ctl_root / "log" / f"tapdisk{pid}.log"
+    assert _mode(log) == 0o600 and _mode(log.parent) == 0o700
+    assert _mode(runtime.minors_dir(ctl_root)) == 0o700
+    assert _mode(runtime.marker_path(ctl_root, minor)) & 0o077 == 0
+    # ctl.ops.create holds SIGTERM back while it spawns: the tapdisk must not inherit it.
+    status = Path(f"/proc/{pid}/status").read_text()
+    blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+    assert blocked & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGINT - 1)) == 0
+    assert tap_ctl("destroy", "-p", str(pid), "-m", str(minor)).code == 0
+
+
+def test_a_root_whose_parent_is_missing_is_refused_not_made(run_dir: Path,
+                                                             tap_ctl: TapCtl) -> None:
+    missing = run_dir / "missing" / "root"
+    done = tap_ctl("spawn", env={runtime.ROOT_ENV: str(missing)})
+    # tap-ctl says strerror alone, as blktap's; --precise adds the tapdisk's reason.
+    assert (done.code, done.err) == (errno.ENOENT, "No such file or directory\n")
+    precise = tap_ctl("spawn", "--precise", env={runtime.ROOT_ENV: str(missing)})
+    assert "does not exist" in precise.err
+    assert not (run_dir / "missing").exists()
