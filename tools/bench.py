@@ -71,8 +71,9 @@ HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} "
           f"{'kicks':>6} {'cswtch':>6}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="blktap3-bench", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="blktap3-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="FILE", help="write one object per workload here")
     ap.add_argument("--runtime", type=cmdline.positive_float, default=5.0,
                     help="seconds per run (default 5: about a minute in all)")
@@ -86,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", metavar="T,G", type=_cpus, default=None,
                     help="pin the tapdisk to CPU T and the guest driver to CPU G "
                          "(default: the scheduler places them)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cpus = args.pin
     # SIGTERM and SIGHUP unwind as ^C does: the rig stops its tapdisks, the backing file
     # and its directory are removed.

@@ -631,7 +631,7 @@ def _vbd_id(text: str) -> tuple[int, int]:
 # --- the command -------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(prog="blktap3-diagram", description=doc.splitlines()[0])
     parser.add_argument("names", nargs="*", default=["all"], help="machines, or 'all'")
@@ -708,7 +708,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run(args, parser)

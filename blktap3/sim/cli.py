@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from blktap3 import cmdline
 from blktap3.xenbus import XenStore, XenStoreError
 
 from . import demo
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     grun.add_argument("devid", type=_devid)
     grun.add_argument("--personality", default="linux", choices=personality_names())
     grun.add_argument("--workload", default="verify", choices=WORKLOADS)
-    grun.add_argument("--timeout", type=float, default=60.0)
+    grun.add_argument("--timeout", type=cmdline.positive_float, default=60.0,
+                      help="seconds the guest may take (default 60)")
     grun.set_defaults(func=cmd_guest_run)
 
     ls = sub.add_parser("ls", help="print the XenStore tree with permissions")
