@@ -54,13 +54,15 @@ def free(minor: int, root: str | os.PathLike[str] | None = None) -> None:
 
 
 def tapdisk_command() -> list[str]:
-    """How to run a tapdisk: $BLKTAP_TAPDISK, else this Python's `-m blktap3.tapdisk`."""
+    """How to run a tapdisk: $BLKTAP_TAPDISK, else this Python's `-P -m blktap3.tapdisk`."""
     override = os.environ.get(TAPDISK_ENV)
     if override:
         import shlex  # imported where used: `tap-ctl list` never needs it
 
         return shlex.split(override)
-    return [sys.executable, "-m", "blktap3.tapdisk"]
+    # -P: not the caller's working directory first on sys.path, where another blktap3
+    # (a checkout, or a planted one: tap-ctl runs as root) would be imported instead.
+    return [sys.executable, "-P", "-m", "blktap3.tapdisk"]
 
 
 def spawn(

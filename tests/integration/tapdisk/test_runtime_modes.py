@@ -61,3 +61,25 @@ def test_a_root_whose_parent_is_missing_is_refused_not_made(run_dir: Path,
     precise = tap_ctl("spawn", "--precise", env={runtime.ROOT_ENV: str(missing)})
     assert "does not exist" in precise.err
     assert not (run_dir / "missing").exists()
+
+
+def test_spawn_never_imports_a_blktap3_from_the_working_directory(
+        run_dir: Path, tap_ctl: TapCtl, ctl_root: Path) -> None:
+    """tap-ctl runs as root: a `blktap3` package in its working directory (a checkout,
+    or one planted there) must not be what the tapdisk runs."""
+    planted = run_dir / "cwd" / "blktap3"
+    (planted / "tapdisk").mkdir(parents=True)
+    marker = run_dir / "planted-code-ran"
+    (planted / "__init__.py").write_text("")
+    (planted / "tapdisk" / "__init__.py").write_text("")
+    (planted / "tapdisk" / "__main__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    old = Path.cwd()
+    os.chdir(planted.parent)
+    try:
+        done = tap_ctl("spawn")
+    finally:
+        os.chdir(old)
+    assert done.code == 0, done.err
+    assert not marker.exists()
+    assert int(done.out) in runtime.socket_pids(ctl_root)
