@@ -34,6 +34,7 @@ from .xensim import XensimError
 from .xenstored import XenstoredError
 
 PROG = "blktap3-sim"
+EXIT_INTERRUPTED = 130
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -202,11 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(10 if args.verbose else 30))
     func: Callable[[Host, argparse.Namespace], None] = args.func
-    if func is cmd_demo:
-        func(Host(args.run_dir or "/unused"), args)
-        return 0
-    host = Host(args.run_dir)
+    # SIGTERM and SIGHUP unwind as ^C does: the demo takes its host down, a guest run
+    # stops its guest.
+    cmdline.terminate_as_interrupt()
     try:
+        if func is cmd_demo:
+            func(Host(args.run_dir or "/unused"), args)
+            return 0
+        host = Host(args.run_dir)
         if func is not cmd_up:
             host.require_up()
         func(host, args)
@@ -214,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             XenStoreError, OSError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
