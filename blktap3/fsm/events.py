@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from blktap3.abi import BlkifProtocol
+from blktap3.abi import SECTOR_SIZE, BlkifProtocol
 
 from .xenbus_state import XenbusState
 
@@ -35,9 +35,9 @@ class DiskInfo:
     """The image geometry tapdisk reports (OPEN / DISK_INFO reply)."""
 
     sectors: int  # always in 512-byte units, as `sectors` in XenStore
-    sector_size: int = 512
+    sector_size: int = SECTOR_SIZE
     info: int = 0  # VDISK_CDROM 1, VDISK_REMOVABLE 2, VDISK_READONLY 4
-    physical_sector_size: int = 512
+    physical_sector_size: int = SECTOR_SIZE
     discard: bool = False  # the image can punch holes (the data path serves DISCARD)
 
 

@@ -20,6 +20,8 @@ import os
 import stat
 from typing import Protocol
 
+from blktap3.abi import SECTOR_SIZE
+
 from .protocol import MiB, State
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -67,7 +69,7 @@ class FileBackend:
     """A raw image (file or block device) on its own descriptor."""
 
     def __init__(self, path: str, *, size: int, readonly: bool, o_direct: bool,
-                 can_punch: bool, block: int = 512) -> None:
+                 can_punch: bool, block: int = SECTOR_SIZE) -> None:
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         if o_direct:
             flags |= os.O_DIRECT

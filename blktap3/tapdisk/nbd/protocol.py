@@ -22,6 +22,8 @@ import functools
 import struct
 from dataclasses import dataclass
 
+from blktap3.abi import SECTOR_SIZE
+
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 OLDSTYLE_MAGIC = 0x00420281861253
@@ -212,7 +214,7 @@ class ExportInfo:
     size: int
     readonly: bool
     can_trim: bool
-    min_block: int = 512
+    min_block: int = SECTOR_SIZE
 
     @functools.cached_property
     def flags(self) -> TransmissionFlags:
