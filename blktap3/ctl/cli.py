@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blktap3 import lazylog
+from blktap3 import cmdline, lazylog
 from blktap3.abi import VbdStateBits
 
 from . import ops, runtime
@@ -604,6 +604,16 @@ def _configure_structlog(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM and SIGHUP unwind as ^C does: a create stopped half-way undoes what it did
+    # (ctl.ops.create), then tap-ctl ends as the signal would have ended it.
+    cmdline.terminate_as_interrupt()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as stopped:
+        cmdline.die_like(stopped)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     debug, precise = DEBUG_FLAG in words, PRECISE_FLAG in words
     words = [w for w in words if w not in (DEBUG_FLAG, PRECISE_FLAG)]

@@ -8,13 +8,16 @@ import errno
 import os
 import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from blktap3.ctl import runtime
+from tests.support import tapdisk_pids, wait_until
 
-from .conftest import TapCtl, parse_list
+from .conftest import TAP_CTL, TapCtl, parse_list
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +86,27 @@ def test_spawn_never_imports_a_blktap3_from_the_working_directory(
     assert done.code == 0, done.err
     assert not marker.exists()
     assert int(done.out) in runtime.socket_pids(ctl_root)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_create_stopped_half_way_leaves_no_tapdisk_and_no_minor(
+        ctl_root: Path, sig: signal.Signals) -> None:
+    """Stopped while its tapdisk starts (a slow one, so the signal lands inside the
+    spawn, or, on a slow machine, in attach or open), tap-ctl create undoes what it did
+    and ends as the signal would have ended it."""
+    slow = (f"sh -c 'sleep 1; exec {sys.executable} -P -m blktap3.tapdisk'")
+    proc = subprocess.Popen([TAP_CTL, "create", "-a", "null:x"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BLKTAP_TAPDISK": slow})
+    try:
+        wait_until(lambda: runtime.allocated_minors(ctl_root), 30, "the minor allocated")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -sig, (out, err)
+    assert "Traceback" not in err and out == ""
+    wait_until(lambda: not tapdisk_pids(ctl_root), 30, "no tapdisk left")
+    assert runtime.allocated_minors(ctl_root) == []

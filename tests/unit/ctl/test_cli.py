@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,10 @@ Capture = pytest.CaptureFixture[str]
 @pytest.fixture(autouse=True)
 def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     monkeypatch.setenv(runtime.ROOT_ENV, str(tmp_path))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     yield tmp_path
+    for sig, handler in handlers.items():  # main() makes them raise KeyboardInterrupt
+        signal.signal(sig, handler)
     structlog.reset_defaults()  # main() configures logging for the whole process
     lazylog.set_threshold(0)
 
