@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from blktap3.tools import bench, bench_ring
 
-from tests.support import tapdisk_pids, wait_gone, wait_until
+from tests.support import signal_midway, tapdisk_pids, wait_gone, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -76,19 +75,16 @@ def test_a_stopped_bench_leaves_no_tapdisk_and_no_file(sig: signal.Signals) -> N
     try:
         bench_cmd = [str(Path(sys.executable).parent / "blktap3-bench"), "--dir", str(work),
                      "--size-mib", "8", "--runtime", "600", "--only", "QD1"]
-        with subprocess.Popen(bench_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) as proc:
-            try:
-                # Stopped while its tapdisks start, or while fio or the guest runs.
-                wait_until(lambda: [p for c in work.glob("*/ctl") for p in tapdisk_pids(c)],
-                           60, "the bench's first tapdisk")
-                pids = {p for c in work.glob("*/ctl") for p in tapdisk_pids(c)}
-                proc.send_signal(sig)
-                _, err = proc.communicate(timeout=60)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-        assert proc.returncode == 130, err
+        pids: set[int] = set()
+
+        def started(_: object) -> None:
+            # Stopped while its tapdisks start, or while fio or the guest runs.
+            wait_until(lambda: [p for c in work.glob("*/ctl") for p in tapdisk_pids(c)],
+                       60, "the bench's first tapdisk")
+            pids.update(p for c in work.glob("*/ctl") for p in tapdisk_pids(c))
+
+        code, _, err = signal_midway(bench_cmd, sig, started)
+        assert code == 130, err
         assert "Traceback" not in err and "interrupted" in err
         wait_gone(pids, 30)
         assert list(work.iterdir()) == []  # the file, the sockets, the simulated machine

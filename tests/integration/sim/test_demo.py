@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_gone
+from tests.support import signal_midway, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -28,25 +28,21 @@ def test_demo_passes_every_check(kind: str) -> None:
 def test_a_stopped_demo_takes_its_host_down(sig: signal.Signals) -> None:
     """Stopped with a disk attached: xenstored, tapback and the tapdisk go, and the
     demo's directory with them (issue 17: every CLI cleans up on SIGINT/SIGTERM)."""
-    proc = subprocess.Popen([sys.executable, "-m", "blktap3.sim.cli", "demo"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    seen: list[str] = []
+
+    def attached(proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
-        seen = ""
         for line in proc.stdout:
-            seen += line
+            seen.append(line)
             if " attached: " in line:
-                break
-        pids = {int(p) for p in re.findall(r"pid (\d+)", seen)}
-        work = re.search(r"(/tmp/b3demo-[^/\s]+)/", seen)
-        assert len(pids) == 3 and work is not None, seen  # xenstored, tapback, tapdisk
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+                return
+
+    code, _, err = signal_midway([sys.executable, "-m", "blktap3.sim.cli", "demo"], sig,
+                                 attached)
+    pids = {int(p) for p in re.findall(r"pid (\d+)", "".join(seen))}
+    work = re.search(r"(/tmp/b3demo-[^/\s]+)/", "".join(seen))
+    assert len(pids) == 3 and work is not None, seen  # xenstored, tapback, tapdisk
+    assert code == 130, err
     assert "Traceback" not in err
     wait_gone(pids, 30)
     assert not Path(work.group(1)).exists()

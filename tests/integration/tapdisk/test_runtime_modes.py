@@ -8,14 +8,13 @@ import errno
 import os
 import signal
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from blktap3.ctl import runtime
-from tests.support import tapdisk_pids, wait_until
+from tests.support import signal_midway, tapdisk_pids, wait_until
 
 from .conftest import TAP_CTL, TapCtl, parse_list
 
@@ -95,18 +94,11 @@ def test_a_create_stopped_half_way_leaves_no_tapdisk_and_no_minor(
     spawn, or, on a slow machine, in attach or open), tap-ctl create undoes what it did
     and ends as the signal would have ended it."""
     slow = (f"sh -c 'sleep 1; exec {sys.executable} -P -m blktap3.tapdisk'")
-    proc = subprocess.Popen([TAP_CTL, "create", "-a", "null:x"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "BLKTAP_TAPDISK": slow})
-    try:
-        wait_until(lambda: runtime.allocated_minors(ctl_root), 30, "the minor allocated")
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -sig, (out, err)
+    code, out, err = signal_midway(
+        [TAP_CTL, "create", "-a", "null:x"], sig,
+        lambda _: wait_until(lambda: runtime.allocated_minors(ctl_root), 30, "a minor"),
+        env={**os.environ, "BLKTAP_TAPDISK": slow})
+    assert code == -sig, (out, err)
     assert "Traceback" not in err and out == ""
     wait_until(lambda: not tapdisk_pids(ctl_root), 30, "no tapdisk left")
     assert runtime.allocated_minors(ctl_root) == []
