@@ -28,14 +28,11 @@ def set_threshold(level: int, configure: Callable[[], None] | None = None) -> No
     _configure = configure
 
 
-def _structlog_logger(name: str) -> Any:
+def _configure_once() -> None:
     global _configure
     configure, _configure = _configure, None
     if configure is not None:
         configure()
-    import structlog
-
-    return structlog.get_logger(name)
 
 
 class LazyLogger:
@@ -48,8 +45,13 @@ class LazyLogger:
     def _log(self, level: int, method: str, event: str, kw: dict[str, Any]) -> None:
         if level < _threshold:
             return
+        if _configure is not None:  # whichever logger logs first, since the last command
+            _configure_once()
         if self._logger is None:
-            self._logger = _structlog_logger(self.name)
+            import structlog
+
+            # structlog's lazy proxy: it reads the configuration in force at each call.
+            self._logger = structlog.get_logger(self.name)
         getattr(self._logger, method)(event, **kw)
 
     def debug(self, event: str, **kw: Any) -> None:
