@@ -14,6 +14,7 @@ What lives here:
 - `VdiskInfo`: the `info` bits of xen/include/public/io/blkif.h (VDISK_*);
 - `SECTOR_SIZE`: blkif's sector, the unit of `sector_number` and `sectors` (512 bytes
   whatever `sector-size` says);
+- `MAX_RING_PAGE_ORDER`: the largest multi-page ring (`max-ring-page-order`);
 - `VbdStateBits`: blktap's TD_VBD_* word that `tap-ctl list` prints (tapdisk-vbd.h).
 """
 
@@ -23,6 +24,10 @@ import enum
 from typing import Final
 
 SECTOR_SIZE: Final = 512  # blkif.h: "sector_number" and "sectors" count 512-byte units
+# The largest ring a front-end may share: 2^4 pages (XENBUS_MAX_RING_GRANT_ORDER of Linux's
+# xen/xenbus.h, what blkback and QEMU offer). The C data path's TD_MAX_RING_ORDER is
+# checked against it.
+MAX_RING_PAGE_ORDER: Final = 4
 
 
 class XenbusState(enum.IntEnum):

@@ -363,7 +363,7 @@ def to_dot(d: Drawing, highlight: str | None = None) -> str:
     """The drawing as DOT; `highlight` (a state) marks the node showing it."""
     marked = d.marks.get(highlight) if highlight is not None else None
     out = [f"digraph {_dq(d.stem)} {{",
-           f"\tgraph [rankdir={d.rankdir} ranksep=0.3 fontsize=14 labelloc=t "
+           f"\tgraph [rankdir={d.rankdir} ranksep=0.3 nodesep=0.2 fontsize=14 labelloc=t "
            f"label={_dq(_caption(d))}]",
            f"\tnode [{_NODE_STYLE}]",
            "\tedge [fontsize=10]"]

@@ -14,8 +14,10 @@ the committed pages (tests/unit/tools/test_manpages.py): add them, then regenera
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,6 +118,21 @@ PAGES: dict[str, Page] = {
                       "before it watched XenStore."),
                      USAGE_EXIT),
         see_also=("tap-ctl(8)", "tapdisk(8)", "xenstored(8)", "systemd.service(5)"),
+    ),
+    "blktap3-vbd3": Page(
+        8,
+        "Attaches and detaches vbd3 disks as Xen's libxl and its block-tap script would, "
+        "for hosts whose libxl cannot (Xen 4.17, Debian 12): the back-end and front-end "
+        "directories with libxl's keys and permissions in one transaction, then block-tap's "
+        "tap-ctl steps, then a wait until tapback took the VBD; detach sets online=0 and "
+        "Closing, waits for Closed (10 s, libxl's timeout), runs tap-ctl destroy and removes "
+        "both directories. Both are idempotent and safe to run again after a crash. Attach "
+        "to a paused guest (xl create -p, then xl unpause); detach before xl destroy.",
+        environment=(XENSTORED, CONTROL_DIR),
+        files=(RUN_DIR,),
+        exit_status=(("0", "Success."), ("1", "A failure, told in one line on stderr."),
+                     USAGE_EXIT),
+        see_also=("tapback(8)", "tap-ctl(8)", "xl(1)"),
     ),
     "blktap3-sim": Page(
         1,
@@ -346,10 +363,24 @@ def render(name: str, target: str) -> str:
     return argparse_page(name, page, parser)
 
 
+@contextlib.contextmanager
+def _documented_environment_unset() -> Iterator[None]:
+    """Parsers that show a default read from the environment (a `--run-dir` default of
+    $BLKTAP3_SIM_DIR) must show the built-in one: the pages do not depend on who made
+    them."""
+    names = {name for page in PAGES.values() for name, _ in page.environment}
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def pages() -> dict[str, str]:
     """File name -> text of every console script's page."""
-    return {f"{name}.{PAGES[name].section}": render(name, target)
-            for name, target in sorted(scripts().items())}
+    with _documented_environment_unset():
+        return {f"{name}.{PAGES[name].section}": render(name, target)
+                for name, target in sorted(scripts().items())}
 
 
 def build_parser() -> argparse.ArgumentParser:

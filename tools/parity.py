@@ -246,11 +246,7 @@ DELIBERATE: dict[str, dict[str, str]] = {
 }
 
 # Differences known and not yet fixed, with where the fix belongs: reported, not failed.
-PENDING: dict[str, str] = {
-    "pause, attached not open": "tapdisk VBD machine (specs/tapdisk_vbd.toml): blktap "
-                                "pauses an attached VBD that has no image",
-    "list, two VBDs": "follows from 'pause, attached not open'",
-}
+PENDING: dict[str, str] = {}
 
 
 @dataclass

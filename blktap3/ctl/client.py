@@ -280,18 +280,24 @@ class TapdiskClient:
         proto: int,
         pool: str = "",
         poll_duration: int = 0,
+        poll_idle_threshold: int = 0,
         max_indirect_segments: int = 0,
+        discard: bool = True,
     ) -> None:
         """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served).
 
         `poll_duration`: microseconds the ring spins for more work before sleeping (0:
-        the tapdisk's default). `max_indirect_segments`: the
+        the tapdisk's default), only while `poll_idle_threshold` % of CPU time is idle
+        (0: always). `max_indirect_segments`: the
         `feature-max-indirect-segments` advertised to this front-end, enforced by the
-        tapdisk (0: not advertised, indirect requests answered EOPNOTSUPP).
+        tapdisk (0: not advertised, indirect requests answered EOPNOTSUPP). `discard`
+        False: withheld from this front-end (BlkifFlags.NO_DISCARD: EOPNOTSUPP).
         """
         payload = p.Blkif(
             domid=domid, devid=devid, grefs=grefs, order=order, proto=proto, pool=pool,
-            port=port, poll_duration=poll_duration, max_indirect_segments=max_indirect_segments,
+            port=port, poll_duration=poll_duration, poll_idle_threshold=poll_idle_threshold,
+            max_indirect_segments=max_indirect_segments,
+            flags=p.BlkifFlags.NONE if discard else p.BlkifFlags.NO_DISCARD,
         )
         self._simple(p.MessageType.XENBLKIF_CONNECT, minor, payload)
 

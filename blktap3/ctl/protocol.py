@@ -25,6 +25,10 @@ Extensions of ours (blktap has no such thing):
   tapdisk enforces on every indirect request. blktap's libblktapctl clears the message,
   so from blktap's tapback it reads 0: not offered (blktap's tapback does not advertise
   indirect descriptors), and the tapdisk answers BLKIF_OP_INDIRECT with EOPNOTSUPP.
+  Then `gref_hi[8]` @328: grant refs 8..15 of an order-4 ring (blktap's `gref[8]` holds a
+  ring of order 3 at most; blkback and QEMU offer 4). blktap's tapback never asks order 4.
+  Then `flags` @360 (`BlkifFlags`): what the back-end withheld from this front-end, so
+  that blktap's zeroes mean blktap's behaviour (serve what the image can).
 
 Two things of blktap's wire that its header does not say:
 - RESUME travels in `u.params`, not in `u.resume`: blktap's tap-ctl writes the flags, the
@@ -48,7 +52,8 @@ UNION_OFFSET = 8
 UNION_SIZE = MESSAGE_SIZE - UNION_OFFSET
 STRING_MAX = 256
 MAX_MINORS = 63
-MAX_GREFS = 8
+MAX_GREFS = 8  # blktap's u.blkif.gref[8]: a ring of order 3
+MAX_RING_GREFS = 16  # with ours, gref_hi[8] @328: a ring of order 4 (blkback's, QEMU's)
 LIST_COOKIE = 0xFFFF  # blktap's tap-ctl sends LIST with cookie = (u16)-1
 ALL_VBDS = 0xFFFF  # STATS with this cookie asks for every VBD (a JSON array)
 NO_PARENT = -1  # params.prt_devnum when there is no parent minor to stack on
@@ -116,6 +121,13 @@ class OpenFlags(enum.IntFlag):
     STANDBY = 0x100
     NO_O_DIRECT = 0x200
     OPEN_ENCRYPTED = 0x400
+
+
+class BlkifFlags(enum.IntFlag):
+    """`blkif.flags`, our extension of XENBLKIF_CONNECT (zero from blktap's tapback)."""
+
+    NONE = 0
+    NO_DISCARD = 0x1  # the toolstack's discard-enable=0: DISCARD answered EOPNOTSUPP
 
 
 class ImageFlags(enum.IntFlag):
@@ -345,7 +357,8 @@ class StatInfo:
 class Blkif:
     """`u.blkif` (XENBLKIF_CONNECT/DISCONNECT): the ring the front-end shared."""
 
-    FORMAT: ClassVar[struct.Struct] = struct.Struct(f"<II{MAX_GREFS}III256sIIII")
+    FORMAT: ClassVar[struct.Struct] = struct.Struct(
+        f"<II{MAX_GREFS}III256sIIII{MAX_RING_GREFS - MAX_GREFS}II")
     domid: int
     devid: int
     grefs: tuple[int, ...] = ()
@@ -356,15 +369,16 @@ class Blkif:
     poll_duration: int = 0
     poll_idle_threshold: int = 0
     max_indirect_segments: int = 0  # our extension (0: indirect requests not offered)
+    flags: BlkifFlags = BlkifFlags.NONE  # our extension
 
     def pack(self) -> bytes:
-        if len(self.grefs) > MAX_GREFS:
-            raise ProtocolError(f"{len(self.grefs)} grant refs, at most {MAX_GREFS} fit")
-        grefs = list(self.grefs) + [0] * (MAX_GREFS - len(self.grefs))
+        if len(self.grefs) > MAX_RING_GREFS:
+            raise ProtocolError(f"{len(self.grefs)} grant refs, at most {MAX_RING_GREFS} fit")
+        grefs = list(self.grefs) + [0] * (MAX_RING_GREFS - len(self.grefs))
         return self.FORMAT.pack(
             self.domid,
             self.devid,
-            *grefs,
+            *grefs[:MAX_GREFS],
             self.order,
             self.proto,
             pack_string(self.pool, "pool"),
@@ -372,20 +386,23 @@ class Blkif:
             self.poll_duration,
             self.poll_idle_threshold,
             self.max_indirect_segments,
+            *grefs[MAX_GREFS:],
+            int(self.flags),
         )
 
     @classmethod
     def unpack(cls, union: bytes) -> Blkif:
         values = cls.FORMAT.unpack_from(union)
         domid, devid = values[0], values[1]
-        grefs = tuple(values[2 : 2 + MAX_GREFS])
-        order, proto, pool, port, duration, idle, indirect = values[2 + MAX_GREFS :]
+        rest = 2 + MAX_GREFS + 7
+        grefs = (*values[2 : 2 + MAX_GREFS], *values[rest:-1])
+        order, proto, pool, port, duration, idle, indirect = values[2 + MAX_GREFS : rest]
         # The ring spans 2**order pages: only that many grant refs are meaningful.
-        if order > 3:
-            raise ProtocolError(f"ring order {order} needs more than {MAX_GREFS} grant refs")
+        if 1 << min(order, 31) > MAX_RING_GREFS:
+            raise ProtocolError(f"ring order {order} needs more than {MAX_RING_GREFS} grant refs")
         return cls(
             domid, devid, grefs[: 1 << order], order, proto, unpack_string(pool), port,
-            duration, idle, indirect,
+            duration, idle, indirect, BlkifFlags(values[-1]),
         )
 
 
@@ -452,6 +469,8 @@ OFFSETS: dict[str, int] = {
     "blkif.poll_duration": 316,
     "blkif.poll_idle_threshold": 320,
     "blkif.max_indirect_segments": 324,  # our extension
+    "blkif.gref_hi": 328,  # our extension: grant refs 8..15 (order 4)
+    "blkif.flags": 360,  # our extension: BlkifFlags
     # RESUME's fields sit where `u.params` has flags, path and secondary (see Resume).
     "resume.flags": 8,
     "resume.new_params": 20,

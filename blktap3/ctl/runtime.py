@@ -16,17 +16,25 @@ import errno
 import fcntl
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 DEFAULT_ROOT = Path("/run/blktap-control")
 ROOT_ENV = "BLKTAP_CONTROL_DIR"
+# Where a tapdisk keeps blktap's stats files (td3-<pid>, vbd3-<domid>-<devid>; default
+# /dev/shm): a simulated host gives itself its own (`shm_dir`).
+SHM_ENV = "BLKTAP3_SHM_DIR"
 MAX_MINOR = 16384  # blktap's limit on minors (exclusive)
 MARKER_PREFIX = "tapdisk-"
 SOCKET_PREFIX = "ctl"
 
 # A tapdisk's NBD sockets, per VBD: `<prefix><pid>.<minor>` (blktap's names; see
 # blktap3.tapdisk.nbd.server for what each one speaks).
+def shm_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The stats files' root of a simulated host: `<run_dir>/shm`."""
+    return Path(run_dir).absolute() / "shm"
+
+
 NBD_SOCKET_PREFIXES = ("nbd", "nbd-old", "nbdserver", "nbdserver-new")
 
 _SOCKET_RE = re.compile(rf"^{SOCKET_PREFIX}(\d+)$")
@@ -170,6 +178,25 @@ def process_alive(pid: int) -> bool:
             return stat.read().rpartition(b")")[2].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
+
+
+def shm_root() -> Path:
+    """Where tapdisks keep their stats files: $BLKTAP3_SHM_DIR, else /dev/shm."""
+    return Path(os.environ.get(SHM_ENV) or "/dev/shm")
+
+
+def remove_stale_stats(pid: int, rings: Iterable[tuple[int, int]]) -> None:
+    """Remove what a dead tapdisk left in the shm root: `td3-<pid>` and the
+    `vbd3-<domid>-<devid>` directories of its rings (only regular files inside)."""
+    if process_alive(pid):
+        return
+    root = shm_root()
+    for top in (root / f"td3-{pid}", *(root / f"vbd3-{d}-{v}" for d, v in rings)):
+        with contextlib.suppress(OSError):
+            for entry in top.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
+            top.rmdir()
 
 
 def remove_stale_socket(root: Path, pid: int) -> bool:

@@ -178,6 +178,11 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
             return TD_ERR_READONLY;
         if (!discard)
             return TD_ERR_UNSUPPORTED;
+        /* No image of ours erases securely (a punched hole, even zeroes written through
+         * a file system, may leave the old data on the medium), so discard-secure is
+         * never offered and a secure discard is refused, as blkback without it does. */
+        if (r->flag & BLKIF_DISCARD_SECURE)
+            return TD_ERR_UNSUPPORTED;
         if (!range_ok(r->sector_number, r->nr_sectors, dev_sectors))
             return TD_ERR_RANGE;
         return TD_OK;
@@ -205,6 +210,22 @@ int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_
     /* Only after td_req_check passed the header: nr_segments is then 1..max_indirect,
      * the size of `segs`, and indirect_op READ or WRITE. */
     return check_data(r, r->indirect_op, segs, r->nr_segments, dev_sectors, readonly);
+}
+
+int td_req_check_align(const struct td_req *r, const struct td_seg *segs, uint32_t sector_size)
+{
+    /* A power of two from 512 (the image driver's word); anything else aligns nothing. */
+    uint32_t mask = sector_size >= 512 && !(sector_size & (sector_size - 1))
+                        ? sector_size / 512 - 1 : 0;
+    if (mask == 0 || r->nr_sectors == 0)
+        return TD_OK;   /* 512-byte blocks, or nothing moves (a flush, an empty barrier) */
+    /* blkback's "Misaligned I/O request": the start and every segment in whole blocks. */
+    if (r->sector_number & mask)
+        return TD_ERR_SECT;
+    for (unsigned i = 0; i < r->nr_segments; i++)
+        if ((uint32_t)(segs[i].last_sect - segs[i].first_sect + 1) & mask)
+            return TD_ERR_SECT;
+    return TD_OK;
 }
 
 uint8_t td_rsp_operation(const struct td_req *r)

@@ -43,14 +43,14 @@ struct td_req {
 /* Why a request was refused: the index of its error counter. */
 enum td_err {
     TD_OK = 0,
-    TD_ERR_OP = 1,          /* unknown operation */
+    TD_ERR_OP = 1,          /* unknown operation (answered EOPNOTSUPP) */
     TD_ERR_NSEG = 2,        /* nr_segments 0 (r/w) or > 11 */
     TD_ERR_SECT = 3,        /* first_sect > last_sect or last_sect > 7 */
     TD_ERR_RANGE = 4,       /* past the end of the device */
     TD_ERR_READONLY = 5,    /* write to a read-only VBD */
     TD_ERR_GRANT = 6,       /* grant copy failed: a grant the guest did not give */
     TD_ERR_IO = 7,          /* the image driver failed */
-    TD_ERR_UNSUPPORTED = 8, /* answered EOPNOTSUPP (INDIRECT, discard without support) */
+    TD_ERR_UNSUPPORTED = 8, /* answered EOPNOTSUPP (INDIRECT or discard not offered, secure discard) */
     TD_ERR_OVERFLOW = 9,    /* req_prod more than a ring ahead: ring halted */
     TD_ERR_INDIRECT_OP = 10,    /* INDIRECT whose indirect_op is not READ or WRITE */
     TD_ERR_INDIRECT_NSEG = 11,  /* INDIRECT with 0 segments or more than offered */
@@ -78,6 +78,10 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
  * read-only, range); fills nr_sectors. */
 int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_sectors,
                       int readonly);
+/* `sector-size` as alignment only (blkif.h; sectors stay 512 bytes): a request that
+ * moves data must start on a logical block and each segment (of nr_segments, after
+ * the other checks) cover whole blocks, else TD_ERR_SECT, as blkback. */
+int td_req_check_align(const struct td_req *r, const struct td_seg *segs, uint32_t sector_size);
 /* The operation a response carries: INDIRECT answers with its indirect_op (blkback). */
 uint8_t td_rsp_operation(const struct td_req *r);
 /* Address of request slot `idx` / write response `idx`, in a shared ring. */
@@ -173,16 +177,50 @@ struct td_stats {
     uint32_t max_indirect;  /* segments per INDIRECT request enforced (0: not offered) */
     uint32_t indirect_bufs; /* INDIRECT requests that can be in flight at once */
     char     halted[64];
+    uint64_t polls;         /* spins for work before sleeping (polling-duration) */
+    uint64_t polls_busy;    /* spins skipped: less CPU idle than polling-idle-threshold */
+    uint32_t poll_idle_threshold;
 };
+
+/* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
+struct td_cpu_times { uint64_t total; uint64_t idle; };
+int td_cpu_read(struct td_cpu_times *out);
+/* Percent of the CPU time between two readings that was idle; -1 when unknown. */
+int td_cpu_idle_pct(const struct td_cpu_times *before, const struct td_cpu_times *after);
 
 struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
+                    int discard,
                     struct td_ring **out);
+/* After a failed td_ring_connect (same thread): the step that failed and its values
+ * ("grant map of the ring: domain 7, 1 page(s), first ref 8"), or "" for another cause. */
+const char *td_ring_connect_failure(void);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);
 void td_ring_stats(struct td_ring *r, struct td_stats *out);
+
+/* ---- what blktap's stats files hold (vbd3-<domid>-<devid>/{statistics,io_ring},
+ * td3-<pid>/vbd-<domid>-<devid>): kept apart from td_stats, read the same way ---- */
+struct td_io_stats {
+    uint64_t submitted[2];  /* [0] reads, [1] writes (direct or inside INDIRECT) queued */
+    uint64_t completed[2];  /* their I/O completed, well or not */
+    uint64_t usecs[2];      /* sum of their times from queued to completed */
+    uint64_t max_usecs[2];
+    uint64_t retried;       /* I/O reissued after EAGAIN/EBUSY/EINTR (blktap's retry) */
+    uint64_t timed_out;     /* failed for being older than req_timeout when retried */
+    /* The back ring, as blktap's io_ring file shows it (xen-ringwatch). */
+    uint32_t nr_ents, req_prod, req_cons, req_event, rsp_prod, rsp_prod_pvt, rsp_event;
+};
+void td_ring_io_stats(struct td_ring *r, struct td_io_stats *out);
+/* blktap's req_timeout (drivers/tapdisk-vbd.c, tapdisk_vbd_request_should_retry): an
+ * I/O that failed with EAGAIN, EBUSY or EINTR is reissued until the request is older
+ * than `secs`, then answered BLKIF_RSP_ERROR with a log line. Default 120 (blktap's
+ * TD_VBD_REQUEST_TIMEOUT). */
+void td_ring_set_req_timeout(struct td_ring *r, uint32_t secs);
+/* Error-branch tests: the next `n` I/O completions report -EAGAIN instead. */
+void td_ring_inject_eagain(struct td_ring *r, uint32_t n);
 
 #endif

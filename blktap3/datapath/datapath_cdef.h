@@ -24,6 +24,7 @@
 #define TD_ERR_MAX 13
 #define TD_SEGS_PER_INDIRECT_PAGE ...
 #define TD_MAX_INDIRECT_SEGS ...
+#define TD_MAX_RING_ORDER ...
 
 struct blkif_request_segment { uint32_t gref; uint8_t first_sect; uint8_t last_sect; ...; };
 struct blkif_request {
@@ -79,6 +80,7 @@ int td_req_check(struct td_req *r, uint64_t dev_sectors, int readonly, int disca
                  uint32_t max_indirect);
 int td_req_check_segs(struct td_req *r, const struct td_seg *segs, uint64_t dev_sectors,
                       int readonly);
+int td_req_check_align(const struct td_req *r, const struct td_seg *segs, uint32_t sector_size);
 uint8_t td_rsp_operation(const struct td_req *r);
 const void *td_ring_req_slot(int proto, void *sring, uint32_t nr_pages, uint32_t idx);
 void td_ring_put_rsp(int proto, void *sring, uint32_t nr_pages, uint32_t idx,
@@ -100,14 +102,33 @@ struct td_stats {
     uint64_t reqs[8]; uint64_t indirect[2]; uint64_t indirect_pages; uint64_t segments; uint64_t sectors_read; uint64_t sectors_written;
     uint64_t kicks_in; uint64_t kicks_out; uint64_t responses; uint64_t errors[13];
     uint64_t in_flight; uint64_t batches; int32_t o_direct; int32_t engine; int32_t paused;
-    int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64]; ...;
+    int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64];
+    uint64_t polls; uint64_t polls_busy; uint32_t poll_idle_threshold; ...;
 };
+/* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
+struct td_cpu_times { uint64_t total; uint64_t idle; };
+int td_cpu_read(struct td_cpu_times *out);
+/* Percent of the CPU time between two readings that was idle; -1 when unknown. */
+int td_cpu_idle_pct(const struct td_cpu_times *before, const struct td_cpu_times *after);
+
 struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
+                    int discard,
                     struct td_ring **out);
+const char *td_ring_connect_failure(void);
 int td_ring_pause(struct td_ring *r, int timeout_ms);
 int td_ring_resume(struct td_ring *r, struct td_image *img);
 int td_ring_disconnect(struct td_ring *r, int timeout_ms);
 void td_ring_stats(struct td_ring *r, struct td_stats *out);
+
+struct td_io_stats {
+    uint64_t submitted[2]; uint64_t completed[2]; uint64_t usecs[2]; uint64_t max_usecs[2];
+    uint64_t retried; uint64_t timed_out;
+    uint32_t nr_ents; uint32_t req_prod; uint32_t req_cons; uint32_t req_event;
+    uint32_t rsp_prod; uint32_t rsp_prod_pvt; uint32_t rsp_event; ...;
+};
+void td_ring_io_stats(struct td_ring *r, struct td_io_stats *out);
+void td_ring_set_req_timeout(struct td_ring *r, uint32_t secs);
+void td_ring_inject_eagain(struct td_ring *r, uint32_t n);

@@ -52,6 +52,15 @@ class Host:
     def stats(self, name: str) -> dict[str, Any]:
         return self.rings[name].stats()
 
+    def io_stats(self, name: str) -> dict[str, Any]:
+        return self.rings[name].io_stats()
+
+    def req_timeout(self, name: str, seconds: int) -> None:
+        self.rings[name].set_req_timeout(seconds)
+
+    def inject_eagain(self, name: str, count: int) -> None:
+        self.rings[name].inject_eagain(count)
+
     def cpu(self) -> dict[str, float]:
         """This process's CPU seconds: the benchmark's cost per request."""
         t = os.times()
@@ -68,6 +77,9 @@ def main() -> None:
         "resume": host.resume,
         "disconnect": host.disconnect,
         "stats": host.stats,
+        "io_stats": host.io_stats,
+        "req_timeout": host.req_timeout,
+        "inject_eagain": host.inject_eagain,
         "cpu": host.cpu,
     })
     for ring in host.rings.values():

@@ -31,6 +31,30 @@ static uint32_t physical_sector_size(int fd, const struct stat *st)
     return 512;
 }
 
+/* The logical block: what `sector-size` says and every request must align to (blkif.h:
+ * alignment only, sectors stay 512 bytes). A device's own (a 4 KiB-sector disk); for a
+ * file under O_DIRECT, the offset alignment the kernel demands (statx DIOALIGN). */
+static uint32_t logical_block_size(int fd, const struct stat *st, int o_direct)
+{
+    int lbs = 0;
+    if (S_ISBLK(st->st_mode) && ioctl(fd, BLKSSZGET, &lbs) == 0 && lbs >= 512 &&
+        lbs <= 65536 && !(lbs & (lbs - 1)))
+        return (uint32_t)lbs;
+#ifdef STATX_DIOALIGN
+    struct statx sx;
+    if (o_direct && S_ISREG(st->st_mode) &&
+        statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
+        (sx.stx_mask & STATX_DIOALIGN)) {
+        uint32_t a = sx.stx_dio_offset_align;
+        if (a >= 512 && a <= 65536 && !(a & (a - 1)))
+            return a;
+    }
+#else
+    (void)o_direct;
+#endif
+    return 512;
+}
+
 static int can_punch(int fd, uint64_t size)
 {
     /* Punching past EOF changes nothing but says whether the fs supports it. */
@@ -91,7 +115,10 @@ int td_image_open(const char *driver, const char *path, int readonly, int o_dire
     }
     img->fd = fd;
     img->info.sectors = size >> TD_SECTOR_SHIFT;
+    img->info.sector_size = logical_block_size(fd, &st, img->info.o_direct);
     img->info.physical_sector_size = physical_sector_size(fd, &st);
+    if (img->info.physical_sector_size < img->info.sector_size)
+        img->info.physical_sector_size = img->info.sector_size;
     img->info.discard = !readonly && S_ISREG(st.st_mode) && can_punch(fd, size);
     *out = img;
     return 0;

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 Handler = Callable[..., Any]
 
@@ -46,7 +46,8 @@ def serve(handlers: Mapping[str, Handler]) -> None:
 class LineProcess:
     """Client side: start the child, send commands, read replies (in order)."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
+                 stderr: IO[str] | None = None) -> None:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
@@ -55,6 +56,7 @@ class LineProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=full_env,
+            stderr=stderr,
             text=True,
             bufsize=1,
         )

@@ -31,6 +31,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
@@ -62,6 +63,8 @@ struct td_slot {
     char *dbuf;             /* this slot's own buffer, big enough for a direct request */
     int32_t ibuf;           /* the indirect buffer the slot holds, or -1 */
     int err;                /* enum td_err once decided */
+    uint64_t t0;            /* its I/O was queued (ns, CLOCK_MONOTONIC): latency, timeout */
+    uint32_t retries;       /* its I/O was reissued after a retryable error */
 };
 
 /* Room for one INDIRECT request: its segments (copied from the guest's indirect pages)
@@ -96,6 +99,7 @@ struct td_ring {
     int32_t held;           /* a barrier/flush waiting for in-flight I/O to drain, or -1 */
 
     uint32_t max_indirect;  /* segments per INDIRECT request offered (0: not offered) */
+    int discard;            /* the back-end offers discard (0: withheld, EOPNOTSUPP) */
     uint32_t nibufs;        /* indirect buffers (INDIRECT requests in flight at most) */
     struct td_ibuf *ibufs;
     uint32_t *free_ibufs;
@@ -108,7 +112,6 @@ struct td_ring {
     uint32_t *gcopy_slot;
     uint32_t *batch;        /* slots of the batch being assembled */
     struct td_cqe *cqes;
-    char *zeroes;           /* secure discard writes these */
 
     pthread_t thread;
     pthread_mutex_t mu;
@@ -117,6 +120,10 @@ struct td_ring {
     int ctl_efd;
     int exited;
     uint64_t poll_ns;       /* spin this long for work before sleeping (0: never) */
+    uint32_t poll_idle;     /* ...only while this % of CPU time is idle (0: always) */
+    int poll_ok;            /* the last interval was idle enough */
+    uint64_t cpu_at_ns;     /* when `cpu` was read */
+    struct td_cpu_times cpu;
     int stop_seen;          /* disconnect: req_prod when it was asked, served up to there */
     RING_IDX stop_prod;
     int uring_wait;         /* sleeps in io_uring (td_engine_wait), else in poll() */
@@ -125,9 +132,20 @@ struct td_ring {
     int submit_deferred;    /* to_submit was kept back for one more round (see service) */
 
     struct td_stats st;     /* written by the service thread only, read relaxed */
+    struct td_io_stats ios; /* the stats files' counters: same rules as st */
+    uint64_t req_timeout_ns;    /* retry a retryable I/O error until this old (relaxed) */
+    uint32_t inject_eagain;     /* tests: completions still to report as -EAGAIN */
 };
 
+/* The default req_timeout: blktap's TD_VBD_REQUEST_TIMEOUT (drivers/tapdisk-vbd.h). */
+#define TD_REQ_TIMEOUT_DEFAULT_S 120u
+/* A completion whose I/O was reissued: no response yet. */
+#define TD_CQE_RETRIED INT32_MIN
+
 #define STAT_ADD(r, field, n) __atomic_fetch_add(&(r)->st.field, (n), __ATOMIC_RELAXED)
+#define IOS_ADD(r, field, n) __atomic_fetch_add(&(r)->ios.field, (n), __ATOMIC_RELAXED)
+
+static uint64_t now_ns(void);
 
 /* The four indices that open every layout's sring; volatile: the guest writes them. */
 struct td_sring_hdr {
@@ -139,11 +157,14 @@ static struct td_sring_hdr *hdr(struct td_ring *r)
     return (struct td_sring_hdr *)r->sring;
 }
 
+/* An operation we do not serve is EOPNOTSUPP, never ERROR (blktap since CA-416464): a
+ * guest migrated from a richer back-end may re-issue one, and a hard error can crash it;
+ * Windows xenvbd drops the feature on EOPNOTSUPP. */
 static int16_t rsp_status_of(int err)
 {
     return (int16_t)(err == TD_OK ? BLKIF_RSP_OKAY
-                     : err == TD_ERR_UNSUPPORTED ? BLKIF_RSP_EOPNOTSUPP
-                                                 : BLKIF_RSP_ERROR);
+                     : err == TD_ERR_UNSUPPORTED || err == TD_ERR_OP ? BLKIF_RSP_EOPNOTSUPP
+                                                                     : BLKIF_RSP_ERROR);
 }
 
 static void respond(struct td_ring *r, const struct td_req *req, int err)
@@ -291,16 +312,6 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
     off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
     if (len == 0)
         return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
-    if (sl->req.flag & BLKIF_DISCARD_SECURE) {
-        /* Secure discard: the blocks must not keep the old data, so write zeroes. */
-        for (off_t done = 0; done < len && sl->err == TD_OK;) {
-            size_t n = (size_t)(len - done) < TD_SEG_BYTES ? (size_t)(len - done) : TD_SEG_BYTES;
-            if (pwrite(r->img->fd, r->zeroes, n, off + done) != (ssize_t)n)
-                sl->err = TD_ERR_IO;
-            done += (off_t)n;
-        }
-        return;
-    }
     if (fallocate(r->img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0)
         sl->err = TD_ERR_IO;
 }
@@ -341,10 +352,69 @@ static int take_indirect(struct td_ring *r, uint32_t s)
             return TD_ERR_INDIRECT_GRANT;
     STAT_ADD(r, indirect_pages, npages);
     const struct td_image_info *info = &r->img->info;
-    return td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
+    int err = td_req_check_segs(&sl->req, sl->segs, info->sectors, r->img->readonly);
+    return err ? err : td_req_check_align(&sl->req, sl->segs, info->sector_size);
 }
 
 static void flush_submit(struct td_ring *r);
+
+/* ---- the stats files' counters and blktap's req_timeout: off the per-segment work,
+ * one clock read per batch queued and per batch reaped ---- */
+
+static void io_queued(struct td_ring *r, struct td_slot *sl, uint64_t now)
+{
+    sl->t0 = now;
+    sl->retries = 0;
+    IOS_ADD(r, submitted[sl->op == BLKIF_OP_WRITE], 1);
+}
+
+static void io_done(struct td_ring *r, const struct td_slot *sl, uint64_t now)
+{
+    int w = sl->op == BLKIF_OP_WRITE;
+    uint64_t us = now > sl->t0 ? (now - sl->t0) / 1000u : 0;
+    IOS_ADD(r, completed[w], 1);
+    IOS_ADD(r, usecs[w], us);
+    if (us > r->ios.max_usecs[w])
+        __atomic_store_n(&r->ios.max_usecs[w], us, __ATOMIC_RELAXED);
+}
+
+/* The result of completion `c`, after the test hook; a retryable error of a request
+ * younger than req_timeout reissues its I/O and returns TD_CQE_RETRIED (blktap:
+ * tapdisk_vbd_request_should_retry, then "req %s timed out, retried %d times"). */
+static int32_t io_result(struct td_ring *r, struct td_cqe *c, uint64_t now)
+{
+    struct td_slot *sl = &r->slots[c->tag];
+    int32_t res = c->res;
+    uint32_t inj = __atomic_load_n(&r->inject_eagain, __ATOMIC_RELAXED);
+    while (inj && !__atomic_compare_exchange_n(&r->inject_eagain, &inj, inj - 1, 0,
+                                               __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+    if (inj)
+        res = -EAGAIN;
+    if (res != -EAGAIN && res != -EBUSY && res != -EINTR)
+        return res;
+    uint64_t timeout = __atomic_load_n(&r->req_timeout_ns, __ATOMIC_RELAXED);
+    /* No retry once the ring is going down (blktap: not when SHUTDOWN_REQUESTED). */
+    int stopping = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE) == RS_STOPPING;
+    if (!stopping && now - sl->t0 < timeout) {
+        int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
+        if (td_engine_prep(r->eng, op, r->img->fd, sl->buf,
+                           (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT),
+                           sl->req.sector_number << TD_SECTOR_SHIFT, c->tag) == 0) {
+            sl->retries++;
+            r->to_submit++;
+            IOS_ADD(r, retried, 1);
+            return c->res = TD_CQE_RETRIED;
+        }
+        return res;
+    }
+    IOS_ADD(r, timed_out, 1);
+    /* One line per timed-out request, as blktap's ERR(): rare by definition. */
+    fprintf(stderr, "blktap3 datapath: ring d%u/%u: req %llu timed out, retried %u times: "
+            "%s\n", r->domid, r->devid, (unsigned long long)sl->req.id, sl->retries,
+            strerror(-res));
+    return res;
+}
 
 /* Grant-copy the data of the writes among batch[0..n) (`ncopy` segments prepared), then
  * queue the I/O of the batch. */
@@ -352,6 +422,7 @@ static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
 {
     grant_copy(r, ncopy);
     uint32_t queued = 0;
+    uint64_t now = now_ns();    /* one clock read per batch */
     for (uint32_t i = 0; i < n; i++) {
         uint32_t s = r->batch[i];
         struct td_slot *sl = &r->slots[s];
@@ -371,6 +442,7 @@ static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
             r->inflight--;
             continue;
         }
+        io_queued(r, sl, now);
         queued++;
     }
     /* Handed to the kernel by flush_submit or, when the thread is about to sleep
@@ -415,10 +487,12 @@ static uint32_t consume(struct td_ring *r, RING_IDX rp)
         sl->op = sl->req.operation;
         sl->segs = sl->req.seg;
         sl->buf = sl->dbuf;
-        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly, info->discard,
-                               r->max_indirect);
+        sl->err = td_req_check(&sl->req, info->sectors, r->img->readonly,
+                               info->discard && r->discard, r->max_indirect);
         if (sl->err == TD_OK && sl->req.operation == BLKIF_OP_INDIRECT)
             sl->err = take_indirect(r, s);
+        else if (sl->err == TD_OK && sl->req.operation != BLKIF_OP_DISCARD)
+            sl->err = td_req_check_align(&sl->req, sl->req.seg, info->sector_size);
         if (sl->err != TD_OK) {
             respond(r, &sl->req, sl->err);
             free_slot(r, s);
@@ -476,10 +550,14 @@ static uint32_t complete(struct td_ring *r)
     if (n == 0)
         return 0;
     uint32_t ncopy = 0, done = 0;
+    uint64_t now = now_ns();    /* one clock read per batch */
     for (uint32_t i = 0; i < n; i++) {
         struct td_slot *sl = &r->slots[r->cqes[i].tag];
         uint32_t want = (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
-        if (r->cqes[i].res != (int32_t)want)
+        int32_t res = io_result(r, &r->cqes[i], now);
+        if (res == TD_CQE_RETRIED)
+            ;   /* still in flight */
+        else if (res != (int32_t)want)
             sl->err = TD_ERR_IO;
         else if (sl->op == BLKIF_OP_READ && !is_null(r))
             ncopy = prep_copy(r, r->cqes[i].tag, 1, ncopy);
@@ -490,8 +568,11 @@ static uint32_t complete(struct td_ring *r)
         grant_copy(r, ncopy);
         ncopy = 0;
         for (; done <= i; done++) {
+            if (r->cqes[done].res == TD_CQE_RETRIED)
+                continue;
             uint32_t s = r->cqes[done].tag;
             struct td_slot *d = &r->slots[s];
+            io_done(r, d, now);
             if (d->err == TD_OK) {
                 if (d->op == BLKIF_OP_READ)
                     STAT_ADD(r, sectors_read, d->req.nr_sectors);
@@ -539,6 +620,33 @@ static int spin_for_work(struct td_ring *r, int st)
         }
     } while (now_ns() < end);
     return 0;
+}
+
+/*
+ * May the ring spin now? With a `polling-idle-threshold`, only while that share of all
+ * CPU time was idle over the last interval (blktap's CPU monitor): polling then uses
+ * spare cycles, never a loaded host's. /proc/stat is read at most every
+ * TD_CPU_INTERVAL_NS, by this thread, so the hot path sees a plain flag.
+ */
+#define TD_CPU_INTERVAL_NS 100000000ull
+static int may_poll(struct td_ring *r)
+{
+    if (r->poll_idle == 0)
+        return 1;
+    uint64_t now = now_ns();
+    if (now - r->cpu_at_ns >= TD_CPU_INTERVAL_NS) {
+        struct td_cpu_times cur;
+        if (td_cpu_read(&cur) == 0) {
+            int idle = r->cpu_at_ns ? td_cpu_idle_pct(&r->cpu, &cur) : -1;
+            if (r->cpu_at_ns)
+                r->poll_ok = idle >= 0 && (uint32_t)idle >= r->poll_idle;
+            r->cpu = cur;
+        } else {
+            r->poll_ok = 0;     /* cannot tell: do not spin */
+        }
+        r->cpu_at_ns = now;
+    }
+    return r->poll_ok;
 }
 
 /* A kick from the front-end: take it off the event channel and unmask the port. */
@@ -669,8 +777,13 @@ static void *service(void *arg)
         int blocked = r->held >= 0 || ibufs_exhausted(r);
         if (r->poll_ns && st == RS_RUN && taking && !blocked) {
             flush_submit(r);
-            if (spin_for_work(r, st))
-                continue;
+            if (!may_poll(r)) {
+                STAT_ADD(r, polls_busy, 1);
+            } else {
+                STAT_ADD(r, polls, 1);
+                if (spin_for_work(r, st))
+                    continue;
+            }
         }
         if (st == RS_RUN && taking && !blocked) {
             /* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look once more. */
@@ -723,7 +836,6 @@ static void free_ring(struct td_ring *r)
         munmap(r->ibuf_mem, r->ibuf_mem_len);
     free(r->ibufs);
     free(r->free_ibufs);
-    free(r->zeroes);
     free(r->slots);
     free(r->free_slots);
     free(r->gcopy);
@@ -735,14 +847,39 @@ static void free_ring(struct td_ring *r)
     free(r);
 }
 
+/* Which step of the last td_ring_connect of this thread failed, and on which values. */
+static __thread char connect_failure[192];
+
+const char *td_ring_connect_failure(void)
+{
+    return connect_failure;
+}
+
+/* Note the failed step; errno is kept for the caller. */
+static void connect_failed(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void connect_failed(const char *fmt, ...)
+{
+    int saved = errno;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(connect_failure, sizeof(connect_failure), fmt, ap);
+    va_end(ap);
+    errno = saved;
+}
+
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
-                    int engine, uint32_t poll_us, uint32_t max_indirect,
+                    int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
+                    int discard,
                     struct td_ring **out)
 {
+    connect_failure[0] = 0;
     if (order > TD_MAX_RING_ORDER || proto < TD_PROTO_NATIVE || proto > TD_PROTO_X86_64 ||
-        max_indirect > TD_MAX_INDIRECT_SEGS)
+        max_indirect > TD_MAX_INDIRECT_SEGS || poll_idle > 100) {
+        connect_failed("arguments: ring order %u, protocol %d, %u indirect segments, "
+                       "idle threshold %u%%", order, proto, max_indirect, poll_idle);
         return -EINVAL;
+    }
     struct td_ring *r = calloc(1, sizeof(*r));
     if (!r)
         return -ENOMEM;
@@ -752,6 +889,9 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->ctl_efd = -1;
     r->held = -1;
     r->poll_ns = (uint64_t)poll_us * 1000u;
+    r->poll_idle = poll_idle;
+    r->poll_ok = poll_idle == 0;    /* with a threshold: not before one interval says so */
+    r->st.poll_idle_threshold = poll_idle;
     r->img = img;
     r->domid = domid;
     r->devid = devid;
@@ -759,6 +899,8 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->nr_pages = 1u << order;
     r->nslots = TD_RING_SLOTS(proto, r->nr_pages);
     r->max_indirect = max_indirect;
+    r->req_timeout_ns = (uint64_t)TD_REQ_TIMEOUT_DEFAULT_S * 1000000000ull;
+    r->discard = discard != 0;
     if (max_indirect) {
         size_t per = (size_t)max_indirect * TD_PAGE_SIZE;
         size_t n = TD_INDIRECT_POOL_BYTES / per;
@@ -774,11 +916,9 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->gcopy_slot = calloc(nseg, sizeof(uint32_t));
     r->batch = calloc(r->nslots, sizeof(uint32_t));
     r->cqes = calloc(r->nslots, sizeof(*r->cqes));
-    r->zeroes = aligned_alloc(TD_PAGE_SIZE, TD_SEG_BYTES);
     if (!r->slots || !r->free_slots || !r->gcopy || !r->gcopy_slot || !r->batch ||
-        !r->cqes || !r->zeroes)
+        !r->cqes)
         goto fail;
-    memset(r->zeroes, 0, TD_SEG_BYTES);
     /* Page-aligned buffers, 11 pages per slot: O_DIRECT needs the alignment. */
     r->bufs = mmap(NULL, (size_t)r->nslots * TD_SEG_BYTES, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -827,18 +967,27 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->uring_wait = td_engine_use_watches(r->eng) == 0;
 
     r->xgt = xengnttab_open(NULL, 0);
-    if (!r->xgt)
+    if (!r->xgt) {
+        connect_failed("opening the grant device (xengnttab_open, /dev/xen/gntdev)");
         goto fail_errno;
+    }
     r->sring = xengnttab_map_domain_grant_refs(r->xgt, r->nr_pages, domid,
                                                (uint32_t *)grefs, PROT_READ | PROT_WRITE);
-    if (!r->sring)
+    if (!r->sring) {
+        connect_failed("grant map of the ring: domain %u, %u page(s), first ref %u", domid,
+                       r->nr_pages, grefs[0]);
         goto fail_errno;
+    }
     r->xce = xenevtchn_open(NULL, 0);
-    if (!r->xce)
+    if (!r->xce) {
+        connect_failed("opening the event-channel device (xenevtchn_open, /dev/xen/evtchn)");
         goto fail_errno;
+    }
     xenevtchn_port_or_error_t lp = xenevtchn_bind_interdomain(r->xce, domid, port);
-    if (lp < 0)
+    if (lp < 0) {
+        connect_failed("event-channel bind: domain %u, port %u", domid, port);
         goto fail_errno;
+    }
     r->lport = (evtchn_port_t)lp;
 
     /* Start from where the front-end's ring is (BACK_RING_ATTACH semantics): one read,
@@ -964,7 +1113,40 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
     out->slots = r->st.slots;
     out->max_indirect = r->st.max_indirect;
     out->indirect_bufs = r->st.indirect_bufs;
+    out->polls = __atomic_load_n(&r->st.polls, __ATOMIC_RELAXED);
+    out->polls_busy = __atomic_load_n(&r->st.polls_busy, __ATOMIC_RELAXED);
+    out->poll_idle_threshold = r->st.poll_idle_threshold;
     /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */
     memcpy(out->halted, r->st.halted, sizeof(out->halted));
     out->halted[sizeof(out->halted) - 1] = 0;
+}
+
+void td_ring_io_stats(struct td_ring *r, struct td_io_stats *out)
+{
+    /* As td_ring_stats: single-writer values, each read atomically. */
+    for (unsigned i = 0; i < 2; i++) {
+        out->submitted[i] = __atomic_load_n(&r->ios.submitted[i], __ATOMIC_RELAXED);
+        out->completed[i] = __atomic_load_n(&r->ios.completed[i], __ATOMIC_RELAXED);
+        out->usecs[i] = __atomic_load_n(&r->ios.usecs[i], __ATOMIC_RELAXED);
+        out->max_usecs[i] = __atomic_load_n(&r->ios.max_usecs[i], __ATOMIC_RELAXED);
+    }
+    out->retried = __atomic_load_n(&r->ios.retried, __ATOMIC_RELAXED);
+    out->timed_out = __atomic_load_n(&r->ios.timed_out, __ATOMIC_RELAXED);
+    out->nr_ents = r->nslots;
+    out->req_prod = hdr(r)->req_prod;
+    out->req_event = hdr(r)->req_event;
+    out->rsp_prod = hdr(r)->rsp_prod;
+    out->rsp_event = hdr(r)->rsp_event;
+    out->req_cons = __atomic_load_n(&r->req_cons, __ATOMIC_RELAXED);
+    out->rsp_prod_pvt = __atomic_load_n(&r->rsp_prod_pvt, __ATOMIC_RELAXED);
+}
+
+void td_ring_set_req_timeout(struct td_ring *r, uint32_t secs)
+{
+    __atomic_store_n(&r->req_timeout_ns, (uint64_t)secs * 1000000000ull, __ATOMIC_RELAXED);
+}
+
+void td_ring_inject_eagain(struct td_ring *r, uint32_t n)
+{
+    __atomic_store_n(&r->inject_eagain, n, __ATOMIC_RELAXED);
 }

@@ -19,7 +19,7 @@ from ._datapath import ffi, lib
 from ._errors import check
 from .image import ENGINES, Image
 
-MAX_RING_PAGE_ORDER = 3
+MAX_RING_PAGE_ORDER = int(lib.TD_MAX_RING_ORDER)  # blktap3.abi's, checked by a test
 # The most segments an INDIRECT request may carry here (8 indirect pages of 512, Xen's
 # protocol limit). What a VBD offers is chosen at connect, up to this.
 MAX_INDIRECT_SEGMENTS = int(lib.TD_MAX_INDIRECT_SEGS)
@@ -71,7 +71,9 @@ class Ring:
         protocol: BlkifProtocol,
         engine: str = "auto",
         poll_us: int | None = None,
+        poll_idle_threshold: int = 0,
         max_indirect_segments: int = 0,
+        discard: bool = True,
     ) -> Ring:
         """Map the ring (2**order pages), bind the event channel, start the service.
 
@@ -79,9 +81,13 @@ class Ring:
         ``poll_us``: spin this long for new requests/completions before sleeping
         (blktap's ``poll_duration``; trades CPU for latency; 0 = always sleep;
         None: ``$BLKTAP3_RING_POLL_US``, else 0).
+        ``poll_idle_threshold``: spin only while this percentage of all CPU time was
+        idle over the last 100 ms (blktap's ``polling-idle-threshold``; 0: always).
         ``max_indirect_segments``: the ``feature-max-indirect-segments`` the back-end
         offered this front-end, enforced on every INDIRECT request (0: not offered,
         INDIRECT is answered EOPNOTSUPP); at most ``MAX_INDIRECT_SEGMENTS``.
+        ``discard``: False when the back-end withheld discard (`discard-enable` = 0):
+        DISCARD is then answered EOPNOTSUPP whatever the image can do.
         """
         if poll_us is None:
             poll_us = _env_poll_us()
@@ -93,6 +99,8 @@ class Ring:
             raise OSError(22, f"unknown io engine {engine!r}")
         if not 0 <= poll_us <= 1_000_000:
             raise OSError(22, f"poll_us {poll_us} out of range 0..1000000")
+        if not 0 <= poll_idle_threshold <= 100:
+            raise OSError(22, f"poll_idle_threshold {poll_idle_threshold} out of range 0..100")
         if not 0 <= max_indirect_segments <= MAX_INDIRECT_SEGMENTS:
             raise OSError(22, f"max_indirect_segments {max_indirect_segments} out of range "
                               f"0..{MAX_INDIRECT_SEGMENTS}")
@@ -108,10 +116,13 @@ class Ring:
             int(protocol),  # TD_PROTO_* are BlkifProtocol's numbers
             ENGINES[engine],
             poll_us,
+            poll_idle_threshold,
             max_indirect_segments,
+            int(discard),
             out,
         )
-        check(rc, f"connect ring d{domid}/{devid}")
+        step = ffi.string(lib.td_ring_connect_failure()).decode(errors="replace")
+        check(rc, f"connect ring d{domid}/{devid}" + (f": {step}" if step else ""))
         return cls(out[0], image, domid, devid)
 
     @contextmanager
@@ -173,6 +184,40 @@ class Ring:
         halted: str | None = self.stats()["halted"]
         return halted
 
+    def io_stats(self) -> dict[str, Any]:
+        """What blktap's stats files hold (`blktap3.tapdisk.metrics`): per direction the
+        I/O queued and completed and their times, retries, and the back ring's indices."""
+        st = ffi.new("struct td_io_stats *")
+        with self._use() as handle:
+            lib.td_ring_io_stats(handle, st)
+        per_op = {
+            name: {
+                "submitted": int(st.submitted[i]),
+                "completed": int(st.completed[i]),
+                "usecs": int(st.usecs[i]),
+                "max_usecs": int(st.max_usecs[i]),
+            }
+            for i, name in enumerate(("read", "write"))
+        }
+        ring = {name: int(getattr(st, name)) for name in (
+            "nr_ents", "req_prod", "req_cons", "req_event", "rsp_prod", "rsp_prod_pvt",
+            "rsp_event")}
+        return per_op | {"retried": int(st.retried), "timed_out": int(st.timed_out),
+                         "ring": ring}
+
+    def set_req_timeout(self, seconds: int) -> None:
+        """blktap's ``req_timeout``: an I/O failing with EAGAIN/EBUSY/EINTR is reissued
+        until its request is this old, then answered BLKIF_RSP_ERROR (and logged)."""
+        if not 0 < seconds <= 0xFFFF:
+            raise OSError(errno.EINVAL, f"req_timeout {seconds} out of range 1..65535")
+        with self._use() as handle:
+            lib.td_ring_set_req_timeout(handle, seconds)
+
+    def inject_eagain(self, count: int) -> None:
+        """Tests of the retry branch: the next `count` I/O completions fail EAGAIN."""
+        with self._use() as handle:
+            lib.td_ring_inject_eagain(handle, count)
+
     def stats(self) -> dict[str, Any]:
         """Counters, read without locking the service thread."""
         st = ffi.new("struct td_stats *")
@@ -198,6 +243,8 @@ class Ring:
             "errors": {c: int(st.errors[i]) for i, c in enumerate(ERROR_CAUSES) if c},
             "in_flight": int(st.in_flight),
             "batches": int(st.batches),
+            "polling": {"polls": int(st.polls), "busy": int(st.polls_busy),
+                        "idle_threshold": int(st.poll_idle_threshold)},
             "o_direct": bool(st.o_direct),
             "engine": ENGINE_NAMES.get(int(st.engine), "unknown"),
             "paused": bool(st.paused),

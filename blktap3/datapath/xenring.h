@@ -32,7 +32,7 @@
 #define TD_PAGE_SIZE 4096u
 #define TD_SECTOR_SHIFT 9
 #define TD_SECTORS_PER_PAGE 8u
-#define TD_MAX_RING_ORDER 3u
+#define TD_MAX_RING_ORDER 4u  /* blktap3.abi.MAX_RING_PAGE_ORDER: blkback's and QEMU's */
 #define TD_MAX_RING_PAGES (1u << TD_MAX_RING_ORDER)
 /* An indirect page is an array of segments (blkif.h); a request has at most
  * BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST of them: 4096 segments, 16 MiB. */

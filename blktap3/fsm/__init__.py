@@ -23,7 +23,8 @@ see.  What tapback observes in XenStore becomes events in ONE place,
 `BackendObserver` (backend_observer.py: snapshots in, events out, no I/O).
 
 Machines (each `.handle(event) -> tuple[Effect, ...]`, `.state: str`, `.is_final`):
-  `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures())`  tapback, per VBD
+  `BackendVbd(domid, devid, backend_domid=0, features=BackendFeatures(),
+             toolstack=Toolstack.XAPI)`  tapback, per VBD (libxl: InitWait before hotplug)
   `FrontendVbd(domid, backend_domid=0, options=FrontendOptions())`  a blkfront; its
                                      observer `observe_backend(read)` makes its events
   `TapdiskProcess()`                 spawning, running{idle, serving}, exiting, dead
@@ -52,7 +53,7 @@ Tools: `blktap3-fsm check` (spec checks, dead rows included), `blktap3-diagram`
 in-memory store, the back-end through this observer and tapback's own readers).
 """
 
-from .backend import BackendFeatures, BackendState, BackendVbd
+from .backend import BackendFeatures, BackendState, BackendVbd, Toolstack
 from .backend_observer import (
     UNREADABLE,
     BackendDirectory,
@@ -79,7 +80,6 @@ from .effects import (
     ReadFrontendTransport,
     ReleaseMinor,
     ReleaseRing,
-    RemoveDirectory,
     Reply,
     ReportFault,
     SendControl,
@@ -252,7 +252,6 @@ __all__ = [
     "ReadFrontendTransport",
     "ReleaseMinor",
     "ReleaseRing",
-    "RemoveDirectory",
     "Reply",
     "ReportFault",
     "Resume",
@@ -277,6 +276,7 @@ __all__ = [
     "TapdiskProcess",
     "TapdiskRef",
     "TapdiskVbd",
+    "Toolstack",
     "ToolstackError",
     "TransportInvalid",
     "TransportRead",

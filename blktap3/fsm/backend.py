@@ -9,6 +9,11 @@ restarted tapback): a Connected VBD is then adopted (the connect replayed, EALRE
 nothing the front-end sees rewritten), and keys already holding the value we would
 write are not written again.
 
+Which toolstack's order is served (`Toolstack`, tapback's `--toolstack`) is a fact of the
+machine the spec's conditions read: xapi (blktap's order, the default) runs hotplug first
+and InitWait follows it; libxl waits for InitWait before it runs its block-tap script, so
+InitWait is published as soon as the directory appears.  Both are served by one table.
+
 The machine asks the tapdisk for the disk's geometry itself (`DiskInfoQuery`) once
 hotplug named it, and again when its image was reopened (`ImageChanged`): whether the
 size changed, and what that means in each state, is the spec's.
@@ -26,14 +31,13 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from blktap3.abi import SECTOR_SIZE, VdiskInfo
+from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE, VdiskInfo
 
 from .effects import (
     DiskInfoQuery,
     Effect,
     Perms,
     ReadFrontendTransport,
-    RemoveDirectory,
     SendControl,
     SetError,
     Unregister,
@@ -67,15 +71,25 @@ from .xenbus_state import XenbusState
 KTHREAD_PID = "kthread-pid"
 
 
+class Toolstack(enum.StrEnum):
+    """Whose order of hotplug and InitWait tapback serves (see the module docstring)."""
+
+    XAPI = "xapi"  # hotplug-status=connected first, then InitWait (blktap's tapback)
+    LIBXL = "libxl"  # InitWait first: libxl runs block-tap add only once it saw it
+
+
 @dataclass(frozen=True)
 class BackendFeatures:
     """What this back-end offers the front-end (keys written at probe and at connect).
 
     `discard` says the back-end may offer discard: it is announced only for a disk whose
-    image can punch holes (`DiskInfo.discard`) and that the guest may write.
+    image can punch holes (`DiskInfo.discard`) and that the guest may write, and not when
+    the toolstack wrote `discard-enable` = 0 (`BackendFound.discard_enabled`).
+    `discard_secure` likewise: `discard-secure` is written, as blkback does, only when
+    the image really erases (`DiskInfo.discard_secure`), and left out otherwise.
     """
 
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True
     flush_cache: bool = True
     discard: bool = True
@@ -84,12 +98,25 @@ class BackendFeatures:
     discard_secure: bool = False
     persistent: bool = False
     max_indirect_segments: int = 0  # 0: feature not offered
+    polling_duration: int = 0  # us the ring spins for work (0: never), from the toolstack
+    polling_idle_threshold: int = 0  # ...only while this % of CPU is idle (0: always)
 
     def probe_keys(self) -> tuple[tuple[str, str], ...]:
-        keys = [("max-ring-page-order", str(self.max_ring_page_order))]
+        keys = [
+            ("max-ring-page-order", str(self.max_ring_page_order)),
+            # The same offer in pages, the legacy key FreeBSD's blkfront reads (blkback
+            # stopped writing it; FreeBSD still falls back to it).
+            ("max-ring-pages", str(1 << self.max_ring_page_order)),
+        ]
         if self.max_indirect_segments:
             keys.append(("feature-max-indirect-segments", str(self.max_indirect_segments)))
         return tuple(keys)
+
+    def for_toolstack(self, found: BackendFound) -> BackendFeatures:
+        """The offer once the toolstack's word on this VBD is known (`discard-enable`)."""
+        return replace(self, discard=self.discard and found.discard_enabled,
+                       polling_duration=found.polling_duration,
+                       polling_idle_threshold=found.polling_idle_threshold)
 
     def discard_for(self, disk: DiskInfo) -> bool:
         writable = not disk.info & (VdiskInfo.READONLY | VdiskInfo.CDROM)
@@ -106,8 +133,9 @@ class BackendFeatures:
             keys += [
                 ("discard-granularity", str(self.discard_granularity)),
                 ("discard-alignment", str(self.discard_alignment)),
-                ("discard-secure", _bit(self.discard_secure)),
             ]
+            if self.discard_secure and disk.discard_secure:
+                keys.append(("discard-secure", "1"))
         keys += [
             ("feature-persistent", _bit(self.persistent)),
             ("sectors", str(disk.sectors)),
@@ -126,6 +154,7 @@ class BackendState(enum.StrEnum):
     """The states of specs/backend_vbd.toml, as code names them."""
 
     WAITING_HOTPLUG = "waiting_hotplug"
+    PROBED = "probed"
     ADOPTING = "adopting"
     ADOPTING_DISK = "adopting_disk"
     ADOPTING_TRANSPORT = "adopting_transport"
@@ -157,11 +186,13 @@ class BackendVbd(SpecMachine):
         devid: int,
         backend_domid: int = 0,
         features: BackendFeatures | None = None,
+        toolstack: Toolstack = Toolstack.XAPI,
     ) -> None:
         self.domid = domid
         self.devid = devid
         self.backend_domid = backend_domid
         self.features = features or BackendFeatures()
+        self.toolstack = toolstack
         self.perms = Perms(owner=backend_domid, readers=(domid,))
         self.frontend_state: XenbusState | None = None  # None: node absent or invalid
         self.frontend_has_appeared = False
@@ -171,6 +202,8 @@ class BackendVbd(SpecMachine):
         self.transport: RingTransport | None = None
         self.ring_requested = False  # XENBLKIF_CONNECT sent and not undone since
         self.wants_online = True
+        self.probe_written = False  # the probe keys go out once (libxl: before hotplug)
+        self.restarting = False  # Connected -> Initialising: InitWait once the ring is down
         # Nodes a previous tapback left (BackendFound): a key is written only when we
         # would change it; each is forgotten once we wrote (or skipped) it.
         self.found_keys: dict[str, str] = {}
@@ -203,6 +236,20 @@ class BackendVbd(SpecMachine):
 
     def frontend_is_closed(self, **_: Any) -> bool:
         return self.frontend_state == XenbusState.CLOSED
+
+    def frontend_absent(self, **_: Any) -> bool:
+        """The front-end's state node is gone (after it was seen: a vanished guest)."""
+        return self.frontend_has_appeared and self.frontend_state is None
+
+    def serves_libxl(self, **_: Any) -> bool:
+        return self.toolstack is Toolstack.LIBXL
+
+    def found_not_closed(self, event: BackendFound, **_: Any) -> bool:
+        """Nothing or 1/2 published: InitWait at once is a xenbus step (6 -> 2 is not)."""
+        return event.state in (None, XenbusState.INITIALISING, XenbusState.INIT_WAIT)
+
+    def restarting_frontend(self, **_: Any) -> bool:
+        return self.restarting
 
     def untouched(self, **_: Any) -> bool:
         """Nothing happened yet: what was found is still what the store holds."""
@@ -255,6 +302,7 @@ class BackendVbd(SpecMachine):
         if event.cdrom or event.removable:  # a CD-ROM's medium can always be removed
             bits |= VdiskInfo.REMOVABLE
         self.info_bits = bits
+        self.features = self.features.for_toolstack(event)
         # A published state the normal path can continue from without a step xenbus
         # forbids: InitWait (not written again), Connected (adoption), Closed (then
         # InitWait on reconnect).  Closing is not kept: 5 -> 2 is not a xenbus step.
@@ -286,7 +334,9 @@ class BackendVbd(SpecMachine):
         self.disk = self._with_bits(event.disk)
 
     def write_probe_keys(self, **_: Any) -> None:
-        self.write_keys(self.features.probe_keys())
+        if not self.probe_written:
+            self.probe_written = True
+            self.write_keys(self.features.probe_keys())
 
     def read_transport(self, **_: Any) -> None:
         self.emit(ReadFrontendTransport(self.features.max_ring_page_order))
@@ -298,6 +348,9 @@ class BackendVbd(SpecMachine):
         message = XenblkifConnect(
             self.tapdisk.pid, self.tapdisk.minor, self.domid, self.devid, event.transport,
             self.features.max_indirect_segments,  # what the probe keys offered
+            self.features.discard,
+            self.features.polling_duration,
+            self.features.polling_idle_threshold,
         )
         self.emit(SendControl(message))
 
@@ -333,8 +386,11 @@ class BackendVbd(SpecMachine):
             self.send_disconnect()
             self.ring_requested = False
 
-    def remove_directory(self, **_: Any) -> None:
-        self.emit(RemoveDirectory())
+    def note_restart(self, **_: Any) -> None:
+        self.restarting = True
+
+    def restart_done(self, **_: Any) -> None:
+        self.restarting = False
 
     def release(self, **_: Any) -> None:
         if self.ring_requested:

@@ -26,7 +26,8 @@ Events out, in this order within one snapshot:
 - `BackendFound(state, keys, readonly, cdrom, removable)` from the directory: `state`
   parsed strictly (None when absent or not a xenbus state), `keys` every other node;
   `readonly` when `mode` starts with "r", `cdrom` when `device-type` is "cdrom",
-  `removable` when `removable` is "1";
+  `removable` when `removable` is "1"; `discard_enabled` unless `discard-enable` is "0";
+  `polling_duration`/`polling_idle_threshold` from blktap's polling keys (0: off);
 - `BackendRemoved()` once, when the directory is gone;
 - the front-end's state when its value changed (the first snapshot always reports
   it): `FrontendStateChanged(state)`, `FrontendStateInvalid(raw)`,
@@ -100,6 +101,15 @@ class BackendSnapshot:
 
 
 _NOT_SEEN: Final = object()  # nothing reported yet
+POLL_US_MAX: Final = 1_000_000  # the longest spin the data path takes (a second)
+
+
+def _bounded(raw: str | None, hi: int) -> int:
+    """A toolstack's decimal 0..hi; anything else (absent, junk, too large) is 0: off."""
+    if raw is None or not raw.isascii() or not raw.isdecimal() or len(raw) > 7:
+        return 0
+    value = int(raw)
+    return value if value <= hi else 0
 
 
 class BackendObserver:
@@ -122,6 +132,9 @@ class BackendObserver:
             readonly=mode.startswith("r"),
             cdrom=directory.get("device-type") == "cdrom",
             removable=directory.get("removable") == "1",
+            discard_enabled=directory.get("discard-enable") != "0",
+            polling_duration=_bounded(directory.get("polling-duration"), POLL_US_MAX),
+            polling_idle_threshold=_bounded(directory.get("polling-idle-threshold"), 100),
         )]
 
     def observe(self, snapshot: BackendSnapshot) -> list[Event]:

@@ -55,11 +55,6 @@ class SetError(Effect):
 
 
 @dataclass(frozen=True)
-class RemoveDirectory(Effect):
-    """Remove our own device directory (the other end is gone)."""
-
-
-@dataclass(frozen=True)
 class Unregister(Effect):
     """Stop watching this device and forget its machine."""
 
@@ -123,6 +118,13 @@ class XenblkifConnect(ControlMessage):
     # The indirect segments the back-end offered (feature-max-indirect-segments; 0: none),
     # which the tapdisk enforces.
     max_indirect_segments: int = 0
+    # Whether discard may be served (False: withheld by the toolstack; the tapdisk then
+    # answers DISCARD with EOPNOTSUPP whatever its image can do).
+    discard: bool = True
+    # blktap's polling, passed on as its tapback does: spin this many us for work before
+    # sleeping, only while this % of CPU time is idle.
+    poll_duration: int = 0
+    poll_idle_threshold: int = 0
 
 
 @dataclass(frozen=True)

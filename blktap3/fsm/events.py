@@ -39,6 +39,9 @@ class DiskInfo:
     info: int = 0  # VDISK_CDROM 1, VDISK_REMOVABLE 2, VDISK_READONLY 4
     physical_sector_size: int = SECTOR_SIZE
     discard: bool = False  # the image can punch holes (the data path serves DISCARD)
+    # The image really erases (a secure erase of the medium): none of our drivers does, a
+    # punched hole or zeroes written through a file system may leave the old data behind.
+    discard_secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,14 @@ class BackendFound(Event):
     readonly: bool = False
     cdrom: bool = False
     removable: bool = False
+    # The toolstack's `discard-enable` (libxl writes it): "0" withholds discard from the
+    # guest whatever the image can do (blkback's xen_blkbk_discard).
+    discard_enabled: bool = True
+    # blktap's polling keys, the toolstack's: `polling-duration` (microseconds the ring
+    # spins for work before sleeping) and `polling-idle-threshold` (% of CPU time that
+    # must be idle for it to spin); 0 (absent, or not a number in range): no polling.
+    polling_duration: int = 0
+    polling_idle_threshold: int = 0
 
 
 @dataclass(frozen=True)
@@ -396,7 +407,9 @@ class BlkifRing:
     port: int = 0
     protocol: int = 0  # Xen's `enum blkif_protocol` number (0: unset, native)
     poll_us: int = 0  # blktap's poll_duration; 0: the data path's default
+    poll_idle_threshold: int = 0  # blktap's: spin only while this % of CPU is idle
     max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
+    discard: bool = True  # ours: False when the back-end withheld discard (EOPNOTSUPP)
 
     @property
     def ids(self) -> tuple[int, int]:

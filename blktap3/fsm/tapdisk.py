@@ -62,6 +62,7 @@ class VbdState(enum.StrEnum):
 
     ALLOCATED = "allocated"
     ATTACHED = "attached"
+    EMPTY_PAUSED = "emptypaused"
     OPENING = "opening"
     OPEN_READY = "open_ready"
     OPEN_CONNECTING = "open_connecting"

@@ -1,11 +1,12 @@
 """blktap3-sim: drive the simulated Xen host from a shell.
 
-    blktap3-sim [--run-dir DIR] up [--xenstored c|ocaml] [--no-tapback]
+    blktap3-sim [--run-dir DIR] up [--xenstored c|ocaml] [--no-tapback] [--toolstack xapi|libxl]
     blktap3-sim [--run-dir DIR] down
     blktap3-sim [--run-dir DIR] domain create|destroy DOMID
     blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom] [--no-hotplug]
     blktap3-sim [--run-dir DIR] vbd remove DOMID DEVID
     blktap3-sim [--run-dir DIR] guest run DOMID DEVID [--personality P] [--workload W]
+                                      [--hold SECONDS]
     blktap3-sim [--run-dir DIR] ls [PATH]
     blktap3-sim demo [--xenstored c|ocaml]
 
@@ -16,20 +17,25 @@ line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import structlog
 
 from blktap3 import cmdline
+from blktap3.ctl import runtime
+from blktap3.vbd3.disk import devid_argument, domid_argument
 from blktap3.xenbus import XenStore, XenStoreError
 
 from . import demo
 from .frontend import personality_names
-from .guest import WORKLOADS, run_guest
+from .guest import WORKLOADS, GuestResult, run_guest, start_guest
 from .host import Host, HostError, default_run_dir
 from .hotplug import HotplugError
-from .toolstack import Image, ToolstackError, parse_devid, parse_domid
+from .toolstack import TOOLSTACKS, Image, ToolstackError
 from .xensim import XensimError
 from .xenstored import XenstoredError
 
@@ -43,18 +49,14 @@ class UsageError(Exception):
     """Bad command-line input: reported with the usage line."""
 
 
-def _domid(text: str) -> int:
+def _seconds(text: str) -> float:
     try:
-        return parse_domid(text)
-    except ToolstackError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _devid(text: str) -> int:
-    try:
-        return parse_devid(text)
-    except ToolstackError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in 0..86400 seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Debian's C xenstored (default) or oxenstored")
     up.add_argument("--no-tapback", dest="tapback", action="store_false",
                     help="do not start tapback")
+    up.add_argument("--toolstack", choices=TOOLSTACKS, default="xapi",
+                    help="whose order the toolstack and tapback follow: xapi (default: "
+                         "hotplug, then InitWait) or libxl (Xen >= 4.19: InitWait, then "
+                         "Xen's block-tap script)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop everything and remove the run directory")
@@ -78,17 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     domain = sub.add_parser("domain", help="create or destroy a guest domain")
     dsub = domain.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = dsub.add_parser("create", help="memory, xenstore page, introduce")
-    create.add_argument("domid", type=_domid)
+    create.add_argument("domid", type=domid_argument)
     create.set_defaults(func=cmd_domain_create)
-    destroy = dsub.add_parser("destroy", help="release, remove its nodes, VIRQ_DOM_EXC")
-    destroy.add_argument("domid", type=_domid)
+    destroy = dsub.add_parser("destroy", help="detach its disks (tapdisks destroyed), "
+                              "release, remove its nodes, VIRQ_DOM_EXC")
+    destroy.add_argument("domid", type=domid_argument)
     destroy.set_defaults(func=cmd_domain_destroy)
 
     vbd = sub.add_parser("vbd", help="add or remove a vbd3 disk")
     vsub = vbd.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = vsub.add_parser("add", help="write the nodes, then the hotplug step (tapdisk)")
-    add.add_argument("domid", type=_domid)
-    add.add_argument("devid", type=_devid, help="virtual-device number or xvdX name")
+    add.add_argument("domid", type=domid_argument)
+    add.add_argument("devid", type=devid_argument, help="virtual-device number or xvdX name")
     add.add_argument("image", help="aio:/path, raw:/path or a plain path")
     add.add_argument("--mode", choices=("r", "w"), default="w")
     add.add_argument("--cdrom", action="store_true", help="device-type cdrom (read-only)")
@@ -97,20 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     add.set_defaults(func=cmd_vbd_add)
     remove = vsub.add_parser("remove", help="online=0 + Closing, wait for Closed, "
                              "tap-ctl destroy, remove both directories")
-    remove.add_argument("domid", type=_domid)
-    remove.add_argument("devid", type=_devid)
+    remove.add_argument("domid", type=domid_argument)
+    remove.add_argument("devid", type=devid_argument)
     remove.set_defaults(func=cmd_vbd_remove)
 
     guest = sub.add_parser("guest", help="run a simulated guest against a disk")
     gsub = guest.add_subparsers(dest="action", required=True, metavar="ACTION")
     grun = gsub.add_parser("run", help="handshake, verified I/O, detach; exit 0 only if "
                            "every byte read back identically")
-    grun.add_argument("domid", type=_domid)
-    grun.add_argument("devid", type=_devid)
+    grun.add_argument("domid", type=domid_argument)
+    grun.add_argument("devid", type=devid_argument)
     grun.add_argument("--personality", default="linux", choices=personality_names())
     grun.add_argument("--workload", default="verify", choices=WORKLOADS)
     grun.add_argument("--timeout", type=cmdline.positive_float, default=60.0,
                       help="seconds the guest may take (default 60)")
+    grun.add_argument("--hold", type=_seconds, metavar="SECONDS", default=0.0,
+                      help="stay connected this long after the workload (a live VBD to "
+                           "look at: tap-ctl stats, the stats files, NBD), then detach; "
+                           "SIGINT ends the hold early")
     grun.set_defaults(func=cmd_guest_run)
 
     ls = sub.add_parser("ls", help="print the XenStore tree with permissions")
@@ -124,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_up(host: Host, args: argparse.Namespace) -> None:
-    host.up(args.xenstored, tapback=args.tapback)
+    host.up(args.xenstored, tapback=args.tapback, toolstack=args.toolstack)
     print(f"export XENSTORED_PATH={host.xenstored_path}")
+    print(f"export {runtime.ROOT_ENV}={host.control_dir}")
+    print(f"export {runtime.SHM_ENV}={runtime.shm_dir(host.run_dir)}")
 
 
 def cmd_down(host: Host, args: argparse.Namespace) -> None:
@@ -139,8 +152,7 @@ def cmd_domain_create(host: Host, args: argparse.Namespace) -> None:
 
 
 def cmd_domain_destroy(host: Host, args: argparse.Namespace) -> None:
-    with host.toolstack() as ts:
-        ts.destroy_domain(args.domid)
+    host.destroy_domain(args.domid)
 
 
 def cmd_vbd_add(host: Host, args: argparse.Namespace) -> None:
@@ -164,11 +176,30 @@ def cmd_vbd_remove(host: Host, args: argparse.Namespace) -> None:
 
 
 def cmd_guest_run(host: Host, args: argparse.Namespace) -> None:
-    result = run_guest(host, args.domid, args.devid, args.personality, args.workload,
-                       args.timeout)
+    if args.hold:
+        result = _held_guest(host, args)
+    else:
+        result = run_guest(host, args.domid, args.devid, args.personality, args.workload,
+                           args.timeout)
     print(result.summary())
     if not result.ok:
         raise SystemExit(EXIT_ERROR)
+
+
+def _held_guest(host: Host, args: argparse.Namespace) -> GuestResult:
+    """A guest that stays connected `--hold` seconds after its workload, then detaches."""
+    with start_guest(host, args.domid, args.devid, args.personality, args.workload,
+                     hold=True, extra=["--timeout", str(min(args.timeout, 30.0))]) as guest:
+        try:
+            guest.wait_for_step("holding", timeout=args.timeout)
+        except TimeoutError:
+            return guest.result(args.timeout)
+        print(f"guest {args.domid}: connected to {args.devid}, holding for {args.hold:g} s "
+              "(Ctrl-C detaches now)", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(args.hold)  # the point of the command: a person looks meanwhile
+        guest.detach()
+        return guest.result(args.timeout)
 
 
 def cmd_ls(host: Host, args: argparse.Namespace) -> None:

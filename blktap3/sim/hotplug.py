@@ -66,7 +66,8 @@ class Attached:
 def tapdisk_env(run_dir: str | os.PathLike[str]) -> dict[str, str]:
     """The environment of a tapdisk on the simulated machine (dom0, xensim preloaded)."""
     root = control_dir(run_dir)
-    return {**os.environ, **xensim.process_env(run_dir, 0), runtime.ROOT_ENV: str(root)}
+    return {**os.environ, **xensim.process_env(run_dir, 0), runtime.ROOT_ENV: str(root),
+            runtime.SHM_ENV: str(runtime.shm_dir(run_dir))}
 
 
 def _target(host_or_xs: _HostLike | XenStore,

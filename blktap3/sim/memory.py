@@ -44,7 +44,6 @@ from blktap3.fsm import (
     ReadBackendInfo,
     ReadFrontendTransport,
     ReleaseRing,
-    RemoveDirectory,
     ReportFault,
     RingConnected,
     RingConnectFailed,
@@ -54,6 +53,7 @@ from blktap3.fsm import (
     SendControl,
     SetError,
     TapdiskDied,
+    Toolstack,
     Unregister,
     WatchTapdisk,
     WriteKeys,
@@ -200,12 +200,13 @@ class VbdPair:
         devid: int = 51712,
         features: BackendFeatures | None = None,
         transport: FrontendTransportConfig | None = None,
+        toolstack: Toolstack = Toolstack.XAPI,
     ) -> None:
         self.domid, self.devid = domid, devid
         self.paths = VbdPaths(domid, devid)
         self.store = MemoryStore()
         self.tapdisk = FakeTapdisk()
-        self.backend = BackendVbd(domid, devid, features=features)
+        self.backend = BackendVbd(domid, devid, features=features, toolstack=toolstack)
         self.observer = BackendObserver(parse_device)
         # The ring this blkfront offers, whatever order it is asked for (a test may
         # make it offer more pages than the back-end allows).
@@ -333,8 +334,6 @@ class VbdPair:
                 s.write("backend", f"{be}/state", state.wire())
             case SetError(text=text):
                 s.write("backend", f"{be}/error", text)
-            case RemoveDirectory():
-                s.rm("backend", be)
             case WatchTapdisk(tapdisk=tapdisk):
                 self.watched_tapdisks.append(tapdisk.pid)
             case Unregister():

@@ -12,102 +12,29 @@ its directory appears, always finds a readable back-end (see reference/real-xen.
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-
-from blktap3.xenbus import (
-    BackendKey,
-    FrontendKey,
-    Permission,
-    Transaction,
-    VbdPaths,
-    XenbusState,
-    XenStore,
-    owned_by,
+from blktap3.vbd3.disk import (
+    BACKEND_DOMID,
+    BLOCK_TAP_SCRIPT,
+    DOMID_MAX,
+    IMAGE_DRIVERS,
+    TOOLSTACKS,
+    Image,
+    ToolstackError,
+    device_name,
+    domain_path,
+    parse_devid,
+    parse_domid,
+    remove_vbd_nodes,
+    write_vbd_nodes,
 )
+from blktap3.xenbus import Transaction, VbdPaths, XenStore, owned_by
 
 from .xensim import DomainInfo, Machine
 
-BACKEND_DOMID = 0
-DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
-IMAGE_DRIVERS = ("aio", "raw")
-XVD_MAJOR = 202
-
-
-class ToolstackError(Exception):
-    """A toolstack request that cannot be carried out (said in one line)."""
-
-
-def domain_path(domid: int) -> str:
-    return f"/local/domain/{domid}"
-
-
-def parse_domid(text: str) -> int:
-    if not re.fullmatch(r"[1-9][0-9]{0,4}", text) or int(text) > DOMID_MAX:
-        raise ToolstackError(f"bad domid {text!r}: a guest domid is 1..{DOMID_MAX}")
-    return int(text)
-
-
-def parse_devid(text: str) -> int:
-    """`xvda`..`xvdz` (and `xvdaa`...) as Xen's virtual-device number, or a plain number."""
-    if re.fullmatch(r"[0-9]{1,9}", text):
-        return int(text)
-    m = re.fullmatch(r"xvd([a-z]{1,2})", text)
-    if not m:
-        raise ToolstackError(f"bad device {text!r}: a number or xvd<letters> (e.g. xvda)")
-    index = 0
-    for ch in m.group(1):
-        index = index * 26 + (ord(ch) - ord("a") + 1)
-    index -= 1
-    if index < 16:
-        return (XVD_MAJOR << 8) | (index << 4)
-    return (1 << 28) | (index << 8)  # the extended xvd scheme of xen-vbd-interface
-
-
-def device_name(devid: int) -> str:
-    """The guest-side name of a virtual-device number (inverse of `parse_devid`)."""
-    if devid & (1 << 28):
-        index = (devid >> 8) & 0xFFFFF
-    elif devid >> 8 == XVD_MAJOR:
-        index = (devid & 0xFF) >> 4
-    else:
-        return str(devid)
-    letters = ""
-    index += 1
-    while index:
-        index, rem = divmod(index - 1, 26)
-        letters = chr(ord("a") + rem) + letters
-    return f"xvd{letters}"
-
-
-@dataclass(frozen=True)
-class Image:
-    """A disk image named as tap-ctl names it: `driver:/absolute/path`."""
-
-    driver: str
-    path: Path
-
-    @property
-    def params(self) -> str:
-        return f"{self.driver}:{self.path}"
-
-    @classmethod
-    def parse(cls, text: str, *, must_exist: bool = True) -> Image:
-        driver, sep, path = text.partition(":")
-        if not sep:
-            driver, path = "aio", text
-        if driver not in IMAGE_DRIVERS:
-            raise ToolstackError(
-                f"bad image {text!r}: driver {driver!r} is not one of {', '.join(IMAGE_DRIVERS)}")
-        resolved = Path(path).resolve()
-        if must_exist and not resolved.is_file():
-            raise ToolstackError(f"bad image {text!r}: {resolved} is not a file")
-        if must_exist and not os.access(resolved, os.R_OK):
-            raise ToolstackError(f"bad image {text!r}: {resolved} is not readable")
-        return cls(driver, resolved)
+__all__ = [
+    "BACKEND_DOMID", "BLOCK_TAP_SCRIPT", "DOMID_MAX", "IMAGE_DRIVERS", "TOOLSTACKS", "Image",
+    "Toolstack", "ToolstackError", "device_name", "domain_path", "parse_devid", "parse_domid",
+]
 
 
 class Toolstack:
@@ -158,67 +85,20 @@ class Toolstack:
         return VbdPaths(domid, devid, BACKEND_DOMID, self.backend_kind)
 
     def add_vbd(self, domid: int, devid: int, image: Image, *, mode: str = "w",
-                cdrom: bool = False) -> VbdPaths:
-        """Write the back-end and front-end directories of a new disk in one transaction."""
+                cdrom: bool = False, script: str | None = None,
+                discard: bool | None = None) -> VbdPaths:
+        """Write the back-end and front-end directories of a new disk in one transaction
+        (`script`: libxl's hotplug script node, which libxl writes for vbd3 disks;
+        `discard`: libxl's `discard-enable` ("1"/"0"), None leaves the key out)."""
         if domid not in self.machine.domain_ids():
             raise ToolstackError(f"no domain {domid}")
-        if mode not in ("r", "w"):
-            raise ToolstackError(f"bad mode {mode!r}: r or w")
         paths = self.vbd_paths(domid, devid)
-        device_type = "cdrom" if cdrom else "disk"
-        backend_perms = owned_by(BACKEND_DOMID, readers=[domid])
-        frontend_perms = owned_by(domid, readers=[BACKEND_DOMID])
-        initialising = XenbusState.INITIALISING.wire()
-        backend: dict[str, str] = {
-            BackendKey.FRONTEND: paths.frontend,
-            BackendKey.FRONTEND_ID: str(domid),
-            BackendKey.ONLINE: "1",
-            BackendKey.PARAMS: image.params,
-            BackendKey.MODE: mode,
-            BackendKey.TYPE: self.backend_kind,
-            BackendKey.DEVICE_TYPE: device_type,
-            "removable": "1" if cdrom else "0",
-            "bootable": "1",
-            "dev": device_name(devid),
-            BackendKey.STATE: initialising,
-        }
-        frontend: dict[str, str] = {
-            FrontendKey.BACKEND: paths.backend,
-            FrontendKey.BACKEND_ID: str(BACKEND_DOMID),
-            FrontendKey.VIRTUAL_DEVICE: str(devid),
-            FrontendKey.DEVICE_TYPE: device_type,
-            FrontendKey.STATE: initialising,
-        }
-
-        def write(tx: Transaction) -> None:
-            if tx.exists(paths.backend) or tx.exists(paths.frontend):
-                raise ToolstackError(f"domain {domid} already has device {devid}")
-            _write_dir(tx, paths.backend, backend, backend_perms)
-            _write_dir(tx, paths.frontend, frontend, frontend_perms)
-
-        self.xs.transact(write)
+        self.xs.transact(lambda tx: write_vbd_nodes(tx, paths, image, mode=mode, cdrom=cdrom,
+                                                    script=script, discard=discard))
         return paths
 
     def remove_vbd(self, domid: int, devid: int) -> None:
         """Take the disk away as libxl does at the end: both directories removed, and the
         domain's `backend/vbd3/<domid>` when it holds no other disk."""
         paths = self.vbd_paths(domid, devid)
-
-        domain_dir = paths.backend.rsplit("/", 1)[0]
-
-        def remove(tx: Transaction) -> None:
-            tx.rm(paths.frontend)
-            tx.rm(paths.backend)
-            # Leave no empty per-domain directory behind (blktap's toolstack did).
-            if tx.exists(domain_dir) and not tx.ls(domain_dir):
-                tx.rm(domain_dir)
-
-        self.xs.transact(remove)
-
-
-def _write_dir(tx: Transaction, path: str, keys: Mapping[str, str],
-               perms: list[Permission]) -> None:
-    tx.write(path, "", perms)
-    for key, value in keys.items():
-        tx.write(f"{path}/{key}", value, perms)
-
+        self.xs.transact(lambda tx: remove_vbd_nodes(tx, paths))

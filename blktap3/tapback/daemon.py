@@ -25,8 +25,9 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.abi import MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
-from blktap3.fsm import BackendState
+from blktap3.fsm import BackendState, Toolstack
 from blktap3.xenbus import (
     Reconnected,
     VbdPaths,
@@ -67,15 +68,17 @@ class TapbackConfig:
     backend_kind: str = "vbd3"
     xenstore_timeout: float = 10.0
     tapdisk_timeout: float = 30.0
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True  # offer feature-barrier (blktap's tapback -b: no)
+    toolstack: Toolstack = Toolstack.XAPI  # whose hotplug/InitWait order is served
     frontend_domid: int | None = None  # serve only this guest's VBDs (tapback -x)
     status_file: Path | None = None  # None: <control_root>/tapback.<kind>.status.json
     vbd: VbdConfig = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vbd", VbdConfig(
-            self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier))
+            self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier,
+            self.toolstack))
         if self.status_file is None:
             object.__setattr__(self, "status_file",
                                default_path(self.control_root, self.backend_kind))
@@ -304,12 +307,16 @@ class Tapback:
         with self._lock:
             keys = self._tapdisk_users.pop(pid, set())
             workers = [self.workers[k] for k in keys if k in self.workers]
-        if not keys:
-            # Its last VBD was destroyed (tap-ctl destroy), and a tapdisk then exits.
-            log.info("tapdisk exited", pid=pid)
-            return
-        log.error("tapdisk died", pid=pid, vbds=sorted(keys))
-        # blktap leaves a dead tapdisk's socket behind; we do not.
-        runtime.remove_stale_socket(self.config.control_root, pid)
+        # A tapdisk that exits in order (its last VBD detached: tap-ctl destroy, as a
+        # toolstack's detach ends) removes its control socket; a crashed or killed one
+        # leaves it. Only the second is an error.
+        orderly = not runtime.socket_path(self.config.control_root, pid).exists()
+        if orderly:
+            log.info("tapdisk exited", pid=pid, vbds=sorted(keys))
+        else:
+            log.error("tapdisk died", pid=pid, vbds=sorted(keys))
+            # blktap leaves a dead tapdisk's socket and stats files behind; we do not.
+            runtime.remove_stale_socket(self.config.control_root, pid)
+            runtime.remove_stale_stats(pid, keys)
         for worker in workers:
             worker.post(Died(pid))

@@ -9,14 +9,12 @@ the answers to its questions as events (the worker feeds them back):
   strictly (`reads.transport_answer`);
 - `SendControl` sends XENBLKIF_CONNECT / XENBLKIF_DISCONNECT / DISK_INFO to the tapdisk
   (every call has a timeout: a hung tapdisk blocks only this VBD's worker);
-- `RemoveDirectory` removes our directory (and the per-domain one left empty);
 - `WatchTapdisk` and `Unregister` are passed to the worker.
 An effect or control message it does not know is our bug: `TypeError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from blktap3.abi import SECTOR_SIZE
+from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.fsm import (
@@ -37,7 +35,6 @@ from blktap3.fsm import (
     Event,
     PublishState,
     ReadFrontendTransport,
-    RemoveDirectory,
     RingConnected,
     RingConnectFailed,
     RingDisconnected,
@@ -45,6 +42,7 @@ from blktap3.fsm import (
     SendControl,
     SetError,
     TapdiskRef,
+    Toolstack,
     TransportInvalid,
     Unregister,
     WatchTapdisk,
@@ -53,7 +51,7 @@ from blktap3.fsm import (
     XenblkifDisconnect,
     XenbusState,
 )
-from blktap3.xenbus import BackendKey, Transaction, VbdPaths, XenStoreError, reader_for
+from blktap3.xenbus import BackendKey, Transaction, VbdPaths, reader_for
 
 from .reads import transport_answer
 from .store import SharedStore
@@ -67,8 +65,10 @@ class VbdConfig:
 
     control_root: Path
     tapdisk_timeout: float = 30.0
-    max_ring_page_order: int = 3
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True  # feature-barrier (blktap's tapback -b: not offered)
+    # xapi: InitWait once hotplug is connected (blktap's order); libxl: InitWait first.
+    toolstack: Toolstack = Toolstack.XAPI
 
     def features(self) -> BackendFeatures:
         # Discard is offered; the machine announces it only when the tapdisk says the
@@ -125,8 +125,6 @@ class EffectExecutor:
                     answers.append(self._read_transport(order))
                 case SendControl(message=message):
                     answers.append(self._control(message))
-                case RemoveDirectory():
-                    self._remove_directory()
                 case WatchTapdisk(tapdisk=tapdisk):
                     self._on_watch_tapdisk(tapdisk)
                 case Unregister():
@@ -184,20 +182,6 @@ class EffectExecutor:
             self.log.info("back-end directory gone, writes dropped", keys=sorted(keys))
             self._on_writes_dropped()
 
-    def _remove_directory(self) -> None:
-        backend = self.paths.backend
-        parent = backend.rsplit("/", 1)[0]
-
-        def body(tx: Transaction) -> None:
-            tx.rm(backend)
-            # blktap left empty per-domain directories behind; we do not.
-            with contextlib.suppress(XenStoreError):
-                if not tx.ls(parent):
-                    tx.rm(parent)
-
-        self.store.call(lambda xs: xs.transact(body))
-        self.log.info("back-end directory removed (front-end state node gone)")
-
     # -- tapdisk -------------------------------------------------------------------------
 
     def _client(self, pid: int) -> TapdiskClient:
@@ -235,7 +219,9 @@ class EffectExecutor:
                 message.minor, domid=message.domid, devid=message.devid,
                 grefs=t.ring_refs, order=len(t.ring_refs).bit_length() - 1,
                 port=t.event_channel, proto=t.protocol,
-                max_indirect_segments=message.max_indirect_segments)
+                max_indirect_segments=message.max_indirect_segments, discard=message.discard,
+                poll_duration=message.poll_duration,
+                poll_idle_threshold=message.poll_idle_threshold)
         except CtlError as exc:
             if exc.errno == errno.EALREADY:
                 self.log.info("ring already connected (adopted)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -31,8 +32,10 @@ from typing import Any, NoReturn
 
 import structlog
 
-from blktap3 import cmdline
+from blktap3.abi import MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
+from blktap3.fsm import Toolstack
+from blktap3.xenbus import XenStoreConnectionError, XenStoreError, default_socket_path
 
 from . import logs
 from .daemon import Tapback, TapbackConfig
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{runtime.DEFAULT_ROOT})")
     parser.add_argument("--log-format", choices=("json", "console"), default="json",
                         help="JSON lines (default) or a readable console format")
-    parser.add_argument("--log-file", metavar="FILE", type=cmdline.file_to_write,
+    parser.add_argument("--log-file", metavar="FILE",
                         help="append logs here (default: stderr with -d, else syslog)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
     parser.add_argument("--pid-file", "-p", "--pidfile", metavar="FILE",
@@ -131,8 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "<control-dir>/tapback.<backend-kind>.status.json)")
     parser.add_argument("--tapdisk-timeout", type=_seconds, default=30.0, metavar="SECS",
                         help="timeout of each control request to a tapdisk (default: 30)")
-    parser.add_argument("--max-ring-page-order", type=int, default=3, choices=range(0, 4),
-                        help="largest ring the front-end may use, 2^N pages (default: 3)")
+    parser.add_argument("--toolstack", type=Toolstack, choices=list(Toolstack),
+                        default=Toolstack.XAPI,
+                        help="whose order to serve: xapi (default, as blktap's tapback: "
+                             "InitWait once hotplug-status is connected) or libxl (Xen >= "
+                             "4.19's xl and its block-tap script: InitWait as soon as the "
+                             "back-end directory appears; libxl runs block-tap after it)")
+    parser.add_argument("--max-ring-page-order", type=int, default=MAX_RING_PAGE_ORDER,
+                        choices=range(0, MAX_RING_PAGE_ORDER + 1),
+                        help="largest ring the front-end may use, 2^N pages "
+                             f"(default: {MAX_RING_PAGE_ORDER})")
     return parser
 
 
@@ -157,8 +168,9 @@ class _Syslog:
 
 def _daemonize() -> int | None:
     """Fork; the parent waits until the daemon says it is ready (the descriptor returned
-    to the child) and exits 0, or 1 when it failed. As daemon(3): a new session, /
-    as the working directory, standard streams on /dev/null."""
+    to the child) and exits 0, or 1 when it failed (printing the daemon's one-line reason
+    when it sent one). As daemon(3): a new session, / as the working directory, standard
+    streams on /dev/null."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -166,7 +178,9 @@ def _daemonize() -> int | None:
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
             word = ready.read()
-        if word != b"ok":
+        if word.startswith(b"error "):
+            print(word[6:].decode(errors="replace"), file=sys.stderr, flush=True)
+        elif word != b"ok":
             print("tapback: the daemon stopped before it watched XenStore (see its log: "
                   "--log-file, else syslog)", file=sys.stderr, flush=True)
         os._exit(0 if word == b"ok" else 1)
@@ -180,6 +194,33 @@ def _daemonize() -> int | None:
     return ready_w
 
 
+def _errno_words(code: int | None) -> str:
+    """`No such file or directory (ENOENT)`."""
+    if not code:
+        return "unknown error"
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
+def startup_error(exc: BaseException, xenstored: str) -> str:
+    """The one line a start-up failure is told in: what failed, the errno, what to do."""
+    if isinstance(exc, XenStoreConnectionError):
+        hint = {
+            errno.ENOENT: "is xenstored running? (the socket is --xenstored, "
+                          "$XENSTORED_PATH, else /var/run/xenstored/socket)",
+            errno.ECONNREFUSED: "is xenstored running? (a socket is there, nobody listens)",
+            errno.EACCES: "run tapback as root",
+        }.get(exc.errno, "check that xenstored runs and answers")
+        return f"tapback: cannot connect to XenStore at {xenstored}: " \
+               f"{_errno_words(exc.errno)}; {hint}"
+    if isinstance(exc, XenStoreError):
+        return f"tapback: XenStore refused a start-up request: {exc}; is this dom0 " \
+               f"(or a driver domain allowed under backend/)?"
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"tapback: cannot start:{where}: {_errno_words(exc.errno)}"
+    return f"tapback: cannot start: {exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -187,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     # Paths are taken from where the command runs: the daemon works from /.
     pid_file = Path(args.pid_file).absolute() if args.pid_file else None
-    log_file = args.log_file
+    log_file = Path(args.log_file).absolute() if args.log_file else None
     config = TapbackConfig(
         control_root=runtime.root_dir(args.control_dir).absolute(),
         xenstored_path=args.xenstored,
@@ -196,16 +237,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         tapdisk_timeout=args.tapdisk_timeout,
         max_ring_page_order=args.max_ring_page_order,
         barrier=args.barrier,
+        toolstack=args.toolstack,
         frontend_domid=args.frontend_domid,
         status_file=args.status_file.absolute() if args.status_file else None,
     )
     stream: Any = None
     if log_file:
-        try:
+        try:  # before daemonizing: a bad path is told on the command's stderr
             stream = open(log_file, "a", buffering=1)  # noqa: SIM115
         except OSError as exc:
-            # Before the fork: the command says why (a daemon has only its log).
-            parser.error(f"argument --log-file: {log_file}: {exc.strerror}")
+            print(f"tapback: cannot open the log file {log_file}: {_errno_words(exc.errno)}",
+                  file=sys.stderr)
+            return 1
     ready_fd = None if args.debug else _daemonize()  # before any thread starts
     if stream is None:
         stream = sys.stderr if args.debug else _Syslog()
@@ -239,8 +282,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon.run(on_ready)
         if stopped_by:
             log.info("stopped", signal=stopped_by[0])
-    except Exception:
-        log.exception("tapback failed")
+    except Exception as exc:
+        if daemon.ready.is_set():  # it served: a failure of ours, with its traceback
+            log.exception("tapback failed")
+            return 1
+        line = startup_error(exc, config.xenstored_path or default_socket_path())
+        if stream is not sys.stderr:  # the log keeps it too (syslog, --log-file)
+            log.error("tapback could not start", reason=line, errno=getattr(exc, "errno", None))
+        if ready_fd is not None:  # the command that daemonized us prints it
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"error " + line.encode())
+            os.close(ready_fd)
+        else:
+            print(line, file=sys.stderr)
         return 1
     finally:
         if pid_file:

@@ -67,10 +67,11 @@ def command(
     control_root: str | os.PathLike[str] | None = None,
     backend_kind: str = "vbd3",
     verbose: bool = False,
+    toolstack: str = "xapi",
 ) -> list[str]:
     """The tapback command line `start` runs."""
     argv = [sys.executable, "-m", "blktap3.tapback", "-d",  # foreground: we background it
-            "--backend-kind", backend_kind,
+            "--backend-kind", backend_kind, "--toolstack", toolstack,
             "--control-dir", str(control_root or control_dir(run_dir)),
             "--pid-file", str(pid_path(run_dir)),
             "--log-file", str(log_path(run_dir))]
@@ -99,6 +100,7 @@ def start(
     env: Mapping[str, str] | None = None,
     verbose: bool = False,
     timeout: float = START_TIMEOUT,
+    toolstack: str = "xapi",
 ) -> int:
     """Start tapback in the background; returns its pid once it watches XenStore."""
     if status(run_dir) is not None:
@@ -108,12 +110,14 @@ def start(
     runtime.ensure_dirs(root)
     child_env = dict(os.environ if env is None else env)
     child_env[runtime.ROOT_ENV] = str(root)
+    # The tapdisks it spawns keep their stats files under the host's run dir.
+    child_env.setdefault(runtime.SHM_ENV, str(runtime.shm_dir(run_dir)))
     if xenstored_path:
         child_env["XENSTORED_PATH"] = xenstored_path
     with open(log_path(run_dir), "ab") as log:  # the child keeps its own copy
         proc = subprocess.Popen(
             command(run_dir, xenstored_path=xenstored_path, control_root=root,
-                    backend_kind=backend_kind, verbose=verbose),
+                    backend_kind=backend_kind, verbose=verbose, toolstack=toolstack),
             env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=log, start_new_session=True,  # not killed with the caller's terminal
         )

@@ -88,7 +88,7 @@ class VbdWorker:
         self._on_tapdisk = on_tapdisk
         self._on_state = on_state
         self.machine = BackendVbd(paths.domid, paths.devid, paths.backend_domid,
-                                  features=config.features())
+                                  features=config.features(), toolstack=config.toolstack)
         self.observer = BackendObserver(parse_device)
         self.log = log.bind(domid=paths.domid, devid=paths.devid)
         self.executor = EffectExecutor(paths, frontend, store, config, self.log,

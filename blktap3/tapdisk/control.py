@@ -36,6 +36,7 @@ from blktap3.fsm import events as ev
 from blktap3.fsm.tapdisk import VbdState
 
 from . import images, stats
+from .metrics import Metrics, RingCounters
 from .nbd import Exports
 from .observer import BadArgument, ToVbd, observe
 from .vbd import Vbd
@@ -101,8 +102,11 @@ class Tapdisk:
         self, root: Path, *, drain_timeout: float = DRAIN_TIMEOUT,
         open_image: OpenImageFn = images.open_image,
         connect_ring: ConnectRingFn = images.connect_ring,
+        metrics: Metrics | None = None,
     ) -> None:
         self.root = root
+        # blktap's stats files (td3-<pid>, vbd3-<domid>-<devid>); None: none kept.
+        self.metrics = metrics
         self.drain_timeout = drain_timeout
         self.open_image = open_image
         self.connect_ring = connect_ring
@@ -167,6 +171,11 @@ class Tapdisk:
         before = vbd.state
         reply = self._step(vbd, observation.event)
         name = request.type.name
+        if (request.type is T.OPEN and not reply.error
+                and isinstance(request.payload, p.Params)
+                and request.payload.req_timeout > 0):
+            # blktap's `-t`: kept per VBD (tapdisk-control.c: only a value > 0 counts).
+            vbd.req_timeout = request.payload.req_timeout
         if reply.error:
             message = f"minor {minor}: {name}: {reply.message}"
             log.info("refused", request=name, minor=minor, errno=reply.error,
@@ -226,6 +235,9 @@ class Tapdisk:
                 assert vbd.image is None and vbd.pending_image is not None
                 vbd.image, vbd.image_spec = vbd.pending_image, vbd.pending_spec
                 vbd.pending_image, vbd.pending_spec = None, None
+                if self.metrics is not None:
+                    self.metrics.image_open(
+                        vbd.minor, self._counters(vbd) if vbd.ring is not None else None)
                 if vbd.image_spec is not None:
                     # NBD export hook (issue 15): the image is open (OPEN) or reopened
                     # (RESUME): start the export, or let its held requests go on.
@@ -243,6 +255,8 @@ class Tapdisk:
                 image, vbd.image, vbd.image_spec = vbd.image, None, None
                 if image is not None:
                     image.close()
+                if self.metrics is not None:
+                    self.metrics.image_closed(vbd.minor)
             case fx.StartRing(ring=ring):
                 return self._start_ring(vbd, ring)
             case fx.StopRing():
@@ -274,7 +288,11 @@ class Tapdisk:
             spec = images.parse_params(params)
             image = self.open_image(spec, flags)
         except OSError as exc:
-            return ev.ImageOpenFailed(exc.errno or errno.EIO, str(exc.strerror or exc))
+            code = exc.errno or errno.EIO
+            # Why, in the tapdisk's own log (the toolstack may print only strerror).
+            log.warning("image open failed", minor=vbd.minor, image=params, errno=code,
+                        reason=str(exc.strerror or exc))
+            return ev.ImageOpenFailed(code, str(exc.strerror or exc))
         vbd.pending_image, vbd.pending_spec = image, spec
         return ev.ImageOpened(_disk_info(image))
 
@@ -285,18 +303,42 @@ class Tapdisk:
             served = self.connect_ring(
                 vbd.image, domid=ring.domid, devid=ring.devid, grefs=ring.grefs,
                 order=ring.order, port=ring.port, protocol=ring.protocol,
-                poll_us=ring.poll_us, max_indirect_segments=ring.max_indirect_segments,
+                poll_us=ring.poll_us, poll_idle_threshold=ring.poll_idle_threshold,
+                max_indirect_segments=ring.max_indirect_segments,
+                discard=ring.discard,
             )
         except OSError as exc:
+            log.warning("ring connect failed", minor=vbd.minor, domid=ring.domid,
+                        devid=ring.devid, errno=exc.errno, reason=str(exc.strerror or exc))
             return ev.RingStartFailed(exc.errno or errno.EIO, str(exc.strerror or exc))
+        if vbd.req_timeout:
+            served.set_req_timeout(vbd.req_timeout)
         with self.ring_lock:
             vbd.ring, vbd.ring_ids = served, ring.ids
+        if self.metrics is not None:
+            self.metrics.ring_connected(ring.domid, ring.devid, vbd.minor,
+                                        self._counters(vbd))
         return ev.RingStarted()
+
+    def _counters(self, vbd: Vbd) -> RingCounters:
+        """What the stats files read of the VBD's ring: None once it is gone."""
+        def read() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            with self.ring_lock:
+                ring = vbd.ring
+                if ring is None:
+                    return None
+                try:
+                    return ring.stats(), ring.io_stats()
+                except OSError:  # disconnecting
+                    return None
+        return read
 
     def _drop_ring(self, vbd: Vbd) -> None:
         """Disconnect and forget the VBD's ring; on failure (still draining) keep it."""
         ring, ids = vbd.ring, vbd.ring_ids
         assert ring is not None
+        if self.metrics is not None and ids is not None:
+            self.metrics.ring_disconnected(*ids, vbd.minor)
         with self.ring_lock:
             vbd.ring, vbd.ring_ids = None, None
         try:

@@ -58,6 +58,10 @@ class Ring(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def io_stats(self) -> dict[str, Any]: ...
+
+    def set_req_timeout(self, seconds: int) -> None: ...
+
 
 # Image types the data path serves now; blktap's others (vhd, ram, nbd, filters) later.
 SUPPORTED_TYPES = ("aio", "raw", "null")
@@ -143,14 +147,18 @@ def connect_ring(
     port: int,
     protocol: int,
     poll_us: int = 0,
+    poll_idle_threshold: int = 0,
     max_indirect_segments: int = 0,
+    discard: bool = True,
 ) -> Ring:
     """Map the front-end's ring and start serving it (OSError with the reason if not).
 
     `poll_us` is XENBLKIF_CONNECT's `poll_duration` (blktap's: how long the ring spins
     for more requests before sleeping); 0 leaves the data path's default.
+    `poll_idle_threshold` (blktap's, 0..100): spin only while that % of CPU is idle.
     `max_indirect_segments` is ours: the segments per indirect request the back-end
-    offered (0: not offered); EINVAL beyond the data path's limit.
+    offered (0: not offered); EINVAL beyond the data path's limit. `discard` False:
+    the back-end withheld discard (DISCARD answered EOPNOTSUPP).
     """
     datapath = _datapath()
     # blkif.proto on the wire is Xen's `enum blkif_protocol` (0 = unset: native).
@@ -161,7 +169,9 @@ def connect_ring(
         ring: Ring = datapath.Ring.connect(
             image, domid=domid, devid=devid, grefs=list(grefs), order=order, port=port,
             protocol=layout, poll_us=poll_us or None,
-            max_indirect_segments=max_indirect_segments,
+            # A percentage: more than all of the CPU idle reads as "only when all is".
+            poll_idle_threshold=min(poll_idle_threshold, 100),
+            max_indirect_segments=max_indirect_segments, discard=discard,
         )
     except OSError as exc:
         raise OSError(

@@ -26,9 +26,10 @@ from typing import Any, TextIO
 import structlog
 
 from blktap3 import cmdline
-from blktap3.ctl.runtime import ROOT_ENV, ensure_dirs, root_dir, socket_path
+from blktap3.ctl.runtime import ROOT_ENV, SHM_ENV, ensure_dirs, root_dir, socket_path
 
 from .control import DRAIN_TIMEOUT, Tapdisk
+from .metrics import Metrics
 from .server import CLIENT_TIMEOUT, ControlServer
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=cmdline.positive_float, default=DRAIN_TIMEOUT,
                         help=f"seconds PAUSE/CLOSE wait for in-flight requests "
                         f"(default {DRAIN_TIMEOUT:g})")
+    parser.add_argument("--shm-root", help=f"where blktap's stats files go (td3-<pid>, "
+                        f"vbd3-<domid>-<devid>; default ${SHM_ENV} or /dev/shm)")
     return parser
 
 
@@ -83,7 +86,8 @@ def configure_logging(stream: TextIO, *, json: bool) -> None:
 def _serve(root: Path, args: argparse.Namespace) -> tuple[ControlServer, Tapdisk]:
     """Set up the VBD registry and a bound, listening control socket."""
     ensure_dirs(root)
-    tapdisk = Tapdisk(root, drain_timeout=args.drain_timeout)
+    metrics = Metrics(args.shm_root)
+    tapdisk = Tapdisk(root, drain_timeout=args.drain_timeout, metrics=metrics)
     server = ControlServer(tapdisk, socket_path(root, os.getpid()),
                            client_timeout=args.client_timeout)
     try:
@@ -91,6 +95,7 @@ def _serve(root: Path, args: argparse.Namespace) -> tuple[ControlServer, Tapdisk
     except OSError:
         server.close()
         raise
+    metrics.start()
     return server, tapdisk
 
 
@@ -108,6 +113,10 @@ def _run(server: ControlServer, tapdisk: Tapdisk) -> None:
         server.serve_forever()
     finally:
         tapdisk.shutdown()
+        if tapdisk.metrics is not None:
+            tapdisk.metrics.stop()
+        # The socket last, just before the exit: tools wait for it to go, and its absence
+        # tells tapback the exit was in order.
         server.close()
         log.info("tapdisk exited")
 

@@ -80,7 +80,9 @@ def observe(message: p.Message) -> Observation | None:
             ring = ev.BlkifRing(
                 payload.domid, payload.devid, grefs=tuple(payload.grefs), order=payload.order,
                 port=payload.port, protocol=payload.proto, poll_us=payload.poll_duration,
+                poll_idle_threshold=payload.poll_idle_threshold,
                 max_indirect_segments=payload.max_indirect_segments,
+                discard=not payload.flags & p.BlkifFlags.NO_DISCARD,
             )
             return ToVbd(minor, ev.ConnectRing(ring))
         case T.XENBLKIF_DISCONNECT:

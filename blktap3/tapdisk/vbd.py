@@ -30,6 +30,8 @@ class Vbd:
     pending_spec: images.ImageSpec | None = None
     ring: images.Ring | None = None
     ring_ids: tuple[int, int] | None = None
+    # blktap's req_timeout (OPEN's `-t`, seconds; 0: the data path's default, 120).
+    req_timeout: int = 0
 
     def __post_init__(self) -> None:
         self.machine = TapdiskVbd(self.minor)

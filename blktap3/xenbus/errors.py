@@ -51,10 +51,26 @@ class XenStoreQuota(XenStoreError):
 
 
 class XenStoreConnectionError(XenStoreError):
-    """The connection to xenstored is lost or could not be opened."""
+    """The connection to xenstored is lost (ECONNRESET) or could not be opened (the
+    errno of the failed connect: ENOENT no socket, ECONNREFUSED nobody listening...)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(_errno.ECONNRESET, message)
+    def __init__(self, message: str, errno: int = _errno.ECONNRESET) -> None:
+        super().__init__(errno, message)
+
+
+def os_errno_of(exc: BaseException) -> int | None:
+    """The errno of the OSError inside `exc` (itself, its causes, or an (errno, text)
+    pair in its arguments, as pyxs wraps a failed connect), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        for arg in seen.args:
+            if (isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], int)
+                    and arg[0] in _errno.errorcode):
+                return arg[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class XenStoreTimeout(XenStoreError):

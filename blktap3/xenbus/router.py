@@ -18,7 +18,9 @@ one queue per router, read with a timeout by `blktap3.xenbus.watch`.
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import itertools
+import os
 import queue
 import select
 import threading
@@ -29,7 +31,7 @@ import pyxs.client
 import pyxs.exceptions
 from pyxs._internal import NUL, Op, Packet
 
-from .errors import XenStoreConnectionError, XenStoreTimeout
+from .errors import XenStoreConnectionError, XenStoreTimeout, os_errno_of
 
 # Wakes a waiter (an RVar target or a watch queue item) whose router has died.
 LOST: Final = object()
@@ -56,7 +58,12 @@ class Router(pyxs.client.Router):  # type: ignore[misc]  # pyxs is untyped
             self.connection.connect()
         except (pyxs.exceptions.PyXSError, OSError) as e:
             self._close_terminators()  # the thread that would close them never runs
-            raise XenStoreConnectionError(f"cannot connect to XenStore: {e}") from e
+            found = os_errno_of(e)
+            reason = os.strerror(found) if found else str(e)
+            where = getattr(self.connection, "path", "?")
+            raise XenStoreConnectionError(
+                f"cannot connect to XenStore at {where}: {reason}",
+                found or _errno.ECONNRESET) from e
         self.thread.start()
 
     def _close_terminators(self) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from blktap3.abi import BlkifProtocol
+from blktap3.abi import MAX_RING_PAGE_ORDER, BlkifProtocol
 
 from .errors import XenbusValueError
 from .states import parse_decimal
@@ -30,7 +30,7 @@ FRONTEND_KIND = "vbd"
 DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1 (xen.h): real domains are below it
 GRANT_REF_MAX = 0xFFFFFFFF  # grant_ref_t is uint32_t
 PORT_MAX = (1 << 17) - 1  # FIFO event channels: at most 2^17 ports per domain
-DEFAULT_MAX_RING_PAGE_ORDER = 3  # blktap's limit (QEMU allows 4)
+DEFAULT_MAX_RING_PAGE_ORDER = MAX_RING_PAGE_ORDER  # blkback's and QEMU's (blktap's: 3)
 DEFAULT_MAX_QUEUES = 1
 
 
@@ -49,6 +49,7 @@ class BackendKey(enum.StrEnum):
     PHYSICAL_DEVICE = "physical-device"
     PHYSICAL_DEVICE_PATH = "physical-device-path"
     MAX_RING_PAGE_ORDER = "max-ring-page-order"
+    MAX_RING_PAGES = "max-ring-pages"  # legacy (FreeBSD blkfront): 2^max-ring-page-order
     MULTI_QUEUE_MAX_QUEUES = "multi-queue-max-queues"
     FEATURE_MAX_INDIRECT_SEGMENTS = "feature-max-indirect-segments"
     FEATURE_BARRIER = "feature-barrier"

@@ -44,7 +44,7 @@ DYNLOAD_SKIP = ("_ssl", "_hashlib", "_sqlite3", "_dbm", "_gdbm", "readline", "_c
                 "xxlimited_35", "_xxtestfuzz", "_testclinic", "_uuid", "_lzma", "_bz2")
 # Console scripts of the project, as pip would write them for dom0's interpreter.
 COMMANDS = {"tap-ctl": "blktap3.ctl.cli", "tapback": "blktap3.tapback.main",
-            "tapdisk": "blktap3.tapdisk.main"}
+            "tapdisk": "blktap3.tapdisk.main", "blktap3-vbd3": "blktap3.vbd3.cli"}
 PROJECT_SKIP = ("__pycache__", "sim", "_build", "build")
 
 
@@ -84,8 +84,6 @@ def stage_project(work: Path) -> Path:
     ignore = shutil.ignore_patterns(*PROJECT_SKIP, "*.so", "*.c", "*.h", "*.sh")
     shutil.copytree(PROJECT / "blktap3", stage / "blktap3", ignore=ignore)
     shutil.copytree(PROJECT / "specs", stage / "blktap3" / "specs",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(Path(__file__).resolve().parent / "dom0", stage / "rig",
                     ignore=shutil.ignore_patterns("__pycache__"))
     built = build_datapath(work)
     shutil.copy2(built, stage / "blktap3" / "datapath" / built.name)

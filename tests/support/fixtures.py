@@ -76,6 +76,7 @@ def host(
             f'@pytest.mark.parametrize("xenstored_kind", [...]), not an indirect "host"')
     h = Host(run_dir / "host")
     monkeypatch.setenv(runtime.ROOT_ENV, str(h.control_dir))
+    monkeypatch.setenv(runtime.SHM_ENV, str(runtime.shm_dir(h.run_dir)))
     try:
         h.up(xenstored_kind)
         monkeypatch.setenv("XENSTORED_PATH", str(h.xenstored_path))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import blktap3
-from blktap3.abi import SECTOR_SIZE, BlkifProtocol, VdiskInfo, XenbusState
+from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE, BlkifProtocol, VdiskInfo, XenbusState
 
 XEN_IO = Path("/usr/include/xen/io")
 
@@ -53,6 +53,12 @@ def test_protocol_numbers_are_the_c_constants() -> None:
     assert (lib.VDISK_CDROM, lib.VDISK_READONLY) == (VdiskInfo.CDROM, VdiskInfo.READONLY)
     assert BlkifProtocol.from_wire(0) is BlkifProtocol.NATIVE  # "not said"
     assert BlkifProtocol.from_wire(4) is None
+
+
+def test_ring_order_is_the_c_data_paths() -> None:
+    from blktap3.datapath._datapath import lib
+
+    assert lib.TD_MAX_RING_ORDER == MAX_RING_PAGE_ORDER == 4  # blkback's and QEMU's
 
 
 def test_sector_is_blkif_h_shift() -> None:

@@ -43,8 +43,7 @@ BAD: list[tuple[str, Main, list[str], str]] = [
     ("tapdisk", tapdisk.main, ["--log", "{tmp}"], "--log"),
     ("tapdisk", tapdisk.main, ["--drain-timeout", "-1"], "--drain-timeout"),
     ("tapdisk", tapdisk.main, ["--client-timeout", "inf"], "--client-timeout"),
-    ("tapback", tapback.main, ["-d", "--log-file", "{tmp}"], "--log-file"),
-    ("tapback", tapback.main, ["-d", "--log-file", "{tmp}/missing/x.log"], "--log-file"),
+    ("tapback", tapback.main, ["-d", "--max-ring-page-order", "9"], "--max-ring-page-order"),
     ("diagram", diagram.main, ["-o", "/etc/passwd"], "--out"),
     ("diagram", diagram.main, ["-o", "{tmp}/missing/x"], "--out"),
 ]

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -20,13 +20,14 @@ DISK_BYTES = 16 << 20
 # sanitized data path and guest driver load in them. xensim's own sanitized build is
 # not used: preloaded into python it crashes at start (reported to its owner).
 SANITIZE = os.environ.get("BLKTAP3_SANITIZE") == "1"
-Spawn = Callable[[str, int], LineProcess]
+Spawn = Callable[..., LineProcess]
 
 
 @pytest.fixture
 def machine(machine: xensim.Machine) -> xensim.Machine:
     """The shared simulated machine, with two guest domains."""
-    machine.create_domain(GUEST_DOMID, 4096)
+    # 32 MiB: an order-4 ring's 512 slots of 11 data pages each are granted up front.
+    machine.create_domain(GUEST_DOMID, 8192)
     machine.create_domain(GUEST_DOMID + 1, 4096)
     return machine
 
@@ -43,12 +44,12 @@ def disk(tmp_path: Path) -> Path:
 def spawn(machine: xensim.Machine) -> Iterator[Spawn]:
     procs: list[LineProcess] = []
 
-    def start(module: str, domid: int) -> LineProcess:
+    def start(module: str, domid: int, stderr: IO[str] | None = None) -> LineProcess:
         env = xensim.process_env(machine.run_dir, domid)
         if SANITIZE:
             runtimes = " ".join(str(p) for p in xensim.sanitizer_runtime())
             env["LD_PRELOAD"] = f"{runtimes} {env['LD_PRELOAD']}"
-        proc = LineProcess([sys.executable, "-m", module], env)
+        proc = LineProcess([sys.executable, "-m", module], env, stderr=stderr)
         procs.append(proc)
         return proc
 

@@ -12,7 +12,7 @@ from blktap3.abi import BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
 from tests.support import wait_until
 
-from .conftest import DISK_BYTES, connect
+from .conftest import DISK_BYTES, GUEST_DOMID, connect
 
 pytestmark = pytest.mark.integration
 OKAY, ERROR, EOPNOTSUPP = 0, -1, -2
@@ -24,7 +24,7 @@ def stamp_block(sector: int, stamp: int) -> bytes:
 
 
 @pytest.mark.parametrize("protocol", list(BlkifProtocol))
-@pytest.mark.parametrize("order", [0, 1, 2, 3])
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
 def test_written_data_reads_back_from_file_and_ring(
         host: LineProcess, guest: LineProcess, disk: Path, protocol: str, order: int) -> None:
     g = connect(host, guest, disk, order=order, protocol=protocol)
@@ -63,15 +63,28 @@ def test_flush_barrier_and_discard(host: LineProcess, guest: LineProcess, disk: 
     assert disk.read_bytes()[64 * 512 : 72 * 512] == b"\x11" * 4096
     guest.call("submit", reqs=[
         {"op": 5, "sector": 0, "nr_sectors": 8},  # discard 4 KiB: punch a hole
-        {"op": 5, "sector": 64, "nr_sectors": 8, "flag": 1},  # secure: zeroes written
+        {"op": 5, "sector": 64, "nr_sectors": 8, "flag": 1},  # secure: not served
     ])
-    assert guest.call("collect", n=2) == [OKAY, OKAY]
+    assert guest.call("collect", n=2) == [OKAY, EOPNOTSUPP]
     content = disk.read_bytes()
     assert content[:4096] == bytes(4096) and content[4096:8192] == b"\x11" * 4096
-    assert content[64 * 512 : 72 * 512] == bytes(4096)
+    assert content[64 * 512 : 72 * 512] == b"\x11" * 4096  # untouched
     st = host.call("stats", name="r")
     assert (st["reqs"]["flush"], st["reqs"]["barrier"], st["reqs"]["discard"]) == (1, 1, 2)
-    assert sum(st["errors"].values()) == 0
+    assert {cause: n for cause, n in st["errors"].items() if n} == {"unsupported": 1}
+
+
+def test_discard_withheld_by_the_back_end_is_eopnotsupp(
+        host: LineProcess, guest: LineProcess, disk: Path) -> None:
+    host.call("open", name="r", driver="aio", path=str(disk), readonly=False)
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
+    host.call("connect", name="r", image="r", domid=GUEST_DOMID, devid=51712, grefs=g["grefs"],
+              order=0, port=g["port"], protocol=BlkifProtocol.NATIVE, discard=False)
+    guest.call("write", sector=0, data=(b"\x22" * 4096).hex())
+    guest.call("submit", reqs=[{"op": 5, "sector": 0, "nr_sectors": 8}])
+    assert guest.call("collect", n=1) == [EOPNOTSUPP]
+    assert disk.read_bytes()[:4096] == b"\x22" * 4096  # the image could punch; it did not
+    assert host.call("stats", name="r")["errors"]["unsupported"] == 1
 
 
 def test_pause_under_load_loses_and_duplicates_nothing(
@@ -130,6 +143,26 @@ def test_polling_mode_serves_the_same_requests_without_kicks(
     st = host.call("stats", name="r")
     # While both sides spin, req_event/rsp_event stay behind: far fewer kicks than I/Os.
     assert st["kicks"]["in"] < st["responses"]
+    # No polling-idle-threshold: it spins every time it would sleep, never held back.
+    assert st["polling"]["polls"] > 0 and st["polling"]["busy"] == 0
+    assert st["polling"]["idle_threshold"] == 0
+
+
+def test_polling_idle_threshold_reaches_the_ring_and_is_bounded(
+        host: LineProcess, guest: LineProcess, disk: Path) -> None:
+    host.call("open", name="r", driver="aio", path=str(disk))
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
+    kwargs = dict(name="r", image="r", domid=7, devid=51712, grefs=g["grefs"], order=0,
+                  port=g["port"], protocol=BlkifProtocol.NATIVE, poll_us=200)
+    with pytest.raises(OSError) as info:
+        host.call("connect", **kwargs, poll_idle_threshold=101)  # a percentage
+    assert info.value.errno == 22
+    host.call("connect", **kwargs, poll_idle_threshold=50)
+    r = guest.call("run", qd=1, bs=4096, read_pct=100, span=8 * 64, ios=64, poll_us=200)
+    assert (r["errors"], r["ios"]) == (0, 64)
+    st = host.call("stats", name="r")["polling"]
+    # Each time it would sleep, the monitor's verdict decided: spin or not, counted.
+    assert st["idle_threshold"] == 50 and st["polls"] + st["busy"] > 0
 
 
 @pytest.mark.parametrize("engine", ["uring", "sync"])

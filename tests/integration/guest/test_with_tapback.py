@@ -12,14 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from blktap3.tools import vbdstat
 
 from blktap3.abi import VdiskInfo
+from blktap3.ctl import runtime
 from blktap3.sim.guest import run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import hotplug_add
 from blktap3.sim.toolstack import Image
 from blktap3.xenbus import VbdPaths
-from tests.support import wait_until
+from tests.support import log_events, wait_until
 
 from .conftest import DEVID, MiB
 
@@ -37,14 +39,14 @@ def disk(system: Host) -> Callable[..., VbdPaths]:
     """`disk(domid, size=..., mode=..., cdrom=...)`: a domain with one hotplugged vbd3 disk."""
 
     def make(domid: int, *, size: int = 16 * MiB, mode: str = "w",
-             cdrom: bool = False) -> VbdPaths:
+             cdrom: bool = False, discard: bool | None = None) -> VbdPaths:
         path = system.run_dir.parent / f"disk{domid}.img"
         with open(path, "wb") as f:
             f.truncate(size)
         image = Image.parse(f"aio:{path}")
         with system.toolstack() as ts:
             ts.create_domain(domid)
-            paths = ts.add_vbd(domid, DEVID, image, mode=mode, cdrom=cdrom)
+            paths = ts.add_vbd(domid, DEVID, image, mode=mode, cdrom=cdrom, discard=discard)
         hotplug_add(system, paths, image, mode=mode)
         return paths
 
@@ -66,6 +68,37 @@ def test_guest_with_tapback_verifies_every_byte(system: Host, disk: Callable[...
     assert result.sectors == 16 * MiB // 512
     assert result.report.io.writes > 0 and result.report.io.mismatches == 0
     assert wait_until(lambda: backend_key(system, paths, "state") == "6")
+
+
+def test_order_4_ring_through_tapback_and_the_control_message(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """16 ring pages: tapback offers order 4 (and 16 pages for FreeBSD), the 16 grant refs
+    reach the tapdisk in XENBLKIF_CONNECT (8 of them in our gref_hi), and serve I/O."""
+    paths = disk(13, size=16 * MiB)
+    assert wait_until(lambda: backend_key(system, paths, "max-ring-pages") == "16")
+    assert backend_key(system, paths, "max-ring-page-order") == "4"
+    with start_guest(system, 13, DEVID, "linux-order4", "randrw", hold=True,
+                     extra=["--qd", "64", "--seconds", "0.3"]) as guest:
+        guest.wait_for_step("holding")
+        with system.xs() as xs:
+            assert xs.read(paths.frontend_key("ring-page-order")) == "4"
+            assert xs.read(paths.frontend_key("ring-ref15")) is not None
+        guest.detach()
+        result = guest.result(60)
+    assert result.ok, result.summary() + "\n" + result.timeline_text()
+    assert result.report.io.writes > 0 and result.report.io.mismatches == 0
+
+
+@pytest.mark.parametrize(("enable", "feature"), [(None, "1"), (False, "0")])
+def test_toolstacks_discard_enable_decides_feature_discard(
+        system: Host, disk: Callable[..., VbdPaths], enable: bool | None, feature: str) -> None:
+    paths = disk(14, discard=enable)
+    with start_guest(system, 14, DEVID, "linux", "none", hold=True) as guest:
+        guest.wait_for_step("holding")
+        assert backend_key(system, paths, "feature-discard") == feature
+        assert backend_key(system, paths, "discard-secure") is None  # a file never erases
+        guest.detach()
+        assert guest.result(30).ok
 
 
 def test_cdrom_is_read_only_for_the_guest(system: Host, disk: Callable[..., VbdPaths]) -> None:
@@ -101,3 +134,68 @@ def test_tapdisk_killed_the_guest_is_closed_with_the_reason(
         result = guest.result(30)
     assert "closed by the back-end" in [s.what for s in result.timeline], result.summary()
     assert result.report.backend_error, result.timeline_text()
+
+
+def test_stats_files_follow_the_guests_io_and_go_with_the_vbd(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """blktap's stats files of a live VBD, read as libxenstat (xentop) reads them, agree
+    with what the guest itself counted; they go with the ring, then with the tapdisk."""
+    paths = disk(7)
+    root = runtime.shm_dir(system.run_dir)
+    ring_dir = root / f"vbd3-7-{DEVID}"
+    with start_guest(system, 7, DEVID, "linux", "randrw", hold=True,
+                     extra=["--seconds", "0.3"]) as guest:
+        guest.wait_for_step("holding")
+        pid = backend_key(system, paths, "kthread-pid")
+        assert pid is not None
+        vbd_file = root / f"td3-{pid}" / f"vbd-7-{DEVID}"
+        device = backend_key(system, paths, "physical-device-path")
+        assert device is not None
+        vdi_file = root / f"td3-{pid}" / f"vdi-{device.rsplit('.', 1)[1]}"
+
+        def settled() -> tuple[dict[str, int], ...] | None:
+            # Refreshed from the C counters every second, file after file: wait for every
+            # I/O answered, in all of them.
+            try:
+                st, vdi = vbdstat.read_vbd3_stats(vbd_file), vbdstat.read_vbd3_stats(vdi_file)
+                blk = vbdstat.read_blkback(ring_dir / "statistics")
+            except vbdstat.StatsFileError:
+                return None
+            done = (st["read_reqs_completed"] == st["read_reqs_submitted"] > 0
+                    and st["write_reqs_completed"] == st["write_reqs_submitted"] > 0
+                    and vdi == st and blk["st_wr_cnt"] == st["write_reqs_completed"]
+                    and blk["st_rd_cnt"] == st["read_reqs_completed"])
+            return (st, blk) if done else None
+
+        st, blk = wait_until(settled, what=f"{vbd_file}: every request counted")
+        with system.xs() as xs:  # other tests' disks may be on this host too
+            found, errors = vbdstat.collect(xs, root)
+        assert [e for e in errors if f"vbd-7-{DEVID}" in e] == []
+        assert [v for v in found if v.domid == 7] == [vbdstat.VbdCounters(
+            7, DEVID, 0, st["read_reqs_submitted"], st["write_reqs_submitted"],
+            st["read_sectors"], st["write_sectors"])]
+        assert (blk["st_rd_req"], blk["st_rd_sect"], blk["st_wr_req"], blk["st_wr_sect"]) == (
+            st["read_reqs_submitted"], st["read_sectors"], st["write_reqs_submitted"],
+            st["write_sectors"])
+        assert blk["st_rd_max_usecs"] <= blk["st_rd_sum_usecs"] == st["read_total_ticks"]
+        ring = vbdstat.read_io_ring(ring_dir / "io_ring")
+        assert ring["nr_ents"] == 32  # one page, native layout
+        assert ring["req_prod"] == ring["req_cons"] == ring["rsp_prod_pvt"]
+        guest.detach()
+        result = guest.result(30)
+    assert result.ok, result.summary()
+    # What the guest counted on its side of the ring: every one of its requests.
+    io = result.report.io
+    assert (st["read_reqs_submitted"], st["write_reqs_submitted"]) == (io.reads, io.writes)
+    assert (st["read_sectors"] + st["write_sectors"]) * 512 == io.bytes
+    # The ring's files go with the ring; td3-<pid> with the tapdisk.
+    wait_until(lambda: not ring_dir.exists() and not vbd_file.exists(),
+               what="the ring's stats files removed")
+    system.detach_disk(7, DEVID)
+    wait_until(lambda: not (root / f"td3-{pid}").exists(), what="td3-<pid> removed")
+    # An orderly detach (libxl's order: Closed, then tap-ctl destroy) is no death.
+    exited = wait_until(lambda: [e for e in log_events(system.tapback_log, "tapdisk exited")
+                                 if e["pid"] == int(pid)], what="tapdisk exit logged")
+    assert exited[0]["level"] == "info"
+    assert [e for e in log_events(system.tapback_log, "tapdisk died")
+            if e["pid"] == int(pid)] == []

@@ -12,7 +12,21 @@ from collections.abc import Iterator
 import pytest
 
 from blktap3.sim import xensim
+from blktap3.sim.host import Host
 from blktap3.sim.xenstored import Kind, Xenstored
+from blktap3.tapback import service
+
+
+def serving(host: Host, toolstack: str, domid: int) -> Iterator[Host]:
+    """`host` with tapback serving `toolstack`'s order and the guest domain `domid`."""
+    host.use_toolstack(toolstack)
+    host.start_tapback()
+    try:
+        with host.toolstack() as ts:
+            ts.create_domain(domid)
+        yield host
+    finally:
+        service.stop(host.run_dir)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from blktap3.sim.host import Host
-from tests.support import assert_no_process_left
+from tests.support import assert_no_process_left, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,9 @@ def test_up_domain_vbd_ls_down(work: Path, image: Path, kind: str) -> None:
     up = sim(run, "up", "--xenstored", kind)
     assert up.returncode == 0, up.stderr
     socket = run / "xenstored" / "socket"
-    assert up.stdout.strip() == f"export XENSTORED_PATH={socket}"
+    assert up.stdout.splitlines() == [f"export XENSTORED_PATH={socket}",
+                                      f"export BLKTAP_CONTROL_DIR={run}/blktap-control",
+                                      f"export BLKTAP3_SHM_DIR={run}/shm"]
     pid = Host(run).xenstored_pid
     assert pid and os.path.exists(f"/proc/{pid}")
 
@@ -132,3 +135,31 @@ def test_guest_run_and_remove_through_the_cli(work: Path, image: Path) -> None:
     missing = sim(run, "guest", "run", "2", "xvda", "--timeout", "10")
     assert missing.returncode == 1
     assert "FAILED" in missing.stdout
+
+
+def test_guest_run_hold_keeps_the_vbd_connected_until_the_hold_ends(
+        work: Path, image: Path) -> None:
+    run = work / "run"
+    assert sim(run, "up").returncode == 0
+    assert sim(run, "domain", "create", "2").returncode == 0
+    assert sim(run, "vbd", "add", "2", "xvda", str(image)).returncode == 0
+    held = subprocess.Popen(
+        [sys.executable, "-m", "blktap3.sim.cli", "--run-dir", str(run), "guest", "run", "2",
+         "xvda", "--workload", "randrw", "--hold", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert held.stderr is not None
+        line = held.stderr.readline()  # printed once the guest holds the device
+        assert "connected to 51712, holding for 600 s" in line, line
+        # Live after its workload: Connected, and its stats files are there.
+        backend = "/local/domain/0/backend/vbd3/2/51712"
+        assert f'{backend}/state = "4"' in sim(run, "ls", backend).stdout
+        assert (run / "shm" / "vbd3-2-51712" / "statistics").exists()
+        held.send_signal(signal.SIGINT)  # ends the hold: the guest detaches
+        out, err = held.communicate(timeout=60)
+    finally:
+        held.kill()
+        held.wait()
+    assert held.returncode == 0, out + err
+    assert "OK: every byte written read back identically" in out
+    wait_until(lambda: not (run / "shm" / "vbd3-2-51712").exists(), what="ring files gone")

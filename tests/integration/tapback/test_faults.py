@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from blktap3.ctl import runtime
 from blktap3.sim.host import Host
 from blktap3.tapback import service
 from blktap3.xenbus import WatchEvent, WatchStream, XenbusState, XenStore
@@ -51,6 +52,10 @@ def test_tapdisk_killed_during_io_closes_with_error(host: Host, guests: GuestFac
     # The dead tapdisk's socket is cleaned up (blktap left it behind).
     ctl = service.control_dir(host.run_dir) / f"ctl{guest.attached.pid}"
     wait_until(lambda: not ctl.exists(), what="stale socket removed")
+    # So are its stats files (blktap's too stay behind).
+    shm = runtime.shm_dir(host.run_dir)
+    left = (shm / f"td3-{guest.attached.pid}", shm / f"vbd3-{guest.domid}-{guest.paths.devid}")
+    wait_until(lambda: not any(p.exists() for p in left), what="stale stats files removed")
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
@@ -102,6 +107,7 @@ HOSTILE = [
     ({"event-channel": "0x10"}, "event-channel"),
     ({"event-channel": "0"}, "event-channel"),
     ({"ring-page-order": "9"}, "ring-page-order"),
+    ({"ring-page-order": "5"}, "ring-page-order"),  # one past the 16 pages offered
     ({"protocol": "sparc64-abi"}, "protocol"),
     ({"ring-ref": "1" * 40}, "ring-ref"),
     ({"multi-queue-num-queues": "4"}, "multi-queue-num-queues"),

@@ -45,6 +45,7 @@ def ctl_root(run_dir: Path, monkeypatch: pytest.MonkeyPatch,
     root = run_dir / "ctl"
     root.mkdir()
     monkeypatch.setenv(runtime.ROOT_ENV, str(root))
+    monkeypatch.setenv(runtime.SHM_ENV, str(run_dir / "shm"))
     try:
         yield root
     finally:

@@ -1,7 +1,7 @@
-# Our back-end: tapback against the real xenstored, tap-ctl for the hotplug step, and the
-# vbd3/vbd nodes written by a dom0 toolstack script (rig/vbd3.py). Sourced by /init.
+# Our back-end: tapback against the real xenstored, and the installed blktap3-vbd3 as the
+# toolstack (Xen 4.17's libxl makes no vbd3 disks): libxl's nodes, then Xen's block-tap
+# steps with our tap-ctl. Sourced by /init.
 export PYTHONPATH=/opt/blktap3
-PY=/usr/bin/python3.11
 mkdir -p /run/blktap-control
 # Started as blktap's own unit starts its tapback (`tapback -p PIDFILE`, Type=forking):
 # the command daemonizes and returns once the daemon watches XenStore. The log options
@@ -11,8 +11,13 @@ tapback -p /run/tapback.pid --log-format console --log-file /run/tapback.log \
 wait_for 60 test -s /run/tapback.pid || die "tapback wrote no pid file"
 step tapback-up
 (tail -n +1 -f /run/tapback.log | while IFS= read -r l; do echo "[tapback] $l"; done) &
-attach() { $PY /opt/blktap3/rig/vbd3.py attach "$GUEST" 51712 "$IMG"; }
-detach() { $PY /opt/blktap3/rig/vbd3.py detach "$GUEST" 51712; }
+attach() { blktap3-vbd3 attach "$GUEST" 51712 "$IMG"; }
+# The counters while the ring is still served (the guest's phase 1 is done), then detach.
+detach() {
+    echo "@@TAPDISK-STATS $(tap-ctl stats -p "$(xenstore-read "$BACKEND/pid")" \
+        -m "$(xenstore-read "$BACKEND/minor")" | tr -d '\n')"
+    blktap3-vbd3 detach "$GUEST" 51712
+}
 # Evidence that the tapdisk serving the ring runs on the real Xen libraries and devices.
 evidence() {
     pid=$(xenstore-read "$BACKEND/kthread-pid")

@@ -55,10 +55,11 @@ struct tapdisk_message_image_ext {
 struct tapdisk_message_blkif_ext {
     uint32_t domid; uint32_t devid; uint32_t gref[8]; uint32_t order; uint32_t proto;
     char pool[256]; uint32_t port; uint32_t poll_duration; uint32_t poll_idle_threshold;
-    uint32_t max_indirect_segments;
+    uint32_t max_indirect_segments; uint32_t gref_hi[8]; uint32_t flags;
 };
 """
-EXTENSION_FIELDS = {"image.physical_sector_size", "image.flags", "blkif.max_indirect_segments"}
+EXTENSION_FIELDS = {"image.physical_sector_size", "image.flags", "blkif.max_indirect_segments",
+                    "blkif.gref_hi", "blkif.flags"}
 
 MEMBER_STRUCT = {
     "image": "image", "params": "params", "string": "string", "response": "response",
@@ -275,6 +276,37 @@ def test_blkif_extension_lands_where_c_reads_it_and_blktaps_reads_as_not_offered
     assert isinstance(decoded, p.Blkif) and decoded.max_indirect_segments == 0
 
 
+def test_order_4_ring_carries_its_last_eight_grants_in_gref_hi(ffi: FFI) -> None:
+    refs = tuple(range(100, 116))
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, p.Blkif(5, 7, refs, 4)).encode())
+    union = raw[p.UNION_OFFSET:]  # kept alive while the C view reads it
+    ext = ffi.cast("struct tapdisk_message_blkif_ext *", ffi.from_buffer(union))
+    assert (list(ext.gref), list(ext.gref_hi), ext.order) == (list(refs[:8]), list(refs[8:]), 4)
+    decoded = p.decode(bytes(raw)).payload
+    assert isinstance(decoded, p.Blkif) and decoded.grefs == refs
+
+
+@pytest.mark.parametrize("order", [5, 31, 2**32 - 1])
+def test_ring_order_past_sixteen_grants_is_refused(order: int) -> None:
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, p.Blkif(5, 7, (1,))).encode())
+    raw[p.OFFSETS["blkif.order"] : p.OFFSETS["blkif.order"] + 4] = order.to_bytes(4, "little")
+    with pytest.raises(p.ProtocolError, match="grant refs"):
+        p.decode(bytes(raw))
+
+
+def test_discard_withheld_travels_in_blkif_flags_and_blktaps_zero_serves_it(ffi: FFI) -> None:
+    blkif = p.Blkif(5, 7, (1,), flags=p.BlkifFlags.NO_DISCARD)
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, blkif).encode())
+    union = raw[p.UNION_OFFSET:]
+    ext = ffi.cast("struct tapdisk_message_blkif_ext *", ffi.from_buffer(union))
+    assert ext.flags == p.BlkifFlags.NO_DISCARD
+    assert p.decode(bytes(raw)).payload == blkif
+    off = p.OFFSETS["blkif.flags"]
+    raw[off : off + 4] = bytes(4)  # what blktap's libblktapctl leaves there
+    decoded = p.decode(bytes(raw)).payload
+    assert isinstance(decoded, p.Blkif) and decoded.flags == p.BlkifFlags.NONE
+
+
 def test_blkif_keeps_only_the_grants_its_order_uses() -> None:
     message = p.Message(p.MessageType.XENBLKIF_CONNECT, 0, p.Blkif(1, 2, (7, 8, 9, 10), 2))
     decoded = p.decode(message.encode()).payload
@@ -302,7 +334,7 @@ def test_out_of_range_counts_are_rejected() -> None:
     raw = struct.pack("<HH4xi", p.MessageType.LIST_MINORS_RSP, 0, 64).ljust(544, b"\0")
     with pytest.raises(p.ProtocolError, match="count"):
         p.decode(raw)
-    raw = struct.pack("<HH4x10Ii", p.MessageType.XENBLKIF_CONNECT, 0, *[0] * 10, 4)
+    raw = struct.pack("<HH4x10Ii", p.MessageType.XENBLKIF_CONNECT, 0, *[0] * 10, 5)
     with pytest.raises(p.ProtocolError, match="order"):
         p.decode(raw.ljust(544, b"\0"))
 

@@ -226,3 +226,54 @@ def test_every_indirect_segment_is_checked_as_a_direct_one(
 def test_indirect_sectors_are_the_sum_of_its_segments() -> None:
     err, priv = _segs_check([(1, 0, 7)] * 100 + [(2, 3, 5), (3, 7, 7)])
     assert err == 0 and priv.nr_sectors == 800 + 3 + 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("sector", "segs", "sector_size", "want"), [
+    (8, [(1, 0, 7)], 4096, "ok"),                     # a whole 4 KiB block
+    (8, [(1, 0, 7), (2, 0, 7)], 4096, "ok"),
+    (1, [(1, 0, 7)], 4096, "sector"),                 # starts inside a block
+    (8, [(1, 0, 3)], 4096, "sector"),                 # half a block
+    (8, [(1, 0, 7), (2, 0, 0)], 4096, "sector"),      # its last segment is not whole
+    (2, [(1, 0, 1)], 1024, "ok"),
+    (3, [(1, 0, 0)], 512, "ok"),                      # 512: everything aligns
+    (3, [(1, 0, 0)], 3000, "ok"),                     # not a power of two: no alignment
+])
+def test_sector_size_is_alignment_only(sector: int, segs: Segs, sector_size: int,
+                                       want: str) -> None:
+    # blkif.h: sector_number and the segments stay 512-byte units; `sector-size` says
+    # what a request must align to (blkback's "Misaligned I/O request").
+    err, priv = _check(lib.TD_PROTO_NATIVE, _request(lib.TD_PROTO_NATIVE, 0, sector, segs))
+    assert err == ERR["ok"]
+    p: object = priv
+    assert lib.td_req_check_align(priv, p.seg, sector_size) == ERR[want]  # type: ignore[attr-defined]
+
+
+def test_a_flush_carries_no_data_to_align() -> None:
+    err, priv = _check(lib.TD_PROTO_NATIVE, _request(lib.TD_PROTO_NATIVE, 3, 5, []))
+    p: object = priv
+    assert err == ERR["ok"] and lib.td_req_check_align(priv, p.seg, 4096) == ERR["ok"]  # type: ignore[attr-defined]
+
+
+def _times(total: int, idle: int) -> object:
+    t = ffi.new("struct td_cpu_times *")
+    t.total, t.idle = total, idle
+    return t
+
+
+@pytest.mark.parametrize(("before", "after", "pct"), [
+    ((1000, 400), (2000, 1150), 75),    # 750 of 1000 jiffies idle
+    ((1000, 400), (2000, 400), 0),      # fully busy: polling would hurt
+    ((1000, 400), (1100, 500), 100),
+    ((1000, 400), (1000, 400), -1),     # no time passed: unknown
+    ((1000, 400), (900, 300), -1),      # counters went back: unknown
+    ((1000, 400), (1100, 600), -1),     # more idle than time: nonsense
+])
+def test_cpu_idle_share_between_two_readings(before: tuple[int, int], after: tuple[int, int],
+                                             pct: int) -> None:
+    assert lib.td_cpu_idle_pct(_times(*before), _times(*after)) == pct
+
+
+def test_cpu_times_come_from_proc_stat() -> None:
+    t = ffi.new("struct td_cpu_times *")
+    assert lib.td_cpu_read(t) == 0
+    assert t.total > 0 and t.idle <= t.total

@@ -71,7 +71,7 @@ def adopted(frontend: XenbusState | None = S.CONNECTED) -> BackendVbd:
 
 def test_connected_vbd_is_adopted_without_a_single_write() -> None:
     vbd = adopted()
-    assert hotplug(vbd) == (ReadFrontendTransport(3),)  # no InitWait, no probe keys
+    assert hotplug(vbd) == (ReadFrontendTransport(4),)  # no InitWait, no probe keys
     (connect,) = vbd.handle(TRANSPORT)
     assert connect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
     assert vbd.handle(RingConnectFailed(errno.EALREADY)) == ()
@@ -157,7 +157,7 @@ def test_tapdisk_dying_after_adoption_fails_with_a_disconnect() -> None:
 
 def test_found_initwait_is_not_published_again() -> None:
     vbd = BackendVbd(domid=5, devid=768)
-    vbd.handle(BackendFound(S.INIT_WAIT, (("max-ring-page-order", "3"),)))
+    vbd.handle(BackendFound(S.INIT_WAIT, (("max-ring-page-order", "4"), ("max-ring-pages", "16"))))
     vbd.handle(FrontendStateChanged(S.INITIALISING))
     assert hotplug(vbd) == ()
     assert vbd.state == "init_wait"

@@ -26,7 +26,6 @@ from blktap3.fsm import (
     OurBug,
     PublishState,
     ReadFrontendTransport,
-    RemoveDirectory,
     RingConnected,
     RingConnectFailed,
     RingDisconnected,
@@ -89,7 +88,8 @@ def test_probe_keys_then_initwait_only_after_hotplug() -> None:
     assert vbd.handle(fe(S.INITIALISING)) == ()
     effects = hotplug(vbd)
     assert effects[0] == WriteKeys(
-        (("max-ring-page-order", "3"), ("feature-max-indirect-segments", "256")), vbd.perms
+        (("max-ring-page-order", "4"), ("max-ring-pages", "16"),
+         ("feature-max-indirect-segments", "256")), vbd.perms
     )
     assert effects[1:] == (PublishState(S.INIT_WAIT),)
     assert vbd.perms.as_strings() == ("n0", "r5")
@@ -107,7 +107,7 @@ def test_connect_sends_xenblkif_connect_with_the_transport() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
     hotplug(vbd)
-    assert vbd.handle(fe(S.CONNECTED)) == (ReadFrontendTransport(3),)
+    assert vbd.handle(fe(S.CONNECTED)) == (ReadFrontendTransport(4),)
     (effect,) = vbd.handle(TRANSPORT)
     assert effect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
 
@@ -138,8 +138,45 @@ def connect_keys(disk: DiskInfo, features: BackendFeatures | None = None) -> dic
 
 def test_discard_feature_adds_its_keys_when_the_image_can_punch_holes() -> None:
     keys = connect_keys(DiskInfo(2048, discard=True), BackendFeatures(discard_secure=True))
-    assert {"discard-granularity": "512", "discard-alignment": "0", "discard-secure": "1",
+    assert {"discard-granularity": "512", "discard-alignment": "0",
             "feature-discard": "1"}.items() <= keys.items()
+    assert "discard-secure" not in keys  # a punched hole is no secure erase
+
+
+@pytest.mark.parametrize(("raw", "offered"), [(None, True), ("1", True), ("0", False)])
+def test_toolstacks_discard_enable_0_withholds_discard_from_keys_and_ring(
+        raw: str | None, offered: bool) -> None:
+    vbd = BackendVbd(5, 768, features=BackendFeatures(discard_secure=True))
+    keys = () if raw is None else (("discard-enable", raw),)
+    vbd.handle(BackendFound(None, keys, discard_enabled=raw != "0"))
+    vbd.handle(fe(S.INITIALISING))
+    hotplug(vbd, DiskInfo(2048, discard=True, discard_secure=True))
+    vbd.handle(fe(S.INITIALISED))
+    (connect,) = vbd.handle(TRANSPORT)
+    assert isinstance(connect, SendControl) and isinstance(connect.message, XenblkifConnect)
+    assert connect.message.discard is offered  # the tapdisk refuses what was withheld
+    written = vbd.handle(RingConnected())[0]
+    assert isinstance(written, WriteKeys)
+    got = written.as_dict()
+    assert got["feature-discard"] == ("1" if offered else "0")
+    assert ("discard-granularity" in got) is offered and ("discard-secure" in got) is offered
+
+
+def test_polling_keys_travel_in_xenblkif_connect() -> None:
+    vbd = BackendVbd(5, 768)
+    vbd.handle(BackendFound(None, polling_duration=300, polling_idle_threshold=40))
+    vbd.handle(fe(S.INITIALISING))
+    hotplug(vbd)
+    vbd.handle(fe(S.INITIALISED))
+    (connect,) = vbd.handle(TRANSPORT)
+    assert isinstance(connect, SendControl) and isinstance(connect.message, XenblkifConnect)
+    assert (connect.message.poll_duration, connect.message.poll_idle_threshold) == (300, 40)
+
+
+def test_discard_secure_only_for_an_image_that_really_erases() -> None:
+    secure = DiskInfo(2048, discard=True, discard_secure=True)
+    assert connect_keys(secure, BackendFeatures(discard_secure=True))["discard-secure"] == "1"
+    assert "discard-secure" not in connect_keys(secure, BackendFeatures(discard_secure=False))
 
 
 @pytest.mark.parametrize(("info", "discard", "features"), [
@@ -281,7 +318,8 @@ def test_hotplug_completing_after_the_guest_closed_is_kept_for_a_reconnect() -> 
     assert vbd.handle(HotplugConnected(TAPDISK)) == (WatchTapdisk(TAPDISK),
                                                      SendControl(DiskInfoQuery(77, 3)))
     # the probe keys InitWait goes with, written now: no tapdisk was known at hotplug
-    assert vbd.handle(DiskInfoRead(DISK)) == (WriteKeys((("max-ring-page-order", "3"),),
+    assert vbd.handle(DiskInfoRead(DISK)) == (WriteKeys((("max-ring-page-order", "4"),
+                                                         ("max-ring-pages", "16")),
                                                         vbd.perms),)
     assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
 
@@ -352,10 +390,11 @@ def test_frontend_absent_at_first_is_awaited() -> None:
     assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
 
 
-def test_frontend_vanishing_after_it_was_seen_removes_our_directory() -> None:
+def test_frontend_vanishing_after_it_was_seen_publishes_closed_and_keeps_our_directory() -> None:
     vbd = BackendVbd(domid=5, devid=768)
     vbd.handle(fe(S.INITIALISING))
-    assert vbd.handle(FrontendVanished()) == (RemoveDirectory(), Unregister())
+    assert vbd.handle(FrontendVanished()) == (PublishState(S.CLOSED),)
+    assert vbd.state == "closed" and not vbd.is_final
 
 
 def test_online_zero_without_a_ring_unregisters_at_once() -> None:
@@ -387,7 +426,7 @@ def test_unexpected_reply_raises_our_bug_and_leaves_the_machine_alone() -> None:
     assert info.value.machine == "backend_vbd"
     assert "blame: ours" in str(info.value)
     assert vbd.state == "init_wait"
-    assert vbd.handle(fe(S.INITIALISED)) == (ReadFrontendTransport(3),)  # still usable
+    assert vbd.handle(fe(S.INITIALISED)) == (ReadFrontendTransport(4),)  # still usable
 
 
 def test_events_after_the_end_raise_with_the_triggers_blame() -> None:

@@ -50,6 +50,33 @@ def test_the_directory_becomes_backend_found_with_the_toolstacks_disk_kind() -> 
         readonly=True, cdrom=True, removable=False)]
 
 
+@pytest.mark.parametrize(("raw", "enabled"), [(None, True), ("1", True), ("0", False),
+                                              ("", True)])
+def test_discard_enable_0_is_the_toolstack_withholding_discard(raw: str | None,
+                                                               enabled: bool) -> None:
+    keys = (("discard-enable", raw),) if raw is not None else ()
+    (found,) = BackendObserver(parse).found(BackendDirectory(keys))
+    assert isinstance(found, BackendFound) and found.discard_enabled is enabled
+
+
+@pytest.mark.parametrize(("duration", "threshold", "want"), [
+    (None, None, (0, 0)),
+    ("200", "50", (200, 50)),
+    ("1000000", "100", (1_000_000, 100)),
+    ("1000001", "101", (0, 0)),        # out of range: off, not clamped
+    ("-5", "+50", (0, 0)),
+    ("2e2", "\u0665\u0660", (0, 0)),  # not plain ASCII decimals (Arabic-Indic 50)
+    ("99999999999", "", (0, 0)),
+])
+def test_polling_keys_are_the_toolstacks_bounded_or_off(
+        duration: str | None, threshold: str | None, want: tuple[int, int]) -> None:
+    keys = tuple((k, v) for k, v in (("polling-duration", duration),
+                                     ("polling-idle-threshold", threshold)) if v is not None)
+    (found,) = BackendObserver(parse).found(BackendDirectory(keys))
+    assert isinstance(found, BackendFound)
+    assert (found.polling_duration, found.polling_idle_threshold) == want
+
+
 @pytest.mark.parametrize("state", [None, "+4", "9"])
 def test_a_directory_without_a_usable_state_is_found_with_none(state: str | None) -> None:
     keys = (("state", state),) if state is not None else ()

@@ -89,7 +89,7 @@ def test_rendered_table_has_a_row_per_state() -> None:
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["state", "unknown", "initialising"]
     assert any(line.startswith("connected ") for line in lines)
-    assert len(lines) == 1 + 8 + 1  # header + the non-final states that await nothing,
+    assert len(lines) == 1 + 9 + 1  # header + the non-final states that await nothing,
     assert lines[-1].startswith("not shown (an answer is awaited")  # + those that do
 
 

@@ -238,7 +238,6 @@ OTHER_RING = BlkifRing(1, 51728)
         (_paused, ConnectRing(OTHER_RING), errno.EBUSY),
         (_attached, DisconnectRing(1, 51712), errno.ENODEV),
         (_paused, DisconnectRing(1, 51712), errno.EINVAL),
-        (_attached, Pause(), errno.EINVAL),
         (_closed, Pause(), errno.EINVAL),
         (open_vbd, Resume(), errno.EINVAL),
         (open_vbd, Detach(), errno.EBUSY),
@@ -254,6 +253,30 @@ def test_refused_requests_are_answered_with_the_spec_errno_and_change_nothing(
     before = (vbd.state, vbd.state_bits, vbd.ring, vbd.disk, vbd.params)
     assert errno_of(vbd.handle(event)) == code
     assert (vbd.state, vbd.state_bits, vbd.ring, vbd.disk, vbd.params) == before
+
+
+def test_pause_of_an_attached_vbd_without_image_is_accepted_as_blktaps() -> None:
+    # blktap v4.0.8 drivers/tapdisk-vbd.c, tapdisk_vbd_pause: an empty queue quiesces at
+    # once and close_vdi of no image is a no-op, so PAUSE succeeds; LIST shows 0x2a.
+    vbd = _attached()
+    assert vbd.handle(Pause()) == (Reply(),)
+    assert vbd.state == VbdState.EMPTY_PAUSED
+    assert vbd.state_bits == 0x2A
+    assert vbd.params is None
+    assert vbd.handle(Pause()) == (Reply(),)
+    # tapdisk_vbd_open_vdi: no path to reopen (EINVAL); the VBD stays paused.
+    assert errno_of(vbd.handle(Resume())) == errno.EINVAL
+    assert vbd.state == VbdState.EMPTY_PAUSED
+    # blktap's close of it clears no pause flag: it succeeds and the VBD stays 0x2a.
+    assert vbd.handle(Close()) == (Reply(),)
+    assert vbd.state == VbdState.EMPTY_PAUSED
+
+
+def test_an_imageless_paused_vbd_detaches() -> None:
+    vbd = _attached()
+    vbd.handle(Pause())
+    vbd.handle(Detach())
+    assert vbd.state == VbdState.DETACHED
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from blktap3.abi import BlkifProtocol
 from blktap3.fsm.effects import (
     PublishState,
-    RemoveDirectory,
     SendControl,
     Unregister,
     WriteKeys,
@@ -61,7 +60,7 @@ def test_normal_handshake_follows_protocol_order() -> None:
     be = pair.be_path
     assert pair.store.read(f"{be}/sectors") == str(pair.tapdisk.disk.sectors)
     assert pair.store.read(f"{be}/sector-size") == "512"
-    assert pair.store.read(f"{be}/max-ring-page-order") == "3"
+    assert pair.store.read(f"{be}/max-ring-page-order") == "4"
     assert pair.store.perms[f"{be}/sectors"] == ("n0", "r1")
     assert pair.backend_states() == [1, 2, 4]  # no redundant state write
     connect = next(e for _, e in pair.trace
@@ -140,7 +139,7 @@ def test_resize_reannounces_connected_with_new_sectors() -> None:
     assert pair.frontend.state == "connected"
 
 
-def test_frontend_vanishing_mid_handshake_removes_backend_dir() -> None:
+def test_frontend_vanishing_mid_handshake_closes_and_leaves_the_backend_dir() -> None:
     pair = VbdPair()
     pair.create_backend_dir()
     pair.create_frontend_dir()
@@ -151,20 +150,27 @@ def test_frontend_vanishing_mid_handshake_removes_backend_dir() -> None:
         callback(path)
     pair.store.pending.clear()
     pair.remove_frontend()
-    assert pair.backend.state == "removed"
+    assert pair.backend.state == "closed"
+    assert not pair.backend.is_final
+    # The directory is the toolstack's: only Closed was written (libxl now runs
+    # block-tap remove, then removes it).
+    assert pair.store.read(f"{pair.be_path}/state") == "6"
+    assert pair.store.read(f"{pair.be_path}/params") == "aio:/dev/null"
+    assert kinds(pair.effects("backend"))[-1:] == ["state=6"]
+    pair.set_offline()
     assert pair.backend.is_final
-    assert not any(p.startswith(pair.be_path) for p in pair.store.nodes)
-    assert kinds(pair.effects("backend"))[-2:] == ["RemoveDirectory", "Unregister"]
+    assert pair.store.read(f"{pair.be_path}/state") == "6"
 
 
 def test_frontend_vanishing_while_connected_takes_the_ring_down() -> None:
     pair = connected_pair()
     pair.remove_frontend()
-    tail = pair.effects("backend")[-3:]
-    assert tail[0] == RemoveDirectory()
-    assert isinstance(tail[1], SendControl) and isinstance(tail[1].message, XenblkifDisconnect)
-    assert tail[2] == Unregister()
+    tail = pair.effects("backend")[-2:]
+    assert isinstance(tail[0], SendControl) and isinstance(tail[0].message, XenblkifDisconnect)
+    assert tail[1] == PublishState(S.CLOSED)
     assert pair.tapdisk.rings == set()
+    assert pair.store.exists(pair.be_path)
+    assert pair.backend.state == "closed"
 
 
 def test_tapdisk_dying_while_connected_closes_with_an_error() -> None:
@@ -233,8 +239,8 @@ def test_multi_page_ring_transport_reaches_the_tapdisk() -> None:
 
 
 def test_ring_order_above_our_maximum_is_refused() -> None:
-    pair = VbdPair(transport=FrontendTransportConfig(ring_refs=tuple(range(16))))
+    pair = VbdPair(transport=FrontendTransportConfig(ring_refs=tuple(range(32))))
     pair.create()
     assert pair.backend.state == "failed"
-    assert "ring-page-order: '4': out of range 0..3" in (
+    assert "ring-page-order: '5': out of range 0..4" in (
         pair.store.read(f"{pair.be_path}/error") or "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,43 @@ def test_values_the_daemon_cannot_use_are_usage_errors(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("tapback: ") and err.count("\n") == 1  # one line
+
+
+def _tapback(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blktap3.tapback", "--control-dir", str(tmp_path / "ctl"),
+         *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("foreground", [True, False])
+def test_an_unreachable_xenstored_is_one_line_with_enoent_and_what_to_do(
+        tmp_path: Path, foreground: bool) -> None:
+    # Was a traceback labelled ECONNRESET (issue 15); the daemon tells its parent.
+    done = _tapback(tmp_path, *(["-d"] if foreground else []), "--log-file",
+                    str(tmp_path / "tapback.log"), "--xenstored", str(tmp_path / "nosock"))
+    assert done.returncode == 1
+    assert done.stderr == (f"tapback: cannot connect to XenStore at {tmp_path}/nosock: No "
+                           "such file or directory (ENOENT); is xenstored running? (the "
+                           "socket is --xenstored, $XENSTORED_PATH, else "
+                           "/var/run/xenstored/socket)\n")
+    logged = [json.loads(line) for line in (tmp_path / "tapback.log").read_text().splitlines()]
+    assert logged[-1]["event"] == "tapback could not start" and logged[-1]["errno"] == 2
+    assert logged[-1]["level"] == "error"
+
+
+def test_nobody_listening_is_econnrefused(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))  # bound, never listening
+        done = _tapback(tmp_path, "-d", "--xenstored", str(tmp_path / "sock"))
+    assert done.returncode == 1
+    # -d logs to stderr ("tapback starting"); the error is the one plain last line.
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("tapback: cannot connect to XenStore at ")
+    assert "Connection refused (ECONNREFUSED)" in last and "Traceback" not in done.stderr
+
+
+def test_a_bad_log_file_is_one_line(tmp_path: Path) -> None:
+    done = _tapback(tmp_path, "--log-file", str(tmp_path / "no" / "such" / "file"))
+    assert (done.returncode, done.stderr) == (
+        1, f"tapback: cannot open the log file {tmp_path}/no/such/file: No such file or "
+           "directory (ENOENT)\n")

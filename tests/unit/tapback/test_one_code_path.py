@@ -36,6 +36,7 @@ from blktap3.fsm import (
     RingConnectFailed,
     RingDisconnectFailed,
     RingTransport,
+    Toolstack,
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
@@ -123,9 +124,11 @@ class ClientOfFake:
 
     def connect_xenblkif(self: TapdiskClient, minor: int, *, domid: int, devid: int,
                          grefs: tuple[int, ...], order: int, port: int, proto: int,
-                         max_indirect_segments: int = 0) -> None:
+                         max_indirect_segments: int = 0, discard: bool = True,
+                         poll_duration: int = 0, poll_idle_threshold: int = 0) -> None:
         answer = ClientOfFake.fake.answer(XenblkifConnect(
-            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments))
+            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments,
+            discard, poll_duration, poll_idle_threshold))
         if isinstance(answer, RingConnectFailed):
             raise CtlError(answer.errno, answer.message)
 
@@ -146,13 +149,14 @@ class Both:
 
     def __init__(self, directory: dict[str, str], frontend: str | None, *,
                  ring: bool | None = None, transport: str | None = None,
-                 dead: bool = False) -> None:
+                 dead: bool = False, toolstack: Toolstack = Toolstack.XAPI) -> None:
         """`ring`: the tapdisk serves this VBD's ring already (default: when the
         directory says Connected); `transport`: the front-end's keys, "good" or "bad"
-        (default: "good" when the directory says Connected); `dead`: the tapdisk is."""
+        (default: "good" when the directory says Connected); `dead`: the tapdisk is;
+        `toolstack`: whose order tapback serves."""
         connected = directory["state"] == "4"
         self.xs = LockedOut()
-        self.pair = VbdPair(domid=PATHS.domid, devid=PATHS.devid)
+        self.pair = VbdPair(domid=PATHS.domid, devid=PATHS.devid, toolstack=toolstack)
         ClientOfFake.fake = FakeTapdisk()
         self.fakes = (ClientOfFake.fake, self.pair.tapdisk)
         for fake in self.fakes:
@@ -161,10 +165,11 @@ class Both:
             if connected if ring is None else ring:
                 fake.rings.add((PATHS.domid, PATHS.devid))
         self.worker = VbdWorker(PATHS, PATHS.frontend, SharedStore(lambda: self.xs),  # type: ignore[arg-type,return-value]
-                                VbdConfig(ROOT), on_final=lambda w: None,
+                                VbdConfig(ROOT, toolstack=toolstack), on_final=lambda w: None,
                                 on_tapdisk=lambda w, pid: None)
         self.pair.backend = BackendVbd(PATHS.domid, PATHS.devid,
-                                       features=VbdConfig(ROOT).features())
+                                       features=VbdConfig(ROOT).features(),
+                                       toolstack=toolstack)
         self.seen = (record(self.worker.machine), record(self.pair.backend))
         self.write({PATHS.backend_key(k): v for k, v in directory.items()})
         self.write({PATHS.frontend_key("state"): frontend})

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from blktap3.fsm import load_spec
+from blktap3.fsm import Toolstack, load_spec
 from blktap3.fsm.machine import SpecMachine
 from blktap3.fsm.spec import TransitionSpec
 from blktap3.sim.memory import FakeTapdisk
@@ -52,6 +52,8 @@ STARTS: list[tuple[dict[str, str], str | None, dict[str, Any]]] = [
     (CONNECTED, "6", {"ring": False}),
     (CONNECTED, "1", {}),
     (NO_HOTPLUG, "4", {}),  # adopting until hotplug is said again
+    (TOOLSTACK, "1", {"toolstack": Toolstack.LIBXL}),  # InitWait before hotplug
+    (TOOLSTACK, None, {"toolstack": Toolstack.LIBXL}),
 ]
 
 

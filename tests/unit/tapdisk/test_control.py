@@ -10,17 +10,21 @@ import errno
 import fcntl
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from blktap3.abi import VbdStateBits
 from blktap3.ctl import protocol as p
 from blktap3.ctl import runtime
 from blktap3.fsm.tapdisk import VbdState
 from blktap3.tapdisk import images
+from blktap3.tapdisk import metrics as metrics_mod
 from blktap3.tapdisk.control import Reply, Tapdisk
+from blktap3.tapdisk.metrics import Metrics
 
 pytest.importorskip("blktap3.datapath", reason="the data path (Image.open) is not built")
 
@@ -42,6 +46,17 @@ class FakeRing:
         self.drains = drains
         self.paused = False
         self.disconnected = False
+        self.req_timeout: int | None = None
+
+    def set_req_timeout(self, seconds: int) -> None:
+        self.req_timeout = seconds
+
+    def io_stats(self) -> dict[str, object]:
+        return {"read": {"submitted": 3, "completed": 2, "usecs": 70, "max_usecs": 40},
+                "write": {"submitted": 1, "completed": 1, "usecs": 9, "max_usecs": 9},
+                "retried": 0, "timed_out": 0,
+                "ring": {"nr_ents": 32, "req_prod": 4, "req_cons": 4, "req_event": 5,
+                         "rsp_prod": 3, "rsp_prod_pvt": 3, "rsp_event": 4}}
 
     def pause(self, timeout: float = 30.0) -> None:
         if not self.drains:
@@ -224,9 +239,14 @@ def test_bad_images_are_refused_and_the_vbd_stays_attached(
     tapdisk: Tapdisk, root: Path, params: str, code: int
 ) -> None:
     minor = attached(tapdisk, root)
-    reply = send(tapdisk, T.OPEN, minor, p.Params(path=params))
+    with capture_logs() as logs:
+        reply = send(tapdisk, T.OPEN, minor, p.Params(path=params))
     assert error_of(reply) == code
     assert tapdisk.vbds[minor].state is VbdState.ATTACHED
+    # The tapdisk's log says why (tap-ctl prints only strerror, as blktap's).
+    failed = [e for e in logs if e["event"] == "image open failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "warning"
+    assert (failed[0]["image"], failed[0]["errno"]) == (params, code) and failed[0]["reason"]
 
 
 def test_unsupported_open_flags_are_eopnotsupp(tapdisk: Tapdisk, root: Path) -> None:
@@ -451,9 +471,14 @@ def test_close_with_nothing_open_succeeds(tapdisk: Tapdisk, root: Path) -> None:
     assert tapdisk.vbds[minor].state is VbdState.ATTACHED
 
 
-def test_pause_needs_an_open_image(tapdisk: Tapdisk, root: Path) -> None:
+def test_pause_of_an_imageless_vbd_is_accepted_but_not_of_a_closed_one(
+    tapdisk: Tapdisk, root: Path
+) -> None:
+    # blktap v4.0.8 pauses an attached VBD with no image (state 0x2a, no args in LIST).
     minor = attached(tapdisk, root)
-    assert error_of(send(tapdisk, T.PAUSE, minor)) == errno.EINVAL
+    assert send(tapdisk, T.PAUSE, minor).messages[0].type is T.PAUSE_RSP
+    entry = send(tapdisk, T.LIST, 0xFFFF).messages[0].payload
+    assert (entry.minor, entry.state, entry.path) == (minor, 0x2A, "")
     minor = opened(tapdisk, root, f"aio:{image(root, 'b.img')}")
     send(tapdisk, T.CLOSE, minor)
     assert error_of(send(tapdisk, T.PAUSE, minor)) == errno.EINVAL
@@ -501,3 +526,75 @@ def test_shutdown_releases_every_minor(root: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise if still held
     finally:
         os.close(fd)
+
+
+def test_open_t_is_the_rings_req_timeout(tapdisk: Tapdisk, root: Path, rings: Rings) -> None:
+    # blktap drivers/tapdisk-control.c (open_image): `req_timeout > 0` sets the VBD's.
+    minor = attached(tapdisk, root)
+    send(tapdisk, T.OPEN, minor, p.Params(path=f"aio:{image(root)}", req_timeout=5))
+    send(tapdisk, T.XENBLKIF_CONNECT, minor, blkif())
+    plain = connected(tapdisk, root, devid=51728)
+    assert rings.made[0].req_timeout == 5
+    assert rings.made[1].req_timeout is None  # the data path's default: blktap's 120 s
+    assert tapdisk.vbds[plain].req_timeout == 0
+
+
+def test_stats_files_follow_the_ring_and_the_image(root: Path, rings: Rings,
+                                                   tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    metrics = Metrics(shm, pid=4242, interval=3600)  # refreshed by the events alone here
+    metrics.start()
+    td = Tapdisk(root, drain_timeout=2.0, connect_ring=rings, metrics=metrics)
+    top = shm / "td3-4242"
+    assert top.is_dir() and (top.stat().st_mode & 0o777) == 0o700
+    minor = connected(td, root, domid=3, devid=51712)
+    vbd, vdi = top / "vbd-3-51712", top / f"vdi-{minor}"
+    ring_dir = shm / "vbd3-3-51712"
+    assert vbd.stat().st_size == vdi.stat().st_size == 4096  # one page each, as blktap's
+    version, _, *values = metrics_mod.STATS.unpack(vbd.read_bytes()[:96])
+    assert version == 1
+    assert dict(zip(metrics_mod.STATS_FIELDS, values, strict=True)) == {
+        "oo_reqs": 0, "read_reqs_submitted": 3, "read_reqs_completed": 2, "read_sectors": 24,
+        "read_total_ticks": 70, "write_reqs_submitted": 1, "write_reqs_completed": 1,
+        "write_sectors": 8, "write_total_ticks": 9, "io_errors": 0, "flags": 0}
+    assert vdi.read_bytes() == vbd.read_bytes()
+    blk = metrics_mod.BLKBACK.unpack((ring_dir / "statistics").read_bytes()[:112])
+    assert blk == (0, 0, 0, 3, 2, 24, 70, 40, 1, 1, 8, 9, 9, 0)
+    io_ring = (ring_dir / "io_ring").read_bytes()
+    text = b"nr_ents 32\nreq prod 4 cons 4 event 5\nrsp prod 3 pvt 3 event 4\n"
+    assert io_ring == zlib.crc32(text).to_bytes(8, "little") + text
+    assert not (ring_dir / "io_ring~").exists()
+
+    send(td, T.XENBLKIF_DISCONNECT, minor, p.Blkif(domid=3, devid=51712))
+    assert not ring_dir.exists() and not vbd.exists()
+    assert vdi.exists()  # the image is still open
+    send(td, T.CLOSE, minor)
+    assert not vdi.exists()
+    td.shutdown()
+    metrics.stop()
+    assert not top.exists()
+
+
+def test_a_stale_stats_directory_of_our_pid_is_emptied(tmp_path: Path) -> None:
+    stale = tmp_path / "td3-4242"
+    stale.mkdir()
+    (stale / "vbd-1-51712").write_bytes(b"x")
+    metrics = Metrics(tmp_path, pid=4242, interval=3600)
+    metrics.start()
+    assert list(stale.iterdir()) == []
+    metrics.stop()
+
+
+def test_an_unwritable_shm_root_costs_the_files_not_the_tapdisk(
+        root: Path, rings: Rings, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    metrics = Metrics(blocker / "shm", pid=4242, interval=3600)
+    with capture_logs() as logs:
+        metrics.start()
+    assert [e["event"] for e in logs] == ["no stats files"]
+    td = Tapdisk(root, drain_timeout=2.0, connect_ring=rings, metrics=metrics)
+    minor = connected(td, root)
+    send(td, T.CLOSE, minor)
+    td.shutdown()
+    metrics.stop()

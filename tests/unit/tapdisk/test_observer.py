@@ -55,6 +55,12 @@ T = p.MessageType
                    p.Blkif(1, 51712, (8,), 0, 1, "", 5, max_indirect_segments=256)),
          ev.ConnectRing(ev.BlkifRing(1, 51712, (8,), port=5, protocol=1,
                                      max_indirect_segments=256))),
+        # blktap's polling pair, our withheld discard, an order-4 ring's 16 grant refs
+        (p.Message(T.XENBLKIF_CONNECT, 3,
+                   p.Blkif(1, 51712, tuple(range(16)), 4, 3, "", 5, 300, 40,
+                           flags=p.BlkifFlags.NO_DISCARD)),
+         ev.ConnectRing(ev.BlkifRing(1, 51712, tuple(range(16)), order=4, port=5, protocol=3,
+                                     poll_us=300, poll_idle_threshold=40, discard=False))),
         (p.Message(T.XENBLKIF_DISCONNECT, 3, p.Blkif(1, 51712)), ev.DisconnectRing(1, 51712)),
     ],
 )
@@ -204,7 +210,7 @@ AFTER_SUCCESS: dict[T, set[VbdState]] = {
     T.OPEN: {VbdState.OPEN_READY},
     T.XENBLKIF_CONNECT: {VbdState.OPEN_CONNECTED},
     T.XENBLKIF_DISCONNECT: {VbdState.OPEN_READY},
-    T.PAUSE: {VbdState.OPEN_PAUSED},
+    T.PAUSE: {VbdState.OPEN_PAUSED, VbdState.EMPTY_PAUSED},
     T.RESUME: {VbdState.OPEN_READY, VbdState.OPEN_CONNECTED},
     T.CLOSE: {VbdState.ATTACHED, VbdState.CLOSED},
     T.FORCE_SHUTDOWN: {VbdState.ATTACHED, VbdState.CLOSED},

@@ -19,7 +19,7 @@ def test_check_all_passes_and_prints_the_table(capsys: pytest.CaptureFixture[str
     for name in ("backend_vbd", "frontend_vbd", "tapdisk_process", "tapdisk_vbd"):
         assert f"{name}: ok" in out
     assert "unknown  initialising" in out  # the back-end's table
-    assert re.search(r"^failed .* removed +@failed$", out, re.M)  # and each state's phase
+    assert re.search(r"^failed .* ignore +@failed$", out, re.M)  # and each state's phase
     # the front-end's table: every back-end state, and an absent or unparsable node
     assert "frontend_vbd: backend_<state> events, by state" in out
     assert "reconfigured  invalid  vanished" in out

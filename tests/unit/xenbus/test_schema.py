@@ -84,7 +84,7 @@ def test_multi_queue_reads_per_queue_directories() -> None:
         ({"ring-ref": "8", "event-channel": "3", "protocol": ""}, "protocol"),
         ({"ring-ref": "8", "event-channel": "3", "feature-persistent": "yes"},
          "feature-persistent"),
-        ({"ring-page-order": "4", "ring-ref0": "1", "event-channel": "3"}, "ring-page-order"),
+        ({"ring-page-order": "5", "ring-ref0": "1", "event-channel": "3"}, "ring-page-order"),
         ({"ring-page-order": "1", "ring-ref0": "1", "event-channel": "3"}, "ring-ref1"),
         ({"ring-page-order": "0", "ring-ref": "1", "event-channel": "3"}, "ring-ref0"),
         ({"multi-queue-num-queues": "2", "ring-ref": "1", "event-channel": "3"},
