@@ -107,6 +107,14 @@ class VdiskInfo(enum.IntFlag):
     READONLY = 0x4
 
 
+class BlkifStatus(enum.IntEnum):
+    """A response's `status`, io/blkif.h (BLKIF_RSP_*)."""
+
+    OKAY = 0
+    ERROR = -1
+    EOPNOTSUPP = -2
+
+
 class VbdStateBits(enum.IntFlag):
     """blktap's TD_VBD_* state word of a VBD (tapdisk-vbd.h), as LIST reports it."""
 

@@ -116,8 +116,10 @@ class RingRig:
     """xensim machine + real tapdisks (dom0) + a guest driver process per run."""
 
     def __init__(self, run_dir: Path, disk: Path, poll_us: int = 0,
-                 cpus: tuple[int, int] | None = None) -> None:
-        """``cpus``: (tapdisk's CPU, guest's CPU) to pin them to; None leaves them free."""
+                 cpus: tuple[int, int] | None = None, vhd: Path | None = None) -> None:
+        """``cpus``: (tapdisk's CPU, guest's CPU) to pin them to; None leaves them free.
+        ``vhd``: a VHD image served beside the raw one (``run(..., image="vhd")``)."""
+        self.vhd = vhd
         self.run_dir = run_dir
         self.cpus = cpus
         self.poll_us = poll_us
@@ -136,6 +138,8 @@ class RingRig:
         try:
             self.vbds["disk"] = Vbd(self.ctl_root, f"aio:{self.disk}", env)
             self.vbds["null"] = Vbd(self.ctl_root, "null:/dev/null", env)
+            if self.vhd is not None:
+                self.vbds["vhd"] = Vbd(self.ctl_root, f"vhd:{self.vhd}", env)
             if self.cpus:
                 for vbd in self.vbds.values():
                     # Every thread; the ring's thread, started later, inherits it.
@@ -206,12 +210,13 @@ class RingRig:
             "switches_per_req": res["tapdisk_switches"] / ios if ios else None,
         }
 
-    def run(self, rw: str, bs: int, qd: int, runtime: float) -> dict[str, Any]:
+    def run(self, rw: str, bs: int, qd: int, runtime: float,
+            image: str = "disk") -> dict[str, Any]:
         sectors = self.disk.stat().st_size // 512
         pages = -(-bs // PAGE)
         # Blocks beyond a direct request's 11 pages get their own pages, one block each.
         ring = {"data_slots": qd, "slot_pages": pages} if pages > DIRECT_SEGMENTS else {}
-        return self._figures(self._ring("disk", 0, {
+        return self._figures(self._ring(image, 0, {
             "qd": qd, "bs": bs, "read_pct": 100 if "read" in rw else 0,
             "random": rw.startswith("rand"), "span": sectors, "duration": runtime,
             "seed": 12345, "timeout": 30.0,

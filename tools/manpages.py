@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from blktap3 import __version__
 
@@ -134,6 +135,25 @@ PAGES: dict[str, Page] = {
                      USAGE_EXIT),
         see_also=("tapback(8)", "tap-ctl(8)", "xl(1)"),
     ),
+    "blktap3-conformance": Page(
+        1,
+        "Runs the conformance scenarios of specs/ (front-end personalities, faults, the "
+        "outcome expected at each step) against the real tapback and tapdisk on the "
+        "simulated host, and prints a table.",
+        exit_status=(("0", "Every scenario behaved as expected."),
+                     ("1", "A scenario did not."), USAGE_EXIT)),
+    "vhd-util": Page(
+        8,
+        "blktap's VHD tool, for what storage managers call of it: the same commands, "
+        "options, output lines and exit codes as blktap's vhd-util (v4.0.8). Each "
+        "command's options are blktap's (its getopt string); run a command with -h for "
+        "its usage line.",
+        exit_status=(("0", "Success."),
+                     ("errno", "A command failed: the absolute value of its negative "
+                      "errno."),
+                     ("22", "EINVAL: no command, an unknown one, or bad options (the "
+                      "usage line on stdout, as blktap's).")),
+        see_also=("tap-ctl(8)", "tapdisk(8)")),
     "blktap3-sim": Page(
         1,
         "The simulated Xen host: Debian's xenstored under xensim (a preloaded library "
@@ -359,8 +379,23 @@ def render(name: str, target: str) -> str:
     if name == "tap-ctl":
         return tap_ctl_page(page)
     module = importlib.import_module(target.partition(":")[0])
-    parser: argparse.ArgumentParser = module.build_parser()
+    build = getattr(module, "build_parser", None) or getattr(module, "parser", None)
+    if build is None:  # a getopt command with a COMMANDS table (vhd-util, as blktap's)
+        return commands_page(name, page, module)
+    parser: argparse.ArgumentParser = build()
     return argparse_page(name, page, parser)
+
+
+def commands_page(name: str, page: Page, module: Any) -> str:
+    """The page of a getopt command: its docstring's first line, its commands."""
+    summary = (module.__doc__ or name).strip().splitlines()[0].partition(": ")[2] or name
+    out = _header(name, page, summary.rstrip("."))
+    out += _section("SYNOPSIS") + f".B {_roff(name)}\n\\fICOMMAND\\fR [\\fIoptions\\fR]\n"
+    out += _section("DESCRIPTION") + _roff(page.description) + "\n"
+    out += _section("COMMANDS") + "".join(
+        f".TP\n\\fB{_roff(command)}\\fR\n{_roff(name)} {_roff(command)} \\-h: its usage\n"
+        for command in module.COMMANDS)
+    return out + _footer(page)
 
 
 @contextlib.contextmanager

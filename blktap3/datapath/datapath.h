@@ -100,14 +100,49 @@ struct td_image_info {
     int32_t  discard;
 };
 
+struct td_vhd;
+
 struct td_image {
-    int fd;                 /* -1 for the null driver */
+    int fd;                 /* -1 for the null driver; a VHD's leaf file */
     int readonly;
     struct td_image_info info;
+    struct td_vhd *vhd;     /* the VHD chain, or NULL (raw, null) */
 };
 
 int td_image_open(const char *driver, const char *path, int readonly, int o_direct,
                   struct td_image **out);
+
+/* One file of a VHD chain as the format module measured it (vhdformat.Layer). */
+struct td_vhd_layer_desc {
+    const char *path;
+    uint32_t type;          /* 2 fixed, 3 dynamic, 4 differencing */
+    uint32_t block_size;    /* bytes (dynamic and differencing) */
+    uint32_t max_entries;   /* BAT entries */
+    uint32_t bitmap_size;   /* bytes of a block's bitmap, whole sectors */
+    uint64_t table_offset;  /* the BAT */
+    uint64_t data_start;    /* end of the metadata: no block below */
+    uint64_t footer_offset; /* the footer at the end: no block above */
+    uint64_t sectors;       /* the disk's size */
+};
+/* A VHD chain, leaf first; parents read-only. */
+int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int readonly,
+                      int o_direct, struct td_image **out);
+/* The hot path: the file a request of `nr` sectors at `sector` is one extent of, and
+ * its offset there; -1 when it is not (serve it with td_image_sync_io). */
+int td_image_map(struct td_image *img, int write, uint64_t sector, uint32_t nr,
+                 uint64_t *off);
+/* A request served synchronously in the caller's thread (whatever td_image_map did
+ * not map; barriers). 0 or -errno. */
+int td_image_sync_io(struct td_image *img, int write, void *buf, uint64_t sector,
+                     uint32_t nr);
+
+/* vhd.c, behind the td_image_* calls above. */
+int td_vhd_open(const struct td_vhd_layer_desc *layers, uint32_t n, int readonly,
+                int o_direct, struct td_vhd **out, int *fd, int *direct);
+void td_vhd_close(struct td_vhd *v);
+int td_vhd_map(struct td_vhd *v, int write, uint64_t sector, uint32_t nr, uint64_t *off);
+int td_vhd_io(struct td_vhd *v, int write, void *buf, uint64_t sector, uint32_t nr);
+int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr, int secure);
 void td_image_close(struct td_image *img);
 const struct td_image_info *td_image_info(const struct td_image *img);
 
@@ -150,6 +185,9 @@ uint32_t td_engine_woken(struct td_engine *e);
 /* Submit everything queued and sleep until at least one completion (I/O or watch)
  * is there: one syscall. Returns 0 or -errno (-EINTR: just call again). */
 int td_engine_wait(struct td_engine *e);
+
+/* pread/pwrite of all `len` bytes (EINTR retried, EOF is -EIO): 0 or -errno. */
+int td_pio(int fd, int write, void *buf, size_t len, uint64_t off);
 
 /* One synchronous read/write through an engine (tests, tools). */
 int td_image_rw(struct td_image *img, int engine, int write, void *buf,

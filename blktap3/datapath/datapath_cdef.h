@@ -95,6 +95,13 @@ int td_image_open(const char *driver, const char *path, int readonly, int o_dire
                   struct td_image **out);
 void td_image_close(struct td_image *img);
 const struct td_image_info *td_image_info(const struct td_image *img);
+struct td_vhd_layer_desc {
+    const char *path; uint32_t type; uint32_t block_size; uint32_t max_entries;
+    uint32_t bitmap_size; uint64_t table_offset; uint64_t data_start;
+    uint64_t footer_offset; uint64_t sectors; ...;
+};
+int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int readonly,
+                      int o_direct, struct td_image **out);
 int td_image_rw(struct td_image *img, int engine, int write, void *buf,
                 uint64_t sector, uint32_t nr_sectors);
 

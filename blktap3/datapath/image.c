@@ -1,7 +1,8 @@
 /*
  * image.c: the raw image driver ("aio"/"raw": a file or block device, O_DIRECT
- * when the file system takes it) and the null driver (no storage: the ring's own
- * ceiling).
+ * when the file system takes it), the null driver (no storage: the ring's own
+ * ceiling), and the door to the VHD driver (vhd.c): td_image_map says where a
+ * request goes on the hot path, td_image_sync_io serves the rest.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -136,13 +137,67 @@ fail_errno: {
     }
 }
 
+int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int readonly,
+                      int o_direct, struct td_image **out)
+{
+    struct td_image *img = calloc(1, sizeof(*img));
+    if (!img)
+        return -ENOMEM;
+    int direct = 0;
+    int rc = td_vhd_open(layers, n, readonly, o_direct, &img->vhd, &img->fd, &direct);
+    if (rc) {
+        free(img);
+        return rc;
+    }
+    struct stat st;
+    if (fstat(img->fd, &st) != 0) {
+        rc = -errno;
+        td_vhd_close(img->vhd);
+        free(img);
+        return rc;
+    }
+    img->readonly = readonly;
+    img->info.sectors = layers[0].sectors;
+    img->info.sector_size = 512;
+    img->info.info = readonly ? VDISK_READONLY : 0;
+    img->info.o_direct = direct;
+    img->info.physical_sector_size = physical_sector_size(img->fd, &st);
+    /* DISCARD punches holes under the leaf's data (vhd.c says what it reclaims). */
+    img->info.discard = !readonly && can_punch(img->fd, (uint64_t)st.st_size);
+    *out = img;
+    return 0;
+}
+
 void td_image_close(struct td_image *img)
 {
     if (!img)
         return;
-    if (img->fd >= 0)
+    if (img->vhd)
+        td_vhd_close(img->vhd);     /* closes every file of the chain, img->fd too */
+    else if (img->fd >= 0)
         close(img->fd);
     free(img);
+}
+
+int td_image_map(struct td_image *img, int write, uint64_t sector, uint32_t nr,
+                 uint64_t *off)
+{
+    if (!img->vhd) {
+        *off = sector << TD_SECTOR_SHIFT;
+        return img->fd;
+    }
+    return td_vhd_map(img->vhd, write, sector, nr, off);
+}
+
+int td_image_sync_io(struct td_image *img, int write, void *buf, uint64_t sector,
+                     uint32_t nr)
+{
+    if (img->vhd)
+        return td_vhd_io(img->vhd, write, buf, sector, nr);
+    if (img->fd < 0)
+        return 0;
+    return td_pio(img->fd, write, buf, (size_t)nr << TD_SECTOR_SHIFT,
+                  sector << TD_SECTOR_SHIFT);
 }
 
 const struct td_image_info *td_image_info(const struct td_image *img)
@@ -162,13 +217,16 @@ int td_image_rw(struct td_image *img, int engine, int write, void *buf,
         return -ERANGE;
     if (img->fd < 0)
         engine = TD_ENGINE_NULL;
+    uint64_t off;
+    int fd = td_image_map(img, write, sector, nr_sectors, &off);
+    if (fd < 0 && img->vhd)
+        return td_image_sync_io(img, write, buf, sector, nr_sectors);
     struct td_engine *e;
     int rc = td_engine_open(engine, 1, &e);
     if (rc)
         return rc;
     uint32_t len = nr_sectors << TD_SECTOR_SHIFT;
-    rc = td_engine_prep(e, write ? TD_IO_WRITE : TD_IO_READ, img->fd, buf, len,
-                        sector << TD_SECTOR_SHIFT, 0);
+    rc = td_engine_prep(e, write ? TD_IO_WRITE : TD_IO_READ, fd, buf, len, off, 0);
     if (!rc)
         rc = td_engine_submit(e);
     if (!rc) {

@@ -1,17 +1,20 @@
-"""Images as the data path sees them: the raw driver ("aio"/"raw") and the null driver."""
+"""Images as the data path sees them: the raw driver ("aio"/"raw"), VHD chains ("vhd",
+validated by `vhdformat` before the C driver opens them) and the null driver."""
 
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from blktap3.abi import SECTOR_SIZE, VdiskInfo
 
+from . import vhdformat
 from ._datapath import ffi, lib
 from ._errors import check
 
-DRIVERS = ("aio", "raw", "null")
+DRIVERS = ("aio", "raw", "vhd", "null")
 ENGINES = {
     "auto": lib.TD_ENGINE_AUTO,
     "uring": lib.TD_ENGINE_URING,
@@ -57,8 +60,12 @@ class Image:
         if driver not in DRIVERS:
             raise OSError(22, f"unknown image driver {driver!r}")
         out = ffi.new("struct td_image **")
-        rc = lib.td_image_open(driver.encode(), path.encode(), int(readonly), int(o_direct), out)
-        check(rc, f"open {driver}:{path}")
+        if driver == "vhd":
+            _open_vhd(path, readonly, o_direct, out)
+        else:
+            rc = lib.td_image_open(driver.encode(), path.encode(), int(readonly),
+                                   int(o_direct), out)
+            check(rc, f"open {driver}:{path}")
         return cls(out[0], driver, path)
 
     @property
@@ -97,6 +104,27 @@ class Image:
             lib.td_image_rw(self.handle, ENGINES[engine], 1, buf, sector, len(data) // SECTOR_SIZE),
             f"write {self.path}",
         )
+
+
+def _open_vhd(path: str, readonly: bool, o_direct: bool, out: Any) -> None:
+    """Validate the chain (VhdError says what is wrong), then hand its layout to C."""
+    chain = vhdformat.open_chain(path)
+    descs = ffi.new("struct td_vhd_layer_desc[]", len(chain))
+    keep = []
+    for d, layer in zip(descs, chain, strict=True):
+        keep.append(ffi.new("char[]", os.fsencode(layer.path)))
+        d.path = keep[-1]
+        d.type = layer.footer.disk_type
+        d.sectors = layer.sectors
+        d.footer_offset = layer.footer_offset
+        if layer.header is not None:
+            d.block_size = layer.header.block_size
+            d.max_entries = layer.header.max_table_entries
+            d.bitmap_size = layer.bitmap_size
+            d.table_offset = layer.header.table_offset
+            d.data_start = layer.data_start
+    rc = lib.td_image_open_vhd(descs, len(chain), int(readonly), int(o_direct), out)
+    check(rc, f"open vhd:{path}")
 
 
 def _aligned(size: int) -> Any:

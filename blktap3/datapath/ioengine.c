@@ -136,12 +136,12 @@ int td_engine_ready(struct td_engine *e)
     return e->ndone > 0;
 }
 
-static int32_t sync_io(int op, int fd, char *buf, uint32_t len, uint64_t off)
+int td_pio(int fd, int write, void *buf, size_t len, uint64_t off)
 {
-    uint32_t done = 0;
+    size_t done = 0;
     while (done < len) {
-        ssize_t n = op == TD_IO_WRITE ? pwrite(fd, buf + done, len - done, (off_t)(off + done))
-                                      : pread(fd, buf + done, len - done, (off_t)(off + done));
+        ssize_t n = write ? pwrite(fd, (char *)buf + done, len - done, (off_t)(off + done))
+                          : pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -149,9 +149,15 @@ static int32_t sync_io(int op, int fd, char *buf, uint32_t len, uint64_t off)
         }
         if (n == 0)
             return -EIO;    /* read past EOF: the range check should have stopped it */
-        done += (uint32_t)n;
+        done += (size_t)n;
     }
-    return (int32_t)done;
+    return 0;
+}
+
+static int32_t sync_io(int op, int fd, char *buf, uint32_t len, uint64_t off)
+{
+    int rc = td_pio(fd, op == TD_IO_WRITE, buf, len, off);
+    return rc ? rc : (int32_t)len;
 }
 
 /* A free sqe; when the queue is full, hand what we have to the kernel first. */

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = vsub.add_parser("add", help="write the nodes, then the hotplug step (tapdisk)")
     add.add_argument("domid", type=domid_argument)
     add.add_argument("devid", type=devid_argument, help="virtual-device number or xvdX name")
-    add.add_argument("image", help="aio:/path, raw:/path or a plain path")
+    add.add_argument("image", help="aio:/path, raw:/path, vhd:/path or a plain path")
     add.add_argument("--mode", choices=("r", "w"), default="w")
     add.add_argument("--cdrom", action="store_true", help="device-type cdrom (read-only)")
     add.add_argument("--no-hotplug", dest="hotplug", action="store_false",

@@ -63,8 +63,8 @@ class Ring(Protocol):
     def set_req_timeout(self, seconds: int) -> None: ...
 
 
-# Image types the data path serves now; blktap's others (vhd, ram, nbd, filters) later.
-SUPPORTED_TYPES = ("aio", "raw", "null")
+# Image types the data path serves now; blktap's others (ram, nbd, filters) later.
+SUPPORTED_TYPES = ("aio", "raw", "vhd", "null")
 # Open flags we honour; the rest name blktap features we do not have, refused loudly.
 SUPPORTED_FLAGS = OpenFlags.RDONLY | OpenFlags.NO_O_DIRECT | OpenFlags.SHARED
 

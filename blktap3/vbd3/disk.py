@@ -39,7 +39,7 @@ class ToolstackError(Exception):
 
 BACKEND_DOMID = 0
 DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
-IMAGE_DRIVERS = ("aio", "raw")
+IMAGE_DRIVERS = ("aio", "raw", "vhd")
 XVD_MAJOR = 202
 # What libxl (Xen >= 4.19) writes as `script` of a vbd3 disk: the hotplug script it runs
 # (tools/libs/light/libxl_disk.c, LIBXL_DISK_BACKEND_TAP).

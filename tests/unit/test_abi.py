@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 import blktap3
-from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE, BlkifProtocol, VdiskInfo, XenbusState
+from blktap3.abi import (
+    MAX_RING_PAGE_ORDER,
+    SECTOR_SIZE,
+    BlkifProtocol,
+    BlkifStatus,
+    VdiskInfo,
+    XenbusState,
+)
 
 XEN_IO = Path("/usr/include/xen/io")
 
@@ -51,6 +58,8 @@ def test_protocol_numbers_are_the_c_constants() -> None:
         assert getattr(lib, f"TD_PROTO_{proto.name}") == proto.value
     # The VDISK_* bits the C data path sets come from blkif.h: the same as ours.
     assert (lib.VDISK_CDROM, lib.VDISK_READONLY) == (VdiskInfo.CDROM, VdiskInfo.READONLY)
+    for status in BlkifStatus:  # the response statuses the ring service writes
+        assert getattr(lib, f"BLKIF_RSP_{status.name}") == status.value
     assert BlkifProtocol.from_wire(0) is BlkifProtocol.NATIVE  # "not said"
     assert BlkifProtocol.from_wire(4) is None
 

@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-ROOMS = ["fsm", "xenbus", "datapath", "ctl", "tapdisk", "tapback", "sim", "tools", "specs"]
+ROOMS = ["fsm", "xenbus", "datapath", "ctl", "tapdisk", "tapback", "sim", "tools", "specs",
+         "conformance"]
 
 
 @pytest.mark.parametrize("room", ROOMS)

@@ -14,6 +14,7 @@ codec, no I/O), `backend` (the image's descriptor), `server` (sockets and thread
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -42,6 +43,11 @@ def open_backend(driver: str, path: str, image_info: ImageInfo) -> tuple[Backend
     can_trim = bool(image_info.discard) and not readonly
     info = ExportInfo(size=size, readonly=readonly, can_trim=can_trim, min_block=block)
     backend: Backend
+    if driver == "vhd":
+        # The file holds VHD metadata, not the disk; and a second VHD reader beside the
+        # ring's would not see the blocks the ring allocates. Served once the export
+        # can share the data path's image.
+        raise OSError(errno.EOPNOTSUPP, "NBD export of a VHD image is not supported yet")
     if driver == "null":
         backend = NullBackend(size)
     else:

@@ -21,7 +21,7 @@ NOT_GRANTED = 0x7FFF0
 def bad_requests(gref: int) -> list[tuple[str, dict[str, Any], int]]:
     seg = [[gref, 0, 7]]
     return [
-        # Unknown and reserved operations: EOPNOTSUPP, as blktap answers since 2025.
+        # Unknown and reserved operations: EOPNOTSUPP, as Linux blkback and blktap (since 2025).
         ("op", {"op": 9, "segs": seg}, EOPNOTSUPP),
         ("op", {"op": 4, "segs": seg}, EOPNOTSUPP),
         ("op", {"op": 255}, EOPNOTSUPP),

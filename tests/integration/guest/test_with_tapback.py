@@ -16,6 +16,7 @@ from blktap3.tools import vbdstat
 
 from blktap3.abi import VdiskInfo
 from blktap3.ctl import runtime
+from blktap3.datapath import vhdformat
 from blktap3.sim.guest import run_guest, start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.hotplug import hotplug_add
@@ -39,11 +40,15 @@ def disk(system: Host) -> Callable[..., VbdPaths]:
     """`disk(domid, size=..., mode=..., cdrom=...)`: a domain with one hotplugged vbd3 disk."""
 
     def make(domid: int, *, size: int = 16 * MiB, mode: str = "w",
-             cdrom: bool = False, discard: bool | None = None) -> VbdPaths:
+             cdrom: bool = False, discard: bool | None = None,
+             vhd: bool = False) -> VbdPaths:
         path = system.run_dir.parent / f"disk{domid}.img"
-        with open(path, "wb") as f:
-            f.truncate(size)
-        image = Image.parse(f"aio:{path}")
+        if vhd:
+            vhdformat.create(path, size)
+        else:
+            with open(path, "wb") as f:
+                f.truncate(size)
+        image = Image.parse(f"{'vhd' if vhd else 'aio'}:{path}")
         with system.toolstack() as ts:
             ts.create_domain(domid)
             paths = ts.add_vbd(domid, DEVID, image, mode=mode, cdrom=cdrom, discard=discard)
@@ -51,6 +56,19 @@ def disk(system: Host) -> Callable[..., VbdPaths]:
         return paths
 
     return make
+
+
+def test_guest_with_tapback_on_a_vhd_verifies_every_byte(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    paths = disk(8, size=16 * MiB, vhd=True)
+    result = run_guest(system, 8, DEVID, "linux", "randrw", timeout=60,
+                       extra=["--seconds", "0.3"])
+    assert result.ok, result.summary() + "\n" + result.timeline_text()
+    assert result.sectors == 16 * MiB // 512
+    assert result.report.io.writes > 0 and result.report.io.mismatches == 0
+    assert wait_until(lambda: backend_key(system, paths, "state") == "6")
+    # The image the guest wrote through tapdisk is still a valid VHD.
+    vhdformat.open_chain(system.run_dir.parent / "disk8.img")
 
 
 def backend_key(host: Host, paths: VbdPaths, key: str) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from blktap3.abi import MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
 from blktap3.sim.guest import run_guest
 from blktap3.sim.host import Host, HostError
@@ -71,7 +72,7 @@ def test_libxl_order_attach_io_detach(libxl: Host) -> None:
     assert keys["physical-device-path"] == str(libxl.control_dir
                                                / f"nbd{attached.pid}.{attached.minor}")
     assert keys["hotplug-status"] == "connected"
-    assert keys["max-ring-page-order"] == "3"
+    assert keys["max-ring-page-order"] == str(MAX_RING_PAGE_ORDER)
     assert keys["state"] == "2"
 
     result = run_guest(libxl, DOMID, XVDA, "linux", "verify", timeout=60.0)

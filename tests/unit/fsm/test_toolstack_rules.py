@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 
-from blktap3.abi import BlkifProtocol
+from blktap3.abi import MAX_RING_PAGE_ORDER, BlkifProtocol
 from blktap3.fsm import (
     BackendFeatures,
     BackendFound,
@@ -118,7 +118,7 @@ def test_libxl_frontend_ready_before_hotplug_is_read_once_hotplug_named_the_tapd
     vbd = libxl_vbd()
     vbd.handle(BackendFound(S.INITIALISING))
     assert vbd.handle(fe(S.INITIALISED)) == ()  # no tapdisk to give the ring to yet
-    assert hotplug(vbd) == (ReadFrontendTransport(3),)
+    assert hotplug(vbd) == (ReadFrontendTransport(MAX_RING_PAGE_ORDER),)
     (effect,) = vbd.handle(TRANSPORT)
     assert effect == SendControl(XenblkifConnect(77, 3, 5, 768, TRANSPORT.transport))
 

@@ -37,9 +37,10 @@ def test_image_defaults_to_aio_and_resolves(tmp_path: Path) -> None:
     disk.write_bytes(b"")
     assert Image.parse(str(disk)).params == f"aio:{disk}"
     assert Image.parse(f"raw:{disk}").params == f"raw:{disk}"
+    assert Image.parse(f"vhd:{disk}").params == f"vhd:{disk}"
 
 
-@pytest.mark.parametrize("text", ["vhd:/x", "qcow2:/x"])
+@pytest.mark.parametrize("text", ["vhdx:/x", "qcow2:/x"])
 def test_unknown_image_drivers_are_refused(text: str) -> None:
     with pytest.raises(ToolstackError, match="driver"):
         Image.parse(text, must_exist=False)

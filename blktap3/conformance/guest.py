@@ -1,0 +1,248 @@
+"""The scripted guest: a domain's blkfront driven step by step as a scenario says.
+
+Unlike `blktap3.sim.frontend.Blkfront` (a well-behaved front-end run by its machine), this
+guest does exactly what a step asks, in the order asked, including what no real driver
+should do (a hostile scenario): it writes through the domain's own XenStore connection
+over its xenstore ring page (for xenstored it is an unprivileged domain, so what xenstored
+refuses it refuses), and owns its ring in a guest ring-driver process
+(`python -m blktap3.sim.guestdrv` in the domain's xensim environment) whose grants and
+event channel the back-end's tapdisk maps.
+
+Every back-end `state` value written while the guest lives is recorded (a dom0 watch),
+so that a personality that panics on an unexpected state (NetBSD) is failed even when
+that state only flashed by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from blktap3.abi import SECTOR_SIZE, BlkifProtocol
+from blktap3.datapath.lineproc import LineProcess
+from blktap3.sim import xensim
+from blktap3.sim.guest.child import ring_xenstore
+from blktap3.xenbus import Transaction, VbdPaths, WatchStream, XenStore, XenStoreError
+
+from .scenario import Personality
+
+PATTERN_SEED = 0x5A
+
+
+class GuestFault(Exception):
+    """A step the guest could not do (one line, said as the driver would fail)."""
+
+
+def pattern(sector: int, count: int) -> bytes:
+    """The bytes a verified write puts at `sector`: different for every sector."""
+    return b"".join(bytes([(sector + i + PATTERN_SEED) & 0xFF]) * SECTOR_SIZE for i in range(count))
+
+
+class BackendStates:
+    """Every value the back-end's `state` node took, from a dom0 watch thread."""
+
+    def __init__(self, connect: Callable[[], XenStore], path: str) -> None:
+        self.path = path
+        self.seen: list[str | None] = []
+        self._connect = connect
+        self._stop = threading.Event()
+        self._stream = WatchStream(connect)
+        self._stream.watch(path, "conformance")
+        self._xs = connect()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="be-states")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._stream.wait(0.1) is None:
+                    continue
+                value = self._xs.read_optional(self.path)
+            except (XenStoreError, OSError):
+                with contextlib.suppress(XenStoreError, OSError):
+                    self._xs.close()
+                    self._xs = self._connect()
+                continue
+            if not self.seen or self.seen[-1] != value:
+                self.seen.append(value)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with contextlib.suppress(XenStoreError, OSError):
+            self._stream.close()
+            self._xs.close()
+
+
+class ScriptedGuest:
+    """One domain with one VBD, as its blkfront; `dom0` reads the back-end."""
+
+    def __init__(self, run_dir: str, domid: int, paths: VbdPaths, personality: Personality,
+                 dom0: Callable[[], XenStore], timeout: float, *,
+                 xs: XenStore | None = None) -> None:
+        self.run_dir = run_dir
+        self.domid = domid
+        self.paths = paths
+        self.personality = personality
+        self.timeout = timeout
+        # The domain's xenstore port is claimed once: a second blkfront of the same
+        # domain (the OS's, after OVMF's) shares the connection.
+        self._owns_xs = xs is None
+        self.xs = xs if xs is not None else ring_xenstore(run_dir, domid, timeout)()
+        self.ring: LineProcess | None = None
+        self.ring_info: dict[str, Any] = {}
+        self._dom0_connect = dom0
+        self.dom0 = dom0()
+        self.states = BackendStates(dom0, paths.backend_key("state"))
+        self.read_values: dict[str, str] = {}
+
+    # -- the back-end, as dom0 sees it --------------------------------------------------
+    def backend(self, key: str) -> str | None:
+        try:
+            return self.dom0.read_optional(self.paths.backend_key(key))
+        except (XenStoreError, OSError):
+            self.dom0.close()
+            self.dom0 = self._dom0_connect()
+            return self.dom0.read_optional(self.paths.backend_key(key))
+
+    def backend_state(self) -> int | None:
+        raw = self.backend("state")
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+    def wait_backend(self, states: list[int], timeout: float | None = None) -> int | None:
+        """Wait until the back-end's state is one of `states`; the last state seen."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        with WatchStream(self._dom0_connect) as stream:
+            stream.watch(self.paths.backend_key("state"), "wait")
+            while True:
+                state = self.backend_state()
+                if state in states or time.monotonic() >= deadline:
+                    return state
+                stream.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    # -- acting as the front-end --------------------------------------------------------
+    def fe(self, key: str) -> str:
+        return self.paths.frontend_key(key)
+
+    def open_ring(self, order: int | None) -> None:
+        if order is None:
+            offered = self.backend("max-ring-page-order")
+            limit = int(offered) if offered is not None and offered.isdigit() else 0
+            order = min(self.personality.max_ring_page_order, limit)
+        if self.ring is not None:
+            raise GuestFault("a ring is already open")
+        env = xensim.process_env(self.run_dir, self.domid)
+        self.ring = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"], env)
+        layout = BlkifProtocol.from_xenstore(self.personality.protocol) or BlkifProtocol.NATIVE
+        try:
+            self.ring_info = self.ring.call("open", backend=self.paths.backend_domid,
+                                            order=order, protocol=layout, data_slots=8)
+        except OSError as e:
+            raise GuestFault(f"cannot share a ring of {1 << order} page(s): {e}") from None
+        self.ring_info["order"] = order
+
+    def release_ring(self) -> None:
+        if self.ring is not None:
+            with contextlib.suppress(OSError):
+                self.ring.close()
+            self.ring = None
+            self.ring_info = {}
+
+    def transport(self, omit: list[str], override: dict[str, str]) -> list[tuple[str, str]]:
+        if not self.ring_info:
+            raise GuestFault("no ring open to describe")
+        grefs, order = self.ring_info["grefs"], self.ring_info["order"]
+        keys: list[tuple[str, str]] = []
+        if order:
+            keys.append(("ring-page-order", str(order)))
+            keys += [(f"ring-ref{i}", str(g)) for i, g in enumerate(grefs)]
+        else:
+            keys.append(("ring-ref", str(grefs[0])))
+        keys.append(("event-channel", str(self.ring_info["port"])))
+        if self.personality.protocol is not None:
+            keys.append(("protocol", self.personality.protocol))
+        keys += list(self.personality.extra_keys.items())
+        keys = [(k, override.pop(k, v)) for k, v in keys if k not in omit]
+        return keys + sorted(override.items())
+
+    def write_keys(self, keys: list[tuple[str, str]], tx: bool, state: int | None = None
+                   ) -> None:
+        if state is not None:
+            keys = [*keys, ("state", str(state))]
+        if tx:
+            def body(t: Transaction) -> None:
+                for key, value in keys:
+                    t.write(self.fe(key), value)
+
+            self.xs.transact(body)
+        else:
+            for key, value in keys:
+                self.xs.write(self.fe(key), value)
+
+    def set_state(self, state: int, tx: bool) -> None:
+        if tx:  # xenbus_switch_state: read, write only a change, in a transaction
+            def body(t: Transaction) -> None:
+                if t.read_optional(self.fe("state")) != str(state):
+                    t.write(self.fe("state"), str(state))
+
+            self.xs.transact(body)
+        else:
+            self.xs.write(self.fe("state"), str(state))
+
+    def read_backend(self, keys: list[str]) -> dict[str, str]:
+        """The keys a driver reads on Connected, through the guest's own connection: a
+        missing or non-decimal one fails as the driver fails."""
+        values: dict[str, str] = {}
+        for key in keys:
+            value = self.xs.read_optional(self.paths.backend_key(key))
+            if value is None or not value.isdigit():
+                raise GuestFault(f"{self.personality.driver} cannot read back-end {key} "
+                                 f"({'missing' if value is None else repr(value)})")
+            values[key] = value
+        self.read_values.update(values)
+        return values
+
+    def io(self, op: str, sector: int, count: int) -> tuple[int | None, bool | None]:
+        """(status, verified): a write puts `pattern`, a read checks it."""
+        ring = self._ring()
+        if op == "write":
+            status = ring.call("write", sector=sector, data=pattern(sector, count).hex())
+            return status, None
+        if op == "read":
+            reply = ring.call("read", sector=sector, count=count)
+            data = bytes.fromhex(reply["data"])
+            ok = reply["status"] == 0 and data == pattern(sector, count)
+            return reply["status"], ok
+        ring.call("submit", reqs=[{"op": 3}])  # BLKIF_OP_FLUSH_DISKCACHE, no segment
+        flushed: int | None = ring.call("collect", n=1, timeout=self.timeout)[0]
+        return flushed, None
+
+    def raw_request(self, spec: dict[str, Any]) -> int | None:
+        ring = self._ring()
+        spec = dict(spec)
+        gref = spec.pop("gref", "data")
+        if "segs" not in spec and spec.get("op") in (0, 1):
+            first = ring.call("data_grefs", pages=1)[0] if gref == "data" else int(gref, 0)
+            spec["segs"] = [[first, 0, 7]]
+        ring.call("submit", reqs=[spec])
+        status: int | None = ring.call("collect", n=1, timeout=self.timeout)[0]
+        return status
+
+    def overflow(self) -> None:
+        self._ring().call("overflow", extra=5)
+
+    def _ring(self) -> LineProcess:
+        if self.ring is None:
+            raise GuestFault("no ring open")
+        return self.ring
+
+    def close(self) -> None:
+        self.release_ring()
+        self.states.close()
+        for xs in ((self.xs, self.dom0) if self._owns_xs else (self.dom0,)):
+            with contextlib.suppress(Exception):
+                xs.close()
