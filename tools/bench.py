@@ -27,6 +27,8 @@ from typing import Any
 
 import structlog
 
+from blktap3 import cmdline
+
 from . import bench_fio, bench_ring
 
 WORKLOADS: list[dict[str, Any]] = [
@@ -90,26 +92,47 @@ HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} "
           f"{'kicks':>6} {'cswtch':>6}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="blktap3-bench", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="blktap3-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="FILE", help="write one object per workload here")
-    ap.add_argument("--runtime", type=float, default=5.0,
+    ap.add_argument("--runtime", type=cmdline.positive_float, default=5.0,
                     help="seconds per run (default 5: about a minute in all)")
-    ap.add_argument("--size-mib", type=int, default=512, help="backing file size (MiB)")
-    ap.add_argument("--dir", default="/var/tmp", help="where the backing file goes")
+    ap.add_argument("--size-mib", type=cmdline.int_in(1, 1 << 20), default=512,
+                    help="backing file size (MiB, default 512)")
+    ap.add_argument("--dir", type=cmdline.existing_dir, default=Path("/var/tmp"),
+                    help="an existing directory for the backing file (default /var/tmp)")
     ap.add_argument("--only", default=None, help="only workloads whose name contains this")
     ap.add_argument("--image", choices=("raw", "vhd"), default="raw",
                     help="vhd: also a fully allocated VHD, ratio against our raw run")
-    ap.add_argument("--poll-us", type=int, default=0,
+    ap.add_argument("--poll-us", type=cmdline.int_in(0, 1_000_000), default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
-    ap.add_argument("--pin", metavar="T,G", default=None,
+    ap.add_argument("--pin", metavar="T,G", type=_cpus, default=None,
                     help="pin the tapdisk to CPU T and the guest driver to CPU G "
                          "(default: the scheduler places them)")
-    args = ap.parse_args(argv)
-    cpus = None
-    if args.pin:
-        t, _, g = args.pin.partition(",")
-        cpus = (int(t), int(g or t))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cpus = args.pin
+    # SIGTERM and SIGHUP unwind as ^C does: the rig stops its tapdisks, the backing file
+    # and its directory are removed.
+    cmdline.terminate_as_interrupt()
+    try:
+        return _bench(args, cpus)
+    except KeyboardInterrupt:
+        print("blktap3-bench: interrupted; everything it started was stopped",
+              file=sys.stderr)
+        return 130
+
+
+def _cpus(text: str) -> tuple[int, int]:
+    t, _, g = text.partition(",")
+    return cmdline.cpu(t), cmdline.cpu(g or t)
+
+
+def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
     # The control client logs every message at debug: keep the table readable.
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(30),

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blktap3 import cmdline
 from blktap3.ctl import runtime
 from blktap3.fsm.errors import SpecError
 from blktap3.fsm.spec import MachineSpec, StateSpec, TransitionSpec, load_spec, spec_names
@@ -630,14 +631,14 @@ def _vbd_id(text: str) -> tuple[int, int]:
 # --- the command -------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(prog="blktap3-diagram", description=doc.splitlines()[0])
     parser.add_argument("names", nargs="*", default=["all"], help="machines, or 'all'")
     parser.add_argument("-f", "--formats", default="dot,svg,png,mmd",
                         help=f"comma-separated, from {', '.join(FORMATS)} (svg and png need "
                              "graphviz)")
-    parser.add_argument("-o", "--out", type=Path,
+    parser.add_argument("-o", "--out", type=cmdline.dir_to_create,
                         help="output directory (default: ./docs, unless a state is marked)")
     parser.add_argument("--whole", action="store_true",
                         help="one drawing per machine, even for one drawn by phases")
@@ -707,7 +708,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run(args, parser)

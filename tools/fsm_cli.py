@@ -41,15 +41,20 @@ def check(names: list[str]) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blktap3-fsm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list the machines")
-    check_parser = sub.add_parser("check", help="check specs (all by default)")
-    check_parser.add_argument("names", nargs="*")
+    check_parser = sub.add_parser("check", help="check specs (all by default); exit 1 when "
+                                  "one has a problem")
+    check_parser.add_argument("names", nargs="*", help="machines (default: all)")
     table = sub.add_parser("table", help="print a machine's xenbus table")
-    table.add_argument("name", choices=sorted(TABLE_PREFIXES))
-    args = parser.parse_args(argv)
+    table.add_argument("name", choices=sorted(TABLE_PREFIXES), help="the machine")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "list":
         for name in spec_names():
             print(f"{name:16} {load_spec(name).title}")

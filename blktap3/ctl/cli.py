@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import errno
 import getopt
-import json
-import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from blktap3 import cmdline, lazylog
 from blktap3.abi import VbdStateBits
 
 from . import ops, runtime
@@ -65,6 +61,7 @@ MAX_SECONDS = 1e6
 KEY_READ = 1024  # open -E reads the key with one read of at most this many bytes
 KEY_SIZES = (32, 64)  # AES-XTS 256 or 512 bits, the sizes blktap's tap-ctl sends
 PROC_DEVICES = Path("/proc/devices")
+NULL_TYPE = "null"  # the image type that names no file
 
 
 class Usage(Exception):
@@ -119,8 +116,9 @@ class Options:
             raise Usage(f"{self.command}: seconds {text} is not in (0, {MAX_SECONDS:g}]")
         return value
 
-    def path(self, name: str, *, required: bool = False) -> str | None:
-        """A `type:/path` (or path) that fits the message's NUL-terminated char[256]."""
+    def path(self, name: str, *, required: bool = False, log: bool = False) -> str | None:
+        """A `type:/path` (or path; `log`: a plain file path) that fits the message's
+        NUL-terminated char[256], its path absolute."""
         text = self.values.get(name)
         if text is None:
             if required:
@@ -130,6 +128,13 @@ class Options:
         if size >= STRING_MAX or "\0" in text:
             raise Usage(f"{self.command}: -{name} is {size} bytes: at most "
                         f"{STRING_MAX - 1} fit in a control message")
+        # The tapdisk works from /: a relative path would name another file than the one
+        # meant (blktap's tap-ctl sends it as it is). `null:` names no file; no type, or
+        # no path, is the tapdisk's to refuse, with blktap's errno.
+        kind, sep, rest = text.partition(":")
+        file = rest if sep and not log else text
+        if file and not file.startswith("/") and (log or (sep and kind != NULL_TYPE)):
+            raise Usage(f"{self.command}: -{name} {text}: the path must be absolute")
         return text
 
 
@@ -245,6 +250,8 @@ def cmd_list(opts: Options) -> int:
         and (kind is None or e.type == kind) and (path is None or e.path == path)
     ]
     if opts.flag("json"):
+        import json
+
         rows = [e.as_dict() | {"state_bits": _bit_names(e.state)} for e in entries]
         print(json.dumps(rows))
         return 0
@@ -312,7 +319,7 @@ def _open_args(opts: Options) -> OpenArgs:
     secondary = opts.path("2")
     if secondary is not None:
         flags |= OpenFlags.SECONDARY
-    logpath = opts.path("C")
+    logpath = opts.path("C", log=True)
     timeout = opts.number("t", "timeout", 0, 0xFFFF)  # params.req_timeout is a u16
     return OpenArgs(int(flags), NO_PARENT if prt is None else prt, timeout or 0,
                     secondary or "", logpath)
@@ -391,7 +398,7 @@ def cmd_pause(opts: Options) -> int:
 
 def cmd_unpause(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
-    params, secondary, logpath = opts.path("a"), opts.path("2"), opts.path("c")
+    params, secondary, logpath = opts.path("a"), opts.path("2"), opts.path("c", log=True)
     flags = OpenFlags.SECONDARY if secondary is not None else OpenFlags(0)
     _guard(opts, pid, lambda: TapdiskClient(pid).resume(
         minor, params or "", int(flags), secondary or "", logpath=logpath))
@@ -445,6 +452,8 @@ def check_environment() -> tuple[int, str] | None:
         return errno.ENOTDIR, f"{existing} is not a directory"
     if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
         return errno.EACCES, f"{existing} is not writable"
+    import shutil
+
     program = ops.tapdisk_command()[0]
     if shutil.which(program) is None:
         return errno.ENOENT, f"tapdisk not found: {program}"
@@ -565,7 +574,15 @@ def parse(command: Command, words: Sequence[str], precise: bool) -> Options:
 
 def _configure_logging(debug: bool) -> None:
     """--debug: blktap's lines for each message sent and received, on stdout; anything
-    else the library logs at debug level, on stderr."""
+    else the library logs at debug level, on stderr. Without it, lines below warning are
+    dropped before structlog is even imported (`tap-ctl list` stays fast); structlog is
+    configured at the first line that passes."""
+    lazylog.set_threshold(lazylog.DEBUG if debug else lazylog.WARNING,
+                          lambda: _configure_structlog(debug))
+
+
+def _configure_structlog(debug: bool) -> None:
+    import structlog
 
     def blktap_lines(_: Any, __: str, event: MutableMapping[str, Any]
                      ) -> MutableMapping[str, Any]:
@@ -580,13 +597,23 @@ def _configure_logging(debug: bool) -> None:
         processors=[blktap_lines, structlog.processors.add_log_level,
                     structlog.dev.ConsoleRenderer(colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if debug else logging.WARNING),
+            lazylog.DEBUG if debug else lazylog.WARNING),
         # Looked up per call, not bound now: whatever sys.stderr is when a line is logged.
         logger_factory=lambda *_: structlog.WriteLogger(sys.stderr),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM and SIGHUP unwind as ^C does: a create stopped half-way undoes what it did
+    # (ctl.ops.create), then tap-ctl ends as the signal would have ended it.
+    cmdline.terminate_as_interrupt()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as stopped:
+        cmdline.die_like(stopped)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     debug, precise = DEBUG_FLAG in words, PRECISE_FLAG in words
     words = [w for w in words if w not in (DEBUG_FLAG, PRECISE_FLAG)]

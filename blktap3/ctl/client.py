@@ -16,12 +16,12 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
+from blktap3 import lazylog
 
 from . import protocol as p
 from .runtime import root_dir, socket_path
 
-log = structlog.get_logger(__name__)
+log = lazylog.get_logger(__name__)
 
 LIST_TIMEOUT = 10.0  # blktap's client timeout for list and stats
 DEFAULT_TIMEOUT = 120.0  # other requests: long enough for a drain, short of "an hour"

@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shlex
 import signal
-import subprocess
 import sys
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +54,15 @@ def free(minor: int, root: str | os.PathLike[str] | None = None) -> None:
 
 
 def tapdisk_command() -> list[str]:
-    """How to run a tapdisk: $BLKTAP_TAPDISK, else this Python's `-m blktap3.tapdisk`."""
+    """How to run a tapdisk: $BLKTAP_TAPDISK, else this Python's `-P -m blktap3.tapdisk`."""
     override = os.environ.get(TAPDISK_ENV)
     if override:
+        import shlex  # imported where used: `tap-ctl list` never needs it
+
         return shlex.split(override)
-    return [sys.executable, "-m", "blktap3.tapdisk"]
+    # -P: not the caller's working directory first on sys.path, where another blktap3
+    # (a checkout, or a planted one: tap-ctl runs as root) would be imported instead.
+    return [sys.executable, "-P", "-m", "blktap3.tapdisk"]
 
 
 def spawn(
@@ -72,6 +73,8 @@ def spawn(
 ) -> int:
     """Start a tapdisk and return its pid once its socket answers; if it dies at start,
     CtlError with its errno and reason (blktap's spawn reports a pid regardless)."""
+    import subprocess  # imported where used: `tap-ctl list` never needs it
+
     base = runtime.root_dir(root).absolute()
     child_env = dict(os.environ if env is None else env)
     child_env[runtime.ROOT_ENV] = str(base)
@@ -103,6 +106,22 @@ def _stop_idle(client: TapdiskClient) -> None:
             os.kill(client.pid, signal.SIGTERM)
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold ^C and SIGTERM back from this thread while a tapdisk starts: stopped between
+    the daemon's fork and the answer that names its pid, a command would leak a tapdisk
+    it cannot name. Delivered when the block ends, they stop the caller where it can
+    undo what it did."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def create(
     params: str,
     *,
@@ -123,8 +142,9 @@ def create(
     client: TapdiskClient | None = None
     attached = False
     try:
-        pid = spawn(base, env=env)
-        client = TapdiskClient(pid, root=base)
+        with _signals_deferred():
+            pid = spawn(base, env=env)
+            client = TapdiskClient(pid, root=base)
         client.attach(minor)
         attached = True
         client.open(minor, params, flags, prt_minor=prt_minor,
@@ -183,6 +203,17 @@ def _rows(pid: int, vbds: list[VbdEntry] | None) -> list[TapEntry]:
     return rows
 
 
+def _probe_all(root: Path, pids: list[int]) -> list[tuple[int, list[VbdEntry] | None] | None]:
+    """Probe every pid. Tapdisks answer independently: several are asked in parallel,
+    so 100 cost about one; one or none needs no thread pool (nor its import)."""
+    if len(pids) <= 1:
+        return [_probe(root, pid) for pid in pids]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(pids))) as pool:
+        return list(pool.map(lambda pid: _probe(root, pid), pids))
+
+
 def list_all(root: str | os.PathLike[str] | None = None) -> list[TapEntry]:
     """Every tapdisk, VBD and allocated minor, in blktap's order: tapdisks by the name
     of their socket (`ctl<pid>` as text, what glob(3) sorts by), each with its VBDs
@@ -191,9 +222,7 @@ def list_all(root: str | os.PathLike[str] | None = None) -> list[TapEntry]:
     base = runtime.root_dir(root)
     pids = sorted(runtime.socket_pids(base), key=str)
     minors = set(runtime.allocated_minors(base))
-    # Tapdisks answer independently: ask them in parallel, so 100 cost about one.
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(pids)))) as pool:
-        found = [r for r in pool.map(lambda pid: _probe(base, pid), pids) if r is not None]
+    found = [r for r in _probe_all(base, pids) if r is not None]
     entries: list[TapEntry] = []
     for pid, vbds in found:
         minors.difference_update(vbd.minor for vbd in vbds or ())

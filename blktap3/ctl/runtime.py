@@ -78,10 +78,16 @@ def minor_of_devname(devname: str) -> int:
 
 
 def ensure_dirs(root: Path) -> None:
-    """Create the root and the minors directory, private to root as blktap's are (0700)."""
+    """Create the root and the minors directory, private to root as blktap's are (0700).
+    The root's parent must exist: a mistyped root must not build a tree (ENOENT)."""
     for directory in (root, minors_dir(root)):
-        with contextlib.suppress(FileExistsError):
-            directory.mkdir(mode=0o700, parents=True)
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise OSError(errno.ENOENT, f"cannot make {directory}: {directory.parent} "
+                          "does not exist") from None
 
 
 @contextlib.contextmanager

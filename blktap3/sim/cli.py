@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from blktap3 import cmdline
 from blktap3.ctl import runtime
 from blktap3.vbd3.disk import devid_argument, domid_argument
 from blktap3.xenbus import XenStore, XenStoreError
@@ -39,6 +40,7 @@ from .xensim import XensimError
 from .xenstored import XenstoredError
 
 PROG = "blktap3-sim"
+EXIT_INTERRUPTED = 130
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     grun.add_argument("devid", type=devid_argument)
     grun.add_argument("--personality", default="linux", choices=personality_names())
     grun.add_argument("--workload", default="verify", choices=WORKLOADS)
-    grun.add_argument("--timeout", type=float, default=60.0)
+    grun.add_argument("--timeout", type=cmdline.positive_float, default=60.0,
+                      help="seconds the guest may take (default 60)")
     grun.add_argument("--hold", type=_seconds, metavar="SECONDS", default=0.0,
                       help="stay connected this long after the workload (a live VBD to "
                            "look at: tap-ctl stats, the stats files, NBD), then detach; "
@@ -231,11 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(10 if args.verbose else 30))
     func: Callable[[Host, argparse.Namespace], None] = args.func
-    if func is cmd_demo:
-        func(Host(args.run_dir or "/unused"), args)
-        return 0
-    host = Host(args.run_dir)
+    # SIGTERM and SIGHUP unwind as ^C does: the demo takes its host down, a guest run
+    # stops its guest.
+    cmdline.terminate_as_interrupt()
     try:
+        if func is cmd_demo:
+            func(Host(args.run_dir or "/unused"), args)
+            return 0
+        host = Host(args.run_dir)
         if func is not cmd_up:
             host.require_up()
         func(host, args)
@@ -243,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             XenStoreError, OSError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -62,21 +62,37 @@ def _is_stale(target: Path) -> bool:
     return any(src.stat().st_mtime > built for src in _sources())
 
 
+def build_dir() -> Path:
+    """Where the library is built: beside its sources when we may write there (a
+    checkout, or an install made by whoever runs it), else this user's cache
+    ($XDG_CACHE_HOME/blktap3, ~/.cache/blktap3): a user who cannot write into root's
+    site-packages still gets a library of their own."""
+    if os.access(BUILD_DIR if BUILD_DIR.is_dir() else _PACKAGE_DIR, os.W_OK | os.X_OK):
+        return BUILD_DIR
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "blktap3" / "xensim"
+
+
 def library_path(sanitize: bool = False) -> Path:
     """The path of libxensim.so (ASan+UBSan variant if `sanitize`), built if needed.
 
     Builds go to a temporary file renamed into place under a lock, so that
     concurrent test processes never load a half-written library.
     """
-    target = BUILD_DIR / ("libxensim-asan.so" if sanitize else "libxensim.so")
+    name = "libxensim-asan.so" if sanitize else "libxensim.so"
+    if not _is_stale(BUILD_DIR / name):
+        return BUILD_DIR / name  # built already (by root, or at install): anyone loads it
+    directory = build_dir()
+    target = directory / name
     if not _is_stale(target):
         return target
-    BUILD_DIR.mkdir(exist_ok=True)
+    # Every user may load what root built (the library is preloaded into their programs).
+    directory.mkdir(mode=0o755, parents=directory != BUILD_DIR, exist_ok=True)
     # The build directory ignores itself (lock file, temporaries) for git.
-    ignore = BUILD_DIR / ".gitignore"
+    ignore = directory / ".gitignore"
     if not ignore.exists():
         ignore.write_text("*\n")
-    with open(BUILD_DIR / ".lock", "w") as lock:
+    with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_stale(target):
             _compile(target, sanitize)
@@ -84,7 +100,7 @@ def library_path(sanitize: bool = False) -> Path:
 
 
 def _compile(target: Path, sanitize: bool) -> None:
-    fd, tmp = tempfile.mkstemp(dir=BUILD_DIR, suffix=".so.tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     flags = _CFLAGS + (_SANITIZE_FLAGS if sanitize else [])
     sources = [str(p) for p in _sources() if p.suffix == ".c"]
@@ -93,6 +109,7 @@ def _compile(target: Path, sanitize: bool) -> None:
     if result.returncode != 0:
         os.unlink(tmp)
         raise XensimError(f"building {target.name} failed:\n{result.stderr}")
+    os.chmod(tmp, 0o755)  # mkstemp made it 0600: only its builder could have loaded it
     os.replace(tmp, target)
 
 

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{runtime.DEFAULT_ROOT})")
     parser.add_argument("--log-format", choices=("json", "console"), default="json",
                         help="JSON lines (default) or a readable console format")
-    parser.add_argument("--log-file", metavar="FILE", help="append logs here (default: stderr)")
+    parser.add_argument("--log-file", metavar="FILE",
+                        help="append logs here (default: stderr with -d, else syslog)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
     parser.add_argument("--pid-file", "-p", "--pidfile", metavar="FILE",
                         help="write the pid here once the daemon is watching")
@@ -221,7 +222,10 @@ def startup_error(exc: BaseException, xenstored: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Its pid file, status file and logs are root's alone.
+    os.umask(0o077)
     # Paths are taken from where the command runs: the daemon works from /.
     pid_file = Path(args.pid_file).absolute() if args.pid_file else None
     log_file = Path(args.log_file).absolute() if args.log_file else None

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from blktap3 import cmdline
 from blktap3.ctl.runtime import ROOT_ENV, SHM_ENV, ensure_dirs, root_dir, socket_path
 
 from .control import DRAIN_TIMEOUT, Tapdisk
@@ -36,23 +37,28 @@ log = structlog.get_logger(__name__)
 LOG_ENV = "BLKTAP_TAPDISK_LOG"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapdisk", description="A tapdisk process: serves VBDs on a control socket."
     )
     parser.add_argument("-D", "--foreground", action="store_true",
                         help="do not daemonize; log to stderr")
-    parser.add_argument("--root", help=f"runtime root (default ${ROOT_ENV} or "
-                        "/run/blktap-control)")
-    parser.add_argument("--log", help=f"log file of the daemon (default ${LOG_ENV} or "
+    parser.add_argument("--root", type=cmdline.dir_to_create,
+                        help=f"runtime root (default ${ROOT_ENV} or /run/blktap-control); "
+                        "made if missing, its parent never")
+    parser.add_argument("--log", type=cmdline.file_to_write,
+                        help=f"log file of the daemon (default ${LOG_ENV} or "
                         "<root>/log/tapdisk<pid>.log)")
-    parser.add_argument("--client-timeout", type=float, default=CLIENT_TIMEOUT,
-                        help="seconds a client may take to send its request or read a reply")
-    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT,
-                        help="seconds PAUSE/CLOSE wait for in-flight requests")
+    parser.add_argument("--client-timeout", type=cmdline.positive_float,
+                        default=CLIENT_TIMEOUT,
+                        help="seconds a client may take to send its request or read a reply "
+                        f"(default {CLIENT_TIMEOUT:g})")
+    parser.add_argument("--drain-timeout", type=cmdline.positive_float, default=DRAIN_TIMEOUT,
+                        help=f"seconds PAUSE/CLOSE wait for in-flight requests "
+                        f"(default {DRAIN_TIMEOUT:g})")
     parser.add_argument("--shm-root", help=f"where blktap's stats files go (td3-<pid>, "
                         f"vbd3-<domid>-<devid>; default ${SHM_ENV} or /dev/shm)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def _add_pid(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -117,7 +123,7 @@ def _run(server: ControlServer, tapdisk: Tapdisk) -> None:
 
 def _redirect_stdio(log_path: Path) -> TextIO:
     """Leave the caller's terminal/pipes: stdin from /dev/null, stdout/err to the log."""
-    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path.parent.mkdir(mode=0o700, exist_ok=True)  # its parent is the root, made already
     stream = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -132,6 +138,7 @@ def _daemon(root: Path, args: argparse.Namespace, ready: int) -> int:
     os.setsid()
     os.chdir("/")
     try:
+        ensure_dirs(root)  # first: the default log goes into it
         log_path = Path(args.log or os.environ.get(LOG_ENV)
                         or root / "log" / f"tapdisk{os.getpid()}.log")
         stream = _redirect_stdio(log_path)
@@ -139,7 +146,7 @@ def _daemon(root: Path, args: argparse.Namespace, ready: int) -> int:
         server, tapdisk = _serve(root, args)
     except OSError as exc:
         code = exc.errno or errno.EIO
-        os.write(ready, f"err {code} {exc}\n".encode())
+        os.write(ready, f"err {code} {_reason(exc)}\n".encode())
         return code
     os.write(ready, f"ok {server.path}\n".encode())
     os.close(ready)
@@ -166,21 +173,36 @@ def _launcher(ready: int, child: int) -> int:
     return errno.EIO
 
 
+def _reason(exc: OSError) -> str:
+    """An OSError in one line without Python's `[Errno N]`: what failed, and where."""
+    text = exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename is not None else text
+
+
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Sockets, logs and the minors' markers are root's alone, as blktap's (0700 root).
+    os.umask(0o077)
+    # A spawner may hold these back while we start (ctl.ops.create); a child inherits
+    # the mask, and a tapdisk must always stop on SIGTERM.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     root = root_dir(args.root).absolute()
     if args.foreground:
         configure_logging(sys.stderr, json=False)
         try:
             server, tapdisk = _serve(root, args)
         except OSError as exc:
-            print(f"tapdisk: {exc}", file=sys.stderr)
+            print(f"tapdisk: {_reason(exc)}", file=sys.stderr)
             return exc.errno or errno.EIO
         print(server.path, flush=True)
         _run(server, tapdisk)

@@ -26,6 +26,7 @@ from .processes import (
     assert_no_process_left,
     kill_and_reap,
     kill_tapdisks,
+    signal_midway,
     tapdisk_pids,
     wait_gone,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "kill_and_reap",
     "kill_tapdisks",
     "log_events",
+    "signal_midway",
     "tapdisk_pids",
     "wait_gone",
     "wait_until",

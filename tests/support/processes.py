@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterable, Mapping
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from blktap3.ctl import runtime
@@ -67,3 +68,22 @@ def tapdisk_pids(control_root: Path) -> list[int]:
 def kill_tapdisks(control_root: Path, also: Iterable[int] = ()) -> None:
     """SIGKILL every tapdisk of `control_root` (and the pids `also`), wait until gone."""
     kill_and_reap({*runtime.socket_pids(control_root), *also}, "tapdisk")
+
+
+def signal_midway(argv: list[str], sig: int, ready: Callable[[subprocess.Popen[str]], object],
+                  env: Mapping[str, str] | None = None,
+                  timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run a command, wait for `ready(proc)` (it may read proc.stdout), send `sig`, and
+    return (returncode, rest of stdout, stderr); the command is killed if it outlives
+    the test."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=None if env is None else dict(env)) as proc:
+        try:
+            ready(proc)
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, out, err

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from blktap3.tools import bench, bench_ring
 
-from tests.support import wait_until
+from tests.support import signal_midway, tapdisk_pids, wait_gone, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +65,28 @@ def test_the_command_writes_the_issue_keys(tmp_path: Path) -> None:
     assert set(qd1) == set(bench.JSON_KEYS) and qd1["workload"] == "4k randread QD1"
     assert qd1["ratio"] == pytest.approx(qd1["ours_iops"] / qd1["fio_iops"])
     assert qd1["fio_iops"] > 0 and qd1["cpu_us_per_req"] > 0
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_bench_leaves_no_tapdisk_and_no_file(sig: signal.Signals) -> None:
+    """Issue 17: stopped mid-run, it left two tapdisks and its 512 MiB file."""
+    work = Path(tempfile.mkdtemp(prefix="b3b-", dir="/tmp"))  # short: socket paths
+    try:
+        bench_cmd = [str(Path(sys.executable).parent / "blktap3-bench"), "--dir", str(work),
+                     "--size-mib", "8", "--runtime", "600", "--only", "QD1"]
+        pids: set[int] = set()
+
+        def started(_: object) -> None:
+            # Stopped while its tapdisks start, or while fio or the guest runs.
+            wait_until(lambda: [p for c in work.glob("*/ctl") for p in tapdisk_pids(c)],
+                       60, "the bench's first tapdisk")
+            pids.update(p for c in work.glob("*/ctl") for p in tapdisk_pids(c))
+
+        code, _, err = signal_midway(bench_cmd, sig, started)
+        assert code == 130, err
+        assert "Traceback" not in err and "interrupted" in err
+        wait_gone(pids, 30)
+        assert list(work.iterdir()) == []  # the file, the sockets, the simulated machine
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 
+from blktap3 import lazylog
 from blktap3.ctl import cli, ops, runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.ops import TapEntry
@@ -25,8 +27,12 @@ Capture = pytest.CaptureFixture[str]
 @pytest.fixture(autouse=True)
 def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     monkeypatch.setenv(runtime.ROOT_ENV, str(tmp_path))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     yield tmp_path
+    for sig, handler in handlers.items():  # main() makes them raise KeyboardInterrupt
+        signal.signal(sig, handler)
     structlog.reset_defaults()  # main() configures logging for the whole process
+    lazylog.set_threshold(0)
 
 
 def run(capsys: Capture, *argv: str) -> tuple[int, str, str]:
@@ -290,6 +296,7 @@ def test_major_reads_tapdev_from_proc_devices(tmp_path: Path, capsys: Capture,
         ["open", "-p", "1", "-m", "0", "-a", "aio:/x", "-t", "99999999999999"],
         ["open", "-p", "1", "-m", "0", "-a", "aio:/x", "-e=-1"],
         ["create", "-a", "aio:/x", "-e", "70000"],
+        ["create", "-t", "-5", "-a", "null:x"],  # issue 17: -5 is -t's value, refused
         ["attach", "-p", "0x", "-m", "0"],
     ],
 )
@@ -299,6 +306,27 @@ def test_numbers_out_of_range_are_usage_errors(argv: list[str], capsys: Capture)
     assert "usage: tap-ctl" in err and err.splitlines()[-1] == "Invalid argument"
     assert "Traceback" not in err
     assert err.splitlines()[0].startswith(f"{argv[0]}: ")  # first, what is wrong
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["create", "-a", "aio:disk.img"],
+        ["create", "-a", "raw:../disk.img"],
+        ["create", "-a", "null:x", "-C", "cbt.log"],
+        ["create", "-a", "aio:/x", "-2", "aio:secondary.img"],
+        ["open", "-p", "1", "-m", "0", "-a", "aio:./disk.img"],
+        ["unpause", "-p", "1", "-m", "0", "-a", "aio:disk.img"],
+        ["unpause", "-p", "1", "-m", "0", "-c", "log"],
+    ],
+)
+def test_a_relative_path_is_a_usage_error(argv: list[str], root: Path, capsys: Capture) -> None:
+    """A tapdisk works from /: `aio:disk.img` would open /disk.img, not the file meant."""
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (errno.EINVAL, "")
+    assert err.splitlines()[0].endswith("the path must be absolute")
+    assert "usage: tap-ctl" in err and err.splitlines()[-1] == "Invalid argument"
+    assert ops.list_all(root) == []  # nothing was spawned or allocated
 
 
 @pytest.mark.parametrize(

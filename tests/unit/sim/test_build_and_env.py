@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -113,3 +115,46 @@ def test_machine_refuses_a_taken_domid_and_tears_down(machine: xensim.Machine) -
     machine.teardown()
     assert not Path(info.mem_path).exists()
     assert not machine.run_dir.exists()
+
+
+def _load_as_nobody(library: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+         "-c", f"import ctypes; ctypes.CDLL({str(library)!r}); print('loaded')"],
+        capture_output=True, text=True, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to build as root and load as nobody")
+def test_a_library_built_by_root_loads_for_another_user(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17: the build was renamed from mkstemp's 0600 file, so only root could
+    preload it. Built here as the package would, in a directory every user can reach."""
+    base = Path(tempfile.mkdtemp(prefix="xensim-build-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        monkeypatch.setattr(xensim, "BUILD_DIR", base / "_build")
+        monkeypatch.setattr(xensim, "_PACKAGE_DIR", base)
+        library = xensim.library_path()
+        assert library.parent == base / "_build"
+        assert library.stat().st_mode & 0o777 == 0o755
+        assert library.parent.stat().st_mode & 0o777 == 0o755
+        done = _load_as_nobody(library)
+        assert done.stdout.strip() == "loaded", done.stderr
+        # The test can fail: a 0600 library is refused to nobody.
+        library.chmod(0o600)
+        assert "loaded" not in _load_as_nobody(library).stdout
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_user_who_cannot_write_the_package_builds_into_their_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "package"
+    package.mkdir()
+    monkeypatch.setattr(xensim, "BUILD_DIR", package / "_build")
+    monkeypatch.setattr(xensim, "_PACKAGE_DIR", package)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(xensim.os, "access", lambda path, mode: Path(path) != package)
+    assert xensim.build_dir() == tmp_path / "cache" / "blktap3" / "xensim"

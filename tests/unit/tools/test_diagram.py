@@ -281,16 +281,20 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-def test_an_output_path_that_is_a_file_is_a_one_line_error(
+def test_an_output_path_that_is_a_file_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """`-o /etc/passwd` (issue 17): argparse's line and the usage, exit 2, nothing written."""
     occupied = tmp_path / "passwd"
     occupied.write_text("root:x:0:0\n")
-    assert diagram.main(["frontend_vbd", "-f", "dot", "-o", str(occupied)]) == 1
-    assert f"cannot write into {occupied}: not a directory" in one_line_error(capsys)
+    for out in (occupied, occupied / "sub"):
+        with pytest.raises(SystemExit) as stopped:
+            diagram.main(["frontend_vbd", "-f", "dot", "-o", str(out)])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith("usage: blktap3-diagram")
+        assert err.splitlines()[-1].startswith(f"blktap3-diagram: error: argument -o/--out: {out}")
     assert occupied.read_text() == "root:x:0:0\n"
-    assert diagram.main(["frontend_vbd", "-f", "dot", "-o", str(occupied / "sub")]) == 1
-    one_line_error(capsys)
 
 
 def test_svg_and_png_without_the_graphviz_package_say_what_to_install(
