@@ -178,6 +178,15 @@ PAGES: dict[str, Page] = {
                             exit_status=(("0", "Success."),
                                          ("1", "A spec, the status file or an output "
                                           "could not be used."), USAGE_EXIT)),
+    "blktap3-torture": Page(
+        1,
+        "Long hostile, SIGKILL and pause runs against the real tapdisk and data path "
+        "(ring: a random-hostile guest against the ASan+UBSan build beside a verifying "
+        "one; kill: SIGKILL under flushed writes, every flushed block checked; pause: "
+        "pause/unpause and image swaps under a verifying load), each bounded, printing "
+        "its figures.",
+        exit_status=(("0", "Nothing was lost, wrong, crashed, hung or leaked."),
+                     ("1", "Something was (the figures say what)."), USAGE_EXIT)),
     "blktap3-bench": Page(1, "Measures the data path against fio on the same file in the "
                           "same run and prints the ratios. SIGINT, SIGTERM and SIGHUP "
                           "stop it cleanly: its tapdisks and its file are removed.",
