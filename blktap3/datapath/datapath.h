@@ -142,7 +142,7 @@ int td_vhd_open(const struct td_vhd_layer_desc *layers, uint32_t n, int readonly
 void td_vhd_close(struct td_vhd *v);
 int td_vhd_map(struct td_vhd *v, int write, uint64_t sector, uint32_t nr, uint64_t *off);
 int td_vhd_io(struct td_vhd *v, int write, void *buf, uint64_t sector, uint32_t nr);
-int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr, int secure);
+int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr);
 void td_image_close(struct td_image *img);
 const struct td_image_info *td_image_info(const struct td_image *img);
 

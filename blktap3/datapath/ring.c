@@ -309,9 +309,7 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
     if (len == 0)
         return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
     if (r->img->vhd) {
-        /* Secure discards never come here: the checks refuse them (no image of ours
-         * erases securely). */
-        if (td_vhd_discard(r->img->vhd, sl->req.sector_number, sl->req.nr_sectors, 0) != 0)
+        if (td_vhd_discard(r->img->vhd, sl->req.sector_number, sl->req.nr_sectors) != 0)
             sl->err = TD_ERR_IO;
         return;
     }

@@ -38,7 +38,6 @@
 #define VHD_FIXED 2u
 #define VHD_DIFF 4u
 #define VHD_ALIGN 4096u     /* blocks are placed where their data is page aligned */
-#define VHD_ZERO_CHUNK (64u << 10)
 
 enum { BM_UNKNOWN = 0, BM_FULL = 1, BM_PARTIAL = 2 };
 
@@ -62,7 +61,6 @@ struct td_vhd {
     struct td_vhd_layer *l; /* [0] is the leaf */
     char *footer;           /* the leaf's footer, rewritten at each new end */
     char *bmbuf;            /* scratch: a bitmap being read or written */
-    char *zeroes;           /* secure discard writes these (allocated on first use) */
 };
 
 static void *aligned(size_t len)
@@ -314,39 +312,28 @@ static int vhd_write(struct td_vhd *v, const char *buf, uint64_t sector, uint32_
 
 /* What DISCARD reclaims: the file system's space under the leaf's data of the range
  * (holes punched; the blocks stay in the BAT, their sectors now read as zeros, which
- * also hides what a parent holds there). Secure: zeros written instead. The file does
- * not shrink (a block in the middle cannot go without moving the ones after it), and a
- * parent is never touched: data a snapshot shares cannot be erased from the leaf. */
-static int discard_extent(struct td_vhd *v, int fd, uint64_t off, uint64_t len, int secure)
+ * also hides what a parent holds there). Never a secure discard: the checks refuse those
+ * (no image of ours erases securely). The file does not shrink (a block in the middle
+ * cannot go without moving the ones after it), and a parent is never touched: data a
+ * snapshot shares cannot be erased from the leaf. */
+static int punch(int fd, uint64_t off, uint64_t len)
 {
-    if (!secure)
-        return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
-                         (off_t)len) == 0 ? 0 : -errno;
-    for (uint64_t done = 0; done < len;) {
-        size_t n = len - done < VHD_ZERO_CHUNK ? (size_t)(len - done) : VHD_ZERO_CHUNK;
-        int rc = td_pio(fd, 1, v->zeroes, n, off + done);
-        if (rc)
-            return rc;
-        done += n;
-    }
-    return 0;
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                     (off_t)len) == 0 ? 0 : -errno;
 }
 
-int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr, int secure)
+int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr)
 {
     struct td_vhd_layer *l = &v->l[0];
-    if (secure && !v->zeroes && !(v->zeroes = aligned(VHD_ZERO_CHUNK)))
-        return -ENOMEM;
     if (l->type == VHD_FIXED)
-        return discard_extent(v, l->fd, sector << TD_SECTOR_SHIFT, nr << TD_SECTOR_SHIFT,
-                              secure);
+        return punch(l->fd, sector << TD_SECTOR_SHIFT, nr << TD_SECTOR_SHIFT);
     uint64_t spb = (uint64_t)1 << l->spb_shift;
     while (nr) {
         uint64_t blk = sector >> l->spb_shift, idx = sector & (spb - 1);
         uint64_t n = spb - idx < nr ? spb - idx : nr;
         if (bat_get(l, blk) != VHD_UNUSED) {
-            int rc = discard_extent(v, l->fd, block_off(l, blk) + l->bm_bytes +
-                                    (idx << TD_SECTOR_SHIFT), n << TD_SECTOR_SHIFT, secure);
+            int rc = punch(l->fd, block_off(l, blk) + l->bm_bytes + (idx << TD_SECTOR_SHIFT),
+                           n << TD_SECTOR_SHIFT);
             if (rc)
                 return rc;
         }
@@ -383,7 +370,6 @@ void td_vhd_close(struct td_vhd *v)
     free(v->l);
     free(v->footer);
     free(v->bmbuf);
-    free(v->zeroes);
     free(v);
 }
 

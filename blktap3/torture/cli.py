@@ -15,30 +15,23 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.cmdline import int_in, positive_float
+
 from . import kill, pause, ring
 from .verdict import Verdict
 
 DEFAULTS = {"ring": "1,000,000 requests", "kill": "100 cycles", "pause": "1,000 cycles"}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {n}")
-    return n
+WEEK = 7 * 86400
 
 
 def _positive_seconds(text: str) -> float:
-    try:
-        s = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < s < 7 * 86400:
-        raise argparse.ArgumentTypeError(f"must be above 0 and below a week: {text}")
-    return s
+    """A run's length: finite, above 0 and below a week."""
+    seconds = positive_float(text)
+    if seconds >= WEEK:
+        raise argparse.ArgumentTypeError(f"must be below a week: {text}")
+    return seconds
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
         bound = p.add_mutually_exclusive_group()
-        bound.add_argument("--count", type=_positive_int,
+        bound.add_argument("--count", type=int_in(1),
                            help=f"how many (default {DEFAULTS[name]})")
         bound.add_argument("--seconds", type=_positive_seconds, help="run this long instead")
         p.add_argument("--json", type=Path, metavar="FILE", help="write the figures here")
@@ -61,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--no-sanitize", action="store_true",
                            help="the optimised data path instead of its ASan+UBSan build")
         if name in ("ring", "kill"):
-            p.add_argument("--seed", type=_positive_int, default=1)
+            p.add_argument("--seed", type=int_in(1), default=1)
     return ap
 
 
