@@ -15,6 +15,7 @@ What lives here:
 - `SECTOR_SIZE`: blkif's sector, the unit of `sector_number` and `sectors` (512 bytes
   whatever `sector-size` says);
 - `MAX_RING_PAGE_ORDER`: the largest multi-page ring (`max-ring-page-order`);
+- `MAX_QUEUES`: the most queues (rings) of one VBD we serve (`multi-queue-max-queues`);
 - `VbdStateBits`: blktap's TD_VBD_* word that `tap-ctl list` prints (tapdisk-vbd.h).
 """
 
@@ -28,6 +29,11 @@ SECTOR_SIZE: Final = 512  # blkif.h: "sector_number" and "sectors" count 512-byt
 # xen/xenbus.h, what blkback and QEMU offer). The C data path's TD_MAX_RING_ORDER is
 # checked against it.
 MAX_RING_PAGE_ORDER: Final = 4
+# The most queues one VBD may use (multi-queue): a bound of ours on
+# `multi-queue-max-queues`, whose default is blkback's, the online CPUs (xenblk_max_queues
+# = num_online_cpus()), capped here. Linux blkfront asks min(that, its max_queues
+# parameter, 4 by default, and the online CPUs).
+MAX_QUEUES: Final = 16
 
 
 class XenbusState(enum.IntEnum):

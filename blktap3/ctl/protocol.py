@@ -29,6 +29,10 @@ Extensions of ours (blktap has no such thing):
   ring of order 3 at most; blkback and QEMU offer 4). blktap's tapback never asks order 4.
   Then `flags` @360 (`BlkifFlags`): what the back-end withheld from this front-end, so
   that blktap's zeroes mean blktap's behaviour (serve what the image can).
+  Then `queue` @364 and `nr_queues` @368 (multi-queue): a front-end that uses N queues
+  gets one XENBLKIF_CONNECT per queue, queue 0 first, each naming its index and N and
+  carrying that queue's ring refs and port in blktap's fields; DISCONNECT tears every
+  queue down. blktap's zeroes read as queue 0 of 1: its single ring, unchanged.
 
 Two things of blktap's wire that its header does not say:
 - RESUME travels in `u.params`, not in `u.resume`: blktap's tap-ctl writes the flags, the
@@ -47,6 +51,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+from blktap3 import abi
+
 MESSAGE_SIZE = 544
 UNION_OFFSET = 8
 UNION_SIZE = MESSAGE_SIZE - UNION_OFFSET
@@ -54,6 +60,7 @@ STRING_MAX = 256
 MAX_MINORS = 63
 MAX_GREFS = 8  # blktap's u.blkif.gref[8]: a ring of order 3
 MAX_RING_GREFS = 16  # with ours, gref_hi[8] @328: a ring of order 4 (blkback's, QEMU's)
+MAX_QUEUES = abi.MAX_QUEUES  # the most rings (queues) one VBD's CONNECTs may name
 LIST_COOKIE = 0xFFFF  # blktap's tap-ctl sends LIST with cookie = (u16)-1
 ALL_VBDS = 0xFFFF  # STATS with this cookie asks for every VBD (a JSON array)
 NO_PARENT = -1  # params.prt_devnum when there is no parent minor to stack on
@@ -365,7 +372,7 @@ class Blkif:
     """`u.blkif` (XENBLKIF_CONNECT/DISCONNECT): the ring the front-end shared."""
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct(
-        f"<II{MAX_GREFS}III256sIIII{MAX_RING_GREFS - MAX_GREFS}II")
+        f"<II{MAX_GREFS}III256sIIII{MAX_RING_GREFS - MAX_GREFS}IIII")
     domid: int
     devid: int
     grefs: tuple[int, ...] = ()
@@ -377,10 +384,15 @@ class Blkif:
     poll_idle_threshold: int = 0
     max_indirect_segments: int = 0  # our extension (0: indirect requests not offered)
     flags: BlkifFlags = BlkifFlags.NONE  # our extension
+    queue: int = 0  # our extension: which queue this message connects (0: the first)
+    nr_queues: int = 0  # our extension: how many the front-end uses (0, as blktap's: 1)
 
     def pack(self) -> bytes:
         if len(self.grefs) > MAX_RING_GREFS:
             raise ProtocolError(f"{len(self.grefs)} grant refs, at most {MAX_RING_GREFS} fit")
+        if not 0 <= self.queue < max(self.nr_queues, 1) or self.nr_queues > MAX_QUEUES:
+            raise ProtocolError(f"queue {self.queue} of {self.nr_queues}: at most "
+                                f"{MAX_QUEUES} queues, numbered from 0")
         grefs = list(self.grefs) + [0] * (MAX_RING_GREFS - len(self.grefs))
         return self.FORMAT.pack(
             self.domid,
@@ -395,6 +407,8 @@ class Blkif:
             self.max_indirect_segments,
             *grefs[MAX_GREFS:],
             int(self.flags),
+            self.queue,
+            self.nr_queues,
         )
 
     @classmethod
@@ -402,15 +416,24 @@ class Blkif:
         values = cls.FORMAT.unpack_from(union)
         domid, devid = values[0], values[1]
         rest = 2 + MAX_GREFS + 7
-        grefs = (*values[2 : 2 + MAX_GREFS], *values[rest:-1])
+        grefs = (*values[2 : 2 + MAX_GREFS], *values[rest:-3])
         order, proto, pool, port, duration, idle, indirect = values[2 + MAX_GREFS : rest]
         # The ring spans 2**order pages: only that many grant refs are meaningful.
         if 1 << min(order, 31) > MAX_RING_GREFS:
             raise ProtocolError(f"ring order {order} needs more than {MAX_RING_GREFS} grant refs")
+        queue, nr_queues = values[-2], values[-1]
+        if nr_queues > MAX_QUEUES or queue >= max(nr_queues, 1):
+            raise ProtocolError(f"queue {queue} of {nr_queues}: at most {MAX_QUEUES} "
+                                f"queues, numbered from 0")
         return cls(
             domid, devid, grefs[: 1 << order], order, proto, unpack_string(pool), port,
-            duration, idle, indirect, BlkifFlags(values[-1]),
+            duration, idle, indirect, BlkifFlags(values[-3]), queue, nr_queues,
         )
+
+    @property
+    def queues(self) -> int:
+        """How many queues the front-end uses (blktap's zero: its one ring)."""
+        return max(self.nr_queues, 1)
 
 
 @dataclass(frozen=True)
@@ -478,6 +501,8 @@ OFFSETS: dict[str, int] = {
     "blkif.max_indirect_segments": 324,  # our extension
     "blkif.gref_hi": 328,  # our extension: grant refs 8..15 (order 4)
     "blkif.flags": 360,  # our extension: BlkifFlags
+    "blkif.queue": 364,  # our extension: the queue this CONNECT is for
+    "blkif.nr_queues": 368,  # our extension: how many queues (0: 1)
     # RESUME's fields sit where `u.params` has flags, path and secondary (see Resume).
     "resume.flags": 8,
     "resume.new_params": 20,

@@ -90,6 +90,7 @@ class BackendFeatures:
     """
 
     max_ring_page_order: int = MAX_RING_PAGE_ORDER
+    max_queues: int = 1  # multi-queue-max-queues (blkback's: the online CPUs)
     barrier: bool = True
     flush_cache: bool = True
     discard: bool = True
@@ -107,6 +108,8 @@ class BackendFeatures:
             # The same offer in pages, the legacy key FreeBSD's blkfront reads (blkback
             # stopped writing it; FreeBSD still falls back to it).
             ("max-ring-pages", str(1 << self.max_ring_page_order)),
+            # Written always, as blkback does: the guest may use 1..this many queues.
+            ("multi-queue-max-queues", str(self.max_queues)),
         ]
         if self.max_indirect_segments:
             keys.append(("feature-max-indirect-segments", str(self.max_indirect_segments)))
@@ -339,7 +342,8 @@ class BackendVbd(SpecMachine):
             self.write_keys(self.features.probe_keys())
 
     def read_transport(self, **_: Any) -> None:
-        self.emit(ReadFrontendTransport(self.features.max_ring_page_order))
+        self.emit(ReadFrontendTransport(self.features.max_ring_page_order,
+                                        self.features.max_queues))
 
     def send_connect(self, event: TransportRead, **_: Any) -> None:
         assert self.tapdisk is not None  # reading_transport is only reached with a tapdisk

@@ -70,9 +70,11 @@ class WatchTapdisk(Effect):
 @dataclass(frozen=True)
 class ReadFrontendTransport(Effect):
     """Read and strictly parse the front-end's transport keys; answer with
-    `TransportRead` or `TransportInvalid` (an order above the maximum is invalid)."""
+    `TransportRead` or `TransportInvalid` (an order above the maximum, a queue count of 0
+    or above the maximum, a missing queue directory are invalid)."""
 
     max_ring_page_order: int
+    max_queues: int = 1
 
 
 @dataclass(frozen=True)

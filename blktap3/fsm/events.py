@@ -53,13 +53,30 @@ class TapdiskRef:
 
 
 @dataclass(frozen=True)
+class QueueRing:
+    """One more queue of a multi-queue front-end: its `queue-N/` ring and channel."""
+
+    ring_refs: tuple[int, ...]
+    event_channel: int
+
+
+@dataclass(frozen=True)
 class RingTransport:
-    """The front-end's transport keys, already parsed and checked by the caller."""
+    """The front-end's transport keys, already parsed and checked by the caller.
+
+    `ring_refs` and `event_channel` are its ring's, or queue 0's when it uses several
+    (`multi-queue-num-queues`): queues 1..N-1 are `more_queues`.
+    """
 
     ring_refs: tuple[int, ...]  # ring-ref, or ring-ref0..N-1 (N = 2**ring-page-order)
     event_channel: int
     protocol: BlkifProtocol = BlkifProtocol.NATIVE  # native: the key was missing
     persistent: bool = False
+    more_queues: tuple[QueueRing, ...] = ()
+
+    @property
+    def nr_queues(self) -> int:
+        return 1 + len(self.more_queues)
 
 
 # --- xenbus: the other end's state node ----------------------------------------------------
@@ -410,6 +427,8 @@ class BlkifRing:
     poll_idle_threshold: int = 0  # blktap's: spin only while this % of CPU is idle
     max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
     discard: bool = True  # ours: False when the back-end withheld discard (EOPNOTSUPP)
+    queue: int = 0  # ours (multi-queue): which of the front-end's queues this ring is
+    nr_queues: int = 1  # ours: how many queues the front-end uses (blktap's: one)
 
     @property
     def ids(self) -> tuple[int, int]:

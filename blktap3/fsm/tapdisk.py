@@ -113,7 +113,9 @@ class TapdiskVbd(SpecMachine):
 
     What it remembers: `path`/`flags` to (re)open, `params` the `type:/path` it serves
     (set when an image is accepted, kept while paused, dropped by CLOSE), `disk` the
-    accepted geometry (DISK_INFO, and what RESUME compares with), `ring` the ring served.
+    accepted geometry (DISK_INFO, and what RESUME compares with), `ring` the ring served
+    (its queue 0) and `queues` how many of its queues are served (multi-queue: one
+    XENBLKIF_CONNECT per queue, queue 0 first, then each next one in order).
     """
 
     SPEC: ClassVar[str] = "tapdisk_vbd"
@@ -128,6 +130,7 @@ class TapdiskVbd(SpecMachine):
         self.image_open = False
         self.ring: BlkifRing | None = None
         self.ring_requested: BlkifRing | None = None
+        self.queues = 0
         self.resize = False
         self.resume_failed = False
         super().__init__()
@@ -160,6 +163,17 @@ class TapdiskVbd(SpecMachine):
 
     def same_ring(self, event: ConnectRing | DisconnectRing, **_: Any) -> bool:
         return self.ring is not None and self.ring.ids == event.ids
+
+    def first_queue(self, event: ConnectRing, **_: Any) -> bool:
+        return event.ring.queue == 0
+
+    def next_queue(self, event: ConnectRing, **_: Any) -> bool:
+        """The queue after the last one served, of as many queues as queue 0 said."""
+        return (self.ring is not None and event.ring.nr_queues == self.ring.nr_queues
+                and event.ring.queue == self.queues < self.ring.nr_queues)
+
+    def queue_served(self, event: ConnectRing, **_: Any) -> bool:
+        return event.ring.queue < self.queues
 
     def other_ring(self, event: ConnectRing, **_: Any) -> bool:
         """The VBD serves a ring, not the one the event names."""
@@ -202,11 +216,15 @@ class TapdiskVbd(SpecMachine):
         self.emit(StartRing(event.ring))
 
     def record_ring(self, **_: Any) -> None:
-        self.ring, self.ring_requested = self.ring_requested, None
+        assert self.ring_requested is not None  # ring_started answers start_ring only
+        if self.ring_requested.queue == 0:
+            self.ring = self.ring_requested
+        self.queues += 1
+        self.ring_requested = None
 
     def stop_ring(self, **_: Any) -> None:
         if self.ring is not None:
-            self.ring = None
+            self.ring, self.queues = None, 0
             self.emit(StopRing())
 
     def quiesce(self, **_: Any) -> None:

@@ -338,8 +338,8 @@ class VbdPair:
                 self.watched_tapdisks.append(tapdisk.pid)
             case Unregister():
                 pass
-            case ReadFrontendTransport(max_ring_page_order=order):
-                return transport_answer(lambda k: s.read(f"{self.fe_path}/{k}"), order)
+            case ReadFrontendTransport(max_ring_page_order=order, max_queues=queues):
+                return transport_answer(lambda k: s.read(f"{self.fe_path}/{k}"), order, queues)
             case SendControl(message=message):
                 return self.tapdisk.answer(message)
             case _:

@@ -16,13 +16,14 @@ An effect or control message it does not know is our bug: `TypeError`.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from blktap3.abi import MAX_RING_PAGE_ORDER, SECTOR_SIZE
+from blktap3.abi import MAX_QUEUES, MAX_RING_PAGE_ORDER, SECTOR_SIZE
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
 from blktap3.fsm import (
@@ -59,6 +60,16 @@ from .store import SharedStore
 _WRITES = (WriteKeys, PublishState, SetError)
 
 
+def default_max_queues() -> int:
+    """blkback's `multi-queue-max-queues`: the online CPUs (xenblk_max_queues defaults
+    to num_online_cpus()), within what our tapdisk serves (`abi.MAX_QUEUES`)."""
+    try:
+        online = os.sysconf("SC_NPROCESSORS_ONLN")
+    except (OSError, ValueError):
+        online = 1
+    return max(1, min(online, MAX_QUEUES))
+
+
 @dataclass(frozen=True)
 class VbdConfig:
     """What every VBD shares: where tapdisks live, timeouts, what the back-end offers."""
@@ -69,12 +80,14 @@ class VbdConfig:
     barrier: bool = True  # feature-barrier (blktap's tapback -b: not offered)
     # xapi: InitWait once hotplug is connected (blktap's order); libxl: InitWait first.
     toolstack: Toolstack = Toolstack.XAPI
+    max_queues: int = 1  # multi-queue-max-queues (tapback's default: default_max_queues())
 
     def features(self) -> BackendFeatures:
         # Discard is offered; the machine announces it only when the tapdisk says the
         # image can punch holes (DISK_INFO) and the disk is writable.
         return BackendFeatures(
             max_ring_page_order=self.max_ring_page_order,
+            max_queues=self.max_queues,
             barrier=self.barrier,
             discard=True,
             discard_granularity=SECTOR_SIZE,
@@ -121,8 +134,8 @@ class EffectExecutor:
             self._write(writes)
             writes = []
             match effect:
-                case ReadFrontendTransport(max_ring_page_order=order):
-                    answers.append(self._read_transport(order))
+                case ReadFrontendTransport(max_ring_page_order=order, max_queues=queues):
+                    answers.append(self._read_transport(order, queues))
                 case SendControl(message=message):
                     answers.append(self._control(message))
                 case WatchTapdisk(tapdisk=tapdisk):
@@ -136,9 +149,10 @@ class EffectExecutor:
 
     # -- XenStore ------------------------------------------------------------------------
 
-    def _read_transport(self, max_ring_page_order: int) -> Event:
+    def _read_transport(self, max_ring_page_order: int, max_queues: int) -> Event:
         def read(tx: Transaction) -> Event:
-            return transport_answer(reader_for(tx, self.frontend), max_ring_page_order)
+            return transport_answer(reader_for(tx, self.frontend), max_ring_page_order,
+                                    max_queues)
 
         answer = self.store.call(lambda xs: xs.transact(read))
         if isinstance(answer, TransportInvalid):
@@ -221,7 +235,8 @@ class EffectExecutor:
                 port=t.event_channel, proto=t.protocol,
                 max_indirect_segments=message.max_indirect_segments, discard=message.discard,
                 poll_duration=message.poll_duration,
-                poll_idle_threshold=message.poll_idle_threshold)
+                poll_idle_threshold=message.poll_idle_threshold,
+                extra_queues=[(q.ring_refs, q.event_channel) for q in t.more_queues])
         except CtlError as exc:
             if exc.errno == errno.EALREADY:
                 self.log.info("ring already connected (adopted)")

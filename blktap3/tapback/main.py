@@ -33,13 +33,14 @@ from typing import Any, NoReturn
 import structlog
 
 from blktap3 import cmdline
-from blktap3.abi import MAX_RING_PAGE_ORDER
+from blktap3.abi import MAX_QUEUES, MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
 from blktap3.fsm import Toolstack
 from blktap3.xenbus import XenStoreConnectionError, XenStoreError, default_socket_path
 
 from . import logs
 from .daemon import Tapback, TapbackConfig
+from .executor import default_max_queues
 
 log = structlog.get_logger(__name__)
 
@@ -138,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=range(0, MAX_RING_PAGE_ORDER + 1),
                         help="largest ring the front-end may use, 2^N pages "
                              f"(default: {MAX_RING_PAGE_ORDER})")
+    parser.add_argument("--max-queues", type=int, default=default_max_queues(),
+                        choices=range(1, MAX_QUEUES + 1), metavar=f"1..{MAX_QUEUES}",
+                        help="multi-queue-max-queues: the most queues (rings, each served "
+                             "by its own thread) a front-end may use (default: the online "
+                             "CPUs, as blkback)")
     return parser
 
 
@@ -230,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend_kind=args.backend_kind,
         tapdisk_timeout=args.tapdisk_timeout,
         max_ring_page_order=args.max_ring_page_order,
+        max_queues=args.max_queues,
         barrier=args.barrier,
         toolstack=args.toolstack,
         frontend_domid=args.frontend_domid,

@@ -19,6 +19,7 @@ from blktap3.fsm import (
     BackendSnapshot,
     Event,
     FrontendValue,
+    QueueRing,
     RingTransport,
     TapdiskRef,
     TransportInvalid,
@@ -96,19 +97,24 @@ def read_snapshot(xs: NodeReader, paths: VbdPaths, frontend: str) -> BackendSnap
     )
 
 
-def transport_answer(read: Reader, max_ring_page_order: int) -> Event:
+def transport_answer(read: Reader, max_ring_page_order: int, max_queues: int = 1) -> Event:
     """The answer to `ReadFrontendTransport`: the keys `read` returns, strictly parsed.
 
     `read(key)` reads a key of the front-end directory (in one transaction, for the
     daemon); a key the guest locked us out of is as bad as a malformed one: its fault,
-    and final for this VBD (retrying would wait forever).
+    and final for this VBD (retrying would wait forever). `multi-queue-num-queues` of 0
+    or above `max_queues`, and a queue whose `queue-N/` keys are missing, are invalid
+    (blkback's read_per_ring_refs and connect_ring: an error node, the device closed).
     """
     try:
-        transport = parse_frontend_transport(read, max_ring_page_order=max_ring_page_order)
+        transport = parse_frontend_transport(read, max_ring_page_order=max_ring_page_order,
+                                             max_queues=max_queues)
     except XenbusValueError as exc:
         return TransportInvalid(str(exc))
     except XenStorePermissionError as exc:
         return TransportInvalid(f"cannot read {exc.path or 'a key'}: permission denied")
-    queue0 = transport.queues[0]
-    return TransportRead(RingTransport(queue0.ring_refs, queue0.event_channel,
-                                       transport.protocol, transport.feature_persistent))
+    queue0, *more = transport.queues
+    return TransportRead(RingTransport(
+        queue0.ring_refs, queue0.event_channel, transport.protocol,
+        transport.feature_persistent,
+        more_queues=tuple(QueueRing(q.ring_refs, q.event_channel) for q in more)))

@@ -39,6 +39,7 @@ from . import images, stats
 from .metrics import Metrics, RingCounters
 from .nbd import Exports
 from .observer import BadArgument, ToVbd, observe
+from .queues import Queues
 from .vbd import Vbd
 
 log = structlog.get_logger(__name__)
@@ -313,8 +314,13 @@ class Tapdisk:
             return ev.RingStartFailed(exc.errno or errno.EIO, str(exc.strerror or exc))
         if vbd.req_timeout:
             served.set_req_timeout(vbd.req_timeout)
+        if ring.queue:  # the next queue of the VBD's ring (the machine checked the order)
+            assert vbd.ring is not None
+            with self.ring_lock:
+                vbd.ring.add(served)
+            return ev.RingStarted()
         with self.ring_lock:
-            vbd.ring, vbd.ring_ids = served, ring.ids
+            vbd.ring, vbd.ring_ids = Queues(served), ring.ids
         if self.metrics is not None:
             self.metrics.ring_connected(ring.domid, ring.devid, vbd.minor,
                                         self._counters(vbd))

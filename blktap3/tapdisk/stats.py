@@ -3,7 +3,9 @@
 blktap's tapdisk writes JSON with its own printer: a space inside every bracket, `, `
 between items, an empty list as `[  ]`, no newline at the end, and a VBD without an image
 named `"(null)"` (printf of a NULL name). Scripts that scrape `tap-ctl stats` see the same
-text from us. The counters come from the data path's `Ring.stats()`.
+text from us. The counters come from the data path's `Ring.stats()`, summed over the
+queues of a multi-queue front-end (`queues.Queues`); with more than one queue, the
+`xenbus` object also lists each queue's requests and kicks under "queues" (ours).
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def _get(stats: Mapping[str, Any], *keys: str) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
+def _ring_traffic(counters: Mapping[str, Any]) -> dict[str, Any]:
+    """blktap's `reqs [in, out]` and `kicks [in, out]` of a ring (or of one queue)."""
+    reqs = counters.get("reqs", {})
+    total = sum(_get(counters, "reqs", op) for op in reqs) if isinstance(reqs, Mapping) else 0
+    return {"reqs": [total, _get(counters, "responses")],
+            "kicks": [_get(counters, "kicks", "in"), _get(counters, "kicks", "out")]}
+
+
 def vbd_stats(
     *,
     params: str,
@@ -82,14 +92,11 @@ def vbd_stats(
         "nbd_mirror_failed": 0,
     }
     if ring_stats is not None and ring_ids is not None:
-        reqs = counters.get("reqs", {})
-        total = sum(_get(counters, "reqs", op) for op in reqs) if isinstance(reqs, Mapping) else 0
         xenbus: dict[str, Any] = {
             "pool": "td-xenio-default",
             "domid": ring_ids[0],
             "devid": ring_ids[1],
-            "reqs": [total, _get(counters, "responses")],
-            "kicks": [_get(counters, "kicks", "in"), _get(counters, "kicks", "out")],
+            **_ring_traffic(counters),
             "errors": {
                 "msg": 0,
                 "map": sum(_get(counters, "errors", cause) for cause in _MAP_ERRORS),
@@ -99,6 +106,9 @@ def vbd_stats(
         }
         if counters.get("halted"):
             xenbus["halted"] = str(counters["halted"])
+        queues = counters.get("queues") or ()
+        if len(queues) > 1:  # multi-queue (ours): each queue's share of the sums above
+            xenbus["queues"] = [_ring_traffic(queue) for queue in queues]
         result["xenbus"] = xenbus
     result["reqs_outstanding"] = _get(counters, "in_flight")
     result["read_caching"] = "false"

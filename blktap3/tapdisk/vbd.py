@@ -4,7 +4,7 @@ The state lives in `blktap3.fsm.tapdisk.TapdiskVbd`, loaded from `specs/tapdisk_
 and is named by that module's `VbdState`: nothing here changes it or renames it.  This
 module holds what the machine does not own - the flock on the minor's marker file, the
 open image (and one just opened that the machine has not accepted yet), the connected
-ring - and reads blktap's LIST word and `type:/path` off the machine.
+ring (its queues) - and reads blktap's LIST word and `type:/path` off the machine.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from blktap3.fsm.tapdisk import TapdiskVbd, VbdState
 
 from . import images
+from .queues import Queues
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Vbd:
     # An image opened for OPEN/RESUME that the machine has not accepted yet.
     pending_image: images.Image | None = None
     pending_spec: images.ImageSpec | None = None
-    ring: images.Ring | None = None
+    ring: Queues | None = None  # the rings of the front-end's queues, served as one
     ring_ids: tuple[int, int] | None = None
     # blktap's req_timeout (OPEN's `-t`, seconds; 0: the data path's default, 120).
     req_timeout: int = 0

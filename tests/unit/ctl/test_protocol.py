@@ -56,10 +56,11 @@ struct tapdisk_message_blkif_ext {
     uint32_t domid; uint32_t devid; uint32_t gref[8]; uint32_t order; uint32_t proto;
     char pool[256]; uint32_t port; uint32_t poll_duration; uint32_t poll_idle_threshold;
     uint32_t max_indirect_segments; uint32_t gref_hi[8]; uint32_t flags;
+    uint32_t queue; uint32_t nr_queues;
 };
 """
 EXTENSION_FIELDS = {"image.physical_sector_size", "image.flags", "blkif.max_indirect_segments",
-                    "blkif.gref_hi", "blkif.flags"}
+                    "blkif.gref_hi", "blkif.flags", "blkif.queue", "blkif.nr_queues"}
 
 MEMBER_STRUCT = {
     "image": "image", "params": "params", "string": "string", "response": "response",
@@ -305,6 +306,32 @@ def test_discard_withheld_travels_in_blkif_flags_and_blktaps_zero_serves_it(ffi:
     raw[off : off + 4] = bytes(4)  # what blktap's libblktapctl leaves there
     decoded = p.decode(bytes(raw)).payload
     assert isinstance(decoded, p.Blkif) and decoded.flags == p.BlkifFlags.NONE
+
+
+def test_each_queue_connects_with_its_index_and_blktaps_zeroes_are_one_queue(
+        ffi: FFI) -> None:
+    blkif = p.Blkif(5, 7, (1,), port=9, queue=2, nr_queues=4)
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, blkif).encode())
+    union = raw[p.UNION_OFFSET:]
+    ext = ffi.cast("struct tapdisk_message_blkif_ext *", ffi.from_buffer(union))
+    assert (ext.queue, ext.nr_queues, ext.port, ext.gref[0]) == (2, 4, 9, 1)
+    assert p.decode(bytes(raw)).payload == blkif
+    for name in ("blkif.queue", "blkif.nr_queues"):  # what blktap's libblktapctl leaves
+        raw[p.OFFSETS[name] : p.OFFSETS[name] + 4] = bytes(4)
+    decoded = p.decode(bytes(raw)).payload
+    assert isinstance(decoded, p.Blkif) and (decoded.queue, decoded.queues) == (0, 1)
+
+
+@pytest.mark.parametrize(("queue", "nr_queues"), [(1, 1), (4, 4), (0, p.MAX_QUEUES + 1),
+                                                  (2**32 - 1, 2), (1, 0)])
+def test_a_queue_outside_its_count_is_refused(queue: int, nr_queues: int) -> None:
+    raw = bytearray(p.Message(p.MessageType.XENBLKIF_CONNECT, 1, p.Blkif(5, 7, (1,))).encode())
+    for name, value in (("blkif.queue", queue), ("blkif.nr_queues", nr_queues)):
+        raw[p.OFFSETS[name] : p.OFFSETS[name] + 4] = value.to_bytes(4, "little")
+    with pytest.raises(p.ProtocolError, match="queue"):
+        p.decode(bytes(raw))
+    with pytest.raises(p.ProtocolError, match="queue"):
+        p.Blkif(5, 7, (1,), queue=queue, nr_queues=nr_queues).pack()
 
 
 def test_blkif_keeps_only_the_grants_its_order_uses() -> None:

@@ -157,7 +157,8 @@ def test_tapdisk_dying_after_adoption_fails_with_a_disconnect() -> None:
 
 def test_found_initwait_is_not_published_again() -> None:
     vbd = BackendVbd(domid=5, devid=768)
-    vbd.handle(BackendFound(S.INIT_WAIT, (("max-ring-page-order", "4"), ("max-ring-pages", "16"))))
+    vbd.handle(BackendFound(S.INIT_WAIT, (("max-ring-page-order", "4"), ("max-ring-pages", "16"),
+                                          ("multi-queue-max-queues", "1"))))
     vbd.handle(FrontendStateChanged(S.INITIALISING))
     assert hotplug(vbd) == ()
     assert vbd.state == "init_wait"

@@ -72,12 +72,13 @@ def connected() -> BackendVbd:
 
 
 def test_probe_keys_then_initwait_only_after_hotplug() -> None:
-    vbd = BackendVbd(domid=5, devid=768, features=BackendFeatures(max_indirect_segments=256))
+    vbd = BackendVbd(domid=5, devid=768, features=BackendFeatures(max_indirect_segments=256,
+                                                                  max_queues=2))
     assert vbd.handle(fe(S.INITIALISING)) == ()
     effects = hotplug(vbd)
     assert effects[0] == WriteKeys(
         (("max-ring-page-order", "4"), ("max-ring-pages", "16"),
-         ("feature-max-indirect-segments", "256")), vbd.perms
+         ("multi-queue-max-queues", "2"), ("feature-max-indirect-segments", "256")), vbd.perms
     )
     assert effects[1:] == (PublishState(S.INIT_WAIT),)
     assert vbd.perms.as_strings() == ("n0", "r5")
@@ -307,7 +308,8 @@ def test_hotplug_completing_after_the_guest_closed_is_kept_for_a_reconnect() -> 
                                                      SendControl(DiskInfoQuery(77, 3)))
     # the probe keys InitWait goes with, written now: no tapdisk was known at hotplug
     assert vbd.handle(DiskInfoRead(DISK)) == (WriteKeys((("max-ring-page-order", "4"),
-                                                         ("max-ring-pages", "16")),
+                                                         ("max-ring-pages", "16"),
+                                                         ("multi-queue-max-queues", "1")),
                                                         vbd.perms),)
     assert vbd.handle(fe(S.INITIALISING)) == (PublishState(S.INIT_WAIT),)
 

@@ -175,6 +175,46 @@ def test_a_ring_that_fails_to_start_leaves_the_vbd_ready() -> None:
     assert vbd.state == VbdState.OPEN_READY and vbd.ring is None
 
 
+def _queue(queue: int, nr_queues: int = 3) -> BlkifRing:
+    return BlkifRing(1, 51712, grefs=(8 + queue,), port=3 + queue, queue=queue,
+                     nr_queues=nr_queues)
+
+
+def test_multi_queue_connects_queue_0_then_each_next_queue_in_order() -> None:
+    vbd = open_vbd(ring=False)
+    assert errno_of(vbd.handle(ConnectRing(_queue(1)))) == errno.EINVAL  # not queue 0 first
+    for queue in range(3):
+        assert vbd.handle(ConnectRing(_queue(queue))) == (StartRing(_queue(queue)),)
+        assert vbd.handle(RingStarted()) == (Reply(),)
+        assert vbd.queues == queue + 1 and vbd.ring == _queue(0)
+    # served: EALREADY (tapback replays); past the count, or another count: EINVAL
+    assert errno_of(vbd.handle(ConnectRing(_queue(0)))) == errno.EALREADY
+    assert errno_of(vbd.handle(ConnectRing(_queue(2)))) == errno.EALREADY
+    assert errno_of(vbd.handle(ConnectRing(_queue(3, nr_queues=4)))) == errno.EINVAL
+    assert vbd.handle(DisconnectRing(1, 51712)) == (StopRing(), Reply())
+    assert vbd.queues == 0 and vbd.state == VbdState.OPEN_READY
+
+
+def test_a_queue_out_of_order_or_count_is_refused() -> None:
+    vbd = open_vbd(ring=False)
+    vbd.handle(ConnectRing(_queue(0)))
+    vbd.handle(RingStarted())
+    assert errno_of(vbd.handle(ConnectRing(_queue(2)))) == errno.EINVAL  # skips queue 1
+    assert errno_of(vbd.handle(ConnectRing(_queue(1, nr_queues=2)))) == errno.EINVAL
+    assert vbd.queues == 1 and vbd.state == VbdState.OPEN_CONNECTED
+
+
+def test_a_later_queue_that_fails_to_start_stops_them_all() -> None:
+    vbd = open_vbd(ring=False)
+    vbd.handle(ConnectRing(_queue(0)))
+    vbd.handle(RingStarted())
+    vbd.handle(ConnectRing(_queue(1)))
+    assert vbd.handle(RingStartFailed(errno.EINVAL, "bad port")) == (
+        StopRing(), Reply(error=errno.EINVAL, message="bad port"),
+    )
+    assert vbd.state == VbdState.OPEN_READY and vbd.ring is None and vbd.queues == 0
+
+
 def test_disconnect_stops_the_named_ring_only() -> None:
     vbd = open_vbd()
     assert errno_of(vbd.handle(DisconnectRing(1, 51728))) == errno.ENODEV

@@ -14,6 +14,7 @@ resize's second Connected, right after a new `sectors`).
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from blktap3.fsm import (
     FsmError,
     ImageChanged,
     PublishState,
+    QueueRing,
     RingConnectFailed,
     RingDisconnectFailed,
     RingTransport,
@@ -125,9 +127,12 @@ class ClientOfFake:
     def connect_xenblkif(self: TapdiskClient, minor: int, *, domid: int, devid: int,
                          grefs: tuple[int, ...], order: int, port: int, proto: int,
                          max_indirect_segments: int = 0, discard: bool = True,
-                         poll_duration: int = 0, poll_idle_threshold: int = 0) -> None:
+                         poll_duration: int = 0, poll_idle_threshold: int = 0,
+                         extra_queues: Sequence[tuple[tuple[int, ...], int]] = ()) -> None:
+        more = tuple(QueueRing(refs, queue_port) for refs, queue_port in extra_queues)
         answer = ClientOfFake.fake.answer(XenblkifConnect(
-            PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments,
+            PID, minor, domid, devid, RingTransport(grefs, port, more_queues=more),
+            max_indirect_segments,
             discard, poll_duration, poll_idle_threshold))
         if isinstance(answer, RingConnectFailed):
             raise CtlError(answer.errno, answer.message)

@@ -212,8 +212,9 @@ AFTER_SUCCESS: dict[T, set[VbdState]] = {
     T.XENBLKIF_DISCONNECT: {VbdState.OPEN_READY},
     T.PAUSE: {VbdState.OPEN_PAUSED, VbdState.EMPTY_PAUSED},
     T.RESUME: {VbdState.OPEN_READY, VbdState.OPEN_CONNECTED},
-    T.CLOSE: {VbdState.ATTACHED, VbdState.CLOSED},
-    T.FORCE_SHUTDOWN: {VbdState.ATTACHED, VbdState.CLOSED},
+    # an empty paused VBD stays paused (the spec: "clears no pause flag")
+    T.CLOSE: {VbdState.ATTACHED, VbdState.CLOSED, VbdState.EMPTY_PAUSED},
+    T.FORCE_SHUTDOWN: {VbdState.ATTACHED, VbdState.CLOSED, VbdState.EMPTY_PAUSED},
     T.DISK_INFO: {VbdState.OPEN_READY, VbdState.OPEN_CONNECTED, VbdState.OPEN_QUIESCING,
                   VbdState.OPEN_PAUSED},
 }
@@ -294,7 +295,8 @@ def _check_one_request(tapdisk: Tapdisk, data: DataPath, request: p.Message) -> 
         assert (vbd.ring is not None) is (vbd.machine.ring is not None)
     # Nothing leaked: the data path holds exactly what the VBDs hold.
     assert data.images == {v.image for v in tapdisk.vbds.values() if v.image is not None}
-    assert data.rings == {v.ring for v in tapdisk.vbds.values() if v.ring is not None}
+    assert data.rings == {r for v in tapdisk.vbds.values() if v.ring is not None
+                          for r in v.ring.rings}
 
 
 # -- the same sequences into bare machines (what a conformance harness would do) ---------
