@@ -16,6 +16,7 @@ that state only flashed by.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -95,6 +96,9 @@ class ScriptedGuest:
         self.xs = xs if xs is not None else ring_xenstore(run_dir, domid, timeout)()
         self.ring: LineProcess | None = None
         self.ring_info: dict[str, Any] = {}
+        # Multi-queue: queues 1..N-1, each its own ring and event channel (queue 0 is
+        # `ring`), shared with the same order as queue 0's.
+        self.more_rings: list[tuple[LineProcess, dict[str, Any]]] = []
         self._dom0_connect = dom0
         self.dom0 = dom0()
         self.states = BackendStates(dom0, paths.backend_key("state"))
@@ -128,41 +132,68 @@ class ScriptedGuest:
     def fe(self, key: str) -> str:
         return self.paths.frontend_key(key)
 
-    def open_ring(self, order: int | None) -> None:
-        if order is None:
-            offered = self.backend("max-ring-page-order")
-            limit = int(offered) if offered is not None and offered.isdigit() else 0
-            order = min(self.personality.max_ring_page_order, limit)
-        if self.ring is not None:
-            raise GuestFault("a ring is already open")
+    def _offer(self, key: str) -> int:
+        """A number the back-end offers (missing or not a number: 0, as Linux reads)."""
+        offered = self.backend(key)
+        return int(offered) if offered is not None and offered.isdigit() else 0
+
+    def nr_queues(self, asked: int | None = None) -> int:
+        """The queues a multi-queue blkfront uses (negotiate_mq): min(its max_queues,
+        the back-end's multi-queue-max-queues, the online CPUs), at least 1; `asked`
+        (a lying guest) overrides it."""
+        if asked is not None:
+            return asked
+        online = os.sysconf("SC_NPROCESSORS_ONLN")
+        return max(1, min(self.personality.max_queues,
+                          self._offer("multi-queue-max-queues"), online))
+
+    def _share_ring(self, order: int) -> tuple[LineProcess, dict[str, Any]]:
         env = xensim.process_env(self.run_dir, self.domid)
-        self.ring = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"], env)
+        ring = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"], env)
         layout = BlkifProtocol.from_xenstore(self.personality.protocol) or BlkifProtocol.NATIVE
         try:
-            self.ring_info = self.ring.call("open", backend=self.paths.backend_domid,
-                                            order=order, protocol=layout, data_slots=8)
+            info: dict[str, Any] = ring.call("open", backend=self.paths.backend_domid,
+                                             order=order, protocol=layout, data_slots=8)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                ring.close()
             raise GuestFault(f"cannot share a ring of {1 << order} page(s): {e}") from None
-        self.ring_info["order"] = order
+        info["order"] = order
+        return ring, info
+
+    def open_ring(self, order: int | None, queues: int | None = None) -> None:
+        if order is None:
+            order = min(self.personality.max_ring_page_order,
+                        self._offer("max-ring-page-order"))
+        if self.ring is not None:
+            raise GuestFault("a ring is already open")
+        self.ring, self.ring_info = self._share_ring(order)
+        for _ in range(1, self.nr_queues(queues)):
+            self.more_rings.append(self._share_ring(order))
 
     def release_ring(self) -> None:
-        if self.ring is not None:
+        for ring in ([self.ring] if self.ring else []) + [r for r, _ in self.more_rings]:
             with contextlib.suppress(OSError):
-                self.ring.close()
-            self.ring = None
-            self.ring_info = {}
+                ring.close()
+        self.ring, self.ring_info, self.more_rings = None, {}, []
 
     def transport(self, omit: list[str], override: dict[str, str]) -> list[tuple[str, str]]:
         if not self.ring_info:
             raise GuestFault("no ring open to describe")
-        grefs, order = self.ring_info["grefs"], self.ring_info["order"]
+        order = self.ring_info["order"]
         keys: list[tuple[str, str]] = []
         if order:
             keys.append(("ring-page-order", str(order)))
-            keys += [(f"ring-ref{i}", str(g)) for i, g in enumerate(grefs)]
-        else:
-            keys.append(("ring-ref", str(grefs[0])))
-        keys.append(("event-channel", str(self.ring_info["port"])))
+        infos = [self.ring_info] + [info for _, info in self.more_rings]
+        if len(infos) > 1:  # talk_to_blkback: each queue's keys under queue-N/
+            keys.append(("multi-queue-num-queues", str(len(infos))))
+        for i, info in enumerate(infos):
+            where = f"queue-{i}/" if len(infos) > 1 else ""
+            if order:
+                keys += [(f"{where}ring-ref{n}", str(g)) for n, g in enumerate(info["grefs"])]
+            else:
+                keys.append((f"{where}ring-ref", str(info["grefs"][0])))
+            keys.append((f"{where}event-channel", str(info["port"])))
         if self.personality.protocol is not None:
             keys.append(("protocol", self.personality.protocol))
         keys += list(self.personality.extra_keys.items())
@@ -207,8 +238,16 @@ class ScriptedGuest:
         return values
 
     def io(self, op: str, sector: int, count: int) -> tuple[int | None, bool | None]:
-        """(status, verified): a write puts `pattern`, a read checks it."""
-        ring = self._ring()
+        """(status, verified): a write puts `pattern`, a read checks it; with several
+        queues, through every queue in turn (the first status that is not 0 wins)."""
+        answers = [self._io(ring, op, sector, count)
+                   for ring in [self._ring()] + [r for r, _ in self.more_rings]]
+        status = next((s for s, _ in answers if s != 0), 0)
+        verdicts = [v for _, v in answers]
+        return status, None if verdicts[0] is None else all(verdicts)
+
+    def _io(self, ring: LineProcess, op: str, sector: int, count: int
+            ) -> tuple[int | None, bool | None]:
         if op == "write":
             status = ring.call("write", sector=sector, data=pattern(sector, count).hex())
             return status, None

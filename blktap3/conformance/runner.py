@@ -140,7 +140,7 @@ class _Run:
                     raise StepFailed(f"back-end state {reached} (wanted {states}; "
                                      f"seen {_seen(g)}; error {g.backend('error')!r})")
             case "open_ring":
-                g.open_ring(p.get("order"))
+                g.open_ring(p.get("order"), p.get("queues"))
             case "write_transport":
                 keys = g.transport(list(p.get("omit", [])),
                                    {str(k): str(v) for k, v in p.get("override", {}).items()})

@@ -36,7 +36,7 @@ ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "hotplug": {},
     "toolstack_write": {"key": (str,), "value": (str,)},
     "wait_backend": {"states": (list,)},
-    "open_ring": {"order": (int,)},
+    "open_ring": {"order": (int,), "queues": (int,)},
     "write_transport": {"tx": (bool,), "state": (int,), "omit": (list,),
                         "override": (dict,), "legacy_pages": (bool,)},
     "set_state": {"state": (int,), "tx": (bool,)},
@@ -99,6 +99,9 @@ class Personality:
     extra_keys: Mapping[str, str]
     allowed_backend_states: tuple[int, ...]  # empty: any; else any other is a panic
     routines: Mapping[str, tuple[Step, ...]]
+    # Multi-queue: the most queues it asks (Linux blkfront's max_queues, 4 by default;
+    # 1: it never writes multi-queue-num-queues).
+    max_queues: int = 1
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ def parse_personality(data: Mapping[str, Any], name: str) -> Personality:
     p = data["personality"]
     _check(where, p, {"name": (str,), "driver": (str,), "source": (str,), "doc": (str,),
                       "max_ring_page_order": (int,), "protocol": (str,),
+                      "max_queues": (int,),
                       "extra_keys": (dict,), "allowed_backend_states": (list,)},
            ("name", "driver", "source", "doc", "max_ring_page_order", "protocol"))
     if p["name"] != name:
@@ -192,7 +196,8 @@ def parse_personality(data: Mapping[str, Any], name: str) -> Personality:
         name=name, driver=p["driver"], source=p["source"], doc=p["doc"],
         max_ring_page_order=p["max_ring_page_order"], protocol=p["protocol"] or None,
         extra_keys={str(k): str(v) for k, v in p.get("extra_keys", {}).items()},
-        allowed_backend_states=tuple(states), routines=routines)
+        allowed_backend_states=tuple(states), routines=routines,
+        max_queues=p.get("max_queues", 1))
 
 
 KINDS = ("handshake", "lifecycle", "hostile")

@@ -110,7 +110,10 @@ HOSTILE = [
     ({"ring-page-order": "5"}, "ring-page-order"),  # one past the 16 pages offered
     ({"protocol": "sparc64-abi"}, "protocol"),
     ({"ring-ref": "1" * 40}, "ring-ref"),
-    ({"multi-queue-num-queues": "4"}, "multi-queue-num-queues"),
+    ({"multi-queue-num-queues": "17"}, "multi-queue-num-queues"),  # past any max offered
+    ({"multi-queue-num-queues": "0"}, "multi-queue-num-queues"),
+    ({"multi-queue-num-queues": "2x"}, "multi-queue-num-queues"),
+    ({"multi-queue-num-queues": "1"}, "queue-0/ring-ref"),  # one queue, no queue-0/
 ]
 
 
