@@ -12,6 +12,9 @@ offer tapback advertises, so the 1 MiB workloads travel as one INDIRECT request 
 ``--image vhd`` also serves a fully allocated dynamic VHD holding the same bytes from
 the same tapdisk, and prints after each workload a ``vhd`` row whose ratio is against
 our raw run of the same workload, just before (allocated blocks: the hot path).
+
+The ``4k randread QD32 Nq`` rows spread QD32 over N = 1, 2, 4 queues (multi-queue: a
+ring and a tapdisk service thread per queue, a guest driver process per queue).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ WORKLOADS: list[dict[str, Any]] = [
     {"workload": "1M seqread QD8", "rw": "read", "bs": 1 << 20, "qd": 8},
     {"workload": "1M seqwrite QD8", "rw": "write", "bs": 1 << 20, "qd": 8},
 ]
+# Multi-queue rows: 4k randread QD32 over this many queues (QD32/N each, one guest
+# driver per queue), against fio's 4k randread QD32 of the same run.
+MULTI_QUEUE = (1, 2, 4)
 JSON_KEYS = ("workload", "ours_iops", "fio_iops", "ratio", "ours_p50_us", "ours_p99_us",
              "fio_p50_us", "cpu_us_per_req")
 
@@ -171,6 +177,18 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                             if ours["ours_iops"] else None}
                     results.append(vrow)
                     print(_row(vrow), flush=True)
+            fio_qd32: dict[str, Any] | None = None
+            for nr_queues in MULTI_QUEUE:  # 4k randread QD32 spread over 1, 2, 4 queues
+                name = f"4k randread QD32 {nr_queues}q"
+                if args.only and args.only not in name:
+                    continue
+                fio_qd32 = fio_qd32 or bench_fio.run(disk, "randread", 4096, 32, args.runtime)
+                mq = rig.run_queues(nr_queues, "randread", 4096, 32, args.runtime)
+                row = {"workload": name, **mq, **fio_qd32,
+                       "ratio": mq["ours_iops"] / fio_qd32["fio_iops"]
+                       if fio_qd32["fio_iops"] else None}
+                results.append(row)
+                print(_row(row), flush=True)
             if not args.only or args.only in "null ring":
                 row = {"workload": "null ring QD256", **rig.run_null(args.runtime)}
                 results.append(row)

@@ -55,6 +55,22 @@ def test_the_1mib_workloads_travel_as_one_indirect_request_a_block(tmp_path: Pat
             assert served["secs"][0 if rw == "read" else 1] == 2048 * res["ios"]
 
 
+def test_the_multi_queue_rows_drive_every_queue(tmp_path: Path) -> None:
+    assert bench.MULTI_QUEUE == (1, 2, 4)
+    disk = tmp_path / "disk.img"
+    bench._prepare(disk, 8 << 20)
+    with bench_ring.RingRig(tmp_path / "xen", disk) as rig:
+        figures = rig.run_queues(2, "randread", 4096, 4, 0.2)
+        served = rig.last["tapdisk_stats"]
+        after = json.loads(rig.vbds["disk"].client.stats(rig.vbds["disk"].minor))
+    assert figures["ours_iops"] > 0 and figures["cpu_us_per_req"] > 0
+    # Both queues served reads, counted apart and summed in blktap's field.
+    queues = served["xenbus"]["queues"]
+    assert len(queues) == 2 and all(q["reqs"][1] > 0 for q in queues)
+    assert served["xenbus"]["reqs"][1] == sum(q["reqs"][1] for q in queues)
+    assert "xenbus" not in after  # both went with the one DISCONNECT
+
+
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 def test_the_command_writes_the_issue_keys(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
