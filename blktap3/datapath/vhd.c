@@ -28,6 +28,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -61,6 +62,10 @@ struct td_vhd {
     struct td_vhd_layer *l; /* [0] is the leaf */
     char *footer;           /* the leaf's footer, rewritten at each new end */
     char *bmbuf;            /* scratch: a bitmap being read or written */
+    /* The queues of a multi-queue VBD are served by one thread each on this one chain:
+     * the caches, the footer and the scratch bitmap are shared, and a new block must be
+     * placed by one thread at a time. Held by each td_vhd_* entry point below. */
+    pthread_mutex_t lock;
 };
 
 static void *aligned(size_t len)
@@ -161,7 +166,7 @@ static int find(struct td_vhd *v, uint64_t s, int *fd, uint64_t *off)
     return 0;
 }
 
-int td_vhd_map(struct td_vhd *v, int write, uint64_t sector, uint32_t nr, uint64_t *off)
+static int vhd_map(struct td_vhd *v, int write, uint64_t sector, uint32_t nr, uint64_t *off)
 {
     uint32_t top = write ? 1 : v->n;
     for (uint32_t i = 0; i < top; i++) {
@@ -322,7 +327,7 @@ static int punch(int fd, uint64_t off, uint64_t len)
                      (off_t)len) == 0 ? 0 : -errno;
 }
 
-int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr)
+static int vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr)
 {
     struct td_vhd_layer *l = &v->l[0];
     if (l->type == VHD_FIXED)
@@ -343,9 +348,28 @@ int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr)
     return 0;
 }
 
+int td_vhd_map(struct td_vhd *v, int write, uint64_t sector, uint32_t nr, uint64_t *off)
+{
+    pthread_mutex_lock(&v->lock);
+    int rc = vhd_map(v, write, sector, nr, off);
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr)
+{
+    pthread_mutex_lock(&v->lock);
+    int rc = vhd_discard(v, sector, nr);
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
 int td_vhd_io(struct td_vhd *v, int write, void *buf, uint64_t sector, uint32_t nr)
 {
-    return write ? vhd_write(v, buf, sector, nr) : vhd_read(v, buf, sector, nr);
+    pthread_mutex_lock(&v->lock);
+    int rc = write ? vhd_write(v, buf, sector, nr) : vhd_read(v, buf, sector, nr);
+    pthread_mutex_unlock(&v->lock);
+    return rc;
 }
 
 static void layer_close(struct td_vhd_layer *l)
@@ -370,6 +394,7 @@ void td_vhd_close(struct td_vhd *v)
     free(v->l);
     free(v->footer);
     free(v->bmbuf);
+    pthread_mutex_destroy(&v->lock);
     free(v);
 }
 
@@ -442,6 +467,7 @@ int td_vhd_open(const struct td_vhd_layer_desc *layers, uint32_t n, int readonly
     struct td_vhd *v = calloc(1, sizeof(*v));
     if (!v)
         return -ENOMEM;
+    pthread_mutex_init(&v->lock, NULL);
     v->l = calloc(n, sizeof(*v->l));
     v->footer = aligned(512);
     v->bmbuf = aligned(512 * 8);

@@ -7,16 +7,24 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from blktap3.abi import BlkifProtocol
+from blktap3.ctl import ops
 from blktap3.ctl import protocol as p
 from blktap3.ctl.client import CtlError, TapdiskClient
+from blktap3.datapath import vhdformat as vhd
+from tests.integration.datapath.test_ring_io import stamp_block
+from tests.support.tools import run_tool
+
+from .conftest import MiB
 
 # The guest domain and the opened VBD of the single-queue tests.
 from .test_ring import DEVID, GUEST, machine, vbd  # noqa: F401
@@ -108,3 +116,39 @@ def test_a_queue_out_of_order_is_refused_and_a_failing_queue_leaves_none(
     assert _xenbus(client, minor) is None
     client.connect_xenblkif(minor, **blkif)  # and the VBD takes the good ones afterwards
     assert len((_xenbus(client, minor) or {})["queues"]) == QUEUES
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-utils missing")
+def test_queues_allocating_vhd_blocks_at_once_leave_a_sound_image(
+    queues: list[tuple[Any, dict[str, Any]]], machine: Any, ctl_root: Path,  # noqa: F811
+    seen_pids: set[int], tmp_path: Path,
+) -> None:
+    """Every queue's thread writes new blocks of one dynamic VHD at the same time: each
+    reads back what it wrote, and qemu-img converts the image to what they wrote."""
+    image = tmp_path / "d.vhd"
+    size = 8 * MiB  # four 2 MiB blocks, each queue allocating its share
+    vhd.create(image, size)
+    env = {**os.environ, **xensim.process_env(machine.run_dir, 0)}
+    pid, minor, _ = ops.create(f"vhd:{image}", root=ctl_root, env=env)
+    seen_pids.add(pid)
+    client = TapdiskClient(pid)
+    client.connect_xenblkif(minor, **_blkif(queues))
+    share = size // 512 // QUEUES // 8 * 8
+
+    def write(i: int) -> dict[str, int]:
+        res: dict[str, int] = queues[i][0].call(
+            "run", qd=8, bs=4096, read_pct=0, start=i * share, span=share, ios=share // 8,
+            verify=True, stamp=10 + i)
+        return res
+
+    with ThreadPoolExecutor(QUEUES) as pool:
+        results = list(pool.map(write, range(QUEUES)))
+    assert all((r["errors"], r["lost"], r["mismatches"]) == (0, 0, 0) for r in results)
+    client.disconnect_xenblkif(minor, domid=GUEST, devid=DEVID)
+    ops.destroy(pid, minor, root=ctl_root, timeout=30)
+    out = tmp_path / "out.raw"
+    run_tool("qemu-img", "convert", "-f", "vpc", "-O", "raw", image, out)
+    content = out.read_bytes()
+    for i in range(QUEUES):
+        for s in range(i * share, (i + 1) * share, 97):  # a sample of each share
+            assert content[s * 512 : (s + 1) * 512] == stamp_block(s, 10 + i)
