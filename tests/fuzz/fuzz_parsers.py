@@ -23,7 +23,6 @@ import itertools
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,15 +114,17 @@ def fuzz_nbd(data: bytes) -> None:
         pass
 
 
-SCRATCH = Path(tempfile.mkdtemp(prefix="blktap3-fuzz-vhd."))
+# The image lives in memory (libFuzzer ends the process with exit(): nothing to clean).
+MEMFD = os.memfd_create("fuzz-vhdformat")
 
 
 def fuzz_vhdformat(data: bytes) -> None:
     images = decode_vhd(data)
     if not images:
         return
-    path = SCRATCH / "image.vhd"
-    path.write_bytes(images[0])
+    os.ftruncate(MEMFD, 0)
+    os.pwrite(MEMFD, images[0], 0)
+    path = Path(f"/proc/self/fd/{MEMFD}")
     try:
         layer = vhd.Layer.open(path)
     except vhd.VhdError:
@@ -169,12 +170,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 def main() -> None:
     target = TARGETS[sys.argv[1]]
     atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
-    try:
-        atheris.Fuzz()
-    finally:
-        # Only the directory made above, with the one file written there.
-        (SCRATCH / "image.vhd").unlink(missing_ok=True)
-        os.rmdir(SCRATCH)
+    atheris.Fuzz()
 
 
 if __name__ == "__main__":
