@@ -72,7 +72,18 @@ class Backend(Protocol):
 
     def stop(self, host: Host) -> None: ...
 
+    def wait_settled(self, host: Host) -> None:
+        """Return once a (re)started back-end serves every VBD it found."""
+
     def log_path(self, host: Host) -> Path | None: ...
+
+    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
+        """Whether the back-end's machine handled `trigger` after log offset `since`, for a
+        back-end that logs its machine (None: it does not): the harness's way to wait for
+        a step that publishes nothing."""
+
+    def log_offset(self, host: Host) -> int:
+        """Where the back-end's log ends now (0 without one)."""
 
     def alive(self, host: Host) -> bool:
         """The back-end daemon still runs."""
@@ -93,6 +104,9 @@ class OursBackend:
         meets the new daemon, not a gap (adopting writes nothing to XenStore)."""
         service.stop(host.run_dir)
         self.start(host)
+        self.wait_settled(host, timeout)
+
+    def wait_settled(self, host: Host, timeout: float = RESTART_TIMEOUT) -> None:
         with host.xs() as xs:
             expected = {(int(d), int(v)) for d in _ls(xs, ROOT) for v in _ls(xs, f"{ROOT}/{d}")}
         deadline = time.monotonic() + timeout
@@ -110,6 +124,28 @@ class OursBackend:
 
     def log_path(self, host: Host) -> Path | None:
         return host.tapback_log
+
+    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
+        """A `step` or `no step` line for `trigger` in the log past `since`."""
+        try:
+            with open(host.tapback_log, "rb") as f:
+                f.seek(since)
+                lines = f.read().splitlines()
+        except OSError:
+            return False
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if (isinstance(entry, dict) and entry.get("event") in ("step", "no step")
+                        and entry.get("trigger") == trigger):
+                    return True
+        return False
+
+    def log_offset(self, host: Host) -> int:
+        try:
+            return host.tapback_log.stat().st_size
+        except OSError:
+            return 0
 
     def alive(self, host: Host) -> bool:
         return service.status(host.run_dir) is not None
@@ -163,6 +199,9 @@ class DoubleBackend:
         self.stop(host)
         self.start(host)
 
+    def wait_settled(self, host: Host) -> None:
+        """The double keeps no state a restart must take back."""
+
     def stop(self, host: Host) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -173,6 +212,12 @@ class DoubleBackend:
 
     def log_path(self, host: Host) -> Path | None:
         return None
+
+    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
+        return None
+
+    def log_offset(self, host: Host) -> int:
+        return 0
 
     def alive(self, host: Host) -> bool:
         return self._thread is not None and self._thread.is_alive()
