@@ -43,6 +43,7 @@ from blktap3.xenbus import (
 
 from .backends import Backend
 from .guest import GuestFault, ScriptedGuest
+from .lying import LyingTapdisk
 from .scenario import STATUSES, Personality, Scenario, Step
 
 DEVID = 51712  # xvda
@@ -119,6 +120,7 @@ class _Run:
         self.guests: dict[str, ScriptedGuest] = {}
         self.observed: dict[str, Any] = {}  # what the last action produced
         self.log_since = 0  # the back-end's log offset when the last action began
+        self.liar: LyingTapdisk | None = None
 
     # -- the guest of a personality (OVMF hands the VBD to the OS's blkfront) --------------
     def guest(self, personality: str | None = None) -> ScriptedGuest:
@@ -196,6 +198,13 @@ class _Run:
                 self.backend.wait_settled(self.host)
             case "tapdisk_disconnect":
                 self.tapdisk_disconnect()
+            case "tapdisk_lies":
+                assert self.attached is not None and self.liar is None
+                self.liar = LyingTapdisk(self.host.control_dir, self.attached.pid,
+                                         int(p["sector_size"]))
+                self.liar.start()
+            case "tapdisk_honest":
+                self.honest()
             case "destroy_domain":
                 self.destroy_domain(g)
             case "detach":
@@ -428,7 +437,13 @@ class _Run:
                            f"(it handles {list(allowed)})")
         return out
 
+    def honest(self) -> None:
+        if self.liar is not None:
+            self.liar.stop()
+            self.liar = None
+
     def close(self) -> None:
+        self.honest()
         for g in self.guests.values():
             g.close()
 

@@ -55,6 +55,8 @@ ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "stop_backend": {},
     "start_backend": {},
     "tapdisk_disconnect": {},
+    "tapdisk_lies": {"sector_size": (int,)},
+    "tapdisk_honest": {},
     "destroy_domain": {},
     "detach": {},
 }
