@@ -64,6 +64,9 @@ def _settled_vbds(path: Path, pid: int | None) -> set[tuple[int, int]]:
 
 class Backend(Protocol):
     name: str
+    # Where the daemon reaches xenstored when not the host's socket (a relay that
+    # injects faults); None: the host's.
+    xenstored_via: Path | None
 
     def start(self, host: Host) -> None: ...
 
@@ -93,9 +96,11 @@ class OursBackend:
     """blktap3-py's tapback, run as the daemon (verbose: every step logged)."""
 
     name = "ours"
+    xenstored_via: Path | None = None
 
     def start(self, host: Host) -> None:
-        service.start(host.run_dir, xenstored_path=str(host.xenstored_path), verbose=True,
+        xenstored = self.xenstored_via or host.xenstored_path
+        service.start(host.run_dir, xenstored_path=str(xenstored), verbose=True,
                       toolstack=host.toolstack_kind)
 
     def restart(self, host: Host, timeout: float = RESTART_TIMEOUT) -> None:
@@ -178,6 +183,7 @@ class DoubleBackend:
 
     fault: str | None = None
     max_ring_page_order: int = 3
+    xenstored_via: Path | None = None  # not followed: the double runs in the harness
     errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

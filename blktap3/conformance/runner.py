@@ -42,6 +42,7 @@ from blktap3.xenbus import (
 )
 
 from .backends import Backend
+from .denying import DenyingXenStore
 from .guest import GuestFault, ScriptedGuest
 from .lying import LyingTapdisk
 from .scenario import STATUSES, Personality, Scenario, Step
@@ -121,6 +122,7 @@ class _Run:
         self.observed: dict[str, Any] = {}  # what the last action produced
         self.log_since = 0  # the back-end's log offset when the last action began
         self.liar: LyingTapdisk | None = None
+        self.denier: DenyingXenStore | None = None
 
     # -- the guest of a personality (OVMF hands the VBD to the OS's blkfront) --------------
     def guest(self, personality: str | None = None) -> ScriptedGuest:
@@ -205,6 +207,8 @@ class _Run:
                 self.liar.start()
             case "tapdisk_honest":
                 self.honest()
+            case "deny_frontend_state":
+                self.deny_frontend_state(g)
             case "destroy_domain":
                 self.destroy_domain(g)
             case "detach":
@@ -437,6 +441,22 @@ class _Run:
                            f"(it handles {list(allowed)})")
         return out
 
+    def deny_frontend_state(self, g: ScriptedGuest) -> None:
+        """The back-end restarted behind a relay to xenstored, which then answers its
+        reads of the front-end's state node EACCES (as xenstored answers an unprivileged
+        back-end the guest locked out); the guest writes its state again to prompt it."""
+        assert self.paths is not None and self.denier is None
+        self.backend.stop(self.host)
+        self.denier = DenyingXenStore(self.host.run_dir / "xenstored-denying.sock",
+                                      self.host.xenstored_path)
+        self.denier.start()
+        self.backend.xenstored_via = self.denier.path
+        self.backend.start(self.host)
+        self.backend.wait_settled(self.host)
+        state = self.paths.frontend_key("state")
+        self.denier.deny(state)
+        self._xs_write(lambda: g.xs.write(state, g.xs.read(state)))
+
     def honest(self) -> None:
         if self.liar is not None:
             self.liar.stop()
@@ -444,6 +464,7 @@ class _Run:
 
     def close(self) -> None:
         self.honest()
+        self.backend.xenstored_via = None
         for g in self.guests.values():
             g.close()
 
@@ -493,6 +514,8 @@ def run_scenario(scenario: Scenario, personalities: Mapping[str, Personality],
         run.close()
         with contextlib.suppress(Exception):
             backend.stop(host)
+        if run.denier is not None:
+            run.denier.stop()
         log = backend.log_path(host)
         if log is not None and log.exists():
             result.coverage_lines = _step_lines(log)

@@ -57,6 +57,7 @@ ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "tapdisk_disconnect": {},
     "tapdisk_lies": {"sector_size": (int,)},
     "tapdisk_honest": {},
+    "deny_frontend_state": {},
     "destroy_domain": {},
     "detach": {},
 }
