@@ -33,6 +33,9 @@ class Coverage:
     def missed(self) -> list[str]:
         return [describe(r) for i, r in enumerate(self.rows) if i not in self.covered]
 
+    def taken(self) -> list[str]:
+        return [describe(r) for i, r in enumerate(self.rows) if i in self.covered]
+
     def as_dict(self) -> dict[str, Any]:
         return {"percent": self.percent, "rows": len(self.rows),
                 "covered": len(self.covered), "missed": self.missed()}

@@ -34,12 +34,12 @@ def table(results: Sequence[ScenarioResult], *, steps: bool = True) -> str:
     return "\n".join(lines)
 
 
-def coverage_text(cov: Coverage) -> str:
+def coverage_text(cov: Coverage, by: str = "scenario") -> str:
     lines = [f"coverage of {cov.machine}: {len(cov.covered)}/{len(cov.rows)} rows "
              f"({cov.percent} %)"]
     missed = cov.missed()
     if missed:
-        lines.append("  rows no scenario reached:")
+        lines.append(f"  rows no {by} reached:")
         lines += [f"    {m}" for m in missed]
     return "\n".join(lines)
 
