@@ -182,13 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     results = run_all(chosen, personalities, backend, args.xenstored, args.timeout)
     lines = [line for r in results for line in r.coverage_lines]
-    cov = coverage(lines) if backend.log_path is not None and lines else None
+    fe_lines = [line for r in results for line in r.frontend_lines]
+    # The back-end's machine when it logs one (ours); the front-end machine always.
+    covs = ([coverage(lines)] if lines else []) + [coverage(fe_lines, "frontend_vbd")]
     print(table(results))
-    if cov is not None:
+    for cov in covs:
         print()
         print(coverage_text(cov))
     if args.json:
-        text = json.dumps(as_json(results, cov), indent=1)
+        text = json.dumps(as_json(results, covs), indent=1)
         if args.json == "-":
             print(text)
         else:

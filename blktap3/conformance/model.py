@@ -14,18 +14,16 @@ the back-end rows the walks took that no scenario did.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from blktap3.fsm.events import DeviceClose, DeviceReconnect, Event
-from blktap3.fsm.machine import SpecMachine
+from blktap3.fsm.events import DeviceClose, DeviceReconnect
 from blktap3.sim.memory import VbdPair
 
-from .coverage import Coverage, coverage
+from .coverage import Coverage, coverage, trace
 
 ALLOWED_BACKEND_STATES = {1, 2, 4, 5, 6}
 FRONTEND_VALUES = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "", "x", "99999999999")
@@ -55,27 +53,11 @@ class WalkReport:
         return {m: coverage(lines, m) for m, lines in self.lines.items()}
 
 
-def _trace(machine: SpecMachine, out: list[dict[str, Any]]) -> None:
-    """Record each event the machine handles as tapback's verbose log does."""
-    handle: Callable[[Event], Any] = machine.handle
-
-    def traced(event: Event) -> Any:
-        before = str(machine.state)
-        effects = handle(event)
-        after = str(machine.state)
-        out.append({"event": "step", "trigger": event.trigger, "source": before, "dest": after}
-                   if after != before else
-                   {"event": "no step", "trigger": event.trigger, "state": before})
-        return effects
-
-    machine.handle = traced  # type: ignore[method-assign]
-
-
 def play(moves: list[Move], report: WalkReport) -> None:
     """One walk on a fresh pair; AssertionError (with the sequence) when a rule broke."""
     pair = VbdPair()
-    _trace(pair.backend, report.lines["backend_vbd"])
-    _trace(pair.frontend, report.lines["frontend_vbd"])
+    trace(pair.backend, report.lines["backend_vbd"])
+    trace(pair.frontend, report.lines["frontend_vbd"])
     fe_state = f"{pair.fe_path}/state"
     done: list[str] = ["create directories"]
     try:

@@ -42,6 +42,7 @@ from blktap3.xenbus import (
 )
 
 from .backends import Backend
+from .coverage import frontend_lines
 from .denying import DenyingXenStore
 from .guest import GuestFault, ScriptedGuest
 from .lying import LyingTapdisk
@@ -77,6 +78,8 @@ class ScenarioResult:
     seen_states: list[str | None] = field(default_factory=list)
     log_path: Path | None = None
     coverage_lines: list[dict[str, Any]] = field(default_factory=list)
+    # the front-end machine's rows the back-end states each guest saw make it take
+    frontend_lines: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -511,6 +514,8 @@ def run_scenario(scenario: Scenario, personalities: Mapping[str, Personality],
                     verdict.verdict == "xfail" and not step.xfail)
     finally:
         result.seen_states = next(iter(run.guests.values())).states.seen if run.guests else []
+        for g in run.guests.values():
+            result.frontend_lines += frontend_lines(g.states.seen)
         run.close()
         with contextlib.suppress(Exception):
             backend.stop(host)
