@@ -221,6 +221,10 @@ class BackendVbd(SpecMachine):
             self.frontend_has_appeared = True
         elif isinstance(event, FrontendVanished):
             self.frontend_state = None
+        elif isinstance(event, BackendFound) and event.state == XenbusState.CONNECTED:
+            # A tapback before us published Connected: a front-end connected to it, so a
+            # state node absent now is a vanished guest, not one yet to come.
+            self.frontend_has_appeared = True
         return super().handle(event)
 
     # --- conditions -----------------------------------------------------------------------
