@@ -11,7 +11,7 @@ import gzip
 import shutil
 from pathlib import Path
 
-from . import pybundle
+from . import fio, pybundle
 from .debs import Unpacked
 from .initramfs import LIBDIR, Initramfs
 
@@ -51,6 +51,7 @@ def xen_elf(pkgs: Unpacked, out: Path) -> Path:
 def guest(pkgs: Unpacked, out: Path) -> Path:
     image = _base(pkgs, GUEST_MODULES)
     image.add_file("/init", SCRIPTS / "guest-init.sh", 0o755)
+    image.add_file("/usr/bin/fio", fio.binary(), 0o755)  # static: no libraries
     for prog in ("e2fsck", "mke2fs"):
         image.add_elf(f"/usr/sbin/{prog}", _first(pkgs.root, f"sbin/{prog}",
                                                    f"usr/sbin/{prog}"))

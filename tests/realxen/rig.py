@@ -14,6 +14,7 @@ back-end's failure.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -30,7 +31,8 @@ DOM0_CMDLINE = "console=hvc0 earlyprintk=xen loglevel=4"
 BOOT_TIMEOUT = 420.0
 # Both modes must pass these; every verdict line found must say pass.
 EXPECTED = ("size", "odirect", "fsck1", "files1", "detached", "reattached", "size2",
-            "files2", "fsck2", "image-files", "image-pattern", "features")
+            "files2", "fsck2", "image-files", "image-pattern", "features",
+            "fio-4k-randread-qd16", "fio-1m-seqread-qd8", "fio-figures")
 # ... and the blktap3 mode this one too.
 EXPECTED_BLKTAP3 = ("real-xen-libs",)
 FAULT = re.compile(r"segfault at|traps:|general protection|invalid opcode|"
@@ -77,7 +79,41 @@ class Run:
             found["features"] = features
         if self.mode == "blktap3":
             found["real-xen-libs"] = self.real_xen_verdict()
+        if any(k.startswith("fio-") for k in found):
+            found["fio-figures"] = self.fio_verdict()
         return found
+
+    def fio(self) -> dict[str, dict[str, float]]:
+        """Each fio job's figures, from the terse (v3) line the guest relayed."""
+        jobs: dict[str, dict[str, float]] = {}
+        for line in self.text:
+            if "@@G FIO 3;" in line:
+                parsed = fio_terse(line.split("@@G FIO ", 1)[1])
+                if parsed is not None:
+                    jobs[parsed[0]] = parsed[1]
+        return jobs
+
+    def fio_verdict(self) -> tuple[str, str]:
+        jobs = self.fio()
+        bad = [name for name, job in jobs.items() if not job["iops"] > 0]
+        if len(jobs) < 2 or bad:
+            return ("fail", f"jobs {sorted(jobs)}, no I/O in {bad}")
+        return ("pass", "")
+
+    def queues(self) -> int | None:
+        """How many blk-mq hardware queues the guest's xvda has (blkfront's rings)."""
+        for line in self.text:
+            m = re.search(r"@@G QUEUES (\d+)", line)
+            if m:
+                return int(m.group(1))
+        return None
+
+    def summary(self) -> dict[str, object]:
+        """What the fio pair's table needs of this run, as JSON-ready data."""
+        lines = self.blkfront_lines()
+        return {"mode": self.mode, "valid": not self.faults(), "failure": self.failure(),
+                "blkfront": lines[-1] if lines else None, "queues": self.queues(),
+                "fio": self.fio()}
 
     def real_xen_verdict(self) -> tuple[str, str]:
         """Our tapdisk mapped Debian's Xen libraries (no simulator) and held the real
@@ -159,6 +195,52 @@ class Run:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.text[-n:])
+
+
+def fio_terse(line: str) -> tuple[str, dict[str, float]] | None:
+    """(job, its read IOPS, bandwidth (KiB/s), clat p50 (us)) of a fio terse v3 line."""
+    fields = line.strip().split(";")
+    if len(fields) < 40 or fields[0] != "3":
+        return None
+    p50 = next((f.split("=", 1)[1] for f in fields[17:37] if f.startswith("50.000000%=")),
+               "0")
+    try:
+        return fields[2], {"iops": float(fields[7]), "bw_kib": float(fields[6]),
+                           "clat_p50_us": float(p50), "error": float(fields[4])}
+    except ValueError:
+        return None
+
+
+def fio_table(control: dict[str, object], ours: dict[str, object]) -> str:
+    """ours / blkback for each fio job of two runs' summaries, and blkfront's lines."""
+    rows = [f"{'job':<20} {'blkback iops':>12} {'ours iops':>10} {'ratio':>6} "
+            f"{'blkback MiB/s':>13} {'ours MiB/s':>10} {'p50 us b/o':>14}"]
+    theirs_jobs = control.get("fio") or {}
+    ours_jobs = ours.get("fio") or {}
+    assert isinstance(theirs_jobs, dict) and isinstance(ours_jobs, dict)
+    for job in sorted(set(theirs_jobs) | set(ours_jobs)):
+        b, o = theirs_jobs.get(job), ours_jobs.get(job)
+        if not b or not o:
+            rows.append(f"{job:<20} (missing in {'blkback' if not b else 'ours'})")
+            continue
+        ratio = o["iops"] / b["iops"] if b["iops"] else float("nan")
+        rows.append(f"{job:<20} {b['iops']:12.0f} {o['iops']:10.0f} {ratio:6.2f} "
+                    f"{b['bw_kib'] / 1024:13.1f} {o['bw_kib'] / 1024:10.1f} "
+                    f"{b['clat_p50_us']:>7.0f}/{o['clat_p50_us']:<6.0f}")
+    for name, run in (("blkback", control), ("ours", ours)):
+        rows.append(f"{name:>7}: queues={run.get('queues')} blkfront: {run.get('blkfront')}")
+    return "\n".join(rows)
+
+
+def fio_pair(control: dict[str, object], ours: dict[str, object]) -> dict[str, object]:
+    """The JSON of a pair: both runs' summaries and the ratio (ours / blkback) per job."""
+    ratios: dict[str, float] = {}
+    b_jobs, o_jobs = control.get("fio") or {}, ours.get("fio") or {}
+    assert isinstance(b_jobs, dict) and isinstance(o_jobs, dict)
+    for job in sorted(set(b_jobs) & set(o_jobs)):
+        if b_jobs[job]["iops"]:
+            ratios[job] = round(o_jobs[job]["iops"] / b_jobs[job]["iops"], 3)
+    return {"ratio_ours_over_blkback": ratios, "blkback": control, "ours": ours}
 
 
 def expected_blkfront(keys: dict[str, str]) -> dict[str, str]:
@@ -255,6 +337,10 @@ def report(run: Run, timer: Timer, log: Path) -> None:
     print("  guest blkfront lines:")
     for line in run.blkfront_lines():
         print(f"    {line}")
+    print(f"  guest queues: {run.queues()}")
+    for job, figures in run.fio().items():
+        print(f"  fio {job}: {figures['iops']:.0f} IOPS, {figures['bw_kib'] / 1024:.1f} MiB/s, "
+              f"clat p50 {figures['clat_p50_us']:.0f} us")
     for name, (verdict, detail) in run.results().items():
         print(f"  {verdict:4}  {name} {detail}".rstrip())
 
@@ -272,6 +358,7 @@ def run_mode(mode: str, work: Path, attempts: int = 2) -> tuple[Run, str | None]
         report(run, timer, log)
         faults = run.faults()
         if not faults:
+            (work / f"summary-{mode}.json").write_text(json.dumps(run.summary(), indent=1))
             return run, run.failure()
         print(f"  INVALID run (emulation faults, attempt {attempt}):")
         for line in faults[:10]:
@@ -284,18 +371,31 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--control-blkback", action="store_true",
                         help="serve the disk with Linux's xen-blkback (the control)")
+    parser.add_argument("--both", action="store_true",
+                        help="the control, then ours, and the fio table of the pair")
     parser.add_argument("--work", type=Path, default=debs.cache_dir() / "work")
     args = parser.parse_args(argv)
     if shutil.which("qemu-system-x86_64") is None:
         print("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86")
         return 2
-    mode = "control" if args.control_blkback else "blktap3"
-    run, failure = run_mode(mode, args.work)
-    if failure:
-        print(f"FAIL at {failure}\n-- log tail --\n{run.tail()}")
-        return 1
-    print(f"PASS ({mode})")
-    return 0
+    modes = (["control", "blktap3"] if args.both else
+             ["control"] if args.control_blkback else ["blktap3"])
+    status, summaries = 0, {}
+    for mode in modes:
+        run, failure = run_mode(mode, args.work)
+        summaries[mode] = run.summary()
+        if failure:
+            print(f"FAIL at {failure}\n-- log tail --\n{run.tail()}")
+            status = 1
+        else:
+            print(f"PASS ({mode})")
+    if args.both:
+        out = args.work / "fio-pair.json"
+        out.write_text(json.dumps(fio_pair(summaries["control"], summaries["blktap3"]),
+                                  indent=1))
+        print(f"== fio in the guest, ours against blkback (same run, {out}):")
+        print(fio_table(summaries["control"], summaries["blktap3"]))
+    return status
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import shutil
 import pytest
 
 from tests.realxen import debs, rig
+from tests.realxen.conftest import SUMMARIES
 
 pytestmark = [
     pytest.mark.realxen,
@@ -29,6 +30,7 @@ pytestmark = [
 @pytest.mark.parametrize("mode", ["control", "blktap3"])
 def test_guest_blkfront_workload(mode: str) -> None:
     run, failure = rig.run_mode(mode, debs.cache_dir() / "work" / f"pytest-{mode}")
+    SUMMARIES[mode] = run.summary()  # the session's end prints the fio pair's table
     if failure is not None and failure.startswith("invalid:"):
         pytest.skip(failure)
     assert failure is None, f"{failure}\n-- log tail --\n{run.tail()}"
