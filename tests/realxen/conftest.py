@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.realxen import rig
+from tests.realxen import debs, rig
 
 # mode -> the run's summary (rig.Run.summary), filled by test_realxen as each run ends.
 SUMMARIES: dict[str, dict[str, object]] = {}
@@ -24,7 +24,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     control, ours = SUMMARIES["control"], SUMMARIES["blktap3"]
     pair = rig.fio_pair(control, ours)
-    out = rig.debs.cache_dir() / "work" / "fio-pair.json"
+    out = debs.cache_dir() / "work" / "fio-pair.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(pair, indent=1))
     terminalreporter.section("real-Xen rig: fio in the guest, ours / blkback (same run)")

@@ -35,6 +35,9 @@ EXPECTED = ("size", "odirect", "fsck1", "files1", "detached", "reattached", "siz
             "fio-4k-randread-qd16", "fio-1m-seqread-qd8", "fio-figures")
 # ... and the blktap3 mode this one too.
 EXPECTED_BLKTAP3 = ("real-xen-libs",)
+# ... and on Xen 4.20 (trixie), where xl attaches our back-end, these.
+EXPECTED_XL = ("xl-detach-no-tapdisk", "xl-destroy-no-tapdisk", "nbd-live-read",
+               "xentop-vbd")
 FAULT = re.compile(r"segfault at|traps:|general protection|invalid opcode|"
                    r"Illegal instruction|Segmentation fault")
 RESULT = re.compile(r"@@(?:G )?RESULT (\S+) (pass|fail)\b ?(.*)")
@@ -45,6 +48,7 @@ class Run:
     """What one boot printed, with the host's clock for each line."""
 
     mode: str
+    dist: str = "bookworm"
     lines: list[tuple[float, str]] = field(default_factory=list)
     returncode: int | None = None
     timed_out: bool = False
@@ -79,6 +83,8 @@ class Run:
             found["features"] = features
         if self.mode == "blktap3":
             found["real-xen-libs"] = self.real_xen_verdict()
+        if self.xentop():
+            found["xentop-vbd"] = self.xentop_verdict()
         if any(k.startswith("fio-") for k in found):
             found["fio-figures"] = self.fio_verdict()
         return found
@@ -99,6 +105,26 @@ class Run:
         if len(jobs) < 2 or bad:
             return ("fail", f"jobs {sorted(jobs)}, no I/O in {bad}")
         return ("pass", "")
+
+    def xentop(self) -> list[str]:
+        """What `xentop -b -i 1 -x` printed in dom0 while the VBD was live."""
+        return [line.removeprefix("@@XENTOP ") for line in self.text
+                if line.startswith("@@XENTOP ")]
+
+    def xentop_verdict(self) -> tuple[str, str]:
+        """The guest's row: one VBD, and its read and write counters moved."""
+        lines = self.xentop()
+        header = next((line.split() for line in lines if "VBD_RD" in line), None)
+        row = next((line.split() for line in lines if line.split()[:1] == ["guest"]), None)
+        if header is None or row is None or len(row) != len(header):
+            return ("fail", f"no guest row under a VBD header: {lines[:3]}")
+        got = dict(zip(header, row, strict=True))
+        try:
+            vbds, rd, wr = (int(got[k]) for k in ("VBDS", "VBD_RD", "VBD_WR"))
+        except ValueError:
+            return ("fail", f"not numbers: {got}")
+        detail = f"VBDS={vbds} VBD_RD={rd} VBD_WR={wr} VBD_RSECT={got.get('VBD_RSECT')}"
+        return ("pass" if vbds == 1 and rd > 0 and wr > 0 else "fail", detail)
 
     def queues(self) -> int | None:
         """How many blk-mq hardware queues the guest's xvda has (blkfront's rings)."""
@@ -168,6 +194,8 @@ class Run:
         results = self.results()
         bad = [f"{k} {v[1]}".strip() for k, v in results.items() if v[0] != "pass"]
         expected = EXPECTED + (EXPECTED_BLKTAP3 if self.mode == "blktap3" else ())
+        if self.mode == "blktap3" and self.dist == "trixie":
+            expected += EXPECTED_XL
         missing = [k for k in expected if k not in results]
         if bad or missing:
             return f"{self.last_step()}: failed {bad}, missing {missing}"
@@ -255,7 +283,7 @@ def expected_blkfront(keys: dict[str, str]) -> dict[str, str]:
     }
 
 
-def qemu_command(xen: Path, dom0: Path, mode: str) -> list[str]:
+def qemu_command(xen: Path, dom0: Path, mode: str, dist: str = "bookworm") -> list[str]:
     return [
         "nice", "-n", "10", "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35",
         # AVX off and Xen's eager FPU switching: the settings under which TCG did not
@@ -264,15 +292,17 @@ def qemu_command(xen: Path, dom0: Path, mode: str) -> list[str]:
         "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
         "-kernel", str(xen), "-append", XEN_CMDLINE,
         # Multiboot modules, comma-separated, each with its own command line.
-        "-initrd", f"{dom0.parent / 'vmlinuz'} {DOM0_CMDLINE} rigmode={mode},{dom0}",
+        "-initrd",
+        f"{dom0.parent / 'vmlinuz'} {DOM0_CMDLINE} rigmode={mode} rigdist={dist},{dom0}",
     ]
 
 
-def boot(xen: Path, dom0: Path, mode: str, log: Path, timeout: float = BOOT_TIMEOUT) -> Run:
+def boot(xen: Path, dom0: Path, mode: str, log: Path, timeout: float = BOOT_TIMEOUT,
+         dist: str = "bookworm") -> Run:
     """Run QEMU to its end, timestamping each line of the serial console into `log`."""
-    run = Run(mode)
+    run = Run(mode, dist)
     start = time.monotonic()
-    proc = subprocess.Popen(qemu_command(xen, dom0, mode), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(qemu_command(xen, dom0, mode, dist), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     try:
@@ -303,9 +333,9 @@ class Timer:
         self.marks.append((name, time.monotonic() - since))
 
 
-def build(mode: str, work: Path, timer: Timer) -> tuple[Path, Path]:
+def build(mode: str, work: Path, timer: Timer, dist: str) -> tuple[Path, Path]:
     t = time.monotonic()
-    pkgs = debs.fetch()
+    pkgs = debs.fetch(distribution=dist)
     timer("fetch+unpack debs", t)
     t = time.monotonic()
     xen = images.xen_elf(pkgs, work / "xen.elf")
@@ -319,7 +349,7 @@ def build(mode: str, work: Path, timer: Timer) -> tuple[Path, Path]:
 
 
 def report(run: Run, timer: Timer, log: Path) -> None:
-    print(f"== real-Xen rig, mode {run.mode}: serial log {log}")
+    print(f"== real-Xen rig, mode {run.mode}, {run.dist}: serial log {log}")
     for name, secs in timer.marks:
         print(f"  {secs:7.2f} s  host: {name}")
     steps = run.steps()
@@ -332,7 +362,8 @@ def report(run: Run, timer: Timer, log: Path) -> None:
                             if k.startswith(("feature-", "max-", "sectors", "info")))
         print(f"  back-end at connection {n}: {features}")
     for line in run.text:
-        if line.startswith(("@@TAPDISK-MAPS", "@@TAPDISK-FDS", "@@TAPDISK-STATS")):
+        if line.startswith(("@@TAPDISK-MAPS", "@@TAPDISK-FDS", "@@TAPDISK-STATS",
+                            "@@XENTOP")):
             print(f"  {line.removeprefix('@@')[:400]}")
     print("  guest blkfront lines:")
     for line in run.blkfront_lines():
@@ -345,15 +376,16 @@ def report(run: Run, timer: Timer, log: Path) -> None:
         print(f"  {verdict:4}  {name} {detail}".rstrip())
 
 
-def run_mode(mode: str, work: Path, attempts: int = 2) -> tuple[Run, str | None]:
+def run_mode(mode: str, work: Path, attempts: int = 2,
+             dist: str = "bookworm") -> tuple[Run, str | None]:
     """Build and boot; a run with emulation faults is invalid and retried once."""
     work.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    xen, dom0 = build(mode, work, timer)
-    run = Run(mode)
+    xen, dom0 = build(mode, work, timer, dist)
+    run = Run(mode, dist)
     for attempt in range(1, attempts + 1):
         log = work / f"serial-{mode}-{attempt}.log"
-        run = boot(xen, dom0, mode, log)
+        run = boot(xen, dom0, mode, log, dist=dist)
         (work / f"guest-{mode}-{attempt}.log").write_text(run.guest_log() + "\n")
         report(run, timer, log)
         faults = run.faults()
@@ -373,8 +405,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the disk with Linux's xen-blkback (the control)")
     parser.add_argument("--both", action="store_true",
                         help="the control, then ours, and the fio table of the pair")
-    parser.add_argument("--work", type=Path, default=debs.cache_dir() / "work")
+    parser.add_argument("--dist", choices=list(debs.DISTS), default=None,
+                        help="whose Xen: bookworm (4.17; our vbd3 toolstack attaches) or "
+                             "trixie (4.20; xl attaches through Xen's block-tap); "
+                             "default $BLKTAP3_REALXEN_DIST, else bookworm")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="work directory (default: the cache's work/DIST)")
     args = parser.parse_args(argv)
+    dist = args.dist or debs.dist()
+    work = args.work or debs.cache_dir() / "work" / dist
     if shutil.which("qemu-system-x86_64") is None:
         print("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86")
         return 2
@@ -382,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
              ["control"] if args.control_blkback else ["blktap3"])
     status, summaries = 0, {}
     for mode in modes:
-        run, failure = run_mode(mode, args.work)
+        run, failure = run_mode(mode, work, dist=dist)
         summaries[mode] = run.summary()
         if failure:
             print(f"FAIL at {failure}\n-- log tail --\n{run.tail()}")
@@ -390,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"PASS ({mode})")
     if args.both:
-        out = args.work / "fio-pair.json"
+        out = work / "fio-pair.json"
         out.write_text(json.dumps(fio_pair(summaries["control"], summaries["blktap3"]),
                                   indent=1))
         print(f"== fio in the guest, ours against blkback (same run, {out}):")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.realxen import initramfs, rig
+from tests.realxen import debs, initramfs, rig
 
 
 def _read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -196,3 +197,64 @@ def test_the_pair_table_gives_ours_over_blkback() -> None:
     table = rig.fio_table(theirs, ours)
     assert "4k-randread-qd16" in table and " 2.00 " in table
     assert "queues=2" in table and "persistent grants: disabled" in table
+
+
+# What Xen 4.20's `xentop -b -i 1 -x` prints (columns as in tools/xentop/xentop.c).
+XENTOP = [
+    "      NAME  STATE   CPU(sec) CPU(%)     MEM(k) MEM(%)  MAXMEM(k) MAXMEM(%) VCPUS NETS "
+    "NETTX(k) NETRX(k) VBDS   VBD_OO   VBD_RD   VBD_WR  VBD_RSECT  VBD_WSECT SSID",
+    "  Domain-0 -----r         25    0.0    1048576   50.0   no limit       n/a     2    0"
+    "        0        0    0        0        0        0          0          0    0",
+    "     guest --b---          3    0.0     262144   12.5     263168      12.5     1    0"
+    "        0        0    1        0     1830     1467      41786      55122    0",
+    "VBD 51712 [ca: 0]  OO:        0   RD:     1830   WR:     1467  RSECT:    41786  WSECT:"
+    "    55122",
+]
+
+
+def _trixie(lines: list[str]) -> rig.Run:
+    run = _run(lines)
+    run.dist = "trixie"
+    return run
+
+
+def test_xentop_shows_the_vbd_counters() -> None:
+    run = _run([f"@@XENTOP {line}" for line in XENTOP])
+    verdict = run.results()["xentop-vbd"]
+    assert verdict[0] == "pass" and "VBD_RD=1830 VBD_WR=1467" in verdict[1]
+    idle = [line.replace("1830", "0") for line in XENTOP]
+    assert _run([f"@@XENTOP {line}" for line in idle]).results()["xentop-vbd"][0] == "fail"
+    no_guest = [f"@@XENTOP {line}" for line in XENTOP if "guest" not in line]
+    assert _run(no_guest).results()["xentop-vbd"][0] == "fail"
+
+
+def test_the_xl_checks_are_expected_on_trixie_only() -> None:
+    assert _run(PASSING).failure() is None
+    failure = _trixie(PASSING).failure()
+    assert failure is not None and "xentop-vbd" in failure and "nbd-live-read" in failure
+    xl = [*PASSING[:-1], *(f"@@RESULT {name} pass" for name in rig.EXPECTED_XL
+                           if name != "xentop-vbd"),
+          *(f"@@XENTOP {line}" for line in XENTOP), PASSING[-1]]
+    assert _trixie(xl).failure() is None
+
+
+def test_the_trixie_rig_boots_xen_4_20() -> None:
+    command = rig.qemu_command(Path("xen.elf"), Path("/w/dom0.cpio"), "blktap3", "trixie")
+    assert "rigmode=blktap3 rigdist=trixie" in command[-1]
+
+
+def test_a_distribution_loader_resolves_libraries() -> None:
+    loader = Path("/lib64/ld-linux-x86-64.so.2")
+    if not loader.exists():
+        pytest.skip("no x86-64 glibc loader here")
+    libs = dict(initramfs.Initramfs(loader=loader).libraries_of(Path(sys.executable)))
+    assert "libc.so.6" in libs and Path(libs["libc.so.6"]).exists()
+    assert any("ld-linux" in name for name in libs)
+
+
+def test_an_unknown_distribution_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLKTAP3_REALXEN_DIST", "sid")
+    with pytest.raises(ValueError, match="bookworm, trixie"):
+        debs.dist()
+    monkeypatch.setenv("BLKTAP3_REALXEN_DIST", "trixie")
+    assert debs.dist() == "trixie" and debs.DISTS["trixie"] == "4.20"
