@@ -58,7 +58,8 @@ evidence() {
 # The guest powered off (kept by on_poweroff=preserve): `xl destroy` removes its
 # devices, libxl runs block-tap remove, which must leave no tapdisk behind.
 guest_end() {
-    wait_for 90 sh -c "xl list guest | grep -q ' s-*  '" || return 1
+    # `xl list`'s State column (the fifth) has an "s" once the guest has shut down.
+    wait_for 90 sh -c "xl list guest | awk 'NR == 2 { print \$5 }' | grep -q s" || return 1
     xl destroy guest || return 1
     wait_for 30 sh -c "! xl domid guest" || return 1
     if wait_for 60 sh -c '[ -z "$(tap-ctl list)" ] && ! pgrep tapdisk'; then
