@@ -14,12 +14,16 @@ back-end's failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -398,6 +402,25 @@ def run_mode(mode: str, work: Path, attempts: int = 2,
     return run, f"invalid: user-space faults in {attempts} runs (emulation, not a verdict)"
 
 
+@contextlib.contextmanager
+def claimed(work: Path) -> Iterator[Path]:
+    """`work` if no other run holds it, else a fresh directory beside it (removed after):
+    several people's rigs share one cache on these machines, and two runs writing the
+    same images would spoil each other."""
+    work.mkdir(parents=True, exist_ok=True)
+    with (work / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            spare = Path(tempfile.mkdtemp(prefix=f"{work.name}-", dir=work.parent))
+            try:
+                yield spare
+            finally:
+                shutil.rmtree(spare)
+            return
+        yield work
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.realxen.rig", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
              ["control"] if args.control_blkback else ["blktap3"])
     status, summaries = 0, {}
     for mode in modes:
-        run, failure = run_mode(mode, work, dist=dist)
+        with claimed(work) as claim:
+            run, failure = run_mode(mode, claim, dist=dist)
         summaries[mode] = run.summary()
         if failure:
             print(f"FAIL at {failure}\n-- log tail --\n{run.tail()}")

@@ -34,8 +34,8 @@ pytestmark = [
 def test_guest_blkfront_workload(mode: str) -> None:
     dist = debs.dist()
     suffix = "" if dist == "bookworm" else f"-{dist}"
-    run, failure = rig.run_mode(mode, debs.cache_dir() / "work" / f"pytest-{mode}{suffix}",
-                                dist=dist)
+    with rig.claimed(debs.cache_dir() / "work" / f"pytest-{mode}{suffix}") as work:
+        run, failure = rig.run_mode(mode, work, dist=dist)
     SUMMARIES[mode] = run.summary()  # the session's end prints the fio pair's table
     if failure is not None and failure.startswith("invalid:"):
         pytest.skip(failure)

@@ -258,3 +258,14 @@ def test_an_unknown_distribution_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
         debs.dist()
     monkeypatch.setenv("BLKTAP3_REALXEN_DIST", "trixie")
     assert debs.dist() == "trixie" and debs.DISTS["trixie"] == "4.20"
+
+
+def test_a_work_directory_in_use_gives_a_spare(tmp_path: Path) -> None:
+    work = tmp_path / "pytest-blktap3"
+    with rig.claimed(work) as first:
+        assert first == work
+        with rig.claimed(work) as second:
+            assert second != work and second.parent == tmp_path and second.is_dir()
+        assert not second.exists()
+    with rig.claimed(work) as again:
+        assert again == work
