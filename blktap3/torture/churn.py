@@ -108,7 +108,7 @@ def _cycle(host: Host, domid: int, image: Path, fault: str, delay: float, v: Ver
         ts.create_domain(domid)
     host.attach_disk(domid, DEVID, Image("aio", image))
     guest = start_guest(host, domid, DEVID, "linux", "randrw", hold=True,
-                        extra=["--seconds", "30", "--span-mib", "4", "--timeout", "10"])
+                        extra=["--seconds", "2", "--span-mib", "4", "--timeout", "30"])
     try:
         time.sleep(delay)  # the random point of the fault, not a synchronisation
         if fault == "guest-kill":
@@ -129,7 +129,9 @@ def _cycle(host: Host, domid: int, image: Path, fault: str, delay: float, v: Ver
             # back-end; only an ordinary detach of a connected guest must be clean.
             connected = any("CONNECTED" in step.what for step in guest.steps)
             if fault == "detach" and connected and not res.ok:
-                v.fail(f"dom{domid}: an ordinary detach failed: {res.summary()}")
+                steps = "\n    ".join(res.timeline_text().splitlines()[-8:])
+                v.fail(f"dom{domid}: an ordinary detach failed: {res.summary()}\n"
+                       f"  its last steps:\n    {steps}")
         host.destroy_domain(domid)
     finally:
         guest.kill()
