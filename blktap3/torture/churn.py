@@ -123,11 +123,13 @@ def _cycle(host: Host, domid: int, image: Path, fault: str, delay: float, v: Ver
             host.restart_xenstored()
             guest.kill()
         if fault in ("tapback-kill", "detach"):
+            # Judged only for a guest that was Connected when told to detach: one told
+            # during its handshake stops waiting and leaves, as it should.
+            connected = any("CONNECTED" in step.what for step in list(guest.steps))
             guest.detach()
             res = guest.result(timeout=60.0)
             # A guest killed before it connected reports its own failure to reach the
             # back-end; only an ordinary detach of a connected guest must be clean.
-            connected = any("CONNECTED" in step.what for step in guest.steps)
             if fault == "detach" and connected and not res.ok:
                 steps = "\n    ".join(res.timeline_text().splitlines()[-8:])
                 v.fail(f"dom{domid}: an ordinary detach failed: {res.summary()}\n"
