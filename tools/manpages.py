@@ -180,11 +180,13 @@ PAGES: dict[str, Page] = {
                                           "could not be used."), USAGE_EXIT)),
     "blktap3-torture": Page(
         1,
-        "Long hostile, SIGKILL and pause runs against the real tapdisk and data path "
+        "Long hostile, SIGKILL, pause and churn runs against the real tapdisk, data path "
+        "and tapback "
         "(ring: a random-hostile guest against the ASan+UBSan build beside a verifying "
         "one; kill: SIGKILL under flushed writes, every flushed block checked; pause: "
-        "pause/unpause and image swaps under a verifying load), each bounded, printing "
-        "its figures.",
+        "pause/unpause and image swaps under a verifying load; churn: guests created and "
+        "destroyed mid-I/O while tapback and xenstored are SIGKILLed, nothing may leak), "
+        "each bounded, printing its figures.",
         exit_status=(("0", "Nothing was lost, wrong, crashed, hung or leaked."),
                      ("1", "Something was (the figures say what)."), USAGE_EXIT)),
     "blktap3-bench": Page(1, "Measures the data path against fio on the same file in the "

@@ -330,11 +330,15 @@ static void push_requests(struct gd *g)
     }
 }
 
-/* Wait for an event or the timeout; returns 0 on timeout. */
+/* Wait for an event or the timeout; returns 0 on timeout. A signal (the guest
+ * process's SIGTERM, asking it to detach) is not a timeout: the caller reaps and waits
+ * again, so a run never leaves requests in flight because of one. */
 static int wait_event(struct gd *g, uint32_t timeout_ms)
 {
     struct pollfd pfd = {xenevtchn_fd(g->xce), POLLIN, 0};
     int n = poll(&pfd, 1, (int)timeout_ms);
+    if (n < 0 && errno == EINTR)
+        return 1;
     if (n <= 0)
         return 0;
     xenevtchn_port_or_error_t p = xenevtchn_pending(g->xce);
