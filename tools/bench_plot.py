@@ -60,7 +60,7 @@ def draw(rows: Sequence[dict[str, Any]], path: Path) -> None:
     right.set_xscale("log")
     right.set_yticks(ys, [""] * len(ys))
     right.set_xlabel("completion latency (us, log scale)")
-    right.legend(loc="lower right", fontsize="small")
+    right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     fig.suptitle("blktap3-bench: ours against fio on the same file, same run")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
