@@ -9,6 +9,10 @@ image (no I/O) gives the ring's own ceiling. The ring is connected with the indi
 offer tapback advertises, so the 1 MiB workloads travel as one INDIRECT request a block
 (256 segments) against fio's 1 MiB blocks.
 
+``--persistent`` on (the default, as tapback's) or off connects the rings with or without
+persistent grants; ``both`` adds after each workload a ``copy`` row: the same run by grant
+copy, its ratio against fio too.
+
 ``--image vhd`` also serves a fully allocated dynamic VHD holding the same bytes from
 the same tapdisk, and prints after each workload a ``vhd`` row whose ratio is against
 our raw run of the same workload, just before (allocated blocks: the hot path).
@@ -107,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vhd: also a fully allocated VHD, ratio against our raw run")
     ap.add_argument("--poll-us", type=cmdline.int_in(0, 1_000_000), default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
+    ap.add_argument("--persistent", choices=("on", "off", "both"), default="on",
+                    help="persistent grants negotiated (on, default), grant copy (off), or "
+                         "both: a 'copy' row after each workload")
     ap.add_argument("--pin", metavar="T,G", type=_cpus, default=None,
                     help="pin the tapdisk to CPU T and the guest driver to CPU G "
                          "(default: the scheduler places them)")
@@ -143,6 +150,7 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
     print(f"blktap3-bench on {platform.node()} ({os.cpu_count()} CPUs, {platform.system()} "
           f"{platform.release()}): {args.size_mib} MiB file in {args.dir}, "
           f"{args.runtime:g} s per run, O_DIRECT, io_uring, poll {args.poll_us} us, "
+          f"persistent grants {args.persistent}, "
           f"pinned {cpus or 'no'}; "
           "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
           "driver, fio us fio itself; per request: event-channel kicks both ways, "
@@ -159,13 +167,21 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                 if args.only and args.only not in w["workload"]:
                     continue
                 fio = bench_fio.run(disk, w["rw"], w["bs"], w["qd"], args.runtime)
-                ours = rig.run(w["rw"], w["bs"], w["qd"], args.runtime)
-                row = {"workload": w["workload"], **ours, **fio}
-                row["ratio"] = ours["ours_iops"] / fio["fio_iops"] if fio["fio_iops"] else None
-                results.append(row)
-                print(_row(row), flush=True)
+                for persistent in ((True, False) if args.persistent == "both"
+                                   else (args.persistent == "on",)):
+                    ours = rig.run(w["rw"], w["bs"], w["qd"], args.runtime,
+                                   persistent=persistent)
+                    name = w["workload"] if persistent or args.persistent == "off" else \
+                        f"  copy {w['workload']}"
+                    row = {"workload": name, **ours, **fio}
+                    row["ratio"] = (ours["ours_iops"] / fio["fio_iops"] if fio["fio_iops"]
+                                    else None)
+                    results.append(row)
+                    print(_row(row), flush=True)
+                ours = results[-2 if args.persistent == "both" else -1]
                 if image is not None:
-                    v = rig.run(w["rw"], w["bs"], w["qd"], args.runtime, image="vhd")
+                    v = rig.run(w["rw"], w["bs"], w["qd"], args.runtime, image="vhd",
+                                persistent=args.persistent != "off")
                     vrow = {"workload": f"  vhd {w['workload']}", **v,
                             "ratio": v["ours_iops"] / ours["ours_iops"]
                             if ours["ours_iops"] else None}

@@ -226,6 +226,7 @@ struct td_stats {
     uint64_t pgrant_hits;       /* segments moved through a mapping already held */
     uint64_t pgrant_evictions;  /* mappings dropped for room (least recently used) */
     uint64_t pgrant_map_failures;   /* grants that would not map: grant-copied instead */
+    uint64_t pgrant_full;       /* grant-copied: cache full, nothing cold to evict */
 };
 
 /* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */

@@ -112,7 +112,8 @@ struct td_stats {
     int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64];
     uint64_t polls; uint64_t polls_busy; uint32_t poll_idle_threshold;
     int32_t persistent; uint32_t pgrants_mapped; uint32_t pgrants_max; uint64_t pgrant_maps;
-    uint64_t pgrant_hits; uint64_t pgrant_evictions; uint64_t pgrant_map_failures; ...;
+    uint64_t pgrant_hits; uint64_t pgrant_evictions; uint64_t pgrant_map_failures;
+    uint64_t pgrant_full; ...;
 };
 /* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
 struct td_cpu_times { uint64_t total; uint64_t idle; };

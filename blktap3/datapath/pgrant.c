@@ -5,8 +5,16 @@
  * (blkfront's pool), so the ring service maps each grant once, keeps the mapping and
  * memcpys from/to it, instead of a grant-copy hypercall per batch. Only the service
  * thread uses the cache, and every copy through a mapping is done before the call
- * returns: no mapping is in use between calls, so any entry may be evicted (the least
- * recently used one, when the cache is full) and all are unmapped at disconnect.
+ * returns: no mapping is in use between calls, so any entry may be evicted, and all
+ * are unmapped at disconnect.
+ *
+ * When the cache is full, a new grant takes the place of the least recently used one
+ * only if that one went cold (unused for TD_PGRANT_COLD x max copies); otherwise the new
+ * grant is grant-copied, uncached, as blkback maps a grant non-persistently once it
+ * holds max_persistent_grants. A working set larger than the cache (1 MiB requests at
+ * QD8 touch 2048 pages) then keeps part of its pages mapped and copies the rest, instead
+ * of mapping and unmapping every page in turn as plain LRU would; only a working set
+ * past TD_PGRANT_COLD x max (over 16 MiB in flight on one ring) evicts as it goes.
  *
  * A grant that cannot be mapped (never granted, revoked before we mapped it, granted
  * read-only: mappings are writable, as blkback's persistent ones, since a page that
@@ -24,10 +32,14 @@
 #include <string.h>
 #include <sys/mman.h>
 
+/* Unused for this many times the cache's size in copies: cold, may be evicted. */
+#define TD_PGRANT_COLD 4u
+
 struct td_pgrant {
     uint32_t gref;
     int32_t next;           /* next entry of its hash bucket, -1: none */
-    uint64_t last_use;      /* cache tick of its last copy: the LRU order */
+    int32_t newer, older;   /* the LRU list, most recent first; -1: none */
+    uint64_t last_use;      /* cache tick of its last copy */
     char *addr;             /* the mapped page */
 };
 
@@ -38,6 +50,7 @@ struct td_pgcache {
     uint32_t nbuckets;      /* a power of two, at least twice max */
     int32_t *bucket;
     struct td_pgrant *e;
+    int32_t newest, oldest; /* ends of the LRU list, -1: empty */
     uint64_t tick;
     struct td_pgstats st;
 };
@@ -63,6 +76,7 @@ int td_pgcache_open(xengnttab_handle *xgt, uint32_t domid, uint32_t max,
         return -ENOMEM;
     }
     memset(c->bucket, 0xff, c->nbuckets * sizeof(*c->bucket)); /* all -1 */
+    c->newest = c->oldest = -1;
     c->st.max = max;
     *out = c;
     return 0;
@@ -103,53 +117,105 @@ static void unlink_entry(struct td_pgcache *c, int32_t i)
     *pp = c->e[i].next;
 }
 
-/* Unmap the least recently used entry; its place is then free (the last entry moves
- * into it, so entries stay packed). */
-static void evict_lru(struct td_pgcache *c)
+static void lru_unlink(struct td_pgcache *c, int32_t i)
 {
-    uint32_t victim = 0;
-    for (uint32_t i = 1; i < c->n; i++)
-        if (c->e[i].last_use < c->e[victim].last_use)
-            victim = i;
-    unlink_entry(c, (int32_t)victim);
+    struct td_pgrant *e = &c->e[i];
+    if (e->newer >= 0)
+        c->e[e->newer].older = e->older;
+    else
+        c->newest = e->older;
+    if (e->older >= 0)
+        c->e[e->older].newer = e->newer;
+    else
+        c->oldest = e->newer;
+}
+
+static void lru_push(struct td_pgcache *c, int32_t i)
+{
+    c->e[i].newer = -1;
+    c->e[i].older = c->newest;
+    if (c->newest >= 0)
+        c->e[c->newest].newer = i;
+    else
+        c->oldest = i;
+    c->newest = i;
+}
+
+static void link_entry(struct td_pgcache *c, int32_t i)
+{
+    uint32_t h = hash(c, c->e[i].gref);
+    c->e[i].next = c->bucket[h];
+    c->bucket[h] = i;
+    lru_push(c, i);
+}
+
+/* Unmap entry `victim` (the oldest); the last entry moves into its place, so that
+ * entries stay packed. */
+static void evict(struct td_pgcache *c, int32_t victim)
+{
+    unlink_entry(c, victim);
+    lru_unlink(c, victim);
     xengnttab_unmap(c->xgt, c->e[victim].addr, 1);
-    uint32_t last = c->n - 1;
-    __atomic_store_n(&c->n, last, __ATOMIC_RELAXED);
+    int32_t last = (int32_t)c->n - 1;
+    __atomic_store_n(&c->n, (uint32_t)last, __ATOMIC_RELAXED);
     if (victim != last) {
-        unlink_entry(c, (int32_t)last);
+        unlink_entry(c, last);
         c->e[victim] = c->e[last];
-        uint32_t h = hash(c, c->e[victim].gref);
-        c->e[victim].next = c->bucket[h];
-        c->bucket[h] = (int32_t)victim;
+        /* The moved entry keeps its place in the LRU order: its neighbours follow it. */
+        struct td_pgrant *e = &c->e[victim];
+        if (e->newer >= 0)
+            c->e[e->newer].older = victim;
+        else
+            c->newest = victim;
+        if (e->older >= 0)
+            c->e[e->older].newer = victim;
+        else
+            c->oldest = victim;
+        uint32_t h = hash(c, e->gref);
+        e->next = c->bucket[h];
+        c->bucket[h] = victim;
     }
     STAT_INC(c, evictions);
 }
 
-/* The mapping of `gref`, mapped now if it was not; NULL when it cannot be mapped. */
-static char *get(struct td_pgcache *c, uint32_t gref)
+/* The mapping of `gref`, mapped now if it was not and there is room; NULL (and *why)
+ * when it is not cached. */
+static char *get(struct td_pgcache *c, uint32_t gref, int *why)
 {
+    c->tick++;
     int32_t i = lookup(c, gref);
     if (i >= 0) {
         STAT_INC(c, hits);
-    } else {
-        uint32_t ref = gref;
-        char *addr = xengnttab_map_domain_grant_refs(c->xgt, 1, c->domid, &ref,
-                                                     PROT_READ | PROT_WRITE);
-        if (!addr) {
-            STAT_INC(c, map_failures);
+        if (c->newest != i) {
+            lru_unlink(c, i);
+            lru_push(c, i);
+        }
+        c->e[i].last_use = c->tick;
+        return c->e[i].addr;
+    }
+    if (c->n == c->max) {
+        int32_t old = c->oldest;
+        if (c->tick - c->e[old].last_use < (uint64_t)TD_PGRANT_COLD * c->max) {
+            STAT_INC(c, full);
+            *why = -ENOSPC;
             return NULL;
         }
-        if (c->n == c->max)
-            evict_lru(c);
-        i = (int32_t)c->n;
-        __atomic_store_n(&c->n, c->n + 1, __ATOMIC_RELAXED);
-        uint32_t h = hash(c, gref);
-        c->e[i] = (struct td_pgrant){.gref = gref, .next = c->bucket[h], .addr = addr};
-        c->bucket[h] = i;
-        STAT_INC(c, maps);
+        evict(c, old);
     }
-    c->e[i].last_use = ++c->tick;
-    return c->e[i].addr;
+    uint32_t ref = gref;
+    char *addr = xengnttab_map_domain_grant_refs(c->xgt, 1, c->domid, &ref,
+                                                 PROT_READ | PROT_WRITE);
+    if (!addr) {
+        STAT_INC(c, map_failures);
+        *why = -EFAULT;
+        return NULL;
+    }
+    i = (int32_t)c->n;
+    __atomic_store_n(&c->n, c->n + 1, __ATOMIC_RELAXED);
+    c->e[i] = (struct td_pgrant){.gref = gref, .last_use = c->tick, .addr = addr};
+    link_entry(c, i);
+    STAT_INC(c, maps);
+    return addr;
 }
 
 int td_pgcache_copy(struct td_pgcache *c, uint32_t gref, uint32_t offset, void *buf,
@@ -157,9 +223,10 @@ int td_pgcache_copy(struct td_pgcache *c, uint32_t gref, uint32_t offset, void *
 {
     if (offset >= TD_PAGE_SIZE || len > TD_PAGE_SIZE - offset)
         return -EINVAL;
-    char *page = get(c, gref);
+    int why = 0;
+    char *page = get(c, gref, &why);
     if (!page)
-        return -EFAULT;
+        return why;
     if (to_guest)
         memcpy(page + offset, buf, len);
     else
@@ -173,6 +240,7 @@ void td_pgcache_stats(const struct td_pgcache *c, struct td_pgstats *out)
     out->hits = __atomic_load_n(&c->st.hits, __ATOMIC_RELAXED);
     out->evictions = __atomic_load_n(&c->st.evictions, __ATOMIC_RELAXED);
     out->map_failures = __atomic_load_n(&c->st.map_failures, __ATOMIC_RELAXED);
+    out->full = __atomic_load_n(&c->st.full, __ATOMIC_RELAXED);
     out->mapped = __atomic_load_n(&c->n, __ATOMIC_RELAXED);
     out->max = c->max;
 }

@@ -18,6 +18,7 @@ struct td_pgstats {
     uint64_t hits;          /* copies through a mapping already there */
     uint64_t evictions;     /* mappings dropped to make room (least recently used) */
     uint64_t map_failures;  /* grants that could not be mapped: grant-copied instead */
+    uint64_t full;          /* segments grant-copied: cache full, nothing cold to evict */
     uint32_t mapped;        /* mappings held now */
     uint32_t max;
 };
@@ -29,7 +30,8 @@ int td_pgcache_open(xengnttab_handle *xgt, uint32_t domid, uint32_t max,
 void td_pgcache_close(struct td_pgcache *c);
 /* Copy `len` bytes at `offset` of the page granted by `gref` to/from `buf` through its
  * mapping (mapped now when it was not). -EFAULT: the grant cannot be mapped (the caller
- * grant-copies it, whose status decides); -EINVAL: outside the page. */
+ * grant-copies it, whose status decides); -ENOSPC: the cache is full of grants in use
+ * (the caller grant-copies it); -EINVAL: outside the page. */
 int td_pgcache_copy(struct td_pgcache *c, uint32_t gref, uint32_t offset, void *buf,
                     uint32_t len, int to_guest);
 /* Counters, from any thread (relaxed reads of single-writer values). */

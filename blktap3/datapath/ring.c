@@ -1178,6 +1178,7 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
     out->pgrant_hits = pg.hits;
     out->pgrant_evictions = pg.evictions;
     out->pgrant_map_failures = pg.map_failures;
+    out->pgrant_full = pg.full;
     out->pgrants_mapped = pg.mapped;
     out->pgrants_max = pg.max;
     /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */

@@ -249,6 +249,7 @@ class Ring:
                 "hits": int(st.pgrant_hits),
                 "evictions": int(st.pgrant_evictions),
                 "map_failures": int(st.pgrant_map_failures),
+                "full": int(st.pgrant_full),
             },
             "sectors": {"read": int(st.sectors_read), "written": int(st.sectors_written)},
             "kicks": {"in": int(st.kicks_in), "out": int(st.kicks_out)},
