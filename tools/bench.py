@@ -9,6 +9,10 @@ image (no I/O) gives the ring's own ceiling. The ring is connected with the indi
 offer tapback advertises, so the 1 MiB workloads travel as one INDIRECT request a block
 (256 segments) against fio's 1 MiB blocks.
 
+``--persistent`` on (the default, as tapback's) or off connects the rings with or without
+persistent grants; ``both`` adds after each workload a ``copy`` row: the same run by grant
+copy, its ratio against fio too.
+
 ``--image vhd`` also serves a fully allocated dynamic VHD holding the same bytes from
 the same tapdisk, and prints after each workload a ``vhd`` row whose ratio is against
 our raw run of the same workload, just before (allocated blocks: the hot path).
@@ -127,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vhd: also a fully allocated VHD, ratio against our raw run")
     ap.add_argument("--poll-us", type=cmdline.int_in(0, 1_000_000), default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
+    ap.add_argument("--persistent", choices=("on", "off", "both"), default="on",
+                    help="persistent grants negotiated (on, default), grant copy (off), or "
+                         "both: a 'copy' row after each workload")
     ap.add_argument("--pin", metavar="T,G", type=_cpus, default=None,
                     help="pin the tapdisk to CPU T and the guest driver to CPU G "
                          "(default: the scheduler places them)")
@@ -167,6 +174,7 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
           f"{platform.release()}): {args.size_mib} MiB file in {args.dir}, "
           f"{args.rounds} rounds of {args.runtime:g} s per side (ours, fio, ours, ...; "
           f"medians, ratio spread min-max), O_DIRECT, io_uring, poll {args.poll_us} us, "
+          f"persistent grants {args.persistent}, "
           f"pinned {cpus or 'no'}; "
           "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
           "driver, fio us fio itself; per request: event-channel kicks both ways, "
@@ -183,15 +191,21 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                 if args.only and args.only not in w["workload"]:
                     continue
                 shape = (w["rw"], w["bs"], w["qd"], args.runtime)
-                rounds = bench_rounds.alternate(functools.partial(rig.run, *shape),
-                                                functools.partial(bench_fio.run, disk, *shape),
-                                                args.rounds)
-                row = bench_rounds.combine(w["workload"], rounds, qd1=w["qd"] == 1)
-                results.append(row)
-                print(_row(row), flush=True)
+                both = args.persistent == "both"
+                for persistent in (True, False) if both else (args.persistent == "on",):
+                    ours = functools.partial(rig.run, *shape, persistent=persistent)
+                    rounds = bench_rounds.alternate(
+                        ours, functools.partial(bench_fio.run, disk, *shape), args.rounds)
+                    name = w["workload"] if persistent or args.persistent == "off" else \
+                        f"  copy {w['workload']}"
+                    row = bench_rounds.combine(name, rounds, qd1=w["qd"] == 1)
+                    results.append(row)
+                    print(_row(row), flush=True)
+                row = results[-2 if both else -1]
                 if image is not None:
-                    v = _medians([rig.run(w["rw"], w["bs"], w["qd"], args.runtime,
-                                          image="vhd") for _ in range(args.rounds)])
+                    v = _medians([rig.run(*shape, image="vhd",
+                                          persistent=args.persistent != "off")
+                                  for _ in range(args.rounds)])
                     vrow = {"workload": f"  vhd {w['workload']}", **v,
                             "ratio": v["ours_iops"] / row["ours_iops"]
                             if row["ours_iops"] else None}

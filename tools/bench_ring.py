@@ -159,9 +159,10 @@ class RingRig:
                  tb: TracebackType | None) -> None:
         self._stop()
 
-    def _ring(self, image: str, order: int, run: dict[str, Any],
+    def _ring(self, image: str, order: int, run: dict[str, Any], persistent: bool = True,
               **ring: int) -> dict[str, Any]:
-        """One guest run; ``ring``: the guest ring's ``data_slots``/``slot_pages``."""
+        """One guest run; ``ring``: the guest ring's ``data_slots``/``slot_pages``;
+        ``persistent``: persistent grants negotiated (else grant copy)."""
         vbd = self.vbds[image]
         guest = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"],
                             process_env(self.run_dir, GUEST))
@@ -173,7 +174,7 @@ class RingRig:
             vbd.client.connect_xenblkif(
                 vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]), order=order,
                 port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
-                max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS,
+                max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS, persistent=persistent,
             )
             try:
                 t0, g0 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
@@ -211,7 +212,7 @@ class RingRig:
         }
 
     def run(self, rw: str, bs: int, qd: int, runtime: float,
-            image: str = "disk") -> dict[str, Any]:
+            image: str = "disk", persistent: bool = True) -> dict[str, Any]:
         sectors = self.disk.stat().st_size // 512
         pages = -(-bs // PAGE)
         # Blocks beyond a direct request's 11 pages get their own pages, one block each.
@@ -220,7 +221,7 @@ class RingRig:
             "qd": qd, "bs": bs, "read_pct": 100 if "read" in rw else 0,
             "random": rw.startswith("rand"), "span": sectors, "duration": runtime,
             "seed": 12345, "timeout": 30.0,
-        }, **ring))
+        }, persistent, **ring))
 
     def run_null(self, runtime: float) -> dict[str, Any]:
         """The ring's own ceiling: 8-page ring, QD256, no storage and no data copy."""

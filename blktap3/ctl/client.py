@@ -283,6 +283,7 @@ class TapdiskClient:
         poll_idle_threshold: int = 0,
         max_indirect_segments: int = 0,
         discard: bool = True,
+        persistent: bool = False,
     ) -> None:
         """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served).
 
@@ -292,12 +293,16 @@ class TapdiskClient:
         `feature-max-indirect-segments` advertised to this front-end, enforced by the
         tapdisk (0: not advertised, indirect requests answered EOPNOTSUPP). `discard`
         False: withheld from this front-end (BlkifFlags.NO_DISCARD: EOPNOTSUPP).
+        `persistent`: persistent grants were negotiated (BlkifFlags.PERSISTENT).
         """
+        flags = p.BlkifFlags.NONE if discard else p.BlkifFlags.NO_DISCARD
+        if persistent:
+            flags |= p.BlkifFlags.PERSISTENT
         payload = p.Blkif(
             domid=domid, devid=devid, grefs=grefs, order=order, proto=proto, pool=pool,
             port=port, poll_duration=poll_duration, poll_idle_threshold=poll_idle_threshold,
             max_indirect_segments=max_indirect_segments,
-            flags=p.BlkifFlags.NONE if discard else p.BlkifFlags.NO_DISCARD,
+            flags=flags,
         )
         self._simple(p.MessageType.XENBLKIF_CONNECT, minor, payload)
 

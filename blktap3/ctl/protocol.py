@@ -28,7 +28,8 @@ Extensions of ours (blktap has no such thing):
   Then `gref_hi[8]` @328: grant refs 8..15 of an order-4 ring (blktap's `gref[8]` holds a
   ring of order 3 at most; blkback and QEMU offer 4). blktap's tapback never asks order 4.
   Then `flags` @360 (`BlkifFlags`): what the back-end withheld from this front-end, so
-  that blktap's zeroes mean blktap's behaviour (serve what the image can).
+  that blktap's zeroes mean blktap's behaviour (serve what the image can), and
+  `PERSISTENT` (0x2): persistent grants negotiated (zero: grant copy, blktap's way).
 
 Two things of blktap's wire that its header does not say:
 - RESUME travels in `u.params`, not in `u.resume`: blktap's tap-ctl writes the flags, the
@@ -128,6 +129,9 @@ class BlkifFlags(enum.IntFlag):
 
     NONE = 0
     NO_DISCARD = 0x1  # the toolstack's discard-enable=0: DISCARD answered EOPNOTSUPP
+    # Persistent grants negotiated (both ends wrote feature-persistent=1 at connect): map
+    # each data grant once and keep it. Zero, as from blktap's tapback: grant copy.
+    PERSISTENT = 0x2
 
 
 class ImageFlags(enum.IntFlag):

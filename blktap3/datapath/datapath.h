@@ -218,6 +218,15 @@ struct td_stats {
     uint64_t polls;         /* spins for work before sleeping (polling-duration) */
     uint64_t polls_busy;    /* spins skipped: less CPU idle than polling-idle-threshold */
     uint32_t poll_idle_threshold;
+    /* persistent grants (pgrant.c): negotiated, and the cache's counters */
+    int32_t  persistent;
+    uint32_t pgrants_mapped;    /* mappings held now */
+    uint32_t pgrants_max;
+    uint64_t pgrant_maps;       /* grants mapped */
+    uint64_t pgrant_hits;       /* segments moved through a mapping already held */
+    uint64_t pgrant_evictions;  /* mappings dropped for room (least recently used) */
+    uint64_t pgrant_map_failures;   /* grants that would not map: grant-copied instead */
+    uint64_t pgrant_full;       /* grant-copied: cache full, nothing cold to evict */
 };
 
 /* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
@@ -230,7 +239,7 @@ struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
-                    int discard,
+                    int discard, int persistent,
                     struct td_ring **out);
 /* After a failed td_ring_connect (same thread): the step that failed and its values
  * ("grant map of the ring: domain 7, 1 page(s), first ref 8"), or "" for another cause. */

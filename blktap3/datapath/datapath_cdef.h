@@ -110,7 +110,10 @@ struct td_stats {
     uint64_t kicks_in; uint64_t kicks_out; uint64_t responses; uint64_t errors[13];
     uint64_t in_flight; uint64_t batches; int32_t o_direct; int32_t engine; int32_t paused;
     int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64];
-    uint64_t polls; uint64_t polls_busy; uint32_t poll_idle_threshold; ...;
+    uint64_t polls; uint64_t polls_busy; uint32_t poll_idle_threshold;
+    int32_t persistent; uint32_t pgrants_mapped; uint32_t pgrants_max; uint64_t pgrant_maps;
+    uint64_t pgrant_hits; uint64_t pgrant_evictions; uint64_t pgrant_map_failures;
+    uint64_t pgrant_full; ...;
 };
 /* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
 struct td_cpu_times { uint64_t total; uint64_t idle; };
@@ -122,7 +125,7 @@ struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
-                    int discard,
+                    int discard, int persistent,
                     struct td_ring **out);
 const char *td_ring_connect_failure(void);
 int td_ring_pause(struct td_ring *r, int timeout_ms);

@@ -125,6 +125,9 @@ class XenblkifConnect(ControlMessage):
     # sleeping, only while this % of CPU time is idle.
     poll_duration: int = 0
     poll_idle_threshold: int = 0
+    # Persistent grants as negotiated at this connect (both ends said 1), fixed until the
+    # next one: the lesson of Linux's 2022 blkback fixes.
+    persistent: bool = False
 
 
 @dataclass(frozen=True)

@@ -410,6 +410,7 @@ class BlkifRing:
     poll_idle_threshold: int = 0  # blktap's: spin only while this % of CPU is idle
     max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
     discard: bool = True  # ours: False when the back-end withheld discard (EOPNOTSUPP)
+    persistent: bool = False  # ours: persistent grants negotiated (map once, keep)
 
     @property
     def ids(self) -> tuple[int, int]:

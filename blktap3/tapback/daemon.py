@@ -40,7 +40,7 @@ from blktap3.xenbus import (
     parse_backend_path,
 )
 
-from .executor import VbdConfig
+from .executor import DEFAULT_PERSISTENT_GRANTS, VbdConfig
 from .images import ImageWatcher
 from .reads import WATCHED_KEYS
 from .status import StatusFile, VbdStatus, default_path
@@ -70,6 +70,7 @@ class TapbackConfig:
     tapdisk_timeout: float = 30.0
     max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True  # offer feature-barrier (blktap's tapback -b: no)
+    persistent: bool = DEFAULT_PERSISTENT_GRANTS  # advertise feature-persistent
     toolstack: Toolstack = Toolstack.XAPI  # whose hotplug/InitWait order is served
     frontend_domid: int | None = None  # serve only this guest's VBDs (tapback -x)
     status_file: Path | None = None  # None: <control_root>/tapback.<kind>.status.json
@@ -78,7 +79,7 @@ class TapbackConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "vbd", VbdConfig(
             self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier,
-            self.toolstack))
+            self.toolstack, persistent=self.persistent))
         if self.status_file is None:
             object.__setattr__(self, "status_file",
                                default_path(self.control_root, self.backend_kind))

@@ -57,6 +57,9 @@ from .reads import transport_answer
 from .store import SharedStore
 
 _WRITES = (WriteKeys, PublishState, SetError)
+# feature-persistent advertised unless configured off (tapback --persistent-grants):
+# chosen from blktap3-bench's on/off figures (README, issue 13).
+DEFAULT_PERSISTENT_GRANTS = True
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class VbdConfig:
     barrier: bool = True  # feature-barrier (blktap's tapback -b: not offered)
     # xapi: InitWait once hotplug is connected (blktap's order); libxl: InitWait first.
     toolstack: Toolstack = Toolstack.XAPI
+    persistent: bool = DEFAULT_PERSISTENT_GRANTS  # advertise feature-persistent
 
     def features(self) -> BackendFeatures:
         # Discard is offered; the machine announces it only when the tapdisk says the
@@ -76,6 +80,7 @@ class VbdConfig:
         return BackendFeatures(
             max_ring_page_order=self.max_ring_page_order,
             barrier=self.barrier,
+            persistent=self.persistent,
             discard=True,
             discard_granularity=SECTOR_SIZE,
             discard_secure=True,
@@ -221,7 +226,8 @@ class EffectExecutor:
                 port=t.event_channel, proto=t.protocol,
                 max_indirect_segments=message.max_indirect_segments, discard=message.discard,
                 poll_duration=message.poll_duration,
-                poll_idle_threshold=message.poll_idle_threshold)
+                poll_idle_threshold=message.poll_idle_threshold,
+                persistent=message.persistent)
         except CtlError as exc:
             if exc.errno == errno.EALREADY:
                 self.log.info("ring already connected (adopted)")

@@ -305,7 +305,7 @@ class Tapdisk:
                 order=ring.order, port=ring.port, protocol=ring.protocol,
                 poll_us=ring.poll_us, poll_idle_threshold=ring.poll_idle_threshold,
                 max_indirect_segments=ring.max_indirect_segments,
-                discard=ring.discard,
+                discard=ring.discard, persistent=ring.persistent,
             )
         except OSError as exc:
             log.warning("ring connect failed", minor=vbd.minor, domid=ring.domid,

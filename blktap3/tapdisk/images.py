@@ -150,6 +150,7 @@ def connect_ring(
     poll_idle_threshold: int = 0,
     max_indirect_segments: int = 0,
     discard: bool = True,
+    persistent: bool = False,
 ) -> Ring:
     """Map the front-end's ring and start serving it (OSError with the reason if not).
 
@@ -158,7 +159,8 @@ def connect_ring(
     `poll_idle_threshold` (blktap's, 0..100): spin only while that % of CPU is idle.
     `max_indirect_segments` is ours: the segments per indirect request the back-end
     offered (0: not offered); EINVAL beyond the data path's limit. `discard` False:
-    the back-end withheld discard (DISCARD answered EOPNOTSUPP).
+    the back-end withheld discard (DISCARD answered EOPNOTSUPP). `persistent`: persistent
+    grants were negotiated with the front-end (data grants mapped once and kept).
     """
     datapath = _datapath()
     # blkif.proto on the wire is Xen's `enum blkif_protocol` (0 = unset: native).
@@ -172,6 +174,7 @@ def connect_ring(
             # A percentage: more than all of the CPU idle reads as "only when all is".
             poll_idle_threshold=min(poll_idle_threshold, 100),
             max_indirect_segments=max_indirect_segments, discard=discard,
+            persistent=persistent,
         )
     except OSError as exc:
         raise OSError(

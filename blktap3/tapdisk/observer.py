@@ -83,6 +83,7 @@ def observe(message: p.Message) -> Observation | None:
                 poll_idle_threshold=payload.poll_idle_threshold,
                 max_indirect_segments=payload.max_indirect_segments,
                 discard=not payload.flags & p.BlkifFlags.NO_DISCARD,
+                persistent=bool(payload.flags & p.BlkifFlags.PERSISTENT),
             )
             return ToVbd(minor, ev.ConnectRing(ring))
         case T.XENBLKIF_DISCONNECT:

@@ -97,6 +97,9 @@ def vbd_stats(
                 "img": io_errors,
             },
         }
+        if isinstance(counters.get("persistent"), Mapping):
+            # Ours, beside blktap's keys: persistent grants negotiated and their cache.
+            xenbus["persistent"] = dict(counters["persistent"])
         if counters.get("halted"):
             xenbus["halted"] = str(counters["halted"])
         result["xenbus"] = xenbus

@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include "xenring.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -915,4 +916,16 @@ int gd_hostile(struct gd *g, const struct gd_hostile *h, struct gd_hostile_resul
     g->raw_got = 0;
     free(isegs);
     return rc;
+}
+
+int gd_revoke(struct gd *g, uint32_t page)
+{
+    if (page >= g->data_pages)
+        return -EINVAL;
+    /* Looked up, not linked: the real libxengntshr has no such call. */
+    int (*end_access)(xengntshr_handle *, uint32_t) =
+        (int (*)(xengntshr_handle *, uint32_t))dlsym(RTLD_DEFAULT, "xensim_gntshr_end_access");
+    if (!end_access)
+        return -ENOSYS;
+    return end_access(g->xgs, g->data_grefs[page]) == 0 ? 0 : -errno;
 }

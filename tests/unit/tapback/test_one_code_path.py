@@ -125,10 +125,11 @@ class ClientOfFake:
     def connect_xenblkif(self: TapdiskClient, minor: int, *, domid: int, devid: int,
                          grefs: tuple[int, ...], order: int, port: int, proto: int,
                          max_indirect_segments: int = 0, discard: bool = True,
-                         poll_duration: int = 0, poll_idle_threshold: int = 0) -> None:
+                         poll_duration: int = 0, poll_idle_threshold: int = 0,
+                         persistent: bool = False) -> None:
         answer = ClientOfFake.fake.answer(XenblkifConnect(
             PID, minor, domid, devid, RingTransport(grefs, port), max_indirect_segments,
-            discard, poll_duration, poll_idle_threshold))
+            discard, poll_duration, poll_idle_threshold, persistent))
         if isinstance(answer, RingConnectFailed):
             raise CtlError(answer.errno, answer.message)
 
