@@ -244,6 +244,9 @@ class Tapdisk:
                     # (RESUME): start the export, or let its held requests go on.
                     self.nbd.serve(vbd.minor, vbd.image_spec.type, vbd.image_spec.path,
                                    vbd.image)
+                    nbd_counters = self.nbd.counters(vbd.minor)
+                    if self.metrics is not None and nbd_counters is not None:
+                        self.metrics.nbd_started(vbd.minor, nbd_counters)
             case fx.DiscardImage():
                 assert vbd.pending_image is not None
                 vbd.pending_image.close()
@@ -251,8 +254,10 @@ class Tapdisk:
             case fx.CloseImage():
                 # NBD export hook (issue 15): drain the export before its image goes;
                 # PAUSE holds its requests, CLOSE removes it.
-                self.nbd.close_image(vbd.minor, stop=vbd.state is VbdState.CLOSED,
-                                     timeout=self.drain_timeout)
+                stop = vbd.state is VbdState.CLOSED
+                self.nbd.close_image(vbd.minor, stop=stop, timeout=self.drain_timeout)
+                if stop and self.metrics is not None:
+                    self.metrics.nbd_stopped(vbd.minor)
                 image, vbd.image, vbd.image_spec = vbd.image, None, None
                 if image is not None:
                     image.close()

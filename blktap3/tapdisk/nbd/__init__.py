@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ from blktap3.abi import SECTOR_SIZE, VdiskInfo
 from ..images import Image
 from .backend import Backend, FileBackend, ImageBackend, NullBackend
 from .protocol import ExportInfo
-from .server import Export, Listener, socket_name
+from .server import COUNTERS, Export, Listener, socket_name
 
-__all__ = ["Export", "Exports", "Listener", "socket_name"]
+__all__ = ["COUNTERS", "Export", "Exports", "Listener", "socket_name"]
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +101,11 @@ class Exports:
                           reason=exc.strerror or str(exc))
                 return
             self._exports[minor] = export
+
+    def counters(self, minor: int) -> Callable[[], dict[str, dict[str, int]]] | None:
+        """Reads the counters of the export of `minor` (None when it has none)."""
+        export = self._exports.get(minor)
+        return None if export is None else export.snapshot
 
     def close_image(self, minor: int, *, stop: bool, timeout: float) -> None:
         """The VBD's image is being closed: drain the export's I/O and let go of the

@@ -14,6 +14,8 @@ import pytest
 
 from blktap3.abi import BlkifProtocol
 from blktap3.datapath import vhdformat as vhd
+from blktap3.tapdisk import metrics
+from tests.support.waiting import wait_until
 
 from . import test_ring as ring
 from .conftest import MiB, TapCtl
@@ -84,3 +86,31 @@ def test_a_vhd_export_alone_round_trips_with_qemu_io(tap_ctl: TapCtl, ctl_root: 
     out = ctl_root / "e.raw"
     run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(image), str(out))
     assert out.read_bytes() == bytes(3 * MiB) + b"\xab" * MiB + bytes(4 * MiB)
+
+
+def nbd_stats(path: Path) -> dict[str, int]:
+    version, _, *values = metrics.STATS.unpack(path.read_bytes()[:metrics.STATS.size])
+    assert version == metrics.STATS_VERSION and path.stat().st_size == metrics.PAGE
+    return dict(zip(metrics.STATS_FIELDS, values, strict=True))
+
+
+def test_the_nbd_stats_file_counts_the_exports_requests(
+    tap_ctl: TapCtl, ctl_root: Path, run_dir: Path
+) -> None:
+    image = ctl_root / "s.vhd"
+    vhd.create(image, SIZE)
+    pid, minor = create(tap_ctl, f"vhd:{image}")
+    export = uri(ctl_root, pid, minor)
+    stats = run_dir / "shm" / f"td3-{pid}" / f"nbd-{minor}"
+    old = stats.with_name(f"nbd-old-{minor}")
+    assert nbd_stats(stats)["write_reqs_submitted"] == 0 and nbd_stats(old)["io_errors"] == 0
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5 0 64k", "-c", "write -P 0x6 1M 64k",
+        "-c", "read -P 0x5 0 64k", export)
+    got = wait_until(lambda: (s := nbd_stats(stats))["read_reqs_completed"] and s,
+                     what="the NBD stats file's read counted")
+    assert got["write_reqs_submitted"] == got["write_reqs_completed"] == 2
+    assert got["write_sectors"] == 256 and got["read_sectors"] >= 128
+    assert got["read_reqs_submitted"] >= 1 and got["io_errors"] == 0
+    assert nbd_stats(old)["write_reqs_submitted"] == 0  # nobody used the old-style socket
+    assert tap_ctl("destroy", "-p", str(pid), "-m", str(minor)).code == 0
+    wait_until(lambda: not stats.exists() and not old.exists(), what="the NBD files gone")
