@@ -46,8 +46,9 @@ def guest(machine: Any) -> Iterator[Any]:
 
 
 def open_in_dom0(machine: Any, ctl_root: Path, seen_pids: set[int],
-                 params: str) -> tuple[TapdiskClient, int]:
-    """A new tapdisk of the simulated dom0 with `params` attached and open."""
+                 params: str, **open_options: Any) -> tuple[TapdiskClient, int]:
+    """A new tapdisk of the simulated dom0 with `params` attached and open (with
+    `TapdiskClient.open`'s options)."""
     # The tapdisk runs as dom0 of the simulated machine: its environment carries it.
     env = {**os.environ, **xensim.process_env(machine.run_dir, 0)}
     pid = ops.spawn(env=env)
@@ -55,7 +56,7 @@ def open_in_dom0(machine: Any, ctl_root: Path, seen_pids: set[int],
     minor = runtime.allocate_minor(ctl_root)
     client = TapdiskClient(pid)
     client.attach(minor)
-    client.open(minor, params)
+    client.open(minor, params, **open_options)
     return client, minor
 
 
