@@ -398,7 +398,20 @@ class Tapdisk:
             image_path=spec.path if spec else None,
             ring_stats=ring_stats,
             ring_ids=ring_ids,
+            mirror=self._mirror_stats(vbd),
         )
+
+    def _mirror_stats(self, vbd: Vbd) -> dict[str, Any] | None:
+        """The mirror's counters; STATS runs beside the serialized requests, so the
+        image is read under their lock (it may be closing), or not at all when a long
+        request (a PAUSE draining) holds it."""
+        if not self.lock.acquire(timeout=1.0):
+            return None
+        try:
+            image = vbd.image
+            return image.mirror_stats() if image is not None and image.shared else None
+        finally:
+            self.lock.release()
 
     # -- the tapdisk's own --------------------------------------------------------------
 

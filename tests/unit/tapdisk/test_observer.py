@@ -106,6 +106,7 @@ class FakeInfo:
 class FakeImage:
     info: FakeInfo
     live: set[Any]
+    shared: bool = False  # no CBT log, no mirror
 
     def close(self) -> None:
         assert self in self.live, "closed twice"
