@@ -39,6 +39,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def float_in(low: float, high: float, *, above_low: bool = False) -> Callable[[str], float]:
+    """A finite number type for argparse (seconds, timeouts), in [low, high], or in
+    (low, high] when `above_low`: nan, inf and anything outside are refused."""
+    interval = f"({low:g}, {high:g}]" if above_low else f"[{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _bad(f"not a number: {text!r}") from None
+        inside = (low < value if above_low else low <= value) and value <= high
+        if not inside:  # also refuses nan, and inf past any finite high
+            raise _bad(f"must be in {interval}, not {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An integer type for argparse, in [low, high] (no upper bound when None)."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,14 +48,7 @@ class UsageError(Exception):
     """Bad command-line input: reported with the usage line."""
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or not 0 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in 0..86400 seconds")
-    return value
+_seconds = cmdline.float_in(0, 86400)  # 0 allowed: `--hold 0` holds nothing
 
 
 def build_parser() -> argparse.ArgumentParser:

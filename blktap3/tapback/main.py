@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 
 import structlog
 
+from blktap3 import cmdline
 from blktap3.abi import MAX_RING_PAGE_ORDER
 from blktap3.ctl import runtime
 from blktap3.fsm import Toolstack
@@ -47,16 +48,9 @@ MAX_TIMEOUT = 1e6
 _KIND = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def _seconds(text: str) -> float:
-    """A timeout: finite and positive (a socket timeout refuses the rest, in every VBD's
-    worker, long after start-up)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seconds value: {text!r}") from None
-    if not 0 < value <= MAX_TIMEOUT:  # also false for nan
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, {MAX_TIMEOUT:g}]")
-    return value
+# A timeout: a socket timeout refuses 0, negatives and nan in every VBD's worker, long
+# after start-up, so they are refused here.
+_seconds = cmdline.float_in(0, MAX_TIMEOUT, above_low=True)
 
 
 def _domid(text: str) -> int:

@@ -44,6 +44,8 @@ BAD: list[tuple[str, Main, list[str], str]] = [
     ("tapdisk", tapdisk.main, ["--drain-timeout", "-1"], "--drain-timeout"),
     ("tapdisk", tapdisk.main, ["--client-timeout", "inf"], "--client-timeout"),
     ("tapback", tapback.main, ["-d", "--max-ring-page-order", "9"], "--max-ring-page-order"),
+    ("tapback", tapback.main, ["-d", "--tapdisk-timeout", "0"], "--tapdisk-timeout"),
+    ("tapback", tapback.main, ["-d", "--tapdisk-timeout", "nan"], "--tapdisk-timeout"),
     ("diagram", diagram.main, ["-o", "/etc/passwd"], "--out"),
     ("diagram", diagram.main, ["-o", "{tmp}/missing/x"], "--out"),
 ]
@@ -85,3 +87,19 @@ def test_positive_float_takes_finite_positive_numbers(text: str, value: float) -
 def test_positive_float_refuses_the_rest(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         cmdline.positive_float(text)
+
+
+@pytest.mark.parametrize(("low", "high", "above_low", "text", "ok"), [
+    (0, 10, False, "0", True), (0, 10, False, "10", True), (0, 10, False, "10.5", False),
+    (0, 10, False, "-0.1", False), (0, 10, True, "0", False), (0, 10, True, "1e-9", True),
+    (0, 10, False, "nan", False), (0, 10, False, "inf", False), (0, 10, False, "x", False),
+])
+def test_float_in_keeps_its_interval(
+    low: float, high: float, above_low: bool, text: str, ok: bool,
+) -> None:
+    parse = cmdline.float_in(low, high, above_low=above_low)
+    if ok:
+        assert parse(text) == float(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

@@ -16,7 +16,6 @@ from blktap3.fsm import (
     DiskInfoFailed,
     DiskInfoQuery,
     DiskInfoRead,
-    FrontendStateChanged,
     FrontendStateInvalid,
     FrontendVanished,
     HotplugConnected,
@@ -45,26 +44,15 @@ from blktap3.fsm import (
     XenbusState,
 )
 
-S = XenbusState
+from . import steps
+from .steps import TAPDISK, S, fe, published
+
 DISK = DiskInfo(sectors=2048, sector_size=512, info=0, physical_sector_size=4096)
-TAPDISK = TapdiskRef(pid=77, minor=3)
 TRANSPORT = TransportRead(RingTransport((11, 12), 9, BlkifProtocol.X86_32))
 
 
-def fe(state: XenbusState) -> FrontendStateChanged:
-    return FrontendStateChanged(state)
-
-
-def published(effects: tuple[object, ...]) -> list[int]:
-    return [e.state.value for e in effects if isinstance(e, PublishState)]
-
-
 def hotplug(vbd: BackendVbd, disk: DiskInfo = DISK) -> tuple[object, ...]:
-    """hotplug-status=connected, then the tapdisk's answer to DISK_INFO: its effects."""
-    assert vbd.handle(HotplugConnected(TAPDISK)) == (
-        WatchTapdisk(TAPDISK), SendControl(DiskInfoQuery(77, 3)))
-    assert vbd.state == "querying_disk"
-    return vbd.handle(DiskInfoRead(disk))
+    return steps.hotplug(vbd, disk)
 
 
 def to_connecting(vbd: BackendVbd) -> None:

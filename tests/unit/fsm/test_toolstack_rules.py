@@ -18,43 +18,32 @@ from blktap3.fsm import (
     BackendRemoved,
     BackendVbd,
     DiskInfo,
-    DiskInfoQuery,
-    DiskInfoRead,
-    FrontendStateChanged,
     FrontendVanished,
-    HotplugConnected,
     HotplugFailed,
     OnlineChanged,
     PublishState,
     ReadFrontendTransport,
-    RingConnected,
     RingConnectFailed,
     RingDisconnected,
     RingDisconnectFailed,
     RingTransport,
     SendControl,
     SetError,
-    TapdiskRef,
     Toolstack,
     TransportInvalid,
     TransportRead,
     Unregister,
-    WatchTapdisk,
     WriteKeys,
     XenblkifConnect,
     XenblkifDisconnect,
-    XenbusState,
 )
 
-S = XenbusState
+from . import steps
+from .steps import S, fe
+
 DISK = DiskInfo(sectors=2048)
-TAPDISK = TapdiskRef(pid=77, minor=3)
 TRANSPORT = TransportRead(RingTransport((11,), 9, BlkifProtocol.X86_64))
 DISCONNECT = SendControl(XenblkifDisconnect(77, 3, 5, 768))
-
-
-def fe(state: XenbusState) -> FrontendStateChanged:
-    return FrontendStateChanged(state)
 
 
 def libxl_vbd() -> BackendVbd:
@@ -62,26 +51,15 @@ def libxl_vbd() -> BackendVbd:
 
 
 def connect(vbd: BackendVbd) -> None:
-    """From InitWait: the front-end's keys, the ring, Connected."""
-    vbd.handle(fe(S.INITIALISED))
-    vbd.handle(TRANSPORT)
-    vbd.handle(RingConnected())
-    assert vbd.state == "connected" and vbd.published == S.CONNECTED
+    steps.connect(vbd, TRANSPORT)
 
 
-def hotplug(vbd: BackendVbd) -> tuple[object, ...]:
-    assert vbd.handle(HotplugConnected(TAPDISK)) == (
-        WatchTapdisk(TAPDISK), SendControl(DiskInfoQuery(77, 3)))
-    return vbd.handle(DiskInfoRead(DISK))
+def hotplug(vbd: BackendVbd, via: str | None = "querying_disk") -> tuple[object, ...]:
+    return steps.hotplug(vbd, DISK, via)
 
 
 def connected(toolstack: Toolstack = Toolstack.XAPI) -> BackendVbd:
-    vbd = BackendVbd(domid=5, devid=768, toolstack=toolstack)
-    vbd.handle(BackendFound(S.INITIALISING))
-    vbd.handle(fe(S.INITIALISING))
-    hotplug(vbd)
-    connect(vbd)
-    return vbd
+    return steps.connected(DISK, TRANSPORT, toolstack)
 
 
 # --- the toolstack's order ------------------------------------------------------------------
@@ -171,7 +149,7 @@ def test_vanished_frontend_in_libxl_initwait_before_hotplug_closes() -> None:
     vbd.handle(fe(S.INITIALISING))
     assert vbd.handle(FrontendVanished()) == (PublishState(S.CLOSED),)
     # block-tap's add may still finish: the disk is learnt, nothing else happens
-    hotplug(vbd)
+    hotplug(vbd, via=None)
     assert vbd.state == "closed"
 
 

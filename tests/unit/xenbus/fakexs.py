@@ -162,6 +162,10 @@ class FakeXenstored:
         self.listener.listen(8)
         self.conns: list[socket.socket] = []
         self.accepted = 0
+        # close() may run while accept() is returning a connection: the lock and the flag
+        # make sure such a connection is closed too, never left open and unlisted
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -171,8 +175,12 @@ class FakeXenstored:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            self.conns.append(conn)
-            self.accepted += 1
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self.conns.append(conn)
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -192,13 +200,16 @@ class FakeXenstored:
 
     def drop_connections(self) -> None:
         """Reset every client connection (as a xenstored restart does)."""
-        for conn in self.conns:
+        with self._lock:
+            conns, self.conns = self.conns, []
+        for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
-        self.conns.clear()
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.listener.close()
         self.drop_connections()
         with contextlib.suppress(FileNotFoundError):
