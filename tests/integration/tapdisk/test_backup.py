@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from blktap3.abi import BlkifProtocol
 from blktap3.datapath import cbtlog
 from tests.support.nbd import NbdClient
 
@@ -43,11 +42,8 @@ def test_an_incremental_backup_from_the_cbt_log_equals_the_image(
     disk = ctl_root / "d.img"
     disk.write_bytes(os.urandom(SIZE))
     log = new_log(ctl_root / "d.cbt")
-    client, minor = ring.open_in_dom0(machine, ctl_root, seen_pids, f"aio:{disk}",
-                                      logpath=str(log))
-    g = guest.call("open", backend=0, order=1, protocol=BlkifProtocol.NATIVE)
-    client.connect_xenblkif(minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]),
-                            order=1, port=g["port"], proto=1)
+    client, minor = ring.guest_on(guest, machine, ctl_root, seen_pids, f"aio:{disk}",
+                                  logpath=str(log))
     export = uri(ctl_root, client.pid, minor)
     backup = ctl_root / "backup.img"
     run("nbdcopy", export, str(backup))                        # the full copy

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from blktap3.abi import BlkifProtocol
 from blktap3.ctl import ops, runtime
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.datapath import cbtlog
@@ -55,11 +54,8 @@ def test_the_log_marks_every_block_the_ring_and_nbd_wrote(
     disk = ctl_root / "d.img"
     disk.write_bytes(bytes(SIZE))
     log = new_log(ctl_root / "d.cbt")
-    client, minor = ring.open_in_dom0(machine, ctl_root, seen_pids, f"aio:{disk}",
-                                      logpath=str(log))
-    g = guest.call("open", backend=0, order=1, protocol=BlkifProtocol.NATIVE)
-    client.connect_xenblkif(minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]),
-                            order=1, port=g["port"], proto=1)
+    client, minor = ring.guest_on(guest, machine, ctl_root, seen_pids, f"aio:{disk}",
+                                  logpath=str(log))
     rng = random.Random(16)
     want: set[int] = set()
     for _ in range(40):  # writes of 512 B .. 40 KiB, some across a 64 KiB boundary

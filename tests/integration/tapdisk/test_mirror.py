@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from blktap3.abi import BlkifProtocol
 from blktap3.ctl.client import CtlError, TapdiskClient
 from tests.support.waiting import wait_until
 
@@ -63,12 +62,8 @@ def workload(guest: Any, rng: random.Random, n: int) -> None:
 
 def connected(guest: Any, machine: Any, ctl_root: Path, seen_pids: set[int], primary: Path,
               secondary: str) -> tuple[TapdiskClient, int]:
-    client, minor = ring.open_in_dom0(machine, ctl_root, seen_pids, f"aio:{primary}",
-                                      flags=0x80, secondary=secondary)
-    g = guest.call("open", backend=0, order=1, protocol=BlkifProtocol.NATIVE)
-    client.connect_xenblkif(minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]),
-                            order=1, port=g["port"], proto=1)
-    return client, minor
+    return ring.guest_on(guest, machine, ctl_root, seen_pids, f"aio:{primary}", flags=0x80,
+                         secondary=secondary)
 
 
 def stats(client: TapdiskClient, minor: int) -> dict[str, Any]:

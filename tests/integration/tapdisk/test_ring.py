@@ -60,6 +60,16 @@ def open_in_dom0(machine: Any, ctl_root: Path, seen_pids: set[int],
     return client, minor
 
 
+def guest_on(guest: Any, machine: Any, ctl_root: Path, seen_pids: set[int], params: str,
+             **open_options: Any) -> tuple[TapdiskClient, int]:
+    """`open_in_dom0`, then the guest's ring (order 1) connected to the VBD."""
+    client, minor = open_in_dom0(machine, ctl_root, seen_pids, params, **open_options)
+    g = guest.call("open", backend=0, order=1, protocol=BlkifProtocol.NATIVE)
+    client.connect_xenblkif(minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]),
+                            order=1, port=g["port"], proto=1)
+    return client, minor
+
+
 @pytest.fixture
 def vbd(machine: Any, ctl_root: Path, seen_pids: set[int]) -> tuple[TapdiskClient, int, Path]:
     disk = ctl_root / "disk.img"
