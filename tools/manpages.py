@@ -154,6 +154,19 @@ PAGES: dict[str, Page] = {
                      ("22", "EINVAL: no command, an unknown one, or bad options (the "
                       "usage line on stdout, as blktap's).")),
         see_also=("tap-ctl(8)", "tapdisk(8)")),
+    "cbt-util": Page(
+        8,
+        "blktap's tool for changed-block-tracking logs (the files tap-ctl's -C and "
+        "unpause -c name): create a log, set and get its parent and child UUIDs, "
+        "consistency flag and disk size, print its bitmap (one bit per 64 KiB), "
+        "coalesce a parent's bitmap into a child's; the same options, output and exit "
+        "codes as blktap's cbt-util (v4.0.8).",
+        exit_status=(("0", "Success; also an unknown command (as blktap's)."),
+                     ("errno", "A command failed: the absolute value of its negative "
+                      "errno."),
+                     ("22", "EINVAL: no command or bad options (the usage on stdout, as "
+                      "blktap's).")),
+        see_also=("tap-ctl(8)", "tapdisk(8)")),
     "blktap3-sim": Page(
         1,
         "The simulated Xen host: Debian's xenstored under xensim (a preloaded library "

@@ -104,6 +104,22 @@ int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int re
                       int o_direct, struct td_image **out);
 int td_image_rw(struct td_image *img, int engine, int write, void *buf,
                 uint64_t sector, uint32_t nr_sectors);
+int td_image_sync_io(struct td_image *img, int write, void *buf, uint64_t sector,
+                     uint32_t nr);
+int td_image_discard(struct td_image *img, uint64_t sector, uint64_t nr);
+int td_image_flush(struct td_image *img);
+int td_image_set_log(struct td_image *img, const char *path, uint64_t offset,
+                     uint64_t nbits);
+int td_image_set_mirror_image(struct td_image *img, struct td_image *secondary);
+int td_image_set_mirror_nbd(struct td_image *img, int fd);
+#define TD_MIRROR_NONE 0
+#define TD_MIRROR_IMAGE 1
+#define TD_MIRROR_NBD 2
+struct td_mirror_stats {
+    int32_t kind; int32_t active; uint64_t writes; uint64_t flushes; uint64_t failed;
+    int32_t last_error; ...;
+};
+void td_image_mirror_stats(struct td_image *img, struct td_mirror_stats *out);
 
 struct td_stats {
     uint64_t reqs[8]; uint64_t indirect[2]; uint64_t indirect_pages; uint64_t segments; uint64_t sectors_read; uint64_t sectors_written;

@@ -305,7 +305,7 @@ static void run_held(struct td_ring *r)
             }
         }
         /* Durable after: the response says the data (and all before it) is stable. */
-        if (sl->err == TD_OK && fdatasync(r->img->fd) != 0)
+        if (sl->err == TD_OK && td_image_flush(r->img) != 0)
             sl->err = TD_ERR_IO;
     }
     respond(r, &sl->req, sl->err);
@@ -317,16 +317,8 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
 {
     if (is_null(r))
         return;
-    off_t off = (off_t)(sl->req.sector_number << TD_SECTOR_SHIFT);
-    off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
-    if (len == 0)
-        return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
-    if (r->img->vhd) {
-        if (td_vhd_discard(r->img->vhd, sl->req.sector_number, sl->req.nr_sectors) != 0)
-            sl->err = TD_ERR_IO;
-        return;
-    }
-    if (fallocate(r->img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0)
+    /* The image punches (raw or the VHD's leaf), marks the CBT log, mirrors. */
+    if (td_image_discard(r->img, sl->req.sector_number, sl->req.nr_sectors) != 0)
         sl->err = TD_ERR_IO;
 }
 

@@ -161,10 +161,14 @@ class SendControl(Effect):
 @dataclass(frozen=True)
 class OpenImage(Effect):
     """Open the image with its driver and hold it aside; answer `ImageOpened` or
-    `ImageOpenFailed`.  The machine then accepts it (`AcceptImage`) or not (`DiscardImage`)."""
+    `ImageOpenFailed`.  The machine then accepts it (`AcceptImage`) or not (`DiscardImage`).
+    `logpath`: track changed blocks there (ADD_LOG); `secondary`: mirror writes there
+    (SECONDARY); "" for neither."""
 
     path: str
     flags: int
+    logpath: str = ""
+    secondary: str = ""
 
 
 @dataclass(frozen=True)

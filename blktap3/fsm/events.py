@@ -435,11 +435,14 @@ class Attach(Event):
 
 @dataclass(frozen=True)
 class Open(Event):
-    """OPEN of `type:/path` (parsed by the driver that opens it) with blktap's open flags."""
+    """OPEN of `type:/path` (parsed by the driver that opens it) with blktap's open flags,
+    the changed-block log path that followed it (ADD_LOG) and the secondary (SECONDARY)."""
 
     TRIGGER: ClassVar[str] = "open"
     path: str
     flags: int = 0
+    logpath: str = ""
+    secondary: str = ""
 
 
 @dataclass(frozen=True)
@@ -520,11 +523,15 @@ class DrainFailed(EffectFailed):
 @dataclass(frozen=True)
 class Resume(Event):
     """RESUME, optionally with a new image path (image swap); `resize`: the image may have
-    grown (our `ResumeFlags.RESIZE`), a larger size is then accepted."""
+    grown (our `ResumeFlags.RESIZE`), a larger size is then accepted. `logpath` (ADD_LOG,
+    `unpause -c`) switches the changed-block log, `secondary` (`unpause -2`) the mirror's
+    target; None keeps the VBD's."""
 
     TRIGGER: ClassVar[str] = "resume"
     path: str | None = None
     resize: bool = False
+    logpath: str | None = None
+    secondary: str | None = None
 
 
 @dataclass(frozen=True)
