@@ -9,9 +9,18 @@ image (no I/O) gives the ring's own ceiling. The ring is connected with the indi
 offer tapback advertises, so the 1 MiB workloads travel as one INDIRECT request a block
 (256 segments) against fio's 1 MiB blocks.
 
+``--persistent`` on (the default, as tapback's) or off connects the rings with or without
+persistent grants; ``both`` adds after each workload a ``copy`` row: the same run by grant
+copy, its ratio against fio too.
+
 ``--image vhd`` also serves a fully allocated dynamic VHD holding the same bytes from
 the same tapdisk, and prints after each workload a ``vhd`` row whose ratio is against
 our raw run of the same workload, just before (allocated blocks: the hot path).
+
+Each workload runs in ``--rounds`` short rounds, ours then fio, ours then fio, ... (see
+``bench_rounds``): a row holds the medians of its rounds, its ``ratio`` the median of the
+rounds' ratios, with their spread (``ratio_min``-``ratio_max``). ``--plot FILE.png`` draws
+the ratios and the latency percentiles beside fio's (needs matplotlib: the ``plot`` extra).
 
 The ``4k randread QD32 Nq`` rows spread QD32 over N = 1, 2, 4 queues (multi-queue: a
 ring and a tapdisk service thread per queue, a guest driver process per queue).
@@ -20,6 +29,7 @@ ring and a tapdisk service thread per queue, a guest driver process per queue).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -32,7 +42,7 @@ import structlog
 
 from blktap3 import cmdline
 
-from . import bench_fio, bench_ring
+from . import bench_fio, bench_plot, bench_ring, bench_rounds
 
 WORKLOADS: list[dict[str, Any]] = [
     {"workload": "4k randread QD32", "rw": "randread", "bs": 4096, "qd": 32},
@@ -43,10 +53,12 @@ WORKLOADS: list[dict[str, Any]] = [
     {"workload": "1M seqwrite QD8", "rw": "write", "bs": 1 << 20, "qd": 8},
 ]
 # Multi-queue rows: 4k randread QD32 over this many queues (QD32/N each, one guest
-# driver per queue), against fio's 4k randread QD32 of the same run.
+# driver per queue), against fio's 4k randread QD32 in the same rounds.
 MULTI_QUEUE = (1, 2, 4)
-JSON_KEYS = ("workload", "ours_iops", "fio_iops", "ratio", "ours_p50_us", "ours_p99_us",
-             "fio_p50_us", "cpu_us_per_req")
+JSON_KEYS = ("workload", "ours_iops", "fio_iops", "ratio", "ratio_min", "ratio_max", "rounds",
+             "ours_p50_us", "ours_p99_us", "fio_p50_us", "fio_p99_us", "cpu_us_per_req")
+# Only in the QD1 row: the p50 latency the ring path adds to fio's (median of the rounds).
+QD1_KEY = "qd1_added_us"
 
 
 def _prepare(path: Path, size: int) -> None:
@@ -83,6 +95,7 @@ def _num(v: Any, spec: str) -> str:
 def _row(r: dict[str, Any]) -> str:
     return (f"{r['workload']:<20} {_num(r.get('ours_iops'), ',.0f'):>11} "
             f"{_num(r.get('fio_iops'), ',.0f'):>11} {_num(r.get('ratio'), '.2f'):>6} "
+            f"{_spread(r):>11} "
             f"{_num(r.get('ours_mbps'), '.0f'):>9} {_num(r.get('fio_mbps'), '.0f'):>8} "
             f"{_num(r.get('ours_p50_us'), '.1f'):>8} {_num(r.get('ours_p99_us'), '.1f'):>8} "
             f"{_num(r.get('fio_p50_us'), '.1f'):>8} {_num(r.get('fio_p99_us'), '.1f'):>8} "
@@ -92,7 +105,12 @@ def _row(r: dict[str, Any]) -> str:
             f"{_num(r.get('kicks_per_req'), '.2f'):>6} {_num(r.get('switches_per_req'), '.2f'):>6}")
 
 
-HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} "
+def _spread(r: dict[str, Any]) -> str:
+    lo, hi = r.get("ratio_min"), r.get("ratio_max")
+    return f"{lo:.2f}-{hi:.2f}" if isinstance(lo, float) and isinstance(hi, float) else "-"
+
+
+HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} {'min-max':>11} "
           f"{'ours MB/s':>9} {'fio MB/s':>8} {'ours p50':>8} {'ours p99':>8} "
           f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7} "
           f"{'kicks':>6} {'cswtch':>6}")
@@ -102,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blktap3-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="FILE", help="write one object per workload here")
-    ap.add_argument("--runtime", type=cmdline.positive_float, default=5.0,
-                    help="seconds per run (default 5: about a minute in all)")
+    ap.add_argument("--runtime", type=cmdline.positive_float, default=2.0,
+                    help="seconds per run, ours or fio, in one round (default 2)")
+    ap.add_argument("--rounds", type=cmdline.int_in(1, 1000), default=5,
+                    help="rounds per workload, ours then fio in each (default 5: about "
+                         "two minutes in all); a row is the median of its rounds")
+    ap.add_argument("--plot", metavar="FILE.png", type=Path, default=None,
+                    help="also draw the ratios and latency percentiles into this PNG "
+                         f"(needs matplotlib: {bench_plot.INSTALL_HINT})")
     ap.add_argument("--size-mib", type=cmdline.int_in(1, 1 << 20), default=512,
                     help="backing file size (MiB, default 512)")
     ap.add_argument("--dir", type=cmdline.existing_dir, default=Path("/var/tmp"),
@@ -113,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vhd: also a fully allocated VHD, ratio against our raw run")
     ap.add_argument("--poll-us", type=cmdline.int_in(0, 1_000_000), default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
+    ap.add_argument("--persistent", choices=("on", "off", "both"), default="on",
+                    help="persistent grants negotiated (on, default), grant copy (off), or "
+                         "both: a 'copy' row after each workload")
     ap.add_argument("--pin", metavar="T,G", type=_cpus, default=None,
                     help="pin the tapdisk to CPU T and the guest driver to CPU G "
                          "(default: the scheduler places them)")
@@ -120,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot is not None and (problem := bench_plot.unavailable()):
+        parser.error(problem)
     cpus = args.pin
     # SIGTERM and SIGHUP unwind as ^C does: the rig stops its tapdisks, the backing file
     # and its directory are removed.
@@ -148,7 +178,9 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
     results: list[dict[str, Any]] = []
     print(f"blktap3-bench on {platform.node()} ({os.cpu_count()} CPUs, {platform.system()} "
           f"{platform.release()}): {args.size_mib} MiB file in {args.dir}, "
-          f"{args.runtime:g} s per run, O_DIRECT, io_uring, poll {args.poll_us} us, "
+          f"{args.rounds} rounds of {args.runtime:g} s per side (ours, fio, ours, ...; "
+          f"medians, ratio spread min-max), O_DIRECT, io_uring, poll {args.poll_us} us, "
+          f"persistent grants {args.persistent}, "
           f"pinned {cpus or 'no'}; "
           "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
           "driver, fio us fio itself; per request: event-channel kicks both ways, "
@@ -164,44 +196,68 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
             for w in WORKLOADS:
                 if args.only and args.only not in w["workload"]:
                     continue
-                fio = bench_fio.run(disk, w["rw"], w["bs"], w["qd"], args.runtime)
-                ours = rig.run(w["rw"], w["bs"], w["qd"], args.runtime)
-                row = {"workload": w["workload"], **ours, **fio}
-                row["ratio"] = ours["ours_iops"] / fio["fio_iops"] if fio["fio_iops"] else None
-                results.append(row)
-                print(_row(row), flush=True)
+                shape = (w["rw"], w["bs"], w["qd"], args.runtime)
+                both = args.persistent == "both"
+                for persistent in (True, False) if both else (args.persistent == "on",):
+                    ours = functools.partial(rig.run, *shape, persistent=persistent)
+                    rounds = bench_rounds.alternate(
+                        ours, functools.partial(bench_fio.run, disk, *shape), args.rounds)
+                    name = w["workload"] if persistent or args.persistent == "off" else \
+                        f"  copy {w['workload']}"
+                    row = bench_rounds.combine(name, rounds, qd1=w["qd"] == 1)
+                    results.append(row)
+                    print(_row(row), flush=True)
+                row = results[-2 if both else -1]
                 if image is not None:
-                    v = rig.run(w["rw"], w["bs"], w["qd"], args.runtime, image="vhd")
+                    v = _medians([rig.run(*shape, image="vhd",
+                                          persistent=args.persistent != "off")
+                                  for _ in range(args.rounds)])
                     vrow = {"workload": f"  vhd {w['workload']}", **v,
-                            "ratio": v["ours_iops"] / ours["ours_iops"]
-                            if ours["ours_iops"] else None}
+                            "ratio": v["ours_iops"] / row["ours_iops"]
+                            if row["ours_iops"] else None}
                     results.append(vrow)
                     print(_row(vrow), flush=True)
-            fio_qd32: dict[str, Any] | None = None
             for nr_queues in MULTI_QUEUE:  # 4k randread QD32 spread over 1, 2, 4 queues
                 name = f"4k randread QD32 {nr_queues}q"
                 if args.only and args.only not in name:
                     continue
-                fio_qd32 = fio_qd32 or bench_fio.run(disk, "randread", 4096, 32, args.runtime)
-                mq = rig.run_queues(nr_queues, "randread", 4096, 32, args.runtime)
-                row = {"workload": name, **mq, **fio_qd32,
-                       "ratio": mq["ours_iops"] / fio_qd32["fio_iops"]
-                       if fio_qd32["fio_iops"] else None}
+                shape = ("randread", 4096, 32, args.runtime)
+                rounds = bench_rounds.alternate(
+                    functools.partial(rig.run_queues, nr_queues, *shape),
+                    functools.partial(bench_fio.run, disk, *shape), args.rounds)
+                row = bench_rounds.combine(name, rounds)
                 results.append(row)
                 print(_row(row), flush=True)
             if not args.only or args.only in "null ring":
-                row = {"workload": "null ring QD256", **rig.run_null(args.runtime)}
+                row = {"workload": "null ring QD256",
+                       **_medians([rig.run_null(args.runtime) for _ in range(args.rounds)])}
                 results.append(row)
                 print(_row(row), flush=True)
-    qd1 = next((r for r in results if r["workload"].endswith("QD1")), None)
-    if qd1:
-        print(f"QD1 p50 latency added by the ring path: "
-              f"{qd1['ours_p50_us'] - qd1['fio_p50_us']:.1f} us")
+    for r in results:
+        if r.get(QD1_KEY) is not None:
+            print(f"{r['workload']}: p50 latency added by the ring path {r[QD1_KEY]:.1f} us "
+                  f"(median of {r['rounds']} rounds)")
     if args.json:
-        out = [{k: r.get(k) for k in JSON_KEYS} if "fio_iops" in r or "ratio" in r
-               else {"workload": r["workload"], "ours_iops": r["ours_iops"]} for r in results]
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps([_json(r) for r in results], indent=2) + "\n")
+    if args.plot is not None:
+        bench_plot.draw(results, args.plot)
+        print(f"plot written to {args.plot}")
     return 0
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our figures over rounds with no fio beside them (the VHD and null rows)."""
+    return {k: v for k, v in bench_rounds.combine("", [(r, {}) for r in runs]).items()
+            if k in runs[0]}
+
+
+def _json(r: dict[str, Any]) -> dict[str, Any]:
+    if "fio_iops" not in r and r.get("ratio") is None:
+        return {"workload": r["workload"], "ours_iops": r["ours_iops"]}
+    out = {k: r.get(k) for k in JSON_KEYS}
+    if QD1_KEY in r:
+        out[QD1_KEY] = r[QD1_KEY]
+    return out
 
 
 if __name__ == "__main__":

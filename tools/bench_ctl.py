@@ -9,13 +9,23 @@ targets. Then (xcp-ng/sm#169: listing must be fast) it starts N real tapdisk pro
 in-process. Prints the figures; asserts only that every VBD was listed. Everything it
 started is stopped at the end.
 
+`--peer PREFIX` measures blktap's own tap-ctl and tapdisk (an install prefix holding
+`sbin/tap-ctl` and `libexec/tapdisk`, built from source beside ours, never committed) in
+the same run, and prints each start-up figure's ratio ours/blktap. blktap's paths are
+fixed (`/run/blktap-control`), so its commands run in a private mount namespace
+(`unshare -m`) with a tmpfs there; its tapdisk asks for unlimited locked memory, which
+root here may not grant, so it runs with the simulated host's libxensim preloaded (it
+clamps that request to the hard limit). Both sides create a VBD of the same raw file.
+
     python -m blktap3.tools.bench_ctl [-n 100] [--runs 5] [--startup-runs 10]
+        [--peer /path/to/blktap/prefix]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +37,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -71,50 +82,112 @@ def _median_ms(times: list[float]) -> str:
     return f"{statistics.median(times) * 1000:8.1f} ms"
 
 
-def startup(runs: int) -> None:
-    """Start-up figures with nothing else running, each beside its target (issue 18)."""
-    root = Path(tempfile.mkdtemp(prefix="b3start-", dir="/tmp"))
-    env = {**os.environ, runtime.ROOT_ENV: str(root)}
+# The start-up figures: (key, label, target or "").
+FIGURES = (("list", "tap-ctl list (nothing running)", "target <= 30 ms"),
+           ("spawn", "tap-ctl spawn (tapdisk start-up)", ""),
+           ("create", "tap-ctl create -a aio:FILE", "target <= 100 ms"),
+           ("destroy", "tap-ctl destroy", ""))
+
+
+def _listed(out: str) -> tuple[int, int]:
+    """The pid and minor of the one VBD `tap-ctl list` printed (ours and blktap's alike)."""
+    (line,) = [ln for ln in out.splitlines() if "minor=" in ln and "minor=-1" not in ln]
+    words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+    return int(words["pid"]), int(words["minor"])
+
+
+def _measure(tap_ctl: str, env: dict[str, str], image: Path, runs: int) -> dict[str, Any]:
+    """Medians (seconds) of each start-up figure of one tap-ctl, and an idle tapdisk's RSS."""
 
     def run(*words: str) -> str:
         return subprocess.run(words, env=env, capture_output=True, text=True,
                               check=True).stdout
 
-    floor = _time(lambda: run(sys.executable, "-c", "pass"), runs)
-    listing = _time(lambda: run(TAP_CTL, "list"), runs)
-    spawn, create, destroy, rss = [], [], [], []
+    times: dict[str, list[float]] = {key: [] for key, _, _ in FIGURES}
+    times["list"] = _time(lambda: run(tap_ctl, "list"), runs)
+    rss: list[int] = []
+    pids: list[int] = []
     try:
         for _ in range(runs):
             start = time.perf_counter()
-            pid = int(run(TAP_CTL, "spawn"))
-            spawn.append(time.perf_counter() - start)
+            pid = int(run(tap_ctl, "spawn").split()[-1])
+            times["spawn"].append(time.perf_counter() - start)
+            pids.append(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             while runtime.process_alive(pid):
                 time.sleep(0.01)
             start = time.perf_counter()
-            run(TAP_CTL, "create", "-a", "null:startup")
-            create.append(time.perf_counter() - start)
-            (entry,) = ops.list_all(root)
-            assert entry.pid is not None and entry.minor is not None
-            rss.append(_rss_kib(entry.pid))
+            run(tap_ctl, "create", "-a", f"aio:{image}")
+            times["create"].append(time.perf_counter() - start)
+            pid, minor = _listed(run(tap_ctl, "list"))
+            pids.append(pid)
+            rss.append(_rss_kib(pid))
             start = time.perf_counter()
-            run(TAP_CTL, "destroy", "-p", str(entry.pid), "-m", str(entry.minor))
-            destroy.append(time.perf_counter() - start)
+            run(tap_ctl, "destroy", "-p", str(pid), "-m", str(minor))
+            times["destroy"].append(time.perf_counter() - start)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    return {**{k: statistics.median(v) for k, v in times.items()},
+            "rss_kib": statistics.median(rss)}
+
+
+def _peer(prefix: Path, image: Path, runs: int) -> dict[str, Any]:
+    """blktap's figures, measured by a child of ours in a private mount namespace."""
+    from blktap3.sim import xensim
+
+    env = {**os.environ, "LD_PRELOAD": str(xensim.library_path())}
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-m",
+         "blktap3.tools.bench_ctl", "--peer-inside", str(prefix), "--image", str(image),
+         "--startup-runs", str(runs), "-n", "0"],
+        env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"blktap's figures failed: {done.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _peer_inside(prefix: Path, image: Path, runs: int) -> int:
+    """In the private mount namespace: a tmpfs over blktap's fixed root, then measure."""
+    root = Path("/run/blktap-control")
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "blktap3-bench-ctl", str(root)], check=True)
+    print(json.dumps(_measure(str(prefix / "sbin" / "tap-ctl"), dict(os.environ), image,
+                              runs)))
+    return 0
+
+
+def startup(runs: int, peer: Path | None = None) -> None:
+    """Start-up figures with nothing else running, each beside its target (issue 18)."""
+    root = Path(tempfile.mkdtemp(prefix="b3start-", dir="/tmp"))
+    env = {**os.environ, runtime.ROOT_ENV: str(root)}
+    image = root / "startup.img"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    try:
+        floor = _time(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), runs)
+        ours = _measure(TAP_CTL, env, image, runs)
+        theirs = _peer(peer, image, runs) if peer is not None else None
     finally:
         for entry in ops.list_all(root):
             if entry.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(entry.pid, signal.SIGTERM)
         shutil.rmtree(root, ignore_errors=True)
-    print(f"start-up, medians of {runs} (nothing else running):")
-    print(f"  python -c pass (the floor)       {_median_ms(floor)}")
-    print(f"  tap-ctl list (nothing running)   {_median_ms(listing)}   target <= 30 ms")
-    print(f"  tap-ctl spawn (tapdisk start-up) {_median_ms(spawn)}")
-    print(f"  tap-ctl create -a null:          {_median_ms(create)}   target <= 100 ms")
-    print(f"  tap-ctl destroy                  {_median_ms(destroy)}")
-    print(f"  idle tapdisk with one VBD, RSS   {statistics.median(rss) / 1024:8.1f} MiB"
-          "   target <= 12 MB")
+    peer_head = f"{'blktap':>11} {'ours/blktap':>11}" if theirs else ""
+    print(f"start-up, medians of {runs}:{'':<17}{'ours':>11} {peer_head}")
+    print(f"  {'python -c pass (the floor)':<34}{_median_ms(floor)}")
+    for key, label, target in FIGURES:
+        peer_cols = (f" {theirs[key] * 1000:8.1f} ms {ours[key] / theirs[key]:11.1f}"
+                     if theirs else "")
+        print(f"  {label:<34}{ours[key] * 1000:8.1f} ms{peer_cols}   {target}")
+    peer_rss = (f" {theirs['rss_kib'] / 1024:7.1f} MiB {ours['rss_kib'] / theirs['rss_kib']:11.1f}"
+                if theirs else "")
+    print(f"  {'idle tapdisk with one VBD, RSS':<34}{ours['rss_kib'] / 1024:7.1f} MiB"
+          f"{peer_rss}   target <= 12 MB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,10 +198,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of each list figure (default 5)")
     parser.add_argument("--startup-runs", type=cmdline.int_in(0), default=10,
                         help="runs of each start-up figure (0: leave them out)")
+    parser.add_argument("--peer", type=cmdline.existing_dir, default=None, metavar="PREFIX",
+                        help="also measure blktap's tap-ctl and tapdisk installed under "
+                             "PREFIX (sbin/tap-ctl, libexec/tapdisk) and print ratios")
+    # Internal: the child that measures blktap inside its private mount namespace.
+    parser.add_argument("--peer-inside", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--image", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peer is not None and not (args.peer / "sbin" / "tap-ctl").is_file():
+        parser.error(f"argument --peer: no sbin/tap-ctl under {args.peer}")
+    if args.peer_inside is not None:
+        return _peer_inside(args.peer_inside, args.image, args.startup_runs)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if args.startup_runs > 0:
-        startup(args.startup_runs)
+        startup(args.startup_runs, args.peer)
     if args.tapdisks <= 0:
         return 0
 

@@ -11,16 +11,25 @@ Figures:
 - latency (`--rounds` VBDs brought up one at a time): front-end Initialising (the
   toolstack wrote the directories) to both Connected, and front-end Initialised to
   back-end Connected (as seen by the guest's watch); median and p99;
-- bring-up (`--vbds`, default 200, added all at once over `--domains` guests): wall
-  time until every VBD is Connected on both ends;
-- XenStore requests per VBD during the bring-up, from xenstored's trace: tapback's own
-  connections, and every party together (toolstack, hotplug, tapback, front-ends).
+- bring-up (`--vbds`, default 1,000, added all at once over `--domains` guests, default
+  50, in `--shared-tapdisks` tapdisks, default 50): wall time until every VBD is Connected
+  on both ends;
+- tear-down of them all, as libxl does it (`online=0` and back-end Closing in one
+  transaction; the front-end closes; once the back-end is Closed, the hotplug remove step
+  and both directories removed): wall time until every VBD is gone;
+- XenStore requests per VBD during the bring-up and during the tear-down, from
+  xenstored's trace: tapback's own connections, and every party together (toolstack,
+  hotplug, tapback, front-ends);
+- tapback's memory per VBD: its RSS with every VBD Connected less its RSS before.
+
+One tapdisk per VBD (`--shared-tapdisks 0`) does not fit 1,000 VBDs on this machine (an
+idle Python tapdisk holds ~23 MB: 23 GB for 1,000); CI runs a small count.
 
 For scale, in a real Xen rig Initialised -> Connected took ~100 ms for qdisk, 160-195 ms
 for blkback and ~300 ms for blktap's tapback (reference/traces.md).
 
     python -m blktap3.tools.bench_handshake [--rounds 30] [--vbds 200] [--domains 10]
-        [--shared-tapdisks 0] [--json]
+        [--shared-tapdisks 50] [--json]
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ class Vbd:
     t_backend_connected: float = 0.0  # the guest saw the back-end's state 4
     t_connected: float = 0.0  # the front-end wrote state 4
     done: threading.Event = field(default_factory=threading.Event)
+    closing: bool = False  # the toolstack asked the back-end to close
+    closed: threading.Event = field(default_factory=threading.Event)  # back-end Closed
 
 
 class GuestFrontends:
@@ -129,7 +140,7 @@ class GuestFrontends:
                 continue
             with self._lock:
                 vbd = self.vbds.get(event.path)
-            if vbd is None or vbd.done.is_set():
+            if vbd is None or vbd.closed.is_set():
                 continue
             try:
                 raw = self.xs.read_optional(event.path)
@@ -138,12 +149,18 @@ class GuestFrontends:
             try:
                 if raw == "2" and not vbd.t_initialised:
                     self._publish(vbd)
-                elif raw == "4" and vbd.t_initialised:
+                elif raw == "4" and vbd.t_initialised and not vbd.done.is_set():
                     vbd.t_backend_connected = time.perf_counter()
                     self.xs.write(vbd.paths.frontend_key("state"),
                                   XenbusState.CONNECTED.wire())
                     vbd.t_connected = time.perf_counter()
                     vbd.done.set()
+                elif raw == "5" and vbd.closing:
+                    # blkfront on the back-end's Closing: Closing, then Closed.
+                    self.xs.write(vbd.paths.frontend_key("state"), XenbusState.CLOSING.wire())
+                    self.xs.write(vbd.paths.frontend_key("state"), XenbusState.CLOSED.wire())
+                elif raw == "6" and vbd.closing:
+                    vbd.closed.set()
                 elif raw == "6":
                     error = self.xs.read_optional(vbd.paths.backend_key("error"))
                     self.errors.append(f"{vbd.paths.backend}: Closed: {error}")
@@ -223,6 +240,32 @@ def _add_vbd(host: Host, domid: int, devid: int, image_dir: Path,
     return vbd
 
 
+def _remove_vbd(host: Host, vbd: Vbd) -> None:
+    """libxl's tear-down of one VBD: close, wait for Closed, hotplug remove, directories."""
+    paths = vbd.paths
+    vbd.closing = True
+
+    def close(tx: Transaction) -> None:
+        tx.write(paths.backend_key("online"), "0")
+        tx.write(paths.backend_key("state"), XenbusState.CLOSING.wire())
+
+    with host.toolstack() as ts:
+        device = ts.xs.read(paths.backend_key("physical-device-path"))
+        ts.xs.transact(close)
+    if not vbd.closed.wait(120):
+        raise RuntimeError(f"VBD {paths.domid}/{paths.devid} did not close")
+    hotplug.hotplug_remove(host, paths, device=device)
+    with host.toolstack() as ts:
+        ts.remove_vbd(paths.domid, paths.devid)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise OSError(f"no VmRSS for {pid}")
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -272,6 +315,10 @@ def _bring_up(host: Host, tapback_conns: list[str], count: int, domains: int,
     for key, vbd in vbds.items():
         frontends[key[0]].add(vbd)
     offset = _trace_offset(host)
+    tapback = service.status(host.run_dir)
+    if tapback is None:
+        raise RuntimeError("tapback is not running")
+    rss_before = _rss_kib(tapback)
     start = time.perf_counter()
     try:
         def add(item: tuple[int, tuple[int, int]]) -> None:
@@ -288,30 +335,44 @@ def _bring_up(host: Host, tapback_conns: list[str], count: int, domains: int,
                 raise RuntimeError(f"VBD {vbd.paths.domid}/{vbd.paths.devid} did not "
                                    f"connect; front-end errors: {errors[:5]}")
         elapsed = time.perf_counter() - start
+        rss_up = _rss_kib(tapback)
+        per_conn, _ = _trace_requests(host, offset)
+        offset = _trace_offset(host)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda v: _remove_vbd(host, v), vbds.values()))
+        down = time.perf_counter() - start
     finally:
         for fe in frontends.values():
             fe.close()
-    per_conn, _ = _trace_requests(host, offset)
-    tapback_ops = sum(per_conn[c] for c in tapback_conns)
+    down_conn, _ = _trace_requests(host, offset)
     return {
         "vbds": count,
         "domains": domains,
         "tapdisks": shared or count,
         "seconds": elapsed,
+        "teardown_seconds": down,
         "xenstore_requests_per_vbd": {
-            "tapback": tapback_ops / count,
+            "tapback": sum(per_conn[c] for c in tapback_conns) / count,
             "all_parties": sum(per_conn.values()) / count,
         },
+        "teardown_xenstore_requests_per_vbd": {
+            "tapback": sum(down_conn[c] for c in tapback_conns) / count,
+            "all_parties": sum(down_conn.values()) / count,
+        },
+        "tapback_rss_kib": {"before": rss_before, "connected": rss_up,
+                            "per_vbd": (rss_up - rss_before) / count},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_handshake", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30, help="VBDs timed one at a time")
-    parser.add_argument("--vbds", type=int, default=200, help="VBDs brought up at once")
-    parser.add_argument("--domains", type=int, default=10, help="guests sharing them")
-    parser.add_argument("--shared-tapdisks", type=int, default=0, metavar="N",
-                        help="put the VBDs in N tapdisks (default: one tapdisk per VBD)")
+    parser.add_argument("--vbds", type=int, default=1000, help="VBDs brought up at once")
+    parser.add_argument("--domains", type=int, default=50, help="guests sharing them")
+    parser.add_argument("--shared-tapdisks", type=int, default=50, metavar="N",
+                        help="put the VBDs in N tapdisks (default 50; 0: one tapdisk per "
+                             "VBD, ~23 MB each)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -346,6 +407,14 @@ def main(argv: list[str] | None = None) -> int:
               f"tapdisks): {up['seconds']:.2f} s")
         print(f"  XenStore requests per VBD: tapback {ops['tapback']:.1f}, "
               f"all parties {ops['all_parties']:.1f}")
+        down = up["teardown_xenstore_requests_per_vbd"]
+        print(f"tear-down of them all: {up['teardown_seconds']:.2f} s")
+        print(f"  XenStore requests per VBD: tapback {down['tapback']:.1f}, "
+              f"all parties {down['all_parties']:.1f}")
+        rss = up["tapback_rss_kib"]
+        print(f"tapback RSS: {rss['before'] / 1024:.1f} MiB before, "
+              f"{rss['connected'] / 1024:.1f} MiB with every VBD Connected: "
+              f"{rss['per_vbd']:.1f} KiB per VBD")
     return 0
 
 

@@ -160,9 +160,10 @@ class RingRig:
                  tb: TracebackType | None) -> None:
         self._stop()
 
-    def _ring(self, image: str, order: int, run: dict[str, Any],
+    def _ring(self, image: str, order: int, run: dict[str, Any], persistent: bool = True,
               **ring: int) -> dict[str, Any]:
-        """One guest run; ``ring``: the guest ring's ``data_slots``/``slot_pages``."""
+        """One guest run; ``ring``: the guest ring's ``data_slots``/``slot_pages``;
+        ``persistent``: persistent grants negotiated (else grant copy)."""
         vbd = self.vbds[image]
         guest = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"],
                             process_env(self.run_dir, GUEST))
@@ -174,7 +175,7 @@ class RingRig:
             vbd.client.connect_xenblkif(
                 vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]), order=order,
                 port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
-                max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS,
+                max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS, persistent=persistent,
             )
             try:
                 t0, g0 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
@@ -212,7 +213,7 @@ class RingRig:
         }
 
     def run(self, rw: str, bs: int, qd: int, runtime: float,
-            image: str = "disk") -> dict[str, Any]:
+            image: str = "disk", persistent: bool = True) -> dict[str, Any]:
         sectors = self.disk.stat().st_size // 512
         pages = -(-bs // PAGE)
         # Blocks beyond a direct request's 11 pages get their own pages, one block each.
@@ -221,10 +222,10 @@ class RingRig:
             "qd": qd, "bs": bs, "read_pct": 100 if "read" in rw else 0,
             "random": rw.startswith("rand"), "span": sectors, "duration": runtime,
             "seed": 12345, "timeout": 30.0,
-        }, **ring))
+        }, persistent, **ring))
 
     def run_queues(self, nr_queues: int, rw: str, bs: int, qd: int,
-                   runtime: float) -> dict[str, Any]:
+                   runtime: float, persistent: bool = True) -> dict[str, Any]:
         """Multi-queue: `qd` requests in flight over `nr_queues` rings (qd/N each), one
         guest driver process per queue running at the same time, connected as tapback
         does (one XENBLKIF_CONNECT per queue); IOPS and bytes summed, latencies the
@@ -239,6 +240,7 @@ class RingRig:
             vbd.client.connect_xenblkif(
                 vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(rings[0]["grefs"]),
                 order=0, port=rings[0]["port"], proto=BLKIF_PROTOCOL_NATIVE,
+                persistent=persistent,
                 extra_queues=[(tuple(r["grefs"]), r["port"]) for r in rings[1:]])
             run = {"qd": max(1, qd // nr_queues), "bs": bs,
                    "read_pct": 100 if "read" in rw else 0, "random": rw.startswith("rand"),

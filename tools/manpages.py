@@ -154,6 +154,19 @@ PAGES: dict[str, Page] = {
                      ("22", "EINVAL: no command, an unknown one, or bad options (the "
                       "usage line on stdout, as blktap's).")),
         see_also=("tap-ctl(8)", "tapdisk(8)")),
+    "cbt-util": Page(
+        8,
+        "blktap's tool for changed-block-tracking logs (the files tap-ctl's -C and "
+        "unpause -c name): create a log, set and get its parent and child UUIDs, "
+        "consistency flag and disk size, print its bitmap (one bit per 64 KiB), "
+        "coalesce a parent's bitmap into a child's; the same options, output and exit "
+        "codes as blktap's cbt-util (v4.0.8).",
+        exit_status=(("0", "Success; also an unknown command (as blktap's)."),
+                     ("errno", "A command failed: the absolute value of its negative "
+                      "errno."),
+                     ("22", "EINVAL: no command or bad options (the usage on stdout, as "
+                      "blktap's).")),
+        see_also=("tap-ctl(8)", "tapdisk(8)")),
     "blktap3-sim": Page(
         1,
         "The simulated Xen host: Debian's xenstored under xensim (a preloaded library "
@@ -180,11 +193,13 @@ PAGES: dict[str, Page] = {
                                           "could not be used."), USAGE_EXIT)),
     "blktap3-torture": Page(
         1,
-        "Long hostile, SIGKILL and pause runs against the real tapdisk and data path "
+        "Long hostile, SIGKILL, pause and churn runs against the real tapdisk, data path "
+        "and tapback "
         "(ring: a random-hostile guest against the ASan+UBSan build beside a verifying "
         "one; kill: SIGKILL under flushed writes, every flushed block checked; pause: "
-        "pause/unpause and image swaps under a verifying load), each bounded, printing "
-        "its figures.",
+        "pause/unpause and image swaps under a verifying load; churn: guests created and "
+        "destroyed mid-I/O while tapback and xenstored are SIGKILLed, nothing may leak), "
+        "each bounded, printing its figures.",
         exit_status=(("0", "Nothing was lost, wrong, crashed, hung or leaked."),
                      ("1", "Something was (the figures say what)."), USAGE_EXIT)),
     "blktap3-bench": Page(1, "Measures the data path against fio on the same file in the "

@@ -5,7 +5,7 @@ vhd/vhd-util.c and vhd/lib/vhd-util-*.c (v4.0.8): a command returns a negative e
 the process exits with its absolute value; bad options print the command's usage line
 (on stdout, as blktap does) and exit 22. Commands: create, snapshot, query, check, set,
 coalesce, modify (-p: re-parent), repair, scan (files), resize (growing within
-the BAT). Data moves through the C data path's VHD
+the BAT), read (vhd_util_read.py). Data moves through the C data path's VHD
 driver (`Image.open("vhd", ...)`), metadata through `blktap3.datapath.vhdformat`.
 """
 
@@ -21,6 +21,9 @@ from pathlib import Path
 
 from blktap3.abi import SECTOR_SIZE
 from blktap3.datapath import vhdformat as vhd
+
+from .vhd_util_read import read
+from .vhd_util_read import strtoull as _strtoull
 
 MiB = 1 << 20
 Command = Callable[[list[str]], int]
@@ -53,16 +56,6 @@ def _opts(args: list[str], spec: str, usage: str, required: str = "n") -> dict[s
         print(usage)
         raise Usage()
     return opts
-
-
-def _strtoull(text: str) -> int:
-    """C's strtoull(text, NULL, 10) as blktap calls it: leading digits, else 0."""
-    digits = ""
-    for ch in text.strip():
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits) if digits else 0
 
 
 def _err(exc: OSError) -> int:
@@ -500,7 +493,7 @@ def _scan_one(name: str, *, fast: bool, verbose: bool,
 COMMANDS: dict[str, Command] = {
     "create": create, "snapshot": snapshot, "query": query, "check": check,
     "set": set_field, "coalesce": coalesce, "modify": modify, "repair": repair,
-    "scan": scan, "resize": resize,
+    "scan": scan, "resize": resize, "read": read,
 }
 
 

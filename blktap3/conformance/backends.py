@@ -64,6 +64,9 @@ def _settled_vbds(path: Path, pid: int | None) -> set[tuple[int, int]]:
 
 class Backend(Protocol):
     name: str
+    # Where the daemon reaches xenstored when not the host's socket (a relay that
+    # injects faults); None: the host's.
+    xenstored_via: Path | None
 
     def start(self, host: Host) -> None: ...
 
@@ -72,7 +75,18 @@ class Backend(Protocol):
 
     def stop(self, host: Host) -> None: ...
 
+    def wait_settled(self, host: Host) -> None:
+        """Return once a (re)started back-end serves every VBD it found."""
+
     def log_path(self, host: Host) -> Path | None: ...
+
+    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
+        """Whether the back-end's machine handled `trigger` after log offset `since`, for a
+        back-end that logs its machine (None: it does not): the harness's way to wait for
+        a step that publishes nothing."""
+
+    def log_offset(self, host: Host) -> int:
+        """Where the back-end's log ends now (0 without one)."""
 
     def alive(self, host: Host) -> bool:
         """The back-end daemon still runs."""
@@ -82,9 +96,11 @@ class OursBackend:
     """blktap3-py's tapback, run as the daemon (verbose: every step logged)."""
 
     name = "ours"
+    xenstored_via: Path | None = None
 
     def start(self, host: Host) -> None:
-        service.start(host.run_dir, xenstored_path=str(host.xenstored_path), verbose=True,
+        xenstored = self.xenstored_via or host.xenstored_path
+        service.start(host.run_dir, xenstored_path=str(xenstored), verbose=True,
                       toolstack=host.toolstack_kind)
 
     def restart(self, host: Host, timeout: float = RESTART_TIMEOUT) -> None:
@@ -93,6 +109,9 @@ class OursBackend:
         meets the new daemon, not a gap (adopting writes nothing to XenStore)."""
         service.stop(host.run_dir)
         self.start(host)
+        self.wait_settled(host, timeout)
+
+    def wait_settled(self, host: Host, timeout: float = RESTART_TIMEOUT) -> None:
         with host.xs() as xs:
             expected = {(int(d), int(v)) for d in _ls(xs, ROOT) for v in _ls(xs, f"{ROOT}/{d}")}
         deadline = time.monotonic() + timeout
@@ -110,6 +129,28 @@ class OursBackend:
 
     def log_path(self, host: Host) -> Path | None:
         return host.tapback_log
+
+    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
+        """A `step` or `no step` line for `trigger` in the log past `since`."""
+        try:
+            with open(host.tapback_log, "rb") as f:
+                f.seek(since)
+                lines = f.read().splitlines()
+        except OSError:
+            return False
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if (isinstance(entry, dict) and entry.get("event") in ("step", "no step")
+                        and entry.get("trigger") == trigger):
+                    return True
+        return False
+
+    def log_offset(self, host: Host) -> int:
+        try:
+            return host.tapback_log.stat().st_size
+        except OSError:
+            return 0
 
     def alive(self, host: Host) -> bool:
         return service.status(host.run_dir) is not None
@@ -142,6 +183,7 @@ class DoubleBackend:
 
     fault: str | None = None
     max_ring_page_order: int = 3
+    xenstored_via: Path | None = None  # not followed: the double runs in the harness
     errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -163,6 +205,9 @@ class DoubleBackend:
         self.stop(host)
         self.start(host)
 
+    def wait_settled(self, host: Host) -> None:
+        """The double keeps no state a restart must take back."""
+
     def stop(self, host: Host) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -173,6 +218,12 @@ class DoubleBackend:
 
     def log_path(self, host: Host) -> Path | None:
         return None
+
+    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
+        return None
+
+    def log_offset(self, host: Host) -> int:
+        return 0
 
     def alive(self, host: Host) -> bool:
         return self._thread is not None and self._thread.is_alive()

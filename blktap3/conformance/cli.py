@@ -3,6 +3,8 @@
     blktap3-conformance [--xenstored c|ocaml] [--backend ours|double|double:<fault>]
                         [--only NAME ...] [--json FILE] [--timeout S] [--list]
     blktap3-conformance --random N [--seed S]    (random front-end walks)
+    blktap3-conformance --model N [--seed S] [--baseline FILE]
+                                                 (walks over the machines in memory)
     blktap3-conformance --self-test
 
 Exit status 0 only when every scenario passes (an expected failure, marked in its file
@@ -27,6 +29,7 @@ import structlog
 
 from .backends import FAULTS, Backend, DoubleBackend, make_backend
 from .coverage import coverage
+from .model import model_walks, unreached_by_scenarios
 from .report import as_json, coverage_text, table
 from .runner import ScenarioResult, run_scenario
 from .scenario import Personality, Scenario, ScenarioError, load_personalities, load_scenarios
@@ -60,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--random", type=int, default=0, metavar="N",
                     help="run N random front-end walks instead of the scenarios")
     ap.add_argument("--seed", type=int, default=1, help="the first walk's seed (default 1)")
+    ap.add_argument("--model", type=int, default=0, metavar="N",
+                    help="run N hypothesis walks over the front-end and back-end machines "
+                         "wired in memory (seconds, no host) and report their coverage")
+    ap.add_argument("--baseline", metavar="FILE",
+                    help="with --model: the --json of a scenario run; list the rows the "
+                         "walks took that its scenarios missed")
     ap.add_argument("--self-test", action="store_true",
                     help="check that broken back-ends are caught")
     return ap
@@ -116,6 +125,31 @@ def self_test(personalities: dict[str, Personality], scenarios: list[Scenario],
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def model_main(count: int, first_seed: int, baseline_path: str | None,
+               ap: argparse.ArgumentParser) -> int:
+    try:
+        baseline = json.loads(Path(baseline_path).read_text()) if baseline_path else None
+    except (OSError, ValueError) as e:
+        print(f"blktap3-conformance: --baseline: {e}", file=sys.stderr)
+        ap.print_usage(sys.stderr)
+        return EXIT_USAGE
+    if count < 0:
+        print("blktap3-conformance: --model takes a count >= 0", file=sys.stderr)
+        ap.print_usage(sys.stderr)
+        return EXIT_USAGE
+    report = model_walks(count, first_seed)
+    print(f"{report.walks} model walks from seed {first_seed}: "
+          f"{'FAILED: ' + report.failure if report.failure else 'every rule held'}")
+    for cov in report.coverage().values():
+        print()
+        print(coverage_text(cov, by="walk"))
+        if baseline is not None:
+            found = unreached_by_scenarios(cov, baseline)
+            print(f"  rows walks took that the baseline's scenarios missed: {len(found)}")
+            print("\n".join(f"    {d}" for d in found))
+    return EXIT_FAILED if report.failure else EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
@@ -130,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.self_test:
         return self_test(personalities, scenarios, args.xenstored, args.timeout)
+    if args.model:
+        return model_main(args.model, args.seed, args.baseline, ap)
     if args.random < 0:
         print("blktap3-conformance: --random takes a count >= 0", file=sys.stderr)
         ap.print_usage(sys.stderr)
@@ -146,13 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     results = run_all(chosen, personalities, backend, args.xenstored, args.timeout)
     lines = [line for r in results for line in r.coverage_lines]
-    cov = coverage(lines) if backend.log_path is not None and lines else None
+    fe_lines = [line for r in results for line in r.frontend_lines]
+    # The back-end's machine when it logs one (ours); the front-end machine always.
+    covs = ([coverage(lines)] if lines else []) + [coverage(fe_lines, "frontend_vbd")]
     print(table(results))
-    if cov is not None:
+    for cov in covs:
         print()
         print(coverage_text(cov))
     if args.json:
-        text = json.dumps(as_json(results, cov), indent=1)
+        text = json.dumps(as_json(results, covs), indent=1)
         if args.json == "-":
             print(text)
         else:

@@ -34,18 +34,18 @@ def table(results: Sequence[ScenarioResult], *, steps: bool = True) -> str:
     return "\n".join(lines)
 
 
-def coverage_text(cov: Coverage) -> str:
+def coverage_text(cov: Coverage, by: str = "scenario") -> str:
     lines = [f"coverage of {cov.machine}: {len(cov.covered)}/{len(cov.rows)} rows "
              f"({cov.percent} %)"]
     missed = cov.missed()
     if missed:
-        lines.append("  rows no scenario reached:")
+        lines.append(f"  rows no {by} reached:")
         lines += [f"    {m}" for m in missed]
     return "\n".join(lines)
 
 
-def as_json(results: Sequence[ScenarioResult], cov: Coverage | None) -> dict[str, Any]:
+def as_json(results: Sequence[ScenarioResult], covs: Sequence[Coverage]) -> dict[str, Any]:
     return {"scenarios": [r.as_dict() for r in results],
-            "coverage": {} if cov is None else {cov.machine: cov.percent},
-            "coverage_detail": {} if cov is None else {cov.machine: cov.as_dict()},
+            "coverage": {c.machine: c.percent for c in covs},
+            "coverage_detail": {c.machine: c.as_dict() for c in covs},
             "ok": all(r.ok for r in results)}

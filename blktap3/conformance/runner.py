@@ -31,10 +31,21 @@ from blktap3.sim.host import Host
 from blktap3.sim.hotplug import Attached, hotplug_add, hotplug_remove
 from blktap3.sim.toolstack import BLOCK_TAP_SCRIPT, Image
 from blktap3.sim.xenstored import Kind
-from blktap3.xenbus import BackendKey, VbdPaths, WatchStream, XenbusState, XenStoreError
+from blktap3.vbd3.disk import write_vbd_nodes
+from blktap3.xenbus import (
+    BackendKey,
+    Transaction,
+    VbdPaths,
+    WatchStream,
+    XenbusState,
+    XenStoreError,
+)
 
 from .backends import Backend
+from .coverage import frontend_lines
+from .denying import DenyingXenStore
 from .guest import GuestFault, ScriptedGuest
+from .lying import LyingTapdisk
 from .scenario import STATUSES, Personality, Scenario, Step
 
 DEVID = 51712  # xvda
@@ -67,6 +78,8 @@ class ScenarioResult:
     seen_states: list[str | None] = field(default_factory=list)
     log_path: Path | None = None
     coverage_lines: list[dict[str, Any]] = field(default_factory=list)
+    # the front-end machine's rows the back-end states each guest saw make it take
+    frontend_lines: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -110,6 +123,9 @@ class _Run:
         self.mode = "w"
         self.guests: dict[str, ScriptedGuest] = {}
         self.observed: dict[str, Any] = {}  # what the last action produced
+        self.log_since = 0  # the back-end's log offset when the last action began
+        self.liar: LyingTapdisk | None = None
+        self.denier: DenyingXenStore | None = None
 
     # -- the guest of a personality (OVMF hands the VBD to the OS's blkfront) --------------
     def guest(self, personality: str | None = None) -> ScriptedGuest:
@@ -128,6 +144,7 @@ class _Run:
     def act(self, step: Step, personality: str | None) -> None:
         p = step.params
         self.observed = {}
+        self.log_since = self.backend.log_offset(self.host)
         if step.do == "attach":
             self.attach(p)
             return
@@ -179,6 +196,22 @@ class _Run:
                 os.kill(self.attached.pid, signal.SIGKILL)
             case "restart_backend":
                 self.backend.restart(self.host)
+            case "stop_backend":
+                self.backend.stop(self.host)
+            case "start_backend":
+                self.backend.start(self.host)
+                self.backend.wait_settled(self.host)
+            case "tapdisk_disconnect":
+                self.tapdisk_disconnect()
+            case "tapdisk_lies":
+                assert self.attached is not None and self.liar is None
+                self.liar = LyingTapdisk(self.host.control_dir, self.attached.pid,
+                                         int(p["sector_size"]))
+                self.liar.start()
+            case "tapdisk_honest":
+                self.honest()
+            case "deny_frontend_state":
+                self.deny_frontend_state(g)
             case "destroy_domain":
                 self.destroy_domain(g)
             case "detach":
@@ -200,12 +233,27 @@ class _Run:
         with open(self.image, "wb") as f:
             f.truncate(int(p.get("size_mib", 16)) * MiB)
         self.mode = str(p.get("mode", "w"))
+        image = Image.parse(f"aio:{self.image}")
+        cdrom = bool(p.get("cdrom", False))
+        script = BLOCK_TAP_SCRIPT if self.host.toolstack_kind == "libxl" else None
         with self.host.toolstack() as ts:
             ts.create_domain(self.domid)
-            self.paths = ts.add_vbd(self.domid, DEVID, Image.parse(f"aio:{self.image}"),
-                                    mode=self.mode, cdrom=bool(p.get("cdrom", False)),
-                                    script=BLOCK_TAP_SCRIPT
-                                    if self.host.toolstack_kind == "libxl" else None)
+            if p.get("frontend_state", True):
+                self.paths = ts.add_vbd(self.domid, DEVID, image, mode=self.mode, cdrom=cdrom,
+                                        script=script)
+            else:
+                # The back-end directory appears before the front-end's state node (a
+                # toolstack writing in two steps): both written, the state taken back, in
+                # one transaction, so that the back-end never sees it.
+                paths = ts.vbd_paths(self.domid, DEVID)
+
+                def body(tx: Transaction) -> None:
+                    write_vbd_nodes(tx, paths, image, mode=self.mode, cdrom=cdrom,
+                                    script=script)
+                    tx.rm(paths.frontend_key("state"))
+
+                ts.xs.transact(body)
+                self.paths = paths
         if p.get("hotplug", True):
             self.hotplug()
 
@@ -238,6 +286,16 @@ class _Run:
         for g in self.guests.values():
             g.release_ring()
         return reached
+
+    def tapdisk_disconnect(self) -> None:
+        """A fault the harness injects: XENBLKIF_DISCONNECT sent to the tapdisk behind the
+        back-end's back (a toolstack or operator taking the ring down), so that the
+        back-end's own disconnect later meets ENODEV, and an adopting back-end finds no
+        ring to adopt."""
+        assert self.paths is not None and self.attached is not None
+        client = TapdiskClient(self.attached.pid, root=self.host.control_dir)
+        client.disconnect_xenblkif(self.attached.minor, domid=self.domid,
+                                   devid=self.paths.devid)
 
     def resize(self, size_mib: int) -> None:
         """The image grew, then `tap-ctl resize` (pause, resume with RESIZE)."""
@@ -318,6 +376,12 @@ class _Run:
                 diffs.append(f"error: expected none, observed {error!r}")
             elif isinstance(want, str) and not (error and re.search(want, error)):
                 diffs.append(f"error: expected /{want}/, observed {error!r}")
+        if "handled" in expect:
+            handled = self.backend.handled(self.host, expect["handled"], self.log_since)
+            if handled is None:  # a back-end that does not log its machine: not judged
+                seen.append("handled=n/a")
+            else:
+                check(f"handled({expect['handled']})", True, handled)
         if "status" in expect:
             got = self.observed.get("status")
             check("status", expect["status"], STATUS_NAMES.get(got, got) if got is not None
@@ -380,7 +444,30 @@ class _Run:
                            f"(it handles {list(allowed)})")
         return out
 
+    def deny_frontend_state(self, g: ScriptedGuest) -> None:
+        """The back-end restarted behind a relay to xenstored, which then answers its
+        reads of the front-end's state node EACCES (as xenstored answers an unprivileged
+        back-end the guest locked out); the guest writes its state again to prompt it."""
+        assert self.paths is not None and self.denier is None
+        self.backend.stop(self.host)
+        self.denier = DenyingXenStore(self.host.run_dir / "xenstored-denying.sock",
+                                      self.host.xenstored_path)
+        self.denier.start()
+        self.backend.xenstored_via = self.denier.path
+        self.backend.start(self.host)
+        self.backend.wait_settled(self.host)
+        state = self.paths.frontend_key("state")
+        self.denier.deny(state)
+        self._xs_write(lambda: g.xs.write(state, g.xs.read(state)))
+
+    def honest(self) -> None:
+        if self.liar is not None:
+            self.liar.stop()
+            self.liar = None
+
     def close(self) -> None:
+        self.honest()
+        self.backend.xenstored_via = None
         for g in self.guests.values():
             g.close()
 
@@ -427,9 +514,13 @@ def run_scenario(scenario: Scenario, personalities: Mapping[str, Personality],
                     verdict.verdict == "xfail" and not step.xfail)
     finally:
         result.seen_states = next(iter(run.guests.values())).states.seen if run.guests else []
+        for g in run.guests.values():
+            result.frontend_lines += frontend_lines(g.states.seen)
         run.close()
         with contextlib.suppress(Exception):
             backend.stop(host)
+        if run.denier is not None:
+            run.denier.stop()
         log = backend.log_path(host)
         if log is not None and log.exists():
             result.coverage_lines = _step_lines(log)

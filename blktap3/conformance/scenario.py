@@ -32,7 +32,8 @@ DIRECTORY = "conformance"
 
 # action -> its parameters and their types (a tuple: any of these)
 ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
-    "attach": {"mode": (str,), "cdrom": (bool,), "size_mib": (int,), "hotplug": (bool,)},
+    "attach": {"mode": (str,), "cdrom": (bool,), "size_mib": (int,), "hotplug": (bool,),
+               "frontend_state": (bool,)},
     "hotplug": {},
     "toolstack_write": {"key": (str,), "value": (str,)},
     "wait_backend": {"states": (list,)},
@@ -51,6 +52,12 @@ ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "resize": {"size_mib": (int,)},
     "kill_tapdisk": {},
     "restart_backend": {},
+    "stop_backend": {},
+    "start_backend": {},
+    "tapdisk_disconnect": {},
+    "tapdisk_lies": {"sector_size": (int,)},
+    "tapdisk_honest": {},
+    "deny_frontend_state": {},
     "destroy_domain": {},
     "detach": {},
 }
@@ -68,6 +75,7 @@ EXPECTS: dict[str, tuple[type, ...]] = {
     "backend_dir": (bool,),
     "alive": (bool,),
     "verified": (bool,),
+    "handled": (str,),
 }
 
 

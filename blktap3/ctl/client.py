@@ -286,6 +286,7 @@ class TapdiskClient:
         poll_idle_threshold: int = 0,
         max_indirect_segments: int = 0,
         discard: bool = True,
+        persistent: bool = False,
         extra_queues: Sequence[tuple[tuple[int, ...], int]] = (),
     ) -> None:
         """XENBLKIF_CONNECT: serve the front-end's ring (EALREADY if already served).
@@ -296,17 +297,21 @@ class TapdiskClient:
         `feature-max-indirect-segments` advertised to this front-end, enforced by the
         tapdisk (0: not advertised, indirect requests answered EOPNOTSUPP). `discard`
         False: withheld from this front-end (BlkifFlags.NO_DISCARD: EOPNOTSUPP).
+        `persistent`: persistent grants were negotiated (BlkifFlags.PERSISTENT).
         `extra_queues`: multi-queue, the (ring refs, port) of queues 1..N-1 (`grefs` and
         `port` are queue 0's): one CONNECT per queue, in order; when one is refused the
         queues already connected are disconnected again (best effort) and the refusal
         raised, so that the VBD serves all its queues or none.
         """
+        flags = p.BlkifFlags.NONE if discard else p.BlkifFlags.NO_DISCARD
+        if persistent:
+            flags |= p.BlkifFlags.PERSISTENT
         nr_queues = 1 + len(extra_queues)
         payload = p.Blkif(
             domid=domid, devid=devid, grefs=grefs, order=order, proto=proto, pool=pool,
             port=port, poll_duration=poll_duration, poll_idle_threshold=poll_idle_threshold,
             max_indirect_segments=max_indirect_segments,
-            flags=p.BlkifFlags.NONE if discard else p.BlkifFlags.NO_DISCARD,
+            flags=flags,
             nr_queues=nr_queues if extra_queues else 0,  # one queue: blktap's message
         )
         self._simple(p.MessageType.XENBLKIF_CONNECT, minor, payload)

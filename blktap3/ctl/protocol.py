@@ -28,7 +28,8 @@ Extensions of ours (blktap has no such thing):
   Then `gref_hi[8]` @328: grant refs 8..15 of an order-4 ring (blktap's `gref[8]` holds a
   ring of order 3 at most; blkback and QEMU offer 4). blktap's tapback never asks order 4.
   Then `flags` @360 (`BlkifFlags`): what the back-end withheld from this front-end, so
-  that blktap's zeroes mean blktap's behaviour (serve what the image can).
+  that blktap's zeroes mean blktap's behaviour (serve what the image can), and
+  `PERSISTENT` (0x2): persistent grants negotiated (zero: grant copy, blktap's way).
   Then `queue` @364 and `nr_queues` @368 (multi-queue): a front-end that uses N queues
   gets one XENBLKIF_CONNECT per queue, queue 0 first, each naming its index and N and
   carrying that queue's ring refs and port in blktap's fields; DISCONNECT tears every
@@ -135,6 +136,9 @@ class BlkifFlags(enum.IntFlag):
 
     NONE = 0
     NO_DISCARD = 0x1  # the toolstack's discard-enable=0: DISCARD answered EOPNOTSUPP
+    # Persistent grants negotiated (both ends wrote feature-persistent=1 at connect): map
+    # each data grant once and keep it. Zero, as from blktap's tapback: grant copy.
+    PERSISTENT = 0x2
 
 
 class ImageFlags(enum.IntFlag):

@@ -12,7 +12,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["checks.c", "cpuidle.c", "image.c", "ioengine.c", "ring.c", "vhd.c"]
+SOURCES = ["cbt.c", "checks.c", "cpuidle.c", "image.c", "ioengine.c", "mirror.c", "pgrant.c",
+           "ring.c", "vhd.c"]
 
 
 def compile_args() -> tuple[list[str], list[str]]:

@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <pthread.h>
 #include "xenring.h"
 
 /* ---- request: the private copy a request is checked on (XSA-155) ---- */
@@ -101,12 +102,19 @@ struct td_image_info {
 };
 
 struct td_vhd;
+struct td_cbt;
+struct td_mirror;
 
 struct td_image {
     int fd;                 /* -1 for the null driver; a VHD's leaf file */
     int readonly;
     struct td_image_info info;
     struct td_vhd *vhd;     /* the VHD chain, or NULL (raw, null) */
+    /* Several threads share one image (the ring's, the NBD export's): the lock guards
+     * the VHD metadata and the mirror; the CBT map is marked atomically. */
+    pthread_mutex_t lock;
+    struct td_cbt *cbt;     /* changed-block log (cbt.c), or NULL */
+    struct td_mirror *mirror;   /* the secondary (mirror.c), or NULL */
 };
 
 int td_image_open(const char *driver, const char *path, int readonly, int o_direct,
@@ -145,6 +153,43 @@ int td_vhd_io(struct td_vhd *v, int write, void *buf, uint64_t sector, uint32_t 
 int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr);
 void td_image_close(struct td_image *img);
 const struct td_image_info *td_image_info(const struct td_image *img);
+/* Discard (punch) a range of the image and its mirror; marks the CBT log. 0 or -errno. */
+int td_image_discard(struct td_image *img, uint64_t sector, uint64_t nr);
+/* FLUSH: the image, the CBT log and the secondary durable. 0 or -errno. */
+int td_image_flush(struct td_image *img);
+/* Track changed blocks in the log at `path` (bitmap at `offset`, `nbits` bits, checked
+ * by the caller), replacing any log. Only before the image is shared. 0 or -errno. */
+int td_image_set_log(struct td_image *img, const char *path, uint64_t offset,
+                     uint64_t nbits);
+/* Mirror writes to a secondary image (owned from now on) / an NBD server on the
+ * connected socket `fd` (owned from now on). Only before the image is shared. */
+int td_image_set_mirror_image(struct td_image *img, struct td_image *secondary);
+int td_image_set_mirror_nbd(struct td_image *img, int fd);
+enum td_mirror_kind { TD_MIRROR_NONE = 0, TD_MIRROR_IMAGE = 1, TD_MIRROR_NBD = 2 };
+struct td_mirror_stats {
+    int32_t kind;
+    int32_t active;         /* 0 once the secondary failed and was dropped */
+    uint64_t writes;        /* writes the secondary completed */
+    uint64_t flushes;
+    uint64_t failed;        /* secondaries dropped on failure (blktap's nbd_mirror_failed) */
+    int32_t last_error;     /* errno of the failure */
+};
+void td_image_mirror_stats(struct td_image *img, struct td_mirror_stats *out);
+
+/* cbt.c and mirror.c, behind the td_image_* calls above. */
+#define TD_CBT_BLOCK 65536u
+int td_cbt_open(const char *path, uint64_t offset, uint64_t nbits, struct td_cbt **out);
+void td_cbt_close(struct td_cbt *c);
+void td_cbt_mark(struct td_cbt *c, uint64_t sector, uint64_t nr);
+int td_cbt_sync(struct td_cbt *c);
+int td_mirror_open_image(struct td_image *sec, struct td_mirror **out);
+int td_mirror_open_nbd(int fd, struct td_mirror **out);
+void td_mirror_close(struct td_mirror *m);
+int td_mirror_active(const struct td_mirror *m);
+void td_mirror_write(struct td_mirror *m, const void *buf, uint64_t sector, uint32_t nr);
+void td_mirror_discard(struct td_mirror *m, uint64_t sector, uint64_t nr);
+void td_mirror_flush(struct td_mirror *m);
+void td_mirror_stats(const struct td_mirror *m, struct td_mirror_stats *out);
 
 /* ---- io engines ---- */
 
@@ -218,6 +263,15 @@ struct td_stats {
     uint64_t polls;         /* spins for work before sleeping (polling-duration) */
     uint64_t polls_busy;    /* spins skipped: less CPU idle than polling-idle-threshold */
     uint32_t poll_idle_threshold;
+    /* persistent grants (pgrant.c): negotiated, and the cache's counters */
+    int32_t  persistent;
+    uint32_t pgrants_mapped;    /* mappings held now */
+    uint32_t pgrants_max;
+    uint64_t pgrant_maps;       /* grants mapped */
+    uint64_t pgrant_hits;       /* segments moved through a mapping already held */
+    uint64_t pgrant_evictions;  /* mappings dropped for room (least recently used) */
+    uint64_t pgrant_map_failures;   /* grants that would not map: grant-copied instead */
+    uint64_t pgrant_full;       /* grant-copied: cache full, nothing cold to evict */
 };
 
 /* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
@@ -230,7 +284,7 @@ struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
-                    int discard,
+                    int discard, int persistent,
                     struct td_ring **out);
 /* After a failed td_ring_connect (same thread): the step that failed and its values
  * ("grant map of the ring: domain 7, 1 page(s), first ref 8"), or "" for another cause. */

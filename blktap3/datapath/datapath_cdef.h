@@ -104,13 +104,32 @@ int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int re
                       int o_direct, struct td_image **out);
 int td_image_rw(struct td_image *img, int engine, int write, void *buf,
                 uint64_t sector, uint32_t nr_sectors);
+int td_image_sync_io(struct td_image *img, int write, void *buf, uint64_t sector,
+                     uint32_t nr);
+int td_image_discard(struct td_image *img, uint64_t sector, uint64_t nr);
+int td_image_flush(struct td_image *img);
+int td_image_set_log(struct td_image *img, const char *path, uint64_t offset,
+                     uint64_t nbits);
+int td_image_set_mirror_image(struct td_image *img, struct td_image *secondary);
+int td_image_set_mirror_nbd(struct td_image *img, int fd);
+#define TD_MIRROR_NONE 0
+#define TD_MIRROR_IMAGE 1
+#define TD_MIRROR_NBD 2
+struct td_mirror_stats {
+    int32_t kind; int32_t active; uint64_t writes; uint64_t flushes; uint64_t failed;
+    int32_t last_error; ...;
+};
+void td_image_mirror_stats(struct td_image *img, struct td_mirror_stats *out);
 
 struct td_stats {
     uint64_t reqs[8]; uint64_t indirect[2]; uint64_t indirect_pages; uint64_t segments; uint64_t sectors_read; uint64_t sectors_written;
     uint64_t kicks_in; uint64_t kicks_out; uint64_t responses; uint64_t errors[13];
     uint64_t in_flight; uint64_t batches; int32_t o_direct; int32_t engine; int32_t paused;
     int32_t slots; uint32_t max_indirect; uint32_t indirect_bufs; char halted[64];
-    uint64_t polls; uint64_t polls_busy; uint32_t poll_idle_threshold; ...;
+    uint64_t polls; uint64_t polls_busy; uint32_t poll_idle_threshold;
+    int32_t persistent; uint32_t pgrants_mapped; uint32_t pgrants_max; uint64_t pgrant_maps;
+    uint64_t pgrant_hits; uint64_t pgrant_evictions; uint64_t pgrant_map_failures;
+    uint64_t pgrant_full; ...;
 };
 /* CPU time of all CPUs, from /proc/stat (cpuidle.c): for polling's idle threshold. */
 struct td_cpu_times { uint64_t total; uint64_t idle; };
@@ -122,7 +141,7 @@ struct td_ring;
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
-                    int discard,
+                    int discard, int persistent,
                     struct td_ring **out);
 const char *td_ring_connect_failure(void);
 int td_ring_pause(struct td_ring *r, int timeout_ms);

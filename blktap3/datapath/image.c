@@ -72,6 +72,7 @@ int td_image_open(const char *driver, const char *path, int readonly, int o_dire
     img->readonly = readonly;
     img->info.sector_size = 512;
     img->info.info = readonly ? VDISK_READONLY : 0;
+    pthread_mutex_init(&img->lock, NULL);
 
     if (strcmp(driver, "null") == 0) {
         img->fd = -1;
@@ -81,6 +82,7 @@ int td_image_open(const char *driver, const char *path, int readonly, int o_dire
         return 0;
     }
     if (strcmp(driver, "aio") != 0 && strcmp(driver, "raw") != 0) {
+        pthread_mutex_destroy(&img->lock);
         free(img);
         return -EINVAL;
     }
@@ -111,6 +113,7 @@ int td_image_open(const char *driver, const char *path, int readonly, int o_dire
         size = (uint64_t)st.st_size;
     } else {
         close(fd);
+        pthread_mutex_destroy(&img->lock);
         free(img);
         return -EINVAL;
     }
@@ -127,11 +130,13 @@ int td_image_open(const char *driver, const char *path, int readonly, int o_dire
 fail_close: {
         int e = errno;
         close(fd);
+        pthread_mutex_destroy(&img->lock);
         free(img);
         return -e;
     }
 fail_errno: {
         int e = errno;
+        pthread_mutex_destroy(&img->lock);
         free(img);
         return -e;
     }
@@ -156,6 +161,7 @@ int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int re
         free(img);
         return rc;
     }
+    pthread_mutex_init(&img->lock, NULL);
     img->readonly = readonly;
     img->info.sectors = layers[0].sectors;
     img->info.sector_size = 512;
@@ -172,6 +178,9 @@ void td_image_close(struct td_image *img)
 {
     if (!img)
         return;
+    td_mirror_close(img->mirror);
+    td_cbt_close(img->cbt);
+    pthread_mutex_destroy(&img->lock);
     if (img->vhd)
         td_vhd_close(img->vhd);     /* closes every file of the chain, img->fd too */
     else if (img->fd >= 0)
@@ -182,22 +191,113 @@ void td_image_close(struct td_image *img)
 int td_image_map(struct td_image *img, int write, uint64_t sector, uint32_t nr,
                  uint64_t *off)
 {
+    if (write) {
+        /* Marked before the I/O is queued, so before the write can be answered. */
+        td_cbt_mark(img->cbt, sector, nr);
+        if (td_mirror_active(img->mirror))
+            return -1;  /* to both, in td_image_sync_io */
+    }
     if (!img->vhd) {
         *off = sector << TD_SECTOR_SHIFT;
         return img->fd;
     }
-    return td_vhd_map(img->vhd, write, sector, nr, off);
+    pthread_mutex_lock(&img->lock);
+    int fd = td_vhd_map(img->vhd, write, sector, nr, off);
+    pthread_mutex_unlock(&img->lock);
+    return fd;
 }
 
 int td_image_sync_io(struct td_image *img, int write, void *buf, uint64_t sector,
                      uint32_t nr)
 {
+    if (write)
+        td_cbt_mark(img->cbt, sector, nr);
+    pthread_mutex_lock(&img->lock);
+    int rc = 0;
     if (img->vhd)
-        return td_vhd_io(img->vhd, write, buf, sector, nr);
+        rc = td_vhd_io(img->vhd, write, buf, sector, nr);
+    else if (img->fd >= 0)
+        rc = td_pio(img->fd, write, buf, (size_t)nr << TD_SECTOR_SHIFT,
+                    sector << TD_SECTOR_SHIFT);
+    /* Acknowledged once both completed; a failed primary is not mirrored (its error
+     * goes to the guest, which will write again). */
+    if (write && rc == 0)
+        td_mirror_write(img->mirror, buf, sector, nr);
+    pthread_mutex_unlock(&img->lock);
+    return rc;
+}
+
+int td_image_discard(struct td_image *img, uint64_t sector, uint64_t nr)
+{
+    if (img->fd < 0 || nr == 0)
+        return 0;   /* the null image; fallocate would refuse an empty range */
+    td_cbt_mark(img->cbt, sector, nr);     /* the blocks now read differently */
+    pthread_mutex_lock(&img->lock);
+    int rc;
+    if (img->vhd)
+        rc = td_vhd_discard(img->vhd, sector, nr);
+    else
+        rc = fallocate(img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       (off_t)(sector << TD_SECTOR_SHIFT), (off_t)(nr << TD_SECTOR_SHIFT))
+                 ? -errno : 0;
+    if (rc == 0)
+        td_mirror_discard(img->mirror, sector, nr);
+    pthread_mutex_unlock(&img->lock);
+    return rc;
+}
+
+int td_image_flush(struct td_image *img)
+{
     if (img->fd < 0)
         return 0;
-    return td_pio(img->fd, write, buf, (size_t)nr << TD_SECTOR_SHIFT,
-                  sector << TD_SECTOR_SHIFT);
+    int rc = fdatasync(img->fd) == 0 ? 0 : -errno;
+    if (rc == 0)
+        rc = td_cbt_sync(img->cbt);
+    pthread_mutex_lock(&img->lock);
+    td_mirror_flush(img->mirror);
+    pthread_mutex_unlock(&img->lock);
+    return rc;
+}
+
+int td_image_set_log(struct td_image *img, const char *path, uint64_t offset,
+                     uint64_t nbits)
+{
+    struct td_cbt *c;
+    int rc = td_cbt_open(path, offset, nbits, &c);
+    if (rc)
+        return rc;
+    td_cbt_close(img->cbt);
+    img->cbt = c;
+    return 0;
+}
+
+int td_image_set_mirror_image(struct td_image *img, struct td_image *secondary)
+{
+    struct td_mirror *m;
+    int rc = td_mirror_open_image(secondary, &m);
+    if (rc)
+        return rc;
+    td_mirror_close(img->mirror);
+    img->mirror = m;
+    return 0;
+}
+
+int td_image_set_mirror_nbd(struct td_image *img, int fd)
+{
+    struct td_mirror *m;
+    int rc = td_mirror_open_nbd(fd, &m);
+    if (rc)
+        return rc;
+    td_mirror_close(img->mirror);
+    img->mirror = m;
+    return 0;
+}
+
+void td_image_mirror_stats(struct td_image *img, struct td_mirror_stats *out)
+{
+    pthread_mutex_lock(&img->lock);
+    td_mirror_stats(img->mirror, out);
+    pthread_mutex_unlock(&img->lock);
 }
 
 const struct td_image_info *td_image_info(const struct td_image *img)

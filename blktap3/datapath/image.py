@@ -10,7 +10,7 @@ from typing import Any
 
 from blktap3.abi import SECTOR_SIZE, VdiskInfo
 
-from . import vhdformat
+from . import cbtlog, vhdformat
 from ._datapath import ffi, lib
 from ._errors import check
 
@@ -42,6 +42,7 @@ class Image:
         self._handle = handle
         self.driver = driver
         self.path = path
+        self.shared = False     # writes tracked (CBT) or mirrored: see set_log, set_mirror
         raw = lib.td_image_info(handle)
         self.info = ImageInfo(
             sectors=int(raw.sectors),
@@ -104,6 +105,71 @@ class Image:
             lib.td_image_rw(self.handle, ENGINES[engine], 1, buf, sector, len(data) // SECTOR_SIZE),
             f"write {self.path}",
         )
+
+
+    # -- shared with the NBD export, CBT and mirroring -------------------------------
+
+    def pread_into(self, buf: Any, sector: int) -> None:
+        """Read whole sectors into ``buf`` (page-aligned, writable) through the image the
+        ring serves, under its lock: the NBD export of a VHD sees every block the ring
+        allocated. The call releases the GIL."""
+        n = len(buf) // SECTOR_SIZE
+        check(lib.td_image_sync_io(self.handle, 0, ffi.from_buffer(buf, require_writable=True),
+                                   sector, n), f"read {self.path}")
+
+    def pwrite(self, buf: Any, sector: int) -> None:
+        """Write whole sectors from ``buf`` as a guest's write goes: CBT-marked and
+        mirrored."""
+        if self.readonly:
+            raise OSError(30, f"{self.path} is read-only")
+        n = len(buf) // SECTOR_SIZE
+        check(lib.td_image_sync_io(self.handle, 1, ffi.from_buffer(buf), sector, n),
+              f"write {self.path}")
+
+    def discard(self, sector: int, count: int) -> None:
+        check(lib.td_image_discard(self.handle, sector, count), f"discard {self.path}")
+
+    def flush(self) -> None:
+        """The image, its CBT log and its secondary durable (a guest's FLUSH)."""
+        check(lib.td_image_flush(self.handle), f"flush {self.path}")
+
+    def set_log(self, path: str) -> None:
+        """Track changed blocks in blktap's log at ``path`` (OSError if it cannot be
+        this disk's: see ``cbtlog.check_for_disk``). Before the image is shared."""
+        disk = self.info.sectors * SECTOR_SIZE
+        cbtlog.check_for_disk(path, disk)
+        nbits = -(-disk // cbtlog.BLOCK_SIZE)
+        check(lib.td_image_set_log(self.handle, os.fsencode(path), cbtlog.HEADER.size, nbits),
+              f"CBT log {path}")
+        self.shared = True
+
+    def set_mirror(self, secondary: Image) -> None:
+        """Mirror writes to ``secondary`` (same size), which this image now owns."""
+        if secondary.info.sectors != self.info.sectors:
+            raise OSError(22, f"secondary {secondary.path} has {secondary.info.sectors} "
+                          f"sectors, the image {self.info.sectors}")
+        check(lib.td_image_set_mirror_image(self.handle, secondary.handle),
+              f"mirror to {secondary.path}")
+        secondary._handle = None    # closed with this image
+        self.shared = True
+
+    def set_mirror_nbd(self, fd: int) -> None:
+        """Mirror writes to the NBD server on ``fd`` (handshake done), owned from now on."""
+        try:
+            check(lib.td_image_set_mirror_nbd(self.handle, fd), "mirror to NBD")
+        except OSError:
+            os.close(fd)
+            raise
+        self.shared = True
+
+    def mirror_stats(self) -> dict[str, Any]:
+        out = ffi.new("struct td_mirror_stats *")
+        lib.td_image_mirror_stats(self.handle, out)
+        kind = {lib.TD_MIRROR_NONE: None, lib.TD_MIRROR_IMAGE: "image",
+                lib.TD_MIRROR_NBD: "nbd"}[out.kind]
+        return {"kind": kind, "active": bool(out.active), "writes": int(out.writes),
+                "flushes": int(out.flushes), "failed": int(out.failed),
+                "last_error": int(out.last_error)}
 
 
 def _open_vhd(path: str, readonly: bool, o_direct: bool, out: Any) -> None:

@@ -13,6 +13,10 @@
  * checked there as a direct request's would be, and the data moves by the same batched
  * grant copy into a buffer of a bounded pool (TD_INDIRECT_POOL_BYTES per ring).
  *
+ * Persistent grants (feature-persistent negotiated at connect): the data moves by memcpy
+ * through the ring's cache of mapped grants (pgrant.c) instead of grant copy; a grant
+ * the cache cannot map falls back to grant copy, whose status decides.
+ *
  * With io_uring the thread sleeps inside it: one-shot polls on the event channel and
  * the control eventfd sit beside the I/O, so a single io_uring_enter submits the batch
  * and waits for a completion, a kick or a control request (per QD1 request: that
@@ -24,6 +28,7 @@
  */
 #define _GNU_SOURCE
 #include "datapath.h"
+#include "pgrant.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -109,6 +114,8 @@ struct td_ring {
     char *ibuf_mem;         /* one mapping: every buffer's segment pages, then data */
     size_t ibuf_mem_len;
     xengnttab_grant_copy_segment_t icopy[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+
+    struct td_pgcache *pg;  /* persistent grants negotiated: the mapped grants, else NULL */
 
     xengnttab_grant_copy_segment_t *gcopy;
     uint32_t *gcopy_slot;
@@ -239,7 +246,8 @@ static void grant_copy(struct td_ring *r, uint32_t n)
             r->slots[r->gcopy_slot[i]].err = TD_ERR_GRANT;
 }
 
-/* Prepare the grant-copy segments of one slot's data; returns the new count. */
+/* Move one slot's data: through the persistent mappings when there are, else (and for
+ * any grant the cache cannot map) prepare grant-copy segments; returns the new count. */
 static uint32_t prep_copy(struct td_ring *r, uint32_t s, int to_guest, uint32_t n)
 {
     struct td_slot *sl = &r->slots[s];
@@ -247,6 +255,11 @@ static uint32_t prep_copy(struct td_ring *r, uint32_t s, int to_guest, uint32_t 
     for (unsigned i = 0; i < sl->req.nr_segments; i++) {
         const struct td_seg *sg = &sl->segs[i];
         uint32_t len = (uint32_t)(sg->last_sect - sg->first_sect + 1) << TD_SECTOR_SHIFT;
+        if (r->pg && td_pgcache_copy(r->pg, sg->gref, (uint32_t)sg->first_sect << TD_SECTOR_SHIFT,
+                                     sl->buf + off, len, to_guest) == 0) {
+            off += len;
+            continue;
+        }
         xengnttab_grant_copy_segment_t *c = &r->gcopy[n];
         memset(c, 0, sizeof(*c));
         if (to_guest) {
@@ -292,7 +305,7 @@ static void run_held(struct td_ring *r)
             }
         }
         /* Durable after: the response says the data (and all before it) is stable. */
-        if (sl->err == TD_OK && fdatasync(r->img->fd) != 0)
+        if (sl->err == TD_OK && td_image_flush(r->img) != 0)
             sl->err = TD_ERR_IO;
     }
     respond(r, &sl->req, sl->err);
@@ -304,16 +317,8 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
 {
     if (is_null(r))
         return;
-    off_t off = (off_t)(sl->req.sector_number << TD_SECTOR_SHIFT);
-    off_t len = (off_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
-    if (len == 0)
-        return;     /* nothing to discard: fallocate would refuse it (EINVAL) */
-    if (r->img->vhd) {
-        if (td_vhd_discard(r->img->vhd, sl->req.sector_number, sl->req.nr_sectors) != 0)
-            sl->err = TD_ERR_IO;
-        return;
-    }
-    if (fallocate(r->img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0)
+    /* The image punches (raw or the VHD's leaf), marks the CBT log, mirrors. */
+    if (td_image_discard(r->img, sl->req.sector_number, sl->req.nr_sectors) != 0)
         sl->err = TD_ERR_IO;
 }
 
@@ -855,6 +860,7 @@ static void free_ring(struct td_ring *r)
             xenevtchn_unbind(r->xce, r->lport);
         xenevtchn_close(r->xce);
     }
+    td_pgcache_close(r->pg);    /* every persistent mapping goes before the handle */
     if (r->xgt) {
         if (r->sring)
             xengnttab_unmap(r->xgt, r->sring, r->nr_pages);
@@ -902,7 +908,7 @@ static void connect_failed(const char *fmt, ...)
 int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
                     const uint32_t *grefs, uint32_t order, uint32_t port, int proto,
                     int engine, uint32_t poll_us, uint32_t poll_idle, uint32_t max_indirect,
-                    int discard,
+                    int discard, int persistent,
                     struct td_ring **out)
 {
     connect_failure[0] = 0;
@@ -1021,6 +1027,13 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
         goto fail_errno;
     }
     r->lport = (evtchn_port_t)lp;
+    if (persistent) {
+        uint32_t direct = r->nslots * BLKIF_MAX_SEGMENTS_PER_REQUEST;
+        rc = td_pgcache_open(r->xgt, domid, direct > TD_PGRANTS_MIN ? direct : TD_PGRANTS_MIN,
+                             &r->pg);
+        if (rc)
+            goto fail;
+    }
 
     /* Start from where the front-end's ring is (BACK_RING_ATTACH semantics): one read,
      * or a guest changing rsp_prod meanwhile would split req_cons from rsp_prod_pvt. */
@@ -1033,6 +1046,7 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->st.slots = (int32_t)r->nslots;
     r->st.max_indirect = r->max_indirect;
     r->st.indirect_bufs = r->nibufs;
+    r->st.persistent = r->pg != NULL;
 
     /* The service thread takes no signals: they belong to the Python main thread. */
     sigset_t all, old;
@@ -1148,6 +1162,17 @@ void td_ring_stats(struct td_ring *r, struct td_stats *out)
     out->polls = __atomic_load_n(&r->st.polls, __ATOMIC_RELAXED);
     out->polls_busy = __atomic_load_n(&r->st.polls_busy, __ATOMIC_RELAXED);
     out->poll_idle_threshold = r->st.poll_idle_threshold;
+    out->persistent = r->st.persistent;
+    struct td_pgstats pg = {0};
+    if (r->pg)
+        td_pgcache_stats(r->pg, &pg);
+    out->pgrant_maps = pg.maps;
+    out->pgrant_hits = pg.hits;
+    out->pgrant_evictions = pg.evictions;
+    out->pgrant_map_failures = pg.map_failures;
+    out->pgrant_full = pg.full;
+    out->pgrants_mapped = pg.mapped;
+    out->pgrants_max = pg.max;
     /* Written once, before the errors[OVERFLOW] bump; a torn read shows a prefix. */
     memcpy(out->halted, r->st.halted, sizeof(out->halted));
     out->halted[sizeof(out->halted) - 1] = 0;

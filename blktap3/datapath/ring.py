@@ -74,6 +74,7 @@ class Ring:
         poll_idle_threshold: int = 0,
         max_indirect_segments: int = 0,
         discard: bool = True,
+        persistent: bool = False,
     ) -> Ring:
         """Map the ring (2**order pages), bind the event channel, start the service.
 
@@ -88,6 +89,8 @@ class Ring:
         INDIRECT is answered EOPNOTSUPP); at most ``MAX_INDIRECT_SEGMENTS``.
         ``discard``: False when the back-end withheld discard (`discard-enable` = 0):
         DISCARD is then answered EOPNOTSUPP whatever the image can do.
+        ``persistent``: persistent grants were negotiated: each data grant is mapped once
+        and kept (a bounded cache, unmapped at disconnect) instead of grant-copied.
         """
         if poll_us is None:
             poll_us = _env_poll_us()
@@ -119,6 +122,7 @@ class Ring:
             poll_idle_threshold,
             max_indirect_segments,
             int(discard),
+            int(persistent),
             out,
         )
         step = ffi.string(lib.td_ring_connect_failure()).decode(errors="replace")
@@ -236,6 +240,16 @@ class Ring:
                 "pages": int(st.indirect_pages),
                 "max_segments": int(st.max_indirect),
                 "buffers": int(st.indirect_bufs),
+            },
+            "persistent": {
+                "negotiated": bool(st.persistent),
+                "mapped": int(st.pgrants_mapped),
+                "max": int(st.pgrants_max),
+                "maps": int(st.pgrant_maps),
+                "hits": int(st.pgrant_hits),
+                "evictions": int(st.pgrant_evictions),
+                "map_failures": int(st.pgrant_map_failures),
+                "full": int(st.pgrant_full),
             },
             "sectors": {"read": int(st.sectors_read), "written": int(st.sectors_written)},
             "kicks": {"in": int(st.kicks_in), "out": int(st.kicks_out)},

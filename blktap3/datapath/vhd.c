@@ -413,6 +413,31 @@ static int open_fd(const char *path, int readonly, int o_direct, int *direct)
     return fd >= 0 ? fd : -errno;
 }
 
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* No two blocks share a sector: a write to one would show through the other. */
+static int blocks_apart(const struct td_vhd_layer *l, uint64_t span)
+{
+    uint32_t *used = malloc(((size_t)l->nbat ? l->nbat : 1) * sizeof(*used));
+    if (!used)
+        return -ENOMEM;
+    uint32_t n = 0;
+    for (uint32_t b = 0; b < l->nbat; b++)
+        if (bat_get(l, b) != VHD_UNUSED)
+            used[n++] = bat_get(l, b);
+    qsort(used, n, sizeof(*used), cmp_u32);
+    int rc = 0;
+    for (uint32_t i = 1; i < n && !rc; i++)
+        if (((uint64_t)(used[i] - used[i - 1]) << TD_SECTOR_SHIFT) < span)
+            rc = -EINVAL;
+    free(used);
+    return rc;
+}
+
 static int layer_open(struct td_vhd_layer *l, const struct td_vhd_layer_desc *d,
                       int readonly, int o_direct, int *direct)
 {
@@ -445,7 +470,7 @@ static int layer_open(struct td_vhd_layer *l, const struct td_vhd_layer_desc *d,
     if (rc)
         return rc;
     /* The checks the format module made, again on what we read now: a block lies
-     * between the metadata and the footer, and within the disk. */
+     * between the metadata and the footer, within the disk, and apart from the others. */
     uint64_t span = l->bm_bytes + ((uint64_t)bs);
     for (uint32_t b = 0; b < l->nbat; b++) {
         uint32_t e = bat_get(l, b);
@@ -456,7 +481,7 @@ static int layer_open(struct td_vhd_layer *l, const struct td_vhd_layer_desc *d,
             off + span > l->footer_offset)
             return -EINVAL;
     }
-    return 0;
+    return blocks_apart(l, span);
 }
 
 int td_vhd_open(const struct td_vhd_layer_desc *layers, uint32_t n, int readonly,

@@ -121,6 +121,13 @@ class BackendFeatures:
                        polling_duration=found.polling_duration,
                        polling_idle_threshold=found.polling_idle_threshold)
 
+    def persistent_with(self, transport: RingTransport) -> bool:
+        """Persistent grants are used only when both ends said 1: ours from configuration
+        (`feature-persistent` as advertised), the front-end's in its transport keys.
+        Decided at connect and fixed until the next one (Linux's 2022 blkback fixes split
+        advertised from negotiated for this)."""
+        return self.persistent and transport.persistent
+
     def discard_for(self, disk: DiskInfo) -> bool:
         writable = not disk.info & (VdiskInfo.READONLY | VdiskInfo.CDROM)
         return self.discard and disk.discard and writable
@@ -224,6 +231,10 @@ class BackendVbd(SpecMachine):
             self.frontend_has_appeared = True
         elif isinstance(event, FrontendVanished):
             self.frontend_state = None
+        elif isinstance(event, BackendFound) and event.state == XenbusState.CONNECTED:
+            # A tapback before us published Connected: a front-end connected to it, so a
+            # state node absent now is a vanished guest, not one yet to come.
+            self.frontend_has_appeared = True
         return super().handle(event)
 
     # --- conditions -----------------------------------------------------------------------
@@ -355,6 +366,7 @@ class BackendVbd(SpecMachine):
             self.features.discard,
             self.features.polling_duration,
             self.features.polling_idle_threshold,
+            self.features.persistent_with(event.transport),
         )
         self.emit(SendControl(message))
 

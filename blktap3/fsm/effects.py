@@ -127,6 +127,9 @@ class XenblkifConnect(ControlMessage):
     # sleeping, only while this % of CPU time is idle.
     poll_duration: int = 0
     poll_idle_threshold: int = 0
+    # Persistent grants as negotiated at this connect (both ends said 1), fixed until the
+    # next one: the lesson of Linux's 2022 blkback fixes.
+    persistent: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,14 @@ class SendControl(Effect):
 @dataclass(frozen=True)
 class OpenImage(Effect):
     """Open the image with its driver and hold it aside; answer `ImageOpened` or
-    `ImageOpenFailed`.  The machine then accepts it (`AcceptImage`) or not (`DiscardImage`)."""
+    `ImageOpenFailed`.  The machine then accepts it (`AcceptImage`) or not (`DiscardImage`).
+    `logpath`: track changed blocks there (ADD_LOG); `secondary`: mirror writes there
+    (SECONDARY); "" for neither."""
 
     path: str
     flags: int
+    logpath: str = ""
+    secondary: str = ""
 
 
 @dataclass(frozen=True)

@@ -427,6 +427,7 @@ class BlkifRing:
     poll_idle_threshold: int = 0  # blktap's: spin only while this % of CPU is idle
     max_indirect_segments: int = 0  # ours: the back-end's offer, enforced (0: none)
     discard: bool = True  # ours: False when the back-end withheld discard (EOPNOTSUPP)
+    persistent: bool = False  # ours: persistent grants negotiated (map once, keep)
     queue: int = 0  # ours (multi-queue): which of the front-end's queues this ring is
     nr_queues: int = 1  # ours: how many queues the front-end uses (blktap's: one)
 
@@ -453,11 +454,14 @@ class Attach(Event):
 
 @dataclass(frozen=True)
 class Open(Event):
-    """OPEN of `type:/path` (parsed by the driver that opens it) with blktap's open flags."""
+    """OPEN of `type:/path` (parsed by the driver that opens it) with blktap's open flags,
+    the changed-block log path that followed it (ADD_LOG) and the secondary (SECONDARY)."""
 
     TRIGGER: ClassVar[str] = "open"
     path: str
     flags: int = 0
+    logpath: str = ""
+    secondary: str = ""
 
 
 @dataclass(frozen=True)
@@ -538,11 +542,15 @@ class DrainFailed(EffectFailed):
 @dataclass(frozen=True)
 class Resume(Event):
     """RESUME, optionally with a new image path (image swap); `resize`: the image may have
-    grown (our `ResumeFlags.RESIZE`), a larger size is then accepted."""
+    grown (our `ResumeFlags.RESIZE`), a larger size is then accepted. `logpath` (ADD_LOG,
+    `unpause -c`) switches the changed-block log, `secondary` (`unpause -2`) the mirror's
+    target; None keeps the VBD's."""
 
     TRIGGER: ClassVar[str] = "resume"
     path: str | None = None
     resize: bool = False
+    logpath: str | None = None
+    secondary: str | None = None
 
 
 @dataclass(frozen=True)

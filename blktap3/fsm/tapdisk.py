@@ -125,6 +125,8 @@ class TapdiskVbd(SpecMachine):
         self.minor = minor
         self.path: str | None = None
         self.flags = 0
+        self.logpath = ""
+        self.secondary = ""
         self.params: str | None = None
         self.disk: DiskInfo | None = None
         self.image_open = False
@@ -185,13 +187,23 @@ class TapdiskVbd(SpecMachine):
     # effects
     def open_image(self, event: Open, **_: Any) -> None:
         self.path, self.flags, self.disk = event.path, event.flags, None
-        self.emit(OpenImage(event.path, event.flags))
+        self.logpath, self.secondary = event.logpath, event.secondary
+        self.emit(OpenImage(event.path, event.flags, event.logpath, event.secondary))
 
     def reopen_image(self, event: Resume, **_: Any) -> None:
+        """The log is kept unless a new one is named; so is the secondary, unless a new
+        one is named or the image is swapped (`unpause -a`: the swap that ends a
+        migration makes the mirror's target the primary)."""
         assert self.path is not None  # paused implies it was opened
+        if event.secondary is not None:
+            self.secondary = event.secondary
+        elif event.path and event.path != self.path:
+            self.secondary = ""
+        if event.logpath is not None:
+            self.logpath = event.logpath
         self.path = event.path or self.path
         self.resize = event.resize
-        self.emit(OpenImage(self.path, self.flags))
+        self.emit(OpenImage(self.path, self.flags, self.logpath, self.secondary))
 
     def accept_image(self, event: ImageOpened, **_: Any) -> None:
         self.disk = event.disk

@@ -131,6 +131,13 @@ class GrantShare:
         self._shares.append(share)
         return share
 
+    def end_access(self, ref: int) -> None:
+        """End access to one grant of this handle's shares, as a guest's
+        gnttab_end_foreign_access_ref: OSError EBUSY while the grantee maps it."""
+        if self._h is None:
+            raise ValueError("grant share handle is closed")
+        check(self._lib.xensim_gntshr_end_access(self._h, ref), "xensim_gntshr_end_access")
+
     def close(self) -> None:
         if self._h is None:
             return

@@ -199,6 +199,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "xengntshr_close": (i, [vp]),
         "xengntshr_share_pages": (vp, [vp, u32, i, ctypes.POINTER(u32), i]),
         "xengntshr_unshare": (i, [vp, vp, u32]),
+        "xensim_gntshr_end_access": (i, [vp, u32]),
     }
     for name, (restype, argtypes) in protos.items():
         fn = getattr(lib, name)

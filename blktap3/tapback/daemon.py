@@ -40,7 +40,7 @@ from blktap3.xenbus import (
     parse_backend_path,
 )
 
-from .executor import VbdConfig, default_max_queues
+from .executor import DEFAULT_PERSISTENT_GRANTS, VbdConfig, default_max_queues
 from .images import ImageWatcher
 from .reads import WATCHED_KEYS
 from .status import StatusFile, VbdStatus, default_path
@@ -70,6 +70,7 @@ class TapbackConfig:
     tapdisk_timeout: float = 30.0
     max_ring_page_order: int = MAX_RING_PAGE_ORDER
     barrier: bool = True  # offer feature-barrier (blktap's tapback -b: no)
+    persistent: bool = DEFAULT_PERSISTENT_GRANTS  # advertise feature-persistent
     toolstack: Toolstack = Toolstack.XAPI  # whose hotplug/InitWait order is served
     max_queues: int = field(default_factory=default_max_queues)  # multi-queue-max-queues
     frontend_domid: int | None = None  # serve only this guest's VBDs (tapback -x)
@@ -79,7 +80,7 @@ class TapbackConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "vbd", VbdConfig(
             self.control_root, self.tapdisk_timeout, self.max_ring_page_order, self.barrier,
-            self.toolstack, self.max_queues))
+            self.toolstack, persistent=self.persistent, max_queues=self.max_queues))
         if self.status_file is None:
             object.__setattr__(self, "status_file",
                                default_path(self.control_root, self.backend_kind))

@@ -58,6 +58,9 @@ from .reads import transport_answer
 from .store import SharedStore
 
 _WRITES = (WriteKeys, PublishState, SetError)
+# feature-persistent advertised unless configured off (tapback --persistent-grants):
+# chosen from blktap3-bench's on/off figures (README, issue 13).
+DEFAULT_PERSISTENT_GRANTS = True
 
 
 def default_max_queues() -> int:
@@ -80,6 +83,7 @@ class VbdConfig:
     barrier: bool = True  # feature-barrier (blktap's tapback -b: not offered)
     # xapi: InitWait once hotplug is connected (blktap's order); libxl: InitWait first.
     toolstack: Toolstack = Toolstack.XAPI
+    persistent: bool = DEFAULT_PERSISTENT_GRANTS  # advertise feature-persistent
     max_queues: int = 1  # multi-queue-max-queues (tapback's default: default_max_queues())
 
     def features(self) -> BackendFeatures:
@@ -89,6 +93,7 @@ class VbdConfig:
             max_ring_page_order=self.max_ring_page_order,
             max_queues=self.max_queues,
             barrier=self.barrier,
+            persistent=self.persistent,
             discard=True,
             discard_granularity=SECTOR_SIZE,
             discard_secure=True,
@@ -236,6 +241,7 @@ class EffectExecutor:
                 max_indirect_segments=message.max_indirect_segments, discard=message.discard,
                 poll_duration=message.poll_duration,
                 poll_idle_threshold=message.poll_idle_threshold,
+                persistent=message.persistent,
                 extra_queues=[(q.ring_refs, q.event_channel) for q in t.more_queues])
         except CtlError as exc:
             if exc.errno == errno.EALREADY:

@@ -40,7 +40,7 @@ from blktap3.xenbus import XenStoreConnectionError, XenStoreError, default_socke
 
 from . import logs
 from .daemon import Tapback, TapbackConfig
-from .executor import default_max_queues
+from .executor import DEFAULT_PERSISTENT_GRANTS, default_max_queues
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=range(0, MAX_RING_PAGE_ORDER + 1),
                         help="largest ring the front-end may use, 2^N pages "
                              f"(default: {MAX_RING_PAGE_ORDER})")
+    parser.add_argument("--persistent-grants", choices=("on", "off"),
+                        default="on" if DEFAULT_PERSISTENT_GRANTS else "off",
+                        help="advertise feature-persistent: with a front-end that asks too, "
+                             "data grants are mapped once and kept (default: "
+                             f"{'on' if DEFAULT_PERSISTENT_GRANTS else 'off'})")
     parser.add_argument("--max-queues", type=int, default=default_max_queues(),
                         choices=range(1, MAX_QUEUES + 1), metavar=f"1..{MAX_QUEUES}",
                         help="multi-queue-max-queues: the most queues (rings, each served "
@@ -238,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_ring_page_order=args.max_ring_page_order,
         max_queues=args.max_queues,
         barrier=args.barrier,
+        persistent=args.persistent_grants == "on",
         toolstack=args.toolstack,
         frontend_domid=args.frontend_domid,
         status_file=args.status_file.absolute() if args.status_file else None,

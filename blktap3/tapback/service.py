@@ -148,6 +148,13 @@ def stop(run_dir: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) -> None
     pid_path(run_dir).unlink(missing_ok=True)
 
 
+def reap(pid: int) -> None:
+    """Wait for a tapback this process started and that was killed: no zombie left."""
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
+
+
 def terminate(pid: int, name: str, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM the live process `pid` named `name` (SIGKILL after `timeout`), wait until
     it is gone. Nothing happens if `pid` is no longer such a process (pid reuse)."""

@@ -127,10 +127,11 @@ class Tapdisk:
 
     # -- dispatch ---------------------------------------------------------------------
 
-    def handle(self, request: p.Message) -> Reply:
-        """The reply to one request; refusals become ERROR replies with a positive errno."""
+    def handle(self, request: p.Message, *, logpath: str = "") -> Reply:
+        """The reply to one request; refusals become ERROR replies with a positive errno.
+        `logpath`: the changed-block log path that followed an OPEN/RESUME (ADD_LOG)."""
         own = self._own.get(request.type)
-        observation = None if own else observe(request)
+        observation = None if own else observe(request, logpath)
         if own is None and observation is None:
             return error_reply(request.cookie, errno.EINVAL,
                                f"{request.type.name} is not a request")
@@ -230,8 +231,8 @@ class Tapdisk:
     def _execute(self, vbd: Vbd, effect: fx.Effect) -> ev.Event | None:
         """Carry out one effect; an effect that asks a question answers with an event."""
         match effect:
-            case fx.OpenImage(path=path, flags=flags):
-                return self._open_image(vbd, path, flags)
+            case fx.OpenImage(path=path, flags=flags, logpath=logpath, secondary=secondary):
+                return self._open_image(vbd, path, flags, logpath, secondary)
             case fx.AcceptImage():
                 assert vbd.image is None and vbd.pending_image is not None
                 vbd.image, vbd.image_spec = vbd.pending_image, vbd.pending_spec
@@ -243,7 +244,10 @@ class Tapdisk:
                     # NBD export hook (issue 15): the image is open (OPEN) or reopened
                     # (RESUME): start the export, or let its held requests go on.
                     self.nbd.serve(vbd.minor, vbd.image_spec.type, vbd.image_spec.path,
-                                   vbd.image.info)
+                                   vbd.image)
+                    nbd_counters = self.nbd.counters(vbd.minor)
+                    if self.metrics is not None and nbd_counters is not None:
+                        self.metrics.nbd_started(vbd.minor, nbd_counters)
             case fx.DiscardImage():
                 assert vbd.pending_image is not None
                 vbd.pending_image.close()
@@ -251,8 +255,10 @@ class Tapdisk:
             case fx.CloseImage():
                 # NBD export hook (issue 15): drain the export before its image goes;
                 # PAUSE holds its requests, CLOSE removes it.
-                self.nbd.close_image(vbd.minor, stop=vbd.state is VbdState.CLOSED,
-                                     timeout=self.drain_timeout)
+                stop = vbd.state is VbdState.CLOSED
+                self.nbd.close_image(vbd.minor, stop=stop, timeout=self.drain_timeout)
+                if stop and self.metrics is not None:
+                    self.metrics.nbd_stopped(vbd.minor)
                 image, vbd.image, vbd.image_spec = vbd.image, None, None
                 if image is not None:
                     image.close()
@@ -283,11 +289,14 @@ class Tapdisk:
                 raise TypeError(f"the tapdisk does not execute {effect!r}")  # our bug
         return None
 
-    def _open_image(self, vbd: Vbd, params: str, flags: int) -> ev.Event:
+    def _open_image(self, vbd: Vbd, params: str, flags: int, logpath: str = "",
+                    secondary: str = "") -> ev.Event:
         """OpenImage: the driver's answer as an event (a refusal keeps its reason)."""
         try:
             spec = images.parse_params(params)
             image = self.open_image(spec, flags)
+            if logpath or secondary:
+                images.add_tracking(image, logpath=logpath, secondary=secondary)
         except OSError as exc:
             code = exc.errno or errno.EIO
             # Why, in the tapdisk's own log (the toolstack may print only strerror).
@@ -306,7 +315,7 @@ class Tapdisk:
                 order=ring.order, port=ring.port, protocol=ring.protocol,
                 poll_us=ring.poll_us, poll_idle_threshold=ring.poll_idle_threshold,
                 max_indirect_segments=ring.max_indirect_segments,
-                discard=ring.discard,
+                discard=ring.discard, persistent=ring.persistent,
             )
         except OSError as exc:
             log.warning("ring connect failed", minor=vbd.minor, domid=ring.domid,
@@ -395,7 +404,20 @@ class Tapdisk:
             image_path=spec.path if spec else None,
             ring_stats=ring_stats,
             ring_ids=ring_ids,
+            mirror=self._mirror_stats(vbd),
         )
+
+    def _mirror_stats(self, vbd: Vbd) -> dict[str, Any] | None:
+        """The mirror's counters; STATS runs beside the serialized requests, so the
+        image is read under their lock (it may be closing), or not at all when a long
+        request (a PAUSE draining) holds it."""
+        if not self.lock.acquire(timeout=1.0):
+            return None
+        try:
+            image = vbd.image
+            return image.mirror_stats() if image is not None and image.shared else None
+        finally:
+            self.lock.release()
 
     # -- the tapdisk's own --------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from blktap3.abi import BlkifProtocol
+from blktap3.abi import SECTOR_SIZE, BlkifProtocol, VdiskInfo
 from blktap3.ctl.protocol import OpenFlags
 
 
@@ -44,7 +44,26 @@ class Image(Protocol):
     @property
     def info(self) -> ImageInfo: ...
 
+    @property
+    def shared(self) -> bool: ...  # writes tracked (CBT) or mirrored
+
     def close(self) -> None: ...
+
+    def pread_into(self, buf: memoryview, sector: int) -> None: ...
+
+    def pwrite(self, buf: memoryview, sector: int) -> None: ...
+
+    def discard(self, sector: int, count: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def set_log(self, path: str) -> None: ...
+
+    def set_mirror(self, secondary: Any) -> None: ...
+
+    def set_mirror_nbd(self, fd: int) -> None: ...
+
+    def mirror_stats(self) -> dict[str, Any]: ...
 
 
 class Ring(Protocol):
@@ -66,7 +85,8 @@ class Ring(Protocol):
 # Image types the data path serves now; blktap's others (ram, nbd, filters) later.
 SUPPORTED_TYPES = ("aio", "raw", "vhd", "null")
 # Open flags we honour; the rest name blktap features we do not have, refused loudly.
-SUPPORTED_FLAGS = OpenFlags.RDONLY | OpenFlags.NO_O_DIRECT | OpenFlags.SHARED
+SUPPORTED_FLAGS = (OpenFlags.RDONLY | OpenFlags.NO_O_DIRECT | OpenFlags.SHARED
+                   | OpenFlags.ADD_LOG | OpenFlags.SECONDARY)
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,42 @@ def open_image(spec: ImageSpec, flags: int) -> Image:
     return image
 
 
+def add_tracking(image: Image, *, logpath: str = "", secondary: str = "") -> None:
+    """Give a just-opened image its changed-block log (`-C`) and its mirror (`-2`
+    SECONDARY: `aio:`/`vhd:` image, or `nbd:SOCKET`); on any failure the image is
+    closed and the OSError says which part failed: nothing stays half-opened."""
+    try:
+        if image.info.info & VdiskInfo.READONLY:  # nothing is written, nothing to track
+            raise OSError(errno.EINVAL, "a read-only image has no writes to log or mirror")
+        if logpath:
+            image.set_log(logpath)
+        if secondary:
+            _add_secondary(image, secondary)
+    except BaseException:
+        image.close()
+        raise
+
+
+def _add_secondary(image: Image, secondary: str) -> None:
+    kind, sep, path = secondary.partition(":")
+    if kind == "nbd" and sep and path:
+        from .nbd import client  # only mirrors need it
+
+        sock = client.connect(path, image.info.sectors * SECTOR_SIZE)
+        image.set_mirror_nbd(sock.detach())
+        return
+    try:
+        spec = parse_params(secondary)
+    except OSError as exc:
+        raise OSError(exc.errno, f"secondary: {exc.strerror}") from None
+    other = open_image(spec, 0)
+    try:
+        image.set_mirror(other)
+    except BaseException:
+        other.close()
+        raise
+
+
 def connect_ring(
     image: Image,
     *,
@@ -150,6 +206,7 @@ def connect_ring(
     poll_idle_threshold: int = 0,
     max_indirect_segments: int = 0,
     discard: bool = True,
+    persistent: bool = False,
 ) -> Ring:
     """Map the front-end's ring and start serving it (OSError with the reason if not).
 
@@ -158,7 +215,8 @@ def connect_ring(
     `poll_idle_threshold` (blktap's, 0..100): spin only while that % of CPU is idle.
     `max_indirect_segments` is ours: the segments per indirect request the back-end
     offered (0: not offered); EINVAL beyond the data path's limit. `discard` False:
-    the back-end withheld discard (DISCARD answered EOPNOTSUPP).
+    the back-end withheld discard (DISCARD answered EOPNOTSUPP). `persistent`: persistent
+    grants were negotiated with the front-end (data grants mapped once and kept).
     """
     datapath = _datapath()
     # blkif.proto on the wire is Xen's `enum blkif_protocol` (0 = unset: native).
@@ -172,6 +230,7 @@ def connect_ring(
             # A percentage: more than all of the CPU idle reads as "only when all is".
             poll_idle_threshold=min(poll_idle_threshold, 100),
             max_indirect_segments=max_indirect_segments, discard=discard,
+            persistent=persistent,
         )
     except OSError as exc:
         raise OSError(

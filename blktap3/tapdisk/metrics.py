@@ -9,6 +9,11 @@ facts in reference/peers.md):
   libxenstat (xentop, since Xen 4.19) reads `vbd-<domid>-<devid>` of the tapdisk whose
   pid is the back-end's `kthread-pid` (tools/libs/stat/xenstat_linux.c,
   `read_attributes_vbd3`); xcp-rrdd's tapdisk plugin reads both.
+- `td3-<pid>/nbd-<minor>` and `nbd-old-<minor>`: the same `struct stats` of the VBD's
+  NBD server, newstyle and old-style clients (drivers/tapdisk-metrics.c,
+  `td_metrics_nbd_start_new`/`_old`), from the export's own counters (`nbd.server`).
+  blktap never sets their `version` (its page is zero-filled); we write 1 as in the
+  others, so that one reader serves all.
 - `<shm>/vbd3-<domid>-<devid>/statistics`: one page, `struct blkback_stats`
   (include/blktap3.h, 14 x u64), and `io_ring`: a crc32 (an `uLong`, 8 bytes here) of
   the text `nr_ents %u\\nreq prod %u cons %d event %u\\nrsp prod %u pvt %d event %u\\n`
@@ -27,6 +32,7 @@ our pid is emptied first, as blktap does).  The shm root is `$BLKTAP3_SHM_DIR`, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import struct
@@ -61,6 +67,8 @@ BLKBACK_FIELDS = ("st_ds_req", "st_f_req", "st_oo_req", "st_rd_req", "st_rd_cnt"
 CRC = struct.Struct("<Q")  # uLong on x86-64
 
 RingCounters = Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]] | None]
+NbdCounters = Callable[[], Mapping[str, Mapping[str, int]]]
+NBD_FILES = {"new": "nbd-{minor}", "old": "nbd-old-{minor}"}
 
 
 def shm_root(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -92,6 +100,12 @@ def stats_record(ring: Mapping[str, Any], io: Mapping[str, Any]) -> bytes:
         "flags": 0,
     }
     return STATS.pack(STATS_VERSION, 0, *(values[f] for f in STATS_FIELDS))
+
+
+def nbd_record(counters: Mapping[str, int]) -> bytes:
+    """`struct stats` of an NBD server (td3-<pid>/nbd-<minor>)."""
+    values = {"oo_reqs": 0, "flags": 0, **counters}
+    return STATS.pack(STATS_VERSION, 0, *(int(values[f]) for f in STATS_FIELDS))
 
 
 def blkback_record(ring: Mapping[str, Any], io: Mapping[str, Any]) -> bytes:
@@ -133,6 +147,10 @@ def io_ring_text(io: Mapping[str, Any]) -> bytes:
     return CRC.pack(zlib.crc32(text)) + text
 
 
+def _page_of(data: bytes, path: Path) -> None:
+    _write_page(path, data)
+
+
 def _write_page(path: Path, data: bytes) -> None:
     """One page holding `data` at its start, as blktap's shm_create + stores."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -168,6 +186,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._rings: dict[tuple[int, int], RingCounters] = {}
         self._vdis: dict[int, RingCounters] = {}
+        self._nbds: dict[int, NbdCounters] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._active = False  # td3-<pid> was made: the files are kept
@@ -203,6 +222,7 @@ class Metrics:
                 self._remove_ring(ids)
             self._rings.clear()
             self._vdis.clear()
+            self._nbds.clear()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.dir)
 
@@ -252,7 +272,30 @@ class Metrics:
             self._vdis.pop(minor, None)
             self._remove_vdi(minor)
 
+    def nbd_started(self, minor: int, counters: NbdCounters) -> None:
+        """The VBD's NBD server runs: its files appear, following its counters."""
+        with self._lock:
+            if not self._active:
+                return
+            self._nbds[minor] = counters
+            self._refresh_nbd(minor, counters)
+
+    def nbd_stopped(self, minor: int) -> None:
+        """The NBD server is gone (CLOSE): its files go."""
+        with self._lock:
+            if not self._active:
+                return
+            self._nbds.pop(minor, None)
+            for name in NBD_FILES.values():
+                with contextlib.suppress(OSError):
+                    (self.dir / name.format(minor=minor)).unlink()
+
     # -- files ---------------------------------------------------------------------------
+
+    def _refresh_nbd(self, minor: int, counters: NbdCounters) -> None:
+        for style, values in counters().items():
+            self._write(self.dir / NBD_FILES[style].format(minor=minor),
+                        functools.partial(_page_of, nbd_record(values)))
 
     def ring_dir(self, domid: int, devid: int) -> Path:
         return self.root / f"vbd3-{domid}-{devid}"
@@ -308,3 +351,5 @@ class Metrics:
                     self._refresh_ring(ids, counters)
                 for minor, counters in list(self._vdis.items()):
                     self._refresh_vdi(minor, counters)
+                for minor, nbd_counters in list(self._nbds.items()):
+                    self._refresh_nbd(minor, nbd_counters)

@@ -52,8 +52,9 @@ def _flags_refused(minor: int, flags: int) -> BadArgument | None:
     return None
 
 
-def observe(message: p.Message) -> Observation | None:
-    """The event a control message is for one VBD, or None when it is for no VBD."""
+def observe(message: p.Message, logpath: str = "") -> Observation | None:
+    """The event a control message is for one VBD, or None when it is for no VBD.
+    `logpath`: what followed an OPEN/RESUME with ADD_LOG."""
     minor, payload = message.cookie, message.payload
     match message.type:
         case T.ATTACH:
@@ -61,12 +62,19 @@ def observe(message: p.Message) -> Observation | None:
         case T.OPEN:
             assert isinstance(payload, p.Params)  # the codec's payload class of OPEN
             return (_flags_refused(minor, payload.flags)
-                    or ToVbd(minor, ev.Open(payload.path, payload.flags)))
+                    or ToVbd(minor, ev.Open(
+                        payload.path, payload.flags, logpath=logpath,
+                        secondary=payload.secondary if payload.flags & p.OpenFlags.SECONDARY
+                        else "")))
         case T.RESUME:
             assert isinstance(payload, p.Resume)
             resize = bool(payload.flags & p.ResumeFlags.RESIZE)
             return (_flags_refused(minor, payload.flags)
-                    or ToVbd(minor, ev.Resume(payload.new_params or None, resize=resize)))
+                    or ToVbd(minor, ev.Resume(
+                        payload.new_params or None, resize=resize,
+                        logpath=logpath if payload.flags & p.OpenFlags.ADD_LOG else None,
+                        secondary=payload.secondary if payload.flags & p.OpenFlags.SECONDARY
+                        else None)))
         case T.PAUSE:
             return ToVbd(minor, ev.Pause())
         case T.CLOSE:
@@ -83,6 +91,7 @@ def observe(message: p.Message) -> Observation | None:
                 poll_idle_threshold=payload.poll_idle_threshold,
                 max_indirect_segments=payload.max_indirect_segments,
                 discard=not payload.flags & p.BlkifFlags.NO_DISCARD,
+                persistent=bool(payload.flags & p.BlkifFlags.PERSISTENT),
                 queue=payload.queue, nr_queues=payload.queues,
             )
             return ToVbd(minor, ev.ConnectRing(ring))

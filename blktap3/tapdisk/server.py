@@ -203,9 +203,9 @@ class ControlServer:
             log.warning("bad message", reason=str(exc))
             reply = error_reply(cookie, errno.EINVAL, str(exc))
         else:
-            refusal = self._read_trailer(conn, request)
+            refusal, logpath = self._read_trailer(conn, request)
             try:
-                reply = refusal or self.tapdisk.handle(request)
+                reply = refusal or self.tapdisk.handle(request, logpath=logpath)
                 if request.type is p.MessageType.STATS:
                     reply = _without_text(reply)
                 data = reply.encode()
@@ -221,19 +221,29 @@ class ControlServer:
         conn.settimeout(self.client_timeout)
         conn.sendall(reply.encode())
 
-    def _read_trailer(self, conn: socket.socket, request: p.Message) -> Reply | None:
+    def _read_trailer(self, conn: socket.socket,
+                      request: p.Message) -> tuple[Reply | None, str]:
         """Read what follows an OPEN/RESUME (drivers/tapdisk-control.c, open_image and
         resume_vbd: a char[256] log path; then a u8 key size, 1..128, and the key);
-        an ERROR reply when it is missing (EIO) or its size is not 1..128 (EINVAL),
-        else None."""
+        an ERROR reply when it is missing (EIO), its size is not 1..128 or the path is
+        not a C string (EINVAL), else None; and the log path ("" when none)."""
         logpath, key = p.Trailer.expected(request)
+        path = ""
 
-        def missing(what: str) -> Reply:
+        def missing(what: str) -> tuple[Reply, str]:
             log.warning("trailer missing", request=request.type.name, part=what)
-            return error_reply(request.cookie, errno.EIO, f"no {what} after the request")
+            return error_reply(request.cookie, errno.EIO, f"no {what} after the request"), ""
 
-        if logpath and self._read(conn, p.STRING_MAX) is None:
-            return missing("log path")
+        if logpath:
+            raw = self._read(conn, p.STRING_MAX)
+            if raw is None:
+                return missing("log path")
+            try:
+                path = p.unpack_string(raw)
+            except p.ProtocolError as exc:
+                return error_reply(request.cookie, errno.EINVAL, f"log path: {exc}"), ""
+            if not path:
+                return error_reply(request.cookie, errno.EINVAL, "empty log path"), ""
         if key:
             size = self._read(conn, 1)
             if size is None:
@@ -244,8 +254,8 @@ class ControlServer:
                 return missing("key")
             if not 0 < size[0] <= p.MAX_KEY:
                 return error_reply(request.cookie, errno.EINVAL,
-                                   f"key size {size[0]} is not in 1..{p.MAX_KEY}")
-        return None
+                                   f"key size {size[0]} is not in 1..{p.MAX_KEY}"), ""
+        return None, path
 
     def _read(self, conn: socket.socket, size: int) -> bytes | None:
         """Exactly `size` bytes within the client timeout, or None."""

@@ -62,8 +62,11 @@ def vbd_stats(
     image_path: str | None,
     ring_stats: Mapping[str, Any] | None,
     ring_ids: tuple[int, int] | None,
+    mirror: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The STATS object of one VBD; paused or closed VBDs list no image, as blktap's."""
+    """The STATS object of one VBD; paused or closed VBDs list no image, as blktap's.
+    `mirror`: the secondary's counters (`Image.mirror_stats`), shown as blktap's
+    `nbd_mirror_failed` (secondaries dropped on failure) plus our `mirror` object."""
     counters: Mapping[str, Any] = ring_stats or {}
     # Reads and writes, direct or inside an indirect request.
     reads = _get(counters, "reqs", "read") + _get(counters, "indirect", "read")
@@ -89,8 +92,10 @@ def vbd_stats(
         "secs": [_get(counters, "sectors", "read"), _get(counters, "sectors", "written")],
         "images": images,
         "FIXME_enospc_redirect_count": 0,
-        "nbd_mirror_failed": 0,
+        "nbd_mirror_failed": _get(mirror or {}, "failed"),
     }
+    if mirror is not None and mirror.get("kind"):
+        result["mirror"] = dict(mirror)
     if ring_stats is not None and ring_ids is not None:
         xenbus: dict[str, Any] = {
             "pool": "td-xenio-default",
@@ -104,6 +109,9 @@ def vbd_stats(
                 "img": io_errors,
             },
         }
+        if isinstance(counters.get("persistent"), Mapping):
+            # Ours, beside blktap's keys: persistent grants negotiated and their cache.
+            xenbus["persistent"] = dict(counters["persistent"])
         if counters.get("halted"):
             xenbus["halted"] = str(counters["halted"])
         queues = counters.get("queues") or ()

@@ -6,7 +6,9 @@ printing its figures and failing when anything was lost, wrong, crashed, hung or
 - ``kill``: SIGKILL of the tapdisk under a flushed write load, every acknowledged and
   flushed block checked after reattaching (``kill``);
 - ``pause``: pause/resume (and resume on a swapped image) under a verifying load
-  (``pause``).
+  (``pause``);
+- ``churn``: guests created and destroyed mid-I/O, tapback and xenstored SIGKILLed and
+  restarted; nothing may leak, the next guest must connect (``churn``).
 
 Each module runs one of them and returns a ``Verdict`` (``verdict``); ``cli`` is the
 command.

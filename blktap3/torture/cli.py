@@ -17,10 +17,11 @@ import structlog
 
 from blktap3.cmdline import int_in, positive_float
 
-from . import kill, pause, ring
+from . import churn, kill, pause, ring
 from .verdict import Verdict
 
-DEFAULTS = {"ring": "1,000,000 requests", "kill": "100 cycles", "pause": "1,000 cycles"}
+DEFAULTS = {"ring": "1,000,000 requests", "kill": "100 cycles", "pause": "1,000 cycles",
+            "churn": "200 cycles"}
 
 
 WEEK = 7 * 86400
@@ -42,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
                 "beside it",
         "kill": "SIGKILL of tapdisk under flushed writes; every flushed block checked",
         "pause": "pause/resume (and image swaps) under a verifying QD32 load",
+        "churn": "guests created and destroyed mid-I/O, tapback and xenstored SIGKILLed; "
+                 "nothing may leak",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -53,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "ring":
             p.add_argument("--no-sanitize", action="store_true",
                            help="the optimised data path instead of its ASan+UBSan build")
-        if name in ("ring", "kill"):
+        if name in ("ring", "kill", "churn"):
             p.add_argument("--seed", type=int_in(1), default=1)
     return ap
 
@@ -72,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  seed=args.seed),
         "kill": lambda: kill.run(args.count, args.seconds, seed=args.seed),
         "pause": lambda: pause.run(args.count, args.seconds),
+        "churn": lambda: churn.run(args.count, args.seconds, seed=args.seed),
     }
     verdict = runs[args.command]()
     print(verdict.text())

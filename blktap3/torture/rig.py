@@ -9,11 +9,13 @@ children's ``PYTHONPATH`` with the sanitizer runtimes preloaded. Reports go to f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -53,6 +55,16 @@ def build_sanitized(dest: Path) -> Path:
         if "__asan_" not in nm.stdout:
             raise RuntimeError(f"{so}: not instrumented")
     return dest
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A scratch directory of a run, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="blktap3-torture."))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Rig:

@@ -6,7 +6,12 @@ TARGET [libFuzzer args] [corpus dirs]``; run by ``run_fuzzers.py``.
 - ``xenbus``: a front-end's transport keys, protocol and feature flags as tapback reads
   them (``blktap3.xenbus.schema``): a value or XenbusValueError;
 - ``nbd``: an NBD client's option haggling and transmission requests
-  (``blktap3.tapdisk.nbd.protocol``): bytes to send, a refusal, or ProtocolError.
+  (``blktap3.tapdisk.nbd.protocol``): bytes to send, a refusal, or ProtocolError;
+- ``vhdformat``: a VHD file (``blktap3.datapath.vhdformat.Layer.open``, the seeds of
+  ``corpus/vhd/`` decoded by ``vhd_seeds.decode``): a Layer or VhdError; what it takes
+  has every block inside the data area and apart from the others, and a dynamic or fixed
+  image it takes the C driver opens too and reads through, its answers those of the
+  format module's own reader.
 
 Anything else raised is a finding (libFuzzer saves the input as a crash).
 """
@@ -14,17 +19,25 @@ Anything else raised is a finding (libFuzzer saves the input as a crash).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import struct
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import atheris
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 with atheris.instrument_imports():
     from blktap3.ctl import protocol as ctl
+    from blktap3.datapath import Image
+    from blktap3.datapath import vhdformat as vhd
     from blktap3.tapdisk.nbd import protocol as nbd
     from blktap3.xenbus import schema
     from blktap3.xenbus.errors import XenbusValueError
+    from tests.fuzz.vhd_seeds import decode as decode_vhd
 
 
 def fuzz_ctl(data: bytes) -> None:
@@ -101,8 +114,56 @@ def fuzz_nbd(data: bytes) -> None:
         pass
 
 
+# The image lives in memory (libFuzzer ends the process with exit(): nothing to clean).
+MEMFD = os.memfd_create("fuzz-vhdformat")
+
+
+def fuzz_vhdformat(data: bytes) -> None:
+    images = decode_vhd(data)
+    if not images:
+        return
+    os.ftruncate(MEMFD, 0)
+    os.pwrite(MEMFD, images[0], 0)
+    path = Path(f"/proc/self/fd/{MEMFD}")
+    try:
+        layer = vhd.Layer.open(path)
+    except vhd.VhdError:
+        return
+    meta_end = layer.footer_offset
+    if layer.header is not None:
+        span = layer.bitmap_size + layer.block_size
+        blocks = sorted(e * vhd.SECTOR_SIZE for e in layer.bat if e != vhd.BAT_UNUSED)
+        for a, b in itertools.pairwise(blocks):
+            if a + span > b:
+                raise AssertionError(f"blocks at {a} and {b} overlap")
+        if blocks and (blocks[0] < layer.bat_bytes or blocks[-1] + span > meta_end):
+            raise AssertionError(f"blocks {blocks[0]}..{blocks[-1]} outside the data")
+        layer.parent_names()
+    if layer.is_diff:
+        return
+    chain = vhd.open_chain(path)
+    img = Image.open("vhd", str(path), readonly=True)   # an OSError here is a finding
+    try:
+        sectors = img.info.sectors
+        for sector in {0, sectors // 2, max(0, sectors - 8)}:
+            n = min(8, sectors - sector)
+            if n <= 0:
+                continue
+            try:
+                got = img.read(sector, n)
+            except OSError:
+                if layer.header is None:
+                    raise
+                continue    # EIO: a block whose bitmap the file lacks
+            if got != vhd.read_chain(chain, sector, n):
+                raise AssertionError(f"sector {sector}: the C driver and the format "
+                                     "module read different bytes")
+    finally:
+        img.close()
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
-    "ctl": fuzz_ctl, "xenbus": fuzz_xenbus, "nbd": fuzz_nbd,
+    "ctl": fuzz_ctl, "xenbus": fuzz_xenbus, "nbd": fuzz_nbd, "vhdformat": fuzz_vhdformat,
 }
 
 

@@ -3,7 +3,11 @@
 
 - ``checks``: libFuzzer (clang, with ASan+UBSan) on ``blktap3/datapath/checks.c``
   (``fuzz_checks.c``);
-- ``ctl``, ``xenbus``, ``nbd``: atheris on the Python parsers (``fuzz_parsers.py``).
+- ``vhd``: libFuzzer on the VHD driver's BAT, bitmap and allocation code
+  (``blktap3/datapath/vhd.c``, ``fuzz_vhd.c``);
+- ``ctl``, ``xenbus``, ``nbd``, ``vhdformat``: atheris on the Python parsers
+  (``fuzz_parsers.py``). ``vhd`` and ``vhdformat`` share the seeds in ``corpus/vhd/``
+  (``vhd_seeds.py`` makes them).
 
 The seeds in ``corpus/<target>/`` are read, never written: what a run finds goes to a
 scratch directory (crashes are printed with the input's path, to be kept as a seed).
@@ -21,17 +25,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CORPUS = HERE / "corpus"
-PY_TARGETS = ("ctl", "xenbus", "nbd")
-TARGETS = ("checks", *PY_TARGETS)
+PY_TARGETS = ("ctl", "xenbus", "nbd", "vhdformat")
+C_TARGETS = ("checks", "vhd")
+TARGETS = (*C_TARGETS, *PY_TARGETS)
+SEEDS = {"vhdformat": "vhd"}
+DATAPATH = ROOT / "blktap3" / "datapath"
+# What each libFuzzer target links beside its harness.
+C_SOURCES = {"checks": (["checks.c"], []), "vhd": (["vhd.c", "ioengine.c"], ["-luring"])}
 
 
-def build_checks(out: Path) -> Path:
-    exe = out / "fuzz_checks"
+def build(target: str, out: Path) -> Path:
+    exe = out / f"fuzz_{target}"
+    sources, libs = C_SOURCES[target]
     subprocess.run(
         ["clang", "-g", "-O1", "-fsanitize=fuzzer,address,undefined",
          "-fno-sanitize-recover=all", "-D__XEN_TOOLS__=1", "-Wall", "-Wextra", "-Werror",
-         "-I", str(ROOT / "blktap3" / "datapath"), str(HERE / "fuzz_checks.c"),
-         str(ROOT / "blktap3" / "datapath" / "checks.c"), "-o", str(exe)],
+         "-I", str(DATAPATH), str(HERE / f"fuzz_{target}.c"),
+         *(str(DATAPATH / src) for src in sources), *libs, "-o", str(exe)],
         check=True)
     return exe
 
@@ -39,12 +49,12 @@ def build_checks(out: Path) -> Path:
 def run(target: str, seconds: float, scratch: Path) -> subprocess.CompletedProcess[str]:
     found = scratch / target
     found.mkdir()
-    if target == "checks":
-        argv = [str(build_checks(scratch))]
+    if target in C_TARGETS:
+        argv = [str(build(target, scratch))]
     else:
         argv = [sys.executable, str(HERE / "fuzz_parsers.py"), target]
     argv += [f"-max_total_time={max(1, int(seconds))}", f"-artifact_prefix={scratch}/",
-             "-print_final_stats=1", str(found), str(CORPUS / target)]
+             "-print_final_stats=1", str(found), str(CORPUS / SEEDS.get(target, target))]
     return subprocess.run(argv, capture_output=True, text=True, cwd=scratch)
 
 

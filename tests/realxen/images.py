@@ -11,17 +11,19 @@ import gzip
 import shutil
 from pathlib import Path
 
-from . import pybundle
+from . import fio, pybundle
 from .debs import Unpacked
 from .initramfs import LIBDIR, Initramfs
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 ARCH_LIBS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
 GUEST_MODULES = ("crc32c_generic", "xen-blkfront", "ext4")
 DOM0_MODULES = ("xen-evtchn", "xen-privcmd", "xenfs", "xen-gntdev", "xen-gntalloc",
                 "loop", "brd", "xen-blkback", "crc32c_generic", "ext4")
-XEN_BIN = "usr/lib/xen-4.17/bin"
 XEN_PROGRAMS = ("xl", "xenstored", "xenconsoled", "xen-init-dom0", "libxl-save-helper")
+# Xen 4.20's xentop reads vbd3 statistics (the trixie mode shows our VBD's counters).
+XEN_PROGRAMS_4_20 = ("xentop",)
 XENSTORE_TOOLS = ("read", "write", "ls", "list", "rm", "chmod", "exists", "watch")
 
 
@@ -32,8 +34,10 @@ def _first(root: Path, *candidates: str) -> Path:
     raise FileNotFoundError(f"none of {candidates} in {root}")
 
 
-def _base(pkgs: Unpacked, modules: tuple[str, ...]) -> Initramfs:
-    image = Initramfs(search_libs=[pkgs.root / d for d in ARCH_LIBS])
+def _base(pkgs: Unpacked, modules: tuple[str, ...], dom0: bool = False) -> Initramfs:
+    """busybox and modules; dom0's libraries are Xen's distribution's first."""
+    image = (Initramfs(search_libs=pkgs.lib_dirs, loader=pkgs.loader) if dom0 else
+             Initramfs(search_libs=[pkgs.root / d for d in ARCH_LIBS]))
     image.add_busybox(_first(pkgs.root, "bin/busybox", "usr/bin/busybox"))
     order = image.add_modules(pkgs.modules, modules)
     image.add_bytes("/modules/order", "\n".join(order).encode() + b"\n")
@@ -42,7 +46,7 @@ def _base(pkgs: Unpacked, modules: tuple[str, ...]) -> Initramfs:
 
 def xen_elf(pkgs: Unpacked, out: Path) -> Path:
     """Xen's gzipped multiboot image, unpacked: QEMU's -kernel boots the ELF."""
-    src = next(iter(sorted((pkgs.root / "boot").glob("xen-4.17-amd64.gz"))))
+    src = next(iter(sorted((pkgs.xen_tree / "boot").glob(f"xen-{pkgs.xen}-amd64.gz"))))
     with gzip.open(src) as f, out.open("wb") as o:
         shutil.copyfileobj(f, o)
     return out
@@ -51,6 +55,7 @@ def xen_elf(pkgs: Unpacked, out: Path) -> Path:
 def guest(pkgs: Unpacked, out: Path) -> Path:
     image = _base(pkgs, GUEST_MODULES)
     image.add_file("/init", SCRIPTS / "guest-init.sh", 0o755)
+    image.add_file("/usr/bin/fio", fio.binary(), 0o755)  # static: no libraries
     for prog in ("e2fsck", "mke2fs"):
         image.add_elf(f"/usr/sbin/{prog}", _first(pkgs.root, f"sbin/{prog}",
                                                    f"usr/sbin/{prog}"))
@@ -60,26 +65,30 @@ def guest(pkgs: Unpacked, out: Path) -> Path:
 
 def dom0(pkgs: Unpacked, mode: str, guest_image: Path, out: Path, work: Path) -> Path:
     """dom0 for `mode` ("control" or "blktap3")."""
-    root = pkgs.root
-    image = _base(pkgs, DOM0_MODULES)
+    root, xen_root = pkgs.root, pkgs.xen_tree
+    xen_bin = f"usr/lib/xen-{pkgs.xen}/bin"
+    image = _base(pkgs, DOM0_MODULES, dom0=True)
     image.add_file("/init", SCRIPTS / "dom0-init.sh", 0o755)
     image.add_elf("/usr/bin/bash", _first(root, "bin/bash", "usr/bin/bash"))
     image.add_symlink("/usr/bin/sh.bash", "bash")
     for prog in ("e2fsck", "mke2fs"):
         image.add_elf(f"/usr/sbin/{prog}", _first(root, f"sbin/{prog}", f"usr/sbin/{prog}"))
     image.add_elf("/usr/bin/flock", _first(root, "usr/bin/flock", "bin/flock"))
-    for prog in XEN_PROGRAMS:
-        image.add_elf(f"/{XEN_BIN}/{prog}", root / XEN_BIN / prog)
-    image.add_elf("/usr/bin/xenstore", root / "usr/bin/xenstore")
+    programs = XEN_PROGRAMS + (XEN_PROGRAMS_4_20 if pkgs.xen == "4.20" else ())
+    for prog in programs:
+        image.add_elf(f"/{xen_bin}/{prog}", xen_root / xen_bin / prog)
+    image.add_elf("/usr/bin/xenstore", xen_root / "usr/bin/xenstore")
     for tool in XENSTORE_TOOLS:
         image.add_symlink(f"/usr/bin/xenstore-{tool}", "xenstore")
-    image.add_tree("/etc/xen/scripts", root / "etc/xen/scripts")
+    image.add_tree("/etc/xen/scripts", xen_root / "etc/xen/scripts")
     image.add_file("/etc/xen/guest.cfg", SCRIPTS / "guest.cfg")
     image.add_bytes("/etc/xen/xl.conf", b"")
     # glibc dlopens it for pthread_cancel: xl aborts without it.
     image.add_file(f"{LIBDIR}/libgcc_s.so.1", _first(
-        root, *(f"{d}/libgcc_s.so.1" for d in ARCH_LIBS)))
+        xen_root, *(f"{d}/libgcc_s.so.1" for d in ARCH_LIBS)))
     image.add_tree("/etc/rig", SCRIPTS)
+    # dom0's reader of a live VBD's NBD export (stdlib only; not our server's codec).
+    image.add_file("/etc/rig/nbd_client.py", SUPPORT / "nbd.py")
     image.add_file("/boot/vmlinuz", pkgs.vmlinuz)
     image.add_file("/boot/guest.cpio", guest_image)
     for d in ("/var/lib/xen", "/var/log/xen", "/var/lib/xenstored"):

@@ -34,10 +34,13 @@ def merged(path: str) -> str:
 class Initramfs:
     """A set of directories, files and links, written out as one cpio archive."""
 
-    def __init__(self, search_libs: Iterable[Path] = ()) -> None:
+    def __init__(self, search_libs: Iterable[Path] = (), loader: Path | None = None) -> None:
         # dest path -> (mode, content bytes, or link target as str)
         self.entries: dict[str, tuple[int, bytes | str]] = {}
         self.search_libs = [str(p) for p in search_libs]
+        # A distribution's own loader resolves its programs (`ld.so --list`, what `ldd`
+        # runs): the host's cannot load a program built for a newer glibc.
+        self.loader = loader
         for name in ("dev", "proc", "sys", "run", "tmp", "etc", "root", "mnt", "usr/bin",
                      "usr/sbin", "usr/lib64", LIBDIR.lstrip("/")):
             self.add_dir("/" + name)
@@ -95,9 +98,13 @@ class Initramfs:
 
     def libraries_of(self, source: Path) -> list[tuple[str, str]]:
         """(name, resolved path) of each library `ldd` finds, the loader included."""
-        env = dict(os.environ, LD_LIBRARY_PATH=":".join(self.search_libs))
-        done = subprocess.run(["ldd", str(source)], capture_output=True, text=True,
-                              env=env, check=False)
+        path = ":".join(self.search_libs)
+        if self.loader is not None:
+            command = [str(self.loader), "--list", "--library-path", path, str(source)]
+            env = dict(os.environ)
+        else:
+            command, env = ["ldd", str(source)], dict(os.environ, LD_LIBRARY_PATH=path)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         libs = []
         for line in done.stdout.splitlines():
             if "not found" in line:

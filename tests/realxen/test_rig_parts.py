@@ -7,11 +7,12 @@ from __future__ import annotations
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.realxen import initramfs, rig
+from tests.realxen import debs, initramfs, rig
 
 
 def _read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -85,6 +86,14 @@ def _run(lines: list[str]) -> rig.Run:
     return run
 
 
+# Lines fio 3.33 printed (terse v3, cut after the read fields the rig reads).
+FIO_4K = ("3;fio-3.33;4k-randread-qd16;0;0;351872;351520;87880;1001;1;561;1.743757;3.342606;"
+          "24;6239;179.890986;189.826576;1.000000%=129;5.000000%=138;10.000000%=142;"
+          "20.000000%=148;30.000000%=152;40.000000%=158;50.000000%=162;60.000000%=166;"
+          "70.000000%=173;80.000000%=179;90.000000%=191;95.000000%=214;99.000000%=456;"
+          "99.500000%=497;99.900000%=3850;99.950000%=4554;99.990000%=6258;0%=0;0%=0;0%=0;"
+          "35;6240;181.634742;189.871897;356880")
+FIO_1M = FIO_4K.replace("4k-randread-qd16", "1m-seqread-qd8").replace(";87880;", ";343;")
 PASSING = [
     "(XEN) Xen version 4.17",
     "@@STEP attach",
@@ -92,7 +101,10 @@ PASSING = [
     "[guest] @@G BLKFRONT [ 1.0] blkfront: xvda: flush diskcache: enabled; persistent "
     "grants: disabled; indirect descriptors: disabled; bounce buffer: disabled;",
     *[f"[guest] @@G RESULT {name} pass" for name in rig.EXPECTED if not name.startswith(
-        ("image-", "features"))],
+        ("image-", "features", "fio-figures"))],
+    "[guest] @@G QUEUES 2",
+    f"[guest] @@G FIO {FIO_4K}",
+    f"[guest] @@G FIO {FIO_1M}",
     "@@RESULT image-files pass 250 files",
     "@@RESULT image-pattern pass",
     "@@TAPDISK-MAPS 178 /usr/lib/x86_64-linux-gnu/libxengnttab.so.1.2 "
@@ -155,3 +167,105 @@ def test_expected_blkfront_line(keys: dict[str, str], want: dict[str, str]) -> N
     got = rig.expected_blkfront(keys)
     for name, state in want.items():
         assert got[name] == state
+
+
+def test_fio_figures_are_read_from_the_terse_lines() -> None:
+    run = _run(PASSING)
+    jobs = run.fio()
+    assert jobs["4k-randread-qd16"] == {"iops": 87880.0, "bw_kib": 351520.0,
+                                        "clat_p50_us": 162.0, "error": 0.0}
+    assert jobs["1m-seqread-qd8"]["iops"] == 343.0
+    assert run.queues() == 2
+    assert run.results()["fio-figures"] == ("pass", "")
+
+
+def test_a_fio_job_without_io_or_missing_fails() -> None:
+    no_io = [line.replace(";87880;", ";0;") for line in PASSING]
+    assert _run(no_io).results()["fio-figures"][0] == "fail"
+    one_job = [line for line in PASSING if FIO_1M not in line]
+    failure = _run(one_job).failure()
+    assert failure is not None and "fio-figures" in failure
+    assert rig.fio_terse("3;fio-3.33;short") is None
+
+
+def test_the_pair_table_gives_ours_over_blkback() -> None:
+    ours = _run(PASSING).summary()
+    slower = [line.replace(";87880;", ";43940;") for line in PASSING]
+    theirs = _run(slower).summary()
+    pair = rig.fio_pair(theirs, ours)
+    assert pair["ratio_ours_over_blkback"] == {"1m-seqread-qd8": 1.0, "4k-randread-qd16": 2.0}
+    table = rig.fio_table(theirs, ours)
+    assert "4k-randread-qd16" in table and " 2.00 " in table
+    assert "queues=2" in table and "persistent grants: disabled" in table
+
+
+# What Xen 4.20's `xentop -b -i 1 -x` prints (columns as in tools/xentop/xentop.c).
+XENTOP = [
+    "      NAME  STATE   CPU(sec) CPU(%)     MEM(k) MEM(%)  MAXMEM(k) MAXMEM(%) VCPUS NETS "
+    "NETTX(k) NETRX(k) VBDS   VBD_OO   VBD_RD   VBD_WR  VBD_RSECT  VBD_WSECT SSID",
+    "  Domain-0 -----r         25    0.0    1048576   50.0   no limit       n/a     2    0"
+    "        0        0    0        0        0        0          0          0    0",
+    "     guest --b---          3    0.0     262144   12.5     263168      12.5     1    0"
+    "        0        0    1        0     1830     1467      41786      55122    0",
+    "VBD 51712 [ca: 0]  OO:        0   RD:     1830   WR:     1467  RSECT:    41786  WSECT:"
+    "    55122",
+]
+
+
+def _trixie(lines: list[str]) -> rig.Run:
+    run = _run(lines)
+    run.dist = "trixie"
+    return run
+
+
+def test_xentop_shows_the_vbd_counters() -> None:
+    run = _run([f"@@XENTOP {line}" for line in XENTOP])
+    verdict = run.results()["xentop-vbd"]
+    assert verdict[0] == "pass" and "VBD_RD=1830 VBD_WR=1467" in verdict[1]
+    idle = [line.replace("1830", "0") for line in XENTOP]
+    assert _run([f"@@XENTOP {line}" for line in idle]).results()["xentop-vbd"][0] == "fail"
+    no_guest = [f"@@XENTOP {line}" for line in XENTOP if "guest" not in line]
+    assert _run(no_guest).results()["xentop-vbd"][0] == "fail"
+
+
+def test_the_xl_checks_are_expected_on_trixie_only() -> None:
+    assert _run(PASSING).failure() is None
+    failure = _trixie(PASSING).failure()
+    assert failure is not None and "xentop-vbd" in failure and "nbd-live-read" in failure
+    xl = [*PASSING[:-1], *(f"@@RESULT {name} pass" for name in rig.EXPECTED_XL
+                           if name != "xentop-vbd"),
+          *(f"@@XENTOP {line}" for line in XENTOP), PASSING[-1]]
+    assert _trixie(xl).failure() is None
+
+
+def test_the_trixie_rig_boots_xen_4_20() -> None:
+    command = rig.qemu_command(Path("xen.elf"), Path("/w/dom0.cpio"), "blktap3", "trixie")
+    assert "rigmode=blktap3 rigdist=trixie" in command[-1]
+
+
+def test_a_distribution_loader_resolves_libraries() -> None:
+    loader = Path("/lib64/ld-linux-x86-64.so.2")
+    if not loader.exists():
+        pytest.skip("no x86-64 glibc loader here")
+    libs = dict(initramfs.Initramfs(loader=loader).libraries_of(Path(sys.executable)))
+    assert "libc.so.6" in libs and Path(libs["libc.so.6"]).exists()
+    assert any("ld-linux" in name for name in libs)
+
+
+def test_an_unknown_distribution_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLKTAP3_REALXEN_DIST", "sid")
+    with pytest.raises(ValueError, match="bookworm, trixie"):
+        debs.dist()
+    monkeypatch.setenv("BLKTAP3_REALXEN_DIST", "trixie")
+    assert debs.dist() == "trixie" and debs.DISTS["trixie"] == "4.20"
+
+
+def test_a_work_directory_in_use_gives_a_spare(tmp_path: Path) -> None:
+    work = tmp_path / "pytest-blktap3"
+    with rig.claimed(work) as first:
+        assert first == work
+        with rig.claimed(work) as second:
+            assert second != work and second.parent == tmp_path and second.is_dir()
+        assert not second.exists()
+    with rig.claimed(work) as again:
+        assert again == work

@@ -242,6 +242,11 @@ class GuestRing:
         """Misbehave: publish req_prod more than a ring ahead of the responses."""
         lib.gd_overflow(self._g, extra)
 
+    def revoke(self, page: int) -> int:
+        """Misbehave: end access to data page ``page``'s grant (a revoked persistent
+        grant); 0, or -errno (-EBUSY: the back-end maps it, Xen refuses)."""
+        return int(lib.gd_revoke(self._g, page))
+
     def close(self) -> None:
         if self._g is not None:
             lib.gd_close(self._g)

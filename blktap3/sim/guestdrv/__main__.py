@@ -72,6 +72,9 @@ class GuestServer:
     def overflow(self, extra: int = 0) -> None:
         self._r().overflow(extra)
 
+    def revoke(self, page: int) -> int:
+        return self._r().revoke(page)
+
     def hostile(self, **params: Any) -> dict[str, Any]:
         return self._r().hostile(**params)
 
@@ -79,7 +82,7 @@ class GuestServer:
 def main() -> None:
     g = GuestServer()
     names = ("open", "data_grefs", "indirect_grefs", "write", "read", "submit", "collect",
-             "raw_ops", "run", "overflow", "hostile")
+             "raw_ops", "run", "overflow", "hostile", "revoke")
     serve({name: getattr(g, name) for name in names})
     if g.ring is not None:
         g.ring.close()

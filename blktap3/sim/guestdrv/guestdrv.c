@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include "xenring.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -330,11 +331,15 @@ static void push_requests(struct gd *g)
     }
 }
 
-/* Wait for an event or the timeout; returns 0 on timeout. */
+/* Wait for an event or the timeout; returns 0 on timeout. A signal (the guest
+ * process's SIGTERM, asking it to detach) is not a timeout: the caller reaps and waits
+ * again, so a run never leaves requests in flight because of one. */
 static int wait_event(struct gd *g, uint32_t timeout_ms)
 {
     struct pollfd pfd = {xenevtchn_fd(g->xce), POLLIN, 0};
     int n = poll(&pfd, 1, (int)timeout_ms);
+    if (n < 0 && errno == EINTR)
+        return 1;
     if (n <= 0)
         return 0;
     xenevtchn_port_or_error_t p = xenevtchn_pending(g->xce);
@@ -911,4 +916,16 @@ int gd_hostile(struct gd *g, const struct gd_hostile *h, struct gd_hostile_resul
     g->raw_got = 0;
     free(isegs);
     return rc;
+}
+
+int gd_revoke(struct gd *g, uint32_t page)
+{
+    if (page >= g->data_pages)
+        return -EINVAL;
+    /* Looked up, not linked: the real libxengntshr has no such call. */
+    int (*end_access)(xengntshr_handle *, uint32_t) =
+        (int (*)(xengntshr_handle *, uint32_t))dlsym(RTLD_DEFAULT, "xensim_gntshr_end_access");
+    if (!end_access)
+        return -ENOSYS;
+    return end_access(g->xgs, g->data_grefs[page]) == 0 ? 0 : -errno;
 }

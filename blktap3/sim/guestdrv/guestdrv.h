@@ -96,6 +96,11 @@ int gd_collect(struct gd *g, uint32_t n, int16_t *statuses, uint32_t timeout_ms)
 void gd_raw_ops(struct gd *g, uint32_t n, uint8_t *ops);
 /* Misbehave: publish a req_prod a whole ring (+ extra) ahead of the responses. */
 int gd_overflow(struct gd *g, uint32_t extra);
+/* Misbehave: end access to data page `page`'s grant while its share stays, as a
+ * blkfront that revokes a persistent grant (Linux gnttab_end_foreign_access_ref; on the
+ * simulated host only: xensim's extension). 0, or -EBUSY while the back-end maps it
+ * (Xen refuses: the mapping pins it), -ENOSYS without xensim. */
+int gd_revoke(struct gd *g, uint32_t page);
 
 /* Hostile mode: `requests` random requests in batches of random size (random ops,
  * segment counts, sector ranges near and past the end, grant refs of its own or none,

@@ -83,6 +83,7 @@ int gd_collect(struct gd *g, uint32_t n, int16_t *statuses, uint32_t timeout_ms)
 void gd_raw_ops(struct gd *g, uint32_t n, uint8_t *ops);
 /* Misbehave: publish a req_prod a whole ring (+ extra) ahead of the responses. */
 int gd_overflow(struct gd *g, uint32_t extra);
+int gd_revoke(struct gd *g, uint32_t page);
 
 struct gd_hostile {
     uint64_t seed;

@@ -14,9 +14,9 @@ codec, no I/O), `backend` (the image's descriptor), `server` (sockets and thread
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +24,41 @@ import structlog
 
 from blktap3.abi import SECTOR_SIZE, VdiskInfo
 
-from ..images import ImageInfo
-from .backend import Backend, FileBackend, NullBackend
+from ..images import Image
+from .backend import Backend, FileBackend, ImageBackend, NullBackend
 from .protocol import ExportInfo
-from .server import Export, Listener, socket_name
+from .server import COUNTERS, Export, Listener, socket_name
 
-__all__ = ["Export", "Exports", "Listener", "socket_name"]
+__all__ = ["COUNTERS", "Export", "Exports", "Listener", "socket_name"]
 
 log = structlog.get_logger(__name__)
 
 
-def open_backend(driver: str, path: str, image_info: ImageInfo) -> tuple[Backend, ExportInfo]:
-    """The export's own descriptor on the image the C data path opened, opened the
-    same way (O_DIRECT, read-only), and what the handshake tells about it."""
+def open_backend(driver: str, path: str, image: Image) -> tuple[Backend, ExportInfo]:
+    """What the export serves the VBD's image through, and what the handshake tells.
+
+    A VHD, and an image whose writes are tracked (CBT) or mirrored, are served through
+    the data path's own image object (`ImageBackend`): a second reader would not see
+    the VHD blocks the ring allocates, and the export's writes must be marked and
+    mirrored as the guest's are. A plain raw image gets its own descriptor, opened as
+    the data path opened it (O_DIRECT or not: see `backend`)."""
+    image_info = image.info
     size = int(image_info.sectors) * SECTOR_SIZE
     readonly = bool(int(image_info.info) & VdiskInfo.READONLY)
     block = max(SECTOR_SIZE, int(image_info.sector_size))
     can_trim = bool(image_info.discard) and not readonly
     info = ExportInfo(size=size, readonly=readonly, can_trim=can_trim, min_block=block)
     backend: Backend
-    if driver == "vhd":
-        # The file holds VHD metadata, not the disk; and a second VHD reader beside the
-        # ring's would not see the blocks the ring allocates. Served once the export
-        # can share the data path's image.
-        raise OSError(errno.EOPNOTSUPP, "NBD export of a VHD image is not supported yet")
     if driver == "null":
         backend = NullBackend(size)
+    elif driver == "vhd":
+        backend = ImageBackend(image, size=size, block=block)
     else:
-        backend = FileBackend(path, size=size, readonly=readonly,
-                              o_direct=bool(image_info.o_direct), can_punch=can_trim,
-                              block=block)
+        raw = FileBackend(path, size=size, readonly=readonly,
+                          o_direct=bool(image_info.o_direct), can_punch=can_trim,
+                          block=block)
+        backend = ImageBackend(image, size=size, raw=raw, block=block) if image.shared \
+            else raw
     return backend, info
 
 
@@ -69,11 +74,11 @@ class Exports:
     def get(self, minor: int) -> Export | None:
         return self._exports.get(minor)
 
-    def serve(self, minor: int, driver: str, path: str, image_info: ImageInfo) -> None:
+    def serve(self, minor: int, driver: str, path: str, image: Image) -> None:
         """Export the VBD's image: start the server (OPEN) or resume it on the reopened
         image (RESUME). Never raises: the VBD works without its export."""
         try:
-            backend, info = open_backend(driver, path, image_info)
+            backend, info = open_backend(driver, path, image)
         except OSError as exc:
             log.error("nbd export not available: cannot open the image", minor=minor,
                       path=path, errno=exc.errno, reason=exc.strerror or str(exc))
@@ -96,6 +101,11 @@ class Exports:
                           reason=exc.strerror or str(exc))
                 return
             self._exports[minor] = export
+
+    def counters(self, minor: int) -> Callable[[], dict[str, dict[str, int]]] | None:
+        """Reads the counters of the export of `minor` (None when it has none)."""
+        export = self._exports.get(minor)
+        return None if export is None else export.snapshot
 
     def close_image(self, minor: int, *, stop: bool, timeout: float) -> None:
         """The VBD's image is being closed: drain the export's I/O and let go of the

@@ -18,6 +18,7 @@ import errno
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from typing import Protocol
 
 from blktap3.abi import SECTOR_SIZE
@@ -43,6 +44,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def write_zeroes(write: Callable[[memoryview, int], None], zeroes: mmap.mmap, offset: int,
+                 length: int) -> None:
+    """Zero [offset, offset+length) by writing `zeroes` (a page-aligned chunk of them)."""
+    if length > ZERO_WRITE_LIMIT:
+        raise OSError(errno.EOVERFLOW, f"cannot zero {length} bytes without fallocate")
+    view = memoryview(zeroes)
+    for start in range(offset, offset + length, len(zeroes)):
+        write(view[:min(len(zeroes), offset + length - start)], start)
 
 
 class Backend(Protocol):
@@ -127,14 +138,10 @@ class FileBackend:
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
-        if length > ZERO_WRITE_LIMIT:
-            raise OSError(errno.EOVERFLOW, f"cannot zero {length} bytes without fallocate")
         if self._zeroes is None:
             self._zeroes = mmap.mmap(-1, _ZERO_CHUNK)  # page-aligned, for O_DIRECT
-        zeroes = memoryview(self._zeroes)
-        for start in range(offset, offset + length, _ZERO_CHUNK):
-            n = min(_ZERO_CHUNK, offset + length - start)
-            self.write(zeroes[:n], start, fua=False)
+        write_zeroes(lambda buf, at: self.write(buf, at, fua=False), self._zeroes,
+                     offset, length)
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, State]]:
         """`base:allocation` of [offset, offset+length): holes read as zeroes, data as
@@ -171,6 +178,75 @@ class FileBackend:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._zeroes is not None:
+            self._zeroes.close()
+            self._zeroes = None
+
+
+class SharedImage(Protocol):
+    """The part of the data path's `Image` the export shares with the ring."""
+
+    def pread_into(self, buf: memoryview, sector: int) -> None: ...
+
+    def pwrite(self, buf: memoryview, sector: int) -> None: ...
+
+    def discard(self, sector: int, count: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class ImageBackend:
+    """The export served through the very image object the ring serves (VHD, and raw
+    with a CBT log or a mirror): one VHD metadata cache, one lock, and every write the
+    export takes marked in the CBT log and mirrored as the guest's are.
+
+    `raw` (a raw image's own descriptor) answers reads and `base:allocation`; without
+    it (VHD) reads go through the image and every block is reported as data."""
+
+    def __init__(self, image: SharedImage, *, size: int, raw: FileBackend | None = None,
+                 block: int = SECTOR_SIZE) -> None:
+        self.image = image
+        self.size = size
+        self.raw = raw
+        self.block = block
+        self._zeroes: mmap.mmap | None = None
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        if self.raw is not None:
+            self.raw.read_into(buf, offset)
+        else:
+            self.image.pread_into(buf, offset // SECTOR_SIZE)
+
+    def write(self, buf: memoryview, offset: int, *, fua: bool) -> None:
+        self.image.pwrite(buf, offset // SECTOR_SIZE)
+        if fua:
+            self.image.flush()
+
+    def flush(self) -> None:
+        self.image.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        start = -(-offset // self.block) * self.block
+        end = (offset + length) // self.block * self.block
+        if end > start:
+            self.image.discard(start // SECTOR_SIZE, (end - start) // SECTOR_SIZE)
+
+    def zero(self, offset: int, length: int, *, may_punch: bool) -> None:
+        """Zeroes written through the image (so marked and mirrored like data)."""
+        if self._zeroes is None:
+            self._zeroes = mmap.mmap(-1, _ZERO_CHUNK)
+        write_zeroes(lambda buf, at: self.image.pwrite(buf, at // SECTOR_SIZE), self._zeroes,
+                     offset, length)
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, State]]:
+        if self.raw is not None:
+            return self.raw.extents(offset, length, limit)
+        return [(length, State.DATA)]
+
+    def close(self) -> None:
+        """Lets go of what the export holds; the image stays the VBD's."""
+        if self.raw is not None:
+            self.raw.close()
         if self._zeroes is not None:
             self._zeroes.close()
             self._zeroes = None

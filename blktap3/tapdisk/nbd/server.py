@@ -47,6 +47,7 @@ from pathlib import Path
 
 import structlog
 
+from blktap3.abi import SECTOR_SIZE
 from blktap3.ctl import runtime
 
 from . import protocol as nbd
@@ -146,6 +147,14 @@ class _Gate:
             self._cv.notify_all()
 
 
+# blktap's `struct stats` of an NBD server (drivers/tapdisk-nbdserver.c): READ and WRITE
+# requests submitted and completed, their sectors and time (us), the image's errors; one
+# set per protocol style, as blktap's `nbd-<minor>` and `nbd-old-<minor>` files.
+COUNTERS = ("read_reqs_submitted", "read_reqs_completed", "read_sectors", "read_total_ticks",
+            "write_reqs_submitted", "write_reqs_completed", "write_sectors",
+            "write_total_ticks", "io_errors")
+
+
 class Export:
     """The NBD server of one VBD."""
 
@@ -163,6 +172,9 @@ class Export:
         self.io_timeout = io_timeout
         self._gate = _Gate(backend)
         self._lock = threading.Lock()
+        # Counted under _count_lock by the clients' workers; read by the stats files.
+        self.counters = {style: dict.fromkeys(COUNTERS, 0) for style in ("new", "old")}
+        self._count_lock = threading.Lock()
         self._clients: set[_Client] = set()
         self._listeners: dict[socket.socket, Listener] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -241,6 +253,27 @@ class Export:
         for path in self.paths.values():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """The counters of each style, copied at one instant."""
+        with self._count_lock:
+            return {style: dict(c) for style, c in self.counters.items()}
+
+    def count(self, kind: Listener, cmd: int, phase: str, length: int = 0,
+              usecs: int = 0) -> None:
+        """One step of a READ/WRITE of a client on listener `kind`: "submitted",
+        "completed" (with its bytes and time) or "failed"."""
+        op = "read" if cmd == nbd.Cmd.READ else "write"
+        with self._count_lock:
+            c = self.counters["old" if kind in (Listener.OLD, Listener.FD_OLDSTYLE) else "new"]
+            if phase == "submitted":
+                c[f"{op}_reqs_submitted"] += 1
+            elif phase == "completed":
+                c[f"{op}_reqs_completed"] += 1
+                c[f"{op}_sectors"] += length // SECTOR_SIZE
+                c[f"{op}_total_ticks"] += usecs
+            else:
+                c["io_errors"] += 1
 
     @property
     def clients(self) -> int:
@@ -545,14 +578,22 @@ class _Client:
         """Run one checked request on the image; the reply's parts (data not copied)."""
         cmd = nbd.Cmd(request.type)
         fua = bool(request.flags & nbd.CmdFlags.FUA)
+        counted = cmd in (nbd.Cmd.READ, nbd.Cmd.WRITE)
+        if counted:
+            self.export.count(self.kind, cmd, "submitted")
+        started = time.monotonic_ns()
         try:
             if cmd == nbd.Cmd.READ:
                 data = self._read(request, slot)
+                self.export.count(self.kind, cmd, "completed", request.length,
+                                  (time.monotonic_ns() - started) // 1000)
                 return [nbd.read_reply_header(request.cookie, request.offset,
                                               request.length, session), data]
             with self.export._gate.use() as backend:
                 if cmd == nbd.Cmd.WRITE:
                     backend.write(payload, request.offset, fua=fua)
+                    self.export.count(self.kind, cmd, "completed", request.length,
+                                      (time.monotonic_ns() - started) // 1000)
                 elif cmd == nbd.Cmd.FLUSH:
                     backend.flush()
                 elif cmd == nbd.Cmd.TRIM:
@@ -570,6 +611,8 @@ class _Client:
                     backend.flush()
         except OSError as exc:  # the image's error, told to the client
             self.errors += 1
+            if counted:
+                self.export.count(self.kind, cmd, "failed")
             refusal = nbd.Refusal(nbd.nbd_errno(exc.errno), exc.strerror or str(exc))
             return [nbd.error_reply(request.cookie, refusal, session)]
         return [nbd.simple_reply(request.cookie)]

@@ -6,6 +6,7 @@ and the disk is hotplugged as Xen's `block-tap` script does (blktap3.sim.hotplug
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from blktap3.tools import vbdstat
 
 from blktap3.abi import VdiskInfo
 from blktap3.ctl import runtime
+from blktap3.ctl.client import TapdiskClient
 from blktap3.datapath import vhdformat
 from blktap3.sim.guest import run_guest, start_guest
 from blktap3.sim.host import Host
@@ -217,3 +219,26 @@ def test_stats_files_follow_the_guests_io_and_go_with_the_vbd(
     assert exited[0]["level"] == "info"
     assert [e for e in log_events(system.tapback_log, "tapdisk died")
             if e["pid"] == int(pid)] == []
+
+
+@pytest.mark.parametrize(("personality", "negotiated"), [("linux", True), ("minios", False)])
+def test_persistent_grants_are_used_only_with_a_front_end_that_asks(
+        system: Host, disk: Callable[..., VbdPaths], personality: str,
+        negotiated: bool) -> None:
+    """tapback advertises feature-persistent (its default); Linux's blkfront asks too and
+    the tapdisk maps its pool of data pages once, Mini-OS does not and gets grant copy."""
+    paths = disk(15)
+    with start_guest(system, 15, DEVID, personality, "randrw", hold=True,
+                     extra=["--seconds", "0.2"]) as guest:
+        guest.wait_for_step("holding")
+        assert backend_key(system, paths, "feature-persistent") == "1"
+        pid = int(backend_key(system, paths, "kthread-pid") or 0)
+        client = TapdiskClient(pid, root=system.control_dir)
+        xenbus = json.loads(client.stats(0))["xenbus"]
+        guest.detach()
+        result = guest.result(30)
+    assert result.ok, result.summary()
+    assert result.report.io.writes > 0 and result.report.io.mismatches == 0
+    pg = xenbus["persistent"]
+    assert pg["negotiated"] is negotiated
+    assert (pg["maps"] > 0 and pg["hits"] > pg["maps"]) is negotiated

@@ -24,3 +24,9 @@ def test_bench_handshake_small_run() -> None:
     assert up["vbds"] == 6 and up["tapdisks"] == 2 and up["seconds"] > 0
     # tapback's share is real work (reads, transactions) but bounded.
     assert 10 < up["xenstore_requests_per_vbd"]["tapback"] < 100
+    # Every VBD was torn down (each one waited for its back-end's Closed), by real work.
+    assert up["teardown_seconds"] > 0
+    assert 0 < up["teardown_xenstore_requests_per_vbd"]["tapback"] < 100
+    rss = up["tapback_rss_kib"]
+    assert rss["before"] > 0 and rss["connected"] > 0
+    assert rss["per_vbd"] == (rss["connected"] - rss["before"]) / 6

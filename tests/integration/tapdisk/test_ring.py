@@ -45,11 +45,10 @@ def guest(machine: Any) -> Iterator[Any]:
     proc.close()
 
 
-@pytest.fixture
-def vbd(machine: Any, ctl_root: Path, seen_pids: set[int]) -> tuple[TapdiskClient, int, Path]:
-    disk = ctl_root / "disk.img"
-    with open(disk, "wb") as f:
-        f.truncate(8 * MiB)
+def open_in_dom0(machine: Any, ctl_root: Path, seen_pids: set[int],
+                 params: str, **open_options: Any) -> tuple[TapdiskClient, int]:
+    """A new tapdisk of the simulated dom0 with `params` attached and open (with
+    `TapdiskClient.open`'s options)."""
     # The tapdisk runs as dom0 of the simulated machine: its environment carries it.
     env = {**os.environ, **xensim.process_env(machine.run_dir, 0)}
     pid = ops.spawn(env=env)
@@ -57,7 +56,26 @@ def vbd(machine: Any, ctl_root: Path, seen_pids: set[int]) -> tuple[TapdiskClien
     minor = runtime.allocate_minor(ctl_root)
     client = TapdiskClient(pid)
     client.attach(minor)
-    client.open(minor, f"aio:{disk}")
+    client.open(minor, params, **open_options)
+    return client, minor
+
+
+def guest_on(guest: Any, machine: Any, ctl_root: Path, seen_pids: set[int], params: str,
+             **open_options: Any) -> tuple[TapdiskClient, int]:
+    """`open_in_dom0`, then the guest's ring (order 1) connected to the VBD."""
+    client, minor = open_in_dom0(machine, ctl_root, seen_pids, params, **open_options)
+    g = guest.call("open", backend=0, order=1, protocol=BlkifProtocol.NATIVE)
+    client.connect_xenblkif(minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]),
+                            order=1, port=g["port"], proto=1)
+    return client, minor
+
+
+@pytest.fixture
+def vbd(machine: Any, ctl_root: Path, seen_pids: set[int]) -> tuple[TapdiskClient, int, Path]:
+    disk = ctl_root / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 * MiB)
+    client, minor = open_in_dom0(machine, ctl_root, seen_pids, f"aio:{disk}")
     return client, minor, disk
 
 

@@ -46,6 +46,7 @@ def test_the_command_prints_figures_writes_json_and_exits_0(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("argv", [["ring", "--count", "0"], ["kill", "--seconds", "x"],
+                                  ["churn", "--count", "-1"],
                                   ["pause", "--count", "1", "--seconds", "1"], ["nope"]])
 def test_bad_arguments_are_a_usage_error(argv: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "blktap3.torture", *argv],

@@ -2,10 +2,12 @@
 # /init of the rig's dom0: brings up the Xen tools, starts the guest, attaches its disk
 # with the back-end named by `rigmode=` on the kernel command line (control: Linux's
 # xen-blkback through xl; blktap3: our tap-ctl + back-end), detaches and re-attaches it
-# when the guest asks, then checks the image once the guest is gone.
+# when the guest asks, then checks the image once the guest is gone. `rigdist=` names
+# the Debian release whose Xen runs (bookworm: 4.17, trixie: 4.20); a release may have
+# its own attach script (attach-MODE-DIST.sh).
 # Lines "@@STEP <name>" mark steps (the host times them), "@@RESULT <check> pass|fail ..."
 # carry verdicts, "[guest] ..." relays the guest's console.
-export PATH=/usr/sbin:/usr/bin:/usr/lib/xen-4.17/bin
+export PATH=/usr/sbin:/usr/bin:/usr/lib/xen-4.17/bin:/usr/lib/xen-4.20/bin
 export HOME=/root LANG=C
 IMG=/srv/disk.img
 GLOG=/var/log/xen/console/guest-guest.log
@@ -46,6 +48,7 @@ ln -s /proc/self/fd/2 /dev/stderr
 ln -s /run /var/run
 mkdir -p /run/xen /run/xenstored /run/xen-hotplug
 MODE=$(sed -n 's/.*rigmode=\([a-z0-9]*\).*/\1/p' /proc/cmdline)
+DIST=$(sed -n 's/.*rigdist=\([a-z0-9]*\).*/\1/p' /proc/cmdline)
 step modules
 for m in $(cat /modules/order); do
     case $m in
@@ -73,14 +76,22 @@ if [ "$MODE" = control ]; then
     losetup /dev/loop0 $IMG || die losetup
 fi
 
+# What the attach script may redefine: how the guest is created and how its end is
+# awaited (attach, detach, evidence, cleanup and BACKEND_KIND it must define).
+create_guest() { xl create /etc/xen/guest.cfg; }
+guest_end() { wait_for 60 sh -c "! xl domid guest"; }
+if [ -f /etc/rig/attach-$MODE-$DIST.sh ]; then
+    . /etc/rig/attach-$MODE-$DIST.sh
+else
+    . /etc/rig/attach-$MODE.sh
+fi
+
 step guest-create
-xl create /etc/xen/guest.cfg || die "xl create"
+create_guest || die "xl create"
 GUEST=$(xl domid guest)
 # Relay the guest's console to ours as it is written.
 (wait_for 30 test -f $GLOG; tail -n +1 -f $GLOG | while IFS= read -r l; do
     echo "[guest] $l"; done) &
-
-. /etc/rig/attach-$MODE.sh
 
 # The back-end's keys as the guest saw them at connection: the host compares the
 # features advertised there with blkfront's line.
@@ -107,7 +118,7 @@ evidence
 step guest-phase2
 wait_for 150 grep -q '@@G PHASE2-DONE' $GLOG || die "guest phase 2 did not finish"
 step guest-shutdown
-wait_for 60 sh -c "! xl domid guest" || die "guest did not shut down"
+guest_end || die "guest did not shut down"
 cleanup
 
 step image-check

@@ -54,7 +54,7 @@ def test_the_table_shows_the_difference_and_the_json_the_verdicts() -> None:
                _result("minios-connect", ["pass"])]
     text = table(results)
     assert "x: expected 1, observed 2" in text and "FAIL" in text
-    report = as_json(results, None)
+    report = as_json(results, [])
     assert [s["verdict"] for s in report["scenarios"]] == ["FAIL", "pass"]
     assert report["ok"] is False
     assert {"name", "personality", "verdict", "steps"} <= set(report["scenarios"][0])
@@ -73,3 +73,14 @@ def test_a_walk_is_its_seed_and_ends_with_a_clean_detach() -> None:
         for step in w.steps:
             ring = (ring or step.do == "open_ring") and step.do != "release_ring"
             assert step.do != "write_transport" or ring
+
+
+def test_the_frontend_machine_rows_follow_the_backend_states_a_guest_saw() -> None:
+    from blktap3.conformance.coverage import coverage, frontend_lines
+
+    taken = coverage(frontend_lines(["1", "2", "4", "5", "6"]), "frontend_vbd").taken()
+    assert "backend_initwait: initialising -> offering_ring" in taken
+    assert "backend_connected: initialised,connected -> reading_info" in taken
+    assert not any(t.startswith("backend_invalid") for t in taken)
+    garbage = coverage(frontend_lines(["1", "x"]), "frontend_vbd").taken()
+    assert "backend_invalid: * -> (internal)" in garbage

@@ -396,3 +396,12 @@ def test_strings_that_are_not_utf8_round_trip_as_their_bytes() -> None:
     error = proto.Message(proto.MessageType.ERROR, 1, proto.Response(22, f"{text}: bad"))
     payload = proto.decode(error.encode()).payload
     assert isinstance(payload, proto.Response) and payload.message == f"{text}: bad"
+
+
+def test_persistent_grants_travel_as_a_blkif_flag_bit_beside_no_discard() -> None:
+    flags = p.BlkifFlags.NO_DISCARD | p.BlkifFlags.PERSISTENT
+    raw = p.Message(p.MessageType.XENBLKIF_CONNECT, 1, p.Blkif(5, 7, (1,), flags=flags)).encode()
+    off = p.OFFSETS["blkif.flags"]
+    assert int.from_bytes(raw[off : off + 4], "little") == 0x3
+    decoded = p.decode(raw).payload
+    assert isinstance(decoded, p.Blkif) and decoded.flags == flags

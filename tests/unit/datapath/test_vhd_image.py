@@ -186,3 +186,29 @@ def test_a_parent_shared_by_two_open_leaves_is_never_written(tmp_path: Path) -> 
         for leaf in leaves:
             leaf.close()
     assert base.read_bytes() == before
+
+
+def test_blocks_made_to_overlap_after_validation_are_refused_by_the_driver(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the vhd fuzz target (corpus/vhd/regression-overlapping-blocks): the
+    file changes between the format module's checks and the C open, two BAT entries now
+    sharing sectors; a write to one block showed through the other."""
+    p = tmp_path / "d.vhd"
+    vhd.create(p, 256 << 10, block_size=4096)
+    img = Image.open("vhd", str(p))
+    img.write(0, b"\x11" * 512)
+    img.write(8, b"\x22" * 512)
+    img.close()
+    layer = vhd.Layer.open(p)
+    real_open_chain = vhd.open_chain
+
+    def then_overlap(path: str) -> list[vhd.Layer]:
+        chain = real_open_chain(path)
+        with open(p, "r+b") as f:   # block 1 now starts one sector before block 0 ends
+            f.seek(layer.header.table_offset + 4)   # type: ignore[union-attr]
+            f.write((layer.bat[0] + 8).to_bytes(4, "big"))
+        return chain
+
+    monkeypatch.setattr(vhd, "open_chain", then_overlap)
+    with pytest.raises(OSError, match="Invalid argument"):
+        Image.open("vhd", str(p))

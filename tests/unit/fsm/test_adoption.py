@@ -120,7 +120,18 @@ def test_frontend_that_closed_while_no_tapback_ran_gets_the_ring_taken_down() ->
     assert vbd.handle(RingDisconnected()) == (PublishState(S.CLOSED),)
 
 
-@pytest.mark.parametrize("frontend", [S.INITIALISING, S.CLOSING, None])
+def test_frontend_that_vanished_while_no_tapback_ran_gets_the_ring_taken_down() -> None:
+    # Connected was published, so a front-end was there: its absent state node is a
+    # vanished guest, not one yet to come; Closing would be said to nobody (found by the
+    # conformance scenario adopt-frontend-vanished).
+    for vbd in (adopted(None), BackendVbd(domid=5, devid=768)):
+        if vbd.state == "waiting_hotplug":  # the daemon: nothing fed for an absent node
+            vbd.handle(BackendFound(S.CONNECTED, keys_of_a_connected_vbd()))
+        assert hotplug(vbd) == (SendControl(XenblkifDisconnect(77, 3, 5, 768)),)
+        assert vbd.handle(RingDisconnected()) == (PublishState(S.CLOSED),)
+
+
+@pytest.mark.parametrize("frontend", [S.INITIALISING, S.CLOSING])
 def test_frontend_that_left_connected_is_asked_to_close(frontend: XenbusState | None) -> None:
     vbd = adopted(frontend)
     assert vbd.state == "adopting"

@@ -424,3 +424,34 @@ def test_events_after_the_end_raise_with_the_triggers_blame() -> None:
     vbd.handle(BackendRemoved())
     with pytest.raises(ToolstackError, match="'removed'"):
         vbd.handle(HotplugConnected(TAPDISK))
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(True, True), (True, False), (False, True),
+                                              (False, False)])
+def test_persistent_grants_are_used_only_when_both_ends_say_1(ours: bool, theirs: bool) -> None:
+    vbd = BackendVbd(5, 768, features=BackendFeatures(persistent=ours))
+    vbd.handle(fe(S.INITIALISING))
+    hotplug(vbd)
+    vbd.handle(fe(S.INITIALISED))
+    transport = RingTransport((11, 12), 9, BlkifProtocol.X86_32, persistent=theirs)
+    (connect,) = vbd.handle(TransportRead(transport))
+    assert isinstance(connect, SendControl) and isinstance(connect.message, XenblkifConnect)
+    assert connect.message.persistent is (ours and theirs)
+    written = vbd.handle(RingConnected())[0]
+    assert isinstance(written, WriteKeys)
+    # What we advertise is our configuration, whatever the front-end said (blkback 2022).
+    assert written.as_dict()["feature-persistent"] == ("1" if ours else "0")
+
+
+def test_persistent_grants_are_negotiated_again_at_each_connect() -> None:
+    vbd = BackendVbd(5, 768, features=BackendFeatures(persistent=True))
+    to_connecting(vbd)  # a front-end that did not ask
+    vbd.handle(RingConnected())
+    vbd.handle(fe(S.CLOSING))
+    vbd.handle(fe(S.CLOSED))
+    vbd.handle(RingDisconnected())
+    vbd.handle(fe(S.INITIALISING))
+    vbd.handle(fe(S.INITIALISED))  # the same guest, resumed by a kernel that asks
+    (connect,) = vbd.handle(TransportRead(RingTransport((11,), 9, persistent=True)))
+    assert isinstance(connect, SendControl) and isinstance(connect.message, XenblkifConnect)
+    assert connect.message.persistent is True

@@ -98,11 +98,15 @@ def test_proc_xen_files_and_rlimit_are_redirected(machine: xensim.Machine) -> No
         print(len(mmap.mmap(fd, 4096)))
         resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 30, 1 << 30))
         print("clamped")
+        # blktap's tapdisk asks for unlimited locked memory (tapdisk_set_resource_limits).
+        inf = resource.RLIM_INFINITY
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (inf, inf))
+        print("clamped")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, **xensim.process_env(machine.run_dir, 0)},
                          check=True, timeout=30).stdout.split()
-    assert out == [str(machine.domain(0).xenstore_port), "4096", "clamped"]
+    assert out == [str(machine.domain(0).xenstore_port), "4096", "clamped", "clamped"]
 
 
 def test_machine_refuses_a_taken_domid_and_tears_down(machine: xensim.Machine) -> None:

@@ -6,13 +6,14 @@ import errno
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from blktap3.sim import xensim
 from blktap3.sim.xenlib import GrantShare, Share
 
-from .conftest import Probe
+from .conftest import Probe, probe_env
 
 GNTST_OKAY = 0
 GNTST_GENERAL_ERROR = -1
@@ -127,3 +128,82 @@ def test_pages_shared_by_a_dead_process_are_reclaimed(machine: xensim.Machine,
         share = gs.share_pages(3, 2)
         assert len(share.refs) == 2
     assert probe(2, "map", 1, ref, "ro") == f"err {errno.EINVAL}", "the dead grant ended"
+
+
+class Held:
+    """A probe process (as domain `domid`) holding a grant mapping until released."""
+
+    def __init__(self, probe_binary: Path, machine: xensim.Machine, domid: int,
+                 granter: int, ref: int, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(probe_binary), "hold", str(granter), str(ref), mode],
+            env=probe_env(machine, domid), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
+        assert self.proc.stdout is not None
+        self.first = self.proc.stdout.readline().strip()
+
+    def release(self) -> list[str]:
+        out, _ = self.proc.communicate(timeout=30)
+        return out.split()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.communicate(timeout=30)
+
+
+def test_a_mapped_grant_cannot_be_ended_until_it_is_unmapped(
+        machine: xensim.Machine, probe: Probe, probe_binary: Path) -> None:
+    machine.create_domain(1, 64)
+    machine.create_domain(2, 64)
+    for writable, mode in ((True, "rw"), (False, "ro")):
+        gs, share = share_one(machine, 1, 2, writable, 0x77)
+        with gs:
+            ref = share.refs[0]
+            held = Held(probe_binary, machine, 2, 1, ref, mode)
+            assert held.first == "ok 77"
+            with pytest.raises(OSError) as exc:
+                gs.end_access(ref)
+            assert exc.value.errno == errno.EBUSY, "Linux: end_foreign_access_ref fails"
+            assert held.release() == ["still", "77", "unmap", "0"]
+            gs.end_access(ref)  # unmapping freed it
+            assert probe(2, "map", 1, ref, "ro") == f"err {errno.EINVAL}", "ended"
+            assert probe(2, "copy-from", 1, ref) == f"status {GNTST_GENERAL_ERROR} c3"
+
+
+def test_a_guest_ends_only_grants_of_its_own_shares(machine: xensim.Machine) -> None:
+    machine.create_domain(1, 64)
+    with GrantShare(machine.run_dir, 1) as gs:
+        with pytest.raises(OSError) as exc:
+            gs.end_access(xensim.GNTTAB_RESERVED_XENSTORE)
+        assert exc.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as exc:
+            gs.end_access(1 << 20)
+        assert exc.value.errno == errno.EINVAL
+
+
+def test_unsharing_a_mapped_page_frees_it_at_the_last_unmap(
+        machine: xensim.Machine, probe_binary: Path) -> None:
+    machine.create_domain(1, 4)  # pfn 0 and the xenstore page taken: two free
+    machine.create_domain(2, 64)
+    gs, share = share_one(machine, 1, 2, True, 0x33)
+    with gs:
+        held = Held(probe_binary, machine, 2, 1, share.refs[0], "rw")
+        assert held.first == "ok 33"
+        share.unshare()  # the guest lets go; the back-end still maps the page
+        with pytest.raises(OSError) as exc:
+            gs.share_pages(2, 2)
+        assert exc.value.errno == errno.ENOMEM, "the mapped page is not free yet"
+        assert held.release() == ["still", "33", "unmap", "0"]
+        assert len(gs.share_pages(2, 2).refs) == 2, "the last unmap freed it"
+
+
+def test_the_pins_of_a_dead_mapper_are_dropped(machine: xensim.Machine,
+                                               probe_binary: Path) -> None:
+    machine.create_domain(1, 64)
+    machine.create_domain(2, 64)
+    gs, share = share_one(machine, 1, 2, True, 0x44)
+    with gs:
+        held = Held(probe_binary, machine, 2, 1, share.refs[0], "rw")
+        assert held.first == "ok 44"
+        held.kill()  # gntdev's release would have unmapped it
+        gs.end_access(share.refs[0])

@@ -21,19 +21,47 @@
 
 static unsigned long arg(char **argv, int i) { return strtoul(argv[i], NULL, 0); }
 
+/* Map DOMID REF rw|ro (argv[2..4]) as one page; prints "err <errno>" on failure. */
+static unsigned char *map_one(char **argv, xengnttab_handle **g, int *prot)
+{
+    *g = xengnttab_open(NULL, 0);
+    *prot = PROT_READ | (strcmp(argv[4], "rw") == 0 ? PROT_WRITE : 0);
+    uint32_t ref = (uint32_t)arg(argv, 3);
+    unsigned char *p = xengnttab_map_domain_grant_refs(*g, 1, (uint32_t)arg(argv, 2), &ref, *prot);
+    if (p == NULL)
+        printf("err %d\n", errno);
+    else
+        printf("ok %02x\n", p[0]);
+    return p;
+}
+
 static int map(char **argv) /* map DOMID REF rw|ro */
 {
-    xengnttab_handle *g = xengnttab_open(NULL, 0);
-    int prot = PROT_READ | (strcmp(argv[4], "rw") == 0 ? PROT_WRITE : 0);
-    uint32_t ref = (uint32_t)arg(argv, 3);
-    unsigned char *p = xengnttab_map_domain_grant_refs(g, 1, (uint32_t)arg(argv, 2), &ref, prot);
-    if (p == NULL) {
-        printf("err %d\n", errno);
+    xengnttab_handle *g;
+    int prot;
+    unsigned char *p = map_one(argv, &g, &prot);
+    if (p == NULL)
         return 0;
-    }
-    printf("ok %02x\n", p[0]);
     if (prot & PROT_WRITE)
         p[1] = 0x5a;
+    printf("unmap %d\n", xengnttab_unmap(g, p, 1));
+    xengnttab_close(g);
+    return 0;
+}
+
+/* hold DOMID REF rw|ro: map, say so, keep the mapping until stdin closes, unmap */
+static int hold(char **argv)
+{
+    xengnttab_handle *g;
+    int prot;
+    unsigned char *p = map_one(argv, &g, &prot);
+    fflush(stdout);
+    if (p == NULL)
+        return 0;
+    char buf[64];
+    while (read(0, buf, sizeof(buf)) > 0)
+        ;
+    printf("still %02x\n", p[0]);
     printf("unmap %d\n", xengnttab_unmap(g, p, 1));
     xengnttab_close(g);
     return 0;
@@ -138,6 +166,8 @@ int main(int argc, char **argv)
     const char *op = argc > 1 ? argv[1] : "";
     if (strcmp(op, "map") == 0 && argc == 5)
         return map(argv);
+    if (strcmp(op, "hold") == 0 && argc == 5)
+        return hold(argv);
     if (strcmp(op, "copy-from") == 0 && argc == 4)
         return copy(argv, 1);
     if (strcmp(op, "copy-to") == 0 && argc == 4)

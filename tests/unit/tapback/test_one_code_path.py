@@ -128,12 +128,12 @@ class ClientOfFake:
                          grefs: tuple[int, ...], order: int, port: int, proto: int,
                          max_indirect_segments: int = 0, discard: bool = True,
                          poll_duration: int = 0, poll_idle_threshold: int = 0,
+                         persistent: bool = False,
                          extra_queues: Sequence[tuple[tuple[int, ...], int]] = ()) -> None:
         more = tuple(QueueRing(refs, queue_port) for refs, queue_port in extra_queues)
         answer = ClientOfFake.fake.answer(XenblkifConnect(
             PID, minor, domid, devid, RingTransport(grefs, port, more_queues=more),
-            max_indirect_segments,
-            discard, poll_duration, poll_idle_threshold))
+            max_indirect_segments, discard, poll_duration, poll_idle_threshold, persistent))
         if isinstance(answer, RingConnectFailed):
             raise CtlError(answer.errno, answer.message)
 

@@ -82,7 +82,7 @@ def test_flags_we_do_not_implement_are_refused_before_any_machine() -> None:
     refused = observe(p.Message(T.OPEN, 4, params))
     assert isinstance(refused, BadArgument)
     assert (refused.minor, refused.errno) == (4, errno.EOPNOTSUPP)
-    resume = p.Resume(p.OpenFlags.SECONDARY | p.ResumeFlags.RESIZE)
+    resume = p.Resume(p.OpenFlags.STANDBY | p.ResumeFlags.RESIZE)
     assert isinstance(observe(p.Message(T.RESUME, 4, resume)), BadArgument)
 
 
@@ -106,6 +106,7 @@ class FakeInfo:
 class FakeImage:
     info: FakeInfo
     live: set[Any]
+    shared: bool = False  # no CBT log, no mirror
 
     def close(self) -> None:
         assert self in self.live, "closed twice"

@@ -285,11 +285,16 @@ def attach(server: ControlServer, minor: int) -> None:
     client(server).attach(minor)
 
 
-def test_a_log_path_after_open_is_read_then_the_open_refused(server: ControlServer) -> None:
-    # drivers/tapdisk-control.c:736 reads a char[256] after OPEN with ADD_LOG.
+def test_a_log_path_after_open_reaches_the_open(server: ControlServer, tmp_path: Path) -> None:
+    # drivers/tapdisk-control.c:736 reads a char[256] after OPEN with ADD_LOG; the
+    # image opens, then the log (missing) refuses the OPEN, which says why.
     attach(server, 0)
-    reply = raw_exchange(server, open_message(LOG) + b"/var/log/cbt".ljust(256, b"\0"))
-    assert error_of(reply)[0] == errno.EOPNOTSUPP
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    message = p.Message(p.MessageType.OPEN, 0, p.Params(flags=LOG, path=f"aio:{disk}"))
+    log = str(tmp_path / "missing.log").encode().ljust(256, b"\0")
+    code, text = error_of(raw_exchange(server, message.encode() + log))
+    assert code == errno.ENOENT and "CBT log" in text and "missing.log" in text
 
 
 def test_a_missing_log_path_is_eio(server: ControlServer) -> None:

@@ -105,7 +105,9 @@ void xs_page_free(struct xs_domain *d, uint64_t pfn)
 int xs_gref_alloc(struct xs_domain *d)
 {
     for (uint32_t ref = XS_FIRST_FREE_GREF; ref < XS_NR_GRANTS; ref++) {
-        if (__atomic_load_n(&d->grants[ref].flags, __ATOMIC_ACQUIRE) == 0)
+        /* An entry its sharer ended stays the share's until the share goes. */
+        if (__atomic_load_n(&d->grants[ref].flags, __ATOMIC_ACQUIRE) == 0 &&
+            d->gref_owner[ref] == 0)
             return (int)ref;
     }
     return -1;

@@ -16,9 +16,13 @@ struct xs_mapping {
     uint32_t notify_offset; /* (uint32_t)-1: none */
     evtchn_port_t notify_port; /* (evtchn_port_t)-1: none */
     uint32_t notify_dom;
-    /* gntshr only: the shared pages and their grant refs */
+    /* gntshr: the shared pages and their grant refs; gnttab: the refs mapped */
     uint64_t *pfns;
     uint32_t *refs;
+    /* gnttab only: the granting domain of each ref, and whether the map pinned them
+     * writable (the pins go with the mapping) */
+    uint32_t *doms;
+    int writable;
 };
 
 struct xengntdev_handle {
@@ -34,5 +38,7 @@ void xs_gntdev_close(struct xengntdev_handle *h);
 void xs_gntdev_add(struct xengntdev_handle *h, struct xs_mapping *mp);
 struct xs_mapping *xs_gntdev_take(struct xengntdev_handle *h, void *addr, uint32_t count);
 void xs_unmap_notify(struct xs_mapping *mp);
+/* gnttab: drop the pins of a mapping and free it (the pages are unmapped already). */
+void xs_mapping_unpin(struct xs_mapping *mp);
 
 #endif

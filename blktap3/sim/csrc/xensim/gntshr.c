@@ -25,34 +25,34 @@ XS_EXPORT xengntshr_handle *xensim_gntshr_open_as(uint32_t domid)
     return xs_gntdev_open(domid);
 }
 
+/* lock held: end one shared grant and return its page, or, while another domain maps
+ * it, leave both until the last unmap (gntalloc's deferred end of access). */
+static void end_share(struct xs_domain *d, uint32_t ref, uint64_t pfn)
+{
+    if (xs_grant_in_use(d, ref))
+        d->gref_owner[ref] = XS_GREF_ENDED;
+    else
+        xs_grant_release(d, ref, pfn);
+}
+
 /* lock held: end access and return the pages of a share */
 static void release_locked(struct xs_domain *d, struct xs_mapping *mp, uint32_t n)
 {
-    for (uint32_t i = 0; i < n; i++) {
-        grant_entry_v1_t *e = &d->grants[mp->refs[i]];
-        __atomic_store_n(&e->flags, 0, __ATOMIC_RELEASE);
-        e->domid = 0;
-        e->frame = 0;
-        d->gref_owner[mp->refs[i]] = 0;
-        xs_page_free(d, mp->pfns[i]);
-    }
+    for (uint32_t i = 0; i < n; i++)
+        end_share(d, mp->refs[i], mp->pfns[i]);
 }
 
 /* lock held: gntalloc ends a dead process's grants when its fd closes; here
- * the next sharer that runs short of pages or refs does it. */
+ * the next sharer that runs short of pages or refs does it (and frees the ended
+ * grants whose mapper died). */
 static void gc_dead_shares(struct xs_domain *d)
 {
     for (uint32_t ref = XS_FIRST_FREE_GREF; ref < XS_NR_GRANTS; ref++) {
         int32_t pid = d->gref_owner[ref];
-        if (pid == 0 || xs_pid_alive(pid))
-            continue;
-        grant_entry_v1_t *e = &d->grants[ref];
-        uint64_t frame = e->frame;
-        __atomic_store_n(&e->flags, 0, __ATOMIC_RELEASE);
-        e->domid = 0;
-        e->frame = 0;
-        d->gref_owner[ref] = 0;
-        xs_page_free(d, frame);
+        if (pid == XS_GREF_ENDED)
+            (void)xs_grant_in_use(d, ref); /* frees it when its mapper is gone */
+        else if (pid != 0 && !xs_pid_alive(pid))
+            end_share(d, ref, d->grants[ref].frame);
     }
 }
 
@@ -225,4 +225,27 @@ XS_EXPORT int xengntshr_close(xengntshr_handle *xgs)
 XS_EXPORT int xengntshr_fd(xengntshr_handle *xgs)
 {
     return xgs->fd;
+}
+
+/* Extension: the guest ends access to one grant of its shares, as Linux's
+ * gnttab_end_foreign_access_ref: fails (EBUSY) while the grantee maps it. The ref and
+ * its page stay the share's; the grantee can no longer map or copy it. */
+XS_EXPORT int xensim_gntshr_end_access(xengntshr_handle *xgs, uint32_t ref)
+{
+    if (ref >= XS_NR_GRANTS) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (xs_lock() < 0)
+        return -1;
+    struct xs_dom_view *v = xs_dom(xgs->domid);
+    int rc = -1;
+    if (v == NULL)
+        errno = ESRCH;
+    else if (v->d->gref_owner[ref] != (int32_t)getpid())
+        errno = EINVAL; /* not a grant of this process's shares */
+    else
+        rc = xs_grant_end(v->d, ref);
+    xs_unlock();
+    return rc;
 }

@@ -58,9 +58,13 @@ void xs_gntdev_close(struct xengntdev_handle *h)
     while (mp != NULL) {
         struct xs_mapping *next = mp->next;
         munmap(mp->addr, (size_t)mp->count * XS_PAGE_SIZE);
-        free(mp->pfns);
-        free(mp->refs);
-        free(mp);
+        if (mp->doms != NULL) {
+            xs_mapping_unpin(mp); /* closing gntdev unmaps what it mapped */
+        } else {
+            free(mp->pfns);
+            free(mp->refs);
+            free(mp);
+        }
         mp = next;
     }
     if (h->fd >= 0)
@@ -127,6 +131,38 @@ static int16_t check_grant(uint32_t self, uint32_t domid, uint32_t ref, int writ
     return GNTST_okay;
 }
 
+static void free_map(struct xs_mapping *mp)
+{
+    free(mp->refs);
+    free(mp->doms);
+    free(mp);
+}
+
+/* lock held: drop the pins of the first `n` refs of a mapping */
+static void unpin_locked(struct xs_mapping *mp, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        struct xs_dom_view *v = xs_dom(mp->doms[i]);
+        if (v != NULL) /* a destroyed domain took its table with it */
+            xs_grant_unpin(v->d, mp->refs[i], mp->writable);
+    }
+}
+
+void xs_mapping_unpin(struct xs_mapping *mp)
+{
+    if (xs_lock() == 0) {
+        unpin_locked(mp, mp->count);
+        xs_unlock();
+    }
+    free_map(mp);
+}
+
+/*
+ * Map as gntdev's mmap does: every grant checked and pinned (GTF_reading, GTF_writing
+ * for a writable map) under the machine lock, so that the granter's end of access sees
+ * the pin or the map sees the ended entry, never both missed; any failure unmaps the
+ * lot and fails like gntdev (EINVAL: a map op that did not return GNTST_okay).
+ */
 static void *map_refs(xengnttab_handle *xgt, uint32_t count, const uint32_t *domids,
                       uint32_t domid, const uint32_t *refs, int prot, uint32_t notify_offset,
                       evtchn_port_t notify_port)
@@ -135,25 +171,53 @@ static void *map_refs(xengnttab_handle *xgt, uint32_t count, const uint32_t *dom
         errno = EINVAL;
         return NULL;
     }
-    size_t len = (size_t)count * XS_PAGE_SIZE;
-    uint8_t *base = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED)
-        return NULL;
-    for (uint32_t i = 0; i < count; i++) {
-        struct xs_dom_view *v;
-        uint64_t frame;
-        uint32_t dom = domids != NULL ? domids[i] : domid;
-        if (check_grant(xgt->domid, dom, refs[i], (prot & PROT_WRITE) != 0, &v, &frame) !=
-            GNTST_okay)
-            goto fail;
-        void *p = mmap(base + (size_t)i * XS_PAGE_SIZE, XS_PAGE_SIZE, prot,
-                       MAP_SHARED | MAP_FIXED, v->mem_fd, (off_t)(frame * XS_PAGE_SIZE));
-        if (p == MAP_FAILED)
-            goto fail;
-    }
+    int writable = (prot & PROT_WRITE) != 0;
     struct xs_mapping *mp = calloc(1, sizeof(*mp));
     if (mp == NULL)
-        goto fail;
+        return NULL;
+    mp->refs = calloc(count, sizeof(*mp->refs));
+    mp->doms = calloc(count, sizeof(*mp->doms));
+    if (mp->refs == NULL || mp->doms == NULL) {
+        free_map(mp);
+        errno = ENOMEM;
+        return NULL;
+    }
+    mp->writable = writable;
+    size_t len = (size_t)count * XS_PAGE_SIZE;
+    uint8_t *base = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) {
+        free_map(mp);
+        return NULL;
+    }
+    if (xs_lock() < 0) {
+        munmap(base, len);
+        free_map(mp);
+        return NULL;
+    }
+    uint32_t pinned = 0;
+    for (; pinned < count; pinned++) {
+        struct xs_dom_view *v;
+        uint64_t frame;
+        uint32_t dom = domids != NULL ? domids[pinned] : domid;
+        if (check_grant(xgt->domid, dom, refs[pinned], writable, &v, &frame) != GNTST_okay)
+            break;
+        void *p = mmap(base + (size_t)pinned * XS_PAGE_SIZE, XS_PAGE_SIZE, prot,
+                       MAP_SHARED | MAP_FIXED, v->mem_fd, (off_t)(frame * XS_PAGE_SIZE));
+        if (p == MAP_FAILED)
+            break;
+        xs_grant_pin(v->d, refs[pinned], writable);
+        mp->refs[pinned] = refs[pinned];
+        mp->doms[pinned] = dom;
+    }
+    if (pinned < count) {
+        unpin_locked(mp, pinned);
+        xs_unlock();
+        munmap(base, len);
+        free_map(mp);
+        errno = EINVAL; /* what gntdev's mmap returns when a map op fails */
+        return NULL;
+    }
+    xs_unlock();
     mp->addr = base;
     mp->count = count;
     mp->notify_offset = notify_offset;
@@ -161,10 +225,6 @@ static void *map_refs(xengnttab_handle *xgt, uint32_t count, const uint32_t *dom
     mp->notify_dom = xgt->domid;
     xs_gntdev_add(xgt, mp);
     return base;
-fail:
-    munmap(base, len);
-    errno = EINVAL; /* what gntdev's mmap returns when a map op fails */
-    return NULL;
 }
 
 XS_EXPORT void *xengnttab_map_grant_ref(xengnttab_handle *xgt, uint32_t domid, uint32_t ref,
@@ -213,7 +273,7 @@ XS_EXPORT int xengnttab_unmap(xengnttab_handle *xgt, void *start_address, uint32
     }
     xs_unmap_notify(mp);
     munmap(mp->addr, (size_t)count * XS_PAGE_SIZE);
-    free(mp);
+    xs_mapping_unpin(mp);
     return 0;
 }
 

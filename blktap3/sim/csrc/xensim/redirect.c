@@ -2,8 +2,9 @@
  * xensim redirects of the host interfaces the daemons touch besides the Xen
  * libraries: /proc/xen/xsd_port and /proc/xen/xsd_kva (C xenstored opens them
  * to find dom0's xenstore port and page) go to files of the run directory,
- * and setrlimit(RLIMIT_NOFILE) is clamped to the hard limit (oxenstored asks
- * for 1M open files; root here lacks CAP_SYS_RESOURCE).
+ * and setrlimit(RLIMIT_NOFILE or RLIMIT_MEMLOCK) is clamped to the hard limit
+ * (oxenstored asks for 1M open files, blktap's tapdisk for unlimited locked
+ * memory; root here lacks CAP_SYS_RESOURCE).
  */
 #include "xensim.h"
 
@@ -71,13 +72,18 @@ DEFINE_OPEN(open64)
 DEFINE_OPENAT(openat)
 DEFINE_OPENAT(openat64)
 
+XS_NOSAN static int clamps(__rlimit_resource_t resource)
+{
+    return resource == RLIMIT_NOFILE || resource == RLIMIT_MEMLOCK;
+}
+
 XS_EXPORT XS_NOSAN int setrlimit(__rlimit_resource_t resource, const struct rlimit *rl)
 {
     static int (*real)(__rlimit_resource_t, const struct rlimit *);
     if (real == NULL)
         real = (int (*)(__rlimit_resource_t, const struct rlimit *))dlsym(RTLD_NEXT, "setrlimit");
     struct rlimit cur, clamped = *rl;
-    if (resource == RLIMIT_NOFILE && getrlimit(RLIMIT_NOFILE, &cur) == 0) {
+    if (clamps(resource) && getrlimit(resource, &cur) == 0) {
         if (clamped.rlim_max > cur.rlim_max)
             clamped.rlim_max = cur.rlim_max;
         if (clamped.rlim_cur > clamped.rlim_max)
@@ -93,7 +99,7 @@ XS_EXPORT XS_NOSAN int setrlimit64(__rlimit_resource_t resource, const struct rl
         real = (int (*)(__rlimit_resource_t, const struct rlimit64 *))dlsym(RTLD_NEXT,
                                                                               "setrlimit64");
     struct rlimit64 cur, clamped = *rl;
-    if (resource == RLIMIT_NOFILE && getrlimit64(RLIMIT_NOFILE, &cur) == 0) {
+    if (clamps(resource) && getrlimit64(resource, &cur) == 0) {
         if (clamped.rlim_max > cur.rlim_max)
             clamped.rlim_max = cur.rlim_max;
         if (clamped.rlim_cur > clamped.rlim_max)

@@ -33,7 +33,7 @@
 #define XS_NR_GRANTS 8192u   /* 16 grant frames of v1 entries */
 #define XS_FIRST_FREE_GREF 8u /* GNTTAB_NR_RESERVED_ENTRIES, as Linux */
 #define XS_MAX_PAGES (1u << 20)
-#define XS_MAGIC 0x786e73696d303276ULL /* "xnsim02v": bump when a layout changes */
+#define XS_MAGIC 0x786e73696d303376ULL /* "xnsim03v": bump when a layout changes */
 
 /* pfn of the zeroed xenstore page of every created domain; pfn 0 is left free. */
 #define XENSIM_XENSTORE_PFN 1u
@@ -43,6 +43,9 @@ enum xs_port_state { XS_PORT_FREE = 0, XS_PORT_UNBOUND, XS_PORT_INTERDOMAIN, XS_
 /* xs_port.flags, changed with atomics only */
 #define XS_PF_PENDING 1u
 #define XS_PF_MASKED 2u
+
+/* gref_owner: its sharer ended it while it was mapped; freed at the last unmap */
+#define XS_GREF_ENDED (-1)
 
 #define XS_DOM_DYING 1u
 #define XS_DOM_SHUTDOWN 2u
@@ -76,7 +79,13 @@ struct xs_domain {
     char mem_path[512];
     struct xs_port ports[XS_NR_PORTS];
     grant_entry_v1_t grants[XS_NR_GRANTS];
-    int32_t gref_owner[XS_NR_GRANTS]; /* pid that shared it with gntshr; 0: toolstack */
+    int32_t gref_owner[XS_NR_GRANTS]; /* pid that shared it with gntshr; 0: toolstack;
+                                         XS_GREF_ENDED: ended while mapped (see grants.c) */
+    /* Xen's active grant entries, reduced to what a mapping needs: how many mappings
+     * pin each grant read-only and writable, and the process holding them. */
+    uint16_t pin_ro[XS_NR_GRANTS];
+    uint16_t pin_rw[XS_NR_GRANTS];
+    int32_t pin_pid[XS_NR_GRANTS];
     uint8_t page_used[XS_MAX_PAGES / 8];
 };
 
@@ -123,6 +132,18 @@ int xs_alloc_unbound(uint32_t dom, uint32_t remote_dom);
 int xs_page_alloc(struct xs_domain *d); /* lock held; -1 if none free */
 void xs_page_free(struct xs_domain *d, uint64_t pfn);
 int xs_gref_alloc(struct xs_domain *d); /* lock held; -1 if none free */
+
+/* grants.c: pins and the end of access (lock held for all) */
+/* Pin grant `ref` of `d` for a mapping by this process: GTF_reading, and GTF_writing
+ * for a writable one, set in the entry as Xen does. */
+void xs_grant_pin(struct xs_domain *d, uint32_t ref, int writable);
+void xs_grant_unpin(struct xs_domain *d, uint32_t ref, int writable);
+/* Is the grant mapped by a live process? A dead mapper's pins are dropped here. */
+int xs_grant_in_use(struct xs_domain *d, uint32_t ref);
+/* gnttab_end_foreign_access_ref: 0 once ended, -1 (EBUSY) while it is mapped. */
+int xs_grant_end(struct xs_domain *d, uint32_t ref);
+/* Clear the entry and give its page back (the share that held it is going). */
+void xs_grant_release(struct xs_domain *d, uint32_t ref, uint64_t pfn);
 
 #define XS_EXPORT __attribute__((visibility("default")))
 

@@ -55,8 +55,18 @@ class FakeImageInfo:
         self.o_direct = True
 
 
+class FakeImage:
+    """The data path's image as the export sees it: neither CBT-tracked nor mirrored, so
+    a raw image is served on the export's own descriptor."""
+
+    shared = False
+
+    def __init__(self, size: int, *, readonly: bool = False) -> None:
+        self.info = FakeImageInfo(size, readonly=readonly)
+
+
 def open_file(path: Path, *, readonly: bool = False) -> tuple[object, nbd.ExportInfo]:
-    return open_backend("aio", str(path), FakeImageInfo(SIZE, readonly=readonly))
+    return open_backend("aio", str(path), FakeImage(SIZE, readonly=readonly))
 
 
 @pytest.fixture
@@ -83,7 +93,7 @@ def make_export(root: Path, image: Path) -> Iterator[ExportFactory]:
     started: list[Export] = []
 
     def make(*, readonly: bool = False, **limits: float) -> Export:
-        backend, info = open_backend("aio", str(image), FakeImageInfo(SIZE, readonly=readonly))
+        backend, info = open_backend("aio", str(image), FakeImage(SIZE, readonly=readonly))
         export = Export(root, PID, MINOR, backend, info, **limits)  # type: ignore[arg-type]
         export.start()
         started.append(export)
@@ -391,7 +401,7 @@ def test_a_reader_that_never_reads_does_not_hold_up_pause(export: Export) -> Non
     # the client reads no more. Its worker is stuck in send, not on the image.
     assert slow.sock.recv(1)
     assert export.pause(timeout=30)
-    backend, info = open_backend("aio", str(export.root / "disk.img"), FakeImageInfo(SIZE))
+    backend, info = open_backend("aio", str(export.root / "disk.img"), FakeImage(SIZE))
     export.resume(backend, info)  # type: ignore[arg-type]
     with NbdClient(path_of(export)) as good:
         assert good.read(0, 512)[:4] == bytes(range(4))
@@ -415,7 +425,7 @@ def test_requests_sent_while_paused_run_after_resume_on_the_new_image(
         with open(swapped, "wb") as f:
             f.truncate(SIZE)
             f.write(b"\x5a" * 512)
-        backend, info = open_backend("aio", str(swapped), FakeImageInfo(SIZE))
+        backend, info = open_backend("aio", str(swapped), FakeImage(SIZE))
         export.resume(backend, info)  # type: ignore[arg-type]
         reply = client.receive()
         assert reply.cookie == cookie and reply.data == b"\x5a" * 512

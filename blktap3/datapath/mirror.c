@@ -1,0 +1,215 @@
+/*
+ * mirror.c: the secondary of a mirrored image (blktap's `-2`, TD_OPEN_SECONDARY):
+ * another image (`aio:`, `vhd:`) or an NBD server reached on a connected socket whose
+ * handshake the Python side (blktap3/tapdisk/mirror.py) already made.
+ *
+ * Every write and discard goes to the primary, then to the secondary, synchronously in
+ * the caller's thread under the image's lock (image.c), and is answered once both are
+ * done; FLUSH flushes both. A secondary that fails is dropped and counted (blktap's
+ * nbd_mirror_failed): the request that met the failure and every later one complete on
+ * the primary alone, so the guest goes on and never sees the secondary's error.
+ *
+ * The NBD client speaks the simple-reply transmission phase: one request, its reply,
+ * then the next (the lock serialises them), so a reply's handle always matches. A
+ * target that stops answering fails by the socket's timeouts (set by Python).
+ */
+#define _GNU_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "datapath.h"
+
+#define NBD_REQUEST_MAGIC 0x25609513u
+#define NBD_SIMPLE_REPLY_MAGIC 0x67446698u
+#define NBD_CMD_WRITE 1
+#define NBD_CMD_FLUSH 3
+#define NBD_CMD_WRITE_ZEROES 6
+
+struct td_mirror {
+    struct td_image *image; /* a secondary image, or NULL */
+    int fd;                 /* an NBD socket, or -1 */
+    uint64_t handle;
+    struct td_mirror_stats st;
+};
+
+static int send_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int recv_all(int fd, void *buf, size_t len)
+{
+    char *p = buf;
+    while (len) {
+        ssize_t n = recv(fd, p, len, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -ECONNRESET;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* One NBD request and its simple reply: 0, -errno of the transport, or -EIO when the
+ * server answered an error. */
+static int nbd_request(struct td_mirror *m, uint16_t type, uint64_t off, uint32_t len,
+                       const void *data)
+{
+    unsigned char req[28];
+    uint32_t magic = htobe32(NBD_REQUEST_MAGIC), length = htobe32(len);
+    uint16_t flags = 0, cmd = htobe16(type);
+    uint64_t handle = htobe64(++m->handle), offset = htobe64(off);
+    memcpy(req, &magic, 4);
+    memcpy(req + 4, &flags, 2);
+    memcpy(req + 6, &cmd, 2);
+    memcpy(req + 8, &handle, 8);
+    memcpy(req + 16, &offset, 8);
+    memcpy(req + 24, &length, 4);
+    int rc = send_all(m->fd, req, sizeof(req));
+    if (!rc && data)
+        rc = send_all(m->fd, data, len);
+    unsigned char rep[16];
+    if (!rc)
+        rc = recv_all(m->fd, rep, sizeof(rep));
+    if (rc)
+        return rc;
+    uint32_t rmagic, error;
+    uint64_t rhandle;
+    memcpy(&rmagic, rep, 4);
+    memcpy(&error, rep + 4, 4);
+    memcpy(&rhandle, rep + 8, 8);
+    if (be32toh(rmagic) != NBD_SIMPLE_REPLY_MAGIC || be64toh(rhandle) != m->handle)
+        return -EPROTO;
+    return error ? -EIO : 0;
+}
+
+int td_mirror_open_image(struct td_image *sec, struct td_mirror **out)
+{
+    struct td_mirror *m = calloc(1, sizeof(*m));
+    if (!m)
+        return -ENOMEM;
+    m->image = sec;
+    m->fd = -1;
+    m->st.kind = TD_MIRROR_IMAGE;
+    m->st.active = 1;
+    *out = m;
+    return 0;
+}
+
+int td_mirror_open_nbd(int fd, struct td_mirror **out)
+{
+    struct td_mirror *m = calloc(1, sizeof(*m));
+    if (!m)
+        return -ENOMEM;
+    m->fd = fd;
+    m->st.kind = TD_MIRROR_NBD;
+    m->st.active = 1;
+    *out = m;
+    return 0;
+}
+
+static void drop(struct td_mirror *m, int err)
+{
+    if (m->image) {
+        td_image_close(m->image);
+        m->image = NULL;
+    }
+    if (m->fd >= 0) {
+        close(m->fd);
+        m->fd = -1;
+    }
+    m->st.failed++;
+    m->st.last_error = -err;
+    __atomic_store_n(&m->st.active, 0, __ATOMIC_RELEASE);
+}
+
+void td_mirror_close(struct td_mirror *m)
+{
+    if (!m)
+        return;
+    if (m->image)
+        td_image_close(m->image);
+    if (m->fd >= 0)
+        close(m->fd);
+    free(m);
+}
+
+/* Read without the image's lock by td_image_map: hence atomic. */
+int td_mirror_active(const struct td_mirror *m)
+{
+    return m && __atomic_load_n(&m->st.active, __ATOMIC_ACQUIRE);
+}
+
+void td_mirror_write(struct td_mirror *m, const void *buf, uint64_t sector, uint32_t nr)
+{
+    if (!td_mirror_active(m))
+        return;
+    int rc = m->image ? td_image_sync_io(m->image, 1, (void *)buf, sector, nr)
+                      : nbd_request(m, NBD_CMD_WRITE, sector << TD_SECTOR_SHIFT,
+                                    nr << TD_SECTOR_SHIFT, buf);
+    if (rc)
+        drop(m, rc);
+    else
+        m->st.writes++;
+}
+
+void td_mirror_discard(struct td_mirror *m, uint64_t sector, uint64_t nr)
+{
+    if (!td_mirror_active(m))
+        return;
+    int rc = 0;
+    if (m->image) {
+        rc = td_image_discard(m->image, sector, nr);
+    } else {
+        /* Zeroes, not TRIM: a trimmed range of the target may read as anything. */
+        while (!rc && nr) {
+            uint64_t n = nr > (1u << 20) ? (1u << 20) : nr;     /* 512 MiB a request */
+            rc = nbd_request(m, NBD_CMD_WRITE_ZEROES, sector << TD_SECTOR_SHIFT,
+                             (uint32_t)(n << TD_SECTOR_SHIFT), NULL);
+            sector += n;
+            nr -= n;
+        }
+    }
+    if (rc)
+        drop(m, rc);
+}
+
+void td_mirror_flush(struct td_mirror *m)
+{
+    if (!td_mirror_active(m))
+        return;
+    int rc = m->image ? td_image_flush(m->image) : nbd_request(m, NBD_CMD_FLUSH, 0, 0, NULL);
+    if (rc)
+        drop(m, rc);
+    else
+        m->st.flushes++;
+}
+
+void td_mirror_stats(const struct td_mirror *m, struct td_mirror_stats *out)
+{
+    if (!m) {
+        memset(out, 0, sizeof(*out));
+        return;
+    }
+    *out = m->st;
+}
