@@ -42,6 +42,7 @@ import re
 import shutil
 import statistics
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -376,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # warnings go to stderr: stdout holds the figures (one JSON object with --json)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     run_dir = Path(tempfile.mkdtemp(prefix="b3hs-", dir="/tmp"))
     result: dict[str, Any] = {}
     try:
