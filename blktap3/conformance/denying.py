@@ -17,82 +17,46 @@ import struct
 import threading
 from pathlib import Path
 
+from .relay import Relay, recv_exact
+
 HEADER = struct.Struct("<IIII")  # xsd_sockmsg: type, req_id, tx_id, len
 XS_READ, XS_ERROR = 2, 16  # xen/io/xs_wire.h
-ACCEPT_POLL = 0.1  # how often the relay looks whether it was stopped
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
+def _recv_message(sock: socket.socket, size: int) -> bytes | None:
+    """`size` bytes, or None when the peer closed first."""
+    data = recv_exact(sock, size)
+    return data if len(data) == size else None
 
 
-class DenyingXenStore:
+class DenyingXenStore(Relay):
     """A relay at `path` to xenstored at `upstream`; `deny(node)` refuses its READs."""
 
-    def __init__(self, path: Path, upstream: Path) -> None:
-        self.path = path
-        self.upstream = upstream
-        self.denied: str | None = None
-        self._stop = threading.Event()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._thread: threading.Thread | None = None
+    name = "denying-xs"
 
-    def start(self) -> None:
-        self._listener.bind(str(self.path))
-        self._listener.listen(8)
-        self._listener.settimeout(ACCEPT_POLL)
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="denying-xs")
-        self._thread.start()
+    def __init__(self, path: Path, upstream: Path) -> None:
+        super().__init__(path, upstream)
+        self.denied: str | None = None
 
     def deny(self, node: str) -> None:
         self.denied = node
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
+    def relay(self, client: socket.socket, server: socket.socket) -> None:
         lock = threading.Lock()  # replies from xenstored and refusals share the client
-        with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            try:
-                server.connect(str(self.upstream))
-            except OSError:
-                return
-            threading.Thread(target=self._pump, args=(server, client, lock),
-                             daemon=True).start()
-            with contextlib.suppress(OSError):
-                while (header := _recv_exact(client, HEADER.size)) is not None:
-                    kind, req_id, tx_id, length = HEADER.unpack(header)
-                    payload = _recv_exact(client, length) if length else b""
-                    if payload is None:
-                        return
-                    if kind == XS_READ and self._denied(payload):
-                        error = b"EACCES\0"
-                        with lock:
-                            client.sendall(HEADER.pack(XS_ERROR, req_id, tx_id, len(error))
-                                           + error)
-                        continue
-                    server.sendall(header + payload)
+        threading.Thread(target=self._pump, args=(server, client, lock), daemon=True).start()
+        with contextlib.suppress(OSError):
+            while (header := _recv_message(client, HEADER.size)) is not None:
+                kind, req_id, tx_id, length = HEADER.unpack(header)
+                payload = _recv_message(client, length) if length else b""
+                if payload is None:
+                    return
+                if kind == XS_READ and self._denied(payload):
+                    error = b"EACCES\0"
+                    with lock:
+                        client.sendall(HEADER.pack(XS_ERROR, req_id, tx_id, len(error))
+                                       + error)
+                    continue
+                server.sendall(header + payload)
 
     def _denied(self, payload: bytes) -> bool:
         return self.denied is not None and payload.rstrip(b"\0").decode(
@@ -103,9 +67,9 @@ class DenyingXenStore:
         """xenstored's replies and watch events, a whole message at a time (a refusal
         must not land inside one)."""
         with contextlib.suppress(OSError):
-            while (header := _recv_exact(source, HEADER.size)) is not None:
+            while (header := _recv_message(source, HEADER.size)) is not None:
                 length = HEADER.unpack(header)[3]
-                payload = _recv_exact(source, length) if length else b""
+                payload = _recv_message(source, length) if length else b""
                 if payload is None:
                     break
                 with lock:

@@ -23,72 +23,37 @@ from pathlib import Path
 from blktap3.ctl import protocol as p
 from blktap3.ctl.runtime import socket_path
 
-ACCEPT_POLL = 0.1  # how often the relay looks whether it was stopped
+from .relay import Relay, recv_exact
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            return data
-        data += chunk
-    return data
-
-
-class LyingTapdisk:
+class LyingTapdisk(Relay):
     """A relay in place of tapdisk `pid`'s control socket that reports `sector_size`."""
 
+    name = "lying-tapdisk"
+
     def __init__(self, control_dir: Path, pid: int, sector_size: int) -> None:
-        self.path = socket_path(control_dir, pid)
-        self.real = self.path.with_name(self.path.name + ".real")
+        path = socket_path(control_dir, pid)
+        super().__init__(path, path.with_name(path.name + ".real"))
         self.sector_size = sector_size
-        self._stop = threading.Event()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        os.rename(self.path, self.real)
-        self._listener.bind(str(self.path))
-        self._listener.listen(8)
-        self._listener.settimeout(ACCEPT_POLL)
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="lying-tapdisk")
-        self._thread.start()
+        os.rename(self.path, self.upstream)
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        os.rename(self.real, self.path)
+        super().stop()
+        os.rename(self.upstream, self.path)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as tapdisk:
-            try:
-                tapdisk.connect(str(self.real))
-            except OSError:
-                return
-            threading.Thread(target=self._pump, args=(client, tapdisk), daemon=True).start()
-            while True:
-                message = _recv_exact(tapdisk, p.MESSAGE_SIZE)
-                if len(message) < p.MESSAGE_SIZE:
-                    with contextlib.suppress(OSError):
-                        client.sendall(message)
-                    return
+    def relay(self, client: socket.socket, tapdisk: socket.socket) -> None:
+        threading.Thread(target=self._pump, args=(client, tapdisk), daemon=True).start()
+        while True:
+            message = recv_exact(tapdisk, p.MESSAGE_SIZE)
+            if len(message) < p.MESSAGE_SIZE:
                 with contextlib.suppress(OSError):
-                    client.sendall(self._lie(message))
+                    client.sendall(message)
+                return
+            with contextlib.suppress(OSError):
+                client.sendall(self._lie(message))
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:
