@@ -96,6 +96,16 @@ def context_switches(pid: int) -> int:
     return total
 
 
+
+def _stop_guests(guests: list[LineProcess]) -> None:
+    """Interrupted mid-run (SIGINT, SIGTERM): kill the guest drivers before the ring is
+    disconnected. A guest driver finishes its run whatever signal it gets (a detach
+    waits for the workload), so one left running keeps its ring busy for the rest of
+    `--runtime`."""
+    for guest in guests:
+        with contextlib.suppress(ProcessLookupError):
+            guest.proc.kill()
+
 class Vbd:
     """One tapdisk process with one VBD open on ``params``."""
 
@@ -185,6 +195,9 @@ class RingRig:
                 c1 = context_switches(vbd.pid)
                 # The tapdisk's own count of what it served (its STATS, blktap's JSON).
                 res["tapdisk_stats"] = json.loads(vbd.client.stats(vbd.minor))
+            except BaseException:
+                _stop_guests([guest])
+                raise
             finally:
                 vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
         finally:
@@ -254,6 +267,9 @@ class RingRig:
                         enumerate(guests)))
                 t1 = thread_cpu(vbd.pid)
                 self.last = {"tapdisk_stats": json.loads(vbd.client.stats(vbd.minor))}
+            except BaseException:
+                _stop_guests(guests)
+                raise
             finally:
                 vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
         finally:
