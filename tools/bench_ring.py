@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -97,14 +98,25 @@ def context_switches(pid: int) -> int:
 
 
 
-def _stop_guests(guests: list[LineProcess]) -> None:
-    """Interrupted mid-run (SIGINT, SIGTERM): kill the guest drivers before the ring is
-    disconnected. A guest driver finishes its run whatever signal it gets (a detach
-    waits for the workload), so one left running keeps its ring busy for the rest of
-    `--runtime`."""
-    for guest in guests:
-        with contextlib.suppress(ProcessLookupError):
-            guest.proc.kill()
+@contextlib.contextmanager
+def _connected(vbd: Vbd, guests: list[LineProcess]) -> Iterator[None]:
+    """The block connects the guests' rings to `vbd` and runs them; they are disconnected
+    when it ends, however it ends. Interrupted (SIGINT, SIGTERM, an error), the guest
+    drivers are killed first: one finishes its run whatever signal it gets (a detach
+    waits for the workload), so one left running would keep its ring busy for the rest
+    of `--runtime`. The connect itself may be what was interrupted, so on that path a
+    disconnect the tapdisk refuses (nothing connected) is no second error."""
+    try:
+        yield
+    except BaseException:
+        for guest in guests:
+            with contextlib.suppress(ProcessLookupError):
+                guest.proc.kill()
+        with contextlib.suppress(OSError):
+            vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
+        raise
+    vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
+
 
 class Vbd:
     """One tapdisk process with one VBD open on ``params``."""
@@ -182,12 +194,13 @@ class RingRig:
                 pin(guest.pid, self.cpus[1])
             g = guest.call("open", backend=0, order=order, protocol=BlkifProtocol.NATIVE,
                            max_segs=DEFAULT_MAX_INDIRECT_SEGMENTS, **ring)
-            vbd.client.connect_xenblkif(
-                vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]), order=order,
-                port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
-                max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS, persistent=persistent,
-            )
-            try:
+            with _connected(vbd, [guest]):
+                vbd.client.connect_xenblkif(
+                    vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(g["grefs"]),
+                    order=order, port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
+                    max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS,
+                    persistent=persistent,
+                )
                 t0, g0 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
                 c0 = context_switches(vbd.pid)
                 res: dict[str, Any] = guest.call("run", poll_us=self.poll_us, **run)
@@ -195,11 +208,6 @@ class RingRig:
                 c1 = context_switches(vbd.pid)
                 # The tapdisk's own count of what it served (its STATS, blktap's JSON).
                 res["tapdisk_stats"] = json.loads(vbd.client.stats(vbd.minor))
-            except BaseException:
-                _stop_guests([guest])
-                raise
-            finally:
-                vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
         finally:
             guest.close()
         if res["errors"] or res["lost"]:
@@ -250,28 +258,28 @@ class RingRig:
         try:
             rings = [g.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
                      for g in guests]
-            vbd.client.connect_xenblkif(
-                vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(rings[0]["grefs"]),
-                order=0, port=rings[0]["port"], proto=BLKIF_PROTOCOL_NATIVE,
-                persistent=persistent,
-                extra_queues=[(tuple(r["grefs"]), r["port"]) for r in rings[1:]])
             run = {"qd": max(1, qd // nr_queues), "bs": bs,
                    "read_pct": 100 if "read" in rw else 0, "random": rw.startswith("rand"),
                    "span": sectors, "duration": runtime, "timeout": 30.0}
-            try:
+            with _connected(vbd, guests):
+                vbd.client.connect_xenblkif(
+                    vbd.minor, domid=GUEST, devid=DEVID, grefs=tuple(rings[0]["grefs"]),
+                    order=0, port=rings[0]["port"], proto=BLKIF_PROTOCOL_NATIVE,
+                    persistent=persistent,
+                    extra_queues=[(tuple(r["grefs"]), r["port"]) for r in rings[1:]])
                 t0 = thread_cpu(vbd.pid)
-                with ThreadPoolExecutor(nr_queues) as pool:
+                # Not `with`: its exit would wait for the runs, and on an interrupt the
+                # guests are killed only after this block.
+                pool = ThreadPoolExecutor(nr_queues)
+                try:
                     results = list(pool.map(
                         lambda ig: ig[1].call("run", poll_us=self.poll_us,
                                               seed=12345 + ig[0], **run),
                         enumerate(guests)))
+                finally:
+                    pool.shutdown(wait=False, cancel_futures=True)
                 t1 = thread_cpu(vbd.pid)
                 self.last = {"tapdisk_stats": json.loads(vbd.client.stats(vbd.minor))}
-            except BaseException:
-                _stop_guests(guests)
-                raise
-            finally:
-                vbd.client.disconnect_xenblkif(vbd.minor, domid=GUEST, devid=DEVID)
         finally:
             for g in guests:
                 g.close()

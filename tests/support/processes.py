@@ -74,14 +74,25 @@ def signal_midway(argv: list[str], sig: int, ready: Callable[[subprocess.Popen[s
                   env: Mapping[str, str] | None = None,
                   timeout: float = 60.0) -> tuple[int, str, str]:
     """Run a command, wait for `ready(proc)` (it may read proc.stdout), send `sig`, and
-    return (returncode, rest of stdout, stderr); the command is killed if it outlives
-    the test."""
+    return (returncode, rest of stdout, stderr). A command that outlives `timeout` fails
+    the test with its Python threads' stacks (faulthandler's dump at SIGABRT) and is
+    killed."""
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=None if env is None else dict(env)) as proc:
+                          env=env) as proc:
         try:
             ready(proc)
             proc.send_signal(sig)
-            out, err = proc.communicate(timeout=timeout)
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                stuck = f"{argv[0]} still ran {timeout:g} s after {signal.Signals(sig).name}"
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    _, err = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(f"{stuck}; no stacks either") from None
+                raise AssertionError(f"{stuck}; its stacks:\n{err}") from None
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -1,4 +1,4 @@
-"""Crash tests of the VHD driver's allocation order: a writer (a forked child doing
+"""Crash tests of the VHD driver's allocation order: a writer (a child process doing
 allocating writes through the C driver, an fdatasync after each batch) is SIGKILLed at
 a random point after a random flush; the image must then open (ours) and pass blktap's
 `vhd-util check` (given BLKTAP_BUILD), and every write flushed before the kill must be
@@ -7,12 +7,13 @@ metadata writes (footer, bitmap and data, sync, BAT), not the device's cache."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,12 @@ SECTORS = SIZE // 512
 BATCHES = 12
 KILLS = 50
 VHD_UTIL = blktap_vhd_util()
+WAIT = 60.0  # seconds for the writer's next flush: past it the test fails, not hangs
+
+# Writers fork from a fresh single-threaded server, not from pytest: a fork of a process
+# whose other thread holds a lock (ASan's allocator, under sanitize.sh) hung the child.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload([__name__])
 
 
 def batches(seed: int) -> list[list[tuple[int, bytes]]]:
@@ -43,7 +50,7 @@ def batches(seed: int) -> list[list[tuple[int, bytes]]]:
     return out
 
 
-def writer(path: Path, seed: int, wfd: int) -> None:
+def writer(path: Path, seed: int, done: Connection) -> None:
     """The child: each batch, then fdatasync, then say so on the pipe."""
     img = Image.open("vhd", str(path))
     sync = os.open(path, os.O_RDONLY)
@@ -51,7 +58,7 @@ def writer(path: Path, seed: int, wfd: int) -> None:
         for sector, data in batch:
             img.write(sector, data)
         os.fdatasync(sync)
-        os.write(wfd, bytes([i]))
+        done.send(i)
 
 
 def crash_once(tmp_path: Path, seed: int, differencing: bool) -> None:
@@ -64,25 +71,23 @@ def crash_once(tmp_path: Path, seed: int, differencing: bool) -> None:
         vhd.create(path, 0, parent=base)
     plan = batches(seed)
     kill_after = rng.randrange(0, BATCHES - 1)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:    # pragma: no cover - the child
-        try:
-            os.close(r)
-            writer(path, seed, w)
-        finally:
-            os._exit(0)
-    os.close(w)
+    r, w = FORKSERVER.Pipe(duplex=False)
+    child = FORKSERVER.Process(target=writer, args=(path, seed, w), daemon=True)
+    child.start()
+    w.close()
     try:
         flushed = -1
         while flushed < kill_after:
-            got = os.read(r, 1)
-            assert got, "the writer died before its flush"
-            flushed = got[0]
-        os.kill(pid, signal.SIGKILL)  # somewhere inside the next batch, or just after
+            assert r.poll(WAIT), "the writer neither flushed nor died"
+            try:
+                flushed = r.recv()
+            except EOFError:
+                raise AssertionError("the writer died before its flush") from None
+        child.kill()  # SIGKILL: somewhere inside the next batch, or just after
     finally:
-        os.waitpid(pid, 0)
-        os.close(r)
+        child.kill()
+        child.join()
+        r.close()
     # Valid for us, and for blktap.
     chain = vhd.open_chain(path)
     if VHD_UTIL is not None:
