@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +98,29 @@ def spawn(
     return TapdiskClient(0, path=path).get_pid()
 
 
-def _stop_idle(client: TapdiskClient) -> None:
-    """Make a tapdisk without VBDs go away (rollback of a failed create)."""
+UNDO_TIMEOUT = 10.0  # seconds a create's rollback waits for its tapdisk to go
+
+
+def _undo_spawn(client: TapdiskClient, minor: int) -> None:
+    """Rollback of a failed or interrupted create: the tapdisk was spawned for this VBD
+    alone, so it goes whatever the step that failed left behind (an ATTACH or OPEN it
+    carried out though its answer was never read, an OPEN still under way). A DETACH
+    ends it in order (it exits with its last VBD); refused (no VBD, or one still open),
+    SIGTERM: its shutdown closes what is open and removes its socket, and its end
+    releases the minor for the caller to free (waited for, at most `UNDO_TIMEOUT`)."""
     try:
-        client.exit()
-    except CtlError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(client.pid, signal.SIGTERM)
+        client.detach(minor)
+        return
+    except OSError:
+        pass
+    deadline = time.monotonic() + UNDO_TIMEOUT
+    try:
+        os.kill(client.pid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            os.kill(client.pid, 0)
+            time.sleep(0.02)
+    except ProcessLookupError:
+        pass
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -140,22 +157,16 @@ def create(
     dev = allocate(base, devname)
     minor = runtime.minor_of_devname(dev)
     client: TapdiskClient | None = None
-    attached = False
     try:
         with _signals_deferred():
             pid = spawn(base, env=env)
             client = TapdiskClient(pid, root=base)
         client.attach(minor)
-        attached = True
         client.open(minor, params, flags, prt_minor=prt_minor,
                     req_timeout=req_timeout, secondary=secondary, logpath=logpath)
     except BaseException:
         if client is not None:
-            with contextlib.suppress(OSError):
-                if attached:
-                    client.detach(minor)  # the tapdisk exits with its last VBD
-                else:
-                    _stop_idle(client)
+            _undo_spawn(client, minor)
         with contextlib.suppress(OSError):
             runtime.free_minor(base, minor)
         raise
