@@ -21,7 +21,7 @@ from typing import Literal
 
 from . import xensim
 
-XEN_BIN = Path("/usr/lib/xen-4.17/bin")
+XEN_LIB = Path("/usr/lib")  # Debian installs Xen's tools in <XEN_LIB>/xen-<version>/bin
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
@@ -36,19 +36,41 @@ class XenstoredError(RuntimeError):
     """The daemon did not start or did not stop."""
 
 
+def _version_key(path: Path) -> tuple[int, ...]:
+    version = path.parent.name.removeprefix("xen-")
+    return tuple(int(part) for part in version.split(".") if part.isdecimal())
+
+
+def xen_bin_dir(lib: Path = XEN_LIB) -> Path:
+    """The directory of Debian's Xen tools (xenstored, oxenstored): /usr/lib/xen-4.17/bin on
+    Debian 12, /usr/lib/xen-4.20/bin on Debian 13; the newest if several are installed."""
+    found = [d for d in lib.glob("xen-[0-9]*/bin") if (d / "xenstored").is_file()]
+    if not found:
+        raise XenstoredError(f"no Xen tools found ({lib}/xen-<version>/bin/xenstored): "
+                             "install xen-utils-<version>")
+    return max(found, key=_version_key)
+
+
 class Xenstored:
     """One real xenstored daemon serving the simulated machine of `run_dir`."""
 
     def __init__(self, run_dir: str | os.PathLike[str], kind: Kind = "c",
-                 xen_bin: Path = XEN_BIN) -> None:
+                 xen_bin: Path | None = None) -> None:
         if kind not in ("c", "ocaml"):
             raise ValueError(f"unknown xenstored kind {kind!r} (c or ocaml)")
         self.run_dir = Path(run_dir).resolve()
         self.kind: Kind = kind
-        self.xen_bin = xen_bin
+        self._xen_bin = xen_bin
         self.state_dir = self.run_dir / "xenstored"
         self.log_path = self.run_dir / f"xenstored-{kind}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def xen_bin(self) -> Path:
+        """Where the daemons are: the one given, else Debian's (found at first use)."""
+        if self._xen_bin is None:
+            self._xen_bin = xen_bin_dir()
+        return self._xen_bin
 
     @property
     def socket_path(self) -> Path:

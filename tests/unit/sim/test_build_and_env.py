@@ -15,6 +15,7 @@ import pytest
 
 from blktap3.sim import xensim
 from blktap3.sim.xenlib import EventChannel, GrantShare
+from blktap3.sim.xenstored import XenstoredError, xen_bin_dir
 
 
 def defined_symbols(path: Path) -> set[str]:
@@ -35,7 +36,7 @@ def test_library_is_built_and_exports_the_xen_api() -> None:
 @pytest.mark.parametrize("daemon", ["xenstored", "oxenstored"])
 def test_every_xen_call_the_daemons_need_is_provided(daemon: str) -> None:
     provided = defined_symbols(xensim.library_path())
-    out = subprocess.run(["nm", "-D", "--undefined-only", f"/usr/lib/xen-4.17/bin/{daemon}"],
+    out = subprocess.run(["nm", "-D", "--undefined-only", str(xen_bin_dir() / daemon)],
                          capture_output=True, text=True, check=True).stdout
     wanted = {line.split()[-1].split("@")[0] for line in out.splitlines()}
     # oxenstored links many xc_* calls for its unused domain-building stubs:
@@ -45,6 +46,20 @@ def test_every_xen_call_the_daemons_need_is_provided(daemon: str) -> None:
     needed |= {s for s in wanted if s in ("xc_domain_getinfo", "xc_domain_getinfolist",
                                           "xc_map_foreign_range", "xc_evtchn_alloc_unbound")}
     assert needed <= provided, needed - provided
+
+
+def test_the_xen_tools_are_found_newest_first(tmp_path: Path) -> None:
+    for version in ("4.9", "4.17", "4.20"):
+        (tmp_path / f"xen-{version}/bin").mkdir(parents=True)
+        (tmp_path / f"xen-{version}/bin/xenstored").touch()
+    (tmp_path / "xen-4.21/bin").mkdir(parents=True)  # no xenstored: a leftover
+    assert xen_bin_dir(tmp_path) == tmp_path / "xen-4.20/bin"
+    assert (xen_bin_dir() / "xenstored").is_file()
+
+
+def test_no_xen_tools_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(XenstoredError, match="install xen-utils-<version>"):
+        xen_bin_dir(tmp_path)
 
 
 def test_sanitized_variant_builds() -> None:
