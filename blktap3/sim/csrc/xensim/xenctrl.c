@@ -1,7 +1,7 @@
 /*
  * xensim libxenctrl subset: what xenstored and oxenstored call (interface
- * open/close, domain info, foreign mapping of a guest page by frame number,
- * the toolstack's unbound-port allocation, last error).
+ * open/close, domain info in Xen 4.17's calls and 4.18's, foreign mapping of a
+ * guest page by frame number, the toolstack's unbound-port allocation, last error).
  */
 #include "xensim.h"
 
@@ -60,6 +60,24 @@ static struct xs_dom_view *next_domain(uint32_t *domid)
     return NULL;
 }
 
+static void fill_domaininfo(uint32_t domid, const struct xs_dom_view *v, xc_domaininfo_t *info)
+{
+    uint32_t flags = __atomic_load_n(&v->d->flags, __ATOMIC_ACQUIRE);
+    memset(info, 0, sizeof(*info));
+    info->domain = (domid_t)domid;
+    info->flags = ((flags & XS_DOM_DYING) ? XEN_DOMINF_dying : 0) |
+                  ((flags & XS_DOM_SHUTDOWN) ? XEN_DOMINF_shutdown : 0) |
+                  ((flags & (XS_DOM_DYING | XS_DOM_SHUTDOWN)) ? 0 : XEN_DOMINF_running);
+    info->tot_pages = v->nr_pages;
+    info->max_pages = v->nr_pages;
+    info->nr_online_vcpus = 1;
+}
+
+/*
+ * xc_domain_getinfo() and its xc_dominfo_t are Xen 4.17's (domctl interface 0x15), what
+ * its xenstored calls; Xen 4.18 removed them for xc_domain_getinfo_single() below.
+ */
+#if XEN_DOMCTL_INTERFACE_VERSION <= 0x15
 XS_EXPORT int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigned int max_doms,
                                 xc_dominfo_t *info)
 {
@@ -82,6 +100,25 @@ XS_EXPORT int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigne
     }
     return (int)n;
 }
+#endif
+
+/* Xen 4.18 on (xenstored and oxenstored of 4.20): one domain, ESRCH when it does not exist;
+ * `info` may be NULL. Exported under every Xen (Xen 4.17's headers do not declare it). */
+XS_EXPORT int xc_domain_getinfo_single(xc_interface *xch, uint32_t domid,
+                                       xc_domaininfo_t *info);
+XS_EXPORT int xc_domain_getinfo_single(xc_interface *xch, uint32_t domid,
+                                       xc_domaininfo_t *info)
+{
+    (void)xch;
+    struct xs_dom_view *v = xs_dom(domid);
+    if (v == NULL) {
+        errno = ESRCH;
+        return -1;
+    }
+    if (info != NULL)
+        fill_domaininfo(domid, v, info);
+    return 0;
+}
 
 XS_EXPORT int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain,
                                     unsigned int max_domains, xc_domaininfo_t *info)
@@ -93,15 +130,7 @@ XS_EXPORT int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain,
         struct xs_dom_view *v = next_domain(&domid);
         if (v == NULL)
             break;
-        uint32_t flags = __atomic_load_n(&v->d->flags, __ATOMIC_ACQUIRE);
-        memset(&info[n], 0, sizeof(info[n]));
-        info[n].domain = (domid_t)domid;
-        info[n].flags = ((flags & XS_DOM_DYING) ? XEN_DOMINF_dying : 0) |
-                        ((flags & XS_DOM_SHUTDOWN) ? XEN_DOMINF_shutdown : 0) |
-                        ((flags & (XS_DOM_DYING | XS_DOM_SHUTDOWN)) ? 0 : XEN_DOMINF_running);
-        info[n].tot_pages = v->nr_pages;
-        info[n].max_pages = v->nr_pages;
-        info[n].nr_online_vcpus = 1;
+        fill_domaininfo(domid, v, &info[n]);
     }
     return (int)n;
 }
