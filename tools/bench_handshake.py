@@ -38,7 +38,6 @@ import argparse
 import json
 import logging
 import queue
-import re
 import shutil
 import statistics
 import struct
@@ -57,7 +56,7 @@ from typing import Any
 import structlog
 
 from blktap3.abi import BlkifProtocol
-from blktap3.sim import hotplug, xenlib
+from blktap3.sim import hotplug, xenlib, xstrace
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
 from blktap3.tapback import service
@@ -73,8 +72,6 @@ from blktap3.xenbus import (
 )
 
 FIRST_DEVID = 51712
-_TRACE_IN = re.compile(r"^IN (0x[0-9a-f]+) \S+ \S+ (\w+) ")
-_TRACE_CREATE = re.compile(r"^CREATE connection (0x[0-9a-f]+)")
 
 
 @dataclass
@@ -206,10 +203,10 @@ def _trace_requests(host: Host, start: int) -> tuple[Counter[str], list[str]]:
     with open(host.run_dir / "xenstored-trace", encoding="utf-8", errors="replace") as f:
         f.seek(start)
         for line in f:
-            if m := _TRACE_IN.match(line):
-                per_conn[m.group(1)] += 1
-            elif m := _TRACE_CREATE.match(line):
-                created.append(m.group(1))
+            if request := xstrace.parse_request(line):
+                per_conn[request.conn] += 1
+            elif conn := xstrace.created_connection(line):
+                created.append(conn)
     return per_conn, created
 
 

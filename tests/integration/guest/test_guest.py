@@ -12,6 +12,7 @@ import pytest
 
 from blktap3.abi import BlkifProtocol, VdiskInfo
 from blktap3.fsm import FrontendState
+from blktap3.sim import xstrace
 from blktap3.sim.frontend import Step
 from blktap3.sim.guest import guest_env, run_guest, start_guest
 from blktap3.sim.host import Host
@@ -223,10 +224,9 @@ def test_three_guests_at_once(host: Host, vbd: Vbd) -> None:
 def guest_requests(host: Host, token_prefix: str) -> list[tuple[str, str]]:
     """(op, args) of every request xenstored received on the guest's ring connection,
     from C xenstored's own trace (`-T`): what the daemon saw, not what the guest says."""
-    lines = (host.run_dir / "xenstored-trace").read_text().splitlines()
-    requests = [line.split(" ", 5) for line in lines if line.startswith("IN ")]
-    conn = next(r[1] for r in requests if r[4] == "WATCH" and f" {token_prefix}" in r[5])
-    return [(r[4], r[5]) for r in requests if r[1] == conn]
+    requests = xstrace.requests((host.run_dir / "xenstored-trace").read_text().splitlines())
+    conn = next(r.conn for r in requests if r.op == "WATCH" and f" {token_prefix}" in r.args)
+    return [(r.op, r.args) for r in requests if r.conn == conn]
 
 
 def transactions(requests: list[tuple[str, str]]) -> list[list[str]]:
