@@ -194,9 +194,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(op, "getinfo") == 0 && argc == 3) { /* getinfo DOMID */
         xc_interface *xc = xc_interface_open(NULL, NULL, 0);
-        xc_dominfo_t info;
-        int n = xc_domain_getinfo(xc, (uint32_t)arg(argv, 2), 1, &info);
-        printf("ok %d %u %d\n", n, n > 0 ? info.domid : 0, n > 0 ? info.dying : 0);
+        xc_domaininfo_t info; /* getinfolist: in Xen 4.17's API and 4.20's alike */
+        int n = xc_domain_getinfolist(xc, (uint32_t)arg(argv, 2), 1, &info);
+        printf("ok %d %u %d\n", n, n > 0 ? info.domain : 0,
+               n > 0 ? (info.flags & XEN_DOMINF_dying) != 0 : 0);
         xc_interface_close(xc);
         return 0;
     }
