@@ -119,7 +119,7 @@ def test_pages_shared_by_a_dead_process_are_reclaimed(machine: xensim.Machine,
         import os
         from blktap3.sim.xenlib import GrantShare
         share = GrantShare({str(machine.run_dir)!r}, 1).share_pages(2, 2)
-        print(share.refs[0])
+        print(share.refs[0], flush=True)
         os._exit(0)  # no unshare: the kernel would end the grants
     """)
     ref = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
