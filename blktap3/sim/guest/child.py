@@ -284,7 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
+        # is_set() reads a flag without the Event's lock: signals after the first return
+        # at once (a burst of them, each interrupting the last one's set(), once nested
+        # the handler to a RecursionError under load).
+        if not stop.is_set():
+            stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
