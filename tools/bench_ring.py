@@ -97,7 +97,6 @@ def context_switches(pid: int) -> int:
     return total
 
 
-
 @contextlib.contextmanager
 def _connected(vbd: Vbd, guests: list[LineProcess]) -> Iterator[None]:
     """The block connects the guests' rings to `vbd` and runs them; they are disconnected

@@ -113,14 +113,11 @@ def _undo_spawn(client: TapdiskClient, minor: int) -> None:
         return
     except OSError:
         pass
-    deadline = time.monotonic() + UNDO_TIMEOUT
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(client.pid, signal.SIGTERM)
-        while time.monotonic() < deadline:
-            os.kill(client.pid, 0)
-            time.sleep(0.02)
-    except ProcessLookupError:
-        pass
+    deadline = time.monotonic() + UNDO_TIMEOUT
+    while runtime.process_alive(client.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
