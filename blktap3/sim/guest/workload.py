@@ -70,6 +70,7 @@ class PhaseFigures:
     iops: float
     mbps: float
     timed_out: bool
+    stall: str = ""  # a timed-out ring's indices (GuestRing.stall)
 
     @classmethod
     def from_ring(cls, phase: str, figures: Mapping[str, Any]) -> PhaseFigures:
@@ -77,23 +78,26 @@ class PhaseFigures:
         secs = counts["elapsed_ns"] / 1e9
         return cls(phase=phase, **counts, iops=float(figures["iops"]),
                    mbps=counts["bytes"] / secs / 1e6 if secs else 0.0,
-                   timed_out=bool(figures["timed_out"]))
+                   timed_out=bool(figures["timed_out"]), stall=str(figures.get("stall", "")))
 
     def failure(self) -> str | None:
         """Why this phase failed (errors, lost, ... or a timeout), or None."""
         bad = {k: getattr(self, k) for k in _FAILURES if getattr(self, k)}
         if not bad and not self.timed_out:
             return None
-        return ", ".join(f"{v} {k}" for k, v in bad.items()) or "timed out"
+        why = ", ".join(f"{v} {k}" for k, v in bad.items()) or "timed out"
+        return f"{why} ({self.stall})" if self.stall else why
 
     def as_json(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in _RING_COUNTS}, "iops": self.iops,
-                "timed_out": self.timed_out, "phase": self.phase, "mbps": self.mbps}
+        out = {**{k: getattr(self, k) for k in _RING_COUNTS}, "iops": self.iops,
+               "timed_out": self.timed_out, "phase": self.phase, "mbps": self.mbps}
+        return {**out, "stall": self.stall} if self.stall else out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> PhaseFigures:
         return cls(phase=str(d["phase"]), **{k: int(d[k]) for k in _RING_COUNTS},
-                   iops=float(d["iops"]), mbps=float(d["mbps"]), timed_out=bool(d["timed_out"]))
+                   iops=float(d["iops"]), mbps=float(d["mbps"]), timed_out=bool(d["timed_out"]),
+                   stall=str(d.get("stall", "")))
 
 
 @dataclass(frozen=True)
@@ -185,11 +189,21 @@ def run_workload(ring: WorkloadRing, workload: str, sectors: int, readonly: bool
     if readonly:
         raise WorkloadError(f"workload {workload} writes, but the disk is read-only")
     stamp = int.from_bytes(os.urandom(8), "little") or 1
-    phases = [_phase("write", read_pct=0, ios=blocks, verify=True, stamp=stamp)]
+    steps: list[Callable[[], PhaseFigures]] = [
+        lambda: _phase("write", read_pct=0, ios=blocks, verify=True, stamp=stamp)]
     if workload == "randrw":
-        phases.append(_phase("random read/write", read_pct=50, random=True,
-                             duration=opts.seconds, seed=stamp, verify=True, stamp=stamp))
-    phases.append(_phase("read back", read_pct=100, ios=blocks, verify=True, stamp=stamp))
+        steps.append(lambda: _phase("random read/write", read_pct=50, random=True,
+                                    duration=opts.seconds, seed=stamp, verify=True,
+                                    stamp=stamp))
+    steps.append(lambda: _phase("read back", read_pct=100, ios=blocks, verify=True,
+                                stamp=stamp))
+    phases: list[PhaseFigures] = []
+    for step in steps:
+        phases.append(step())
+        if phases[-1].timed_out:
+            # Its requests are still on the ring: a next phase could not start (EBUSY),
+            # and the timeout is the failure to report.
+            break
     return phases
 
 

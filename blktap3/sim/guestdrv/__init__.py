@@ -219,7 +219,17 @@ class GuestRing:
         secs = out["elapsed_ns"] / 1e9
         out["iops"] = out["ios"] / secs if secs else 0.0
         out["timed_out"] = rc == -ETIMEDOUT
+        if out["timed_out"]:
+            out["stall"] = self.stall()
         return out
+
+    def stall(self) -> str:
+        """Where a stalled ring stands: who owes whom a response or a kick."""
+        i = ffi.new("uint32_t[6]")
+        lib.gd_ring_indices(self._g, i)
+        pvt, req_prod, req_event, rsp_prod, rsp_event, rsp_cons = (int(x) for x in i)
+        return (f"ring: req_prod {req_prod} (private {pvt}) req_event {req_event}, "
+                f"rsp_prod {rsp_prod} rsp_event {rsp_event} rsp_cons {rsp_cons}")
 
     def hostile(self, *, requests: int, disk_sectors: int, seed: int = 1,
                 scribble_pct: int = 10, stale_per_mille: int = 15,

@@ -200,6 +200,15 @@ uint32_t gd_ring_gref(struct gd *g, uint32_t i) { return i < g->nr_pages ? g->ri
 uint32_t gd_port(struct gd *g) { return g->port; }
 uint32_t gd_slots(struct gd *g) { return g->nslots; }
 uint32_t gd_data_pages(struct gd *g) { return g->data_pages; }
+void gd_ring_indices(struct gd *g, uint32_t out[6])
+{
+    out[0] = g->req_prod_pvt;
+    out[1] = hdr(g)->req_prod;
+    out[2] = hdr(g)->req_event;
+    out[3] = hdr(g)->rsp_prod;
+    out[4] = hdr(g)->rsp_event;
+    out[5] = g->rsp_cons;
+}
 uint32_t gd_data_gref(struct gd *g, uint32_t page)
 {
     return page < g->data_pages ? g->data_grefs[page] : 0;

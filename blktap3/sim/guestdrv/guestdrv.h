@@ -82,6 +82,9 @@ void gd_close(struct gd *g);
 uint32_t gd_ring_gref(struct gd *g, uint32_t i);
 uint32_t gd_port(struct gd *g);
 uint32_t gd_slots(struct gd *g);
+/* The shared ring's indices as this front-end sees them, for a stalled run's report:
+ * req_prod_pvt, req_prod, req_event, rsp_prod, rsp_event, rsp_cons. */
+void gd_ring_indices(struct gd *g, uint32_t out[6]);
 uint32_t gd_data_pages(struct gd *g);
 uint32_t gd_data_gref(struct gd *g, uint32_t page);
 /* Grant ref of indirect page `page` of request slot `slot` (0: none). */

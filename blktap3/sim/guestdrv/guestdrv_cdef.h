@@ -69,6 +69,7 @@ void gd_close(struct gd *g);
 uint32_t gd_ring_gref(struct gd *g, uint32_t i);
 uint32_t gd_port(struct gd *g);
 uint32_t gd_slots(struct gd *g);
+void gd_ring_indices(struct gd *g, uint32_t out[6]);
 uint32_t gd_data_pages(struct gd *g);
 uint32_t gd_data_gref(struct gd *g, uint32_t page);
 /* Grant ref of indirect page `page` of request slot `slot` (0: none). */

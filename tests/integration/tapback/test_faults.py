@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from typing import Any
 
@@ -162,6 +163,26 @@ def test_hostile_guest_does_not_disturb_a_good_one(
     wait_until(lambda: bad.backend("error") is not None, what="error node for the bad guest")
     assert service.status(host.run_dir) is not None
     assert len(tapdisk_pids(host.control_dir)) == 2
+
+
+def test_a_run_whose_back_end_stops_answering_says_where_the_ring_stands(
+        host: Host, guests: GuestFactory) -> None:
+    """A stalled run reports the ring's indices: requests published and unanswered."""
+    guest = guests()
+    guest.connect()
+    assert guest.ring is not None
+    os.kill(guest.attached.pid, signal.SIGSTOP)
+    try:
+        done = guest.ring.call("run", qd=4, bs=4096, read_pct=100, span=SPAN, ios=8,
+                               timeout=0.5)
+    finally:
+        os.kill(guest.attached.pid, signal.SIGCONT)
+    assert done["timed_out"] and done["lost"] == 4 and done["ios"] == 0
+    m = re.fullmatch(r"ring: req_prod (\d+) \(private (\d+)\) req_event \d+, "
+                     r"rsp_prod (\d+) rsp_event \d+ rsp_cons (\d+)", done["stall"])
+    assert m is not None, done["stall"]
+    req_prod, private, rsp_prod, rsp_cons = (int(x) for x in m.groups())
+    assert req_prod == private == rsp_prod + 4 and rsp_cons == rsp_prod
 
 
 def test_a_hung_tapdisk_delays_only_its_own_vbd(host: Host, guests: GuestFactory) -> None:

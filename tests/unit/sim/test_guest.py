@@ -79,6 +79,20 @@ def test_verify_writes_then_reads_back_the_same_stamp() -> None:
     assert write["verify"] and read["verify"] and write["stamp"] == read["stamp"] != 0
 
 
+def test_a_timed_out_phase_ends_the_workload_and_is_its_failure() -> None:
+    """Its requests are still on the ring: the next phase would only fail with EBUSY."""
+    class StallingRing(FakeRing):
+        def run(self, **params: Any) -> dict[str, Any]:
+            self.calls.append(params)
+            return {**RING_RUN, "lost": 3, "timed_out": True, "stall": "ring: req_prod 9"}
+
+    ring = StallingRing()
+    phases = run_workload(ring, "randrw", 1 << 20, False, IoOptions(bs=4096, span_mib=1))
+    assert [p.phase for p in phases] == ["write"] and len(ring.calls) == 1
+    assert check_phases(phases) == "write: 3 lost (ring: req_prod 9)"
+    assert PhaseFigures.from_json(json.loads(json.dumps(phases[0].as_json()))) == phases[0]
+
+
 def test_a_writing_workload_on_a_read_only_disk_or_a_tiny_one_is_refused() -> None:
     with pytest.raises(WorkloadError, match="read-only"):
         run_workload(FakeRing(), "randrw", 1 << 20, True, IoOptions())
