@@ -165,18 +165,26 @@ def test_hostile_guest_does_not_disturb_a_good_one(
     assert len(tapdisk_pids(host.control_dir)) == 2
 
 
+def _stopped(pid: int, tid: str) -> bool:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def test_a_run_whose_back_end_stops_answering_says_where_the_ring_stands(
         host: Host, guests: GuestFactory) -> None:
     """A stalled run reports the ring's indices: requests published and unanswered."""
     guest = guests()
     guest.connect()
     assert guest.ring is not None
-    os.kill(guest.attached.pid, signal.SIGSTOP)
+    pid = guest.attached.pid
+    os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: all(_stopped(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")),
+                   what="tapdisk stopped")
         done = guest.ring.call("run", qd=4, bs=4096, read_pct=100, span=SPAN, ios=8,
                                timeout=0.5)
     finally:
-        os.kill(guest.attached.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     assert done["timed_out"] and done["lost"] == 4 and done["ios"] == 0
     m = re.fullmatch(r"ring: req_prod (\d+) \(private (\d+)\) req_event \d+, "
                      r"rsp_prod (\d+) rsp_event \d+ rsp_cons (\d+)", done["stall"])
