@@ -4,16 +4,16 @@ Same commands, options (getopt strings), output lines and exit codes as blktap's
 vhd/vhd-util.c and vhd/lib/vhd-util-*.c (v4.0.8): a command returns a negative errno,
 the process exits with its absolute value; bad options print the command's usage line
 (on stdout, as blktap does) and exit 22. Commands: create, snapshot, query, check, set,
-coalesce, modify (-p: re-parent), repair, scan (files), resize (growing within
-the BAT), read (vhd_util_read.py). Data moves through the C data path's VHD
-driver (`Image.open("vhd", ...)`), metadata through `blktap3.datapath.vhdformat`.
+coalesce, modify (-p: re-parent), repair, scan (files and LVM volume groups:
+vhd_util_scan.py), resize (growing within the BAT), read (vhd_util_read.py). Data moves
+through the C data path's VHD driver (`Image.open("vhd", ...)`), metadata through
+`blktap3.datapath.vhdformat`.
 """
 
 from __future__ import annotations
 
 import errno
 import getopt
-import glob
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +24,7 @@ from blktap3.datapath import vhdformat as vhd
 
 from .vhd_util_read import read
 from .vhd_util_read import strtoull as _strtoull
+from .vhd_util_scan import scan
 
 MiB = 1 << 20
 Command = Callable[[list[str]], int]
@@ -406,88 +407,6 @@ def resize(args: list[str]) -> int:
         print(f"resize failed: {_err(exc)} ({exc.strerror or exc})")
         return _err(exc)
     return 0
-
-
-# ---- scan --------------------------------------------------------------------------
-
-SCAN_USAGE = ("usage: [OPTIONS] FILES\n"
-              "options: [-m match filter] [-f fast] [-c continue on failure] "
-              "[-l LVM volume] [-p pretty print] [-a scan parents] "
-              "[-v verbose] [-h help] [-M show markers]")
-
-
-def scan(args: list[str]) -> int:
-    """vhd-util-scan.c for files: one line per image (vhd_util_scan_print_image_indent);
-    `-f` takes the parent's name from the header, else the resolved locator; names are
-    basenames unless `-v`. LVM volumes (`-l`) and the tree (`-p`) are not done."""
-    try:
-        pairs, rest = getopt.getopt(args, "m:fcl:pavMh")
-    except getopt.GetoptError:
-        print(SCAN_USAGE)
-        return -errno.EINVAL
-    o = {k[1:]: v for k, v in pairs}
-    if "h" in o:
-        print(SCAN_USAGE)
-        return 0
-    if "m" not in o and not rest:
-        print(SCAN_USAGE)
-        return -errno.EINVAL
-    if "l" in o or "p" in o:
-        print("scan: LVM volumes (-l) and pretty print (-p) are not supported",
-              file=sys.stderr)
-        return -errno.EOPNOTSUPP
-    names = sorted(glob.glob(o["m"], recursive=False)) if "m" in o else []
-    if "m" in o and not names:
-        print(f"scan failed: {-errno.ENOENT}. Check syslog for details", file=sys.stderr)
-        return -errno.ENOENT
-    names += rest
-    seen: set[str] = set()
-    err = 0
-    while names:
-        name = names.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        line, parent, rc = _scan_one(name, fast="f" in o, verbose="v" in o,
-                                     markers="M" in o)
-        print(line)
-        err = err or rc
-        if "a" in o and parent:
-            names.append(parent)
-    return 0 if "c" in o else err
-
-
-def _scan_one(name: str, *, fast: bool, verbose: bool,
-              markers: bool) -> tuple[str, str | None, int]:
-    """The image's line, its parent's path (for -a) and an error code."""
-    try:
-        layer = vhd.Layer.open(name)
-    except OSError as exc:
-        return (f"vhd={name} scan-error={_err(exc)} error-message='opening file'",
-                None, _err(exc))
-    parent_path = parent_text = None
-    if layer.is_diff and layer.header is not None:
-        if fast and layer.header.parent_name:
-            parent_text = layer.header.parent_name
-        else:
-            try:
-                parent_text = str(layer.parent_path())
-            except OSError:
-                names = layer.parent_names()
-                parent_text = names[0] if names else None
-        if parent_text is not None:
-            parent_path = str(Path(name).parent / parent_text)
-    shown, shown_parent = name, parent_text or "none"
-    if not verbose:
-        shown = os.path.basename(name)
-        if parent_text:
-            shown_parent = os.path.basename(parent_text)
-    size = os.stat(name).st_size
-    fields = f"vhd={shown} capacity={layer.footer.current_size} size={size} " \
-             f"hidden={layer.hidden} "
-    if markers:
-        fields += f"marker={_marker(layer)} keyhash= "
-    return fields + f"parent={shown_parent}", parent_path, 0
 
 
 COMMANDS: dict[str, Command] = {

@@ -180,9 +180,10 @@ def test_scan_prints_one_line_per_image(capsys: pytest.CaptureFixture[str],
     vhd.create(base, 4 * MiB)
     vhd.create(leaf, 0, parent=base)
     vhd.set_hidden(base, 1)
-    # vhd-util-scan.c:300: vhd= capacity= size= hidden= parent=, basenames without -v.
+    # vhd-util-scan.c:300: vhd= capacity= size= hidden= parent=, basenames without -v;
+    # -f lists in directory order (GLOB_NOSORT).
     rc, out = ours(capsys, "scan", "-f", "-m", tmp_path / "*.vhd")
-    assert rc == 0 and out.splitlines() == [
+    assert rc == 0 and sorted(out.splitlines()) == [
         f"vhd=base.vhd capacity={4 * MiB} size={base.stat().st_size} hidden=1 parent=none",
         f"vhd=leaf.vhd capacity={4 * MiB} size={leaf.stat().st_size} hidden=0 "
         "parent=base.vhd"]
