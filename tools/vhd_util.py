@@ -97,20 +97,20 @@ SNAPSHOT_USAGE = ("options: <-n name> <-p parent name> [-l snapshot depth limit]
 
 def snapshot(args: list[str]) -> int:
     o = _opts(args, "n:p:S:l:meh", SNAPSHOT_USAGE, "np")
-    if "m" in o:
-        print("raw parents are not supported", file=sys.stderr)
-        return -errno.EOPNOTSUPP
     try:
         target = Path(os.path.realpath(o["p"]))
-        if "e" not in o:
-            target = _snapshot_target(target)
+        raw = "m" in o
+        if not raw and "e" not in o:
+            target, raw = _snapshot_target(target)
         limit = int(o.get("l", "0") or 0)
-        if limit:
+        if limit and not raw:
             depth = len(vhd.open_chain(target))
             if depth + 1 > limit:
                 print(f"snapshot depth exceeded: current depth: {depth}, limit: {limit}")
                 return -errno.ENOSPC
-        vhd.create(o["n"], vhd.Layer.open(o["p"]).footer.current_size, parent=target,
+        # The size of the image named, which may be larger than the target's.
+        named = vhd.Layer.open_raw(o["p"]) if "m" in o else vhd.Layer.open(o["p"])
+        vhd.create(o["n"], named.footer.current_size, parent=target, parent_raw=raw,
                    max_size=_strtoull(o.get("S", "0")) * MiB)
     except OSError as exc:
         print(str(exc), file=sys.stderr)
@@ -118,13 +118,16 @@ def snapshot(args: list[str]) -> int:
     return 0
 
 
-def _snapshot_target(path: Path) -> Path:
-    """vhd_util_find_snapshot_target: skip down past empty differencing disks."""
+def _snapshot_target(path: Path) -> tuple[Path, bool]:
+    """vhd_util_find_snapshot_target: skip down past empty differencing disks (to a raw
+    parent too: the snapshot is then of the raw file)."""
     while True:
         layer = vhd.Layer.open(path)
         if not layer.is_diff or any(e != vhd.BAT_UNUSED for e in layer.bat):
-            return path
+            return path, False
         path = layer.parent_path()
+        if layer.parent_is_raw:
+            return path, True
 
 
 # ---- query -------------------------------------------------------------------------
@@ -210,7 +213,9 @@ CHECK_USAGE = ("options: -n <file> [-i ignore missing primary footers] "
 def _check_one(name: str | Path, ignore_uuid: bool) -> int:
     try:
         layer = vhd.Layer.open(name)
-        if layer.is_diff:
+        if layer.parent_is_raw:
+            layer.parent_path()     # it must be there; a raw file has nothing to check
+        elif layer.is_diff:
             parent = vhd.Layer.open(layer.parent_path())
             assert layer.header is not None
             if not ignore_uuid and parent.footer.uuid != layer.header.parent_uuid:
@@ -234,6 +239,8 @@ def check(args: list[str]) -> int:
         return err
     try:
         for layer in vhd.open_chain(name)[1:]:
+            if layer.raw:
+                break       # vhd_util_check_parents stops at a raw parent
             err = _check_one(layer.path, "I" in o)
             if err:
                 break
@@ -304,7 +311,8 @@ def coalesce(args: list[str]) -> int:
         if not child.is_diff:
             print(f"error: {o['n']} is not a differencing disk")
             return -errno.EINVAL
-        parent = Image.open("vhd", str(child.parent_path()))
+        # A raw parent is written as the file it is (vhd-util-coalesce.c opens it O_RDWR).
+        parent = Image.open("aio" if child.parent_is_raw else "vhd", str(child.parent_path()))
     except OSError as exc:
         print(f"error opening {o['n']}: {_err(exc)}")
         return _err(exc)
@@ -341,10 +349,11 @@ MODIFY_USAGE = ("options: <-n name> [-s size (in bytes)] [-P parent_path] "
 
 
 def modify(args: list[str]) -> int:
-    """`-p PARENT`: point the differencing disk at another parent (vhd_change_parent):
-    its UUID, timestamp, name and locators; the locators keep their space."""
+    """`-p PARENT [-m]`: point the differencing disk at another parent, a raw file with
+    `-m` (vhd_change_parent): its UUID (null for a raw one), timestamp, name and
+    locators; the locators keep their space."""
     o = _opts(args, "n:s:p:P:mzh", MODIFY_USAGE, "np")
-    if set(o) - {"n", "p"}:
+    if set(o) - {"n", "p", "m"}:
         print(MODIFY_USAGE)
         return -errno.EINVAL
     try:
@@ -352,7 +361,8 @@ def modify(args: list[str]) -> int:
         if not child.is_diff or child.header is None:
             print("would-be child is not a differencing disk")
             return -errno.EINVAL
-        parent = vhd.Layer.open(os.path.realpath(o["p"]))
+        where = os.path.realpath(o["p"])
+        parent = vhd.Layer.open_raw(where) if "m" in o else vhd.Layer.open(where)
         if parent.footer.current_size > child.footer.current_size:
             print(f"parent {o['p']} is larger than {o['n']}")
             return -errno.EINVAL

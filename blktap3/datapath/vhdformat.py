@@ -11,6 +11,11 @@ bad checksum, a BAT entry past the end or into the metadata, overlapping blocks,
 size blktap would not open), and `open_chain` refuses loops, missing parents and parents
 whose UUID or size do not match the child's header. The data path (vhd.c) then trusts
 the layout this module measured and only re-checks each BAT entry against it.
+
+A differencing disk may have a raw file for its parent (blktap's `vhd-util snapshot -m`):
+its header then holds a null parent UUID (libvhd's vhd_parent_raw), its locators the
+file's name as for any parent. The raw file ends the chain, as a `Layer.open_raw` that reads
+like a fixed disk of the file's whole sectors.
 """
 
 from __future__ import annotations
@@ -240,6 +245,7 @@ class Layer:
     bat: list[int] = field(default_factory=list)
     file_size: int = 0
     batmap_end: int = 0
+    raw: bool = False   # a raw file at the end of a chain, not a VHD
 
     @property
     def data_start(self) -> int:
@@ -277,6 +283,29 @@ class Layer:
     @property
     def hidden(self) -> int:
         return self.footer.hidden
+
+    @property
+    def parent_is_raw(self) -> bool:
+        """A differencing disk over a raw file: the null parent UUID says so."""
+        return self.is_diff and self.header is not None and \
+            self.header.parent_uuid == bytes(16)
+
+    @classmethod
+    def open_raw(cls, path: str | os.PathLike[str]) -> Layer:
+        """A raw parent: its whole sectors, read as a fixed disk's (no footer, no
+        UUID). A size that is not whole sectors is refused (a VHD's is)."""
+        p = Path(path)
+        try:
+            size = p.stat().st_size
+        except OSError as exc:
+            raise VhdError(p, exc.strerror or str(exc), exc.errno or errno.EIO) from None
+        if size % SECTOR_SIZE or size == 0:
+            raise VhdError(p, f"raw parent of {size} bytes: not a whole number of sectors")
+        if size > MAX_SIZE:
+            raise VhdError(p, f"raw parent of {size} bytes exceeds VHD's limit of "
+                              f"{MAX_SIZE} bytes (2040 GiB)", errno.EFBIG)
+        footer = Footer(DiskType.FIXED, size, size, NO_OFFSET, bytes(16))
+        return cls(p, footer, None, file_size=size + FOOTER_SIZE, raw=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Layer:
@@ -436,13 +465,14 @@ def open_chain(path: str | os.PathLike[str], *, max_depth: int = MAX_CHAIN) -> l
         child = chain[-1]
         if len(chain) >= max_depth:
             raise VhdError(path, f"chain deeper than {max_depth} images")
-        parent = Layer.open(child.parent_path())
+        parent_path = child.parent_path()
+        parent = Layer.open_raw(parent_path) if child.parent_is_raw else Layer.open(parent_path)
         ident = _identity(parent.path)
         if ident in seen:
             raise VhdError(child.path, f"parent chain loops back to {parent.path}", errno.ELOOP)
         seen.add(ident)
         assert child.header is not None
-        if parent.footer.uuid != child.header.parent_uuid:
+        if not parent.raw and parent.footer.uuid != child.header.parent_uuid:
             raise VhdError(child.path, f"parent {parent.path} has UUID "
                            f"{uuidlib.UUID(bytes=parent.footer.uuid)}, the child expects "
                            f"{uuidlib.UUID(bytes=child.header.parent_uuid)}")
@@ -506,17 +536,21 @@ def new_footer(disk_type: int, size: int, data_offset: int) -> Footer:
 
 
 def create(path: str | os.PathLike[str], size: int, *, fixed: bool = False,
-           parent: str | os.PathLike[str] | None = None,
+           parent: str | os.PathLike[str] | None = None, parent_raw: bool = False,
            block_size: int = DEFAULT_BLOCK_SIZE, max_size: int = 0) -> Layer:
     """A new fixed, dynamic or (with `parent`) differencing VHD of `size` bytes (a
     differencing disk takes its parent's size when `size` is 0), its BAT large enough to
-    grow to `max_size` without moving blocks (blktap's -S). Refuses to overwrite."""
+    grow to `max_size` without moving blocks (blktap's -S). `parent_raw`: the parent is
+    a raw file (a null parent UUID). Refuses to overwrite."""
     p = Path(path)
     if size % SECTOR_SIZE or size < 0:
         raise VhdError(p, f"size {size} is not a multiple of 512")
     parent_layer = None
     if parent is not None:
-        parent_layer = Layer.open(parent)
+        parent_layer = Layer.open_raw(parent) if parent_raw else Layer.open(parent)
+        if not parent_raw and parent_layer.footer.uuid == bytes(16):
+            # A null parent UUID is what marks a raw parent (libvhd refuses this too).
+            raise VhdError(p, f"parent {parent} has a null UUID")
         size = size or parent_layer.footer.current_size
         if size < parent_layer.footer.current_size:
             raise VhdError(p, f"size {size} is smaller than the parent's "
