@@ -5,7 +5,8 @@ vhd/vhd-util.c and vhd/lib/vhd-util-*.c (v4.0.8): a command returns a negative e
 the process exits with its absolute value; bad options print the command's usage line
 (on stdout, as blktap does) and exit 22. Commands: create, snapshot, query, check, set,
 coalesce, modify (-p: re-parent), repair, scan (files and LVM volume groups:
-vhd_util_scan.py), resize (growing within the BAT), read (vhd_util_read.py). Data moves
+vhd_util_scan.py), resize and revert (fast or journaled: vhd_util_resize.py), read
+(vhd_util_read.py). Data moves
 through the C data path's VHD driver (`Image.open("vhd", ...)`), metadata through
 `blktap3.datapath.vhdformat`.
 """
@@ -24,6 +25,7 @@ from blktap3.datapath import vhdformat as vhd
 
 from .vhd_util_read import read
 from .vhd_util_read import strtoull as _strtoull
+from .vhd_util_resize import resize, revert
 from .vhd_util_scan import scan
 
 MiB = 1 << 20
@@ -396,33 +398,10 @@ def repair(args: list[str]) -> int:
     return 0
 
 
-# ---- resize ------------------------------------------------------------------------
-
-RESIZE_USAGE = ("options: <-n name> <-s size (in MB)> (<-j journal>|<-f fast>) [-h help]")
-
-
-def resize(args: list[str]) -> int:
-    """vhd-util-resize.c, growing a dynamic disk within its BAT (what `-f` does, and
-    what `-j` does when no block has to move; no journal is needed then). Shrinking,
-    fixed disks, and growing past the BAT (blocks moved under a journal) are refused."""
-    o = _opts(args, "n:s:j:fh", RESIZE_USAGE, "ns")
-    if ("j" in o) == ("f" in o):
-        print(RESIZE_USAGE)
-        return -errno.EINVAL
-    size = _strtoull(o["s"]) * MiB
-    size = -(-size // vhd.DEFAULT_BLOCK_SIZE) * vhd.DEFAULT_BLOCK_SIZE
-    try:
-        vhd.grow(o["n"], size)
-    except OSError as exc:
-        print(f"resize failed: {_err(exc)} ({exc.strerror or exc})")
-        return _err(exc)
-    return 0
-
-
 COMMANDS: dict[str, Command] = {
     "create": create, "snapshot": snapshot, "query": query, "check": check,
     "set": set_field, "coalesce": coalesce, "modify": modify, "repair": repair,
-    "scan": scan, "resize": resize, "read": read,
+    "scan": scan, "resize": resize, "revert": revert, "read": read,
 }
 
 

@@ -36,6 +36,9 @@ from blktap3.abi import SECTOR_SIZE
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
 FOOTER_COOKIE = b"conectix"
+# libvhd's journal "disables" an image while it changes it (a journaled resize): the
+# footer's cookie is this until the change is committed or reverted.
+POISON_COOKIE = b"v_poison"
 HEADER_COOKIE = b"cxsparse"
 BATMAP_COOKIE = b"tdbatmap"
 BATMAP_VERSION = 0x00010002
@@ -127,11 +130,11 @@ class Footer:
     hidden: int = 0
     checksum: int = 0
 
-    def pack(self) -> bytes:
+    def pack(self, cookie: bytes = FOOTER_COOKIE) -> bytes:
         """The 512 bytes, with a fresh checksum."""
         raw = bytearray(FOOTER_SIZE)
         _FOOTER.pack_into(
-            raw, 0, FOOTER_COOKIE, self.features, self.version, self.data_offset,
+            raw, 0, cookie, self.features, self.version, self.data_offset,
             self.timestamp, self.creator_app, self.creator_version, self.creator_os,
             self.original_size, self.current_size, self.geometry, self.disk_type, 0,
             self.uuid, self.saved, self.hidden,
@@ -141,6 +144,9 @@ class Footer:
 
     @classmethod
     def unpack(cls, raw: bytes, path: str | os.PathLike[str], where: str) -> Footer:
+        if raw[:8] == POISON_COOKIE:
+            raise VhdError(path, f"disabled by an unfinished journaled change (footer "
+                                 f"{where}): undo it with vhd-util revert -n IMAGE -j JOURNAL")
         if len(raw) != FOOTER_SIZE or raw[:8] != FOOTER_COOKIE:
             raise VhdError(path, f"no VHD footer {where} (cookie {raw[:8]!r})")
         (_, features, version, data_offset, ts, app, app_ver, app_os, orig, cur, geom,
@@ -332,7 +338,13 @@ class Layer:
                 raise VhdError(p, f"truncated: {n} bytes at {off} run past the end ({size})")
             return data
 
-        footer = Footer.unpack(read_at(size - FOOTER_SIZE, FOOTER_SIZE), p, "at the end")
+        try:
+            footer = Footer.unpack(read_at(size - FOOTER_SIZE, FOOTER_SIZE), p, "at the end")
+        except VhdError:
+            # A journaled resize that moved blocks over the old end: the copy says so.
+            if read_at(0, len(POISON_COOKIE)) == POISON_COOKIE:
+                Footer.unpack(read_at(0, FOOTER_SIZE), p, "copy at offset 0")
+            raise
         layer = cls(p, footer, None, file_size=size)
         if footer.disk_type == DiskType.FIXED:
             if footer.current_size != size - FOOTER_SIZE:
