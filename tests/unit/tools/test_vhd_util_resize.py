@@ -69,6 +69,10 @@ def test_a_journaled_resize_moves_the_blocks_in_the_way_and_keeps_the_data(
     image_with_data(base)
     before = image_with_data(leaf, parent=base)
     first = min(e for e in vhd.Layer.open(leaf).bat if e != vhd.BAT_UNUSED)
+    twin = tmp_path / "twin"            # the same image, for the other tool
+    twin.mkdir()
+    shutil.copy(base, twin / "base.vhd")
+    shutil.copy(leaf, twin / "leaf.vhd")
     # 512 MiB needs 256 BAT entries: a second BAT sector where block data lay.
     assert run(who, "resize", "-n", leaf, "-s", "512", "-j", tmp_path / "j") == (0, "")
     layer = vhd.Layer.open(leaf)
@@ -81,18 +85,11 @@ def test_a_journaled_resize_moves_the_blocks_in_the_way_and_keeps_the_data(
     for checker in tools():
         assert run(checker, "check", "-n", leaf)[0] == 0
     if BLKTAP is not None:
-        # Both tools leave the same bytes (a copy of the image before, resized by each).
-        twin = tmp_path / "twin"
-        twin.mkdir()
-        shutil.copy(base, twin / "base.vhd")
-        image_with_data(twin / "leaf.vhd", parent=twin / "base.vhd")
+        # The other tool, on the same image, leaves the same bytes.
         other = "blktap" if who == "ours" else "ours"
         assert run(other, "resize", "-n", twin / "leaf.vhd", "-s", "512", "-j",
                    twin / "j")[0] == 0
-        mine, theirs = leaf.read_bytes(), (twin / "leaf.vhd").read_bytes()
-        # The files differ only where each holds its own UUID and timestamps (made apart).
-        assert len(mine) == len(theirs)
-        assert vhd.Layer.open(twin / "leaf.vhd").bat == layer.bat
+        assert (twin / "leaf.vhd").read_bytes() == leaf.read_bytes()
 
 
 @pytest.mark.parametrize("point", POINTS)
