@@ -169,7 +169,7 @@ def query(args: list[str]) -> int:
     o = _opts(args, "n:vspfdSmauh", QUERY_USAGE)
     name = o["n"]
     try:
-        layer = vhd.Layer.open(name)
+        layer = vhd.Layer.open(name, disabled_ok=True)
     except OSError as exc:
         print(f"error opening {name}: {_err(exc)}")
         return _err(exc)

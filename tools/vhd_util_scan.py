@@ -361,7 +361,7 @@ def read_image(target: Target, *, fast: bool, pretty: bool, markers: bool) -> Im
                 h = _volume_headers(rd)
         elif target.is_vhd:
             try:
-                layer = vhd.Layer.open(image.name)
+                layer = vhd.Layer.open(image.name, disabled_ok=True)
                 rd = Reader(target)
             except OSError as exc:
                 return _failed(image, exc.errno or errno.EINVAL, "opening file")

@@ -143,11 +143,12 @@ class Footer:
         return bytes(raw)
 
     @classmethod
-    def unpack(cls, raw: bytes, path: str | os.PathLike[str], where: str) -> Footer:
-        if raw[:8] == POISON_COOKIE:
+    def unpack(cls, raw: bytes, path: str | os.PathLike[str], where: str,
+               disabled_ok: bool = False) -> Footer:
+        if raw[:8] == POISON_COOKIE and not disabled_ok:
             raise VhdError(path, f"disabled by an unfinished journaled change (footer "
                                  f"{where}): undo it with vhd-util revert -n IMAGE -j JOURNAL")
-        if len(raw) != FOOTER_SIZE or raw[:8] != FOOTER_COOKIE:
+        if len(raw) != FOOTER_SIZE or raw[:8] not in (FOOTER_COOKIE, POISON_COOKIE):
             raise VhdError(path, f"no VHD footer {where} (cookie {raw[:8]!r})")
         (_, features, version, data_offset, ts, app, app_ver, app_os, orig, cur, geom,
          dtype, csum, uid, saved, hidden) = _FOOTER.unpack_from(raw)
@@ -314,19 +315,21 @@ class Layer:
         return cls(p, footer, None, file_size=size + FOOTER_SIZE, raw=True)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Layer:
-        """Read and check one file (not its parent)."""
+    def open(cls, path: str | os.PathLike[str], *, disabled_ok: bool = False) -> Layer:
+        """Read and check one file (not its parent). `disabled_ok`: an image a journaled
+        change disabled is read too (libvhd's VHD_OPEN_IGNORE_DISABLED, for scan and
+        query), from its footer copy when blocks moved over its end."""
         p = Path(path)
         try:
             with open(p, "rb") as f:
-                return cls._parse(p, f)
+                return cls._parse(p, f, disabled_ok)
         except VhdError:
             raise
         except OSError as exc:
             raise VhdError(p, exc.strerror or str(exc), exc.errno or errno.EIO) from None
 
     @classmethod
-    def _parse(cls, p: Path, fh: BinaryIO) -> Layer:
+    def _parse(cls, p: Path, fh: BinaryIO, disabled_ok: bool = False) -> Layer:
         size = os.fstat(fh.fileno()).st_size
         if size < FOOTER_SIZE:
             raise VhdError(p, f"too short for a VHD ({size} bytes)")
@@ -338,24 +341,26 @@ class Layer:
                 raise VhdError(p, f"truncated: {n} bytes at {off} run past the end ({size})")
             return data
 
+        end = read_at(size - FOOTER_SIZE, FOOTER_SIZE)
+        copy = read_at(0, FOOTER_SIZE)
         try:
-            footer = Footer.unpack(read_at(size - FOOTER_SIZE, FOOTER_SIZE), p, "at the end")
+            footer = Footer.unpack(end, p, "at the end", disabled_ok)
         except VhdError:
             # A journaled resize that moved blocks over the old end: the copy says so.
-            if read_at(0, len(POISON_COOKIE)) == POISON_COOKIE:
-                Footer.unpack(read_at(0, FOOTER_SIZE), p, "copy at offset 0")
-            raise
+            if end[:8] == POISON_COOKIE or copy[:8] != POISON_COOKIE:
+                raise
+            footer = Footer.unpack(copy, p, "copy at offset 0", disabled_ok)
+            end = copy
         layer = cls(p, footer, None, file_size=size)
         if footer.disk_type == DiskType.FIXED:
             if footer.current_size != size - FOOTER_SIZE:
                 raise VhdError(p, f"fixed disk of {footer.current_size} bytes in a file of "
                                   f"{size} (truncated or grown)")
             return layer
-        copy = read_at(0, FOOTER_SIZE)
-        if copy != read_at(size - FOOTER_SIZE, FOOTER_SIZE):
+        if copy != end:
             # blktap's hidden flag on old tapdisk images lives in the copy only; any
             # other difference is damage, but the end footer is the one that counts.
-            Footer.unpack(copy, p, "copy at offset 0")
+            Footer.unpack(copy, p, "copy at offset 0", disabled_ok)
         hoff = footer.data_offset
         if hoff % SECTOR_SIZE or hoff < FOOTER_SIZE or hoff + HEADER_SIZE > size - FOOTER_SIZE:
             raise VhdError(p, f"header offset {hoff} is outside the file")

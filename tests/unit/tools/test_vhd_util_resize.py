@@ -96,7 +96,8 @@ def test_a_journaled_resize_moves_the_blocks_in_the_way_and_keeps_the_data(
 @pytest.mark.parametrize(("crasher", "reverter"),
                          [("ours", "ours"), ("ours", "blktap"), ("blktap", "ours")])
 def test_a_resize_stopped_at_any_step_is_undone_by_revert(
-        tmp_path: Path, point: str, crasher: str, reverter: str) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, point: str, crasher: str,
+        reverter: str) -> None:
     if BLKTAP is None and "blktap" in (crasher, reverter):
         pytest.skip("set BLKTAP_BUILD to a blktap install prefix")
     d = tmp_path / "d.vhd"
@@ -110,6 +111,13 @@ def test_a_resize_stopped_at_any_step_is_undone_by_revert(
     with pytest.raises(vhd.VhdError, match="unfinished journaled change"):
         Image.open("vhd", str(d))
     assert j.exists()
+    # scan and query read it all the same (libvhd's VHD_OPEN_IGNORE_DISABLED).
+    for args in (["scan", str(d)], ["query", "-n", str(d), "-v", "-s", "-S"]):
+        rc = vhd_util.main(args)
+        out = capsys.readouterr().out
+        assert rc == 0 and "error" not in out
+        if BLKTAP is not None:
+            assert run("blktap", *args) == (rc, out)
     assert run(reverter, "revert", "-n", d, "-j", j) == (0, "")
     assert not j.exists()
     assert contents(d, 8 * MiB // 512) == before
