@@ -50,6 +50,7 @@ SCAN_USAGE = ("usage: [OPTIONS] FILES\n"
 RAW_FILE, VHD_FILE, RAW_VOLUME, VHD_VOLUME = 0x01, 0x02, 0x04, 0x08
 FNM_PATHNAME, FNM_EXTMATCH = 1 << 0, 1 << 5
 INDENT = 3
+MAX_LOCATOR = 64 << 10      # a path, in UTF-16 at worst: far more than PATH_MAX needs
 
 
 @dataclass
@@ -237,7 +238,11 @@ class Reader:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def read(self, off: int, n: int) -> bytes:
-        """n bytes at `off` of the target (both sector aligned: O_DIRECT)."""
+        """n bytes at `off` of the target (both sector aligned: O_DIRECT). A volume's
+        image is read within the volume only: offsets its headers give that lie past
+        it (a hostile or damaged image) are refused, never read from the next volume."""
+        if self.target.volume and self.target.start + off + n > self.target.end:
+            raise OSError(errno.EINVAL, f"{n} bytes at {off}: past the volume's end")
         span = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
         with mmap.mmap(-1, span) as buf:
             got = os.preadv(self.fd, [buf], self.target.start + off)
@@ -307,8 +312,8 @@ def _hidden(rd: Reader, h: Headers) -> int:
 
 def _locator_text(rd: Reader, header: vhd.Header) -> str:
     loc = preferred_locator(header)
-    if loc is None or loc.space_bytes <= 0:
-        raise OSError(errno.EINVAL, "no parent locator")
+    if loc is None or not 0 < loc.space_bytes <= MAX_LOCATOR:
+        raise OSError(errno.EINVAL, "no parent locator of a sane size")
     name = _locator_name(loc.code, rd.read(loc.data_offset, loc.space_bytes)[: loc.data_len])
     if name is None:
         raise OSError(errno.EINVAL, "undecodable parent locator")

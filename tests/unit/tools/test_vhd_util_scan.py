@@ -9,6 +9,7 @@ lines pinned here from vhd-util-scan.c are checked against ours alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -128,8 +129,9 @@ def volume_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
         subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
 
 
-def _put(env: dict[str, str], vg: str, dev: str, lv: str, image: Path) -> None:
-    """Write a file into a volume, at the offset `pvs`/`lvs` give for its extents."""
+def _put(env: dict[str, str], vg: str, dev: str, lv: str, image: Path) -> int:
+    """Write a file into a volume, at the offset `pvs`/`lvs` give for its extents;
+    that offset."""
     pe_start = int(_lvm(env, "pvs", "--noheadings", "--nosuffix", "--units=b",
                         "-o", "pe_start", dev))
     extent = int(_lvm(env, "vgs", "--noheadings", "--nosuffix", "--units=b",
@@ -141,6 +143,7 @@ def _put(env: dict[str, str], vg: str, dev: str, lv: str, image: Path) -> None:
         f.write(image.read_bytes())
         f.flush()
         os.fsync(f.fileno())
+    return pe_start + first * extent
 
 
 def test_lvm_volumes_are_scanned_through_their_physical_volume(
@@ -189,3 +192,15 @@ def test_lvm_volumes_are_scanned_through_their_physical_volume(
         want = theirs("-l", vg, *args)
         if want is not None:
             assert ours(capsys, "-l", vg, *args) == want, args
+    # A volume whose footer puts its header past the volume's end, where a valid header
+    # lies: refused, never read from beyond (blktap reads on, into what follows).
+    _lvm(env, "lvcreate", "-q", "-an", "-Zn", "-L", "4m", "-n", "VHD-evil", vg)
+    footer = vhd.Footer.unpack(leaf.read_bytes()[:512], leaf, "copy")
+    evil = tmp_path / "evil"
+    evil.write_bytes(dataclasses.replace(footer, data_offset=4 * MiB).pack())
+    start = _put(env, vg, dev, "VHD-evil", evil)
+    with open(dev, "r+b") as f:
+        f.seek(start + 4 * MiB)
+        f.write(leaf.read_bytes()[512:1536])
+    assert ours(capsys, "-l", vg, "-m", "VHD-evil") == (
+        22, "vhd=VHD-evil scan-error=-22 error-message='reading header'\n")
