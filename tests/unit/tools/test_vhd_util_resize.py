@@ -152,3 +152,44 @@ def test_what_a_journaled_resize_refuses(capsys: pytest.CaptureFixture[str],
     assert vhd_util.main(["revert", "-n", str(dyn), "-j", str(tmp_path / "j")]) == 2
     assert capsys.readouterr().out.endswith("opening journal failed: -2\n")
     assert os.path.exists(dyn)
+
+
+class Crash(BaseException):
+    """The process dying mid-write: nothing of the command's own cleanup runs."""
+
+
+def test_a_resize_that_dies_at_any_write_is_undone_by_revert(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from blktap3.tools import vhd_util_resize
+
+    base, leaf, j = tmp_path / "base.vhd", tmp_path / "leaf.vhd", tmp_path / "j"
+    image_with_data(base)
+    before = image_with_data(leaf, parent=base)
+    pristine = tmp_path / "pristine.vhd"
+    shutil.copy(leaf, pristine)
+    writes: list[int] = []
+    real_write = vhd_util_resize.Grower.write
+
+    def counting(self: vhd_util_resize.Grower, off: int, data: bytes) -> None:
+        if len(writes) == stop_at:
+            raise Crash
+        writes.append(off)
+        real_write(self, off, data)
+
+    monkeypatch.setattr(vhd_util_resize.Grower, "write", counting)
+    stop_at = -1
+    assert vhd_util.main(["resize", "-n", str(leaf), "-s", "512", "-j", str(j)]) == 0
+    total = len(writes)
+    assert total >= 9   # gap, 2 blocks and their zeros, 3 locators, header, BAT, ...
+    for stop_at in range(total):
+        writes.clear()
+        shutil.copy(pristine, leaf)
+        with pytest.raises(Crash):
+            vhd_util.main(["resize", "-n", str(leaf), "-s", "512", "-j", str(j)])
+        with pytest.raises(vhd.VhdError, match="unfinished journaled change"):
+            vhd.open_chain(leaf)
+        assert vhd_util.main(["revert", "-n", str(leaf), "-j", str(j)]) == 0, stop_at
+        assert not j.exists()
+        assert contents(leaf, len(before) // 512) == before, stop_at
+        assert vhd.Layer.open(leaf).header == vhd.Layer.open(pristine).header
+        assert leaf.stat().st_size == pristine.stat().st_size
