@@ -130,3 +130,22 @@ def test_raw_parents_that_cannot_serve_are_refused(tmp_path: Path) -> None:
     raw.write_bytes(bytes(8 * MiB))
     with pytest.raises(vhd.VhdError, match="is larger"):
         vhd.open_chain(leaf)
+
+
+def test_modify_m_reparents_onto_a_raw_copy_of_the_parent(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    base, leaf, raw = tmp_path / "base.vhd", tmp_path / "leaf.vhd", tmp_path / "base.raw"
+    vhd.create(base, 4 * MiB)
+    img = Image.open("vhd", str(base))
+    try:
+        img.write(10, b"\x42" * 4096)
+    finally:
+        img.close()
+    vhd.create(leaf, 0, parent=base)
+    want = chain_bytes(leaf)
+    raw.write_bytes(want)                       # the parent's disk as a raw file
+    assert ours(capsys, "modify", "-n", leaf, "-p", raw, "-m") == (0, "")
+    assert vhd.Layer.open(leaf).parent_is_raw and chain_bytes(leaf) == want
+    assert ours(capsys, "query", "-n", leaf, "-p") == (0, f"{raw}\n")
+    if BLKTAP is not None:
+        assert theirs("query", "-n", leaf, "-p", "-d") == (0, f"{raw}\nchain depth: 2\n")
