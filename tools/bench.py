@@ -13,9 +13,17 @@ offer tapback advertises, so the 1 MiB workloads travel as one INDIRECT request 
 persistent grants; ``both`` adds after each workload a ``copy`` row: the same run by grant
 copy, its ratio against fio too.
 
-``--image vhd`` also serves a fully allocated dynamic VHD holding the same bytes from
-the same tapdisk, and prints after each workload a ``vhd`` row whose ratio is against
-our raw run of the same workload, just before (allocated blocks: the hot path).
+``--image vhd`` also serves, each from its own tapdisk, VHDs holding the same bytes as the
+raw file and prints after each workload a row for each, its ratio against our raw run
+of the same workload in the same rounds (VHD then raw, VHD then raw, ...; the median of
+the rounds' ratios, their spread):
+
+- ``vhd``: a fully allocated dynamic VHD (every request inside a block is one extent of
+  the file: the hot path);
+- ``vhd chain3``: a 3-deep chain (base, mid, leaf): the base holds every block, the mid
+  a third of them whole, the leaf another third whole and a 4 KiB write at the start of
+  each block of the last third (partial bitmaps: a request there is served by the
+  driver's synchronous path, sector runs found through the layers).
 
 Each workload runs in ``--rounds`` short rounds, ours then fio, ours then fio, ... (see
 ``bench_rounds``): a row holds the medians of its rounds, its ``ratio`` the median of the
@@ -88,12 +96,35 @@ def _prepare_vhd(raw: Path, path: Path) -> Path:
     return path
 
 
+def _prepare_chain(raw: Path, base: Path) -> Path:
+    """A 3-deep chain over ``base`` (a fully allocated VHD of the raw bytes) whose every
+    sector reads as the raw file's: the leaf's path."""
+    from blktap3.datapath import Image, vhdformat
+
+    block = vhdformat.DEFAULT_BLOCK_SIZE
+    spb = block // 512
+    mid, leaf = base.with_name("mid.vhd"), base.with_name("leaf.vhd")
+    with raw.open("rb") as f:
+        for layer, parent, part in ((mid, base, 1), (leaf, mid, 2)):
+            vhdformat.create(layer, 0, parent=parent)
+            img = Image.open("vhd", str(layer))
+            try:
+                for blk in range(raw.stat().st_size // block):
+                    if blk % 3 == part or (layer == leaf and blk % 3 == 0):
+                        f.seek(blk * block)
+                        data = f.read(block if blk % 3 == part else 4096)
+                        img.write(blk * spb, data)
+            finally:
+                img.close()
+    return leaf
+
+
 def _num(v: Any, spec: str) -> str:
     return format(v, spec) if isinstance(v, int | float) else "-"
 
 
 def _row(r: dict[str, Any]) -> str:
-    return (f"{r['workload']:<20} {_num(r.get('ours_iops'), ',.0f'):>11} "
+    return (f"{r['workload']:<28} {_num(r.get('ours_iops'), ',.0f'):>11} "
             f"{_num(r.get('fio_iops'), ',.0f'):>11} {_num(r.get('ratio'), '.2f'):>6} "
             f"{_spread(r):>11} "
             f"{_num(r.get('ours_mbps'), '.0f'):>9} {_num(r.get('fio_mbps'), '.0f'):>8} "
@@ -110,7 +141,7 @@ def _spread(r: dict[str, Any]) -> str:
     return f"{lo:.2f}-{hi:.2f}" if isinstance(lo, float) and isinstance(hi, float) else "-"
 
 
-HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} {'min-max':>11} "
+HEADER = (f"{'workload':<28} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} {'min-max':>11} "
           f"{'ours MB/s':>9} {'fio MB/s':>8} {'ours p50':>8} {'ours p99':>8} "
           f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7} "
           f"{'kicks':>6} {'cswtch':>6}")
@@ -134,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an existing directory for the backing file (default /var/tmp)")
     ap.add_argument("--only", default=None, help="only workloads whose name contains this")
     ap.add_argument("--image", choices=("raw", "vhd"), default="raw",
-                    help="vhd: also a fully allocated VHD, ratio against our raw run")
+                    help="vhd: also a fully allocated VHD and a 3-deep VHD chain of the same "
+                         "bytes, each with its ratio against raw in the same rounds")
     ap.add_argument("--poll-us", type=cmdline.int_in(0, 1_000_000), default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
     ap.add_argument("--persistent", choices=("on", "off", "both"), default="on",
@@ -190,9 +222,13 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
     with tempfile.TemporaryDirectory(prefix="blktap3-bench-", dir=args.dir) as tmp:
         disk = Path(tmp) / "disk.img"
         _prepare(disk, args.size_mib << 20)
-        image = _prepare_vhd(disk, Path(tmp) / "disk.vhd") if args.image == "vhd" else None
+        images: dict[str, str] = {}
+        if args.image == "vhd":
+            dynamic = _prepare_vhd(disk, Path(tmp) / "disk.vhd")
+            base = _prepare_vhd(disk, Path(tmp) / "base.vhd")
+            images = {"vhd": f"vhd:{dynamic}", "vhd chain3": f"vhd:{_prepare_chain(disk, base)}"}
         with bench_ring.RingRig(Path(tmp) / "xen", disk, poll_us=args.poll_us,
-                                cpus=cpus, vhd=image) as rig:
+                                cpus=cpus, images=images) as rig:
             for w in WORKLOADS:
                 if args.only and args.only not in w["workload"]:
                     continue
@@ -207,14 +243,10 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     row = bench_rounds.combine(name, rounds, qd1=w["qd"] == 1)
                     results.append(row)
                     print(_row(row), flush=True)
-                row = results[-2 if both else -1]
-                if image is not None:
-                    v = _medians([rig.run(*shape, image="vhd",
-                                          persistent=args.persistent != "off")
-                                  for _ in range(args.rounds)])
-                    vrow = {"workload": f"  vhd {w['workload']}", **v,
-                            "ratio": v["ours_iops"] / row["ours_iops"]
-                            if row["ours_iops"] else None}
+                for name in images:
+                    vrow = _against_raw(rig, name, shape, args.rounds,
+                                        persistent=args.persistent != "off")
+                    vrow["workload"] = f"  {name} {w['workload']}"
                     results.append(vrow)
                     print(_row(vrow), flush=True)
             for nr_queues in MULTI_QUEUE:  # 4k randread QD32 spread over 1, 2, 4 queues
@@ -245,6 +277,18 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
     return 0
 
 
+def _against_raw(rig: bench_ring.RingRig, image: str, shape: tuple[str, int, int, float],
+                 rounds: int, *, persistent: bool) -> dict[str, Any]:
+    """``image`` then raw in each round, the same workload: a row of the image's figures,
+    its ratio the median of the rounds' image/raw ratios (``raw_iops`` the raw median)."""
+    def raw() -> dict[str, Any]:
+        return {"raw_iops": rig.run(*shape, persistent=persistent)["ours_iops"]}
+
+    pairs = bench_rounds.alternate(
+        functools.partial(rig.run, *shape, image=image, persistent=persistent), raw, rounds)
+    return bench_rounds.combine("", pairs, peer="raw_iops")
+
+
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Our figures over rounds with no fio beside them (the VHD and null rows)."""
     return {k: v for k, v in bench_rounds.combine("", [(r, {}) for r in runs]).items()
@@ -255,6 +299,8 @@ def _json(r: dict[str, Any]) -> dict[str, Any]:
     if "fio_iops" not in r and r.get("ratio") is None:
         return {"workload": r["workload"], "ours_iops": r["ours_iops"]}
     out = {k: r.get(k) for k in JSON_KEYS}
+    if "raw_iops" in r:
+        out["raw_iops"] = r["raw_iops"]
     if QD1_KEY in r:
         out[QD1_KEY] = r[QD1_KEY]
     return out

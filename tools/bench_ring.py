@@ -138,10 +138,12 @@ class RingRig:
     """xensim machine + real tapdisks (dom0) + a guest driver process per run."""
 
     def __init__(self, run_dir: Path, disk: Path, poll_us: int = 0,
-                 cpus: tuple[int, int] | None = None, vhd: Path | None = None) -> None:
+                 cpus: tuple[int, int] | None = None,
+                 images: dict[str, str] | None = None) -> None:
         """``cpus``: (tapdisk's CPU, guest's CPU) to pin them to; None leaves them free.
-        ``vhd``: a VHD image served beside the raw one (``run(..., image="vhd")``)."""
-        self.vhd = vhd
+        ``images``: more images served beside the raw one, name -> tapdisk params
+        (``{"vhd": "vhd:/path"}``, then ``run(..., image="vhd")``)."""
+        self.images = dict(images or {})
         self.run_dir = run_dir
         self.cpus = cpus
         self.poll_us = poll_us
@@ -160,8 +162,8 @@ class RingRig:
         try:
             self.vbds["disk"] = Vbd(self.ctl_root, f"aio:{self.disk}", env)
             self.vbds["null"] = Vbd(self.ctl_root, "null:/dev/null", env)
-            if self.vhd is not None:
-                self.vbds["vhd"] = Vbd(self.ctl_root, f"vhd:{self.vhd}", env)
+            for name, params in self.images.items():
+                self.vbds[name] = Vbd(self.ctl_root, params, env)
             if self.cpus:
                 for vbd in self.vbds.values():
                     # Every thread; the ring's thread, started later, inherits it.

@@ -24,8 +24,8 @@ def alternate(ours: Callable[[], Figures], fio: Callable[[], Figures],
     return [(ours(), fio()) for _ in range(rounds)]
 
 
-def _ratio(ours: Figures, fio: Figures) -> float | None:
-    o, f = ours.get("ours_iops"), fio.get("fio_iops")
+def _ratio(ours: Figures, fio: Figures, peer: str = "fio_iops") -> float | None:
+    o, f = ours.get("ours_iops"), fio.get(peer)
     return o / f if isinstance(o, int | float) and isinstance(f, int | float) and f else None
 
 
@@ -37,13 +37,14 @@ def _median(values: list[Any]) -> Any:
 
 
 def combine(workload: str, rounds: list[tuple[Figures, Figures]],
-            qd1: bool = False) -> dict[str, Any]:
+            qd1: bool = False, peer: str = "fio_iops") -> dict[str, Any]:
     """One row from the rounds of one workload: medians, and the ratio's spread.
 
     ``ratio`` is the median of the rounds' own ratios (not the ratio of the medians: each
     round's pair ran back to back), ``ratio_min``/``ratio_max`` their spread, ``ratios``
     all of them in order. With ``qd1`` the row also says ``qd1_added_us``: the median of
-    the rounds' p50 latency ours minus fio's, the latency the ring path adds.
+    the rounds' p50 latency ours minus fio's, the latency the ring path adds. ``peer``
+    names the other side's figure the ratio divides by (fio's IOPS unless said).
     """
     if not rounds:
         raise ValueError(f"{workload}: no rounds")
@@ -51,7 +52,7 @@ def combine(workload: str, rounds: list[tuple[Figures, Figures]],
     row: dict[str, Any] = {"workload": workload, "rounds": len(rounds)}
     for key in sorted(keys):
         row[key] = _median([side[key] for pair in rounds for side in pair if key in side])
-    ratios = [r for r in (_ratio(o, f) for o, f in rounds) if r is not None]
+    ratios = [r for r in (_ratio(o, f, peer) for o, f in rounds) if r is not None]
     row["ratios"] = ratios
     row["ratio"] = statistics.median(ratios) if ratios else None
     row["ratio_min"] = min(ratios) if ratios else None

@@ -4,16 +4,17 @@ Same commands, options (getopt strings), output lines and exit codes as blktap's
 vhd/vhd-util.c and vhd/lib/vhd-util-*.c (v4.0.8): a command returns a negative errno,
 the process exits with its absolute value; bad options print the command's usage line
 (on stdout, as blktap does) and exit 22. Commands: create, snapshot, query, check, set,
-coalesce, modify (-p: re-parent), repair, scan (files), resize (growing within
-the BAT), read (vhd_util_read.py). Data moves through the C data path's VHD
-driver (`Image.open("vhd", ...)`), metadata through `blktap3.datapath.vhdformat`.
+coalesce, modify (-p: re-parent), repair, scan (files and LVM volume groups:
+vhd_util_scan.py), resize and revert (fast or journaled: vhd_util_resize.py), read
+(vhd_util_read.py). Data moves
+through the C data path's VHD driver (`Image.open("vhd", ...)`), metadata through
+`blktap3.datapath.vhdformat`.
 """
 
 from __future__ import annotations
 
 import errno
 import getopt
-import glob
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from blktap3.datapath import vhdformat as vhd
 
 from .vhd_util_read import read
 from .vhd_util_read import strtoull as _strtoull
+from .vhd_util_resize import resize, revert
+from .vhd_util_scan import scan
 
 MiB = 1 << 20
 Command = Callable[[list[str]], int]
@@ -96,20 +99,20 @@ SNAPSHOT_USAGE = ("options: <-n name> <-p parent name> [-l snapshot depth limit]
 
 def snapshot(args: list[str]) -> int:
     o = _opts(args, "n:p:S:l:meh", SNAPSHOT_USAGE, "np")
-    if "m" in o:
-        print("raw parents are not supported", file=sys.stderr)
-        return -errno.EOPNOTSUPP
     try:
         target = Path(os.path.realpath(o["p"]))
-        if "e" not in o:
-            target = _snapshot_target(target)
+        raw = "m" in o
+        if not raw and "e" not in o:
+            target, raw = _snapshot_target(target)
         limit = int(o.get("l", "0") or 0)
-        if limit:
+        if limit and not raw:
             depth = len(vhd.open_chain(target))
             if depth + 1 > limit:
                 print(f"snapshot depth exceeded: current depth: {depth}, limit: {limit}")
                 return -errno.ENOSPC
-        vhd.create(o["n"], vhd.Layer.open(o["p"]).footer.current_size, parent=target,
+        # The size of the image named, which may be larger than the target's.
+        named = vhd.Layer.open_raw(o["p"]) if "m" in o else vhd.Layer.open(o["p"])
+        vhd.create(o["n"], named.footer.current_size, parent=target, parent_raw=raw,
                    max_size=_strtoull(o.get("S", "0")) * MiB)
     except OSError as exc:
         print(str(exc), file=sys.stderr)
@@ -117,13 +120,16 @@ def snapshot(args: list[str]) -> int:
     return 0
 
 
-def _snapshot_target(path: Path) -> Path:
-    """vhd_util_find_snapshot_target: skip down past empty differencing disks."""
+def _snapshot_target(path: Path) -> tuple[Path, bool]:
+    """vhd_util_find_snapshot_target: skip down past empty differencing disks (to a raw
+    parent too: the snapshot is then of the raw file)."""
     while True:
         layer = vhd.Layer.open(path)
         if not layer.is_diff or any(e != vhd.BAT_UNUSED for e in layer.bat):
-            return path
+            return path, False
         path = layer.parent_path()
+        if layer.parent_is_raw:
+            return path, True
 
 
 # ---- query -------------------------------------------------------------------------
@@ -163,7 +169,7 @@ def query(args: list[str]) -> int:
     o = _opts(args, "n:vspfdSmauh", QUERY_USAGE)
     name = o["n"]
     try:
-        layer = vhd.Layer.open(name)
+        layer = vhd.Layer.open(name, disabled_ok=True)
     except OSError as exc:
         print(f"error opening {name}: {_err(exc)}")
         return _err(exc)
@@ -209,7 +215,9 @@ CHECK_USAGE = ("options: -n <file> [-i ignore missing primary footers] "
 def _check_one(name: str | Path, ignore_uuid: bool) -> int:
     try:
         layer = vhd.Layer.open(name)
-        if layer.is_diff:
+        if layer.parent_is_raw:
+            layer.parent_path()     # it must be there; a raw file has nothing to check
+        elif layer.is_diff:
             parent = vhd.Layer.open(layer.parent_path())
             assert layer.header is not None
             if not ignore_uuid and parent.footer.uuid != layer.header.parent_uuid:
@@ -233,6 +241,8 @@ def check(args: list[str]) -> int:
         return err
     try:
         for layer in vhd.open_chain(name)[1:]:
+            if layer.raw:
+                break       # vhd_util_check_parents stops at a raw parent
             err = _check_one(layer.path, "I" in o)
             if err:
                 break
@@ -303,7 +313,8 @@ def coalesce(args: list[str]) -> int:
         if not child.is_diff:
             print(f"error: {o['n']} is not a differencing disk")
             return -errno.EINVAL
-        parent = Image.open("vhd", str(child.parent_path()))
+        # A raw parent is written as the file it is (vhd-util-coalesce.c opens it O_RDWR).
+        parent = Image.open("aio" if child.parent_is_raw else "vhd", str(child.parent_path()))
     except OSError as exc:
         print(f"error opening {o['n']}: {_err(exc)}")
         return _err(exc)
@@ -340,10 +351,11 @@ MODIFY_USAGE = ("options: <-n name> [-s size (in bytes)] [-P parent_path] "
 
 
 def modify(args: list[str]) -> int:
-    """`-p PARENT`: point the differencing disk at another parent (vhd_change_parent):
-    its UUID, timestamp, name and locators; the locators keep their space."""
+    """`-p PARENT [-m]`: point the differencing disk at another parent, a raw file with
+    `-m` (vhd_change_parent): its UUID (null for a raw one), timestamp, name and
+    locators; the locators keep their space."""
     o = _opts(args, "n:s:p:P:mzh", MODIFY_USAGE, "np")
-    if set(o) - {"n", "p"}:
+    if set(o) - {"n", "p", "m"}:
         print(MODIFY_USAGE)
         return -errno.EINVAL
     try:
@@ -351,7 +363,8 @@ def modify(args: list[str]) -> int:
         if not child.is_diff or child.header is None:
             print("would-be child is not a differencing disk")
             return -errno.EINVAL
-        parent = vhd.Layer.open(os.path.realpath(o["p"]))
+        where = os.path.realpath(o["p"])
+        parent = vhd.Layer.open_raw(where) if "m" in o else vhd.Layer.open(where)
         if parent.footer.current_size > child.footer.current_size:
             print(f"parent {o['p']} is larger than {o['n']}")
             return -errno.EINVAL
@@ -385,115 +398,10 @@ def repair(args: list[str]) -> int:
     return 0
 
 
-# ---- resize ------------------------------------------------------------------------
-
-RESIZE_USAGE = ("options: <-n name> <-s size (in MB)> (<-j journal>|<-f fast>) [-h help]")
-
-
-def resize(args: list[str]) -> int:
-    """vhd-util-resize.c, growing a dynamic disk within its BAT (what `-f` does, and
-    what `-j` does when no block has to move; no journal is needed then). Shrinking,
-    fixed disks, and growing past the BAT (blocks moved under a journal) are refused."""
-    o = _opts(args, "n:s:j:fh", RESIZE_USAGE, "ns")
-    if ("j" in o) == ("f" in o):
-        print(RESIZE_USAGE)
-        return -errno.EINVAL
-    size = _strtoull(o["s"]) * MiB
-    size = -(-size // vhd.DEFAULT_BLOCK_SIZE) * vhd.DEFAULT_BLOCK_SIZE
-    try:
-        vhd.grow(o["n"], size)
-    except OSError as exc:
-        print(f"resize failed: {_err(exc)} ({exc.strerror or exc})")
-        return _err(exc)
-    return 0
-
-
-# ---- scan --------------------------------------------------------------------------
-
-SCAN_USAGE = ("usage: [OPTIONS] FILES\n"
-              "options: [-m match filter] [-f fast] [-c continue on failure] "
-              "[-l LVM volume] [-p pretty print] [-a scan parents] "
-              "[-v verbose] [-h help] [-M show markers]")
-
-
-def scan(args: list[str]) -> int:
-    """vhd-util-scan.c for files: one line per image (vhd_util_scan_print_image_indent);
-    `-f` takes the parent's name from the header, else the resolved locator; names are
-    basenames unless `-v`. LVM volumes (`-l`) and the tree (`-p`) are not done."""
-    try:
-        pairs, rest = getopt.getopt(args, "m:fcl:pavMh")
-    except getopt.GetoptError:
-        print(SCAN_USAGE)
-        return -errno.EINVAL
-    o = {k[1:]: v for k, v in pairs}
-    if "h" in o:
-        print(SCAN_USAGE)
-        return 0
-    if "m" not in o and not rest:
-        print(SCAN_USAGE)
-        return -errno.EINVAL
-    if "l" in o or "p" in o:
-        print("scan: LVM volumes (-l) and pretty print (-p) are not supported",
-              file=sys.stderr)
-        return -errno.EOPNOTSUPP
-    names = sorted(glob.glob(o["m"], recursive=False)) if "m" in o else []
-    if "m" in o and not names:
-        print(f"scan failed: {-errno.ENOENT}. Check syslog for details", file=sys.stderr)
-        return -errno.ENOENT
-    names += rest
-    seen: set[str] = set()
-    err = 0
-    while names:
-        name = names.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        line, parent, rc = _scan_one(name, fast="f" in o, verbose="v" in o,
-                                     markers="M" in o)
-        print(line)
-        err = err or rc
-        if "a" in o and parent:
-            names.append(parent)
-    return 0 if "c" in o else err
-
-
-def _scan_one(name: str, *, fast: bool, verbose: bool,
-              markers: bool) -> tuple[str, str | None, int]:
-    """The image's line, its parent's path (for -a) and an error code."""
-    try:
-        layer = vhd.Layer.open(name)
-    except OSError as exc:
-        return (f"vhd={name} scan-error={_err(exc)} error-message='opening file'",
-                None, _err(exc))
-    parent_path = parent_text = None
-    if layer.is_diff and layer.header is not None:
-        if fast and layer.header.parent_name:
-            parent_text = layer.header.parent_name
-        else:
-            try:
-                parent_text = str(layer.parent_path())
-            except OSError:
-                names = layer.parent_names()
-                parent_text = names[0] if names else None
-        if parent_text is not None:
-            parent_path = str(Path(name).parent / parent_text)
-    shown, shown_parent = name, parent_text or "none"
-    if not verbose:
-        shown = os.path.basename(name)
-        if parent_text:
-            shown_parent = os.path.basename(parent_text)
-    size = os.stat(name).st_size
-    fields = f"vhd={shown} capacity={layer.footer.current_size} size={size} " \
-             f"hidden={layer.hidden} "
-    if markers:
-        fields += f"marker={_marker(layer)} keyhash= "
-    return fields + f"parent={shown_parent}", parent_path, 0
-
-
 COMMANDS: dict[str, Command] = {
     "create": create, "snapshot": snapshot, "query": query, "check": check,
     "set": set_field, "coalesce": coalesce, "modify": modify, "repair": repair,
-    "scan": scan, "resize": resize, "read": read,
+    "scan": scan, "resize": resize, "revert": revert, "read": read,
 }
 
 

@@ -11,6 +11,11 @@ bad checksum, a BAT entry past the end or into the metadata, overlapping blocks,
 size blktap would not open), and `open_chain` refuses loops, missing parents and parents
 whose UUID or size do not match the child's header. The data path (vhd.c) then trusts
 the layout this module measured and only re-checks each BAT entry against it.
+
+A differencing disk may have a raw file for its parent (blktap's `vhd-util snapshot -m`):
+its header then holds a null parent UUID (libvhd's vhd_parent_raw), its locators the
+file's name as for any parent. The raw file ends the chain, as a `Layer.open_raw` that reads
+like a fixed disk of the file's whole sectors.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from blktap3.abi import SECTOR_SIZE
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
 FOOTER_COOKIE = b"conectix"
+# libvhd's journal "disables" an image while it changes it (a journaled resize): the
+# footer's cookie is this until the change is committed or reverted.
+POISON_COOKIE = b"v_poison"
 HEADER_COOKIE = b"cxsparse"
 BATMAP_COOKIE = b"tdbatmap"
 BATMAP_VERSION = 0x00010002
@@ -122,11 +130,11 @@ class Footer:
     hidden: int = 0
     checksum: int = 0
 
-    def pack(self) -> bytes:
+    def pack(self, cookie: bytes = FOOTER_COOKIE) -> bytes:
         """The 512 bytes, with a fresh checksum."""
         raw = bytearray(FOOTER_SIZE)
         _FOOTER.pack_into(
-            raw, 0, FOOTER_COOKIE, self.features, self.version, self.data_offset,
+            raw, 0, cookie, self.features, self.version, self.data_offset,
             self.timestamp, self.creator_app, self.creator_version, self.creator_os,
             self.original_size, self.current_size, self.geometry, self.disk_type, 0,
             self.uuid, self.saved, self.hidden,
@@ -135,8 +143,12 @@ class Footer:
         return bytes(raw)
 
     @classmethod
-    def unpack(cls, raw: bytes, path: str | os.PathLike[str], where: str) -> Footer:
-        if len(raw) != FOOTER_SIZE or raw[:8] != FOOTER_COOKIE:
+    def unpack(cls, raw: bytes, path: str | os.PathLike[str], where: str,
+               disabled_ok: bool = False) -> Footer:
+        if raw[:8] == POISON_COOKIE and not disabled_ok:
+            raise VhdError(path, f"disabled by an unfinished journaled change (footer "
+                                 f"{where}): undo it with vhd-util revert -n IMAGE -j JOURNAL")
+        if len(raw) != FOOTER_SIZE or raw[:8] not in (FOOTER_COOKIE, POISON_COOKIE):
             raise VhdError(path, f"no VHD footer {where} (cookie {raw[:8]!r})")
         (_, features, version, data_offset, ts, app, app_ver, app_os, orig, cur, geom,
          dtype, csum, uid, saved, hidden) = _FOOTER.unpack_from(raw)
@@ -240,6 +252,7 @@ class Layer:
     bat: list[int] = field(default_factory=list)
     file_size: int = 0
     batmap_end: int = 0
+    raw: bool = False   # a raw file at the end of a chain, not a VHD
 
     @property
     def data_start(self) -> int:
@@ -278,20 +291,45 @@ class Layer:
     def hidden(self) -> int:
         return self.footer.hidden
 
+    @property
+    def parent_is_raw(self) -> bool:
+        """A differencing disk over a raw file: the null parent UUID says so."""
+        return self.is_diff and self.header is not None and \
+            self.header.parent_uuid == bytes(16)
+
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Layer:
-        """Read and check one file (not its parent)."""
+    def open_raw(cls, path: str | os.PathLike[str]) -> Layer:
+        """A raw parent: its whole sectors, read as a fixed disk's (no footer, no
+        UUID). A size that is not whole sectors is refused (a VHD's is)."""
+        p = Path(path)
+        try:
+            size = p.stat().st_size
+        except OSError as exc:
+            raise VhdError(p, exc.strerror or str(exc), exc.errno or errno.EIO) from None
+        if size % SECTOR_SIZE or size == 0:
+            raise VhdError(p, f"raw parent of {size} bytes: not a whole number of sectors")
+        if size > MAX_SIZE:
+            raise VhdError(p, f"raw parent of {size} bytes exceeds VHD's limit of "
+                              f"{MAX_SIZE} bytes (2040 GiB)", errno.EFBIG)
+        footer = Footer(DiskType.FIXED, size, size, NO_OFFSET, bytes(16))
+        return cls(p, footer, None, file_size=size + FOOTER_SIZE, raw=True)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, disabled_ok: bool = False) -> Layer:
+        """Read and check one file (not its parent). `disabled_ok`: an image a journaled
+        change disabled is read too (libvhd's VHD_OPEN_IGNORE_DISABLED, for scan and
+        query), from its footer copy when blocks moved over its end."""
         p = Path(path)
         try:
             with open(p, "rb") as f:
-                return cls._parse(p, f)
+                return cls._parse(p, f, disabled_ok)
         except VhdError:
             raise
         except OSError as exc:
             raise VhdError(p, exc.strerror or str(exc), exc.errno or errno.EIO) from None
 
     @classmethod
-    def _parse(cls, p: Path, fh: BinaryIO) -> Layer:
+    def _parse(cls, p: Path, fh: BinaryIO, disabled_ok: bool = False) -> Layer:
         size = os.fstat(fh.fileno()).st_size
         if size < FOOTER_SIZE:
             raise VhdError(p, f"too short for a VHD ({size} bytes)")
@@ -303,18 +341,26 @@ class Layer:
                 raise VhdError(p, f"truncated: {n} bytes at {off} run past the end ({size})")
             return data
 
-        footer = Footer.unpack(read_at(size - FOOTER_SIZE, FOOTER_SIZE), p, "at the end")
+        end = read_at(size - FOOTER_SIZE, FOOTER_SIZE)
+        copy = read_at(0, FOOTER_SIZE)
+        try:
+            footer = Footer.unpack(end, p, "at the end", disabled_ok)
+        except VhdError:
+            # A journaled resize that moved blocks over the old end: the copy says so.
+            if end[:8] == POISON_COOKIE or copy[:8] != POISON_COOKIE:
+                raise
+            footer = Footer.unpack(copy, p, "copy at offset 0", disabled_ok)
+            end = copy
         layer = cls(p, footer, None, file_size=size)
         if footer.disk_type == DiskType.FIXED:
             if footer.current_size != size - FOOTER_SIZE:
                 raise VhdError(p, f"fixed disk of {footer.current_size} bytes in a file of "
                                   f"{size} (truncated or grown)")
             return layer
-        copy = read_at(0, FOOTER_SIZE)
-        if copy != read_at(size - FOOTER_SIZE, FOOTER_SIZE):
+        if copy != end:
             # blktap's hidden flag on old tapdisk images lives in the copy only; any
             # other difference is damage, but the end footer is the one that counts.
-            Footer.unpack(copy, p, "copy at offset 0")
+            Footer.unpack(copy, p, "copy at offset 0", disabled_ok)
         hoff = footer.data_offset
         if hoff % SECTOR_SIZE or hoff < FOOTER_SIZE or hoff + HEADER_SIZE > size - FOOTER_SIZE:
             raise VhdError(p, f"header offset {hoff} is outside the file")
@@ -436,13 +482,14 @@ def open_chain(path: str | os.PathLike[str], *, max_depth: int = MAX_CHAIN) -> l
         child = chain[-1]
         if len(chain) >= max_depth:
             raise VhdError(path, f"chain deeper than {max_depth} images")
-        parent = Layer.open(child.parent_path())
+        parent_path = child.parent_path()
+        parent = Layer.open_raw(parent_path) if child.parent_is_raw else Layer.open(parent_path)
         ident = _identity(parent.path)
         if ident in seen:
             raise VhdError(child.path, f"parent chain loops back to {parent.path}", errno.ELOOP)
         seen.add(ident)
         assert child.header is not None
-        if parent.footer.uuid != child.header.parent_uuid:
+        if not parent.raw and parent.footer.uuid != child.header.parent_uuid:
             raise VhdError(child.path, f"parent {parent.path} has UUID "
                            f"{uuidlib.UUID(bytes=parent.footer.uuid)}, the child expects "
                            f"{uuidlib.UUID(bytes=child.header.parent_uuid)}")
@@ -506,17 +553,21 @@ def new_footer(disk_type: int, size: int, data_offset: int) -> Footer:
 
 
 def create(path: str | os.PathLike[str], size: int, *, fixed: bool = False,
-           parent: str | os.PathLike[str] | None = None,
+           parent: str | os.PathLike[str] | None = None, parent_raw: bool = False,
            block_size: int = DEFAULT_BLOCK_SIZE, max_size: int = 0) -> Layer:
     """A new fixed, dynamic or (with `parent`) differencing VHD of `size` bytes (a
     differencing disk takes its parent's size when `size` is 0), its BAT large enough to
-    grow to `max_size` without moving blocks (blktap's -S). Refuses to overwrite."""
+    grow to `max_size` without moving blocks (blktap's -S). `parent_raw`: the parent is
+    a raw file (a null parent UUID). Refuses to overwrite."""
     p = Path(path)
     if size % SECTOR_SIZE or size < 0:
         raise VhdError(p, f"size {size} is not a multiple of 512")
     parent_layer = None
     if parent is not None:
-        parent_layer = Layer.open(parent)
+        parent_layer = Layer.open_raw(parent) if parent_raw else Layer.open(parent)
+        if not parent_raw and parent_layer.footer.uuid == bytes(16):
+            # A null parent UUID is what marks a raw parent (libvhd refuses this too).
+            raise VhdError(p, f"parent {parent} has a null UUID")
         size = size or parent_layer.footer.current_size
         if size < parent_layer.footer.current_size:
             raise VhdError(p, f"size {size} is smaller than the parent's "

@@ -110,3 +110,39 @@ def test_a_stopped_bench_leaves_no_tapdisk_and_no_file(sig: signal.Signals) -> N
         assert list(work.iterdir()) == []  # the file, the sockets, the simulated machine
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_vhd_chain_reads_as_the_raw_file_with_partial_blocks_in_the_leaf(
+        tmp_path: Path) -> None:
+    from blktap3.datapath import Image
+    from blktap3.datapath import vhdformat as vhd
+
+    disk = tmp_path / "disk.img"
+    bench._prepare(disk, 12 << 20)  # 6 blocks of 2 MiB
+    leaf = bench._prepare_chain(disk, bench._prepare_vhd(disk, tmp_path / "base.vhd"))
+    chain = vhd.open_chain(leaf)
+    assert [c.path.name for c in chain] == ["leaf.vhd", "mid.vhd", "base.vhd"]
+    img = Image.open("vhd", str(leaf), readonly=True)
+    try:
+        assert img.read(0, 12 << 11) == disk.read_bytes()
+    finally:
+        img.close()
+    # Whole blocks in mid (1, 4) and leaf (2, 5); 4 KiB at the start of 0, 3 in the leaf.
+    used = [[i for i, e in enumerate(c.bat) if e != vhd.BAT_UNUSED] for c in chain]
+    assert used == [[0, 2, 3, 5], [1, 4], [0, 1, 2, 3, 4, 5]]
+    with open(leaf, "rb") as f:
+        assert chain[0].bitmap(f, 0)[:2] == b"\xff\x00" and chain[0].bitmap(f, 2)[-1] == 0xFF
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_image_vhd_prints_a_row_per_vhd_with_its_ratio_to_raw(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--json", str(out), "--runtime", "0.3", "--rounds", "2", "--size-mib", "8",
+                     "--only", "1M seqread", "--image", "vhd"])
+    assert rc == 0
+    raw, dynamic, chain = json.loads(out.read_text())
+    assert [r["workload"] for r in (raw, dynamic, chain)] == [
+        "1M seqread QD8", "  vhd 1M seqread QD8", "  vhd chain3 1M seqread QD8"]
+    for row in (dynamic, chain):
+        assert row["raw_iops"] > 0 and row["ours_iops"] > 0 and row["rounds"] == 2
+        assert 0 < row["ratio_min"] <= row["ratio"] <= row["ratio_max"]

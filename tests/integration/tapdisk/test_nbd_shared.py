@@ -114,3 +114,34 @@ def test_the_nbd_stats_file_counts_the_exports_requests(
     assert nbd_stats(old)["write_reqs_submitted"] == 0  # nobody used the old-style socket
     assert tap_ctl("destroy", "-p", str(pid), "-m", str(minor)).code == 0
     wait_until(lambda: not stats.exists() and not old.exists(), what="the NBD files gone")
+
+
+def test_a_vhd_over_a_raw_file_serves_the_raw_data_on_a_live_vbd(
+    tap_ctl: TapCtl, ctl_root: Path
+) -> None:
+    """`vhd:` of a snapshot whose parent is a raw file (blktap's `snapshot -m`): the
+    export reads the raw file's bytes through the leaf, and writes land in the leaf."""
+    raw, leaf = ctl_root / "base.raw", ctl_root / "over-raw.vhd"
+    raw.write_bytes(b"\x3c" * (3 * MiB) + b"\x5a" * (SIZE - 3 * MiB))
+    vhd.create(leaf, 0, parent=raw, parent_raw=True)
+    pid, minor = create(tap_ctl, f"vhd:{leaf}")
+    export = uri(ctl_root, pid, minor)
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x3c 0 3M", "-c", "read -P 0x5a 3M 5M",
+        "-c", "write -P 0x77 2M 2M", "-c", "write -P 0x11 7M 4k", "-c", "flush",
+        "-c", "read -P 0x3c 0 2M", "-c", "read -P 0x77 2M 2M", "-c", "read -P 0x5a 4M 3M",
+        export)
+    live = ctl_root / "live.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", export, str(live))
+    assert tap_ctl("destroy", "-p", str(pid), "-m", str(minor)).code == 0
+    want = bytearray(raw.read_bytes())
+    want[2 * MiB:4 * MiB] = b"\x77" * (2 * MiB)
+    want[7 * MiB:7 * MiB + 4096] = b"\x11" * 4096
+    assert live.read_bytes() == bytes(want)
+    assert raw.read_bytes()[2 * MiB:4 * MiB] != b"\x77" * (2 * MiB)   # not written
+    # qemu-img's vpc driver knows no parent: it sees the leaf's own sectors over zeros.
+    alone = ctl_root / "alone.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(leaf), str(alone))
+    only = bytearray(SIZE)
+    only[2 * MiB:4 * MiB] = b"\x77" * (2 * MiB)
+    only[7 * MiB:7 * MiB + 4096] = b"\x11" * 4096
+    assert alone.read_bytes() == bytes(only)
