@@ -86,9 +86,11 @@ class ReadBackendInfo(Effect):
 @dataclass(frozen=True)
 class OfferRing(Effect):
     """(front-end) Grant a shared ring of 2**order pages to the back-end and bind an
-    unbound event channel for it; answer with `RingOffered` or `RingOfferFailed`."""
+    unbound event channel for it, for each of `queues` queues (multi-queue: a ring per
+    queue); answer with `RingOffered` (every queue's) or `RingOfferFailed`."""
 
     order: int
+    queues: int = 1
 
 
 @dataclass(frozen=True)

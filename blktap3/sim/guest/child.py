@@ -166,8 +166,10 @@ def ring_xenstore(run_dir: str | os.PathLike[str], domid: int,
 def _guest_ring_factory(backend: int, qd: int) -> RingFactory[GuestRing]:
     from ..guestdrv import GuestRing  # the C driver loads only in the guest process
 
-    def make(order: int, protocol: BlkifProtocol) -> GuestRing:
-        return GuestRing(backend, order=order, protocol=protocol, data_slots=qd)
+    def make(order: int, protocol: BlkifProtocol, queues: int) -> GuestRing:
+        # The queue depth is shared out among the queues (`run_workload`).
+        return GuestRing(backend, order=order, protocol=protocol,
+                         data_slots=max(1, qd // queues))
 
     return make
 
@@ -237,11 +239,13 @@ def run(options: GuestOptions, emit: Callable[[Step], None], stop: threading.Eve
             disk = bf.connect(options.timeout)
 
             def phase_done(p: PhaseFigures) -> None:
+                queues = (f", requests per queue {'/'.join(map(str, p.queues))}"
+                          if len(p.queues) > 1 else "")
                 timeline.add("fe", f"I/O {p.phase}: {p.ios} x {io.bs} B, "
-                                   f"{p.iops:.0f} IOPS, {p.mbps:.1f} MB/s")
+                                   f"{p.iops:.0f} IOPS, {p.mbps:.1f} MB/s{queues}")
 
-            assert bf.ring is not None  # Connected: the ring is up
-            phases = run_workload(bf.ring, options.workload, disk.sectors, is_readonly(disk),
+            assert bf.rings  # Connected: the rings are up, one per queue
+            phases = run_workload(bf.rings, options.workload, disk.sectors, is_readonly(disk),
                                   io, phase_done)
             result.cycles.append(CycleFigures(disk.sectors, tuple(phases)))
             failure = check_phases(phases)

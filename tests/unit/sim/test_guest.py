@@ -36,7 +36,7 @@ def phase(name: str = "write", **changes: Any) -> PhaseFigures:
 
 def test_a_phase_keeps_the_json_keys_the_guest_always_printed() -> None:
     p = phase()
-    assert list(p.as_json()) == [*RING_RUN, "phase", "mbps"]
+    assert list(p.as_json()) == [*RING_RUN, "phase", "mbps", "queues"]
     assert p.as_json()["mbps"] == pytest.approx((8 << 20) / 0.05 / 1e6)
     assert PhaseFigures.from_json(json.loads(json.dumps(p.as_json()))) == p
 
@@ -70,7 +70,7 @@ class FakeRing:
 def test_verify_writes_then_reads_back_the_same_stamp() -> None:
     ring = FakeRing()
     seen: list[str] = []
-    phases = run_workload(ring, "verify", 1 << 20, False, IoOptions(bs=4096, span_mib=1),
+    phases = run_workload([ring], "verify", 1 << 20, False, IoOptions(bs=4096, span_mib=1),
                           lambda p: seen.append(p.phase))
     assert [p.phase for p in phases] == seen == ["write", "read back"]
     write, read = ring.calls
@@ -79,13 +79,29 @@ def test_verify_writes_then_reads_back_the_same_stamp() -> None:
     assert write["verify"] and read["verify"] and write["stamp"] == read["stamp"] != 0
 
 
+def test_several_queues_share_the_depth_and_the_region_and_add_up() -> None:
+    # As blk-mq feeds blkfront's queues from their CPUs: every ring at once, the queue
+    # depth shared out, each its own slice of the region (verified writes never overlap).
+    rings = [FakeRing() for _ in range(4)]
+    phases = run_workload(rings, "verify", 1 << 20, False,
+                          IoOptions(qd=16, bs=4096, span_mib=1))
+    starts = sorted(r.calls[0]["start"] for r in rings)
+    assert starts == [0, 512, 1024, 1536] and all(r.calls[0]["span"] == 512 for r in rings)
+    assert all(c["qd"] == 4 and c["ios"] == 64 for r in rings for c in r.calls)
+    assert len({r.calls[0]["seed"] for r in rings}) == 4
+    write = phases[0]
+    assert write.ios == 4 * 2048 and write.queues == (2048,) * 4
+    assert write.elapsed_ns == 50_000_000 and write.iops == pytest.approx(4 * 2048 / 0.05)
+    assert PhaseFigures.from_json(json.loads(json.dumps(write.as_json()))) == write
+
+
 def test_a_writing_workload_on_a_read_only_disk_or_a_tiny_one_is_refused() -> None:
     with pytest.raises(WorkloadError, match="read-only"):
-        run_workload(FakeRing(), "randrw", 1 << 20, True, IoOptions())
+        run_workload([FakeRing()], "randrw", 1 << 20, True, IoOptions())
     with pytest.raises(WorkloadError, match="smaller than one 4096 B I/O"):
-        run_workload(FakeRing(), "read", 4, False, IoOptions())
+        run_workload([FakeRing()], "read", 4, False, IoOptions())
     ring = FakeRing()
-    assert run_workload(ring, "none", 1 << 20, True, IoOptions()) == [] and not ring.calls
+    assert run_workload([ring], "none", 1 << 20, True, IoOptions()) == [] and not ring.calls
 
 
 def report() -> GuestReport:
