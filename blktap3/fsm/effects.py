@@ -91,6 +91,9 @@ class OfferRing(Effect):
 
     order: int
     queues: int = 1
+    # Segments per INDIRECT request (0: none, requests of 11 segments at most): each ring
+    # slot needs indirect pages for that many.
+    indirect_segments: int = 0
 
 
 @dataclass(frozen=True)

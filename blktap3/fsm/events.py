@@ -123,13 +123,15 @@ class BackendStateChanged(Event):
     `max_ring_page_order` is the back-end's `max-ring-page-order` read with it (0 when
     absent or not a number, as Linux's `xenbus_read_unsigned` defaults), `max_queues`
     its `multi-queue-max-queues` (1 when absent or not a number, as Linux's
-    negotiate_mq reads it); the front-end machine uses them on InitWait to size the
-    rings it offers.
+    negotiate_mq reads it), `max_indirect_segments` its `feature-max-indirect-segments`
+    (0: none offered); the front-end machine uses them on InitWait to size the rings it
+    offers.
     """
 
     state: XenbusState
     max_ring_page_order: int = 0
     max_queues: int = 1
+    max_indirect_segments: int = 0
 
     @property
     def trigger(self) -> str:

@@ -60,24 +60,29 @@ def _unsigned(raw: str | None, default: int) -> int:
 
 
 def backend_event(state: str | None, max_ring_page_order: str | None = None,
-                  max_queues: str | None = None) -> Event:
+                  max_queues: str | None = None,
+                  max_indirect_segments: str | None = None) -> Event:
     """The event for one look at the back-end: its raw `state` node (None: absent) and,
     for InitWait, its raw `max-ring-page-order` (absent or not a number: 0, as Linux's
-    `xenbus_read_unsigned` defaults; any number: the machine caps it by its own) and
-    `multi-queue-max-queues` (absent or not a number: 1, as negotiate_mq reads it)."""
+    `xenbus_read_unsigned` defaults; any number: the machine caps it by its own),
+    `multi-queue-max-queues` (absent or not a number: 1, as negotiate_mq reads it) and
+    `feature-max-indirect-segments` (absent or not a number: 0, none)."""
     if state is None:
         return BackendVanished()
     parsed = parse_xenbus_state(state)
     if parsed is None:
         return BackendStateInvalid(state)
     return BackendStateChanged(parsed, _unsigned(max_ring_page_order, 0),
-                               _unsigned(max_queues, 1))
+                               _unsigned(max_queues, 1), _unsigned(max_indirect_segments, 0))
 
 
 def observe_backend(read: BackendReader) -> Event:
     """`backend_event` from a reader of the back-end's keys (`read("state")` and, only on
-    InitWait, `read("max-ring-page-order")` and `read("multi-queue-max-queues")`): what a
-    blkfront reads when its watch fires.
+    InitWait, the offers the rings are sized by: `max-ring-page-order`,
+    `multi-queue-max-queues`, `feature-max-indirect-segments`, which blkback and tapback
+    write before InitWait): what a blkfront reads when its watch fires. (Linux reads the
+    indirect offer on Connected and sizes its indirect pages then; ours are part of the
+    ring the guest shares at InitWait.)
 
     `read` is whatever the owner has: `lambda k: xs.read_optional(f"{backend}/{k}")`, or
     a `MemoryStore`'s read; this function does no I/O of its own.
@@ -85,7 +90,8 @@ def observe_backend(read: BackendReader) -> Event:
     state = read("state")
     if state is not None and parse_xenbus_state(state) is XenbusState.INIT_WAIT:
         return backend_event(state, read("max-ring-page-order"),
-                             read("multi-queue-max-queues"))
+                             read("multi-queue-max-queues"),
+                             read("feature-max-indirect-segments"))
     return backend_event(state)
 
 
@@ -100,6 +106,9 @@ class FrontendOptions:
     # Its own most queues (Linux: xen_blkif_max_queues, at most the online CPUs); the
     # back-end's multi-queue-max-queues caps it (negotiate_mq).
     max_queues: int = 1
+    # Its own most segments per INDIRECT request (Linux: xen_blkif_max_segments, 32; 0:
+    # never indirect); the back-end's feature-max-indirect-segments caps it.
+    max_indirect_segments: int = 0
     # The `protocol` key as written (None: left out, native); a string, so that tests
     # can write what a hostile guest would.
     protocol: str | None = BlkifProtocol.X86_64.xenstore
@@ -188,7 +197,9 @@ class FrontendVbd(SpecMachine):
 
     def offer_ring(self, event: BackendStateChanged, **_: Any) -> None:
         self.emit(OfferRing(min(self.options.max_ring_page_order, event.max_ring_page_order),
-                            max(1, min(self.options.max_queues, event.max_queues))))
+                            max(1, min(self.options.max_queues, event.max_queues)),
+                            min(self.options.max_indirect_segments,
+                                event.max_indirect_segments)))
 
     def record_ring(self, event: RingOffered, **_: Any) -> None:
         self.ring = event

@@ -39,7 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from blktap3.abi import MAX_QUEUES, BlkifProtocol, VdiskInfo
+from blktap3.abi import MAX_INDIRECT_SEGMENTS, MAX_QUEUES, BlkifProtocol, VdiskInfo
 from blktap3.fsm import (
     BackendInfoInvalid,
     BackendInfoRead,
@@ -100,6 +100,7 @@ class Personality:
     ring_page_order: int  # the front-end's own maximum; capped by the back-end's
     max_queues: int  # its own most queues (Linux: xen_blkif_max_queues, 4); capped by the
     # online CPUs (as Linux caps it at load) and by the back-end's multi-queue-max-queues
+    max_indirect_segments: int  # Linux: xen_blkif_max_segments, 32; 0: never INDIRECT
     protocol: BlkifProtocol  # native leaves the `protocol` key out
     feature_persistent: bool
     write_feature_persistent: bool
@@ -125,7 +126,8 @@ def load_personality(name: str) -> Personality:
 def parse_personality(data: dict[str, Any], name: str) -> Personality:
     """A personality from its TOML tables; every key is required and typed."""
     expected: dict[str, dict[str, type]] = {"personality": {"name": str, "doc": str},
-                "transport": {"ring_page_order": int, "max_queues": int, "protocol": str,
+                "transport": {"ring_page_order": int, "max_queues": int,
+                              "max_indirect_segments": int, "protocol": str,
                               "feature_persistent": bool, "write_feature_persistent": bool,
                               "keys_in_transaction": bool, "state_in_transaction": bool},
                 "read": {"mandatory": list, "optional": list}}
@@ -147,6 +149,9 @@ def parse_personality(data: dict[str, Any], name: str) -> Personality:
         raise ValueError(f"personality {name}: ring_page_order not in 0..{MAX_RING_PAGE_ORDER}")
     if not 1 <= tr["max_queues"] <= MAX_QUEUES:
         raise ValueError(f"personality {name}: max_queues not in 1..{MAX_QUEUES}")
+    if not 0 <= tr["max_indirect_segments"] <= MAX_INDIRECT_SEGMENTS:
+        raise ValueError(f"personality {name}: max_indirect_segments not in "
+                         f"0..{MAX_INDIRECT_SEGMENTS}")
     protocol = BlkifProtocol.from_xenstore(tr["protocol"] or None)  # "": key left out
     if protocol is None:
         raise ValueError(f"personality {name}: protocol {tr['protocol']!r} is not a Xen "
@@ -156,7 +161,7 @@ def parse_personality(data: dict[str, Any], name: str) -> Personality:
         raise ValueError(f"personality {name}: read keys must be non-empty strings")
     return Personality(
         name=name, doc=data["personality"]["doc"], ring_page_order=tr["ring_page_order"],
-        max_queues=tr["max_queues"],
+        max_queues=tr["max_queues"], max_indirect_segments=tr["max_indirect_segments"],
         protocol=protocol, feature_persistent=tr["feature_persistent"],
         write_feature_persistent=tr["write_feature_persistent"],
         keys_in_transaction=tr["keys_in_transaction"],
@@ -181,8 +186,8 @@ class Ring(Protocol):
 
 
 R = TypeVar("R", bound=Ring)  # the owner's own ring type (the guest's: the C driver's)
-# (ring page order, layout, queues of the device) -> one queue's ring
-RingFactory = Callable[[int, BlkifProtocol, int], R]
+# (what the machine settled on: order, queues, indirect segments; layout) -> one queue's ring
+RingFactory = Callable[[OfferRing, BlkifProtocol], R]
 
 
 # -- the timeline ---------------------------------------------------------------------------
@@ -264,6 +269,7 @@ def machine_options(personality: Personality) -> FrontendOptions:
     return FrontendOptions(
         max_ring_page_order=personality.ring_page_order,
         max_queues=max(1, min(personality.max_queues, os.sysconf("SC_NPROCESSORS_ONLN"))),
+        max_indirect_segments=personality.max_indirect_segments,
         protocol=personality.protocol.xenstore,
         persistent=(personality.feature_persistent if personality.write_feature_persistent
                     else None),
@@ -439,8 +445,8 @@ class Blkfront(Generic[R]):
     def _execute(self, effects: Sequence[Effect]) -> None:
         for effect in effects:
             match effect:
-                case OfferRing(order=order, queues=queues):
-                    self._offer_ring(order, queues)
+                case OfferRing():
+                    self._offer_ring(effect)
                 case WriteKeys():
                     self._write_keys(effect)
                 case PublishState(state=state):
@@ -457,22 +463,25 @@ class Blkfront(Generic[R]):
 
     # -- effects ---------------------------------------------------------------------------
 
-    def _offer_ring(self, order: int, queues: int) -> None:
+    def _offer_ring(self, offer: OfferRing) -> None:
         """Grant a ring of 2**order pages and bind its event channel for each queue; tell
         the machine."""
         if self.rings:
             raise TypeError("front-end machine offered a second ring")  # our bug
+        order, queues = offer.order, offer.queues
         try:
             for _ in range(queues):
-                self.rings.append(self._ring_factory(order, self.personality.protocol, queues))
+                self.rings.append(self._ring_factory(offer, self.personality.protocol))
         except OSError as e:
             self._close_rings()
             self._feed(RingOfferFailed(str(e)))
             raise FrontendFailure(f"cannot offer {queues} ring(s) of {1 << order} page(s): "
                                   f"{e}") from None
         ports = ", ".join(str(ring.port) for ring in self.rings)
+        indirect = (f", {offer.indirect_segments} segments per indirect request"
+                    if offer.indirect_segments else "")
         self.timeline.add("fe", f"{queues} ring(s) of {1 << order} page(s) shared, event "
-                                f"channel(s) {ports}")
+                                f"channel(s) {ports}{indirect}")
         first, *more = self.rings
         self._feed(RingOffered(tuple(first.grefs), first.port,
                                tuple((tuple(r.grefs), r.port) for r in more)))

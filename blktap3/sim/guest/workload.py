@@ -78,6 +78,7 @@ class PhaseFigures:
     mbps: float
     timed_out: bool
     queues: tuple[int, ...] = ()  # ring requests each queue sent, queue 0 first
+    indirect: int = 0  # of all those requests, the BLKIF_OP_INDIRECT ones
 
     @classmethod
     def from_ring(cls, phase: str, figures: Mapping[str, Any]) -> PhaseFigures:
@@ -86,7 +87,8 @@ class PhaseFigures:
         return cls(phase=phase, **counts, iops=float(figures["iops"]),
                    mbps=counts["bytes"] / secs / 1e6 if secs else 0.0,
                    timed_out=bool(figures["timed_out"]),
-                   queues=(int(figures.get("requests", counts["ios"])),))
+                   queues=(int(figures.get("requests", counts["ios"])),),
+                   indirect=int(figures.get("indirect", 0)))
 
     @classmethod
     def from_rings(cls, phase: str, each: Sequence[Mapping[str, Any]]) -> PhaseFigures:
@@ -102,7 +104,8 @@ class PhaseFigures:
         return cls(phase=phase, **counts, iops=counts["ios"] / secs if secs else 0.0,
                    mbps=counts["bytes"] / secs / 1e6 if secs else 0.0,
                    timed_out=any(p.timed_out for p in parts),
-                   queues=tuple(q for p in parts for q in p.queues))
+                   queues=tuple(q for p in parts for q in p.queues),
+                   indirect=sum(p.indirect for p in parts))
 
     def failure(self) -> str | None:
         """Why this phase failed (errors, lost, ... or a timeout), or None."""
@@ -114,13 +117,14 @@ class PhaseFigures:
     def as_json(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in _RING_COUNTS}, "iops": self.iops,
                 "timed_out": self.timed_out, "phase": self.phase, "mbps": self.mbps,
-                "queues": list(self.queues)}
+                "queues": list(self.queues), "indirect": self.indirect}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> PhaseFigures:
         return cls(phase=str(d["phase"]), **{k: int(d[k]) for k in _RING_COUNTS},
                    iops=float(d["iops"]), mbps=float(d["mbps"]), timed_out=bool(d["timed_out"]),
-                   queues=tuple(int(q) for q in d.get("queues", ())))
+                   queues=tuple(int(q) for q in d.get("queues", ())),
+                   indirect=int(d.get("indirect", 0)))
 
 
 @dataclass(frozen=True)

@@ -274,3 +274,20 @@ def test_the_linux_guest_spreads_its_io_over_every_queue_it_negotiated(
     assert [q["reqs"] for q in xenbus["queues"]] == [[n, n] for n in sent]
     assert xenbus["reqs"] == [sum(sent), sum(sent)]
     assert sum(sent) == result.report.io.ios and result.report.io.mismatches == 0
+
+
+def test_the_linux_guest_sends_indirect_requests_of_the_segments_it_negotiated(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """Linux blkfront takes min(its max_indirect_segments, 32, and the back-end's
+    feature-max-indirect-segments, 256): a 128 KiB block is one INDIRECT request of 32
+    segments, and a 256 KiB one two; every byte verified through tapdisk."""
+    disk(17)
+    for bs, per_block in ((128 << 10, 1), (256 << 10, 2)):
+        result = run_guest(system, 17, DEVID, "linux", "randrw", timeout=60,
+                           extra=["--bs", str(bs), "--qd", "4", "--seconds", "0.2"])
+        assert result.ok, result.summary() + "\n" + result.timeline_text()
+        assert result.report.features["feature-max-indirect-segments"] == "256"
+        assert "32 segments per indirect request" in result.timeline_text()
+        phases = [p for c in result.report.cycles for p in c.phases]
+        assert all(p.indirect == sum(p.queues) == per_block * p.ios > 0 for p in phases)
+        assert result.report.io.mismatches == 0
