@@ -16,6 +16,7 @@ What lives here:
   whatever `sector-size` says);
 - `MAX_RING_PAGE_ORDER`: the largest multi-page ring (`max-ring-page-order`);
 - `MAX_QUEUES`: the most queues (rings) of one VBD we serve (`multi-queue-max-queues`);
+- `MAX_INDIRECT_SEGMENTS`: the most segments one INDIRECT request can name;
 - `VbdStateBits`: blktap's TD_VBD_* word that `tap-ctl list` prints (tapdisk-vbd.h).
 """
 
@@ -34,6 +35,10 @@ MAX_RING_PAGE_ORDER: Final = 4
 # = num_online_cpus()), capped here. Linux blkfront asks min(that, its max_queues
 # parameter, 4 by default, and the online CPUs).
 MAX_QUEUES: Final = 16
+# The most segments of one BLKIF_OP_INDIRECT request: 8 indirect pages
+# (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST) of 512 eight-byte segments each. The C data
+# path's TD_MAX_INDIRECT_SEGS is checked against it.
+MAX_INDIRECT_SEGMENTS: Final = 8 * 512
 
 
 class XenbusState(enum.IntEnum):

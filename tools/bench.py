@@ -13,6 +13,14 @@ offer tapback advertises, so the 1 MiB workloads travel as one INDIRECT request 
 persistent grants; ``both`` adds after each workload a ``copy`` row: the same run by grant
 copy, its ratio against fio too.
 
+``--polling US[,IDLE]`` adds after each workload a ``poll`` row: the same run with the
+back-end polling (``polling-duration`` US microseconds, ``polling-idle-threshold`` IDLE %
+of CPU, default 0: always), passed at connect as tapback passes those keys, the guest not
+polling (as Linux blkfront); its ratio is against fio too, so the rows above and below
+compare polling off and on in the same rounds' machine. After the table each poll row
+says its QD1 latency and tapdisk CPU per request against the row without polling, and
+how often the ring spun or skipped a spin (the host was less idle than IDLE) per request.
+
 ``--image vhd`` also serves, each from its own tapdisk, VHDs holding the same bytes as the
 raw file and prints after each workload a row for each, its ratio against our raw run
 of the same workload in the same rounds (VHD then raw, VHD then raw, ...; the median of
@@ -169,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "bytes, each with its ratio against raw in the same rounds")
     ap.add_argument("--poll-us", type=cmdline.int_in(0, 1_000_000), default=0,
                     help="ring service and guest spin this long before sleeping (default 0)")
+    ap.add_argument("--polling", metavar="US[,IDLE]", type=_polling, default=None,
+                    help="also run each workload with the back-end polling US microseconds "
+                         "(polling-duration) while IDLE percent of CPU is idle "
+                         "(polling-idle-threshold, default 0): a 'poll' row after each")
     ap.add_argument("--persistent", choices=("on", "off", "both"), default="on",
                     help="persistent grants negotiated (on, default), grant copy (off), or "
                          "both: a 'copy' row after each workload")
@@ -193,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         print("blktap3-bench: interrupted; everything it started was stopped",
               file=sys.stderr)
         return 130
+
+
+def _polling(text: str) -> tuple[int, int]:
+    us, _, idle = text.partition(",")
+    return cmdline.int_in(1, 1_000_000)(us), cmdline.int_in(0, 100)(idle or "0")
 
 
 def _cpus(text: str) -> tuple[int, int]:
@@ -243,6 +260,18 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     row = bench_rounds.combine(name, rounds, qd1=w["qd"] == 1)
                     results.append(row)
                     print(_row(row), flush=True)
+                row = results[-2 if both else -1]
+                if args.polling is not None:
+                    ours = functools.partial(rig.run, *shape,
+                                             persistent=args.persistent != "off",
+                                             polling=args.polling)
+                    rounds = bench_rounds.alternate(
+                        ours, functools.partial(bench_fio.run, disk, *shape), args.rounds)
+                    prow = bench_rounds.combine(f"  poll {w['workload']}", rounds,
+                                                qd1=w["qd"] == 1)
+                    prow["unpolled"] = row
+                    results.append(prow)
+                    print(_row(prow), flush=True)
                 for name in images:
                     vrow = _against_raw(rig, name, shape, args.rounds,
                                         persistent=args.persistent != "off")
@@ -269,6 +298,9 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
         if r.get(QD1_KEY) is not None:
             print(f"{r['workload']}: p50 latency added by the ring path {r[QD1_KEY]:.1f} us "
                   f"(median of {r['rounds']} rounds)")
+    for r in results:
+        if "unpolled" in r:
+            print(_polling_summary(r, r["unpolled"], args.polling))
     if args.json:
         Path(args.json).write_text(json.dumps([_json(r) for r in results], indent=2) + "\n")
     if args.plot is not None:
@@ -287,6 +319,23 @@ def _against_raw(rig: bench_ring.RingRig, image: str, shape: tuple[str, int, int
     pairs = bench_rounds.alternate(
         functools.partial(rig.run, *shape, image=image, persistent=persistent), raw, rounds)
     return bench_rounds.combine("", pairs, peer="raw_iops")
+
+
+def _polling_summary(polled: dict[str, Any], unpolled: dict[str, Any],
+                     polling: tuple[int, int]) -> str:
+    """One line: what polling changed in a workload's latency and CPU (medians)."""
+    def change(key: str, unit: str) -> str:
+        on, off = polled.get(key), unpolled.get(key)
+        if not isinstance(on, int | float) or not isinstance(off, int | float) or not off:
+            return f"{key} -"
+        return f"{key} {off:.1f} -> {on:.1f} {unit} (x{on / off:.2f})"
+
+    return (f"{polled['workload'].strip()} ({polling[0]} us, idle threshold {polling[1]} %): "
+            f"{change('ours_p50_us', 'us')}, {change('cpu_us_per_req', 'us')}, "
+            f"IOPS ratio to fio {_num(unpolled.get('ratio'), '.2f')} -> "
+            f"{_num(polled.get('ratio'), '.2f')}; per request "
+            f"{_num(polled.get('spins_per_req'), '.2f')} spins, "
+            f"{_num(polled.get('spins_skipped_per_req'), '.2f')} skipped (host busy)")
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:

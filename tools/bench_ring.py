@@ -184,9 +184,11 @@ class RingRig:
         self._stop()
 
     def _ring(self, image: str, order: int, run: dict[str, Any], persistent: bool = True,
-              **ring: int) -> dict[str, Any]:
+              polling: tuple[int, int] = (0, 0), **ring: int) -> dict[str, Any]:
         """One guest run; ``ring``: the guest ring's ``data_slots``/``slot_pages``;
-        ``persistent``: persistent grants negotiated (else grant copy)."""
+        ``persistent``: persistent grants negotiated (else grant copy); ``polling``: the
+        back-end's (polling-duration us, polling-idle-threshold %) passed at connect as
+        tapback passes those keys ((0, 0): the tapdisk's default, ``poll_us``)."""
         vbd = self.vbds[image]
         guest = LineProcess([sys.executable, "-m", "blktap3.sim.guestdrv"],
                             process_env(self.run_dir, GUEST))
@@ -201,6 +203,7 @@ class RingRig:
                     order=order, port=g["port"], proto=BLKIF_PROTOCOL_NATIVE,
                     max_indirect_segments=DEFAULT_MAX_INDIRECT_SEGMENTS,
                     persistent=persistent,
+                    poll_duration=polling[0], poll_idle_threshold=polling[1],
                 )
                 t0, g0 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
                 c0 = context_switches(vbd.pid)
@@ -213,6 +216,8 @@ class RingRig:
             guest.close()
         if res["errors"] or res["lost"]:
             raise RuntimeError(f"ring errors: {res}")
+        spins = res["tapdisk_stats"]["xenbus"].get("polling", {})
+        res["spins"], res["spins_skipped"] = spins.get("polls", 0), spins.get("busy", 0)
         res["tapdisk_cpu"] = cpu_delta(t0, t1)
         res["guest_cpu"] = cpu_delta(g0, g1)
         res["tapdisk_switches"] = c1 - c0
@@ -232,10 +237,13 @@ class RingRig:
             "guest_cpu_us_per_req": res["guest_cpu"] * 1e6 / ios if ios else None,
             "kicks_per_req": (res["kicks_out"] + res["kicks_in"]) / ios if ios else None,
             "switches_per_req": res["tapdisk_switches"] / ios if ios else None,
+            "spins_per_req": res["spins"] / ios if ios else None,
+            "spins_skipped_per_req": res["spins_skipped"] / ios if ios else None,
         }
 
     def run(self, rw: str, bs: int, qd: int, runtime: float,
-            image: str = "disk", persistent: bool = True) -> dict[str, Any]:
+            image: str = "disk", persistent: bool = True,
+            polling: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         sectors = self.disk.stat().st_size // 512
         pages = -(-bs // PAGE)
         # Blocks beyond a direct request's 11 pages get their own pages, one block each.
@@ -244,7 +252,7 @@ class RingRig:
             "qd": qd, "bs": bs, "read_pct": 100 if "read" in rw else 0,
             "random": rw.startswith("rand"), "span": sectors, "duration": runtime,
             "seed": 12345, "timeout": 30.0,
-        }, persistent, **ring))
+        }, persistent, polling, **ring))
 
     def run_queues(self, nr_queues: int, rw: str, bs: int, qd: int,
                    runtime: float, persistent: bool = True) -> dict[str, Any]:

@@ -243,7 +243,7 @@ int td_image_rw(struct td_image *img, int engine, int write, void *buf,
 struct td_stats {
     uint64_t reqs[8];       /* by op: 0..6 as BLKIF_OP_*, 7 anything else */
     uint64_t indirect[2];   /* INDIRECT requests with a sane header, by indirect_op R/W */
-    uint64_t indirect_pages;    /* indirect pages copied from the guest */
+    uint64_t indirect_pages;    /* indirect pages read (copied, or through a mapping) */
     uint64_t segments;
     uint64_t sectors_read;
     uint64_t sectors_written;

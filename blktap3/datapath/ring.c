@@ -323,10 +323,16 @@ static void run_discard(struct td_ring *r, struct td_slot *sl)
 }
 
 /*
- * An INDIRECT request whose header passed: take an indirect buffer, grant-copy the
- * indirect pages the segments need (and no more) into its private segment array, then
- * check every segment there. One copy, then checks: the guest may rewrite its pages
- * now, we never read them again (XSA-155). consume() made sure a buffer is free.
+ * An INDIRECT request whose header passed: take an indirect buffer, copy the indirect
+ * pages the segments need (and no more) into its private segment array, then check
+ * every segment there. One copy, then checks: the guest may rewrite its pages now, we
+ * never read them again (XSA-155). consume() made sure a buffer is free.
+ *
+ * With persistent grants the indirect pages come through the cache of mapped grants as
+ * data pages do: Linux blkfront takes them from the same pool of persistent grants
+ * (get_indirect_grant) and blkback maps them persistently (xen_blkbk_parse_indirect ->
+ * xen_blkbk_map), so a ring slot's indirect page is mapped once and memcpy'd from. A
+ * page the cache will not take (unmappable, cache full) is grant-copied as before.
  */
 static int take_indirect(struct td_ring *r, uint32_t s)
 {
@@ -340,20 +346,25 @@ static int take_indirect(struct td_ring *r, uint32_t s)
 
     uint32_t npages = TD_INDIRECT_PAGES(sl->req.nr_segments);
     uint32_t left = (uint32_t)sl->req.nr_segments * (uint32_t)sizeof(struct td_seg);
+    uint32_t ncopy = 0;
     for (uint32_t p = 0; p < npages; p++) {
-        xengnttab_grant_copy_segment_t *c = &r->icopy[p];
+        uint32_t len = left < TD_PAGE_SIZE ? left : TD_PAGE_SIZE;
+        char *dest = (char *)r->ibufs[b].segs + (size_t)p * TD_PAGE_SIZE;
+        left -= len;
+        if (r->pg && td_pgcache_copy(r->pg, sl->req.indirect_grefs[p], 0, dest, len, 0) == 0)
+            continue;
+        xengnttab_grant_copy_segment_t *c = &r->icopy[ncopy++];
         memset(c, 0, sizeof(*c));
         c->source.foreign.ref = sl->req.indirect_grefs[p];
         c->source.foreign.offset = 0;
         c->source.foreign.domid = (uint16_t)r->domid;
-        c->dest.virt = (char *)r->ibufs[b].segs + (size_t)p * TD_PAGE_SIZE;
-        c->len = (uint16_t)(left < TD_PAGE_SIZE ? left : TD_PAGE_SIZE);
+        c->dest.virt = dest;
+        c->len = (uint16_t)len;
         c->flags = GNTCOPY_source_gref;
-        left -= c->len;
     }
-    if (xengnttab_grant_copy(r->xgt, npages, r->icopy) != 0)
+    if (ncopy && xengnttab_grant_copy(r->xgt, ncopy, r->icopy) != 0)
         return TD_ERR_INDIRECT_GRANT;
-    for (uint32_t p = 0; p < npages; p++)
+    for (uint32_t p = 0; p < ncopy; p++)
         if (r->icopy[p].status != GNTST_okay)
             return TD_ERR_INDIRECT_GRANT;
     STAT_ADD(r, indirect_pages, npages);

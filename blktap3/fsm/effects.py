@@ -86,9 +86,14 @@ class ReadBackendInfo(Effect):
 @dataclass(frozen=True)
 class OfferRing(Effect):
     """(front-end) Grant a shared ring of 2**order pages to the back-end and bind an
-    unbound event channel for it; answer with `RingOffered` or `RingOfferFailed`."""
+    unbound event channel for it, for each of `queues` queues (multi-queue: a ring per
+    queue); answer with `RingOffered` (every queue's) or `RingOfferFailed`."""
 
     order: int
+    queues: int = 1
+    # Segments per INDIRECT request (0: none, requests of 11 segments at most): each ring
+    # slot needs indirect pages for that many.
+    indirect_segments: int = 0
 
 
 @dataclass(frozen=True)

@@ -121,12 +121,17 @@ class BackendStateChanged(Event):
     """For front-end machines: the back-end's `state` node holds a valid xenbus state.
 
     `max_ring_page_order` is the back-end's `max-ring-page-order` read with it (0 when
-    absent or not a number, as Linux's `xenbus_read_unsigned` defaults); the front-end
-    machine uses it on InitWait to size the ring it offers.
+    absent or not a number, as Linux's `xenbus_read_unsigned` defaults), `max_queues`
+    its `multi-queue-max-queues` (1 when absent or not a number, as Linux's
+    negotiate_mq reads it), `max_indirect_segments` its `feature-max-indirect-segments`
+    (0: none offered); the front-end machine uses them on InitWait to size the rings it
+    offers.
     """
 
     state: XenbusState
     max_ring_page_order: int = 0
+    max_queues: int = 1
+    max_indirect_segments: int = 0
 
     @property
     def trigger(self) -> str:
@@ -316,8 +321,10 @@ class RingOffered(Event):
     """Answer to `OfferRing`: the ring pages are granted and the event channel bound."""
 
     TRIGGER: ClassVar[str] = "ring_offered"
-    ring_refs: tuple[int, ...]  # one per page, 2**order of them
+    ring_refs: tuple[int, ...]  # queue 0's: one per page, 2**order of them
     event_channel: int
+    # Multi-queue: queues 1..N-1, each its own (ring refs, event channel), same order.
+    more_queues: tuple[tuple[tuple[int, ...], int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -54,31 +54,44 @@ BackendReader = Callable[[str], str | None]  # key under the back-end directory 
 _UNSIGNED = re.compile(r"[0-9]{1,10}")  # ASCII digits only, as a strict xenbus read
 
 
-def backend_event(state: str | None, max_ring_page_order: str | None = None) -> Event:
+def _unsigned(raw: str | None, default: int) -> int:
+    """A number the back-end offers, as Linux's `xenbus_read_unsigned` reads it."""
+    return int(raw) if raw is not None and _UNSIGNED.fullmatch(raw) else default
+
+
+def backend_event(state: str | None, max_ring_page_order: str | None = None,
+                  max_queues: str | None = None,
+                  max_indirect_segments: str | None = None) -> Event:
     """The event for one look at the back-end: its raw `state` node (None: absent) and,
     for InitWait, its raw `max-ring-page-order` (absent or not a number: 0, as Linux's
-    `xenbus_read_unsigned` defaults; any number: the machine caps it by its own)."""
+    `xenbus_read_unsigned` defaults; any number: the machine caps it by its own),
+    `multi-queue-max-queues` (absent or not a number: 1, as negotiate_mq reads it) and
+    `feature-max-indirect-segments` (absent or not a number: 0, none)."""
     if state is None:
         return BackendVanished()
     parsed = parse_xenbus_state(state)
     if parsed is None:
         return BackendStateInvalid(state)
-    order = 0
-    if max_ring_page_order is not None and _UNSIGNED.fullmatch(max_ring_page_order):
-        order = int(max_ring_page_order)
-    return BackendStateChanged(parsed, order)
+    return BackendStateChanged(parsed, _unsigned(max_ring_page_order, 0),
+                               _unsigned(max_queues, 1), _unsigned(max_indirect_segments, 0))
 
 
 def observe_backend(read: BackendReader) -> Event:
     """`backend_event` from a reader of the back-end's keys (`read("state")` and, only on
-    InitWait, `read("max-ring-page-order")`): what a blkfront reads when its watch fires.
+    InitWait, the offers the rings are sized by: `max-ring-page-order`,
+    `multi-queue-max-queues`, `feature-max-indirect-segments`, which blkback and tapback
+    write before InitWait): what a blkfront reads when its watch fires. (Linux reads the
+    indirect offer on Connected and sizes its indirect pages then; ours are part of the
+    ring the guest shares at InitWait.)
 
     `read` is whatever the owner has: `lambda k: xs.read_optional(f"{backend}/{k}")`, or
     a `MemoryStore`'s read; this function does no I/O of its own.
     """
     state = read("state")
     if state is not None and parse_xenbus_state(state) is XenbusState.INIT_WAIT:
-        return backend_event(state, read("max-ring-page-order"))
+        return backend_event(state, read("max-ring-page-order"),
+                             read("multi-queue-max-queues"),
+                             read("feature-max-indirect-segments"))
     return backend_event(state)
 
 
@@ -90,6 +103,12 @@ class FrontendOptions:
     """What this blkfront asks for and says of itself (a personality's transport part)."""
 
     max_ring_page_order: int = 0  # its own maximum; the back-end's max-ring-page-order caps it
+    # Its own most queues (Linux: xen_blkif_max_queues, at most the online CPUs); the
+    # back-end's multi-queue-max-queues caps it (negotiate_mq).
+    max_queues: int = 1
+    # Its own most segments per INDIRECT request (Linux: xen_blkif_max_segments, 32; 0:
+    # never indirect); the back-end's feature-max-indirect-segments caps it.
+    max_indirect_segments: int = 0
     # The `protocol` key as written (None: left out, native); a string, so that tests
     # can write what a hostile guest would.
     protocol: str | None = BlkifProtocol.X86_64.xenstore
@@ -104,15 +123,26 @@ class FrontendTransportConfig:
     event_channel: int = 8
     protocol: str | None = BlkifProtocol.X86_64.xenstore  # None: key left out (native)
     persistent: bool | None = False  # None: key left out
+    # Multi-queue: queues 1..N-1's (ring refs, event channel); queue 0's are above.
+    more_queues: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     def keys(self) -> tuple[tuple[str, str], ...]:
-        if len(self.ring_refs) == 1:
-            keys = [("ring-ref", str(self.ring_refs[0]))]
-        else:
-            order = (len(self.ring_refs) - 1).bit_length()
-            keys = [("ring-page-order", str(order))]
-            keys += [(f"ring-ref{i}", str(r)) for i, r in enumerate(self.ring_refs)]
-        keys.append(("event-channel", str(self.event_channel)))
+        """As Linux's talk_to_blkback: `ring-page-order` once, then one queue's ring refs
+        and event channel at the top, or with several `multi-queue-num-queues` and each
+        queue's under `queue-N/`."""
+        queues = ((self.ring_refs, self.event_channel), *self.more_queues)
+        keys: list[tuple[str, str]] = []
+        if len(self.ring_refs) > 1:
+            keys.append(("ring-page-order", str((len(self.ring_refs) - 1).bit_length())))
+        if len(queues) > 1:
+            keys.append(("multi-queue-num-queues", str(len(queues))))
+        for n, (refs, port) in enumerate(queues):
+            where = f"queue-{n}/" if len(queues) > 1 else ""
+            if len(refs) == 1:
+                keys.append((f"{where}ring-ref", str(refs[0])))
+            else:
+                keys += [(f"{where}ring-ref{i}", str(r)) for i, r in enumerate(refs)]
+            keys.append((f"{where}event-channel", str(port)))
         if self.protocol is not None:
             keys.append(("protocol", self.protocol))
         if self.persistent is not None:
@@ -166,7 +196,10 @@ class FrontendVbd(SpecMachine):
         self.published = event.state
 
     def offer_ring(self, event: BackendStateChanged, **_: Any) -> None:
-        self.emit(OfferRing(min(self.options.max_ring_page_order, event.max_ring_page_order)))
+        self.emit(OfferRing(min(self.options.max_ring_page_order, event.max_ring_page_order),
+                            max(1, min(self.options.max_queues, event.max_queues)),
+                            min(self.options.max_indirect_segments,
+                                event.max_indirect_segments)))
 
     def record_ring(self, event: RingOffered, **_: Any) -> None:
         self.ring = event
@@ -174,7 +207,8 @@ class FrontendVbd(SpecMachine):
     def write_transport(self, event: RingOffered, **_: Any) -> None:
         transport = FrontendTransportConfig(
             ring_refs=event.ring_refs, event_channel=event.event_channel,
-            protocol=self.options.protocol, persistent=self.options.persistent)
+            protocol=self.options.protocol, persistent=self.options.persistent,
+            more_queues=event.more_queues)
         self.emit(WriteKeys(transport.keys(), self.perms))
 
     def release_ring(self, **_: Any) -> None:

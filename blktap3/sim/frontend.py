@@ -15,10 +15,12 @@ front-end writes (its ring order, `protocol`, `feature-persistent`: the machine'
 options), and how it writes them (keys in one transaction or not, state in a
 transaction or not) and which back-end keys it reads on Connected (this executor's).
 
-The ring itself (granted pages, unbound event channel) is made by a `RingFactory` when
-the machine asks for it (`OfferRing`, on the back-end's InitWait, as Linux blkfront's
+The rings themselves (granted pages, unbound event channel), one per queue the machine
+settled on (min of the personality's `max_queues`, the online CPUs and the back-end's
+`multi-queue-max-queues`, as Linux's negotiate_mq), are made by a `RingFactory` when the
+machine asks for them (`OfferRing`, on the back-end's InitWait, as Linux blkfront's
 `talk_to_blkback`); the guest process passes one built on the C ring driver
-(`blktap3.sim.guestdrv`).
+(`blktap3.sim.guestdrv`) and feeds every queue at once (`guest.workload`).
 
 Every step is recorded in a timeline (milliseconds since the Blkfront was made, who did
 what) from which the handshake latencies are taken.
@@ -27,6 +29,7 @@ what) from which the handshake latencies are taken.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -36,7 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from blktap3.abi import BlkifProtocol, VdiskInfo
+from blktap3.abi import MAX_INDIRECT_SEGMENTS, MAX_QUEUES, BlkifProtocol, VdiskInfo
 from blktap3.fsm import (
     BackendInfoInvalid,
     BackendInfoRead,
@@ -95,6 +98,9 @@ class Personality:
     name: str
     doc: str
     ring_page_order: int  # the front-end's own maximum; capped by the back-end's
+    max_queues: int  # its own most queues (Linux: xen_blkif_max_queues, 4); capped by the
+    # online CPUs (as Linux caps it at load) and by the back-end's multi-queue-max-queues
+    max_indirect_segments: int  # Linux: xen_blkif_max_segments, 32; 0: never INDIRECT
     protocol: BlkifProtocol  # native leaves the `protocol` key out
     feature_persistent: bool
     write_feature_persistent: bool
@@ -120,7 +126,8 @@ def load_personality(name: str) -> Personality:
 def parse_personality(data: dict[str, Any], name: str) -> Personality:
     """A personality from its TOML tables; every key is required and typed."""
     expected: dict[str, dict[str, type]] = {"personality": {"name": str, "doc": str},
-                "transport": {"ring_page_order": int, "protocol": str,
+                "transport": {"ring_page_order": int, "max_queues": int,
+                              "max_indirect_segments": int, "protocol": str,
                               "feature_persistent": bool, "write_feature_persistent": bool,
                               "keys_in_transaction": bool, "state_in_transaction": bool},
                 "read": {"mandatory": list, "optional": list}}
@@ -140,6 +147,11 @@ def parse_personality(data: dict[str, Any], name: str) -> Personality:
         raise ValueError(f"personality {name}: file names itself {data['personality']['name']!r}")
     if not 0 <= tr["ring_page_order"] <= MAX_RING_PAGE_ORDER:
         raise ValueError(f"personality {name}: ring_page_order not in 0..{MAX_RING_PAGE_ORDER}")
+    if not 1 <= tr["max_queues"] <= MAX_QUEUES:
+        raise ValueError(f"personality {name}: max_queues not in 1..{MAX_QUEUES}")
+    if not 0 <= tr["max_indirect_segments"] <= MAX_INDIRECT_SEGMENTS:
+        raise ValueError(f"personality {name}: max_indirect_segments not in "
+                         f"0..{MAX_INDIRECT_SEGMENTS}")
     protocol = BlkifProtocol.from_xenstore(tr["protocol"] or None)  # "": key left out
     if protocol is None:
         raise ValueError(f"personality {name}: protocol {tr['protocol']!r} is not a Xen "
@@ -149,6 +161,7 @@ def parse_personality(data: dict[str, Any], name: str) -> Personality:
         raise ValueError(f"personality {name}: read keys must be non-empty strings")
     return Personality(
         name=name, doc=data["personality"]["doc"], ring_page_order=tr["ring_page_order"],
+        max_queues=tr["max_queues"], max_indirect_segments=tr["max_indirect_segments"],
         protocol=protocol, feature_persistent=tr["feature_persistent"],
         write_feature_persistent=tr["write_feature_persistent"],
         keys_in_transaction=tr["keys_in_transaction"],
@@ -173,7 +186,8 @@ class Ring(Protocol):
 
 
 R = TypeVar("R", bound=Ring)  # the owner's own ring type (the guest's: the C driver's)
-RingFactory = Callable[[int, BlkifProtocol], R]  # (ring page order, layout) -> a ring
+# (what the machine settled on: order, queues, indirect segments; layout) -> one queue's ring
+RingFactory = Callable[[OfferRing, BlkifProtocol], R]
 
 
 # -- the timeline ---------------------------------------------------------------------------
@@ -249,9 +263,13 @@ class Timeline:
 
 
 def machine_options(personality: Personality) -> FrontendOptions:
-    """What a personality tells the front-end machine: its ring limit and its keys."""
+    """What a personality tells the front-end machine: its ring and queue limits (queues
+    at most the online CPUs, as Linux's xen_blkif_max_queues is capped at load) and its
+    keys."""
     return FrontendOptions(
         max_ring_page_order=personality.ring_page_order,
+        max_queues=max(1, min(personality.max_queues, os.sysconf("SC_NPROCESSORS_ONLN"))),
+        max_indirect_segments=personality.max_indirect_segments,
         protocol=personality.protocol.xenstore,
         persistent=(personality.feature_persistent if personality.write_feature_persistent
                     else None),
@@ -294,7 +312,7 @@ class Blkfront(Generic[R]):
         except XenbusValueError as e:
             raise FrontendFailure(str(e)) from None
         self.machine = FrontendVbd(domid, self.backend_id, machine_options(personality))
-        self.ring: R | None = None
+        self.rings: list[R] = []  # one per queue, queue 0 first; empty: none offered
         self.backend_state: XenbusState | None = None  # last seen; None: absent or not yet
         self.features: dict[str, str] = {}
         self.backend_error: str | None = None
@@ -314,6 +332,11 @@ class Blkfront(Generic[R]):
     @property
     def disk(self) -> DiskInfo | None:
         return self.machine.disk
+
+    @property
+    def ring(self) -> R | None:
+        """Queue 0's ring (the only one without multi-queue), None when none is offered."""
+        return self.rings[0] if self.rings else None
 
     def connect(self, timeout: float) -> DiskInfo:
         """Run the handshake until both ends are Connected; the disk the back-end offers."""
@@ -358,9 +381,7 @@ class Blkfront(Generic[R]):
         """Drop the watch and the connection (the ring, if still held, is released)."""
         with contextlib.suppress(XenStoreError):
             self._watch.unwatch(f"{self.backend}/state", self._token)
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
+        self._close_rings()
         self._watch.close()
 
     # -- the event loop --------------------------------------------------------------------
@@ -424,8 +445,8 @@ class Blkfront(Generic[R]):
     def _execute(self, effects: Sequence[Effect]) -> None:
         for effect in effects:
             match effect:
-                case OfferRing(order=order):
-                    self._offer_ring(order)
+                case OfferRing():
+                    self._offer_ring(effect)
                 case WriteKeys():
                     self._write_keys(effect)
                 case PublishState(state=state):
@@ -442,26 +463,39 @@ class Blkfront(Generic[R]):
 
     # -- effects ---------------------------------------------------------------------------
 
-    def _offer_ring(self, order: int) -> None:
-        """Grant a ring of 2**order pages and bind its event channel; tell the machine."""
-        if self.ring is not None:
+    def _offer_ring(self, offer: OfferRing) -> None:
+        """Grant a ring of 2**order pages and bind its event channel for each queue; tell
+        the machine."""
+        if self.rings:
             raise TypeError("front-end machine offered a second ring")  # our bug
+        order, queues = offer.order, offer.queues
         try:
-            ring = self._ring_factory(order, self.personality.protocol)
+            for _ in range(queues):
+                self.rings.append(self._ring_factory(offer, self.personality.protocol))
         except OSError as e:
+            self._close_rings()
             self._feed(RingOfferFailed(str(e)))
-            raise FrontendFailure(f"cannot offer a ring of {1 << order} page(s): {e}") from None
-        self.ring = ring
-        self.timeline.add("fe", f"ring of {1 << order} page(s) shared, event channel "
-                                f"{ring.port}")
-        self._feed(RingOffered(tuple(ring.grefs), ring.port))
+            raise FrontendFailure(f"cannot offer {queues} ring(s) of {1 << order} page(s): "
+                                  f"{e}") from None
+        ports = ", ".join(str(ring.port) for ring in self.rings)
+        indirect = (f", {offer.indirect_segments} segments per indirect request"
+                    if offer.indirect_segments else "")
+        self.timeline.add("fe", f"{queues} ring(s) of {1 << order} page(s) shared, event "
+                                f"channel(s) {ports}{indirect}")
+        first, *more = self.rings
+        self._feed(RingOffered(tuple(first.grefs), first.port,
+                               tuple((tuple(r.grefs), r.port) for r in more)))
 
     def _release_ring(self) -> None:
-        if self.ring is None:
+        if not self.rings:
             raise TypeError("front-end machine released a ring never offered")  # our bug
-        self.ring.close()
-        self.ring = None
+        self._close_rings()
         self.timeline.add("fe", "ring released")
+
+    def _close_rings(self) -> None:
+        rings, self.rings = self.rings, []
+        for ring in rings:
+            ring.close()
 
     def _write_keys(self, effect: WriteKeys) -> None:
         text = " ".join(f"{k}={v}" for k, v in effect.keys)

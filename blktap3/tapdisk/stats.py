@@ -112,6 +112,10 @@ def vbd_stats(
         if isinstance(counters.get("persistent"), Mapping):
             # Ours, beside blktap's keys: persistent grants negotiated and their cache.
             xenbus["persistent"] = dict(counters["persistent"])
+        if isinstance(counters.get("polling"), Mapping):
+            # Ours too: spins before sleeping (polling-duration), spins skipped because
+            # less CPU was idle than polling-idle-threshold, and that threshold.
+            xenbus["polling"] = dict(counters["polling"])
         if counters.get("halted"):
             xenbus["halted"] = str(counters["halted"])
         queues = counters.get("queues") or ()

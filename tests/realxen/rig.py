@@ -138,12 +138,30 @@ class Run:
                 return int(m.group(1))
         return None
 
+    def queue_requests(self) -> list[int] | None:
+        """Requests our tapdisk took on each of the VBD's queues, from the last `tap-ctl
+        stats` printed while its rings were served (`xenbus.queues`, ours, beside blktap's
+        summed `xenbus.reqs`); one queue: its total. None: no such line (blkback's run)."""
+        found = None
+        for line in self.text:
+            if not line.startswith("@@TAPDISK-STATS "):
+                continue
+            try:
+                xenbus = json.loads(line.removeprefix("@@TAPDISK-STATS ")).get("xenbus")
+            except (ValueError, AttributeError):
+                continue
+            if not isinstance(xenbus, dict):
+                continue  # no ring served at that moment
+            queues = xenbus.get("queues") or [xenbus]
+            found = [int(q["reqs"][0]) for q in queues]
+        return found
+
     def summary(self) -> dict[str, object]:
         """What the fio pair's table needs of this run, as JSON-ready data."""
         lines = self.blkfront_lines()
         return {"mode": self.mode, "valid": not self.faults(), "failure": self.failure(),
                 "blkfront": lines[-1] if lines else None, "queues": self.queues(),
-                "fio": self.fio()}
+                "queue_requests": self.queue_requests(), "fio": self.fio()}
 
     def real_xen_verdict(self) -> tuple[str, str]:
         """Our tapdisk mapped Debian's Xen libraries (no simulator) and held the real
@@ -260,7 +278,11 @@ def fio_table(control: dict[str, object], ours: dict[str, object]) -> str:
                     f"{b['bw_kib'] / 1024:13.1f} {o['bw_kib'] / 1024:10.1f} "
                     f"{b['clat_p50_us']:>7.0f}/{o['clat_p50_us']:<6.0f}")
     for name, run in (("blkback", control), ("ours", ours)):
-        rows.append(f"{name:>7}: queues={run.get('queues')} blkfront: {run.get('blkfront')}")
+        per_queue = run.get("queue_requests")
+        served = (f" (tapdisk requests per queue {'/'.join(map(str, per_queue))})"
+                  if isinstance(per_queue, list) else "")
+        rows.append(f"{name:>7}: queues={run.get('queues')}{served} "
+                    f"blkfront: {run.get('blkfront')}")
     return "\n".join(rows)
 
 
@@ -372,7 +394,8 @@ def report(run: Run, timer: Timer, log: Path) -> None:
     print("  guest blkfront lines:")
     for line in run.blkfront_lines():
         print(f"    {line}")
-    print(f"  guest queues: {run.queues()}")
+    print(f"  guest queues: {run.queues()}, tapdisk requests per queue: "
+          f"{run.queue_requests()}")
     for job, figures in run.fio().items():
         print(f"  fio {job}: {figures['iops']:.0f} IOPS, {figures['bw_kib'] / 1024:.1f} MiB/s, "
               f"clat p50 {figures['clat_p50_us']:.0f} us")

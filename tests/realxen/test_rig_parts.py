@@ -179,6 +179,23 @@ def test_fio_figures_are_read_from_the_terse_lines() -> None:
     assert run.results()["fio-figures"] == ("pass", "")
 
 
+def test_our_tapdisks_requests_per_queue_come_from_its_stats_line() -> None:
+    # What our tap-ctl stats prints while a 2-queue VBD is served, then again after the
+    # guest went (no ring: no xenbus object); the last served figures are kept.
+    served = ('@@TAPDISK-STATS { "name": "aio:/img", "xenbus": { "pool": "td-xenio-default", '
+              '"domid": 1, "devid": 51712, "reqs": [ 700, 700 ], "kicks": [ 9, 9 ], '
+              '"queues": [ { "reqs": [ 300, 300 ], "kicks": [ 4, 4 ] }, '
+              '{ "reqs": [ 400, 400 ], "kicks": [ 5, 5 ] } ] } }')
+    gone = '@@TAPDISK-STATS { "name": "aio:/img", "reqs_outstanding": 0 }'
+    run = _run([*PASSING, served, gone, "@@TAPDISK-STATS not json"])
+    assert run.queue_requests() == [300, 400]
+    one = served.split(', "queues"')[0] + " } }"
+    assert _run([*PASSING, one]).queue_requests() == [700]
+    assert _run(PASSING).queue_requests() is None  # blkback's run: no tapdisk
+    table = rig.fio_table(_run(PASSING).summary(), run.summary())
+    assert "ours: queues=2 (tapdisk requests per queue 300/400)" in table
+
+
 def test_a_fio_job_without_io_or_missing_fails() -> None:
     no_io = [line.replace(";87880;", ";0;") for line in PASSING]
     assert _run(no_io).results()["fio-figures"][0] == "fail"

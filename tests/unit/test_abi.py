@@ -10,6 +10,7 @@ import pytest
 
 import blktap3
 from blktap3.abi import (
+    MAX_INDIRECT_SEGMENTS,
     MAX_RING_PAGE_ORDER,
     SECTOR_SIZE,
     BlkifProtocol,
@@ -68,6 +69,7 @@ def test_ring_order_is_the_c_data_paths() -> None:
     from blktap3.datapath._datapath import lib
 
     assert lib.TD_MAX_RING_ORDER == MAX_RING_PAGE_ORDER == 4  # blkback's and QEMU's
+    assert lib.TD_MAX_INDIRECT_SEGS == MAX_INDIRECT_SEGMENTS == 4096
 
 
 def test_sector_is_blkif_h_shift() -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from blktap3.abi import SECTOR_SIZE, BlkifProtocol
-from blktap3.fsm import FrontendState
+from blktap3.fsm import FrontendState, OfferRing
 from blktap3.xenbus import BoundPort, XenStore, XenStoreError
 
 from .. import xenlib, xensim
@@ -68,7 +68,8 @@ from .workload import (
 if TYPE_CHECKING:
     from ..guestdrv import GuestRing
 
-MAX_BS = 11 * 4096  # one request: BLKIF_MAX_SEGMENTS_PER_REQUEST pages
+MAX_BS = 1 << 20  # a block: split into requests of the segments negotiated, as Linux's
+# block layer splits a bio at blkfront's max_hw_sectors
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class GuestOptions:
         """Why these options cannot run (the message `main` prints), or None."""
         if not (1 <= self.qd <= 256 and self.bs % SECTOR_SIZE == 0 and 0 < self.bs <= MAX_BS
                 and self.cycles >= 1):
-            return "guest: --qd 1..256, --bs a multiple of 512 up to 45056, --cycles >= 1"
+            return "guest: --qd 1..256, --bs a multiple of 512 up to 1048576, --cycles >= 1"
         return None
 
     def io(self) -> IoOptions:
@@ -110,7 +111,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--personality", default="linux", choices=personality_names())
     ap.add_argument("--workload", default="verify", choices=WORKLOADS)
     ap.add_argument("--qd", type=int, default=16, help="queue depth")
-    ap.add_argument("--bs", type=int, default=4096, help="bytes per request (512..45056)")
+    ap.add_argument("--bs", type=int, default=4096,
+                    help="bytes per block (512..1048576), in requests of the segments "
+                         "negotiated (11, or the indirect segments)")
     ap.add_argument("--seconds", type=float, default=1.0, help="timed phases (randrw, read)")
     ap.add_argument("--span-mib", type=float, default=8.0,
                     help="region of the disk the workload covers (from sector 0)")
@@ -163,11 +166,19 @@ def ring_xenstore(run_dir: str | os.PathLike[str], domid: int,
     return connect
 
 
-def _guest_ring_factory(backend: int, qd: int) -> RingFactory[GuestRing]:
-    from ..guestdrv import GuestRing  # the C driver loads only in the guest process
+def _guest_ring_factory(backend: int, qd: int, bs: int) -> RingFactory[GuestRing]:
+    from ..guestdrv import PAGE, SEGS, GuestRing  # the C driver loads only in the guest process
 
-    def make(order: int, protocol: BlkifProtocol) -> GuestRing:
-        return GuestRing(backend, order=order, protocol=protocol, data_slots=qd)
+    def make(offer: OfferRing, protocol: BlkifProtocol) -> GuestRing:
+        # The queue depth is shared out among the queues (`run_workload`); a block of
+        # more than 11 pages gets pages of its own, and travels in requests of the
+        # indirect segments negotiated (each ring slot with its indirect pages).
+        # Blocks that fit a direct request need no indirect pages: none are granted.
+        pages = -(-bs // PAGE)
+        return GuestRing(backend, order=offer.order, protocol=protocol,
+                         data_slots=max(1, qd // offer.queues),
+                         slot_pages=pages if pages > SEGS else 0,
+                         max_segs=offer.indirect_segments if pages > SEGS else 0)
 
     return make
 
@@ -228,7 +239,7 @@ def run(options: GuestOptions, emit: Callable[[Step], None], stop: threading.Eve
                                    timeout=min(options.timeout, 10.0))
         backend = _read_backend_id(connect_xs, options.domid, options.devid)
         bf = Blkfront(connect_xs, options.domid, options.devid, personality,
-                      _guest_ring_factory(backend, options.qd), timeline=timeline,
+                      _guest_ring_factory(backend, options.qd, options.bs), timeline=timeline,
                       should_stop=stop.is_set)
         result.blkfront = bf
         for cycle in range(options.cycles):
@@ -237,11 +248,13 @@ def run(options: GuestOptions, emit: Callable[[Step], None], stop: threading.Eve
             disk = bf.connect(options.timeout)
 
             def phase_done(p: PhaseFigures) -> None:
+                queues = (f", requests per queue {'/'.join(map(str, p.queues))}"
+                          if len(p.queues) > 1 else "")
                 timeline.add("fe", f"I/O {p.phase}: {p.ios} x {io.bs} B, "
-                                   f"{p.iops:.0f} IOPS, {p.mbps:.1f} MB/s")
+                                   f"{p.iops:.0f} IOPS, {p.mbps:.1f} MB/s{queues}")
 
-            assert bf.ring is not None  # Connected: the ring is up
-            phases = run_workload(bf.ring, options.workload, disk.sectors, is_readonly(disk),
+            assert bf.rings  # Connected: the rings are up, one per queue
+            phases = run_workload(bf.rings, options.workload, disk.sectors, is_readonly(disk),
                                   io, phase_done)
             result.cycles.append(CycleFigures(disk.sectors, tuple(phases)))
             failure = check_phases(phases)

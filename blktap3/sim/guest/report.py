@@ -116,6 +116,11 @@ def format_report(report: GuestReport) -> str:
                          f"{p.mbps:8.1f} MB/s  p50 {p.p50_ns / 1e3:.0f} us "
                          f"p99 {p.p99_ns / 1e3:.0f} us  errors {p.errors} "
                          f"mismatches {p.mismatches} lost {p.lost}")
+            if p.indirect:
+                lines.append(f"  {'':<18} {p.indirect} of its requests INDIRECT")
+            if len(p.queues) > 1:
+                lines.append(f"  {'':<18} requests per queue "
+                             f"{' '.join(f'{q}' for q in p.queues)}")
     io = report.io
     if io.ios:
         lines.append(f"  total {io.ios} I/Os, {io.bytes / MiB:.1f} MiB: "

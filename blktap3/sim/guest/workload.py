@@ -1,16 +1,23 @@
-"""The guest's workloads and their typed figures: what a guest does on a connected ring.
+"""The guest's workloads and their typed figures: what a guest does on its connected rings.
 
-`run_workload(ring, workload, sectors, readonly, options)` runs the phases of one of
-`WORKLOADS` on a ring (the C driver's `GuestRing`) and returns a `PhaseFigures` per
-phase; `check_phases` says why they failed, `IoTotals.of` sums them. The figures travel
-from the guest process to its parent as JSON (`as_json` / `from_json`, with the keys the
-guest's `--json` lines have always had).
+`run_workload(rings, workload, sectors, readonly, options)` runs the phases of one of
+`WORKLOADS` on the device's rings (the C driver's `GuestRing`, one per queue) and returns
+a `PhaseFigures` per phase; `check_phases` says why they failed, `IoTotals.of` sums them.
+The figures travel from the guest process to its parent as JSON (`as_json` /
+`from_json`, with the keys the guest's `--json` lines have always had, and `queues`).
+
+Multi-queue, as Linux blkfront's blk-mq: each queue is fed by its own CPU, here a thread
+per ring, all at once; the queue depth is shared out among them and each works on its
+own slice of the region (so that verified writes of two queues never overlap). A phase's
+figures are the queues' summed (latencies: the slowest queue's) with each queue's own
+request count in `queues`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,7 +77,9 @@ class PhaseFigures:
     iops: float
     mbps: float
     timed_out: bool
-    stall: str = ""  # a timed-out ring's indices (GuestRing.stall)
+    queues: tuple[int, ...] = ()  # ring requests each queue sent, queue 0 first
+    indirect: int = 0  # of all those requests, the BLKIF_OP_INDIRECT ones
+    stall: str = ""  # where a timed-out ring stood (GuestRing.stall), queue by queue
 
     @classmethod
     def from_ring(cls, phase: str, figures: Mapping[str, Any]) -> PhaseFigures:
@@ -78,7 +87,29 @@ class PhaseFigures:
         secs = counts["elapsed_ns"] / 1e9
         return cls(phase=phase, **counts, iops=float(figures["iops"]),
                    mbps=counts["bytes"] / secs / 1e6 if secs else 0.0,
-                   timed_out=bool(figures["timed_out"]), stall=str(figures.get("stall", "")))
+                   timed_out=bool(figures["timed_out"]),
+                   queues=(int(figures.get("requests", counts["ios"])),),
+                   indirect=int(figures.get("indirect", 0)),
+                   stall=str(figures.get("stall", "")))
+
+    @classmethod
+    def from_rings(cls, phase: str, each: Sequence[Mapping[str, Any]]) -> PhaseFigures:
+        """One phase run on several queues at once: counts summed, the time and the
+        latencies the slowest queue's, each queue's requests kept."""
+        parts = [cls.from_ring(phase, figures) for figures in each]
+        if len(parts) == 1:
+            return parts[0]
+        slowest = ("elapsed_ns", "p50_ns", "p99_ns", "max_ns")
+        counts = {k: (max if k in slowest else sum)(getattr(p, k) for p in parts)
+                  for k in _RING_COUNTS}
+        secs = counts["elapsed_ns"] / 1e9
+        return cls(phase=phase, **counts, iops=counts["ios"] / secs if secs else 0.0,
+                   mbps=counts["bytes"] / secs / 1e6 if secs else 0.0,
+                   timed_out=any(p.timed_out for p in parts),
+                   queues=tuple(q for p in parts for q in p.queues),
+                   indirect=sum(p.indirect for p in parts),
+                   stall="; ".join(f"queue {i} {p.stall}" for i, p in enumerate(parts)
+                                   if p.stall))
 
     def failure(self) -> str | None:
         """Why this phase failed (errors, lost, ... or a timeout), or None."""
@@ -90,14 +121,16 @@ class PhaseFigures:
 
     def as_json(self) -> dict[str, Any]:
         out = {**{k: getattr(self, k) for k in _RING_COUNTS}, "iops": self.iops,
-               "timed_out": self.timed_out, "phase": self.phase, "mbps": self.mbps}
+               "timed_out": self.timed_out, "phase": self.phase, "mbps": self.mbps,
+               "queues": list(self.queues), "indirect": self.indirect}
         return {**out, "stall": self.stall} if self.stall else out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> PhaseFigures:
         return cls(phase=str(d["phase"]), **{k: int(d[k]) for k in _RING_COUNTS},
                    iops=float(d["iops"]), mbps=float(d["mbps"]), timed_out=bool(d["timed_out"]),
-                   stall=str(d.get("stall", "")))
+                   queues=tuple(int(q) for q in d.get("queues", ())),
+                   indirect=int(d.get("indirect", 0)), stall=str(d.get("stall", "")))
 
 
 @dataclass(frozen=True)
@@ -159,31 +192,46 @@ class CycleFigures:
 PhaseDone = Callable[[PhaseFigures], None]
 
 
-def run_workload(ring: WorkloadRing, workload: str, sectors: int, readonly: bool,
+def run_workload(rings: Sequence[WorkloadRing], workload: str, sectors: int, readonly: bool,
                  opts: IoOptions, on_phase: PhaseDone = lambda _: None) -> list[PhaseFigures]:
-    """Run one workload on a connected ring; its phases' figures, in order.
+    """Run one workload on a device's connected rings (one per queue, queue 0 first); its
+    phases' figures, in order.
 
     Written data carries (sector, stamp) in every 16 bytes with a stamp fresh for this
     run, so a read can only verify what this run wrote, never an older image's content.
     """
+    if not rings:
+        raise ValueError("run_workload needs a ring")
+    nq = len(rings)
+
     def _phase(name: str, *, read_pct: int, ios: int = 0, duration: float = 0.0,
                random: bool = False, verify: bool = False, stamp: int = 0,
                seed: int = 1) -> PhaseFigures:
-        figures = PhaseFigures.from_ring(name, ring.run(
-            qd=opts.qd, bs=opts.bs, start=0, span=span, timeout=opts.timeout,
-            read_pct=read_pct, ios=ios, duration=duration, random=random, verify=verify,
-            stamp=stamp, seed=seed))
+        def queue(q: int) -> dict[str, Any]:
+            return rings[q].run(
+                qd=max(1, opts.qd // nq), bs=opts.bs, start=q * span, span=span,
+                timeout=opts.timeout, read_pct=read_pct, ios=ios, duration=duration,
+                random=random, verify=verify, stamp=stamp, seed=seed + q)
+
+        if nq == 1:
+            each = [queue(0)]
+        else:  # each queue from its own "CPU", all at once
+            with ThreadPoolExecutor(nq, thread_name_prefix="queue") as cpus:
+                each = list(cpus.map(queue, range(nq)))
+        figures = PhaseFigures.from_rings(name, each)
         on_phase(figures)
         return figures
 
     if workload == "none":
         return []
     bs_sectors = opts.bs // SECTOR_SIZE
-    span = min(int(opts.span_mib * MiB) // SECTOR_SIZE, sectors)
+    region = min(int(opts.span_mib * MiB) // SECTOR_SIZE, sectors)
+    span = region // nq  # each queue's slice of the region
     span -= span % bs_sectors
     if span < bs_sectors:
-        raise WorkloadError(f"disk of {sectors} sectors is smaller than one {opts.bs} B I/O")
-    blocks = span // bs_sectors
+        raise WorkloadError(f"disk of {sectors} sectors is smaller than one {opts.bs} B I/O "
+                            f"per queue ({nq})")
+    blocks = span // bs_sectors  # per queue
     if workload == "read":
         return [_phase("random read", read_pct=100, random=True, duration=opts.seconds)]
     if readonly:

@@ -257,6 +257,11 @@ class GuestRing:
         grant); 0, or -errno (-EBUSY: the back-end maps it, Xen refuses)."""
         return int(lib.gd_revoke(self._g, page))
 
+    def revoke_indirect(self, slot: int, page: int) -> int:
+        """Misbehave: end access to indirect page ``page`` of request slot ``slot`` (as
+        ``revoke``; -EINVAL when the slot has no such page)."""
+        return int(lib.gd_revoke_indirect(self._g, slot, page))
+
     def close(self) -> None:
         if self._g is not None:
             lib.gd_close(self._g)

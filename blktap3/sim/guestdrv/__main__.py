@@ -75,6 +75,9 @@ class GuestServer:
     def revoke(self, page: int) -> int:
         return self._r().revoke(page)
 
+    def revoke_indirect(self, slot: int, page: int) -> int:
+        return self._r().revoke_indirect(slot, page)
+
     def hostile(self, **params: Any) -> dict[str, Any]:
         return self._r().hostile(**params)
 
@@ -82,7 +85,7 @@ class GuestServer:
 def main() -> None:
     g = GuestServer()
     names = ("open", "data_grefs", "indirect_grefs", "write", "read", "submit", "collect",
-             "raw_ops", "run", "overflow", "hostile", "revoke")
+             "raw_ops", "run", "overflow", "hostile", "revoke", "revoke_indirect")
     serve({name: getattr(g, name) for name in names})
     if g.ring is not None:
         g.ring.close()

@@ -145,9 +145,11 @@ int gd_open(uint32_t backend_domid, uint32_t order, int proto, uint32_t data_slo
     if (!g->data)
         goto fail_errno;
     if (g->ind_pages) {
-        /* Read-only, as blkfront grants them: the back-end only reads its segments. */
+        /* Writable, as Linux blkfront grants them (grant_foreign_access, readonly 0,
+         * persistent or not): a back-end with persistent grants maps them as it maps data
+         * pages (writable), and only reads them. */
         g->ind = xengntshr_share_pages(g->xgs, backend_domid, (int)(g->nslots * g->ind_pages),
-                                       g->ind_grefs, 0);
+                                       g->ind_grefs, 1);
         if (!g->ind)
             goto fail_errno;
     }
@@ -724,8 +726,7 @@ static unsigned char *slot_bytes(struct gd *g, uint32_t i, size_t *size)
     }
 }
 
-/* A grant ref as a hostile guest picks it: one of its own (data, read-only indirect
- * pages, and, where the back-end only reads it, the ring itself), none, or anything.
+/* A grant ref as a hostile guest picks it: one of its own (data, indirect pages, and, where the back-end only reads it, the ring itself), none, or anything.
  * A ring page as the buffer of a READ would have the back-end write the disk's bytes
  * over the ring: the guest wrecking its own ring, which only halts it. */
 static uint32_t hostile_gref(struct gd *g, uint64_t *x, int ring_ok)
@@ -927,14 +928,25 @@ int gd_hostile(struct gd *g, const struct gd_hostile *h, struct gd_hostile_resul
     return rc;
 }
 
-int gd_revoke(struct gd *g, uint32_t page)
+static int revoke_gref(struct gd *g, uint32_t gref)
 {
-    if (page >= g->data_pages)
-        return -EINVAL;
     /* Looked up, not linked: the real libxengntshr has no such call. */
     int (*end_access)(xengntshr_handle *, uint32_t) =
         (int (*)(xengntshr_handle *, uint32_t))dlsym(RTLD_DEFAULT, "xensim_gntshr_end_access");
     if (!end_access)
         return -ENOSYS;
-    return end_access(g->xgs, g->data_grefs[page]) == 0 ? 0 : -errno;
+    return end_access(g->xgs, gref) == 0 ? 0 : -errno;
+}
+
+int gd_revoke(struct gd *g, uint32_t page)
+{
+    if (page >= g->data_pages)
+        return -EINVAL;
+    return revoke_gref(g, g->data_grefs[page]);
+}
+
+int gd_revoke_indirect(struct gd *g, uint32_t slot, uint32_t page)
+{
+    uint32_t gref = gd_indirect_gref(g, slot, page);
+    return gref ? revoke_gref(g, gref) : -EINVAL;
 }

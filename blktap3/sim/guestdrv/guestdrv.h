@@ -74,7 +74,7 @@ struct gd_result {
 struct gd;
 /* `data_slots` blocks of `slot_pages` data pages (0: 11) shared with the back-end;
  * `max_segs` (0: 11) the most segments the driver puts in one request: beyond 11 each
- * ring slot gets its own read-only indirect pages and requests go INDIRECT, as Linux
+ * ring slot gets its own indirect pages and requests go INDIRECT, as Linux
  * blkfront does once the back-end offers feature-max-indirect-segments. */
 int gd_open(uint32_t backend_domid, uint32_t order, int proto, uint32_t data_slots,
             uint32_t slot_pages, uint32_t max_segs, int data_writable, struct gd **out);
@@ -104,6 +104,8 @@ int gd_overflow(struct gd *g, uint32_t extra);
  * simulated host only: xensim's extension). 0, or -EBUSY while the back-end maps it
  * (Xen refuses: the mapping pins it), -ENOSYS without xensim. */
 int gd_revoke(struct gd *g, uint32_t page);
+/* The same for indirect page `page` of request slot `slot` (-EINVAL: it has none). */
+int gd_revoke_indirect(struct gd *g, uint32_t slot, uint32_t page);
 
 /* Hostile mode: `requests` random requests in batches of random size (random ops,
  * segment counts, sector ranges near and past the end, grant refs of its own or none,

@@ -85,6 +85,7 @@ void gd_raw_ops(struct gd *g, uint32_t n, uint8_t *ops);
 /* Misbehave: publish a req_prod a whole ring (+ extra) ahead of the responses. */
 int gd_overflow(struct gd *g, uint32_t extra);
 int gd_revoke(struct gd *g, uint32_t page);
+int gd_revoke_indirect(struct gd *g, uint32_t slot, uint32_t page);
 
 struct gd_hostile {
     uint64_t seed;

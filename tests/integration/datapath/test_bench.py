@@ -26,6 +26,9 @@ def test_the_rig_drives_a_real_tapdisk_process(tmp_path: Path) -> None:
         assert b"blktap3.tapdisk" in cmdline
         figures = rig.run("randread", 4096, 4, 0.3)
         served = rig.last["tapdisk_stats"]
+        # --polling: polling-duration reaches the ring at connect (no threshold: it
+        # spins); the run before it was not polling at all.
+        polled = rig.run("randread", 4096, 1, 0.2, polling=(200, 0))
         null = rig.run_null(0.2)
     ios = rig.last["ios"]  # the null run's
     # Every request the guest counted went through the tapdisk's ring and image.
@@ -33,6 +36,8 @@ def test_the_rig_drives_a_real_tapdisk_process(tmp_path: Path) -> None:
     assert served["secs"][0] == 8 * served["images"][0]["hits"][0]
     assert figures["ours_iops"] > 0 and figures["ours_p50_us"] > 0
     assert figures["cpu_us_per_req"] > 0 and figures["guest_cpu_us_per_req"] > 0
+    assert figures["spins_per_req"] == 0 and polled["spins_per_req"] > 0
+    assert served["xenbus"]["polling"] == {"polls": 0, "busy": 0, "idle_threshold": 0}
     assert null["ours_iops"] > 0 and ios > 0 and "ours_mbps" not in null
     # The tapdisks are gone with the rig (each exits just after answering its DETACH).
     wait_until(lambda: not Path(f"/proc/{pid}").exists() or b"blktap3.tapdisk" not in Path(

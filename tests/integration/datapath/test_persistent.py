@@ -48,6 +48,35 @@ def test_with_persistent_grants_each_page_is_mapped_once_and_unmapped_at_disconn
     assert guest.call("revoke", page=3) == 0
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+def test_indirect_pages_are_persistent_grants_too_when_negotiated(
+        host: LineProcess, guest: LineProcess, disk: Path, persistent: bool) -> None:
+    # Linux blkfront takes a request's indirect pages from its pool of persistent grants
+    # and blkback maps them persistently: ours keeps them mapped beside the data pages
+    # (and the guest cannot end access to them meanwhile); without persistent grants
+    # they are grant-copied, as the data is.
+    connect(host, guest, disk, persistent=persistent, data_slots=1, slot_pages=256,
+            max_segs=256, max_indirect_segments=256)
+    data = bytes(range(256)) * 4096  # 1 MiB: one INDIRECT request of 256 segments
+    for sector in (0, 2048):
+        assert guest.call("write", sector=sector, data=data.hex()) == OKAY
+        got = guest.call("read", sector=sector, count=2048)
+        assert got["status"] == OKAY and bytes.fromhex(got["data"]) == data
+    st = host.call("stats", name="r")
+    assert st["indirect"]["pages"] == 4, "one indirect page a request (256 x 8 bytes)"
+    pg = st["persistent"]
+    if persistent:
+        assert pg["maps"] == pg["mapped"] == 256 + 1, "data pages and the indirect page"
+        assert pg["hits"] == 4 * 257 - 257
+        assert guest.call("revoke_indirect", slot=0, page=0) == -errno.EBUSY
+        host.call("disconnect", name="r")
+    else:
+        assert pg["maps"] == 0
+    assert guest.call("revoke_indirect", slot=0, page=0) == 0
+    assert guest.call("revoke_indirect", slot=0, page=1) == -errno.EINVAL, "no second page"
+    assert disk.read_bytes()[2048 * 512 : 4096 * 512] == data
+
+
 def test_without_persistent_grants_the_data_is_grant_copied(
         host: LineProcess, guest: LineProcess, disk: Path) -> None:
     connect(host, guest, disk, persistent=False)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -163,6 +167,45 @@ def test_polling_idle_threshold_reaches_the_ring_and_is_bounded(
     st = host.call("stats", name="r")["polling"]
     # Each time it would sleep, the monitor's verdict decided: spin or not, counted.
     assert st["idle_threshold"] == 50 and st["polls"] + st["busy"] > 0
+
+
+@contextlib.contextmanager
+def busy_host() -> Iterator[None]:
+    """Every CPU busy, as /proc/stat counts it: a spinning process per CPU, at nice 19
+    (nice time is not idle time, and the other processes of the machine still come
+    first)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                             preexec_fn=lambda: os.nice(19))
+            for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def test_a_busy_host_stops_the_spin_and_a_zero_threshold_spins_anyway(
+        host: LineProcess, guest: LineProcess, disk: Path) -> None:
+    # blktap's rule: poll only while polling-idle-threshold % of all CPU time was idle
+    # over the last interval (100 ms). With every CPU busy, a ring asking for 50 % idle
+    # never spins, however long it runs: each time it would, the spin is skipped and
+    # counted; the same host, the same ring with no threshold spins every time.
+    host.call("open", name="r", driver="aio", path=str(disk))
+    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
+    kwargs = dict(name="r", image="r", domid=GUEST_DOMID, devid=51712, grefs=g["grefs"],
+                  order=0, port=g["port"], protocol=BlkifProtocol.NATIVE, poll_us=200)
+    with busy_host():
+        figures = {}
+        for threshold in (50, 0):
+            host.call("connect", **kwargs, poll_idle_threshold=threshold)
+            # Past several intervals of the CPU monitor: its verdict came, more than once.
+            r = guest.call("run", qd=1, bs=4096, read_pct=100, span=8 * 64, duration=0.5)
+            assert r["errors"] == r["lost"] == 0 and r["ios"] > 0
+            figures[threshold] = host.call("stats", name="r")["polling"]
+            host.call("disconnect", name="r")
+    assert figures[50]["polls"] == 0 and figures[50]["busy"] > 0, figures
+    assert figures[0]["polls"] > 0 and figures[0]["busy"] == 0, figures
 
 
 @pytest.mark.parametrize("engine", ["uring", "sync"])

@@ -16,6 +16,8 @@ name = "x"
 doc = "d"
 [transport]
 ring_page_order = 0
+max_queues = 1
+max_indirect_segments = 0
 protocol = "x86_64-abi"
 feature_persistent = true
 write_feature_persistent = true
@@ -36,6 +38,8 @@ def test_shipped_personalities_load() -> None:
     linux, minios = load_personality("linux"), load_personality("minios")
     assert linux.keys_in_transaction and linux.protocol is BlkifProtocol.X86_64
     assert not minios.keys_in_transaction and minios.protocol is BlkifProtocol.NATIVE
+    assert (linux.max_queues, minios.max_queues) == (4, 1)  # xen_blkif_max_queues; none
+    assert (linux.max_indirect_segments, minios.max_indirect_segments) == (32, 0)
 
 
 def test_unknown_personality_names_the_known_ones() -> None:
@@ -46,6 +50,9 @@ def test_unknown_personality_names_the_known_ones() -> None:
 @pytest.mark.parametrize(("table", "key", "value", "message"), [
     ("transport", "ring_page_order", 9, "ring_page_order"),
     ("transport", "ring_page_order", True, "must be int"),
+    ("transport", "max_queues", 0, "max_queues"),
+    ("transport", "max_queues", 17, "max_queues"),
+    ("transport", "max_indirect_segments", 4097, "max_indirect_segments"),
     ("transport", "protocol", "arm-abi", "protocol"),
     ("transport", "keys_in_transaction", "yes", "must be bool"),
     ("read", "mandatory", [""], "non-empty"),

@@ -102,7 +102,10 @@ def test_order_4_ring_through_tapback_and_the_control_message(
         guest.wait_for_step("holding")
         with system.xs() as xs:
             assert xs.read(paths.frontend_key("ring-page-order")) == "4"
-            assert xs.read(paths.frontend_key("ring-ref15")) is not None
+            # Each queue's 16 refs: under queue-N/ when the guest uses more than one.
+            queues = int(xs.read(paths.frontend_key("multi-queue-num-queues")) or "1")
+            where = [f"queue-{n}/" for n in range(queues)] if queues > 1 else [""]
+            assert all(xs.read(paths.frontend_key(f"{w}ring-ref15")) for w in where)
         guest.detach()
         result = guest.result(60)
     assert result.ok, result.summary() + "\n" + result.timeline_text()
@@ -242,3 +245,49 @@ def test_persistent_grants_are_used_only_with_a_front_end_that_asks(
     pg = xenbus["persistent"]
     assert pg["negotiated"] is negotiated
     assert (pg["maps"] > 0 and pg["hits"] > pg["maps"]) is negotiated
+
+
+def test_the_linux_guest_spreads_its_io_over_every_queue_it_negotiated(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """As Linux blkfront: min(4, multi-queue-max-queues, CPUs) queues, a ring each under
+    queue-N/, every queue fed at once; the tapdisk's count of each queue (and their sum)
+    is what the guest sent on that queue."""
+    paths = disk(16)
+    with start_guest(system, 16, DEVID, "linux", "randrw", hold=True,
+                     extra=["--seconds", "0.3"]) as guest:
+        guest.wait_for_step("holding")
+        offered = int(backend_key(system, paths, "multi-queue-max-queues") or "1")
+        queues = min(4, offered, os.sysconf("SC_NPROCESSORS_ONLN"))
+        with system.xs() as xs:
+            written = xs.read_optional(paths.frontend_key("multi-queue-num-queues"))
+        pid = int(backend_key(system, paths, "kthread-pid") or 0)
+        xenbus = json.loads(TapdiskClient(pid, root=system.control_dir).stats(0))["xenbus"]
+        guest.detach()
+        result = guest.result(30)
+    assert result.ok, result.summary() + "\n" + result.timeline_text()
+    if queues < 2:
+        pytest.skip(f"{queues} queue here (one CPU, or tapback offers one)")
+    assert written == str(queues)
+    sent = [sum(p.queues[q] for c in result.report.cycles for p in c.phases)
+            for q in range(queues)]
+    assert all(n > 0 for n in sent), sent
+    assert [q["reqs"] for q in xenbus["queues"]] == [[n, n] for n in sent]
+    assert xenbus["reqs"] == [sum(sent), sum(sent)]
+    assert sum(sent) == result.report.io.ios and result.report.io.mismatches == 0
+
+
+def test_the_linux_guest_sends_indirect_requests_of_the_segments_it_negotiated(
+        system: Host, disk: Callable[..., VbdPaths]) -> None:
+    """Linux blkfront takes min(its max_indirect_segments, 32, and the back-end's
+    feature-max-indirect-segments, 256): a 128 KiB block is one INDIRECT request of 32
+    segments, and a 256 KiB one two; every byte verified through tapdisk."""
+    disk(17)
+    for bs, per_block in ((128 << 10, 1), (256 << 10, 2)):
+        result = run_guest(system, 17, DEVID, "linux", "randrw", timeout=60,
+                           extra=["--bs", str(bs), "--qd", "4", "--seconds", "0.2"])
+        assert result.ok, result.summary() + "\n" + result.timeline_text()
+        assert result.report.features["feature-max-indirect-segments"] == "256"
+        assert "32 segments per indirect request" in result.timeline_text()
+        phases = [p for c in result.report.cycles for p in c.phases]
+        assert all(p.indirect == sum(p.queues) == per_block * p.ios > 0 for p in phases)
+        assert result.report.io.mismatches == 0

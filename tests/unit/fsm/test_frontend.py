@@ -125,6 +125,29 @@ def test_the_offered_ring_is_written_in_one_transaction_then_state_3() -> None:
     assert fe.ring == RingOffered((20, 21), 7)
 
 
+@pytest.mark.parametrize(("raw", "ours", "queues"), [("2", 4, 2), ("16", 4, 4), (None, 4, 1),
+                                                     ("0", 4, 1), ("x", 4, 1), ("8", 1, 1)])
+def test_the_queues_offered_are_capped_by_both_ends(raw: str | None, ours: int,
+                                                    queues: int) -> None:
+    # negotiate_mq: min(its own, multi-queue-max-queues), at least 1; a missing or
+    # garbage offer reads as 1 (xenbus_read_unsigned's default).
+    keys = {"state": "2"} if raw is None else {"state": "2", "multi-queue-max-queues": raw}
+    fe = FrontendVbd(1, options=FrontendOptions(max_queues=ours))
+    assert feed(fe, observe_backend(keys.get)) == [OfferRing(0, queues)]
+
+
+def test_several_queues_are_written_under_queue_n_as_talk_to_blkback_does() -> None:
+    fe = FrontendVbd(1, options=FrontendOptions(max_ring_page_order=1, max_queues=2))
+    assert feed(fe, BackendStateChanged(S.INIT_WAIT, 1, 2)) == [OfferRing(1, 2)]
+    keys = feed(fe, RingOffered((20, 21), 7, (((30, 31), 8),)))[0]
+    assert isinstance(keys, WriteKeys) and keys.as_dict() == {
+        "ring-page-order": "1", "multi-queue-num-queues": "2",
+        "queue-0/ring-ref0": "20", "queue-0/ring-ref1": "21", "queue-0/event-channel": "7",
+        "queue-1/ring-ref0": "30", "queue-1/ring-ref1": "31", "queue-1/event-channel": "8",
+        "protocol": "x86_64-abi", "feature-persistent": "0"}
+    assert list(keys.as_dict())[:2] == ["ring-page-order", "multi-queue-num-queues"]
+
+
 def test_keys_a_personality_leaves_out_are_not_written() -> None:
     fe = initialised(FrontendOptions(protocol=None, persistent=None))
     fe2 = FrontendVbd(1, options=FrontendOptions(protocol=None, persistent=None))

@@ -36,7 +36,7 @@ def phase(name: str = "write", **changes: Any) -> PhaseFigures:
 
 def test_a_phase_keeps_the_json_keys_the_guest_always_printed() -> None:
     p = phase()
-    assert list(p.as_json()) == [*RING_RUN, "phase", "mbps"]
+    assert list(p.as_json()) == [*RING_RUN, "phase", "mbps", "queues", "indirect"]
     assert p.as_json()["mbps"] == pytest.approx((8 << 20) / 0.05 / 1e6)
     assert PhaseFigures.from_json(json.loads(json.dumps(p.as_json()))) == p
 
@@ -70,7 +70,7 @@ class FakeRing:
 def test_verify_writes_then_reads_back_the_same_stamp() -> None:
     ring = FakeRing()
     seen: list[str] = []
-    phases = run_workload(ring, "verify", 1 << 20, False, IoOptions(bs=4096, span_mib=1),
+    phases = run_workload([ring], "verify", 1 << 20, False, IoOptions(bs=4096, span_mib=1),
                           lambda p: seen.append(p.phase))
     assert [p.phase for p in phases] == seen == ["write", "read back"]
     write, read = ring.calls
@@ -87,19 +87,39 @@ def test_a_timed_out_phase_ends_the_workload_and_is_its_failure() -> None:
             return {**RING_RUN, "lost": 3, "timed_out": True, "stall": "ring: req_prod 9"}
 
     ring = StallingRing()
-    phases = run_workload(ring, "randrw", 1 << 20, False, IoOptions(bs=4096, span_mib=1))
+    phases = run_workload([ring], "randrw", 1 << 20, False, IoOptions(bs=4096, span_mib=1))
     assert [p.phase for p in phases] == ["write"] and len(ring.calls) == 1
     assert check_phases(phases) == "write: 3 lost (ring: req_prod 9)"
     assert PhaseFigures.from_json(json.loads(json.dumps(phases[0].as_json()))) == phases[0]
+    # Two queues: each stalled queue says where its ring stood.
+    rings = [StallingRing(), StallingRing()]
+    two = run_workload(rings, "verify", 1 << 20, False, IoOptions(bs=4096, span_mib=1))
+    assert two[0].stall == "queue 0 ring: req_prod 9; queue 1 ring: req_prod 9"
+
+
+def test_several_queues_share_the_depth_and_the_region_and_add_up() -> None:
+    # As blk-mq feeds blkfront's queues from their CPUs: every ring at once, the queue
+    # depth shared out, each its own slice of the region (verified writes never overlap).
+    rings = [FakeRing() for _ in range(4)]
+    phases = run_workload(rings, "verify", 1 << 20, False,
+                          IoOptions(qd=16, bs=4096, span_mib=1))
+    starts = sorted(r.calls[0]["start"] for r in rings)
+    assert starts == [0, 512, 1024, 1536] and all(r.calls[0]["span"] == 512 for r in rings)
+    assert all(c["qd"] == 4 and c["ios"] == 64 for r in rings for c in r.calls)
+    assert len({r.calls[0]["seed"] for r in rings}) == 4
+    write = phases[0]
+    assert write.ios == 4 * 2048 and write.queues == (2048,) * 4
+    assert write.elapsed_ns == 50_000_000 and write.iops == pytest.approx(4 * 2048 / 0.05)
+    assert PhaseFigures.from_json(json.loads(json.dumps(write.as_json()))) == write
 
 
 def test_a_writing_workload_on_a_read_only_disk_or_a_tiny_one_is_refused() -> None:
     with pytest.raises(WorkloadError, match="read-only"):
-        run_workload(FakeRing(), "randrw", 1 << 20, True, IoOptions())
+        run_workload([FakeRing()], "randrw", 1 << 20, True, IoOptions())
     with pytest.raises(WorkloadError, match="smaller than one 4096 B I/O"):
-        run_workload(FakeRing(), "read", 4, False, IoOptions())
+        run_workload([FakeRing()], "read", 4, False, IoOptions())
     ring = FakeRing()
-    assert run_workload(ring, "none", 1 << 20, True, IoOptions()) == [] and not ring.calls
+    assert run_workload([ring], "none", 1 << 20, True, IoOptions()) == [] and not ring.calls
 
 
 def report() -> GuestReport:
@@ -157,11 +177,11 @@ def test_the_command_line_becomes_options() -> None:
     assert options.io() == IoOptions(timeout=30.0)
 
 
-@pytest.mark.parametrize("bad", [["--qd", "0"], ["--bs", "1000"], ["--bs", "49152"],
+@pytest.mark.parametrize("bad", [["--qd", "0"], ["--bs", "1000"], ["--bs", "1049088"],
                                  ["--cycles", "0"]])
 def test_options_out_of_range_are_a_usage_error(bad: list[str],
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--run-dir", "/r", "--domid", "3", "--devid", "51712", *bad]
     assert main(argv) == EXIT_USAGE
     assert capsys.readouterr().err == ("guest: --qd 1..256, --bs a multiple of 512 up to "
-                                       "45056, --cycles >= 1\n")
+                                       "1048576, --cycles >= 1\n")
