@@ -29,7 +29,7 @@ from blktap3.sim import xensim
 from blktap3.sim.guest.child import ring_xenstore
 from blktap3.xenbus import Transaction, VbdPaths, WatchStream, XenStore, XenStoreError
 
-from .scenario import Personality
+from .scenario import FLUSH_FEATURES, NOT_OFFERED, Personality
 
 PATTERN_SEED = 0x5A
 
@@ -237,7 +237,7 @@ class ScriptedGuest:
         self.read_values.update(values)
         return values
 
-    def io(self, op: str, sector: int, count: int) -> tuple[int | None, bool | None]:
+    def io(self, op: str, sector: int, count: int) -> tuple[int | str | None, bool | None]:
         """(status, verified): a write puts `pattern`, a read checks it; with several
         queues, through every queue in turn (the first status that is not 0 wins)."""
         answers = [self._io(ring, op, sector, count)
@@ -247,7 +247,7 @@ class ScriptedGuest:
         return status, None if verdicts[0] is None else all(verdicts)
 
     def _io(self, ring: LineProcess, op: str, sector: int, count: int
-            ) -> tuple[int | None, bool | None]:
+            ) -> tuple[int | str | None, bool | None]:
         if op == "write":
             status = ring.call("write", sector=sector, data=pattern(sector, count).hex())
             return status, None
@@ -256,9 +256,23 @@ class ScriptedGuest:
             data = bytes.fromhex(reply["data"])
             ok = reply["status"] == 0 and data == pattern(sector, count)
             return reply["status"], ok
-        ring.call("submit", reqs=[{"op": 3}])  # BLKIF_OP_FLUSH_DISKCACHE, no segment
-        flushed: int | None = ring.call("collect", n=1, timeout=self.timeout)[0]
-        return flushed, None
+        return self._flush(ring), None
+
+    def _flush(self, ring: LineProcess) -> int | str | None:
+        """A flush as the driver sends it: a request without segments for the feature
+        it prefers among those the back-end offers (each of them, for Mini-OS); none
+        when the back-end offers neither (NOT_OFFERED: the guest cannot flush)."""
+        status: int | str | None = NOT_OFFERED
+        for feature in self.personality.flush:
+            key, op = FLUSH_FEATURES[feature]
+            if self.xs.read_optional(self.paths.backend_key(key)) != "1":
+                continue
+            ring.call("submit", reqs=[{"op": int(op)}])
+            got: int | None = ring.call("collect", n=1, timeout=self.timeout)[0]
+            status = got if status in (NOT_OFFERED, 0) else status
+            if not self.personality.flush_each:
+                break
+        return status
 
     def raw_request(self, spec: dict[str, Any]) -> int | None:
         ring = self._ring()

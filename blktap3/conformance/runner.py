@@ -31,6 +31,7 @@ from blktap3.sim.host import Host
 from blktap3.sim.hotplug import Attached, hotplug_add, hotplug_remove
 from blktap3.sim.toolstack import BLOCK_TAP_SCRIPT, Image
 from blktap3.sim.xenstored import Kind
+from blktap3.vbd3.blocktap import BlockTap
 from blktap3.vbd3.disk import write_vbd_nodes
 from blktap3.xenbus import (
     BackendKey,
@@ -260,6 +261,14 @@ class _Run:
     def hotplug(self) -> None:
         """The block-tap hotplug step: tapdisk created, physical-device-path, connected."""
         assert self.paths is not None and self.image is not None
+        tap_ctl = self.backend.tap_ctl(self.host)
+        if tap_ctl is not None:  # the back-end's own tap-ctl, driven as block-tap does
+            with self.host.xs() as xs:
+                blocktap = BlockTap(xs, tap_ctl, self.host.run_dir / "xen-hotplug" / "block")
+                pid, minor = blocktap.add(self.paths)
+                device = xs.read(self.paths.backend_key(BackendKey.PHYSICAL_DEVICE_PATH))
+            self.attached = Attached(pid, minor, device)
+            return
         if self.host.toolstack_kind == "libxl":  # Xen's block-tap add, as libxl runs it
             with self.host.xs() as xs:
                 pid, minor = self.host.block_tap(xs).add(self.paths)
