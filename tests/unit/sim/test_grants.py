@@ -31,11 +31,17 @@ def share_one(machine: xensim.Machine, owner: int, grantee: int, writable: bool,
     return gs, share
 
 
-def test_grant_maps_only_for_the_domain_it_was_granted_to(machine: xensim.Machine,
-                                                          probe: Probe) -> None:
+def dom1_shares_with_dom2(machine: xensim.Machine, writable: bool,
+                          first_byte: int) -> tuple[GrantShare, Share]:
+    """Domains 1, 2 and 3; one page of domain 1 granted to domain 2."""
     for domid in (1, 2, 3):
         machine.create_domain(domid, 64)
-    gs, share = share_one(machine, 1, 2, True, 0xAB)
+    return share_one(machine, 1, 2, writable, first_byte)
+
+
+def test_grant_maps_only_for_the_domain_it_was_granted_to(machine: xensim.Machine,
+                                                          probe: Probe) -> None:
+    gs, share = dom1_shares_with_dom2(machine, True, 0xAB)
     with gs:
         ref = share.refs[0]
         assert probe(2, "map", 1, ref, "rw").splitlines() == ["ok ab", "unmap 0"]
@@ -61,9 +67,7 @@ def test_read_only_grant_refuses_writable_map_and_copy_into(machine: xensim.Mach
 
 
 def test_grant_copy_only_for_the_grantee(machine: xensim.Machine, probe: Probe) -> None:
-    for domid in (1, 2, 3):
-        machine.create_domain(domid, 64)
-    gs, share = share_one(machine, 1, 2, True, 0x42)
+    gs, share = dom1_shares_with_dom2(machine, True, 0x42)
     with gs:
         ref = share.refs[0]
         assert probe(3, "copy-from", 1, ref) == f"status {GNTST_GENERAL_ERROR} c3"
@@ -79,9 +83,7 @@ def test_the_gntdev_node_copies_as_the_library_does(machine: xensim.Machine,
                                                     probe: Probe) -> None:
     # blktap's tapdisk copies through /dev/xen/gntdev itself (drivers/td-req.c): the
     # node answers its ioctl with the library's checks, and nothing else.
-    for domid in (1, 2, 3):
-        machine.create_domain(domid, 64)
-    gs, share = share_one(machine, 1, 2, False, 0x42)
+    gs, share = dom1_shares_with_dom2(machine, False, 0x42)
     with gs:
         ref = share.refs[0]
         enotty = f"other ioctl {errno.ENOTTY}"
