@@ -53,7 +53,8 @@ DEVID = 51712  # xvda
 DOMID = 7
 MiB = 1 << 20
 STATUS_NAMES = {v: k for k, v in STATUSES.items()}
-IMMEDIATE = {"status", "verified", "refused"}  # what the action returned: never changes
+# What the action returned: never changes.
+IMMEDIATE = {"status", "verified", "refused", "ring_offered"}
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class _Run:
                     raise StepFailed(f"back-end state {reached} (wanted {states}; "
                                      f"seen {_seen(g)}; error {g.backend('error')!r})")
             case "open_ring":
-                g.open_ring(p.get("order"), p.get("queues"))
+                self.observed["ring_offered"] = g.open_ring(p.get("order"), p.get("queues"))
             case "write_transport":
                 keys = g.transport(list(p.get("omit", [])),
                                    {str(k): str(v) for k, v in p.get("override", {}).items()})
@@ -238,7 +239,7 @@ class _Run:
         cdrom = bool(p.get("cdrom", False))
         script = BLOCK_TAP_SCRIPT if self.host.toolstack_kind == "libxl" else None
         with self.host.toolstack() as ts:
-            ts.create_domain(self.domid)
+            ts.create_domain(self.domid, p.get("memory_pages"))
             if p.get("frontend_state", True):
                 self.paths = ts.add_vbd(self.domid, DEVID, image, mode=self.mode, cdrom=cdrom,
                                         script=script)
@@ -399,6 +400,8 @@ class _Run:
             check("verified", expect["verified"], self.observed.get("verified"))
         if "refused" in expect:
             check("refused", expect["refused"], self.observed.get("refused"))
+        if "ring_offered" in expect:
+            check("ring_offered", expect["ring_offered"], self.observed.get("ring_offered"))
         if "tapdisks" in expect:
             check("tapdisks", expect["tapdisks"], self._tapdisks())
         if "alive" in expect:
@@ -524,7 +527,7 @@ def run_scenario(scenario: Scenario, personalities: Mapping[str, Personality],
     finally:
         result.seen_states = next(iter(run.guests.values())).states.seen if run.guests else []
         for g in run.guests.values():
-            result.frontend_lines += frontend_lines(g.states.seen)
+            result.frontend_lines += frontend_lines(g.states.timeline)
         run.close()
         with contextlib.suppress(Exception):
             backend.stop(host)

@@ -33,7 +33,7 @@ DIRECTORY = "conformance"
 # action -> its parameters and their types (a tuple: any of these)
 ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "attach": {"mode": (str,), "cdrom": (bool,), "size_mib": (int,), "hotplug": (bool,),
-               "frontend_state": (bool,)},
+               "frontend_state": (bool,), "memory_pages": (int,)},
     "hotplug": {},
     "toolstack_write": {"key": (str,), "value": (str,)},
     "wait_backend": {"states": (list,)},
@@ -80,6 +80,7 @@ EXPECTS: dict[str, tuple[type, ...]] = {
     "alive": (bool,),
     "verified": (bool,),
     "handled": (str,),
+    "ring_offered": (bool,),
 }
 
 
