@@ -267,8 +267,12 @@ class _Run:
             with self.host.xs() as xs:
                 blocktap = BlockTap(xs, tap_ctl, self.host.run_dir / "xen-hotplug" / "block")
                 pid, minor = blocktap.add(self.paths)
-                device = xs.read(self.paths.backend_key(BackendKey.PHYSICAL_DEVICE_PATH))
-            self.attached = Attached(pid, minor, device)
+                device = xs.read_optional(
+                    self.paths.backend_key(BackendKey.PHYSICAL_DEVICE_PATH))
+            self.attached = Attached(pid, minor, device or f"nbd{pid}.{minor}")
+            if device is None:  # block-tap writes into the directory only if it exists
+                raise StepFailed(f"the back-end directory {self.paths.backend} is gone "
+                                 "after the hotplug step (removed by the back-end?)")
             return
         if self.host.toolstack_kind == "libxl":  # Xen's block-tap add, as libxl runs it
             with self.host.xs() as xs:
