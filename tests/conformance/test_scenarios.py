@@ -48,6 +48,20 @@ ON_OCAML = ("linux-connect-io-detach", "minios-connect", "hostile-write-backend-
 # What each scenario's run made our back-end's machine do (its log's step lines), for
 # the coverage test below.
 STEPS_TAKEN: dict[str, list[dict[str, object]]] = {}
+# ... and the front-end machine's rows each guest's life made a reference blkfront take.
+FRONTEND_TAKEN: dict[str, list[dict[str, object]]] = {}
+# The front-end rows no guest of a conforming back-end reaches: a blkfront's answers to
+# back-end faults (a back-end's Initialised, Reconfiguring/Reconfigured, garbage, Unknown
+# after Closed, Connected before a ring, keys a blkfront cannot use).
+FAULT_ANSWERS = {
+    "backend_info_invalid: reading_info -> closing",
+    "backend_unknown: closed -> (internal) if holds_ring",
+    "backend_initialised: * -> (internal)",
+    "backend_reconfiguring: * -> (internal)",
+    "backend_reconfigured: * -> (internal)",
+    "backend_invalid: * -> (internal)",
+    "backend_connected: initialising,offering_ring -> (internal)",
+}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -57,6 +71,7 @@ def test_our_backend_conforms(name: str, run_dir: Path) -> None:
     result = run_scenario(SCENARIOS[name], PERSONALITIES, OursBackend(), workdir=run_dir,
                           timeout=timeout)
     STEPS_TAKEN[name] = result.coverage_lines
+    FRONTEND_TAKEN[name] = result.frontend_lines
     assert result.ok, "\n" + table([result])
 
 
@@ -67,6 +82,14 @@ def test_the_scenarios_take_every_row_of_the_backend_machine() -> None:
         pytest.skip("needs every scenario's run in this process")
     cov = coverage(line for lines in STEPS_TAKEN.values() for line in lines)
     assert cov.percent == 100.0, "rows no scenario reached:\n" + "\n".join(cov.missed())
+
+
+def test_the_guests_take_every_front_end_row_but_the_answers_to_faults() -> None:
+    if set(FRONTEND_TAKEN) != set(SCENARIOS):
+        pytest.skip("needs every scenario's run in this process")
+    cov = coverage((line for lines in FRONTEND_TAKEN.values() for line in lines),
+                   "frontend_vbd")
+    assert set(cov.missed()) == FAULT_ANSWERS
 
 
 @pytest.mark.parametrize("name", ON_OCAML)
