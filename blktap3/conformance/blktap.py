@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from blktap3.vbd3.blocktap import TapCtl
 from .backends import Unlogged
 
 RUN_ROOT = Path("/run/blktap-control")  # blktap's compiled-in tapdisk runtime root
+SHM_DIR = Path("/dev/shm")  # blktap's stats: vbd3-<domid>-<devid>, td3-<pid> (private here)
 SOCKET_DIR = Path("/var/run")  # tapback.c: /var/run/tapback.<domid> and .master
 NS_ENV = "BLKTAP3_CONFORMANCE_NS"  # set inside the private mount namespace
 PREFIX_ENV = "BLKTAP_BUILD"
@@ -117,6 +119,12 @@ class BlktapBackend(Unlogged):
         host.control_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "--bind", str(host.control_dir), str(RUN_ROOT)], check=True)
         self._bound = host.control_dir
+        # A new host is a machine just booted: no stats of an earlier host's tapdisks.
+        # blktap's tapdisk creates /dev/shm/vbd3-<domid>-<devid>/io_ring~ exclusively
+        # (td-blkif.c) and a killed one leaves it: the next ring of that VBD, here the
+        # next scenario's (same domid and devid), would be refused EEXIST.
+        for stale in [*SHM_DIR.glob("vbd3-*"), *SHM_DIR.glob("td3-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
 
     def env(self, host: Host) -> dict[str, str]:
         """A blktap process on the host: dom0 of the machine, reaching its xenstored."""
