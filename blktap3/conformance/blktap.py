@@ -19,8 +19,8 @@ opens `/dev/xen/gntdev` itself, and tapback will not start without it: xensim's 
 tapback (tapback.c) forks a slave per guest domain and ignores SIGTERM while it serves a
 device or a slave; it is stopped as systemd ends a unit that will not stop: SIGKILL to
 its process group, after a short grace. It logs only to syslog and keeps no status
-file, so the harness cannot see its machine (`handled` is not judged), nor when a
-restarted tapback has replayed the VBDs it found.
+file, so the harness cannot see its machine (`handled` is not judged). A restarted
+tapback takes back no VBD until its back-end directory changes (`wait_settled`).
 """
 
 from __future__ import annotations
@@ -186,9 +186,10 @@ class BlktapBackend(Unlogged):
         self.wait_settled(host)
 
     def wait_settled(self, host: Host) -> None:
-        """Nothing to wait for past `start`: a (re)started master replays the VBDs it
-        finds itself, with no slave (backend.c, tapback_backend_scan), and announces
-        nothing when done; each step's expectations are waited for anyway."""
+        """Nothing to wait for past `start`: a restarted master takes back no VBD ("master
+        restart not yet implemented, ignoring domain", backend.c tapback_domain_scan);
+        a domain's slave is forked only when something under its back-end directory
+        changes, and nothing announces what it then takes back."""
 
     def alive(self, host: Host) -> bool:
         return self._proc is not None and self._proc.poll() is None
