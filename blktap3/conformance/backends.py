@@ -2,6 +2,8 @@
 
 - `OursBackend`: this project's tapback (and the tapdisks the toolstack's hotplug step
   makes), started as the real daemon; its log's `step` lines feed the machine coverage.
+- `BlktapBackend` (`blktap.py`): blktap's own tapback and tapdisk, from a build the
+  user names, on the same simulated host.
 - `DoubleBackend`: a small back-end written here, in a thread of the harness, that does
   the blkif handshake with the real tapdisk through libblktapctl. Without faults it is a
   plain correct back-end (the self-test checks that it passes); each `fault` breaks one
@@ -23,6 +25,7 @@ from typing import Protocol
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.sim.host import Host
 from blktap3.tapback import service
+from blktap3.vbd3.blocktap import TapCtl
 from blktap3.xenbus import (
     Transaction,
     WatchStream,
@@ -91,6 +94,10 @@ class Backend(Protocol):
     def alive(self, host: Host) -> bool:
         """The back-end daemon still runs."""
 
+    def tap_ctl(self, host: Host) -> TapCtl | None:
+        """The tap-ctl the toolstack's hotplug step runs for this back-end (its tapdisks
+        are the back-end's); None: the host's own hotplug step (our tapdisk)."""
+
 
 class OursBackend:
     """blktap3-py's tapback, run as the daemon (verbose: every step logged)."""
@@ -155,6 +162,9 @@ class OursBackend:
     def alive(self, host: Host) -> bool:
         return service.status(host.run_dir) is not None
 
+    def tap_ctl(self, host: Host) -> TapCtl | None:
+        return None
+
 
 FAULTS = {
     "skips-initwait": "never publishes InitWait: connects when the front-end says Initialised",
@@ -177,8 +187,21 @@ class _Vbd:
     ring_up: bool = False
 
 
+class Unlogged:
+    """What a back-end that does not log its machine answers: nothing to judge by."""
+
+    def log_path(self, host: Host) -> Path | None:
+        return None
+
+    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
+        return None
+
+    def log_offset(self, host: Host) -> int:
+        return 0
+
+
 @dataclass
-class DoubleBackend:
+class DoubleBackend(Unlogged):
     """A test double of a back-end; `fault` (one of FAULTS) breaks one rule."""
 
     fault: str | None = None
@@ -216,17 +239,11 @@ class DoubleBackend:
         with contextlib.suppress(Exception):
             self._xs.close()
 
-    def log_path(self, host: Host) -> Path | None:
-        return None
-
-    def handled(self, host: Host, trigger: str, since: int) -> bool | None:
-        return None
-
-    def log_offset(self, host: Host) -> int:
-        return 0
-
     def alive(self, host: Host) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def tap_ctl(self, host: Host) -> TapCtl | None:
+        return None
 
     # -- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -353,14 +370,17 @@ class DoubleBackend:
             vbd.ring_up = False
 
 
-def make_backend(spec: str) -> Backend:
-    """`ours`, `double` or `double:<fault>`."""
+def make_backend(spec: str, prefix: str | None = None) -> Backend:
+    """`ours`, `double`, `double:<fault>`, or `blktap` (its build's install `prefix`)."""
     if spec == "ours":
         return OursBackend()
     if spec == "double":
         return DoubleBackend()
     if spec.startswith("double:"):
         return DoubleBackend(spec.partition(":")[2])
-    raise ValueError(f"unknown back-end {spec!r}: ours, double or double:<fault> "
-                     f"({', '.join(FAULTS)})")
+    if spec == "blktap":
+        from .blktap import BlktapBackend
 
+        return BlktapBackend(prefix)
+    raise ValueError(f"unknown back-end {spec!r}: ours, blktap, double or double:<fault> "
+                     f"({', '.join(FAULTS)})")

@@ -1,11 +1,17 @@
 """`blktap3-conformance`: run the conformance scenarios against a back-end, print verdicts.
 
-    blktap3-conformance [--xenstored c|ocaml] [--backend ours|double|double:<fault>]
-                        [--only NAME ...] [--json FILE] [--timeout S] [--list]
+    blktap3-conformance [--xenstored c|ocaml] [--backend ours|blktap|double|double:<fault>
+                        [,...]] [--prefix DIR] [--only NAME ...] [--json FILE]
+                        [--timeout S] [--list]
     blktap3-conformance --random N [--seed S]    (random front-end walks)
     blktap3-conformance --model N [--seed S] [--baseline FILE]
                                                  (walks over the machines in memory)
     blktap3-conformance --self-test
+
+`--backend ours,blktap` runs the scenarios against each back-end and prints them side by
+side (one verdict column each), then each back-end's differences from the specs.
+`blktap` is blktap's own tapback and tapdisk from the build installed under `--prefix`
+(default `$BLKTAP_BUILD`); it runs in a private mount namespace (`blktap.py`).
 
 Exit status 0 only when every scenario passes (an expected failure, marked in its file
 with the reason, counts as passing; an unexpected pass does not: remove the mark).
@@ -19,6 +25,7 @@ import argparse
 import fnmatch
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -28,9 +35,10 @@ from pathlib import Path
 import structlog
 
 from .backends import FAULTS, Backend, DoubleBackend, make_backend
-from .coverage import coverage
+from .blktap import PREFIX_ENV, BlktapError, in_namespace, private_mounts, reexec_in_namespace
+from .coverage import Coverage, coverage
 from .model import model_walks, unreached_by_scenarios
-from .report import as_json, coverage_text, table
+from .report import as_json, coverage_text, side_by_side, table
 from .runner import ScenarioResult, run_scenario
 from .scenario import Personality, Scenario, ScenarioError, load_personalities, load_scenarios
 from .walks import walks
@@ -53,7 +61,11 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blktap3-conformance", description=__doc__.split("\n")[0])
     ap.add_argument("--xenstored", choices=["c", "ocaml"], default="c")
     ap.add_argument("--backend", default="ours",
-                    help=f"ours, double, or double:<fault> ({', '.join(FAULTS)})")
+                    help="the back-ends to judge, comma-separated (side by side): ours, "
+                         f"blktap, double, or double:<fault> ({', '.join(FAULTS)})")
+    ap.add_argument("--prefix", default=os.environ.get(PREFIX_ENV), metavar="DIR",
+                    help=f"with --backend blktap: the install prefix of a blktap build "
+                         f"(bin/tapback, sbin/tap-ctl, libexec/tapdisk; default ${PREFIX_ENV})")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
                     help="run the scenarios whose name matches (glob; repeatable)")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': stdout)")
@@ -93,7 +105,8 @@ def run_all(scenarios: Sequence[Scenario], personalities: dict[str, Personality]
                                   xenstored=xenstored,  # type: ignore[arg-type]
                                   timeout=timeout)
             if progress:
-                print(f"  {result.verdict:<5} {scenario.name}", file=sys.stderr, flush=True)
+                print(f"  {result.verdict:<5} {scenario.name} [{backend.name}]", file=sys.stderr,
+                      flush=True)
             results.append(result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -152,13 +165,17 @@ def model_main(count: int, first_seed: int, baseline_path: str | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     try:
         personalities = load_personalities()
         scenarios = load_scenarios(personalities)
-        backend = make_backend(args.backend)
-    except (ScenarioError, ValueError) as e:
+        specs = [b.strip() for b in args.backend.split(",")]
+        if len(set(specs)) != len(specs) or "" in specs:
+            raise ValueError(f"--backend {args.backend!r}: each back-end once")
+        backends = [make_backend(spec, args.prefix) for spec in specs]
+    except (ScenarioError, ValueError, BlktapError) as e:
         print(f"blktap3-conformance: {e}", file=sys.stderr)
         ap.print_usage(sys.stderr)
         return EXIT_USAGE
@@ -180,22 +197,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             mark = f"  [expected to fail: {s.xfail}]" if s.xfail else ""
             print(f"{s.name:<36} {s.personality:<16} {s.kind:<9} {s.doc}{mark}")
         return EXIT_OK
-    results = run_all(chosen, personalities, backend, args.xenstored, args.timeout)
-    lines = [line for r in results for line in r.coverage_lines]
-    fe_lines = [line for r in results for line in r.frontend_lines]
-    # The back-end's machine when it logs one (ours); the front-end machine always.
-    covs = ([coverage(lines)] if lines else []) + [coverage(fe_lines, "frontend_vbd")]
-    print(table(results))
-    for cov in covs:
-        print()
-        print(coverage_text(cov))
+    if "blktap" in specs and not in_namespace():
+        try:
+            return reexec_in_namespace(argv)
+        except BlktapError as e:
+            print(f"blktap3-conformance: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    if in_namespace():
+        private_mounts()
+    runs = {b.name: run_all(chosen, personalities, b, args.xenstored, args.timeout)
+            for b in backends}
+    covs = {name: _coverages(results) for name, results in runs.items()}
+    everything = [r for results in runs.values() for r in results]
+    if len(runs) > 1:
+        print(side_by_side(runs))
+    else:
+        print(table(everything))
+    for name, machine_covs in covs.items():
+        for cov in machine_covs:
+            print()
+            print(coverage_text(cov) if len(runs) == 1 else f"[{name}] {coverage_text(cov)}")
     if args.json:
-        text = json.dumps(as_json(results, covs), indent=1)
+        report = as_json(everything, covs[backends[0].name])
+        if len(runs) > 1:
+            report["backends"] = {name: {"ok": all(r.ok for r in runs[name]),
+                                         "coverage": {c.machine: c.percent for c in cs}}
+                                  for name, cs in covs.items()}
+        text = json.dumps(report, indent=1)
         if args.json == "-":
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
-    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+    return EXIT_OK if all(r.ok for r in everything) else EXIT_FAILED
+
+
+def _coverages(results: Sequence[ScenarioResult]) -> list[Coverage]:
+    """The back-end's machine when it logs one (ours); the front-end machine always."""
+    lines = [line for r in results for line in r.coverage_lines]
+    fe_lines = [line for r in results for line in r.frontend_lines]
+    return ([coverage(lines)] if lines else []) + [coverage(fe_lines, "frontend_vbd")]
 
 
 if __name__ == "__main__":

@@ -11,13 +11,24 @@ no scenario reached, by trigger and source.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from blktap3.abi import SECTOR_SIZE
 from blktap3.fsm.effects import OfferRing, ReadBackendInfo
-from blktap3.fsm.events import BackendInfoRead, DeviceFound, DiskInfo, Event, RingOffered
+from blktap3.fsm.events import (
+    BackendInfoInvalid,
+    BackendInfoRead,
+    DeviceClose,
+    DeviceFound,
+    DeviceReconnect,
+    DiskInfo,
+    Event,
+    RingOffered,
+    RingOfferFailed,
+)
 from blktap3.fsm.frontend import FrontendVbd, backend_event
 from blktap3.fsm.machine import SpecMachine
 from blktap3.fsm.spec import MachineSpec, TransitionSpec, load_spec
@@ -97,28 +108,65 @@ def trace(machine: SpecMachine, out: list[dict[str, Any]]) -> None:
     machine.handle = traced  # type: ignore[method-assign]
 
 
-def frontend_lines(seen: Sequence[str | None], max_ring_page_order: str = "3",
+@dataclass(frozen=True)
+class GuestMove:
+    """A move of the scenario's guest itself, in its place among the back-end states it
+    saw: "close" (it wrote Closing or Closed: unplug, shutdown, suspend), "reconnect"
+    (Initialising again: resume, migration, OVMF's hand-over), "ring_offer_failed" (it
+    could not share its ring), "info_invalid" (what it read on Connected would not do)."""
+
+    name: str
+
+
+MOVES = {"close": DeviceClose(), "reconnect": DeviceReconnect()}
+
+
+def frontend_lines(timeline: Sequence[str | GuestMove | None], max_ring_page_order: str = "3",
                    domid: int = 1) -> list[dict[str, Any]]:
-    """The rows of the front-end machine that the back-end states a guest saw (in order)
-    make a reference blkfront (`FrontendVbd`, as the simulated guests run it) take: the
-    front-end machine's coverage by a scenario. Its own moves (closing, starting over)
-    are the scripted guest's and not replayed; a back-end state the machine refuses ends
-    the replay (it is the guest's verdict that judges it)."""
+    """The rows of the front-end machine that a reference blkfront (`FrontendVbd`, as the
+    simulated guests run it) takes when fed what a scenario's guest lived through, in
+    order: the back-end states it saw, and its own moves (a move the reference would not
+    make in the state it is in is left out: the scripted guest's habits are the
+    personality's). A back-end state the machine refuses ends the replay (the guest's
+    verdict judges it)."""
     lines: list[dict[str, Any]] = []
     fe = FrontendVbd(domid)
     trace(fe, lines)
-    pending: list[Event] = [DeviceFound(XenbusState.INITIALISING)]
-    pending += [backend_event(v, max_ring_page_order) for v in seen]
+    pending: list[str | GuestMove | None] = list(timeline)
+
+    def failed(name: str) -> bool:
+        """Whether the guest's next move says that what was just asked failed."""
+        move = next((m for m in pending if isinstance(m, GuestMove)), None)
+        if move is None or move.name != name:
+            return False
+        pending.remove(move)
+        return True
+
+    def feed(event: Event) -> None:
+        answers = [event]
+        while answers:
+            for effect in fe.handle(answers.pop(0)):
+                if isinstance(effect, OfferRing):
+                    answers.append(
+                        RingOfferFailed("the guest could not share it")
+                        if failed("ring_offer_failed")
+                        else RingOffered(tuple(range(8, 8 + (1 << effect.order))), 5))
+                elif isinstance(effect, ReadBackendInfo):
+                    answers.append(
+                        BackendInfoInvalid("the guest could not use them")
+                        if failed("info_invalid")
+                        else BackendInfoRead(DiskInfo(sectors=1 << 15,
+                                                      sector_size=SECTOR_SIZE)))
+
     try:
-        for event in pending:
-            answers = [event]
-            while answers:
-                for effect in fe.handle(answers.pop(0)):
-                    if isinstance(effect, OfferRing):
-                        answers.append(RingOffered(tuple(range(8, 8 + (1 << effect.order))), 5))
-                    elif isinstance(effect, ReadBackendInfo):
-                        answers.append(BackendInfoRead(DiskInfo(sectors=1 << 15,
-                                                                sector_size=SECTOR_SIZE)))
+        feed(DeviceFound(XenbusState.INITIALISING))
+        while pending:
+            item = pending.pop(0)
+            if not isinstance(item, GuestMove):
+                feed(backend_event(item, max_ring_page_order))
+            elif item.name in MOVES:
+                with contextlib.suppress(Exception):  # refused: the state is unchanged
+                    feed(MOVES[item.name])
     except Exception:  # a refused state: the replay ends, the guest's verdict judges
         pass
     return lines

@@ -27,9 +27,17 @@ from blktap3.abi import SECTOR_SIZE, BlkifProtocol
 from blktap3.datapath.lineproc import LineProcess
 from blktap3.sim import xensim
 from blktap3.sim.guest.child import ring_xenstore
-from blktap3.xenbus import Transaction, VbdPaths, WatchStream, XenStore, XenStoreError
+from blktap3.xenbus import (
+    Transaction,
+    VbdPaths,
+    WatchStream,
+    XenbusState,
+    XenStore,
+    XenStoreError,
+)
 
-from .scenario import Personality
+from .coverage import GuestMove
+from .scenario import FLUSH_FEATURES, NOT_OFFERED, Personality
 
 PATTERN_SEED = 0x5A
 
@@ -43,12 +51,20 @@ def pattern(sector: int, count: int) -> bytes:
     return b"".join(bytes([(sector + i + PATTERN_SEED) & 0xFF]) * SECTOR_SIZE for i in range(count))
 
 
+# The guest's own state writes that are moves of a blkfront (the front-end machine's
+# device_close and device_reconnect), for the coverage replay.
+MOVES_OF_STATE = {5: "close", 6: "close", 1: "reconnect"}
+
+
 class BackendStates:
-    """Every value the back-end's `state` node took, from a dom0 watch thread."""
+    """Every value the back-end's `state` node took, from a dom0 watch thread; and in
+    `timeline`, the same with the guest's own moves in their place among them."""
 
     def __init__(self, connect: Callable[[], XenStore], path: str) -> None:
         self.path = path
         self.seen: list[str | None] = []
+        self.timeline: list[str | GuestMove | None] = []
+        self._lock = threading.Lock()
         self._connect = connect
         self._stop = threading.Event()
         self._stream = WatchStream(connect)
@@ -68,8 +84,20 @@ class BackendStates:
                     self._xs.close()
                     self._xs = self._connect()
                 continue
+            self._saw(value)
+
+    def _saw(self, value: str | None) -> None:
+        with self._lock:
             if not self.seen or self.seen[-1] != value:
                 self.seen.append(value)
+                self.timeline.append(value)
+
+    def note(self, move: str, now: str | None) -> None:
+        """The guest's own `move`, after the back-end's state as it reads `now` (the
+        watch thread may not have seen it yet)."""
+        self._saw(now)
+        with self._lock:
+            self.timeline.append(GuestMove(move))
 
     def close(self) -> None:
         self._stop.set()
@@ -161,15 +189,25 @@ class ScriptedGuest:
         info["order"] = order
         return ring, info
 
-    def open_ring(self, order: int | None, queues: int | None = None) -> None:
+    def open_ring(self, order: int | None, queues: int | None = None) -> bool:
+        """Share the ring (each queue's); False when no ring could be made: then, as
+        Linux's xenbus_setup_ring and setup_blkring do through xenbus_dev_fatal, the
+        device is given up: state Closing."""
         if order is None:
             order = min(self.personality.max_ring_page_order,
                         self._offer("max-ring-page-order"))
         if self.ring is not None:
             raise GuestFault("a ring is already open")
-        self.ring, self.ring_info = self._share_ring(order)
-        for _ in range(1, self.nr_queues(queues)):
-            self.more_rings.append(self._share_ring(order))
+        try:
+            self.ring, self.ring_info = self._share_ring(order)
+            for _ in range(1, self.nr_queues(queues)):
+                self.more_rings.append(self._share_ring(order))
+        except GuestFault:
+            self.release_ring()
+            self.states.note("ring_offer_failed", self.backend("state"))
+            self.xs.write(self.fe("state"), str(int(XenbusState.CLOSING)))
+            return False
+        return True
 
     def release_ring(self) -> None:
         for ring in ([self.ring] if self.ring else []) + [r for r, _ in self.more_rings]:
@@ -215,6 +253,9 @@ class ScriptedGuest:
                 self.xs.write(self.fe(key), value)
 
     def set_state(self, state: int, tx: bool) -> None:
+        move = MOVES_OF_STATE.get(state)
+        if move is not None:
+            self.states.note(move, self.backend("state"))
         if tx:  # xenbus_switch_state: read, write only a change, in a transaction
             def body(t: Transaction) -> None:
                 if t.read_optional(self.fe("state")) != str(state):
@@ -231,13 +272,14 @@ class ScriptedGuest:
         for key in keys:
             value = self.xs.read_optional(self.paths.backend_key(key))
             if value is None or not value.isdigit():
+                self.states.note("info_invalid", self.backend("state"))
                 raise GuestFault(f"{self.personality.driver} cannot read back-end {key} "
                                  f"({'missing' if value is None else repr(value)})")
             values[key] = value
         self.read_values.update(values)
         return values
 
-    def io(self, op: str, sector: int, count: int) -> tuple[int | None, bool | None]:
+    def io(self, op: str, sector: int, count: int) -> tuple[int | str | None, bool | None]:
         """(status, verified): a write puts `pattern`, a read checks it; with several
         queues, through every queue in turn (the first status that is not 0 wins)."""
         answers = [self._io(ring, op, sector, count)
@@ -247,7 +289,7 @@ class ScriptedGuest:
         return status, None if verdicts[0] is None else all(verdicts)
 
     def _io(self, ring: LineProcess, op: str, sector: int, count: int
-            ) -> tuple[int | None, bool | None]:
+            ) -> tuple[int | str | None, bool | None]:
         if op == "write":
             status = ring.call("write", sector=sector, data=pattern(sector, count).hex())
             return status, None
@@ -256,9 +298,23 @@ class ScriptedGuest:
             data = bytes.fromhex(reply["data"])
             ok = reply["status"] == 0 and data == pattern(sector, count)
             return reply["status"], ok
-        ring.call("submit", reqs=[{"op": 3}])  # BLKIF_OP_FLUSH_DISKCACHE, no segment
-        flushed: int | None = ring.call("collect", n=1, timeout=self.timeout)[0]
-        return flushed, None
+        return self._flush(ring), None
+
+    def _flush(self, ring: LineProcess) -> int | str | None:
+        """A flush as the driver sends it: a request without segments for the feature
+        it prefers among those the back-end offers (each of them, for Mini-OS); none
+        when the back-end offers neither (NOT_OFFERED: the guest cannot flush)."""
+        status: int | str | None = NOT_OFFERED
+        for feature in self.personality.flush:
+            key, op = FLUSH_FEATURES[feature]
+            if self.xs.read_optional(self.paths.backend_key(key)) != "1":
+                continue
+            ring.call("submit", reqs=[{"op": int(op)}])
+            got: int | None = ring.call("collect", n=1, timeout=self.timeout)[0]
+            status = got if status in (NOT_OFFERED, 0) else status
+            if not self.personality.flush_each:
+                break
+        return status
 
     def raw_request(self, spec: dict[str, Any]) -> int | None:
         ring = self._ring()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .coverage import Coverage
@@ -31,6 +31,49 @@ def table(results: Sequence[ScenarioResult], *, steps: bool = True) -> str:
                 lines.append(f"    {s.index:>5} {MARK[s.verdict]:<5} {s.label}")
                 for d in s.diff:
                     lines.append(f"          {d}")
+    return "\n".join(lines)
+
+
+def side_by_side(runs: Mapping[str, Sequence[ScenarioResult]]) -> str:
+    """The same scenarios judged on several back-ends: one line per scenario with each
+    back-end's verdict (steps passed / steps), `differs` where the verdicts do, then for
+    each back-end the steps where it differs from the specs (expected, observed)."""
+    names = list(runs)
+    by_scenario: dict[str, dict[str, ScenarioResult]] = {}
+    for name, results in runs.items():
+        for r in results:
+            by_scenario.setdefault(r.scenario.name, {})[name] = r
+    width = max((len(n) for n in by_scenario), default=8)
+    cols = [max(len(n), 12) for n in names]
+    head = "  ".join(f"{n:<{w}}" for n, w in zip(names, cols, strict=True))
+    lines = [f"{'scenario':<{width}}  {'personality':<16} {head}"]
+    for scenario, row in by_scenario.items():
+        cells = []
+        for n, w in zip(names, cols, strict=True):
+            got = row.get(n)
+            cell = "-" if got is None else (
+                f"{MARK[got.verdict]} {sum(1 for s in got.steps if s.verdict == 'pass')}"
+                f"/{len(got.steps)}")
+            cells.append(f"{cell:<{w}}")
+        verdicts = {r.verdict for r in row.values()}
+        personality = next(iter(row.values())).scenario.personality
+        lines.append(f"{scenario:<{width}}  {personality:<16} {'  '.join(cells)}"
+                     f"{'  differs' if len(verdicts) > 1 else ''}".rstrip())
+    totals = "  ".join(f"{f'{sum(r.ok for r in runs[n])}/{len(runs[n])} ok':<{w}}"
+                       for n, w in zip(names, cols, strict=True))
+    lines.append(f"{'':<{width}}  {'':<16} {totals}".rstrip())
+    for name, results in runs.items():
+        failing = [r for r in results if r.verdict != "pass"]
+        lines.append("")
+        lines.append(f"{name}: {len(failing)} of {len(results)} scenarios differ from the "
+                     "specs" if failing else f"{name}: every scenario as the specs say")
+        for r in failing:
+            lines.append(f"  {r.scenario.name} ({MARK[r.verdict]})")
+            for s in r.steps:
+                if s.verdict in ("skip", "pass"):
+                    continue
+                lines.append(f"    {s.index:>5} {MARK[s.verdict]:<5} {s.label}")
+                lines += [f"          {d}" for d in s.diff]
     return "\n".join(lines)
 
 

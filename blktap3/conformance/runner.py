@@ -31,6 +31,7 @@ from blktap3.sim.host import Host
 from blktap3.sim.hotplug import Attached, hotplug_add, hotplug_remove
 from blktap3.sim.toolstack import BLOCK_TAP_SCRIPT, Image
 from blktap3.sim.xenstored import Kind
+from blktap3.vbd3.blocktap import BlockTap
 from blktap3.vbd3.disk import write_vbd_nodes
 from blktap3.xenbus import (
     BackendKey,
@@ -52,7 +53,8 @@ DEVID = 51712  # xvda
 DOMID = 7
 MiB = 1 << 20
 STATUS_NAMES = {v: k for k, v in STATUSES.items()}
-IMMEDIATE = {"status", "verified", "refused"}  # what the action returned: never changes
+# What the action returned: never changes.
+IMMEDIATE = {"status", "verified", "refused", "ring_offered"}
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class _Run:
                     raise StepFailed(f"back-end state {reached} (wanted {states}; "
                                      f"seen {_seen(g)}; error {g.backend('error')!r})")
             case "open_ring":
-                g.open_ring(p.get("order"), p.get("queues"))
+                self.observed["ring_offered"] = g.open_ring(p.get("order"), p.get("queues"))
             case "write_transport":
                 keys = g.transport(list(p.get("omit", [])),
                                    {str(k): str(v) for k, v in p.get("override", {}).items()})
@@ -237,7 +239,7 @@ class _Run:
         cdrom = bool(p.get("cdrom", False))
         script = BLOCK_TAP_SCRIPT if self.host.toolstack_kind == "libxl" else None
         with self.host.toolstack() as ts:
-            ts.create_domain(self.domid)
+            ts.create_domain(self.domid, p.get("memory_pages"))
             if p.get("frontend_state", True):
                 self.paths = ts.add_vbd(self.domid, DEVID, image, mode=self.mode, cdrom=cdrom,
                                         script=script)
@@ -260,6 +262,18 @@ class _Run:
     def hotplug(self) -> None:
         """The block-tap hotplug step: tapdisk created, physical-device-path, connected."""
         assert self.paths is not None and self.image is not None
+        tap_ctl = self.backend.tap_ctl(self.host)
+        if tap_ctl is not None:  # the back-end's own tap-ctl, driven as block-tap does
+            with self.host.xs() as xs:
+                blocktap = BlockTap(xs, tap_ctl, self.host.run_dir / "xen-hotplug" / "block")
+                pid, minor = blocktap.add(self.paths)
+                device = xs.read_optional(
+                    self.paths.backend_key(BackendKey.PHYSICAL_DEVICE_PATH))
+            self.attached = Attached(pid, minor, device or f"nbd{pid}.{minor}")
+            if device is None:  # block-tap writes into the directory only if it exists
+                raise StepFailed(f"the back-end directory {self.paths.backend} is gone "
+                                 "after the hotplug step (removed by the back-end?)")
+            return
         if self.host.toolstack_kind == "libxl":  # Xen's block-tap add, as libxl runs it
             with self.host.xs() as xs:
                 pid, minor = self.host.block_tap(xs).add(self.paths)
@@ -390,6 +404,8 @@ class _Run:
             check("verified", expect["verified"], self.observed.get("verified"))
         if "refused" in expect:
             check("refused", expect["refused"], self.observed.get("refused"))
+        if "ring_offered" in expect:
+            check("ring_offered", expect["ring_offered"], self.observed.get("ring_offered"))
         if "tapdisks" in expect:
             check("tapdisks", expect["tapdisks"], self._tapdisks())
         if "alive" in expect:
@@ -515,7 +531,7 @@ def run_scenario(scenario: Scenario, personalities: Mapping[str, Personality],
     finally:
         result.seen_states = next(iter(run.guests.values())).states.seen if run.guests else []
         for g in run.guests.values():
-            result.frontend_lines += frontend_lines(g.states.seen)
+            result.frontend_lines += frontend_lines(g.states.timeline)
         run.close()
         with contextlib.suppress(Exception):
             backend.stop(host)

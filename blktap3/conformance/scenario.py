@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
-from blktap3.abi import BlkifStatus
+from blktap3.abi import BlkifOp, BlkifStatus
 from blktap3.vbd3.disk import TOOLSTACKS
 
 PACKAGE = "blktap3.specs"
@@ -33,7 +33,7 @@ DIRECTORY = "conformance"
 # action -> its parameters and their types (a tuple: any of these)
 ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "attach": {"mode": (str,), "cdrom": (bool,), "size_mib": (int,), "hotplug": (bool,),
-               "frontend_state": (bool,)},
+               "frontend_state": (bool,), "memory_pages": (int,)},
     "hotplug": {},
     "toolstack_write": {"key": (str,), "value": (str,)},
     "wait_backend": {"states": (list,)},
@@ -64,6 +64,10 @@ ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
 DIRS = ("frontend", "backend")
 IO_OPS = ("write", "read", "flush")
 STATUSES = {s.name.lower(): int(s) for s in BlkifStatus}  # okay, error, eopnotsupp
+# A flush a front-end may send: the back-end's key that offers it, and the request.
+FLUSH_FEATURES = {"flush-cache": ("feature-flush-cache", BlkifOp.FLUSH_DISKCACHE),
+                  "barrier": ("feature-barrier", BlkifOp.WRITE_BARRIER)}
+NOT_OFFERED = "not offered"  # an io flush's status when the back-end offers no flush
 EXPECTS: dict[str, tuple[type, ...]] = {
     "backend_state": (int,),
     "keys": (dict,),
@@ -76,6 +80,7 @@ EXPECTS: dict[str, tuple[type, ...]] = {
     "alive": (bool,),
     "verified": (bool,),
     "handled": (str,),
+    "ring_offered": (bool,),
 }
 
 
@@ -110,6 +115,11 @@ class Personality:
     # Multi-queue: the most queues it asks (Linux blkfront's max_queues, 4 by default;
     # 1: it never writes multi-queue-num-queues).
     max_queues: int = 1
+    # How it flushes: the features it uses, in its order of preference (FLUSH_FEATURES);
+    # `flush_each`: it sends one request per feature offered (Mini-OS), else only the
+    # first offered (Linux, FreeBSD, Windows, NetBSD).
+    flush: tuple[str, ...] = ("flush-cache", "barrier")
+    flush_each: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,7 @@ def parse_personality(data: Mapping[str, Any], name: str) -> Personality:
     p = data["personality"]
     _check(where, p, {"name": (str,), "driver": (str,), "source": (str,), "doc": (str,),
                       "max_ring_page_order": (int,), "protocol": (str,),
-                      "max_queues": (int,),
+                      "max_queues": (int,), "flush": (list,), "flush_each": (bool,),
                       "extra_keys": (dict,), "allowed_backend_states": (list,)},
            ("name", "driver", "source", "doc", "max_ring_page_order", "protocol"))
     if p["name"] != name:
@@ -200,12 +210,16 @@ def parse_personality(data: Mapping[str, Any], name: str) -> Personality:
     states = p.get("allowed_backend_states", [])
     if not all(isinstance(s, int) and 0 <= s <= 8 for s in states):
         raise ScenarioError(f"{where}: allowed_backend_states are xenbus states 0..8")
+    flush = tuple(p.get("flush", Personality.flush))
+    if not flush or not set(flush) <= set(FLUSH_FEATURES):
+        raise ScenarioError(f"{where}: flush names some of {list(FLUSH_FEATURES)}")
     return Personality(
         name=name, driver=p["driver"], source=p["source"], doc=p["doc"],
         max_ring_page_order=p["max_ring_page_order"], protocol=p["protocol"] or None,
         extra_keys={str(k): str(v) for k, v in p.get("extra_keys", {}).items()},
         allowed_backend_states=tuple(states), routines=routines,
-        max_queues=p.get("max_queues", 1))
+        max_queues=p.get("max_queues", 1), flush=flush,
+        flush_each=p.get("flush_each", False))
 
 
 KINDS = ("handshake", "lifecycle", "hostile")

@@ -8,6 +8,10 @@ shows the verdict table of that scenario, with the difference at the step that f
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import pytest
 
 from blktap3.conformance import cli
 from blktap3.conformance.backends import FAULTS, DoubleBackend, OursBackend
+from blktap3.conformance.blktap import PREFIX_ENV
 from blktap3.conformance.coverage import coverage
 from blktap3.conformance.report import table
 from blktap3.conformance.runner import run_scenario
@@ -43,6 +48,20 @@ ON_OCAML = ("linux-connect-io-detach", "minios-connect", "hostile-write-backend-
 # What each scenario's run made our back-end's machine do (its log's step lines), for
 # the coverage test below.
 STEPS_TAKEN: dict[str, list[dict[str, object]]] = {}
+# ... and the front-end machine's rows each guest's life made a reference blkfront take.
+FRONTEND_TAKEN: dict[str, list[dict[str, object]]] = {}
+# The front-end rows no guest of a conforming back-end reaches: a blkfront's answers to
+# back-end faults (a back-end's Initialised, Reconfiguring/Reconfigured, garbage, Unknown
+# after Closed, Connected before a ring, keys a blkfront cannot use).
+FAULT_ANSWERS = {
+    "backend_info_invalid: reading_info -> closing",
+    "backend_unknown: closed -> (internal) if holds_ring",
+    "backend_initialised: * -> (internal)",
+    "backend_reconfiguring: * -> (internal)",
+    "backend_reconfigured: * -> (internal)",
+    "backend_invalid: * -> (internal)",
+    "backend_connected: initialising,offering_ring -> (internal)",
+}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -52,6 +71,7 @@ def test_our_backend_conforms(name: str, run_dir: Path) -> None:
     result = run_scenario(SCENARIOS[name], PERSONALITIES, OursBackend(), workdir=run_dir,
                           timeout=timeout)
     STEPS_TAKEN[name] = result.coverage_lines
+    FRONTEND_TAKEN[name] = result.frontend_lines
     assert result.ok, "\n" + table([result])
 
 
@@ -62,6 +82,14 @@ def test_the_scenarios_take_every_row_of_the_backend_machine() -> None:
         pytest.skip("needs every scenario's run in this process")
     cov = coverage(line for lines in STEPS_TAKEN.values() for line in lines)
     assert cov.percent == 100.0, "rows no scenario reached:\n" + "\n".join(cov.missed())
+
+
+def test_the_guests_take_every_front_end_row_but_the_answers_to_faults() -> None:
+    if set(FRONTEND_TAKEN) != set(SCENARIOS):
+        pytest.skip("needs every scenario's run in this process")
+    cov = coverage((line for lines in FRONTEND_TAKEN.values() for line in lines),
+                   "frontend_vbd")
+    assert set(cov.missed()) == FAULT_ANSWERS
 
 
 @pytest.mark.parametrize("name", ON_OCAML)
@@ -110,12 +138,46 @@ def test_the_command_exits_1_when_a_backend_fails(capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.parametrize("argv", [["--backend", "blktap9"], ["--only", "no-such-scenario"],
-                                  ["--backend", "double:lazy"]])
+                                  ["--backend", "double:lazy"], ["--backend", "ours,ours"],
+                                  ["--backend", "ours,blktap", "--prefix", "/nonexistent"]])
 def test_the_command_refuses_bad_arguments_with_usage(
         argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("blktap3-conformance: ") and "usage:" in err
+
+
+def _blktap_build() -> str | None:
+    prefix = os.environ.get(PREFIX_ENV)
+    return prefix if prefix and Path(prefix, "bin", "tapback").exists() else None
+
+
+@pytest.mark.skipif(_blktap_build() is None,
+                    reason=f"${PREFIX_ENV} names no blktap build with bin/tapback (blktap is "
+                           "built by the user from source, never here nor in CI)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="blktap runs in a private mount namespace: root")
+def test_blktaps_own_backend_is_judged_side_by_side_with_ours(tmp_path: Path) -> None:
+    """blktap's tapback and tapdisk on the simulated host: Linux's and Mini-OS's
+    handshake, I/O and flush pass on both; xl's order (hotplug only after InitWait) does
+    not on blktap's (its tapback waits for hotplug-status before InitWait: backend.c
+    hotplug_status_changed), and the table says so."""
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "blktap3.conformance.cli", "--backend", "ours,blktap",
+         "--prefix", str(_blktap_build()), "--only", "linux-connect-io-detach", "--only",
+         "minios-connect", "--only", "libxl-hotplug-order", "--timeout", "3",
+         "--json", str(out)], capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    verdicts = {(s["name"], s["backend"]): s["verdict"] for s in report["scenarios"]}
+    assert verdicts == {
+        ("linux-connect-io-detach", "ours"): "pass", ("linux-connect-io-detach", "blktap"): "pass",
+        ("minios-connect", "ours"): "pass", ("minios-connect", "blktap"): "pass",
+        ("libxl-hotplug-order", "ours"): "pass", ("libxl-hotplug-order", "blktap"): "FAIL",
+    }, done.stdout + done.stderr
+    assert report["backends"]["blktap"]["ok"] is False
+    assert done.returncode == cli.EXIT_FAILED
+    assert re.search(r"libxl-hotplug-order +\S+ +ok \d+/\d+ +FAIL \d+/\d+ +differs",
+                     done.stdout), done.stdout
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

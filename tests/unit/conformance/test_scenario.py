@@ -111,3 +111,14 @@ def test_a_personality_without_a_source_or_handshake_is_refused() -> None:
     with pytest.raises(ScenarioError, match="no handshake"):
         parse_personality({"personality": PERSONALITY["personality"],
                            "routines": {"close": []}}, "p")
+
+
+def test_a_personality_flushes_with_the_features_it_names() -> None:
+    minios = load_personalities()["minios"]
+    assert (minios.flush, minios.flush_each) == (("barrier", "flush-cache"), True)
+    linux = load_personalities()["linux"]
+    assert (linux.flush, linux.flush_each) == (("flush-cache", "barrier"), False)
+    data = {"personality": {**PERSONALITY["personality"], "flush": ["fua"]},
+            "routines": PERSONALITY["routines"]}
+    with pytest.raises(ScenarioError, match="flush names some of"):
+        parse_personality(data, "p")

@@ -90,3 +90,23 @@ def test_the_frontend_machine_rows_follow_the_backend_states_a_guest_saw() -> No
     assert not any(t.startswith("backend_invalid") for t in taken)
     garbage = coverage(frontend_lines(["1", "x"]), "frontend_vbd").taken()
     assert "backend_invalid: * -> (internal)" in garbage
+
+
+def test_the_guests_own_moves_are_replayed_in_their_place() -> None:
+    from blktap3.conformance.coverage import GuestMove, coverage, frontend_lines
+
+    # Linux's suspend and resume: Closed on its own, the back-end follows, Initialising.
+    resume = ["1", "2", "4", GuestMove("close"), "6", GuestMove("reconnect"), "2"]
+    taken = coverage(frontend_lines(resume), "frontend_vbd").taken()
+    assert "device_close: initialising,initialised,reading_info,connected -> closing" in taken
+    assert "backend_closed: initialised,reading_info,connected,closing -> closed if holds_ring" \
+        in taken
+    assert "device_reconnect: closed -> initialising if holds_ring" in taken
+    # A move the reference blkfront would not make there is left out, not fatal.
+    again = coverage(frontend_lines(["1", GuestMove("reconnect"), "2"]), "frontend_vbd").taken()
+    assert "backend_initwait: initialising -> offering_ring" in again
+    assert not any(t.startswith("device_reconnect") for t in again)
+    # What the guest could not use on Connected: it gives the device up.
+    bad = coverage(frontend_lines(["1", "2", "4", GuestMove("info_invalid")]),
+                   "frontend_vbd").taken()
+    assert "backend_info_invalid: reading_info -> closing" in bad

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,11 +31,17 @@ def share_one(machine: xensim.Machine, owner: int, grantee: int, writable: bool,
     return gs, share
 
 
-def test_grant_maps_only_for_the_domain_it_was_granted_to(machine: xensim.Machine,
-                                                          probe: Probe) -> None:
+def dom1_shares_with_dom2(machine: xensim.Machine, writable: bool,
+                          first_byte: int) -> tuple[GrantShare, Share]:
+    """Domains 1, 2 and 3; one page of domain 1 granted to domain 2."""
     for domid in (1, 2, 3):
         machine.create_domain(domid, 64)
-    gs, share = share_one(machine, 1, 2, True, 0xAB)
+    return share_one(machine, 1, 2, writable, first_byte)
+
+
+def test_grant_maps_only_for_the_domain_it_was_granted_to(machine: xensim.Machine,
+                                                          probe: Probe) -> None:
+    gs, share = dom1_shares_with_dom2(machine, True, 0xAB)
     with gs:
         ref = share.refs[0]
         assert probe(2, "map", 1, ref, "rw").splitlines() == ["ok ab", "unmap 0"]
@@ -60,9 +67,7 @@ def test_read_only_grant_refuses_writable_map_and_copy_into(machine: xensim.Mach
 
 
 def test_grant_copy_only_for_the_grantee(machine: xensim.Machine, probe: Probe) -> None:
-    for domid in (1, 2, 3):
-        machine.create_domain(domid, 64)
-    gs, share = share_one(machine, 1, 2, True, 0x42)
+    gs, share = dom1_shares_with_dom2(machine, True, 0x42)
     with gs:
         ref = share.refs[0]
         assert probe(3, "copy-from", 1, ref) == f"status {GNTST_GENERAL_ERROR} c3"
@@ -72,6 +77,30 @@ def test_grant_copy_only_for_the_grantee(machine: xensim.Machine, probe: Probe) 
         assert probe(2, "copy-from", 1, ref) == f"status {GNTST_OKAY} 42"
         assert probe(2, "copy-to", 1, ref) == f"status {GNTST_OKAY} c3"
         assert bytes(share.buffer[:19]) == b"\x42\x00" + b"\xc3" * 16 + b"\x00"
+
+
+def test_the_gntdev_node_copies_as_the_library_does(machine: xensim.Machine,
+                                                    probe: Probe) -> None:
+    # blktap's tapdisk copies through /dev/xen/gntdev itself (drivers/td-req.c): the
+    # node answers its ioctl with the library's checks, and nothing else.
+    gs, share = dom1_shares_with_dom2(machine, False, 0x42)
+    with gs:
+        ref = share.refs[0]
+        enotty = f"other ioctl {errno.ENOTTY}"
+        assert probe(2, "node-copy-from", 1, ref).splitlines() == [
+            f"status {GNTST_OKAY} 42", enotty, "close 0"]
+        assert probe(2, "node-copy-to", 1, ref).splitlines()[0] == (
+            f"status {GNTST_GENERAL_ERROR} c3"), "a read-only grant refuses a copy into it"
+        assert probe(3, "node-copy-from", 1, ref).splitlines()[0] == (
+            f"status {GNTST_GENERAL_ERROR} c3"), "only the grantee copies"
+        assert probe(2, "node-copy-from", 9, 8).splitlines()[0] == f"status {GNTST_BAD_DOMAIN} c3"
+
+
+def test_there_is_no_gntdev_node_without_a_machine(probe_binary: Path, tmp_path: Path) -> None:
+    env = {**os.environ, **xensim.process_env(tmp_path / "none", 2)}
+    out = subprocess.run([str(probe_binary), "node-copy-from", "1", "8"], env=env,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.strip() == f"no node {errno.ENOENT}"
 
 
 def test_unknown_or_unused_grant_refs_and_domains_fail(machine: xensim.Machine,

@@ -13,11 +13,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <xenctrl.h>
 #include <xenevtchn.h>
 #include <xengnttab.h>
+#include <xen/sys/gntdev.h>
 
 static unsigned long arg(char **argv, int i) { return strtoul(argv[i], NULL, 0); }
 
@@ -67,31 +69,67 @@ static int hold(char **argv)
     return 0;
 }
 
+/* One 16-byte copy segment from (or to, at offset 2) grant REF of DOMID (argv[2..3]). */
+#define FILL_SEGMENT(seg, argv, from, buf)                       \
+    do {                                                         \
+        memset(&(seg), 0, sizeof(seg));                          \
+        (seg).len = sizeof(buf);                                 \
+        if (from) {                                              \
+            (seg).flags = GNTCOPY_source_gref;                   \
+            (seg).source.foreign.domid = (uint16_t)arg(argv, 2); \
+            (seg).source.foreign.ref = (uint32_t)arg(argv, 3);   \
+            (seg).dest.virt = (buf);                             \
+        } else {                                                 \
+            (seg).flags = GNTCOPY_dest_gref;                     \
+            (seg).dest.foreign.domid = (uint16_t)arg(argv, 2);   \
+            (seg).dest.foreign.ref = (uint32_t)arg(argv, 3);     \
+            (seg).dest.foreign.offset = 2;                       \
+            (seg).source.virt = (buf);                           \
+        }                                                        \
+    } while (0)
+
 static int copy(char **argv, int from) /* copy-from|copy-to DOMID REF */
 {
     xengnttab_handle *g = xengnttab_open(NULL, 0);
     unsigned char buf[16];
     memset(buf, 0xc3, sizeof(buf));
     xengnttab_grant_copy_segment_t seg;
-    memset(&seg, 0, sizeof(seg));
-    seg.len = sizeof(buf);
-    if (from) {
-        seg.flags = GNTCOPY_source_gref;
-        seg.source.foreign.domid = (uint16_t)arg(argv, 2);
-        seg.source.foreign.ref = (uint32_t)arg(argv, 3);
-        seg.dest.virt = buf;
-    } else {
-        seg.flags = GNTCOPY_dest_gref;
-        seg.dest.foreign.domid = (uint16_t)arg(argv, 2);
-        seg.dest.foreign.ref = (uint32_t)arg(argv, 3);
-        seg.dest.foreign.offset = 2;
-        seg.source.virt = buf;
-    }
+    FILL_SEGMENT(seg, argv, from, buf);
     if (xengnttab_grant_copy(g, 1, &seg) < 0)
         printf("err %d\n", errno);
     else
         printf("status %d %02x\n", seg.status, buf[0]);
     xengnttab_close(g);
+    return 0;
+}
+
+/* node-copy-from|node-copy-to DOMID REF: the same copy through the device node, as
+ * blktap's tapdisk does it (open /dev/xen/gntdev, IOCTL_GNTDEV_GRANT_COPY); then what
+ * another ioctl on the node answers. */
+static int node_copy(char **argv, int from)
+{
+    if (access("/dev/xen/gntdev", F_OK) != 0) {
+        printf("no node %d\n", errno);
+        return 0;
+    }
+    int fd = open("/dev/xen/gntdev", O_NONBLOCK);
+    if (fd < 0) {
+        printf("err %d\n", errno);
+        return 0;
+    }
+    unsigned char buf[16];
+    memset(buf, 0xc3, sizeof(buf));
+    struct ioctl_gntdev_grant_copy_segment seg;
+    FILL_SEGMENT(seg, argv, from, buf);
+    struct ioctl_gntdev_grant_copy op = {.count = 1, .segments = &seg};
+    if (ioctl(fd, IOCTL_GNTDEV_GRANT_COPY, &op) < 0)
+        printf("err %d\n", errno);
+    else
+        printf("status %d %02x\n", seg.status, buf[0]);
+    struct ioctl_gntdev_map_grant_ref map;
+    memset(&map, 0, sizeof(map));
+    printf("other ioctl %d\n", ioctl(fd, IOCTL_GNTDEV_MAP_GRANT_REF, &map) < 0 ? errno : 0);
+    printf("close %d\n", close(fd));
     return 0;
 }
 
@@ -172,6 +210,10 @@ int main(int argc, char **argv)
         return copy(argv, 1);
     if (strcmp(op, "copy-to") == 0 && argc == 4)
         return copy(argv, 0);
+    if (strcmp(op, "node-copy-from") == 0 && argc == 4)
+        return node_copy(argv, 1);
+    if (strcmp(op, "node-copy-to") == 0 && argc == 4)
+        return node_copy(argv, 0);
     if (strcmp(op, "poke") == 0 && argc >= 5)
         return poke(argv);
     if (strcmp(op, "pingpong") == 0 && argc == 6)
@@ -201,6 +243,6 @@ int main(int argc, char **argv)
         xc_interface_close(xc);
         return 0;
     }
-    fprintf(stderr, "usage: xensim_probe map|copy-from|copy-to|bind|notify|pingpong|getinfo ...\n");
+    fprintf(stderr, "usage: xensim_probe map|copy-from|copy-to|node-copy-from|node-copy-to|bind|notify|pingpong|getinfo ...\n");
     return 2;
 }

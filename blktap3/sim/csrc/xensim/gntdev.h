@@ -40,5 +40,9 @@ struct xs_mapping *xs_gntdev_take(struct xengntdev_handle *h, void *addr, uint32
 void xs_unmap_notify(struct xs_mapping *mp);
 /* gnttab: drop the pins of a mapping and free it (the pages are unmapped already). */
 void xs_mapping_unpin(struct xs_mapping *mp);
+/* /dev/xen/gntdev opened without libxengnttab (gntdevnode.c): whether `path` is the
+ * node, and an open of it (a handle's fd, or -1 and errno). */
+int xs_is_gntdev_node(const char *path);
+int xs_gntdev_node_open(void);
 
 #endif

@@ -4,9 +4,10 @@
  * to find dom0's xenstore port and page) go to files of the run directory,
  * and setrlimit(RLIMIT_NOFILE or RLIMIT_MEMLOCK) is clamped to the hard limit
  * (oxenstored asks for 1M open files, blktap's tapdisk for unlimited locked
- * memory; root here lacks CAP_SYS_RESOURCE).
+ * memory; root here lacks CAP_SYS_RESOURCE). An open of /dev/xen/gntdev is the
+ * node of gntdevnode.c.
  */
-#include "xensim.h"
+#include "gntdev.h"
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -49,6 +50,8 @@ XS_NOSAN static mode_t mode_arg(int flags, va_list ap)
         va_start(ap, flags);                                                         \
         mode_t mode = mode_arg(flags, ap);                                           \
         va_end(ap);                                                                  \
+        if (xs_is_gntdev_node(path))                                                 \
+            return xs_gntdev_node_open();                                            \
         char buf[PATH_MAX];                                                          \
         return real(redirect(path, buf, sizeof(buf)), flags, mode);                  \
     }
@@ -63,6 +66,8 @@ XS_NOSAN static mode_t mode_arg(int flags, va_list ap)
         va_start(ap, flags);                                                         \
         mode_t mode = mode_arg(flags, ap);                                           \
         va_end(ap);                                                                  \
+        if (xs_is_gntdev_node(path))                                                 \
+            return xs_gntdev_node_open();                                            \
         char buf[PATH_MAX];                                                          \
         return real(dirfd, redirect(path, buf, sizeof(buf)), flags, mode);           \
     }
