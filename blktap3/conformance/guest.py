@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from blktap3.abi import SECTOR_SIZE, BlkifProtocol
@@ -265,10 +265,15 @@ class ScriptedGuest:
         else:
             self.xs.write(self.fe("state"), str(state))
 
-    def read_backend(self, keys: list[str]) -> dict[str, str]:
+    def read_backend(self, keys: list[str], optional: Sequence[str] = ()) -> dict[str, str]:
         """The keys a driver reads on Connected, through the guest's own connection: a
-        missing or non-decimal one fails as the driver fails."""
+        missing or non-decimal one fails as the driver fails; an `optional` one the
+        driver does without (FreeBSD's physical-sector-size) is only recorded."""
         values: dict[str, str] = {}
+        for key in optional:
+            value = self.xs.read_optional(self.paths.backend_key(key))
+            if value is not None and value.isdigit():
+                values[key] = value
         for key in keys:
             value = self.xs.read_optional(self.paths.backend_key(key))
             if value is None or not value.isdigit():

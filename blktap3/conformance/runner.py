@@ -168,7 +168,8 @@ class _Run:
             case "set_state":
                 self._xs_write(lambda: g.set_state(int(p["state"]), bool(p.get("tx", False))))
             case "read_backend":
-                g.read_backend([str(k) for k in p["keys"]])
+                g.read_backend([str(k) for k in p["keys"]],
+                               [str(k) for k in p.get("optional", [])])
             case "io":
                 status, verified = g.io(str(p.get("op", "write")), int(p.get("sector", 0)),
                                         int(p.get("count", 8)))

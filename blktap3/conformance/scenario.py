@@ -41,7 +41,7 @@ ACTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "write_transport": {"tx": (bool,), "state": (int,), "omit": (list,),
                         "override": (dict,), "legacy_pages": (bool,)},
     "set_state": {"state": (int,), "tx": (bool,)},
-    "read_backend": {"keys": (list,)},
+    "read_backend": {"keys": (list,), "optional": (list,)},
     "io": {"op": (str,), "sector": (int,), "count": (int,)},
     "raw_request": {"op": (int,), "segs": (list,), "nr_segments": (int,), "sector": (int,),
                     "nr_sectors": (int,), "gref": (str,)},
