@@ -102,7 +102,10 @@ def _row(r: dict[str, Any]) -> str:
             f"{_num(r.get('cpu_us_per_req'), '.2f'):>7} "
             f"{_num(r.get('guest_cpu_us_per_req'), '.2f'):>8} "
             f"{_num(r.get('fio_cpu_us_per_req'), '.2f'):>7} "
-            f"{_num(r.get('kicks_per_req'), '.2f'):>6} {_num(r.get('switches_per_req'), '.2f'):>6}")
+            f"{_num(r.get('kicks_in_per_req'), '.2f'):>6} "
+            f"{_num(r.get('kicks_out_per_req'), '.2f'):>6} "
+            f"{_num(r.get('switches_per_req'), '.2f'):>6} "
+            f"{_num(r.get('guest_switches_per_req'), '.2f'):>6}")
 
 
 def _spread(r: dict[str, Any]) -> str:
@@ -113,7 +116,7 @@ def _spread(r: dict[str, Any]) -> str:
 HEADER = (f"{'workload':<20} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} {'min-max':>11} "
           f"{'ours MB/s':>9} {'fio MB/s':>8} {'ours p50':>8} {'ours p99':>8} "
           f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7} "
-          f"{'kicks':>6} {'cswtch':>6}")
+          f"{'kick>':>6} {'<kick':>6} {'cswtch':>6} {'g csw':>6}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,8 +186,9 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
           f"persistent grants {args.persistent}, "
           f"pinned {cpus or 'no'}; "
           "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
-          "driver, fio us fio itself; per request: event-channel kicks both ways, "
-          "tapdisk context switches",
+          "driver, fio us fio itself; per request: event-channel kicks guest to tapdisk "
+          "(kick>) and back (<kick), context switches of the tapdisk (cswtch) and of the "
+          "guest driver (g csw)",
           flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="blktap3-bench-", dir=args.dir) as tmp:
