@@ -57,8 +57,10 @@ WORKLOADS: list[dict[str, Any]] = [
 MULTI_QUEUE = (1, 2, 4)
 JSON_KEYS = ("workload", "ours_iops", "fio_iops", "ratio", "ratio_min", "ratio_max", "rounds",
              "ours_p50_us", "ours_p99_us", "fio_p50_us", "fio_p99_us", "cpu_us_per_req")
-# Only in the QD1 row: the p50 latency the ring path adds to fio's (median of the rounds).
+# Only in the QD1 row: the p50 latency the ring path adds to fio's (median of the rounds),
+# and of it the ring's own round trip with no I/O (the null image's QD1 p50, median).
 QD1_KEY = "qd1_added_us"
+QD1_RING_KEY = "qd1_ring_us"
 
 
 def _prepare(path: Path, size: int) -> None:
@@ -212,6 +214,9 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     results.append(row)
                     print(_row(row), flush=True)
                 row = results[-2 if both else -1]
+                if w["qd"] == 1:
+                    results.append(_null_qd1(rig, row, args))
+                    print(_row(results[-1]), flush=True)
                 if image is not None:
                     v = _medians([rig.run(*shape, image="vhd",
                                           persistent=args.persistent != "off")
@@ -241,12 +246,29 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
         if r.get(QD1_KEY) is not None:
             print(f"{r['workload']}: p50 latency added by the ring path {r[QD1_KEY]:.1f} us "
                   f"(median of {r['rounds']} rounds)")
+        if r.get(QD1_KEY) is not None and r.get(QD1_RING_KEY) is not None:
+            print(f"  of which the ring's round trip without I/O (null image, QD1 p50) "
+                  f"{r[QD1_RING_KEY]:.1f} us: guest -> tapdisk -> guest, the two wake-ups a "
+                  f"split driver pays on a real host too (blkback as well); the rest "
+                  f"{r[QD1_KEY] - r[QD1_RING_KEY]:.1f} us: the data path's work per request "
+                  f"beyond fio's (image lookup, submission from the ring, the copy to the "
+                  f"guest), and noise")
     if args.json:
         Path(args.json).write_text(json.dumps([_json(r) for r in results], indent=2) + "\n")
     if args.plot is not None:
         bench_plot.draw(results, args.plot)
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _null_qd1(rig: bench_ring.RingRig, row: dict[str, Any],
+              args: argparse.Namespace) -> dict[str, Any]:
+    """The QD1 row's companion: the ring's round trip on the null image, its median p50
+    also put into ``row`` under QD1_RING_KEY."""
+    null = _medians([rig.run_null(args.runtime, qd=1) for _ in range(args.rounds)])
+    null.pop("ours_mbps", None)
+    row[QD1_RING_KEY] = null.get("ours_p50_us")
+    return {"workload": "  null ring QD1", **null}
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,8 +281,9 @@ def _json(r: dict[str, Any]) -> dict[str, Any]:
     if "fio_iops" not in r and r.get("ratio") is None:
         return {"workload": r["workload"], "ours_iops": r["ours_iops"]}
     out = {k: r.get(k) for k in JSON_KEYS}
-    if QD1_KEY in r:
-        out[QD1_KEY] = r[QD1_KEY]
+    for key in (QD1_KEY, QD1_RING_KEY):
+        if key in r:
+            out[key] = r[key]
     return out
 
 

@@ -304,10 +304,12 @@ class RingRig:
             "kicks_out_per_req": sum(r["kicks_in"] for r in results) / ios if ios else None,
         }
 
-    def run_null(self, runtime: float) -> dict[str, Any]:
-        """The ring's own ceiling: 8-page ring, QD256, no storage and no data copy."""
-        figures = self._figures(self._ring("null", 3, {
-            "qd": 256, "bs": 4096, "read_pct": 100, "random": False, "span": 1 << 30,
+    def run_null(self, runtime: float, qd: int = 256) -> dict[str, Any]:
+        """The ring with no storage and no data copy: at QD256 (8-page ring) its ceiling;
+        at QD1 (one page) its round trip, guest -> tapdisk -> guest: the two wake-ups
+        (a kick each way) any split driver pays, blkback too."""
+        figures = self._figures(self._ring("null", 3 if qd > 32 else 0, {
+            "qd": qd, "bs": 4096, "read_pct": 100, "random": False, "span": 1 << 30,
             "duration": runtime, "timeout": 30.0,
         }))
         figures.pop("ours_mbps")
