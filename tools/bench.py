@@ -204,8 +204,11 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     continue
                 shape = (w["rw"], w["bs"], w["qd"], args.runtime)
                 both = args.persistent == "both"
+                nulls: list[dict[str, Any]] = []
                 for persistent in (True, False) if both else (args.persistent == "on",):
                     ours = functools.partial(rig.run, *shape, persistent=persistent)
+                    if w["qd"] == 1 and persistent == (args.persistent != "off"):
+                        ours = functools.partial(_with_null_qd1, ours, rig, args, nulls)
                     rounds = bench_rounds.alternate(
                         ours, functools.partial(bench_fio.run, disk, *shape), args.rounds)
                     name = w["workload"] if persistent or args.persistent == "off" else \
@@ -214,8 +217,8 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     results.append(row)
                     print(_row(row), flush=True)
                 row = results[-2 if both else -1]
-                if w["qd"] == 1:
-                    results.append(_null_qd1(rig, row, args))
+                if nulls:
+                    results.append(_null_qd1(row, nulls))
                     print(_row(results[-1]), flush=True)
                 if image is not None:
                     v = _medians([rig.run(*shape, image="vhd",
@@ -261,11 +264,19 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
     return 0
 
 
-def _null_qd1(rig: bench_ring.RingRig, row: dict[str, Any],
-              args: argparse.Namespace) -> dict[str, Any]:
-    """The QD1 row's companion: the ring's round trip on the null image, its median p50
-    also put into ``row`` under QD1_RING_KEY."""
-    null = _medians([rig.run_null(args.runtime, qd=1) for _ in range(args.rounds)])
+def _with_null_qd1(ours: Any, rig: bench_ring.RingRig, args: argparse.Namespace,
+                   nulls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our QD1 run, then in the same round the ring's round trip on the null image (the
+    machine in the same mood: the split of the added latency is per round)."""
+    figures: dict[str, Any] = ours()
+    nulls.append(rig.run_null(args.runtime, qd=1))
+    return figures
+
+
+def _null_qd1(row: dict[str, Any], nulls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The QD1 row's companion row: the null image's rounds, their median p50 also put
+    into ``row`` under QD1_RING_KEY."""
+    null = _medians(nulls)
     null.pop("ours_mbps", None)
     row[QD1_RING_KEY] = null.get("ours_p50_us")
     return {"workload": "  null ring QD1", **null}
