@@ -253,9 +253,10 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
             print(f"  of which the ring's round trip without I/O (null image, QD1 p50) "
                   f"{r[QD1_RING_KEY]:.1f} us: guest -> tapdisk -> guest, the two wake-ups a "
                   f"split driver pays on a real host too (blkback as well); the rest "
-                  f"{r[QD1_KEY] - r[QD1_RING_KEY]:.1f} us: the data path's work per request "
-                  f"beyond fio's (image lookup, submission from the ring, the copy to the "
-                  f"guest), and noise")
+                  f"{r[QD1_KEY] - r[QD1_RING_KEY]:.1f} us: what the disk path adds to both "
+                  f"(the tapdisk's handling of the I/O from its ring thread beyond fio's, "
+                  f"wake-ups from CPUs gone idle during the device's time, which the "
+                  f"back-to-back null ring never sees), and noise")
     if args.json:
         Path(args.json).write_text(json.dumps([_json(r) for r in results], indent=2) + "\n")
     if args.plot is not None:
