@@ -73,8 +73,10 @@ WORKLOADS: list[dict[str, Any]] = [
 MULTI_QUEUE = (1, 2, 4)
 JSON_KEYS = ("workload", "ours_iops", "fio_iops", "ratio", "ratio_min", "ratio_max", "rounds",
              "ours_p50_us", "ours_p99_us", "fio_p50_us", "fio_p99_us", "cpu_us_per_req")
-# Only in the QD1 row: the p50 latency the ring path adds to fio's (median of the rounds).
+# Only in the QD1 row: the p50 latency the ring path adds to fio's (median of the rounds),
+# and of it the ring's own round trip with no I/O (the null image's QD1 p50, median).
 QD1_KEY = "qd1_added_us"
+QD1_RING_KEY = "qd1_ring_us"
 
 
 def _prepare(path: Path, size: int) -> None:
@@ -141,7 +143,10 @@ def _row(r: dict[str, Any]) -> str:
             f"{_num(r.get('cpu_us_per_req'), '.2f'):>7} "
             f"{_num(r.get('guest_cpu_us_per_req'), '.2f'):>8} "
             f"{_num(r.get('fio_cpu_us_per_req'), '.2f'):>7} "
-            f"{_num(r.get('kicks_per_req'), '.2f'):>6} {_num(r.get('switches_per_req'), '.2f'):>6}")
+            f"{_num(r.get('kicks_in_per_req'), '.2f'):>6} "
+            f"{_num(r.get('kicks_out_per_req'), '.2f'):>6} "
+            f"{_num(r.get('switches_per_req'), '.2f'):>6} "
+            f"{_num(r.get('guest_switches_per_req'), '.2f'):>6}")
 
 
 def _spread(r: dict[str, Any]) -> str:
@@ -152,7 +157,7 @@ def _spread(r: dict[str, Any]) -> str:
 HEADER = (f"{'workload':<28} {'ours IOPS':>11} {'fio IOPS':>11} {'ratio':>6} {'min-max':>11} "
           f"{'ours MB/s':>9} {'fio MB/s':>8} {'ours p50':>8} {'ours p99':>8} "
           f"{'fio p50':>8} {'fio p99':>8} {'us/req':>7} {'guest us':>8} {'fio us':>7} "
-          f"{'kicks':>6} {'cswtch':>6}")
+          f"{'kick>':>6} {'<kick':>6} {'cswtch':>6} {'g csw':>6}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,8 +237,9 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
           f"persistent grants {args.persistent}, "
           f"pinned {cpus or 'no'}; "
           "latencies in us; CPU us per request: us/req tapdisk, guest us the guest "
-          "driver, fio us fio itself; per request: event-channel kicks both ways, "
-          "tapdisk context switches",
+          "driver, fio us fio itself; per request: event-channel kicks guest to tapdisk "
+          "(kick>) and back (<kick), context switches of the tapdisk (cswtch) and of the "
+          "guest driver (g csw)",
           flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="blktap3-bench-", dir=args.dir) as tmp:
@@ -251,8 +257,11 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     continue
                 shape = (w["rw"], w["bs"], w["qd"], args.runtime)
                 both = args.persistent == "both"
+                nulls: list[dict[str, Any]] = []
                 for persistent in (True, False) if both else (args.persistent == "on",):
                     ours = functools.partial(rig.run, *shape, persistent=persistent)
+                    if w["qd"] == 1 and persistent == (args.persistent != "off"):
+                        ours = functools.partial(_with_null_qd1, ours, rig, args, nulls)
                     rounds = bench_rounds.alternate(
                         ours, functools.partial(bench_fio.run, disk, *shape), args.rounds)
                     name = w["workload"] if persistent or args.persistent == "off" else \
@@ -261,6 +270,9 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     results.append(row)
                     print(_row(row), flush=True)
                 row = results[-2 if both else -1]
+                if nulls:
+                    results.append(_null_qd1(row, nulls))
+                    print(_row(results[-1]), flush=True)
                 if args.polling is not None:
                     ours = functools.partial(rig.run, *shape,
                                              persistent=args.persistent != "off",
@@ -298,6 +310,14 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
         if r.get(QD1_KEY) is not None:
             print(f"{r['workload']}: p50 latency added by the ring path {r[QD1_KEY]:.1f} us "
                   f"(median of {r['rounds']} rounds)")
+        if r.get(QD1_KEY) is not None and r.get(QD1_RING_KEY) is not None:
+            print(f"  of which the ring's round trip without I/O (null image, QD1 p50) "
+                  f"{r[QD1_RING_KEY]:.1f} us: guest -> tapdisk -> guest, the two wake-ups a "
+                  f"split driver pays on a real host too (blkback as well); the rest "
+                  f"{r[QD1_KEY] - r[QD1_RING_KEY]:.1f} us: what the disk path adds to both "
+                  f"(the tapdisk's handling of the I/O from its ring thread beyond fio's, "
+                  f"wake-ups from CPUs gone idle during the device's time, which the "
+                  f"back-to-back null ring never sees), and noise")
     for r in results:
         if "unpolled" in r:
             print(_polling_summary(r, r["unpolled"], args.polling))
@@ -338,6 +358,24 @@ def _polling_summary(polled: dict[str, Any], unpolled: dict[str, Any],
             f"{_num(polled.get('spins_skipped_per_req'), '.2f')} skipped (host busy)")
 
 
+def _with_null_qd1(ours: Any, rig: bench_ring.RingRig, args: argparse.Namespace,
+                   nulls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our QD1 run, then in the same round the ring's round trip on the null image (the
+    machine in the same mood: the split of the added latency is per round)."""
+    figures: dict[str, Any] = ours()
+    nulls.append(rig.run_null(args.runtime, qd=1))
+    return figures
+
+
+def _null_qd1(row: dict[str, Any], nulls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The QD1 row's companion row: the null image's rounds, their median p50 also put
+    into ``row`` under QD1_RING_KEY."""
+    null = _medians(nulls)
+    null.pop("ours_mbps", None)
+    row[QD1_RING_KEY] = null.get("ours_p50_us")
+    return {"workload": "  null ring QD1", **null}
+
+
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Our figures over rounds with no fio beside them (the VHD and null rows)."""
     return {k: v for k, v in bench_rounds.combine("", [(r, {}) for r in runs]).items()
@@ -350,8 +388,9 @@ def _json(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: r.get(k) for k in JSON_KEYS}
     if "raw_iops" in r:
         out["raw_iops"] = r["raw_iops"]
-    if QD1_KEY in r:
-        out[QD1_KEY] = r[QD1_KEY]
+    for key in (QD1_KEY, QD1_RING_KEY):
+        if key in r:
+            out[key] = r[key]
     return out
 
 

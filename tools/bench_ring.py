@@ -206,10 +206,10 @@ class RingRig:
                     poll_duration=polling[0], poll_idle_threshold=polling[1],
                 )
                 t0, g0 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
-                c0 = context_switches(vbd.pid)
+                c0, gc0 = context_switches(vbd.pid), context_switches(guest.pid)
                 res: dict[str, Any] = guest.call("run", poll_us=self.poll_us, **run)
                 t1, g1 = thread_cpu(vbd.pid), thread_cpu(guest.pid)
-                c1 = context_switches(vbd.pid)
+                c1, gc1 = context_switches(vbd.pid), context_switches(guest.pid)
                 # The tapdisk's own count of what it served (its STATS, blktap's JSON).
                 res["tapdisk_stats"] = json.loads(vbd.client.stats(vbd.minor))
         finally:
@@ -221,6 +221,8 @@ class RingRig:
         res["tapdisk_cpu"] = cpu_delta(t0, t1)
         res["guest_cpu"] = cpu_delta(g0, g1)
         res["tapdisk_switches"] = c1 - c0
+        # The guest's process blocks only in the run (its line protocol waits outside).
+        res["guest_switches"] = gc1 - gc0
         self.last = res
         return res
 
@@ -236,9 +238,13 @@ class RingRig:
             "cpu_us_per_req": res["tapdisk_cpu"] * 1e6 / ios if ios else None,
             "guest_cpu_us_per_req": res["guest_cpu"] * 1e6 / ios if ios else None,
             "kicks_per_req": (res["kicks_out"] + res["kicks_in"]) / ios if ios else None,
+            # Each way: the guest's kicks to the tapdisk, the tapdisk's to the guest.
+            "kicks_in_per_req": res["kicks_out"] / ios if ios else None,
+            "kicks_out_per_req": res["kicks_in"] / ios if ios else None,
             "switches_per_req": res["tapdisk_switches"] / ios if ios else None,
             "spins_per_req": res["spins"] / ios if ios else None,
             "spins_skipped_per_req": res["spins_skipped"] / ios if ios else None,
+            "guest_switches_per_req": res["guest_switches"] / ios if ios else None,
         }
 
     def run(self, rw: str, bs: int, qd: int, runtime: float,
@@ -304,12 +310,16 @@ class RingRig:
             "cpu_us_per_req": cpu_delta(t0, t1) * 1e6 / ios if ios else None,
             "kicks_per_req": sum(r["kicks_out"] + r["kicks_in"] for r in results) / ios
             if ios else None,
+            "kicks_in_per_req": sum(r["kicks_out"] for r in results) / ios if ios else None,
+            "kicks_out_per_req": sum(r["kicks_in"] for r in results) / ios if ios else None,
         }
 
-    def run_null(self, runtime: float) -> dict[str, Any]:
-        """The ring's own ceiling: 8-page ring, QD256, no storage and no data copy."""
-        figures = self._figures(self._ring("null", 3, {
-            "qd": 256, "bs": 4096, "read_pct": 100, "random": False, "span": 1 << 30,
+    def run_null(self, runtime: float, qd: int = 256) -> dict[str, Any]:
+        """The ring with no storage and no data copy: at QD256 (8-page ring) its ceiling;
+        at QD1 (one page) its round trip, guest -> tapdisk -> guest: the two wake-ups
+        (a kick each way) any split driver pays, blkback too."""
+        figures = self._figures(self._ring("null", 3 if qd > 32 else 0, {
+            "qd": qd, "bs": 4096, "read_pct": 100, "random": False, "span": 1 << 30,
             "duration": runtime, "timeout": 30.0,
         }))
         figures.pop("ours_mbps")

@@ -83,9 +83,12 @@ def test_the_command_writes_the_issue_keys(tmp_path: Path) -> None:
     rc = bench.main(["--json", str(out), "--runtime", "0.5", "--rounds", "3", "--size-mib", "8",
                      "--only", "QD1"])
     assert rc == 0
-    [qd1] = json.loads(out.read_text())
-    assert set(qd1) == {*bench.JSON_KEYS, bench.QD1_KEY}
+    [qd1, null] = json.loads(out.read_text())
+    assert set(qd1) == {*bench.JSON_KEYS, bench.QD1_KEY, bench.QD1_RING_KEY}
     assert qd1["workload"] == "4k randread QD1" and qd1["rounds"] == 3
+    # Beside it the ring's own round trip, no I/O: the null image at QD1.
+    assert null["workload"].strip() == "null ring QD1" and null["ours_iops"] > 0
+    assert qd1[bench.QD1_RING_KEY] > 0
     # The median of three rounds' ratios lies within their spread.
     assert 0 < qd1["ratio_min"] <= qd1["ratio"] <= qd1["ratio_max"]
     assert qd1["qd1_added_us"] is not None
