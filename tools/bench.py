@@ -17,6 +17,10 @@ copy, its ratio against fio too.
 the same tapdisk, and prints after each workload a ``vhd`` row whose ratio is against
 our raw run of the same workload, just before (allocated blocks: the hot path).
 
+``--mirror`` adds after each write workload two rows, ``mirror file`` and ``mirror nbd``:
+the same primary mirrored (``-2``) to a second file and to qemu-nbd, their ratio against
+the unmirrored VBD in alternating rounds (``bench_mirror``).
+
 Each workload runs in ``--rounds`` short rounds, ours then fio, ours then fio, ... (see
 ``bench_rounds``): a row holds the medians of its rounds, its ``ratio`` the median of the
 rounds' ratios, with their spread (``ratio_min``-``ratio_max``). ``--plot FILE.png`` draws
@@ -29,6 +33,7 @@ ring and a tapdisk service thread per queue, a guest driver process per queue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -42,7 +47,7 @@ import structlog
 
 from blktap3 import cmdline
 
-from . import bench_fio, bench_plot, bench_ring, bench_rounds
+from . import bench_fio, bench_mirror, bench_plot, bench_ring, bench_rounds
 
 WORKLOADS: list[dict[str, Any]] = [
     {"workload": "4k randread QD32", "rw": "randread", "bs": 4096, "qd": 32},
@@ -140,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--persistent", choices=("on", "off", "both"), default="on",
                     help="persistent grants negotiated (on, default), grant copy (off), or "
                          "both: a 'copy' row after each workload")
+    ap.add_argument("--mirror", action="store_true",
+                    help="after each write workload, the same VBD mirrored to a file and to "
+                         "qemu-nbd: ratio mirrored/unmirrored (needs qemu-nbd)")
     ap.add_argument("--pin", metavar="T,G", type=_cpus, default=None,
                     help="pin the tapdisk to CPU T and the guest driver to CPU G "
                          "(default: the scheduler places them)")
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.plot is not None and (problem := bench_plot.unavailable()):
+        parser.error(problem)
+    if args.mirror and (problem := bench_mirror.unavailable()):
         parser.error(problem)
     cpus = args.pin
     # SIGTERM and SIGHUP unwind as ^C does: the rig stops its tapdisks, the backing file
@@ -191,8 +201,11 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
         disk = Path(tmp) / "disk.img"
         _prepare(disk, args.size_mib << 20)
         image = _prepare_vhd(disk, Path(tmp) / "disk.vhd") if args.image == "vhd" else None
-        with bench_ring.RingRig(Path(tmp) / "xen", disk, poll_us=args.poll_us,
-                                cpus=cpus, vhd=image) as rig:
+        with contextlib.ExitStack() as stack:
+            rig = stack.enter_context(bench_ring.RingRig(
+                Path(tmp) / "xen", disk, poll_us=args.poll_us, cpus=cpus, vhd=image))
+            if args.mirror:
+                stack.enter_context(bench_mirror.secondaries(rig, Path(tmp)))
             for w in WORKLOADS:
                 if args.only and args.only not in w["workload"]:
                     continue
@@ -217,6 +230,11 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                             if row["ours_iops"] else None}
                     results.append(vrow)
                     print(_row(vrow), flush=True)
+                if args.mirror and w["rw"].endswith("write"):
+                    for mrow in bench_mirror.rows(rig, w["workload"], shape, args.rounds,
+                                                  args.persistent != "off"):
+                        results.append(mrow)
+                        print(_row(mrow), flush=True)
             for nr_queues in MULTI_QUEUE:  # 4k randread QD32 spread over 1, 2, 4 queues
                 name = f"4k randread QD32 {nr_queues}q"
                 if args.only and args.only not in name:
@@ -257,6 +275,8 @@ def _json(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: r.get(k) for k in JSON_KEYS}
     if QD1_KEY in r:
         out[QD1_KEY] = r[QD1_KEY]
+    if "plain_iops" in r:  # a mirror row: its ratio is against this, not fio
+        out["plain_iops"] = r["plain_iops"]
     return out
 
 

@@ -3,11 +3,16 @@
  * another image (`aio:`, `vhd:`) or an NBD server reached on a connected socket whose
  * handshake the Python side (blktap3/tapdisk/mirror.py) already made.
  *
- * Every write and discard goes to the primary, then to the secondary, synchronously in
- * the caller's thread under the image's lock (image.c), and is answered once both are
- * done; FLUSH flushes both. A secondary that fails is dropped and counted (blktap's
- * nbd_mirror_failed): the request that met the failure and every later one complete on
- * the primary alone, so the guest goes on and never sees the secondary's error.
+ * Every write and discard goes to the primary and to the secondary and is answered once
+ * both are done; FLUSH flushes both. On the ring's hot path a write to an image
+ * secondary that maps to one extent (raw, an allocated VHD block) is queued beside the
+ * primary's in the same io_uring batch (td_mirror_map, ring.c); everything else (NBD,
+ * a VHD block to allocate, the NBD export's writes) goes to the primary, then to the
+ * secondary, synchronously in the caller's thread under the image's lock (image.c).
+ * A secondary that fails is dropped and counted (blktap's nbd_mirror_failed): the
+ * request that met the failure and every later one complete on the primary alone, so
+ * the guest goes on and never sees the secondary's error. A dropped image secondary
+ * stays open until the mirror is closed: hot-path writes may still be in flight on it.
  *
  * The NBD client speaks the simple-reply transmission phase: one request, its reply,
  * then the next (the lock serialises them), so a reply's handle always matches. A
@@ -128,19 +133,35 @@ int td_mirror_open_nbd(int fd, struct td_mirror **out)
     return 0;
 }
 
+/* Under the primary's lock (image.c), so a failure seen by two threads counts once. */
 static void drop(struct td_mirror *m, int err)
 {
-    if (m->image) {
-        td_image_close(m->image);
-        m->image = NULL;
-    }
+    if (!td_mirror_active(m))
+        return;
     if (m->fd >= 0) {
-        close(m->fd);
-        m->fd = -1;
+        /* Shut down, not closed: the number stays ours until td_mirror_close. */
+        shutdown(m->fd, SHUT_RDWR);
     }
     m->st.failed++;
     m->st.last_error = -err;
     __atomic_store_n(&m->st.active, 0, __ATOMIC_RELEASE);
+}
+
+void td_mirror_failed(struct td_mirror *m, int err)
+{
+    drop(m, err);
+}
+
+int td_mirror_map(struct td_mirror *m, uint64_t sector, uint32_t nr, uint64_t *off)
+{
+    if (!td_mirror_active(m) || !m->image)
+        return -1;
+    return td_image_map(m->image, 1, sector, nr, off);
+}
+
+void td_mirror_wrote(struct td_mirror *m)
+{
+    __atomic_fetch_add(&m->st.writes, 1, __ATOMIC_RELAXED);
 }
 
 void td_mirror_close(struct td_mirror *m)
@@ -170,7 +191,7 @@ void td_mirror_write(struct td_mirror *m, const void *buf, uint64_t sector, uint
     if (rc)
         drop(m, rc);
     else
-        m->st.writes++;
+        td_mirror_wrote(m);
 }
 
 void td_mirror_discard(struct td_mirror *m, uint64_t sector, uint64_t nr)
@@ -212,4 +233,5 @@ void td_mirror_stats(const struct td_mirror *m, struct td_mirror_stats *out)
         return;
     }
     *out = m->st;
+    out->writes = __atomic_load_n(&m->st.writes, __ATOMIC_RELAXED);
 }
