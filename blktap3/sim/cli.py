@@ -6,6 +6,7 @@
     blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom] [--no-hotplug]
     blktap3-sim [--run-dir DIR] vbd remove DOMID DEVID
     blktap3-sim [--run-dir DIR] vbd migrate DOMID DEVID TARGET [--server qemu-nbd|tapdisk]
+                                        [--pass-fd]
     blktap3-sim [--run-dir DIR] guest run DOMID DEVID [--personality P] [--workload W]
                                       [--seconds S] [--hold SECONDS]
     blktap3-sim [--run-dir DIR] ls [PATH]
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--server", choices=migrate.SERVERS, default="qemu-nbd",
                      help="what serves the target over NBD during the mirror: Debian's "
                           "qemu-nbd (default) or another tapdisk's export")
+    mig.add_argument("--pass-fd", action="store_true",
+                     help="connect to the target here and hand the socket to the tapdisk "
+                          "on nbdclient<pid> (as xapi does), then -2 nbd:NAME")
     mig.set_defaults(func=cmd_vbd_migrate)
 
     guest = sub.add_parser("guest", help="run a simulated guest against a disk")
@@ -185,6 +189,7 @@ def cmd_vbd_remove(host: Host, args: argparse.Namespace) -> None:
 def cmd_vbd_migrate(host: Host, args: argparse.Namespace) -> None:
     try:
         result = migrate.migrate(host, args.domid, args.devid, args.target, server=args.server,
+                                 pass_fd=args.pass_fd,
                                  on_step=lambda text: print(text, flush=True))
     except migrate.MigrationError as exc:
         raise HostError(str(exc)) from None

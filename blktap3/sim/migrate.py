@@ -5,7 +5,9 @@ What XenServer's storage motion does with blktap, on a VBD whose guest keeps wri
 1. a target of the disk's size is served over NBD: by Debian's ``qemu-nbd`` (a peer none
    of us wrote) or by another tapdisk's export (``tap-ctl create -a aio:TARGET``);
 2. the VBD is paused and resumed mirrored to it (``tap-ctl unpause -2 nbd:SOCKET``), with
-   a changed-block log (``unpause -c LOG``) beside the mirror;
+   a changed-block log (``unpause -c LOG``) beside the mirror; with ``pass_fd`` the
+   toolstack connects to the target itself and hands the socket to the tapdisk on
+   ``nbdclient<pid>`` (as xapi does), then names it: ``-2 nbd:NAME``;
 3. the bulk copy: ``nbdcopy`` from the VBD's own NBD export to the target, while the
    guest's writes reach both sides through the mirror;
 4. the VBD is paused (in-flight writes drained, the mirror closed) and the target's
@@ -31,6 +33,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from blktap3.abi import SECTOR_SIZE
-from blktap3.ctl import ops
+from blktap3.ctl import ops, passfd
 from blktap3.ctl.client import CtlError, TapdiskClient
 from blktap3.ctl.protocol import OpenFlags
 from blktap3.fsm.tapdisk import NO_SECONDARY
@@ -161,6 +164,14 @@ def _served(server: str, host: Any, target: Path,
             stop_tapdisk()
 
 
+def _hand_over(host: Any, vbd: _Vbd, sock: Path, name: str) -> str:
+    """Connect to the target and pass the socket to the VBD's tapdisk as `name`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(os.fspath(sock))
+        passfd.pass_fd(host.control_dir, vbd.pid, name, conn.fileno())
+    return name   # the tapdisk has its own descriptor now; ours closes
+
+
 def _uri(sock: Path) -> str:
     return f"nbd+unix:///?socket={sock}"
 
@@ -196,6 +207,7 @@ def _same(source: Any, target: Path, size: int) -> bool:
 
 
 def migrate(host: Any, domid: int, devid: int, target: Path, *, server: str = "qemu-nbd",
+            pass_fd: bool = False,
             on_step: Callable[[str], None] = lambda _: None) -> Migration:
     """Move the disk of `domid`'s device `devid` to a new raw file `target` while its
     guest runs (the steps are the module's). Raises MigrationError when it cannot start;
@@ -234,10 +246,15 @@ def migrate(host: Any, domid: int, devid: int, target: Path, *, server: str = "q
                  f"at {sock}")
             vbd.client.pause(vbd.minor)
             paused = True
-            vbd.client.resume(vbd.minor, flags=OpenFlags.SECONDARY, secondary=f"nbd:{sock}",
+            secondary = f"nbd:{sock}"
+            if pass_fd:
+                secondary = f"nbd:{_hand_over(host, vbd, sock, f'migrate-{domid}-{devid}')}"
+                step(f"a socket connected to the target handed to tapdisk {vbd.pid} on "
+                     f"nbdclient{vbd.pid} as {secondary[4:]}")
+            vbd.client.resume(vbd.minor, flags=OpenFlags.SECONDARY, secondary=secondary,
                               logpath=str(log))
             paused, mirrored = False, True
-            step(f"VBD {vbd.pid}/{vbd.minor} ({vbd.params}) mirrored to nbd:{sock}, "
+            step(f"VBD {vbd.pid}/{vbd.minor} ({vbd.params}) mirrored to {secondary}, "
                  f"changed blocks logged in {log}")
             t0 = time.monotonic()
             export = host.control_dir / f"nbd{vbd.pid}.{vbd.minor}"

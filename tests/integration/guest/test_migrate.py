@@ -52,15 +52,17 @@ def served_params(host: Host) -> list[str]:
     return [f"{r.type}:{r.path}" for r in ops.list_all(host.control_dir)]
 
 
-@pytest.mark.parametrize("server", migrate.SERVERS)
+@pytest.mark.parametrize(("server", "pass_fd"), [("qemu-nbd", False), ("tapdisk", True)])
 def test_a_disk_moves_under_a_writing_guest_that_never_sees_an_error(
-    system: Host, server: str
+    system: Host, server: str, pass_fd: bool
 ) -> None:
+    """The second case hands the target's socket to the tapdisk on nbdclient<pid>."""
     domid = 40 + migrate.SERVERS.index(server)
     source, target = attached(system, domid)
     with start_guest(system, domid, DEVID, "linux", "randrw", extra=GUEST) as guest:
         guest.wait_for_step("read sectors=")
-        result = migrate.migrate(system, domid, DEVID, target, server=server)
+        result = migrate.migrate(system, domid, DEVID, target, server=server,
+                                 pass_fd=pass_fd)
         # The source is wiped: the guest's read back can succeed from the target only.
         source.write_bytes(bytes(SIZE))
         seen = guest.result(90)
@@ -68,6 +70,7 @@ def test_a_disk_moves_under_a_writing_guest_that_never_sees_an_error(
     assert seen.ok, seen.error   # every byte read back from the target after the switch
     assert result.copied == SIZE and result.size == SIZE
     assert served_params(system) == [f"aio:{target}"]
+    assert any("nbdclient" in step for step in result.steps) == pass_fd
     print(result.summary())
     system.destroy_domain(domid)
     assert served_params(system) == []

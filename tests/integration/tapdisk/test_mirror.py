@@ -143,8 +143,9 @@ def test_a_secondary_that_cannot_be_a_mirror_is_refused_at_open(
 ) -> None:
     primary = blank(ctl_root / "p.img")
     small = blank(ctl_root / "small.img", SIZE // 2)
+    # nbd:NAME (no path): a socket passed under that name on nbdclient<pid>; none was.
     cases = {f"aio:{small}": 22, f"aio:{ctl_root / 'none.img'}": 2,
-             f"nbd:{ctl_root / 'none.sock'}": 2}
+             f"nbd:{ctl_root / 'none.sock'}": 2, "nbd:never-passed": 2}
     for secondary, code in cases.items():
         res = tap_ctl("create", "-a", f"aio:{primary}", "-2", secondary)
         assert (res.code, res.err) == (code, os.strerror(code) + "\n"), secondary
