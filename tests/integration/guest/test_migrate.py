@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from blktap3.ctl import ops
-from blktap3.sim import migrate
+from blktap3.sim import cli, migrate
 from blktap3.sim.guest import start_guest
 from blktap3.sim.host import Host
 from blktap3.sim.toolstack import Image
@@ -99,4 +99,26 @@ def test_a_target_killed_mid_mirror_aborts_and_the_guest_goes_on_from_the_source
     assert seen.ok, seen.error   # the guest saw nothing, its data is on the source
     assert served_params(system) == [f"aio:{source}"] and not target.exists()
     assert not (system.run_dir / f"migrate-{domid}-{DEVID}").exists()
+    system.destroy_domain(domid)
+
+
+def test_the_command_prints_its_steps_and_refuses_what_it_cannot_do(
+    system: Host, capsys: pytest.CaptureFixture[str]
+) -> None:
+    domid = 46
+    source, target = attached(system, domid)
+    base = ["--run-dir", str(system.run_dir), "vbd", "migrate"]
+    target.write_bytes(b"")                      # the target must be a new file
+    assert cli.main([*base, str(domid), "xvda", str(target)]) == 1
+    assert "exists" in capsys.readouterr().err and target.read_bytes() == b""
+    assert cli.main([*base, str(domid), "xvdb", str(target) + "2"]) == 1   # no such disk
+    assert "no attached device" in capsys.readouterr().err
+    assert served_params(system) == [f"aio:{source}"]
+    target.unlink()
+    assert cli.main([*base, str(domid), "xvda", str(target), "--pass-fd"]) == 0
+    out = capsys.readouterr().out
+    assert "nbdclient" in out and "mirrored to nbd:migrate-" in out
+    assert out.splitlines()[-1].startswith(f"migrated aio:{source} -> aio:{target}")
+    assert served_params(system) == [f"aio:{target}"]
+    assert target.read_bytes() == source.read_bytes()   # no guest wrote meanwhile
     system.destroy_domain(domid)
