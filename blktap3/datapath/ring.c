@@ -74,6 +74,9 @@ struct td_slot {
     uint64_t off;           /* goes to the same place */
     uint32_t pending;       /* completions still to come: 2 while a mirrored write's
                              * secondary half is in flight too, else 1 */
+    int nbd_half;           /* that half went to an NBD secondary: its reply is read
+                             * once the primary's half completed */
+    uint64_t nbd_handle;
 };
 
 /* Room for one INDIRECT request: its segments (copied from the guest's indirect pages)
@@ -489,8 +492,16 @@ static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
         sl->fd = fd;
         sl->off = off;
         sl->pending = 1;
+        sl->nbd_half = 0;
         io_queued(r, sl, now);
         queued++;
+        /* An NBD secondary: the request goes out now, beside the batch's others. */
+        if (op == TD_IO_WRITE && sfd < 0 &&
+            td_image_mirror_send(r->img, sl->buf, sl->req.sector_number, nr,
+                                 &sl->nbd_handle) == 0) {
+            sl->pending = 2;
+            sl->nbd_half = 1;
+        }
         /* The secondary's copy in the same batch, from the same buffer: the two halves
          * run at once, the response waits for both (complete). */
         if (sfd >= 0) {
@@ -626,6 +637,13 @@ static uint32_t complete(struct td_ring *r)
             sl->err = TD_ERR_IO;
         else if (sl->op == BLKIF_OP_READ && !is_null(r))
             ncopy = prep_copy(r, c->tag, 1, ncopy);
+        if (!secondary && c->res != TD_CQE_RETRIED && sl->nbd_half) {
+            /* Its NBD half was sent with the primary's: by now its reply has usually
+             * come (read here, or kept by whoever read it first). */
+            td_image_mirror_wait(r->img, sl->nbd_handle);
+            sl->nbd_half = 0;
+            sl->pending--;
+        }
         if (c->res != TD_CQE_RETRIED && --sl->pending)
             c->res = TD_CQE_HALF;   /* answered with the other half */
         if (ncopy < TD_COPY_CHUNK && i + 1 < n)
