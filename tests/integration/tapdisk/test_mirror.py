@@ -4,15 +4,16 @@ the secondary is a file (`aio:`) or an NBD server (qemu-nbd, a peer none of us w
 A secondary that fails (qemu-nbd killed mid-workload) is dropped and counted
 (`nbd_mirror_failed`); the guest sees no error and the primary keeps every write.
 
-In-flight writes when the secondary fails: a guest's write to an image secondary that
-maps to one extent (a raw file) goes to both at once, in one io_uring batch, and is
-answered when both halves completed; writes to an NBD secondary (and those the image
-cannot map, and the NBD export's) reach it one at a time, each after the primary
-completed it. Either way a write is answered by the primary's result alone: the write
-that meets the failure is answered OKAY (the primary holds it) and the secondary is
-dropped; every later write goes to the primary alone. The secondary then holds every
-write answered before the failure, maybe the failing one in part: a mirror that failed
-is not a copy (the migration is retried).
+In-flight writes when the secondary fails: a guest's write goes to both sides at once
+(to a raw file secondary in the same io_uring batch as the primary's; to an NBD one sent
+beside it, several in flight, the reply read once the primary's half completed) and is
+answered when both halves completed; writes the image cannot map and the NBD export's
+reach the secondary one at a time, after the primary. Either way a write is answered by
+the primary's result alone: the writes in flight when the secondary fails are answered
+OKAY (the primary holds them), the secondary is dropped once and counted; every later
+write goes to the primary alone. The secondary then holds every write answered before
+the failure and any part of those in flight: a mirror that failed is not a copy (the
+migration is retried).
 """
 
 from __future__ import annotations
