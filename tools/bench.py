@@ -33,6 +33,10 @@ the rounds' ratios, their spread):
   each block of the last third (partial bitmaps: a request there is served by the
   driver's synchronous path, sector runs found through the layers).
 
+``--mirror`` adds after each write workload two rows, ``mirror file`` and ``mirror nbd``:
+the same primary mirrored (``-2``) to a second file and to qemu-nbd, their ratio against
+the unmirrored VBD in alternating rounds (``bench_mirror``).
+
 Each workload runs in ``--rounds`` short rounds, ours then fio, ours then fio, ... (see
 ``bench_rounds``): a row holds the medians of its rounds, its ``ratio`` the median of the
 rounds' ratios, with their spread (``ratio_min``-``ratio_max``). ``--plot FILE.png`` draws
@@ -45,6 +49,7 @@ ring and a tapdisk service thread per queue, a guest driver process per queue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -58,7 +63,7 @@ import structlog
 
 from blktap3 import cmdline
 
-from . import bench_fio, bench_plot, bench_ring, bench_rounds
+from . import bench_fio, bench_mirror, bench_plot, bench_ring, bench_rounds
 
 WORKLOADS: list[dict[str, Any]] = [
     {"workload": "4k randread QD32", "rw": "randread", "bs": 4096, "qd": 32},
@@ -189,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--persistent", choices=("on", "off", "both"), default="on",
                     help="persistent grants negotiated (on, default), grant copy (off), or "
                          "both: a 'copy' row after each workload")
+    ap.add_argument("--mirror", action="store_true",
+                    help="after each write workload, the same VBD mirrored to a file and to "
+                         "qemu-nbd: ratio mirrored/unmirrored (needs qemu-nbd)")
     ap.add_argument("--pin", metavar="T,G", type=_cpus, default=None,
                     help="pin the tapdisk to CPU T and the guest driver to CPU G "
                          "(default: the scheduler places them)")
@@ -199,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.plot is not None and (problem := bench_plot.unavailable()):
+        parser.error(problem)
+    if args.mirror and (problem := bench_mirror.unavailable()):
         parser.error(problem)
     cpus = args.pin
     # SIGTERM and SIGHUP unwind as ^C does: the rig stops its tapdisks, the backing file
@@ -250,8 +260,11 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
             dynamic = _prepare_vhd(disk, Path(tmp) / "disk.vhd")
             base = _prepare_vhd(disk, Path(tmp) / "base.vhd")
             images = {"vhd": f"vhd:{dynamic}", "vhd chain3": f"vhd:{_prepare_chain(disk, base)}"}
-        with bench_ring.RingRig(Path(tmp) / "xen", disk, poll_us=args.poll_us,
-                                cpus=cpus, images=images) as rig:
+        with contextlib.ExitStack() as stack:
+            rig = stack.enter_context(bench_ring.RingRig(
+                Path(tmp) / "xen", disk, poll_us=args.poll_us, cpus=cpus, images=images))
+            if args.mirror:
+                stack.enter_context(bench_mirror.secondaries(rig, Path(tmp)))
             for w in WORKLOADS:
                 if args.only and args.only not in w["workload"]:
                     continue
@@ -290,6 +303,11 @@ def _bench(args: argparse.Namespace, cpus: tuple[int, int] | None) -> int:
                     vrow["workload"] = f"  {name} {w['workload']}"
                     results.append(vrow)
                     print(_row(vrow), flush=True)
+                if args.mirror and w["rw"].endswith("write"):
+                    for mrow in bench_mirror.rows(rig, w["workload"], shape, args.rounds,
+                                                  args.persistent != "off"):
+                        results.append(mrow)
+                        print(_row(mrow), flush=True)
             for nr_queues in MULTI_QUEUE:  # 4k randread QD32 spread over 1, 2, 4 queues
                 name = f"4k randread QD32 {nr_queues}q"
                 if args.only and args.only not in name:
@@ -386,10 +404,8 @@ def _json(r: dict[str, Any]) -> dict[str, Any]:
     if "fio_iops" not in r and r.get("ratio") is None:
         return {"workload": r["workload"], "ours_iops": r["ours_iops"]}
     out = {k: r.get(k) for k in JSON_KEYS}
-    if "raw_iops" in r:
-        out["raw_iops"] = r["raw_iops"]
-    for key in (QD1_KEY, QD1_RING_KEY):
-        if key in r:
+    for key in ("raw_iops", "plain_iops", QD1_KEY, QD1_RING_KEY):
+        if key in r:  # raw_iops: a VHD row's peer; plain_iops: a mirror row's
             out[key] = r[key]
     return out
 

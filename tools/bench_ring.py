@@ -25,7 +25,7 @@ from typing import Any
 from blktap3.abi import BlkifProtocol
 from blktap3.ctl import ops
 from blktap3.ctl.client import TapdiskClient
-from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS
+from blktap3.ctl.protocol import DEFAULT_MAX_INDIRECT_SEGMENTS, OpenFlags
 from blktap3.datapath.lineproc import LineProcess
 from blktap3.datapath.ring import POLL_ENV
 from blktap3.sim import xensim
@@ -120,9 +120,13 @@ def _connected(vbd: Vbd, guests: list[LineProcess]) -> Iterator[None]:
 class Vbd:
     """One tapdisk process with one VBD open on ``params``."""
 
-    def __init__(self, root: Path, params: str, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, params: str, env: dict[str, str],
+                 secondary: str = "") -> None:
+        """``secondary``: mirror every write there (``-2``: ``aio:PATH``, ``nbd:SOCKET``)."""
         self.root = root
-        self.pid, self.minor, _ = ops.create(params, root=root, env=env)
+        self.pid, self.minor, _ = ops.create(
+            params, root=root, env=env, secondary=secondary,
+            flags=OpenFlags.SECONDARY if secondary else 0)
         self.client = TapdiskClient(self.pid, root=root)
 
     def close(self) -> None:
@@ -156,22 +160,27 @@ class RingRig:
     def __enter__(self) -> RingRig:
         self.machine.init()
         self.machine.create_domain(GUEST, 8192)
-        env = {**os.environ, **process_env(self.run_dir, 0)}
-        # The tapdisk has no poll setting of its own: the data path reads this.
-        env[POLL_ENV] = str(self.poll_us)
         try:
-            self.vbds["disk"] = Vbd(self.ctl_root, f"aio:{self.disk}", env)
-            self.vbds["null"] = Vbd(self.ctl_root, "null:/dev/null", env)
+            self.add_vbd("disk", f"aio:{self.disk}")
+            self.add_vbd("null", "null:/dev/null")
             for name, params in self.images.items():
-                self.vbds[name] = Vbd(self.ctl_root, params, env)
-            if self.cpus:
-                for vbd in self.vbds.values():
-                    # Every thread; the ring's thread, started later, inherits it.
-                    pin(vbd.pid, self.cpus[0])
+                self.add_vbd(name, params)
         except BaseException:
             self._stop()
             raise
         return self
+
+    def add_vbd(self, name: str, params: str, secondary: str = "") -> Vbd:
+        """Another tapdisk serving ``params`` (mirrored to ``secondary``), run as
+        ``run(..., image=name)``; it goes with the rig."""
+        env = {**os.environ, **process_env(self.run_dir, 0)}
+        # The tapdisk has no poll setting of its own: the data path reads this.
+        env[POLL_ENV] = str(self.poll_us)
+        vbd = self.vbds[name] = Vbd(self.ctl_root, params, env, secondary)
+        if self.cpus:
+            # Every thread; the ring's thread, started later, inherits it.
+            pin(vbd.pid, self.cpus[0])
+        return vbd
 
     def _stop(self) -> None:
         for vbd in self.vbds.values():
@@ -249,7 +258,7 @@ class RingRig:
 
     def run(self, rw: str, bs: int, qd: int, runtime: float,
             image: str = "disk", persistent: bool = True,
-            polling: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+            polling: tuple[int, int] = (0, 0), seed: int = 12345) -> dict[str, Any]:
         sectors = self.disk.stat().st_size // 512
         pages = -(-bs // PAGE)
         # Blocks beyond a direct request's 11 pages get their own pages, one block each.
@@ -257,7 +266,7 @@ class RingRig:
         return self._figures(self._ring(image, 0, {
             "qd": qd, "bs": bs, "read_pct": 100 if "read" in rw else 0,
             "random": rw.startswith("rand"), "span": sectors, "duration": runtime,
-            "seed": 12345, "timeout": 30.0,
+            "seed": seed, "timeout": 30.0,
         }, persistent, polling, **ring))
 
     def run_queues(self, nr_queues: int, rw: str, bs: int, qd: int,

@@ -133,7 +133,10 @@ class Options:
         # no path, is the tapdisk's to refuse, with blktap's errno.
         kind, sep, rest = text.partition(":")
         file = rest if sep and not log else text
-        if file and not file.startswith("/") and (log or (sep and kind != NULL_TYPE)):
+        # `-2 nbd:NAME`: no file but a socket handed over on nbdclient<pid> by that name.
+        passed = name == "2" and kind == "nbd" and "/" not in rest
+        if (file and not file.startswith("/") and not passed
+                and (log or (sep and kind != NULL_TYPE))):
             raise Usage(f"{self.command}: -{name} {text}: the path must be absolute")
         return text
 

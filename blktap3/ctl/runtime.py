@@ -64,6 +64,11 @@ def nbd_socket_path(root: Path, prefix: str, pid: int, minor: int) -> Path:
     return root / f"{prefix}{pid}.{minor}"
 
 
+def nbdclient_path(root: Path, pid: int) -> Path:
+    """Where tapdisk `pid` takes NBD sockets passed by name (blktap's `nbdclient<pid>`)."""
+    return root / f"nbdclient{pid}"
+
+
 def marker_path(root: Path, minor: int) -> Path:
     """The device name blktap prints for a minor: `<root>/tapdisk/tapdisk-<minor>`."""
     return minors_dir(root) / f"{MARKER_PREFIX}{minor}"
@@ -204,8 +209,9 @@ def remove_stale_socket(root: Path, pid: int) -> bool:
     tapdisk, blktap's or ours, leaves them behind)."""
     if process_alive(pid):
         return False
-    with contextlib.suppress(FileNotFoundError):
-        socket_path(root, pid).unlink()
+    for path in (socket_path(root, pid), nbdclient_path(root, pid)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for name in os.listdir(root):
             match = _NBD_SOCKET_RE.match(name)

@@ -139,6 +139,21 @@ int td_image_open_vhd(const struct td_vhd_layer_desc *layers, uint32_t n, int re
  * its offset there; -1 when it is not (serve it with td_image_sync_io). */
 int td_image_map(struct td_image *img, int write, uint64_t sector, uint32_t nr,
                  uint64_t *off);
+/* td_image_map of a write whose image may be mirrored: also where the write goes on the
+ * secondary (*sfd, *soff), queued beside the primary's and reported with
+ * td_image_mirror_done. *sfd -1 and a primary fd: no mirror to write. -1: serve it
+ * with td_image_sync_io (an NBD secondary, a VHD block to allocate on either side). */
+int td_image_map_mirrored(struct td_image *img, uint64_t sector, uint32_t nr,
+                          uint64_t *off, int *sfd, uint64_t *soff);
+/* A ring's write mapped by td_image_map_mirrored with *sfd -1, whose secondary is an NBD
+ * server: send its secondary half now (0 and *handle; -1: nothing to wait for), then,
+ * once the primary's half completed, td_image_mirror_wait for the reply. */
+int td_image_mirror_send(struct td_image *img, const void *buf, uint64_t sector,
+                         uint32_t nr, uint64_t *handle);
+void td_image_mirror_wait(struct td_image *img, uint64_t handle);
+/* The secondary's half of a write mapped by td_image_map_mirrored completed: 0, or
+ * -errno (the secondary is then dropped and counted). */
+void td_image_mirror_done(struct td_image *img, int err);
 /* A request served synchronously in the caller's thread (whatever td_image_map did
  * not map; barriers). 0 or -errno. */
 int td_image_sync_io(struct td_image *img, int write, void *buf, uint64_t sector,
@@ -190,6 +205,19 @@ void td_mirror_write(struct td_mirror *m, const void *buf, uint64_t sector, uint
 void td_mirror_discard(struct td_mirror *m, uint64_t sector, uint64_t nr);
 void td_mirror_flush(struct td_mirror *m);
 void td_mirror_stats(const struct td_mirror *m, struct td_mirror_stats *out);
+/* Where a write goes on an image secondary (its fd), -1 when not one extent there or
+ * no active image secondary. */
+int td_mirror_map(struct td_mirror *m, uint64_t sector, uint32_t nr, uint64_t *off);
+int td_mirror_is_nbd(const struct td_mirror *m);
+void td_mirror_wrote(struct td_mirror *m);
+/* An NBD secondary's half of a write: sent now (0, *handle) or -1 (no active NBD
+ * secondary, or it failed and was dropped); td_mirror_wait reads its reply. Both under
+ * the primary's lock. */
+int td_mirror_send(struct td_mirror *m, const void *buf, uint64_t sector, uint32_t nr,
+                   uint64_t *handle);
+void td_mirror_wait(struct td_mirror *m, uint64_t handle);
+/* Drop the secondary after a failure (the caller holds the primary's lock). */
+void td_mirror_failed(struct td_mirror *m, int err);
 
 /* ---- io engines ---- */
 

@@ -188,6 +188,19 @@ void td_image_close(struct td_image *img)
     free(img);
 }
 
+static int map_primary(struct td_image *img, int write, uint64_t sector, uint32_t nr,
+                       uint64_t *off)
+{
+    if (!img->vhd) {
+        *off = sector << TD_SECTOR_SHIFT;
+        return img->fd;
+    }
+    pthread_mutex_lock(&img->lock);
+    int fd = td_vhd_map(img->vhd, write, sector, nr, off);
+    pthread_mutex_unlock(&img->lock);
+    return fd;
+}
+
 int td_image_map(struct td_image *img, int write, uint64_t sector, uint32_t nr,
                  uint64_t *off)
 {
@@ -197,14 +210,53 @@ int td_image_map(struct td_image *img, int write, uint64_t sector, uint32_t nr,
         if (td_mirror_active(img->mirror))
             return -1;  /* to both, in td_image_sync_io */
     }
-    if (!img->vhd) {
-        *off = sector << TD_SECTOR_SHIFT;
-        return img->fd;
+    return map_primary(img, write, sector, nr, off);
+}
+
+int td_image_map_mirrored(struct td_image *img, uint64_t sector, uint32_t nr,
+                          uint64_t *off, int *sfd, uint64_t *soff)
+{
+    *sfd = -1;
+    td_cbt_mark(img->cbt, sector, nr);
+    if (td_mirror_active(img->mirror) && !td_mirror_is_nbd(img->mirror)) {
+        *sfd = td_mirror_map(img->mirror, sector, nr, soff);
+        if (*sfd < 0)
+            return -1;  /* to both, in td_image_sync_io */
+    }
+    int fd = map_primary(img, 1, sector, nr, off);
+    if (fd < 0)
+        *sfd = -1;
+    return fd;
+}
+
+int td_image_mirror_send(struct td_image *img, const void *buf, uint64_t sector,
+                         uint32_t nr, uint64_t *handle)
+{
+    /* Unlocked first: most images have no NBD secondary (its fd is fixed at open). */
+    if (!td_mirror_is_nbd(img->mirror) || !td_mirror_active(img->mirror))
+        return -1;
+    pthread_mutex_lock(&img->lock);
+    int rc = td_mirror_send(img->mirror, buf, sector, nr, handle);
+    pthread_mutex_unlock(&img->lock);
+    return rc;
+}
+
+void td_image_mirror_wait(struct td_image *img, uint64_t handle)
+{
+    pthread_mutex_lock(&img->lock);
+    td_mirror_wait(img->mirror, handle);
+    pthread_mutex_unlock(&img->lock);
+}
+
+void td_image_mirror_done(struct td_image *img, int err)
+{
+    if (!err) {
+        td_mirror_wrote(img->mirror);
+        return;
     }
     pthread_mutex_lock(&img->lock);
-    int fd = td_vhd_map(img->vhd, write, sector, nr, off);
+    td_mirror_failed(img->mirror, err);
     pthread_mutex_unlock(&img->lock);
-    return fd;
 }
 
 int td_image_sync_io(struct td_image *img, int write, void *buf, uint64_t sector,

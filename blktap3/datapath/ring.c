@@ -72,6 +72,11 @@ struct td_slot {
     uint32_t retries;       /* its I/O was reissued after a retryable error */
     int fd;                 /* where the image mapped its I/O (td_image_map): a retry */
     uint64_t off;           /* goes to the same place */
+    uint32_t pending;       /* completions still to come: 2 while a mirrored write's
+                             * secondary half is in flight too, else 1 */
+    int nbd_half;           /* that half went to an NBD secondary: its reply is read
+                             * once the primary's half completed */
+    uint64_t nbd_handle;
 };
 
 /* Room for one INDIRECT request: its segments (copied from the guest's indirect pages)
@@ -151,6 +156,10 @@ struct td_ring {
 #define TD_REQ_TIMEOUT_DEFAULT_S 120u
 /* A completion whose I/O was reissued: no response yet. */
 #define TD_CQE_RETRIED INT32_MIN
+/* A completion of a mirrored write whose other half is still in flight: no response yet. */
+#define TD_CQE_HALF (INT32_MIN + 1)
+/* The tag of a mirrored write's secondary half: its slot, and this bit. */
+#define TD_TAG_MIRROR (1u << 31)
 
 #define STAT_ADD(r, field, n) __atomic_fetch_add(&(r)->st.field, (n), __ATOMIC_RELAXED)
 #define IOS_ADD(r, field, n) __atomic_fetch_add(&(r)->ios.field, (n), __ATOMIC_RELAXED)
@@ -473,16 +482,19 @@ static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
             continue;
         }
         int op = sl->op == BLKIF_OP_WRITE ? TD_IO_WRITE : TD_IO_READ;
-        uint64_t off = 0;
+        uint64_t off = 0, soff = 0;
+        int sfd = -1;
+        uint32_t nr = (uint32_t)sl->req.nr_sectors;
         int fd = is_null(r) ? -1
-                            : td_image_map(r->img, op == TD_IO_WRITE, sl->req.sector_number,
-                                           (uint32_t)sl->req.nr_sectors, &off);
+                 : op == TD_IO_WRITE
+                     ? td_image_map_mirrored(r->img, sl->req.sector_number, nr, &off, &sfd,
+                                             &soff)
+                     : td_image_map(r->img, 0, sl->req.sector_number, nr, &off);
         if (fd < 0 && !is_null(r)) {
             run_sync(r, s);
             continue;
         }
-        int rc = td_engine_prep(r->eng, op, fd, sl->buf,
-                                (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT), off, s);
+        int rc = td_engine_prep(r->eng, op, fd, sl->buf, nr << TD_SECTOR_SHIFT, off, s);
         if (rc != 0) {
             respond(r, &sl->req, TD_ERR_IO);
             free_slot(r, s);
@@ -491,8 +503,29 @@ static void dispatch(struct td_ring *r, uint32_t n, uint32_t ncopy)
         }
         sl->fd = fd;
         sl->off = off;
+        sl->pending = 1;
+        sl->nbd_half = 0;
         io_queued(r, sl, now);
         queued++;
+        /* An NBD secondary: the request goes out now, beside the batch's others. */
+        if (op == TD_IO_WRITE && sfd < 0 &&
+            td_image_mirror_send(r->img, sl->buf, sl->req.sector_number, nr,
+                                 &sl->nbd_handle) == 0) {
+            sl->pending = 2;
+            sl->nbd_half = 1;
+        }
+        /* The secondary's copy in the same batch, from the same buffer: the two halves
+         * run at once, the response waits for both (complete). */
+        if (sfd >= 0) {
+            rc = td_engine_prep(r->eng, TD_IO_WRITE, sfd, sl->buf, nr << TD_SECTOR_SHIFT,
+                                soff, s | TD_TAG_MIRROR);
+            if (rc == 0) {
+                sl->pending = 2;
+                queued++;
+            } else {
+                td_image_mirror_done(r->img, rc);
+            }
+        }
     }
     /* Handed to the kernel by flush_submit or, when the thread is about to sleep
      * anyway, by the same io_uring_enter that sleeps. */
@@ -601,15 +634,30 @@ static uint32_t complete(struct td_ring *r)
     uint32_t ncopy = 0, done = 0;
     uint64_t now = now_ns();    /* one clock read per batch */
     for (uint32_t i = 0; i < n; i++) {
-        struct td_slot *sl = &r->slots[r->cqes[i].tag];
+        struct td_cqe *c = &r->cqes[i];
+        int secondary = (c->tag & TD_TAG_MIRROR) != 0;
+        c->tag &= ~TD_TAG_MIRROR;
+        struct td_slot *sl = &r->slots[c->tag];
         uint32_t want = (uint32_t)(sl->req.nr_sectors << TD_SECTOR_SHIFT);
-        int32_t res = io_result(r, &r->cqes[i], now);
-        if (res == TD_CQE_RETRIED)
+        /* The secondary's half: no retry, no error for the guest; a failure drops it. */
+        int32_t res = secondary ? c->res : io_result(r, c, now);
+        if (secondary)
+            td_image_mirror_done(r->img, res == (int32_t)want ? 0 : res < 0 ? res : -EIO);
+        else if (res == TD_CQE_RETRIED)
             ;   /* still in flight */
         else if (res != (int32_t)want)
             sl->err = TD_ERR_IO;
         else if (sl->op == BLKIF_OP_READ && !is_null(r))
-            ncopy = prep_copy(r, r->cqes[i].tag, 1, ncopy);
+            ncopy = prep_copy(r, c->tag, 1, ncopy);
+        if (!secondary && c->res != TD_CQE_RETRIED && sl->nbd_half) {
+            /* Its NBD half was sent with the primary's: by now its reply has usually
+             * come (read here, or kept by whoever read it first). */
+            td_image_mirror_wait(r->img, sl->nbd_handle);
+            sl->nbd_half = 0;
+            sl->pending--;
+        }
+        if (c->res != TD_CQE_RETRIED && --sl->pending)
+            c->res = TD_CQE_HALF;   /* answered with the other half */
         if (ncopy < TD_COPY_CHUNK && i + 1 < n)
             continue;
         /* The finished reads' data to the guest (in one call for small ones), then
@@ -617,7 +665,7 @@ static uint32_t complete(struct td_ring *r)
         grant_copy(r, ncopy);
         ncopy = 0;
         for (; done <= i; done++) {
-            if (r->cqes[done].res == TD_CQE_RETRIED)
+            if (r->cqes[done].res == TD_CQE_RETRIED || r->cqes[done].res == TD_CQE_HALF)
                 continue;
             uint32_t s = r->cqes[done].tag;
             struct td_slot *d = &r->slots[s];
@@ -1038,7 +1086,8 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     if (r->ctl_efd < 0)
         goto fail_errno;
 
-    rc = td_engine_open(img->fd < 0 ? TD_ENGINE_NULL : engine, r->nslots, &r->eng);
+    /* Room for both halves of every slot's write when the image is mirrored. */
+    rc = td_engine_open(img->fd < 0 ? TD_ENGINE_NULL : engine, 2 * r->nslots, &r->eng);
     if (rc)
         goto fail;
     r->engine_kind = td_engine_kind(r->eng);

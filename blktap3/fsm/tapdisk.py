@@ -46,6 +46,9 @@ from .events import (
 )
 from .machine import SpecMachine
 
+# `unpause -2 null`: blktap's name for "no secondary any more".
+NO_SECONDARY = "null"
+
 
 class ProcessState(enum.StrEnum):
     """The states of specs/tapdisk_process.toml, as code names them."""
@@ -187,20 +190,22 @@ class TapdiskVbd(SpecMachine):
     # effects
     def open_image(self, event: Open, **_: Any) -> None:
         self.path, self.flags, self.disk = event.path, event.flags, None
-        self.logpath, self.secondary = event.logpath, event.secondary
-        self.emit(OpenImage(event.path, event.flags, event.logpath, event.secondary))
+        secondary = "" if event.secondary == NO_SECONDARY else event.secondary
+        self.logpath, self.secondary = event.logpath, secondary
+        self.emit(OpenImage(event.path, event.flags, event.logpath, secondary))
 
     def reopen_image(self, event: Resume, **_: Any) -> None:
-        """The log is kept unless a new one is named; so is the secondary, unless a new
-        one is named or the image is swapped (`unpause -a`: the swap that ends a
-        migration makes the mirror's target the primary)."""
+        """As blktap's tapdisk (tapdisk-control.c, resume_vbd): the log goes unless one
+        is named again (a RESUME without ADD_LOG stops tracking); the secondary stays
+        unless a new one is named, `null` removing it (tapdisk_vbd_add_secondary), or
+        the image is swapped (ours: `unpause -a`, the swap that ends a migration, makes
+        the mirror's target the primary)."""
         assert self.path is not None  # paused implies it was opened
         if event.secondary is not None:
-            self.secondary = event.secondary
+            self.secondary = "" if event.secondary == NO_SECONDARY else event.secondary
         elif event.path and event.path != self.path:
             self.secondary = ""
-        if event.logpath is not None:
-            self.logpath = event.logpath
+        self.logpath = event.logpath or ""
         self.path = event.path or self.path
         self.resize = event.resize
         self.emit(OpenImage(self.path, self.flags, self.logpath, self.secondary))

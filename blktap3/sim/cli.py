@@ -5,8 +5,10 @@
     blktap3-sim [--run-dir DIR] domain create|destroy DOMID
     blktap3-sim [--run-dir DIR] vbd add DOMID DEVID IMAGE [--mode r|w] [--cdrom] [--no-hotplug]
     blktap3-sim [--run-dir DIR] vbd remove DOMID DEVID
+    blktap3-sim [--run-dir DIR] vbd migrate DOMID DEVID TARGET [--server qemu-nbd|tapdisk]
+                                        [--pass-fd]
     blktap3-sim [--run-dir DIR] guest run DOMID DEVID [--personality P] [--workload W]
-                                      [--hold SECONDS]
+                                      [--seconds S] [--hold SECONDS]
     blktap3-sim [--run-dir DIR] ls [PATH]
     blktap3-sim demo [--xenstored c|ocaml]
 
@@ -21,6 +23,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import structlog
 
@@ -29,7 +32,7 @@ from blktap3.ctl import runtime
 from blktap3.vbd3.disk import devid_argument, domid_argument
 from blktap3.xenbus import XenStore, XenStoreError
 
-from . import demo
+from . import demo, migrate
 from .frontend import personality_names
 from .guest import WORKLOADS, GuestResult, run_guest, start_guest
 from .host import Host, HostError, default_run_dir
@@ -99,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("domid", type=domid_argument)
     remove.add_argument("devid", type=devid_argument)
     remove.set_defaults(func=cmd_vbd_remove)
+    mig = vsub.add_parser("migrate", help="live storage migration to a new raw file: mirror "
+                          "to it over NBD, bulk copy, pause, switch, resume (exit 1: aborted, "
+                          "the VBD stays on its source)")
+    mig.add_argument("domid", type=domid_argument)
+    mig.add_argument("devid", type=devid_argument)
+    mig.add_argument("target", type=Path, help="the new raw file (must not exist)")
+    mig.add_argument("--server", choices=migrate.SERVERS, default="qemu-nbd",
+                     help="what serves the target over NBD during the mirror: Debian's "
+                          "qemu-nbd (default) or another tapdisk's export")
+    mig.add_argument("--pass-fd", action="store_true",
+                     help="connect to the target here and hand the socket to the tapdisk "
+                          "on nbdclient<pid> (as xapi does), then -2 nbd:NAME")
+    mig.set_defaults(func=cmd_vbd_migrate)
 
     guest = sub.add_parser("guest", help="run a simulated guest against a disk")
     gsub = guest.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -108,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     grun.add_argument("devid", type=devid_argument)
     grun.add_argument("--personality", default="linux", choices=personality_names())
     grun.add_argument("--workload", default="verify", choices=WORKLOADS)
+    grun.add_argument("--seconds", type=_seconds, default=1.0,
+                      help="length of the timed phase of randrw and read (default 1): a "
+                           "guest writing while a disk migrates")
     grun.add_argument("--timeout", type=cmdline.positive_float, default=60.0,
                       help="seconds the guest may take (default 60)")
     grun.add_argument("--hold", type=_seconds, metavar="SECONDS", default=0.0,
@@ -167,12 +186,24 @@ def cmd_vbd_remove(host: Host, args: argparse.Namespace) -> None:
     print(f"back-end state at removal: {state.name if state else 'gone'}")
 
 
+def cmd_vbd_migrate(host: Host, args: argparse.Namespace) -> None:
+    try:
+        result = migrate.migrate(host, args.domid, args.devid, args.target, server=args.server,
+                                 pass_fd=args.pass_fd,
+                                 on_step=lambda text: print(text, flush=True))
+    except migrate.MigrationError as exc:
+        raise HostError(str(exc)) from None
+    print(result.summary())
+    if not result.ok:
+        raise SystemExit(EXIT_ERROR)
+
+
 def cmd_guest_run(host: Host, args: argparse.Namespace) -> None:
     if args.hold:
         result = _held_guest(host, args)
     else:
         result = run_guest(host, args.domid, args.devid, args.personality, args.workload,
-                           args.timeout)
+                           args.timeout + args.seconds, extra=["--seconds", str(args.seconds)])
     print(result.summary())
     if not result.ok:
         raise SystemExit(EXIT_ERROR)
@@ -181,9 +212,10 @@ def cmd_guest_run(host: Host, args: argparse.Namespace) -> None:
 def _held_guest(host: Host, args: argparse.Namespace) -> GuestResult:
     """A guest that stays connected `--hold` seconds after its workload, then detaches."""
     with start_guest(host, args.domid, args.devid, args.personality, args.workload,
-                     hold=True, extra=["--timeout", str(min(args.timeout, 30.0))]) as guest:
+                     hold=True, extra=["--timeout", str(min(args.timeout, 30.0)),
+                                       "--seconds", str(args.seconds)]) as guest:
         try:
-            guest.wait_for_step("holding", timeout=args.timeout)
+            guest.wait_for_step("holding", timeout=args.timeout + args.seconds)
         except TimeoutError:
             return guest.result(args.timeout)
         print(f"guest {args.domid}: connected to {args.devid}, holding for {args.hold:g} s "

@@ -38,6 +38,7 @@ from blktap3.fsm.tapdisk import VbdState
 from . import images, stats
 from .metrics import Metrics, RingCounters
 from .nbd import Exports
+from .nbd.passed import FdReceiver, PassedSockets
 from .observer import BadArgument, ToVbd, observe
 from .queues import Queues
 from .vbd import Vbd
@@ -117,6 +118,10 @@ class Tapdisk:
         self.ring_lock = threading.Lock()
         self.exiting = False
         self.nbd = Exports(root)  # NBD export hook (issue 15)
+        # Sockets handed over on nbdclient<pid> for `-2 nbd:NAME` (main starts the
+        # receiver: a Tapdisk made by a test has none).
+        self.passed = PassedSockets()
+        self.fd_receiver: FdReceiver | None = None
         self._own: dict[T, Callable[[p.Message], Reply]] = {
             T.PID: self._pid,
             T.LIST_MINORS: self._list_minors,
@@ -296,7 +301,8 @@ class Tapdisk:
             spec = images.parse_params(params)
             image = self.open_image(spec, flags)
             if logpath or secondary:
-                images.add_tracking(image, logpath=logpath, secondary=secondary)
+                images.add_tracking(image, logpath=logpath, secondary=secondary,
+                                    passed=self.passed.take)
         except OSError as exc:
             code = exc.errno or errno.EIO
             # Why, in the tapdisk's own log (the toolstack may print only strerror).
@@ -432,6 +438,9 @@ class Tapdisk:
         with self.lock:
             self.exiting = True
             self.nbd.stop_all()  # NBD export hook (issue 15): the sockets go with us
+            if self.fd_receiver is not None:
+                self.fd_receiver.stop()
+            self.passed.close()
             for vbd in list(self.vbds.values()):
                 if vbd.ring is not None:
                     with contextlib.suppress(OSError):

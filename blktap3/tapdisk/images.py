@@ -9,6 +9,8 @@ data path's facade (`Image`, `ImageInfo`, `Ring`) the tapdisk relies on.
 from __future__ import annotations
 
 import errno
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -157,28 +159,39 @@ def open_image(spec: ImageSpec, flags: int) -> Image:
     return image
 
 
-def add_tracking(image: Image, *, logpath: str = "", secondary: str = "") -> None:
+def add_tracking(image: Image, *, logpath: str = "", secondary: str = "",
+                 passed: Callable[[str], int | None] = lambda _: None) -> None:
     """Give a just-opened image its changed-block log (`-C`) and its mirror (`-2`
-    SECONDARY: `aio:`/`vhd:` image, or `nbd:SOCKET`); on any failure the image is
-    closed and the OSError says which part failed: nothing stays half-opened."""
+    SECONDARY: `aio:`/`vhd:` image, `nbd:SOCKET`, or `nbd:NAME` of a socket `passed`
+    gives by name); on any failure the image is closed and the OSError says which part
+    failed: nothing stays half-opened."""
     try:
         if image.info.info & VdiskInfo.READONLY:  # nothing is written, nothing to track
             raise OSError(errno.EINVAL, "a read-only image has no writes to log or mirror")
         if logpath:
             image.set_log(logpath)
         if secondary:
-            _add_secondary(image, secondary)
+            _add_secondary(image, secondary, passed)
     except BaseException:
         image.close()
         raise
 
 
-def _add_secondary(image: Image, secondary: str) -> None:
+def _add_secondary(image: Image, secondary: str,
+                   passed: Callable[[str], int | None]) -> None:
     kind, sep, path = secondary.partition(":")
     if kind == "nbd" and sep and path:
         from .nbd import client  # only mirrors need it
 
-        sock = client.connect(path, image.info.sectors * SECTOR_SIZE)
+        size = image.info.sectors * SECTOR_SIZE
+        if path.startswith("/"):    # tap-ctl sends absolute paths only
+            sock = client.connect(path, size)
+        else:   # a name: the socket handed over on nbdclient<pid> (blktap's block-nbd.c)
+            fd = passed(path)
+            if fd is None:
+                raise OSError(errno.ENOENT, f"NBD secondary {path}: no socket was passed "
+                              "under that name")
+            sock = client.start(socket.socket(fileno=fd), path, size)
         image.set_mirror_nbd(sock.detach())
         return
     try:

@@ -26,10 +26,18 @@ from typing import Any, TextIO
 import structlog
 
 from blktap3 import cmdline
-from blktap3.ctl.runtime import ROOT_ENV, SHM_ENV, ensure_dirs, root_dir, socket_path
+from blktap3.ctl.runtime import (
+    ROOT_ENV,
+    SHM_ENV,
+    ensure_dirs,
+    nbdclient_path,
+    root_dir,
+    socket_path,
+)
 
 from .control import DRAIN_TIMEOUT, Tapdisk
 from .metrics import Metrics
+from .nbd.passed import FdReceiver
 from .server import CLIENT_TIMEOUT, ControlServer
 
 log = structlog.get_logger(__name__)
@@ -96,6 +104,13 @@ def _serve(root: Path, args: argparse.Namespace) -> tuple[ControlServer, Tapdisk
         server.close()
         raise
     metrics.start()
+    receiver = FdReceiver(nbdclient_path(root, os.getpid()), tapdisk.passed)
+    try:
+        receiver.start()
+        tapdisk.fd_receiver = receiver
+    except OSError as exc:  # `-2 nbd:NAME` will not find a socket; nothing else needs it
+        log.warning("nbdclient socket not available", errno=exc.errno,
+                    reason=str(exc.strerror or exc))
     return server, tapdisk
 
 

@@ -1,8 +1,9 @@
 """The NBD client of a mirror's `nbd:` secondary: connect, fixed-newstyle handshake, hand
 the socket over to the data path (datapath/mirror.c speaks the transmission phase).
 
-`nbd:PATH` names a Unix socket (qemu-nbd -k, another tapdisk's `nbd<pid>.<minor>`).
-blktap also takes a socket handed over on `nbdclient<pid>`: not here yet.
+`nbd:PATH` names a Unix socket (qemu-nbd -k, another tapdisk's `nbd<pid>.<minor>`), or
+`nbd:NAME` a connected socket handed over by name on `nbdclient<pid>` (`passed`), on
+which the handshake is made as on one we connected.
 The handshake is NBD_OPT_GO on the default export, no structured replies (so every
 reply is a simple one). The target must be writable, take FLUSH and WRITE_ZEROES (a
 mirrored discard), and be exactly the primary's size.
@@ -49,6 +50,20 @@ def connect(path: str, size: int, *, timeout: float = IO_TIMEOUT) -> socket.sock
     try:
         sock.settimeout(timeout)
         sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno or errno.EIO, f"NBD secondary {path}: {exc.strerror or exc}") \
+            from None
+    return start(sock, path, size, timeout=timeout)
+
+
+def start(sock: socket.socket, label: str, size: int, *,
+          timeout: float = IO_TIMEOUT) -> socket.socket:
+    """The handshake on a connected socket (ours, or one passed by name); the socket is
+    closed when it fails."""
+    path = label
+    try:
+        sock.settimeout(timeout)
         _handshake(sock, path, size)
         sock.settimeout(None)
         # The data path blocks on the socket; the kernel's timeouts bound each call.

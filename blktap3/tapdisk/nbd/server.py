@@ -14,8 +14,8 @@ sockets, in the tapdisk's control directory, as blktap names them:
   passed is then served with the old-style greeting (`nbdserver`) or the fixed newstyle
   handshake (`nbdserver-new`).
 
-Not served: `nbdclient<pid>`, which belongs to blktap's NBD *client* image driver
-(mirroring to an `nbd:` secondary), an image type we do not have.
+`nbdclient<pid>` belongs to the other side, the NBD *client* of a mirror's `nbd:`
+secondary: `passed` receives its sockets.
 
 Threads: an acceptor per export (selectors over its listeners and a wake-up pipe) and a
 thread per client, at most `max_clients`; a client over the limit is closed at once. All

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from blktap3.tools import bench, bench_ring
+from blktap3.tools import bench, bench_mirror, bench_ring
 
 from tests.support import signal_midway, tapdisk_pids, wait_gone, wait_until
 
@@ -154,3 +155,31 @@ def test_image_vhd_prints_a_row_per_vhd_with_its_ratio_to_raw(tmp_path: Path) ->
     for row in (dynamic, chain):
         assert row["raw_iops"] > 0 and row["ours_iops"] > 0 and row["rounds"] == 2
         assert 0 < row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+
+
+@pytest.mark.skipif(bench_mirror.unavailable() is not None, reason="qemu-nbd is not installed")
+def test_the_mirror_rows_run_mirrored_vbds_whose_secondaries_follow(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    bench._prepare(disk, 8 << 20)
+    shape = ("randwrite", 4096, 32, 0.3)
+    with bench_ring.RingRig(tmp_path / "xen", disk) as rig, \
+            bench_mirror.secondaries(rig, tmp_path) as (file_sec, nbd_sec):
+        # After a mirrored QD32 run (both halves of each write in flight at once for the
+        # file), each secondary, a copy of the primary before, still equals it.
+        for seed, (name, secondary) in enumerate((("mirror-file", file_sec),
+                                                  ("mirror-nbd", nbd_sec))):
+            # Random bytes again, the secondary a copy (the guest writes zeroes).
+            disk.write_bytes(os.urandom(8 << 20))
+            shutil.copyfile(disk, secondary)
+            before = disk.read_bytes()
+            rig.run(*shape, image=name, seed=seed + 1)
+            mirror = rig.last["tapdisk_stats"]["mirror"]
+            assert mirror["active"] and mirror["writes"] >= rig.last["ios"] > 0
+            assert disk.read_bytes() == secondary.read_bytes() != before, name
+        # The unmirrored VBD of the same file: the secondaries stay behind.
+        rig.run(*shape, seed=3)
+        assert disk.read_bytes() != file_sec.read_bytes()
+        rows = list(bench_mirror.rows(rig, "4k randwrite QD32", shape, 1, True))
+    assert [r["workload"] for r in rows] == ["  -2 aio: 4k randwrite QD32",
+                                            "  -2 nbd: 4k randwrite QD32"]
+    assert all(r["ratio"] > 0 and r["ours_iops"] > 0 and r["plain_iops"] > 0 for r in rows)

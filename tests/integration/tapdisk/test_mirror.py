@@ -4,15 +4,21 @@ the secondary is a file (`aio:`) or an NBD server (qemu-nbd, a peer none of us w
 A secondary that fails (qemu-nbd killed mid-workload) is dropped and counted
 (`nbd_mirror_failed`); the guest sees no error and the primary keeps every write.
 
-In-flight writes when the secondary fails: writes reach the secondary one at a time,
-each after the primary completed it. The write that meets the failure is answered OKAY
-(the primary holds it) and the secondary is dropped; every later write goes to the
-primary alone. The secondary then holds every write answered before the failure, maybe
-the failing one in part: a mirror that failed is not a copy (the migration is retried).
+In-flight writes when the secondary fails: a guest's write goes to both sides at once
+(to a raw file secondary in the same io_uring batch as the primary's; to an NBD one sent
+beside it, several in flight, the reply read once the primary's half completed) and is
+answered when both halves completed; writes the image cannot map and the NBD export's
+reach the secondary one at a time, after the primary. Either way a write is answered by
+the primary's result alone: the writes in flight when the secondary fails are answered
+OKAY (the primary holds them), the secondary is dropped once and counted; every later
+write goes to the primary alone. The secondary then holds every write answered before
+the failure and any part of those in flight: a mirror that failed is not a copy (the
+migration is retried).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -134,13 +140,49 @@ def test_an_nbd_mirror_follows_then_is_dropped_when_its_server_dies(
             server.wait(60)
 
 
+def test_a_file_secondary_failing_under_writes_in_flight_is_dropped_the_guest_unaware(
+    guest: Any, machine: Any, ctl_root: Path, seen_pids: set[int]
+) -> None:
+    """The secondary's halves of QD16 writes fail (the file made immutable: EPERM, from
+    the kernel, on writes already queued beside the primary's): each write is answered
+    OKAY, the secondary is dropped once and counted, the primary has every write."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr missing (Debian: e2fsprogs)")
+    primary, secondary = blank(ctl_root / "p.img"), blank(ctl_root / "s.img")
+    client, minor = connected(guest, machine, ctl_root, seen_pids, primary, f"aio:{secondary}")
+    run = {"qd": 16, "bs": 4096, "read_pct": 0, "random": True, "span": SIZE // 512,
+           "ios": 400, "timeout": 30.0}
+    assert guest.call("run", seed=1, verify=True, stamp=3, **run)["errors"] == 0
+    assert primary.read_bytes() == secondary.read_bytes() != bytes(SIZE)
+    before = primary.read_bytes()
+    if subprocess.run(["chattr", "+i", str(secondary)], capture_output=True).returncode:
+        pytest.skip("this file system takes no immutable flag")
+    try:
+        res = guest.call("run", seed=2, verify=True, stamp=7, **run)
+        # Read back through the ring: what was answered is on the primary.
+        back = guest.call("run", seed=2, verify=True, stamp=7, **{**run, "read_pct": 100})
+    finally:
+        subprocess.run(["chattr", "-i", str(secondary)], check=True)
+    assert res["errors"] == res["lost"] == 0 and res["writes"] == 400
+    assert back["errors"] == back["mismatches"] == 0
+    got = stats(client, minor)
+    assert got["nbd_mirror_failed"] == 1 and not got["mirror"]["active"]
+    assert got["mirror"]["last_error"] == errno.EPERM
+    assert got["xenbus"]["errors"]["img"] == 0
+    assert primary.read_bytes() != before and secondary.read_bytes() == before
+    client.disconnect_xenblkif(minor, domid=GUEST, devid=DEVID)
+    client.close(minor)
+    client.detach(minor)
+
+
 def test_a_secondary_that_cannot_be_a_mirror_is_refused_at_open(
     tap_ctl: TapCtl, ctl_root: Path
 ) -> None:
     primary = blank(ctl_root / "p.img")
     small = blank(ctl_root / "small.img", SIZE // 2)
+    # nbd:NAME (no path): a socket passed under that name on nbdclient<pid>; none was.
     cases = {f"aio:{small}": 22, f"aio:{ctl_root / 'none.img'}": 2,
-             f"nbd:{ctl_root / 'none.sock'}": 2}
+             f"nbd:{ctl_root / 'none.sock'}": 2, "nbd:never-passed": 2}
     for secondary, code in cases.items():
         res = tap_ctl("create", "-a", f"aio:{primary}", "-2", secondary)
         assert (res.code, res.err) == (code, os.strerror(code) + "\n"), secondary

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from blktap3.abi import BlkifProtocol
+from blktap3.ctl import runtime
 from blktap3.ctl.client import TapdiskClient
-from tests.support import wait_gone
+from tests.support import wait_gone, wait_until
 from tests.support.nbd import READ, WRITE, NbdClient, NbdError
 
 from . import test_ring as ring
@@ -193,7 +194,9 @@ def test_pause_queues_and_resume_answers_from_the_swapped_image(
 
 
 def nbd_sockets(root: Path, pid: int) -> list[str]:
-    return sorted(n for n in os.listdir(root) if n.startswith("nbd") and f"{pid}" in n)
+    """A VBD's export sockets (the process's own `nbdclient<pid>` apart)."""
+    return sorted(n for n in os.listdir(root) if n.startswith("nbd") and f"{pid}" in n
+                  and not n.startswith("nbdclient"))
 
 
 def test_the_sockets_go_on_close_detach_and_tapdisk_exit(
@@ -213,6 +216,9 @@ def test_the_sockets_go_on_close_detach_and_tapdisk_exit(
     assert tap_ctl("destroy", "-p", str(pid), "-m", str(minor)).code == 0  # close+detach
     assert nbd_sockets(ctl_root, pid) == []
     wait_gone(pid, what="the tapdisk to exit")
+    # The fd receiver of `-2 nbd:NAME` lives as long as the process.
+    wait_until(lambda: not runtime.nbdclient_path(ctl_root, pid).exists(),
+               what="nbdclient<pid> gone with its tapdisk")
 
     pid, minor = create(tap_ctl, f"aio:{disk}")
     with NbdClient(f"{ctl_root}/nbd{pid}.{minor}") as client:
@@ -317,8 +323,10 @@ def test_a_killed_tapdisks_sockets_are_cleaned_by_the_next_list(
 ) -> None:
     pid, _ = create(tap_ctl, f"aio:{sparse_image(ctl_root)}")
     assert len(nbd_sockets(ctl_root, pid)) == 4
+    assert runtime.nbdclient_path(ctl_root, pid).is_socket()
     os.kill(pid, signal.SIGKILL)
     wait_gone(pid, what="the tapdisk to exit")
     assert len(nbd_sockets(ctl_root, pid)) == 4  # nobody was there to remove them
     assert f"pid={pid}" not in tap_ctl("list").out
     assert nbd_sockets(ctl_root, pid) == []
+    assert not runtime.nbdclient_path(ctl_root, pid).exists()

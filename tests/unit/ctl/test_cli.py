@@ -315,6 +315,7 @@ def test_numbers_out_of_range_are_usage_errors(argv: list[str], capsys: Capture)
         ["create", "-a", "raw:../disk.img"],
         ["create", "-a", "null:x", "-C", "cbt.log"],
         ["create", "-a", "aio:/x", "-2", "aio:secondary.img"],
+        ["create", "-a", "aio:/x", "-2", "nbd:run/target.sock"],   # a path, not a name
         ["open", "-p", "1", "-m", "0", "-a", "aio:./disk.img"],
         ["unpause", "-p", "1", "-m", "0", "-a", "aio:disk.img"],
         ["unpause", "-p", "1", "-m", "0", "-c", "log"],

@@ -89,8 +89,9 @@ def test_a_dead_tapdisks_nbd_sockets_go_with_its_control_socket(tmp_path: Path) 
     (tmp_path / f"ctl{pid}").touch()
     theirs = [runtime.nbd_socket_path(tmp_path, prefix, pid, minor)
               for prefix in runtime.NBD_SOCKET_PREFIXES for minor in (0, 12)]
+    theirs.append(runtime.nbdclient_path(tmp_path, pid))   # its fd receiver's
     others = [tmp_path / f"nbd{pid}1.0", tmp_path / f"nbd{os.getpid()}.0",
-              tmp_path / f"nbdclient{pid}", tmp_path / f"nbd{pid}.x"]
+              tmp_path / f"nbdclient{pid}1", tmp_path / f"nbd{pid}.x"]
     for path in theirs + others:
         path.touch()
     assert runtime.remove_stale_socket(tmp_path, pid)

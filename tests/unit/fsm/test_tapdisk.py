@@ -103,14 +103,16 @@ def test_resume_with_a_new_path_reopens_and_unquiesces_the_ring() -> None:
     assert vbd.params == "aio:/new"
 
 
-def test_a_resume_keeps_the_log_and_mirror_unless_told_and_a_swap_drops_the_mirror() -> None:
+def test_a_resume_keeps_the_mirror_not_the_log_unless_told_and_a_swap_drops_the_mirror(
+) -> None:
     vbd = TapdiskVbd(minor=0)
     vbd.handle(Attach())
     assert vbd.handle(Open("aio:/img", 0x90, logpath="/l", secondary="nbd:/t")) == (
         OpenImage("aio:/img", 0x90, "/l", "nbd:/t"),)
     vbd.handle(ImageOpened(DISK))
     pause(vbd)
-    assert vbd.handle(Resume()) == (OpenImage("aio:/img", 0x90, "/l", "nbd:/t"),)
+    # As blktap's resume_vbd: no ADD_LOG, no log any more; the secondary stays.
+    assert vbd.handle(Resume()) == (OpenImage("aio:/img", 0x90, "", "nbd:/t"),)
     vbd.handle(ImageOpened(DISK))
     pause(vbd)
     # unpause -c / -2: a new log, a new secondary.
@@ -118,8 +120,17 @@ def test_a_resume_keeps_the_log_and_mirror_unless_told_and_a_swap_drops_the_mirr
         OpenImage("aio:/img", 0x90, "/l2", "aio:/s"),)
     vbd.handle(ImageOpened(DISK))
     pause(vbd)
+    # unpause -2 null: the secondary goes (blktap's tapdisk_vbd_add_secondary).
+    assert vbd.handle(Resume(logpath="/l2", secondary="null")) == (
+        OpenImage("aio:/img", 0x90, "/l2", ""),)
+    vbd.handle(ImageOpened(DISK))
+    pause(vbd)
+    vbd.handle(Resume(secondary="aio:/s"))
+    vbd.handle(ImageOpened(DISK))
+    pause(vbd)
     # unpause -a: the target of a migration becomes the primary, the mirror ends.
-    assert vbd.handle(Resume("aio:/target")) == (OpenImage("aio:/target", 0x90, "/l2", ""),)
+    assert vbd.handle(Resume("aio:/target", logpath="/l2")) == (
+        OpenImage("aio:/target", 0x90, "/l2", ""),)
 
 
 def test_resume_without_a_ring_goes_back_to_ready() -> None:
