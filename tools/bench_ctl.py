@@ -2,12 +2,13 @@
 
 First, with nothing running: the interpreter's floor (`python -c pass`), `tap-ctl list`,
 `tap-ctl create` and `destroy` of a `null:` image, `tap-ctl spawn` (a tapdisk's start-up)
-and the RSS of an idle tapdisk with one VBD, medians of `--startup-runs`, beside issue 18's
-targets. Then (xcp-ng/sm#169: listing must be fast) it starts N real tapdisk processes
-(default 100) in a private runtime root, gives each one VBD (a `null:` image), then times
-`tap-ctl list` as a command (Python start-up included) and `blktap3.ctl.ops.list_all()`
-in-process. Prints the figures; asserts only that every VBD was listed. Everything it
-started is stopped at the end.
+and the RSS of an idle tapdisk with one VBD, medians of `--startup-runs` with their spread
+(min-max: these machines are shared), beside issue 18's targets. Then (xcp-ng/sm#169:
+listing must be fast) it starts N real tapdisk processes (default 100) in a private
+runtime root, gives each one VBD (a `null:` image), then times `tap-ctl list` as a command
+(Python start-up included) and `blktap3.ctl.ops.list_all()` in-process. Prints the
+figures; asserts only that every VBD was listed. Everything it started is stopped at the
+end.
 
 `--peer PREFIX` measures blktap's own tap-ctl and tapdisk (an install prefix holding
 `sbin/tap-ctl` and `libexec/tapdisk`, built from source beside ours, never committed) in
@@ -78,10 +79,6 @@ def _rss_kib(pid: int) -> int:
     raise OSError(f"no VmRSS for {pid}")
 
 
-def _median_ms(times: list[float]) -> str:
-    return f"{statistics.median(times) * 1000:8.1f} ms"
-
-
 # The start-up figures: (key, label, target or "").
 FIGURES = (("list", "tap-ctl list (nothing running)", "target <= 30 ms"),
            ("spawn", "tap-ctl spawn (tapdisk start-up)", ""),
@@ -97,7 +94,8 @@ def _listed(out: str) -> tuple[int, int]:
 
 
 def _measure(tap_ctl: str, env: dict[str, str], image: Path, runs: int) -> dict[str, Any]:
-    """Medians (seconds) of each start-up figure of one tap-ctl, and an idle tapdisk's RSS."""
+    """Each start-up figure of one tap-ctl (seconds, one per run), and an idle tapdisk's
+    RSS (KiB, one per run)."""
 
     def run(*words: str) -> str:
         return subprocess.run(words, env=env, capture_output=True, text=True,
@@ -130,8 +128,7 @@ def _measure(tap_ctl: str, env: dict[str, str], image: Path, runs: int) -> dict[
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-    return {**{k: statistics.median(v) for k, v in times.items()},
-            "rss_kib": statistics.median(rss)}
+    return {**times, "rss_kib": rss}
 
 
 def _peer(prefix: Path, image: Path, runs: int) -> dict[str, Any]:
@@ -170,6 +167,7 @@ def startup(runs: int, peer: Path | None = None) -> None:
     try:
         floor = _time(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), runs)
         ours = _measure(TAP_CTL, env, image, runs)
+        ours["floor"] = floor
         theirs = _peer(peer, image, runs) if peer is not None else None
     finally:
         for entry in ops.list_all(root):
@@ -178,16 +176,19 @@ def startup(runs: int, peer: Path | None = None) -> None:
                     os.kill(entry.pid, signal.SIGTERM)
         shutil.rmtree(root, ignore_errors=True)
     peer_head = f"{'blktap':>11} {'ours/blktap':>11}" if theirs else ""
-    print(f"start-up, medians of {runs}:{'':<17}{'ours':>11} {peer_head}")
-    print(f"  {'python -c pass (the floor)':<34}{_median_ms(floor)}")
-    for key, label, target in FIGURES:
-        peer_cols = (f" {theirs[key] * 1000:8.1f} ms {ours[key] / theirs[key]:11.1f}"
-                     if theirs else "")
-        print(f"  {label:<34}{ours[key] * 1000:8.1f} ms{peer_cols}   {target}")
-    peer_rss = (f" {theirs['rss_kib'] / 1024:7.1f} MiB {ours['rss_kib'] / theirs['rss_kib']:11.1f}"
-                if theirs else "")
-    print(f"  {'idle tapdisk with one VBD, RSS':<34}{ours['rss_kib'] / 1024:7.1f} MiB"
-          f"{peer_rss}   target <= 12 MB")
+    print(f"start-up, medians of {runs} (min-max):{'':<7}{'ours':>11} {'':>13} {peer_head}")
+    rows = [("floor", "python -c pass (the floor)", "", 1000.0, "ms"),
+            *((key, label, target, 1000.0, "ms") for key, label, target in FIGURES),
+            ("rss_kib", "idle tapdisk with one VBD, RSS", "target <= 12 MB", 1 / 1024, "MiB")]
+    for key, label, target, scale, unit in rows:
+        mine = [v * scale for v in ours[key]]
+        spread = f"({min(mine):.0f}-{max(mine):.0f})"
+        peer_cols = ""
+        if theirs and key in theirs:
+            peer = statistics.median(theirs[key]) * scale
+            peer_cols = f" {peer:7.1f} {unit:<3} {statistics.median(mine) / peer:11.1f}"
+        print(f"  {label:<34}{statistics.median(mine):7.1f} {unit:<3} {spread:>13}"
+              f"{peer_cols}   {target}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,27 +33,22 @@ import getopt
 import os
 import sys
 from collections.abc import Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from blktap3 import cmdline, lazylog
 from blktap3.abi import VbdStateBits
 
 from . import ops, runtime
-from .client import CtlError, TapdiskClient
-from .protocol import (
-    ALL_VBDS,
-    MAX_KEY,
-    NO_PARENT,
-    STRING_MAX,
-    MessageType,
-    OpenFlags,
-    ProtocolError,
-    ResumeFlags,
-    message_name,
-)
 from .runtime import MAX_MINOR
+
+if TYPE_CHECKING:
+    from .client import TapdiskClient
+
+# The control client and the message codec (`.client`, `.protocol`) are imported by the
+# commands that speak to a tapdisk, where they are used: `tap-ctl list` with no tapdisk
+# running, `allocate`, `free` and the usage texts start without them (and without
+# dataclasses, which the codec's records need).
 
 DEBUG_FLAG = "--debug"
 PRECISE_FLAG = "--precise"
@@ -68,14 +63,15 @@ class Usage(Exception):
     """Bad usage: the line saying what is wrong ("" for none) precedes the usage."""
 
 
-@dataclass
 class Options:
     """A command's parsed options: the last value of each (getopt's rule), operands."""
 
-    command: str
-    values: dict[str, str] = field(default_factory=dict)
-    operands: list[str] = field(default_factory=list)
-    precise: bool = False
+    def __init__(self, command: str, values: dict[str, str] | None = None,
+                 operands: list[str] | None = None, precise: bool = False) -> None:
+        self.command = command
+        self.values = {} if values is None else values
+        self.operands = [] if operands is None else operands
+        self.precise = precise
 
     def flag(self, name: str) -> bool:
         return name in self.values
@@ -124,6 +120,8 @@ class Options:
             if required:
                 raise Usage("")
             return None
+        from .protocol import STRING_MAX
+
         size = len(text.encode(errors="surrogateescape"))
         if size >= STRING_MAX or "\0" in text:
             raise Usage(f"{self.command}: -{name} is {size} bytes: at most "
@@ -144,8 +142,7 @@ class Options:
 Handler = Callable[[Options], int]
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     name: str
     shortopts: str
     synopsis: str
@@ -166,6 +163,9 @@ def _refusal(exc: OSError, opts: Options, pid: int) -> int:
     """The exit status blktap's tap-ctl gives a failure: its library turns an ERROR
     answer to ATTACH (control/tap-ctl-attach.c) or DETACH (tap-ctl-detach.c, which also
     prints a line on stdout) into EINVAL; other failures keep their errno."""
+    from .client import CtlError
+    from .protocol import MessageType, message_name
+
     code = exc.errno or errno.EIO
     if opts.precise or not isinstance(exc, CtlError):
         return code
@@ -179,6 +179,8 @@ def _refusal(exc: OSError, opts: Options, pid: int) -> int:
 
 def _report(exc: OSError, opts: Options, code: int | None = None) -> int:
     """Print `strerror` (with the tapdisk's detail under --precise); the exit status."""
+    from .client import CtlError
+
     code = code if code is not None else exc.errno or errno.EIO
     text = os.strerror(code)
     if opts.precise:
@@ -195,6 +197,12 @@ class Failed(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
+
+
+def _client(pid: int) -> TapdiskClient:
+    from .client import TapdiskClient
+
+    return TapdiskClient(pid)
 
 
 def _guard(opts: Options, pid: int, call: Callable[[], object]) -> None:
@@ -286,21 +294,20 @@ def cmd_spawn(opts: Options) -> int:
 
 def cmd_attach(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
-    _guard(opts, pid, lambda: TapdiskClient(pid).attach(minor))
+    _guard(opts, pid, lambda: _client(pid).attach(minor))
     return 0
 
 
 def cmd_detach(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
-    _guard(opts, pid, lambda: TapdiskClient(pid).detach(minor))
+    _guard(opts, pid, lambda: _client(pid).detach(minor))
     return 0
 
 
 # -- images -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OpenArgs:
+class OpenArgs(NamedTuple):
     """What create and open send with OPEN."""
 
     flags: int
@@ -311,6 +318,8 @@ class OpenArgs:
 
 
 def _open_args(opts: Options) -> OpenArgs:
+    from .protocol import NO_PARENT, OpenFlags
+
     flags = OpenFlags(0)
     for name, flag in (("R", OpenFlags.RDONLY), ("D", OpenFlags.NO_O_DIRECT),
                        ("r", OpenFlags.ADD_LCACHE), ("s", OpenFlags.STANDBY)):
@@ -336,6 +345,8 @@ def _read_key() -> bytes:
         print(f"tap-ctl: the key read from stdin is {len(key)} bytes, not "
               f"{' or '.join(map(str, KEY_SIZES))}", file=sys.stderr)
         raise Failed(1)
+    from .protocol import MAX_KEY
+
     assert len(key) <= MAX_KEY
     return key
 
@@ -351,6 +362,9 @@ def cmd_create(opts: Options) -> int:
             params, flags=args.flags, prt_minor=args.prt_minor,
             req_timeout=args.req_timeout, secondary=args.secondary, logpath=args.logpath)
     except OSError as exc:
+        from .client import CtlError
+        from .protocol import MessageType
+
         # tap_ctl_create: an ATTACH refused is EINVAL, as `attach` (no stdout line).
         code = exc.errno or errno.EIO
         if (not opts.precise and isinstance(exc, CtlError)
@@ -364,7 +378,7 @@ def cmd_create(opts: Options) -> int:
 def cmd_destroy(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
     timeout = opts.seconds("t")
-    client = TapdiskClient(pid)
+    client = _client(pid)
     # control/tap-ctl-destroy.c: close, detach, free; the first failure ends it.
     _guard(opts, pid, lambda: client.close(minor, timeout=timeout))
     _guard(opts, pid, lambda: client.detach(minor))
@@ -378,7 +392,7 @@ def cmd_open(opts: Options) -> int:
     assert params is not None
     args = _open_args(opts)
     key = _read_key() if opts.flag("E") else None
-    _guard(opts, pid, lambda: TapdiskClient(pid).open(
+    _guard(opts, pid, lambda: _client(pid).open(
         minor, params, args.flags, prt_minor=args.prt_minor, req_timeout=args.req_timeout,
         secondary=args.secondary, logpath=args.logpath, key=key))
     return 0
@@ -387,7 +401,7 @@ def cmd_open(opts: Options) -> int:
 def cmd_close(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
     timeout = opts.seconds("t")
-    _guard(opts, pid, lambda: TapdiskClient(pid).close(
+    _guard(opts, pid, lambda: _client(pid).close(
         minor, force=opts.flag("f"), timeout=timeout))
     return 0
 
@@ -395,24 +409,29 @@ def cmd_close(opts: Options) -> int:
 def cmd_pause(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
     timeout = opts.seconds("t")
-    _guard(opts, pid, lambda: TapdiskClient(pid).pause(minor, timeout=timeout))
+    _guard(opts, pid, lambda: _client(pid).pause(minor, timeout=timeout))
     return 0
 
 
 def cmd_unpause(opts: Options) -> int:
     pid, minor = _pid(opts), _minor(opts)
+    from .protocol import OpenFlags
+
     params, secondary, logpath = opts.path("a"), opts.path("2"), opts.path("c", log=True)
     flags = OpenFlags.SECONDARY if secondary is not None else OpenFlags(0)
-    _guard(opts, pid, lambda: TapdiskClient(pid).resume(
+    _guard(opts, pid, lambda: _client(pid).resume(
         minor, params or "", int(flags), secondary or "", logpath=logpath))
     return 0
 
 
 def cmd_stats(opts: Options) -> int:
+    from .client import CtlError
+    from .protocol import ALL_VBDS
+
     pid = _pid(opts)
     minor = _minor(opts, extra=(ALL_VBDS,))  # blktap's -m 65535 asks for every VBD
     try:
-        text = TapdiskClient(pid).stats(minor)
+        text = _client(pid).stats(minor)
     except CtlError as exc:
         if exc.refused is None or opts.precise:
             raise Failed(_report(exc, opts)) from None
@@ -425,9 +444,11 @@ def cmd_stats(opts: Options) -> int:
 
 
 def cmd_resize(opts: Options) -> int:
+    from .protocol import ResumeFlags
+
     pid, minor = _pid(opts), _minor(opts)
     timeout = opts.seconds("t")
-    client = TapdiskClient(pid)
+    client = _client(pid)
 
     def resize() -> None:
         paused = any(vbd.minor == minor and vbd.state & VbdStateBits.PAUSED
@@ -587,6 +608,8 @@ def _configure_logging(debug: bool) -> None:
 def _configure_structlog(debug: bool) -> None:
     import structlog
 
+    from .protocol import MessageType, message_name
+
     def blktap_lines(_: Any, __: str, event: MutableMapping[str, Any]
                      ) -> MutableMapping[str, Any]:
         verb = {"send": "sending", "receive": "received"}.get(event.get("event", ""))
@@ -640,7 +663,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return failed.code
     except BrokenPipeError:
         return 0  # `tap-ctl list | head`: the reader left, not an error
-    except ProtocolError as exc:
+    except ValueError as exc:
+        from .protocol import ProtocolError
+
+        if not isinstance(exc, ProtocolError):
+            raise
         # A value the control message cannot carry that the parser did not catch.
         text = os.strerror(errno.EINVAL)
         print(f"{text}: {exc}" if precise else text, file=sys.stderr)

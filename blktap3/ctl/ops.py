@@ -4,6 +4,9 @@
 step fails; `destroy` is close + detach + free. `list` joins three sources as blktap's
 does: allocated minors (marker files), live tapdisks (their `ctl<pid>` sockets,
 confirmed with a PID message) and each tapdisk's VBDs.
+
+The control client (and with it the message codec) is imported where a tapdisk is spoken
+to: `tap-ctl list` with no tapdisk running, `allocate` and `free` never load it.
 """
 
 from __future__ import annotations
@@ -15,19 +18,19 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import runtime
-from .client import CtlError, TapdiskClient, VbdEntry
-from .protocol import NO_PARENT
+
+if TYPE_CHECKING:
+    from .client import TapdiskClient, VbdEntry
 
 TAPDISK_ENV = "BLKTAP_TAPDISK"  # command line of the tapdisk to spawn (shell words)
 SPAWN_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
-class TapEntry:
+class TapEntry(NamedTuple):
     """One row of `tap-ctl list`: any field may be unknown (None)."""
 
     pid: int | None = None
@@ -75,6 +78,8 @@ def spawn(
     """Start a tapdisk and return its pid once its socket answers; if it dies at start,
     CtlError with its errno and reason (blktap's spawn reports a pid regardless)."""
     import subprocess  # imported where used: `tap-ctl list` never needs it
+
+    from .client import CtlError, TapdiskClient
 
     base = runtime.root_dir(root).absolute()
     child_env = dict(os.environ if env is None else env)
@@ -142,14 +147,17 @@ def create(
     root: str | os.PathLike[str] | None = None,
     devname: str | None = None,
     flags: int = 0,
-    prt_minor: int = NO_PARENT,
+    prt_minor: int | None = None,
     req_timeout: int = 0,
     secondary: str = "",
     logpath: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> tuple[int, int, str]:
     """Allocate, spawn, attach, open; on failure undo what was done and re-raise.
-    Returns (pid, minor, device name)."""
+    Returns (pid, minor, device name). `prt_minor` None: no parent (`NO_PARENT`)."""
+    from .client import TapdiskClient
+    from .protocol import NO_PARENT
+
     base = runtime.root_dir(root)
     dev = allocate(base, devname)
     minor = runtime.minor_of_devname(dev)
@@ -159,7 +167,8 @@ def create(
             pid = spawn(base, env=env)
             client = TapdiskClient(pid, root=base)
         client.attach(minor)
-        client.open(minor, params, flags, prt_minor=prt_minor,
+        client.open(minor, params, flags,
+                    prt_minor=NO_PARENT if prt_minor is None else prt_minor,
                     req_timeout=req_timeout, secondary=secondary, logpath=logpath)
     except BaseException:
         if client is not None:
@@ -175,6 +184,8 @@ def destroy(
     timeout: float | None = None,
 ) -> None:
     """Close (draining), detach and free a VBD's minor."""
+    from .client import TapdiskClient
+
     client = TapdiskClient(pid, root=root)
     client.close(minor, timeout=timeout)
     client.detach(minor)
@@ -184,8 +195,10 @@ def destroy(
 def _probe(root: Path, pid: int) -> tuple[int, list[VbdEntry] | None] | None:
     """A live tapdisk's VBDs (None when it did not list them); None for a dead or
     foreign socket (a dead one is removed)."""
-    if runtime.remove_stale_socket(root, pid):
-        return None
+    if runtime.remove_stale_socket(root, pid) or not runtime.socket_path(root, pid).exists():
+        return None  # (no socket: what connecting would say, without loading the client)
+    from .client import TapdiskClient
+
     client = TapdiskClient(pid, root=root)
     try:
         if client.get_pid() != pid:

@@ -53,128 +53,152 @@ Tools: `blktap3-fsm check` (spec checks, dead rows included), `blktap3-diagram`
 in-memory store, the back-end through this observer and tapback's own readers).
 """
 
-from .backend import BackendFeatures, BackendState, BackendVbd, Toolstack
-from .backend_observer import (
-    UNREADABLE,
-    BackendDirectory,
-    BackendObserver,
-    BackendSnapshot,
-    FrontendValue,
-    Unreadable,
-)
-from .effects import (
-    AcceptImage,
-    CleanupRuntime,
-    CloseImage,
-    ControlMessage,
-    DiscardImage,
-    DiskInfoQuery,
-    Effect,
-    ExitProcess,
-    OfferRing,
-    OpenImage,
-    Perms,
-    PublishState,
-    QuiesceRing,
-    ReadBackendInfo,
-    ReadFrontendTransport,
-    ReleaseMinor,
-    ReleaseRing,
-    Reply,
-    ReportFault,
-    SendControl,
-    SetError,
-    StartRing,
-    StopRing,
-    UnquiesceRing,
-    Unregister,
-    WatchTapdisk,
-    WriteKeys,
-    XenblkifConnect,
-    XenblkifDisconnect,
-)
-from .errors import (
-    BackendError,
-    Blame,
-    FrontendError,
-    FsmError,
-    ImageError,
-    OurBug,
-    SpecError,
-    TapdiskError,
-    ToolstackError,
-)
-from .events import (
-    Attach,
-    BackendFound,
-    BackendInfoInvalid,
-    BackendInfoRead,
-    BackendRemoved,
-    BackendStateChanged,
-    BackendStateInvalid,
-    BackendVanished,
-    BlkifRing,
-    Close,
-    ConnectRing,
-    ControlSocketReady,
-    Detach,
-    DeviceClose,
-    DeviceFound,
-    DeviceReconnect,
-    DisconnectRing,
-    DiskInfo,
-    DiskInfoFailed,
-    DiskInfoRead,
-    Drained,
-    DrainFailed,
-    EffectFailed,
-    Event,
-    ExitRequested,
-    FrontendStateChanged,
-    FrontendStateInvalid,
-    FrontendStateUnreadable,
-    FrontendVanished,
-    GetDiskInfo,
-    HotplugConnected,
-    HotplugFailed,
-    ImageChanged,
-    ImageOpened,
-    ImageOpenFailed,
-    OnlineChanged,
-    Open,
-    Pause,
-    ProcessExited,
-    QueueRing,
-    Resume,
-    RingConnected,
-    RingConnectFailed,
-    RingDisconnected,
-    RingDisconnectFailed,
-    RingOffered,
-    RingOfferFailed,
-    RingStarted,
-    RingStartFailed,
-    RingTransport,
-    SpawnFailed,
-    TapdiskDied,
-    TapdiskRef,
-    TransportInvalid,
-    TransportRead,
-    VbdAdded,
-    VbdRemoved,
-)
-from .frontend import (
-    FrontendOptions,
-    FrontendState,
-    FrontendTransportConfig,
-    FrontendVbd,
-    backend_event,
-    observe_backend,
-)
-from .machine import SpecMachine
-from .spec import MachineSpec, load_spec, spec_names
-from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
-from .xenbus_state import XenbusState, parse_xenbus_state
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backend import BackendFeatures, BackendState, BackendVbd, Toolstack
+    from .backend_observer import (
+        UNREADABLE,
+        BackendDirectory,
+        BackendObserver,
+        BackendSnapshot,
+        FrontendValue,
+        Unreadable,
+    )
+    from .effects import (
+        AcceptImage,
+        CleanupRuntime,
+        CloseImage,
+        ControlMessage,
+        DiscardImage,
+        DiskInfoQuery,
+        Effect,
+        ExitProcess,
+        OfferRing,
+        OpenImage,
+        Perms,
+        PublishState,
+        QuiesceRing,
+        ReadBackendInfo,
+        ReadFrontendTransport,
+        ReleaseMinor,
+        ReleaseRing,
+        Reply,
+        ReportFault,
+        SendControl,
+        SetError,
+        StartRing,
+        StopRing,
+        UnquiesceRing,
+        Unregister,
+        WatchTapdisk,
+        WriteKeys,
+        XenblkifConnect,
+        XenblkifDisconnect,
+    )
+    from .errors import (
+        BackendError,
+        Blame,
+        FrontendError,
+        FsmError,
+        ImageError,
+        OurBug,
+        SpecError,
+        TapdiskError,
+        ToolstackError,
+    )
+    from .events import (
+        Attach,
+        BackendFound,
+        BackendInfoInvalid,
+        BackendInfoRead,
+        BackendRemoved,
+        BackendStateChanged,
+        BackendStateInvalid,
+        BackendVanished,
+        BlkifRing,
+        Close,
+        ConnectRing,
+        ControlSocketReady,
+        Detach,
+        DeviceClose,
+        DeviceFound,
+        DeviceReconnect,
+        DisconnectRing,
+        DiskInfo,
+        DiskInfoFailed,
+        DiskInfoRead,
+        Drained,
+        DrainFailed,
+        EffectFailed,
+        Event,
+        ExitRequested,
+        FrontendStateChanged,
+        FrontendStateInvalid,
+        FrontendStateUnreadable,
+        FrontendVanished,
+        GetDiskInfo,
+        HotplugConnected,
+        HotplugFailed,
+        ImageChanged,
+        ImageOpened,
+        ImageOpenFailed,
+        OnlineChanged,
+        Open,
+        Pause,
+        ProcessExited,
+        QueueRing,
+        Resume,
+        RingConnected,
+        RingConnectFailed,
+        RingDisconnected,
+        RingDisconnectFailed,
+        RingOffered,
+        RingOfferFailed,
+        RingStarted,
+        RingStartFailed,
+        RingTransport,
+        SpawnFailed,
+        TapdiskDied,
+        TapdiskRef,
+        TransportInvalid,
+        TransportRead,
+        VbdAdded,
+        VbdRemoved,
+    )
+    from .frontend import (
+        FrontendOptions,
+        FrontendState,
+        FrontendTransportConfig,
+        FrontendVbd,
+        backend_event,
+        observe_backend,
+    )
+    from .machine import SpecMachine
+    from .spec import MachineSpec, load_spec, spec_names
+    from .tapdisk import ProcessState, TapdiskProcess, TapdiskVbd, VbdState
+    from .xenbus_state import XenbusState, parse_xenbus_state
+
+# The names below are imported on first use (PEP 562), each from the first of these
+# modules that has it: a tapdisk, which needs the tapdisk's machines only, does not load
+# the back-end's and front-end's (their events, effects and tables) at every start-up.
+_MODULES = ("xenbus_state", "errors", "events", "effects", "spec", "machine", "tapdisk",
+            "backend", "backend_observer", "frontend")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in __all__:
+        for module_name in _MODULES:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            if name in vars(module):
+                value = vars(module)[name]
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "UNREADABLE",

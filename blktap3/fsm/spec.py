@@ -46,7 +46,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from .errors import Blame, SpecError
@@ -468,16 +468,27 @@ def parse_spec(
     )
 
 
+def _spec_dir() -> Path:
+    """The `blktap3.specs` package's directory (installed, or `specs/` of an editable
+    tree). Its path, not `importlib.resources`: that module (tempfile, shutil, zipfile)
+    would cost every tapdisk's start-up more than reading its two specs does."""
+    import importlib
+
+    init = importlib.import_module("blktap3.specs").__file__
+    assert init is not None  # a regular package (specs/__init__.py)
+    return Path(init).parent
+
+
 def spec_names() -> list[str]:
     """Names of the machine specs shipped in `blktap3.specs`."""
-    root = files("blktap3.specs")
-    return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name.removesuffix(".toml") for p in _spec_dir().iterdir()
+                  if p.name.endswith(".toml"))
 
 
 @cache
 def load_spec(name: str) -> MachineSpec:
     """Load `specs/<name>.toml` (installed or editable), schema-checked."""
-    resource = files("blktap3.specs").joinpath(f"{name}.toml")
+    resource = _spec_dir() / f"{name}.toml"
     if not resource.is_file():
         raise SpecError(f"no machine spec {name!r}; known: {spec_names()}")
     text = resource.read_text(encoding="utf-8")

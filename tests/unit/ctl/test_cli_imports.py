@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 
 HEAVY = ("structlog", "transitions", "cffi", "asyncio", "ssl", "concurrent.futures",
-         "subprocess", "logging", "json", "blktap3.fsm", "blktap3.datapath")
+         "subprocess", "logging", "json", "blktap3.fsm", "blktap3.datapath",
+         # With no tapdisk to speak to: neither the client nor the message codec, nor
+         # dataclasses (inspect, ast, dis, tokenize: the codec's records need them).
+         "blktap3.ctl.client", "blktap3.ctl.protocol", "dataclasses", "socket")
 
 PROBE = """
 import sys
