@@ -113,6 +113,17 @@ class VdiskInfo(enum.IntFlag):
     READONLY = 0x4
 
 
+class BlkifOp(enum.IntEnum):
+    """A request's `operation`, io/blkif.h (BLKIF_OP_*)."""
+
+    READ = 0
+    WRITE = 1
+    WRITE_BARRIER = 2
+    FLUSH_DISKCACHE = 3
+    DISCARD = 5
+    INDIRECT = 6
+
+
 class BlkifStatus(enum.IntEnum):
     """A response's `status`, io/blkif.h (BLKIF_RSP_*)."""
 

@@ -16,8 +16,9 @@ sample of the run's last quarter is not above the highest of its second quarter 
 quarter is the warm-up), with a slack of 2 MiB or 2% of memory and none for descriptors.
 A leak, of any size per cycle, raises the floor; noise does not. Errors: a guest that
 failed (an I/O error, a wrong block read, a lost request, a handshake that did not
-finish) or a tap-ctl command that failed; a guest whose connect came while the operator
-had its VBD paused is counted on its own (``PAUSED_REFUSAL``).
+finish) or a tap-ctl command that failed. A domain whose guest failed leaves the run
+(the others go on, so that the figures cover the whole time); a guest whose connect came
+while the operator had its VBD paused is counted on its own (``PAUSED_REFUSAL``).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def _guest_worker(host: Host, disks: list[_Vbd], stop: threading.Event, rnd: ran
                 counts.refused_paused += 1
         elif not res.ok:
             counts.failed(f"dom{vbd.domid}/{vbd.devid}: {res.summary()}")
+            return  # this domain is out of the run; the others go on (and are sampled)
         stop.wait(rnd.uniform(0.0, 1.0))
 
 
@@ -201,14 +203,15 @@ def run(count: int | None = None, seconds: float | None = None, *, guests: int =
             start = time.monotonic()
             while True:
                 now = time.monotonic() - start
-                for name, pid in watched.items():
+                for name, pid in list(watched.items()):
                     use = proc_usage(pid) if pid is not None else None
                     if use is None:
                         counts.failed(f"{name} (pid {pid}) is gone at {now:.0f} s")
+                        del watched[name]
                     else:
                         samples.setdefault(name, []).append((now, *use))
-                if counts.failures or stop.is_set():
-                    break
+                if not any(t.is_alive() for t in threads[:-1]):
+                    break   # every domain's guest has failed
                 if seconds is not None and now >= seconds:
                     break
                 if count is not None and counts.guests >= count:
