@@ -17,12 +17,12 @@ import structlog
 
 from blktap3.cmdline import int_in, positive_float
 
-from . import churn, faults, kill, pause, ring, soak
+from . import churn, faults, kill, pause, powercut, ring, soak
 from .verdict import Verdict
 
 DEFAULTS = {"ring": "1,000,000 requests", "kill": "100 cycles", "pause": "1,000 cycles",
             "churn": "200 cycles", "soak": "3,600 seconds",
-            "faults": "400 rounds"}
+            "faults": "400 rounds", "powercut": "100 cuts"}
 
 
 WEEK = 7 * 86400
@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
                  "nothing may leak",
         "faults": "EIO, ENOSPC, short writes, slow I/O and failed fsyncs under tapdisk "
                   "(FUSE); every answer judged",
+        "powercut": "power cuts (unflushed writes dropped at random under FUSE) under "
+                    "flushed writes; raw and VHD checked",
         "soak": "guests x 2 disks connecting, verifying and detaching for a long time, "
                 "tap-ctl stats/pause/unpause from outside; memory and descriptors flat",
     }
@@ -61,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "ring":
             p.add_argument("--no-sanitize", action="store_true",
                            help="the optimised data path instead of its ASan+UBSan build")
-        if name in ("ring", "kill", "churn", "soak", "faults"):
+        if name in ("ring", "kill", "churn", "soak", "faults", "powercut"):
             p.add_argument("--seed", type=int_in(1), default=1)
         if name == "soak":
             p.add_argument("--guests", type=int_in(1, 200), default=20,
@@ -88,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pause": lambda: pause.run(args.count, args.seconds),
         "churn": lambda: churn.run(args.count, args.seconds, seed=args.seed),
         "faults": lambda: faults.run(args.count, args.seconds, seed=args.seed),
+        "powercut": lambda: powercut.run(args.count, args.seconds, seed=args.seed),
         "soak": lambda: soak.run(args.count, args.seconds, guests=args.guests,
                                  interval=args.interval, seed=args.seed),
     }

@@ -12,14 +12,16 @@ the client):
   the backing file (in order; a disk's cache may write back any of them before the power
   goes) and the rest is lost; from then on every request fails with EIO until
   ``power_on``. What a cut leaves is what an fsync'ed file holds, and the backing file
-  can be checked directly (``qemu-img check``, ``vhd-util check``).
+  can be checked directly (``vhd-util check``, qemu-img).
 - **The faults** (``Rule``): on reads, writes or fsyncs of a chosen file, over a chosen
   byte range or anywhere, always or with a probability, a chosen number of times: an
-  error (EIO, ENOSPC, ...), a short write (the first half written and reported), or a
-  delay. A failed fsync loses a random part of the pending writes, as Linux does when a
-  writeback fails (the pages are marked clean: the data is gone, the error is reported
-  once, and a later fsync succeeds). Every fault injected is logged (``injected``) so
-  that a run can tell which guest requests it hit.
+  error (EIO, ENOSPC, ...), a short write (the first half written and reported), a
+  delay, or (fsync) a lie: success reported, nothing synced, as a disk that ignores cache
+  flushes (what ``powercut``'s checker must catch). A failed fsync loses a random part
+  of the pending writes, as Linux does when a writeback fails (the pages are marked
+  clean: the data is gone, the error is reported once, and a later fsync succeeds).
+  Every fault injected is logged (``injected``) so that a run can tell which guest
+  requests it hit.
 
 The kernel is told not to cache anything (``direct_io``, no attribute caching): every
 read and write of the image reaches this process.
@@ -45,7 +47,7 @@ from blktap3.datapath.lineproc import LineProcess
 
 PAGE = 4096
 OPS = ("read", "write", "fsync")
-KINDS = ("error", "short", "slow")
+KINDS = ("error", "short", "slow", "lie")
 
 
 @dataclass
@@ -71,6 +73,8 @@ class Rule:
             raise ValueError(f"bad rule: op {self.op!r} kind {self.kind!r}")
         if self.kind == "short" and self.op != "write":
             raise ValueError("a short answer is a write's")
+        if self.kind == "lie" and self.op != "fsync":
+            raise ValueError("only an fsync can lie")
 
     def matches(self, op: str, file: str, off: int, length: int) -> bool:
         if op != self.op or (self.file is not None and file != self.file):
@@ -289,8 +293,9 @@ def _serve(backing: Path, mountpoint: Path) -> None:
             return len(buf)
 
         async def fsync(self, fh: int, datasync: bool) -> None:
-            await self._fault("fsync", fh, 0, 0)
-            volumes[name_of[fh]].settle()
+            rule = await self._fault("fsync", fh, 0, 0)
+            if rule is None:    # a lie leaves the writes where they are
+                volumes[name_of[fh]].settle()
 
         async def flush(self, fh: int) -> None:
             return None     # close(2), not durability

@@ -55,6 +55,7 @@ from .tapdisk import TapdiskVbd
 from .verdict import Budget, Verdict
 
 GUEST = {"raw": 11, "vhd": 13}
+IMAGES = {"raw": ("disk.img", "aio"), "vhd": ("disk.vhd", "vhd")}  # name, tapdisk driver
 BYSTANDER = 12
 BYSTANDER_STAMP = 0xB7
 DISK_BYTES = 16 << 20
@@ -90,11 +91,7 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
     rounds = 0
     requests: dict[str, int] = {}
     with Rig() as rig:
-        backing = rig.scratch / "backing"
-        backing.mkdir()
-        with (backing / "disk.img").open("wb") as f:
-            f.truncate(DISK_BYTES)
-        vhdformat.create(backing / "disk.vhd", DISK_BYTES)
+        backing = make_backing(rig.scratch)
         plain = rig.scratch / "plain.img"
         with plain.open("wb") as f:
             f.truncate(DISK_BYTES)
@@ -104,8 +101,7 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
             disks: list[_Disk] = []
             other = TapdiskVbd(rig, f"aio:{plain}")
             try:
-                for kind, name, driver in (("raw", "disk.img", "aio"),
-                                           ("vhd", "disk.vhd", "vhd")):
+                for kind, (name, driver) in IMAGES.items():
                     vbd = TapdiskVbd(rig, f"{driver}:{fs.path(name)}")
                     guest = rig.spawn("blktap3.sim.guestdrv", GUEST[kind])
                     disks.append(_Disk(kind, name, vbd, guest))
@@ -150,6 +146,16 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
         "seconds": round(budget.elapsed(), 1),
     })
     return v
+
+
+def make_backing(scratch: Path) -> Path:
+    """The directory the FUSE layer serves: a raw image and a dynamic VHD, zeros."""
+    backing = scratch / "backing"
+    backing.mkdir()
+    with (backing / IMAGES["raw"][0]).open("wb") as f:
+        f.truncate(DISK_BYTES)
+    vhdformat.create(backing / IMAGES["vhd"][0], DISK_BYTES)
+    return backing
 
 
 def _rules(fault: str, disk: _Disk, items: list[dict[str, Any]],
