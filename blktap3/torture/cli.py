@@ -17,7 +17,7 @@ import structlog
 
 from blktap3.cmdline import int_in, positive_float
 
-from . import churn, faults, kill, pause, powercut, ring, soak
+from . import churn, faultfs, faults, kill, pause, powercut, ring, soak
 from .verdict import Verdict
 
 DEFAULTS = {"ring": "1,000,000 requests", "kill": "100 cycles", "pause": "1,000 cycles",
@@ -94,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "soak": lambda: soak.run(args.count, args.seconds, guests=args.guests,
                                  interval=args.interval, seed=args.seed),
     }
+    if args.command in ("faults", "powercut"):
+        why = faultfs.missing()
+        if why is not None:
+            print(f"blktap3-torture {args.command}: the FUSE layer cannot run: {why}",
+                  file=sys.stderr)
+            return 1
     verdict = runs[args.command]()
     print(verdict.text())
     if args.json is not None:

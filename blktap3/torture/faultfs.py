@@ -367,6 +367,18 @@ def _reply(msg: dict[str, Any]) -> None:
     os.write(1, (json.dumps(msg) + "\n").encode())
 
 
+def missing() -> str | None:
+    """Why the FUSE layer cannot run here, or None."""
+    import importlib.util
+
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse (load the fuse module)"
+    if importlib.util.find_spec("pyfuse3") is None:
+        return "pyfuse3 is not installed (pip install '.[faults]', after apt-get install " \
+               "libfuse3-dev fuse3)"
+    return None
+
+
 def unmount(mountpoint: Path) -> None:
     """Lazily unmount (a killed server leaves its mount point dead)."""
     for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["umount", "-l", str(mountpoint)]):

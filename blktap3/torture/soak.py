@@ -14,7 +14,8 @@ Every ``interval`` seconds the resident memory (VmRSS) and the open descriptors 
 tapback, xenstored and every tapdisk are sampled. Flat: for each process, the lowest
 sample of the run's last quarter is not above the highest of its second quarter (the first
 quarter is the warm-up), with a slack of 2 MiB or 2% of memory and none for descriptors.
-A leak, of any size per cycle, raises the floor; noise does not. Errors: a guest that
+A leak, of any size per cycle, raises the floor; noise does not. A run under a minute is
+not judged (its first guests are still growing the processes' caches). Errors: a guest that
 failed (an I/O error, a wrong block read, a lost request, a handshake that did not
 finish) or a tap-ctl command that failed. A domain whose guest failed leaves the run
 (the others go on, so that the figures cover the whole time); a guest whose connect came
@@ -49,6 +50,7 @@ FIRST_DOMID = 40
 DEVIDS = (51712, 51728)     # xvda, xvdb
 DISK_BYTES = 16 << 20
 WARM_UP = 0.25              # of the run: its samples are not judged
+MIN_JUDGED = 60.0           # seconds: a shorter run is not judged flat or not
 RSS_SLACK_KIB = 2048
 RSS_SLACK_FRACTION = 0.02
 GUEST_TIMEOUT = 120.0
@@ -246,6 +248,9 @@ def run(count: int | None = None, seconds: float | None = None, *, guests: int =
 
 def _judge(v: Verdict, samples: dict[str, list[tuple[float, int, int]]],
            length: float) -> None:
+    if length < MIN_JUDGED:
+        v.figures["flat"] = f"not judged (a run under {MIN_JUDGED:g} s is all warm-up)"
+        return
     growth: dict[str, Any] = {}
     for name, series in samples.items():
         rss = [(t, r) for t, r, _ in series]

@@ -12,9 +12,11 @@ import pytest
 
 from blktap3.abi import BlkifStatus
 from blktap3.torture import faults
-from blktap3.torture.faultfs import FaultFs, Rule, Volume
+from blktap3.torture.faultfs import FaultFs, Rule, Volume, missing
 from blktap3.torture.rig import Rig
 from blktap3.torture.tapdisk import TapdiskVbd
+
+needs_fuse = pytest.mark.skipif(missing() is not None, reason=f"no FUSE layer: {missing()}")
 
 OKAY, ERROR = int(BlkifStatus.OKAY), int(BlkifStatus.ERROR)
 
@@ -35,6 +37,7 @@ def test_a_volume_keeps_writes_until_settled_and_a_cut_keeps_a_subset(tmp_path: 
 
 
 @pytest.mark.integration
+@needs_fuse
 def test_a_failed_fsync_loses_pending_writes_then_the_next_one_succeeds(
         tmp_path: Path) -> None:
     """The model of Linux after a failed writeback, under a real mount."""
@@ -62,6 +65,7 @@ def test_a_failed_fsync_loses_pending_writes_then_the_next_one_succeeds(
 
 
 @pytest.mark.integration
+@needs_fuse
 def test_a_flush_after_a_failed_sync_stays_error_until_the_image_is_reopened() -> None:
     with Rig() as rig:
         backing = rig.scratch / "backing"
@@ -96,8 +100,9 @@ def test_a_flush_after_a_failed_sync_stays_error_until_the_image_is_reopened() -
 
 
 @pytest.mark.integration
+@needs_fuse
 def test_a_short_fault_run_judges_every_answer() -> None:
-    v = faults.run(count=40, seed=2)
+    v = faults.run(count=30, seed=2)
     assert v.ok, v.text()
     assert v.figures["faults injected"] > 5
     assert v.figures["reopened after a failed sync"] > 0
