@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 
-from blktap3.abi import SECTOR_SIZE
+from blktap3.abi import SECTOR_SIZE, BlkifOp, BlkifStatus
 
 from .rig import Rig
 from .tapdisk import BLOCK, SECTORS_PER_BLOCK, TapdiskVbd, block_stamps
@@ -26,8 +26,8 @@ from .verdict import Budget, Verdict
 
 GUEST = 9
 DISK_BYTES = 32 << 20
-FLUSH = 3
-OKAY = 0
+FLUSH = BlkifOp.FLUSH_DISKCACHE
+OKAY = BlkifStatus.OKAY
 
 
 def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1) -> Verdict:
