@@ -45,14 +45,6 @@ _U32 = struct.Struct("=I")
 _IDX_MASK = 0xFFFFFFFF
 
 _fence_lock = threading.Lock()
-# Held while a connection reads or moves a ring's indices, and by `close`: once close has
-# returned, that connection never touches the page again, so a new connection on the
-# same page (after a timeout or a lost router) is never a second reader or writer beside
-# an old one still finishing a recv. Two of them racing on rsp_cons move it backwards or
-# past rsp_prod; xenstored then reports XENSTORE_ERROR_RINGIDX and stops serving the
-# domain for good. One lock for every ring of the process: a guest has one ring, and the
-# sections are a few copies long.
-_ring_lock = threading.Lock()
 
 
 def memory_barrier() -> None:
@@ -184,8 +176,7 @@ class RingConnection:
         self._connected = True
 
     def close(self) -> None:
-        with _ring_lock:
-            self._connected = False
+        self._connected = False
 
     def fileno(self) -> int:
         return self.evtchn.fileno()
@@ -242,12 +233,6 @@ class RingConnection:
         _U32.pack_into(self.page, offset, value & _IDX_MASK)
 
     def _write_some(self, data: memoryview) -> int:
-        with _ring_lock:
-            if not self._connected:
-                raise pyxs.exceptions.ConnectionError("not connected")
-            return self._write_some_locked(data)
-
-    def _write_some_locked(self, data: memoryview) -> int:
         cons = self._get(REQ_CONS)
         prod = self._get(REQ_PROD)
         if ring_used(cons, prod) > RING_SIZE:
@@ -265,12 +250,6 @@ class RingConnection:
         return chunk
 
     def _read_available(self) -> int:
-        with _ring_lock:
-            if not self._connected:
-                raise pyxs.exceptions.ConnectionError("not connected")
-            return self._read_available_locked()
-
-    def _read_available_locked(self) -> int:
         total = 0
         while True:
             cons = self._get(RSP_CONS)
