@@ -115,6 +115,8 @@ struct td_image {
     pthread_mutex_t lock;
     struct td_cbt *cbt;     /* changed-block log (cbt.c), or NULL */
     struct td_mirror *mirror;   /* the secondary (mirror.c), or NULL */
+    /* A data sync of this image failed: see td_sync. Cleared only by a new open. */
+    int sync_failed;
 };
 
 int td_image_open(const char *driver, const char *path, int readonly, int o_direct,
@@ -166,11 +168,13 @@ void td_vhd_close(struct td_vhd *v);
 int td_vhd_map(struct td_vhd *v, int write, uint64_t sector, uint32_t nr, uint64_t *off);
 int td_vhd_io(struct td_vhd *v, int write, void *buf, uint64_t sector, uint32_t nr);
 int td_vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr);
+int td_vhd_sync_failed(struct td_vhd *v);
 void td_image_close(struct td_image *img);
 const struct td_image_info *td_image_info(const struct td_image *img);
 /* Discard (punch) a range of the image and its mirror; marks the CBT log. 0 or -errno. */
 int td_image_discard(struct td_image *img, uint64_t sector, uint64_t nr);
-/* FLUSH: the image, the CBT log and the secondary durable. 0 or -errno. */
+/* FLUSH: the image, the CBT log and the secondary durable. 0 or -errno; -EIO for good
+ * once any data sync of this open image failed (td_sync). */
 int td_image_flush(struct td_image *img);
 /* Track changed blocks in the log at `path` (bitmap at `offset`, `nbits` bits, checked
  * by the caller), replacing any log. Only before the image is shared. 0 or -errno. */
@@ -265,6 +269,12 @@ int td_engine_wait(struct td_engine *e);
 
 /* pread/pwrite of all `len` bytes (EINTR retried, EOF is -EIO): 0 or -errno. */
 int td_pio(int fd, int write, void *buf, size_t len, uint64_t off);
+/* fdatasync(fd); 0 or -errno. A failure is remembered in *failed, for good: the kernel
+ * reports a failed writeback once and may have dropped the data with it (the pages are
+ * marked clean), so a later fdatasync that succeeds says nothing of what was written
+ * before (PostgreSQL's "fsyncgate", 2018). A FLUSH after one has failed must not be
+ * answered OKAY until the image is opened again. */
+int td_sync(int fd, int *failed);
 
 /* One synchronous read/write through an engine (tests, tools). */
 int td_image_rw(struct td_image *img, int engine, int write, void *buf,

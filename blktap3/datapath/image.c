@@ -302,7 +302,10 @@ int td_image_flush(struct td_image *img)
 {
     if (img->fd < 0)
         return 0;
-    int rc = fdatasync(img->fd) == 0 ? 0 : -errno;
+    int rc = td_sync(img->fd, &img->sync_failed);
+    if (rc == 0 && (__atomic_load_n(&img->sync_failed, __ATOMIC_ACQUIRE) ||
+                    (img->vhd && td_vhd_sync_failed(img->vhd))))
+        rc = -EIO;  /* an earlier sync failed: what it covered may be gone (td_sync) */
     if (rc == 0)
         rc = td_cbt_sync(img->cbt);
     pthread_mutex_lock(&img->lock);

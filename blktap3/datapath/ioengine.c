@@ -174,6 +174,15 @@ int td_pio(int fd, int write, void *buf, size_t len, uint64_t off)
     return 0;
 }
 
+int td_sync(int fd, int *failed)
+{
+    if (fdatasync(fd) == 0)
+        return 0;
+    int rc = -errno;
+    __atomic_store_n(failed, 1, __ATOMIC_RELEASE);
+    return rc;
+}
+
 static int32_t sync_io(int op, int fd, char *buf, uint32_t len, uint64_t off)
 {
     int rc = td_pio(fd, op == TD_IO_WRITE, buf, len, off);

@@ -66,6 +66,7 @@ struct td_vhd {
      * the caches, the footer and the scratch bitmap are shared, and a new block must be
      * placed by one thread at a time. Held by each td_vhd_* entry point below. */
     pthread_mutex_t lock;
+    int sync_failed;        /* an allocation's fdatasync failed (td_sync) */
 };
 
 static void *aligned(size_t len)
@@ -245,9 +246,10 @@ static int allocate(struct td_vhd *v, uint64_t blk, const char *buf, uint32_t id
         (rc = td_pio(l->fd, 1, (void *)buf, (size_t)nr << TD_SECTOR_SHIFT,
                   at + l->bm_bytes + ((uint64_t)idx << TD_SECTOR_SHIFT))) != 0)
         return rc;
-    /* 3. Durable before the BAT points at it. */
-    if (fdatasync(l->fd) != 0)
-        return -errno;
+    /* 3. Durable before the BAT points at it. A failure also fails every later FLUSH:
+     * it may have dropped earlier acknowledged writes (td_sync). */
+    if ((rc = td_sync(l->fd, &v->sync_failed)) != 0)
+        return rc;
     /* 4. The BAT entry, in its sector. */
     l->bat[blk] = htobe32((uint32_t)(at >> TD_SECTOR_SHIFT));
     uint64_t first = (blk * 4) & ~(uint64_t)511;
@@ -346,6 +348,11 @@ static int vhd_discard(struct td_vhd *v, uint64_t sector, uint64_t nr)
         nr -= n;
     }
     return 0;
+}
+
+int td_vhd_sync_failed(struct td_vhd *v)
+{
+    return __atomic_load_n(&v->sync_failed, __ATOMIC_ACQUIRE);
 }
 
 int td_vhd_map(struct td_vhd *v, int write, uint64_t sector, uint32_t nr, uint64_t *off)

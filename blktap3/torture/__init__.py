@@ -8,7 +8,14 @@ printing its figures and failing when anything was lost, wrong, crashed, hung or
 - ``pause``: pause/resume (and resume on a swapped image) under a verifying load
   (``pause``);
 - ``churn``: guests created and destroyed mid-I/O, tapback and xenstored SIGKILLed and
-  restarted; nothing may leak, the next guest must connect (``churn``).
+  restarted; nothing may leak, the next guest must connect (``churn``);
+- ``faults``: EIO, ENOSPC, short writes, slow I/O and failed fsyncs under tapdisk,
+  through a FUSE layer (``faultfs``); every answer to the guest judged (``faults``);
+- ``powercut``: power cuts that drop unsynced writes at random, raw and VHD images
+  checked after each (``powercut``);
+- ``soak``: guests with two disks each connecting, verifying and detaching for hours,
+  tap-ctl stats/pause/unpause from outside; memory and descriptors sampled, flat
+  (``soak``).
 
 Each module runs one of them and returns a ``Verdict`` (``verdict``); ``cli`` is the
 command.

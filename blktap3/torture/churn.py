@@ -38,7 +38,7 @@ from blktap3.sim.toolstack import Image
 from blktap3.tapback import service as tapback_service
 
 from .rig import scratch_dir
-from .verdict import Verdict
+from .verdict import Budget, Verdict
 
 FAULTS = ("guest-kill", "domain-destroy", "tapback-kill", "xenstored-kill", "detach")
 FIRST_DOMID = 20
@@ -52,11 +52,9 @@ SETTLE_TIMEOUT = 15.0
 
 def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1) -> Verdict:
     """``count`` cycles (default 200), or as many as fit in ``seconds``."""
-    if count is None and seconds is None:
-        count = 200
+    budget = Budget.of(count, seconds, 200)
     rnd = random.Random(seed)
     v = Verdict("churn")
-    t0 = time.monotonic()
     faults: Counter[str] = Counter()
     cycles = 0
     with scratch_dir() as scratch:
@@ -68,11 +66,7 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
                 images[slot] = scratch / f"disk{slot}.img"
                 with images[slot].open("wb") as f:
                     f.truncate(DISK_BYTES)
-            while v.ok:
-                if count is not None and cycles >= count:
-                    break
-                if seconds is not None and time.monotonic() - t0 >= seconds:
-                    break
+            while v.ok and not budget.spent(cycles):
                 fault = rnd.choice(FAULTS)
                 slot = cycles % DOMID_SLOTS
                 _cycle(host, FIRST_DOMID + slot, images[slot], fault,
@@ -98,7 +92,7 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
     v.figures.update({
         "cycles": cycles,
         "faults": dict(sorted(faults.items())),
-        "seconds": round(time.monotonic() - t0, 1),
+        "seconds": round(budget.elapsed(), 1),
     })
     return v
 

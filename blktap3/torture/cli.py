@@ -17,11 +17,12 @@ import structlog
 
 from blktap3.cmdline import int_in, positive_float
 
-from . import churn, kill, pause, ring
+from . import churn, faultfs, faults, kill, pause, powercut, ring, soak
 from .verdict import Verdict
 
 DEFAULTS = {"ring": "1,000,000 requests", "kill": "100 cycles", "pause": "1,000 cycles",
-            "churn": "200 cycles"}
+            "churn": "200 cycles", "soak": "3,600 seconds",
+            "faults": "400 rounds", "powercut": "100 cuts"}
 
 
 WEEK = 7 * 86400
@@ -45,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
         "pause": "pause/resume (and image swaps) under a verifying QD32 load",
         "churn": "guests created and destroyed mid-I/O, tapback and xenstored SIGKILLed; "
                  "nothing may leak",
+        "faults": "EIO, ENOSPC, short writes, slow I/O and failed fsyncs under tapdisk "
+                  "(FUSE); every answer judged",
+        "powercut": "power cuts (unflushed writes dropped at random under FUSE) under "
+                    "flushed writes; raw and VHD checked",
+        "soak": "guests x 2 disks connecting, verifying and detaching for a long time, "
+                "tap-ctl stats/pause/unpause from outside; memory and descriptors flat",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -56,8 +63,14 @@ def parser() -> argparse.ArgumentParser:
         if name == "ring":
             p.add_argument("--no-sanitize", action="store_true",
                            help="the optimised data path instead of its ASan+UBSan build")
-        if name in ("ring", "kill", "churn"):
+        if name in ("ring", "kill", "churn", "soak", "faults", "powercut"):
             p.add_argument("--seed", type=int_in(1), default=1)
+        if name == "soak":
+            p.add_argument("--guests", type=int_in(1, 200), default=20,
+                           help="guest domains, two disks each (default 20)")
+            p.add_argument("--interval", type=_positive_seconds, default=0.0,
+                           help="seconds between memory/descriptor samples (default: "
+                                "1/40 of the run, 1 to 60)")
     return ap
 
 
@@ -76,7 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kill": lambda: kill.run(args.count, args.seconds, seed=args.seed),
         "pause": lambda: pause.run(args.count, args.seconds),
         "churn": lambda: churn.run(args.count, args.seconds, seed=args.seed),
+        "faults": lambda: faults.run(args.count, args.seconds, seed=args.seed),
+        "powercut": lambda: powercut.run(args.count, args.seconds, seed=args.seed),
+        "soak": lambda: soak.run(args.count, args.seconds, guests=args.guests,
+                                 interval=args.interval, seed=args.seed),
     }
+    if args.command in ("faults", "powercut"):
+        why = faultfs.missing()
+        if why is not None:
+            print(f"blktap3-torture {args.command}: the FUSE layer cannot run: {why}",
+                  file=sys.stderr)
+            return 1
     verdict = runs[args.command]()
     print(verdict.text())
     if args.json is not None:

@@ -18,25 +18,23 @@ from __future__ import annotations
 import random
 import time
 
-from blktap3.abi import SECTOR_SIZE
+from blktap3.abi import SECTOR_SIZE, BlkifOp, BlkifStatus
 
 from .rig import Rig
 from .tapdisk import BLOCK, SECTORS_PER_BLOCK, TapdiskVbd, block_stamps
-from .verdict import Verdict
+from .verdict import Budget, Verdict
 
 GUEST = 9
 DISK_BYTES = 32 << 20
-FLUSH = 3
-OKAY = 0
+FLUSH = BlkifOp.FLUSH_DISKCACHE
+OKAY = BlkifStatus.OKAY
 
 
 def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1) -> Verdict:
     """``count`` kill cycles (default 100), or as many as fit in ``seconds``."""
-    if count is None and seconds is None:
-        count = 100
+    budget = Budget.of(count, seconds, 100)
     rnd = random.Random(seed)
     v = Verdict("kill")
-    t0 = time.monotonic()
     blocks = DISK_BYTES // BLOCK
     flushed: dict[int, int] = {}          # block -> stamp acknowledged and flushed
     later: dict[int, set[int]] = {}       # block -> stamps written after its flush
@@ -47,11 +45,7 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
         with disk.open("wb") as f:
             f.truncate(DISK_BYTES)
         stamp = 0
-        while v.ok:
-            if count is not None and cycles >= count:
-                break
-            if seconds is not None and time.monotonic() - t0 >= seconds:
-                break
+        while v.ok and not budget.spent(cycles):
             vbd = TapdiskVbd(rig, f"aio:{disk}")
             guest = rig.spawn("blktap3.sim.guestdrv", GUEST)
             try:
@@ -119,7 +113,7 @@ def run(count: int | None = None, seconds: float | None = None, *, seed: int = 1
         "torn (being rewritten at the kill)": torn,
         "bytes per block": BLOCK,
         "sector": SECTOR_SIZE,
-        "seconds": round(time.monotonic() - t0, 1),
+        "seconds": round(budget.elapsed(), 1),
     })
     v.expect_zero(lost=lost)
     if leftovers or minors:

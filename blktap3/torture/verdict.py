@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass
+class Budget:
+    """How long a run goes: ``count`` iterations, or until ``seconds`` have passed."""
+
+    count: int | None
+    seconds: float | None
+    t0: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def of(cls, count: int | None, seconds: float | None, default: int) -> Budget:
+        """``count`` or ``seconds`` as given; ``default`` iterations when neither is."""
+        return cls(default if count is None and seconds is None else count, seconds)
+
+    def spent(self, done: int) -> bool:
+        """Whether a run that has done ``done`` iterations stops here."""
+        if self.count is not None and done >= self.count:
+            return True
+        return self.seconds is not None and self.elapsed() >= self.seconds
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
 
 
 @dataclass

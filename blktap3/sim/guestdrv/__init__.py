@@ -9,16 +9,20 @@ it uses indirect requests (BLKIF_OP_INDIRECT) for anything longer than 11 pages.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
-from blktap3.abi import SECTOR_SIZE, BlkifProtocol
+from blktap3.abi import SECTOR_SIZE, BlkifOp, BlkifProtocol
 
 from ._guestdrv import ffi, lib
 
 PAGE = 4096
 SEGS = 11
-INDIRECT = 6
+INDIRECT = BlkifOp.INDIRECT
+# What a sector read back held, besides a stamp: zeros, or anything else.
+ZEROS = -2
+GARBAGE = -1
 MAX_INDIRECT_GREFS = 8
 ETIMEDOUT = 110
 Seg = tuple[int, int, int]  # (gref, first_sect, last_sect)
@@ -28,6 +32,22 @@ def _check(rc: int, what: str) -> int:
     if rc < 0:
         raise OSError(-rc, what)
     return rc
+
+
+def stamp_sector(sector: int, stamp: int) -> bytes:
+    """A sector as the workloads write it: (sector, stamp) pairs, native order."""
+    return struct.pack("=QQ", sector, stamp) * (SECTOR_SIZE // 16)
+
+
+def sector_stamp(raw: bytes, sector: int) -> int:
+    """The stamp of a sector written by ``stamp_sector`` for ``sector``; ZEROS or
+    GARBAGE for anything else."""
+    if raw == bytes(len(raw)):
+        return ZEROS
+    got, stamp = struct.unpack_from("=QQ", raw)
+    if got != sector or raw != raw[:16] * (len(raw) // 16):
+        return GARBAGE
+    return int(stamp)
 
 
 class GuestRing:
@@ -173,6 +193,51 @@ class GuestRing:
         status = self.request(spec, timeout)
         data = b"".join(bytes(self._page(p)) for p in range((nbytes + PAGE - 1) // PAGE))
         return status, data[:nbytes]
+
+    def batch(self, items: Sequence[dict[str, Any]],
+              timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Submit requests together and wait for all: each item is ``op`` (read, write,
+        flush), ``sector`` and ``count`` (up to 11 pages; none for a flush) and, for a
+        write, ``stamp``: sector s is written as (s, stamp) pairs (``stamp_sector``).
+        Returns per item its ``status`` (None: no answer) and, for a read, ``stamps``:
+        each sector's stamp, ZEROS or GARBAGE."""
+        if len(items) * SEGS > self.data_pages:
+            raise ValueError(f"at most {self.data_pages // SEGS} requests in a batch")
+        specs: list[dict[str, Any]] = []
+        for i, item in enumerate(items):
+            if item["op"] == "flush":
+                specs.append({"op": BlkifOp.FLUSH_DISKCACHE})
+                continue
+            sector, count = item["sector"], item["count"]
+            if not 0 < count <= SEGS * PAGE // SECTOR_SIZE:
+                raise ValueError("1..88 sectors a request")
+            first = i * SEGS
+            op = BlkifOp.WRITE if item["op"] == "write" else BlkifOp.READ
+            if op == BlkifOp.WRITE:
+                data = b"".join(stamp_sector(sector + k, item["stamp"]) for k in range(count))
+                for p in range((len(data) + PAGE - 1) // PAGE):
+                    chunk = data[p * PAGE:(p + 1) * PAGE]
+                    self._page(first + p)[:len(chunk)] = chunk
+            segs: list[Seg] = []
+            left = count
+            while left:
+                n = min(left, PAGE // SECTOR_SIZE)
+                segs.append((self.data_gref(first + len(segs)), 0, n - 1))
+                left -= n
+            specs.append({"op": op, "sector": sector, "segs": segs})
+        self.submit(specs)
+        statuses = self.collect(len(specs), timeout)
+        out: list[dict[str, Any]] = []
+        for i, (item, status) in enumerate(zip(items, statuses, strict=True)):
+            res: dict[str, Any] = {"status": status}
+            if item["op"] == "read" and status == 0:
+                raw = b"".join(bytes(self._page(i * SEGS + p))
+                               for p in range((item["count"] + 7) // 8))
+                res["stamps"] = [sector_stamp(raw[k * SECTOR_SIZE:(k + 1) * SECTOR_SIZE],
+                                              item["sector"] + k)
+                                 for k in range(item["count"])]
+            out.append(res)
+        return out
 
     def run(
         self,

@@ -66,6 +66,9 @@ class GuestServer:
     def raw_ops(self, n: int) -> list[int | None]:
         return self._r().raw_ops(n)
 
+    def batch(self, items: list[dict[str, Any]], timeout: float = 10.0) -> list[dict[str, Any]]:
+        return self._r().batch(items, timeout)
+
     def run(self, **params: Any) -> dict[str, Any]:
         return self._r().run(**params)
 
@@ -85,7 +88,7 @@ class GuestServer:
 def main() -> None:
     g = GuestServer()
     names = ("open", "data_grefs", "indirect_grefs", "write", "read", "submit", "collect",
-             "raw_ops", "run", "overflow", "hostile", "revoke", "revoke_indirect")
+             "raw_ops", "batch", "run", "overflow", "hostile", "revoke", "revoke_indirect")
     serve({name: getattr(g, name) for name in names})
     if g.ring is not None:
         g.ring.close()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +161,27 @@ def test_guest_claims_its_xenstore_port_and_gets_what_is_pending(
         assert exc.value.errno == errno.EBUSY
         guest.notify(info.xenstore_port)
         assert dom0.wait(1.0) == local
+
+
+def test_a_long_lived_notifier_keeps_no_descriptor_of_closed_peers(
+        machine: xensim.Machine) -> None:
+    """The writer's FIFO descriptors of handles closed since are let go (a tapdisk or
+    xenstored serving guest after guest must not keep one per guest forever)."""
+    machine.create_domain(1, 16)
+    machine.create_domain(2, 16)
+
+    def stale() -> int:
+        fds = Path("/proc/self/fd")
+        links = [os.readlink(p) for p in fds.iterdir() if p.is_symlink()]
+        return sum(str(machine.run_dir) in t and t.endswith("(deleted)") for t in links)
+
+    with EventChannel(machine.run_dir, 1) as ea:
+        for _ in range(20):
+            pa = ea.bind_unbound_port(2)
+            with EventChannel(machine.run_dir, 2) as eb:
+                pb = eb.bind_interdomain(1, pa)
+                assert eb.wait(1.0) == pb
+                ea.notify(pa)
+                assert eb.wait(1.0) == pb
+            ea.unbind(pa)
+        assert stale() <= 1, "only the last closed peer's, until the next new one"

@@ -32,8 +32,12 @@ struct xenevtchn_handle {
 
 static uint32_t g_seq;
 
-/* Writers' FIFO fds, kept open: notify is on the disk I/O path. Never closed
- * (a closed fd could be reused under a concurrent writer). */
+/* Writers' FIFO fds, kept open: notify is on the disk I/O path. An fd is used and
+ * closed only under g_fifo_lock, so a closed number cannot be reused under a concurrent
+ * writer. The FIFO of a closed handle is unlinked (xenevtchn_close), so an fd whose file
+ * has no links left can never be needed again: they are closed whenever a new one is
+ * opened, else a long-lived process (tapdisk, xenstored) would keep one per handle of
+ * every peer it ever notified, guests long gone. */
 struct fifo_fd {
     int32_t pid;
     uint32_t seq;
@@ -48,37 +52,45 @@ static int fifo_path(char *buf, size_t len, int32_t pid, uint32_t seq)
     return xs_path(buf, len, "evtchn/%d.%u", (int)pid, seq);
 }
 
+/* Close the fds of FIFOs that are gone; the caller holds g_fifo_lock. */
+static void fifo_sweep(void)
+{
+    for (size_t i = 0; i < g_nfifos;) {
+        struct stat st;
+        if (fstat(g_fifos[i].fd, &st) == 0 && st.st_nlink > 0) {
+            i++;
+            continue;
+        }
+        close(g_fifos[i].fd);
+        g_fifos[i] = g_fifos[--g_nfifos];
+    }
+}
+
+/* The fd of handle (pid, seq)'s FIFO; the caller holds g_fifo_lock. */
 static int fifo_fd_for(int32_t pid, uint32_t seq)
 {
-    int fd = -1;
-    pthread_mutex_lock(&g_fifo_lock);
-    for (size_t i = 0; i < g_nfifos; i++) {
-        if (g_fifos[i].pid == pid && g_fifos[i].seq == seq) {
-            fd = g_fifos[i].fd;
-            goto out;
-        }
-    }
+    for (size_t i = 0; i < g_nfifos; i++)
+        if (g_fifos[i].pid == pid && g_fifos[i].seq == seq)
+            return g_fifos[i].fd;
     char path[PATH_MAX];
     if (fifo_path(path, sizeof(path), pid, seq) < 0)
-        goto out;
+        return -1;
+    fifo_sweep();
     /* O_RDWR: a FIFO whose reader is gone then never raises SIGPIPE. */
-    fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    int fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0)
-        goto out;
+        return -1;
     if (g_nfifos == g_capfifos) {
         size_t cap = g_capfifos ? g_capfifos * 2 : 16;
         struct fifo_fd *n = realloc(g_fifos, cap * sizeof(*n));
         if (n == NULL) {
             close(fd);
-            fd = -1;
-            goto out;
+            return -1;
         }
         g_fifos = n;
         g_capfifos = cap;
     }
     g_fifos[g_nfifos++] = (struct fifo_fd){pid, seq, fd};
-out:
-    pthread_mutex_unlock(&g_fifo_lock);
     return fd;
 }
 
@@ -103,14 +115,14 @@ void xs_port_deliver(struct xs_domain *d, uint32_t port)
     uint32_t seq = __atomic_load_n(&p->owner_seq, __ATOMIC_ACQUIRE);
     if (pid == 0)
         return;
-    int fd = fifo_fd_for(pid, seq);
-    if (fd < 0)
-        return;
     uint32_t word = port;
+    pthread_mutex_lock(&g_fifo_lock);
+    int fd = fifo_fd_for(pid, seq);
     /* 4 bytes to a FIFO are written atomically; EAGAIN (a full FIFO) cannot
      * happen below 16384 ports per handle since a delivered port is masked. */
-    if (write(fd, &word, sizeof(word)) < 0)
-        return;
+    if (fd >= 0 && write(fd, &word, sizeof(word)) < 0)
+        (void)0;    /* the owner is gone: nobody to wake */
+    pthread_mutex_unlock(&g_fifo_lock);
 }
 
 static void port_unmask(struct xs_domain *d, uint32_t port)
