@@ -185,3 +185,108 @@ def test_a_long_lived_notifier_keeps_no_descriptor_of_closed_peers(
                 assert eb.wait(1.0) == pb
             ea.unbind(pa)
         assert stale() <= 1, "only the last closed peer's, until the next new one"
+
+
+_PEER = textwrap.dedent("""
+    import sys
+    from blktap3.sim.xenlib import EventChannel
+    with EventChannel(sys.argv[1], 2) as e:
+        port = e.bind_interdomain(1, int(sys.argv[2]))
+        assert e.wait(5.0) == port
+        print("bound", flush=True)
+        print("got" if e.wait(float(sys.argv[3])) == port else "lost", flush=True)
+""")
+
+
+def _peer_with_pid(machine: xensim.Machine, remote_port: int, wait: float,
+                   pid: int | None) -> subprocess.Popen[str] | None:
+    """A domain-2 process bound to `remote_port`; with `pid`, started under that pid
+    (the kernel's next pid set through ns_last_pid), None when another process took it."""
+    if pid is not None:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    p = subprocess.Popen([sys.executable, "-c", _PEER, str(machine.run_dir),
+                          str(remote_port), str(wait)], stdout=subprocess.PIPE, text=True)
+    if pid is not None and p.pid != pid:
+        p.kill()
+        p.wait()
+        return None
+    return p
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid",
+                                                        os.W_OK),
+                    reason="needs root to choose a process's pid (ns_last_pid)")
+def test_a_peer_reusing_a_dead_peers_pid_gets_its_events(machine: xensim.Machine) -> None:
+    """A long-lived notifier (xenstored, tapback's tapdisks) keeps its peers' FIFOs open;
+    a new process that got a dead one's pid has a new FIFO, and events reach it (on a
+    host with pid_max 32768, a day of guests reuses every pid)."""
+    machine.create_domain(1, 16)
+    machine.create_domain(2, 16)
+    with EventChannel(machine.run_dir, 1) as ea:
+        first_port = ea.bind_unbound_port(2)
+        first = _peer_with_pid(machine, first_port, 5.0, None)
+        assert first is not None and first.stdout is not None
+        assert first.stdout.readline() == "bound\n"
+        ea.notify(first_port)  # the notifier opens and keeps this peer's FIFO
+        assert first.stdout.readline() == "got\n"
+        assert first.wait(10) == 0
+        port = ea.bind_unbound_port(2)
+        for _ in range(50):
+            second = _peer_with_pid(machine, port, 2.0, first.pid)
+            if second is not None:
+                break
+        else:
+            pytest.skip("the machine's other processes kept taking the pid")
+        assert second.stdout is not None
+        assert second.stdout.readline() == "bound\n"
+        ea.notify(port)
+        assert second.stdout.readline() == "got\n", "the event went to the dead peer's FIFO"
+        assert second.wait(10) == 0
+
+
+_CLAIMER = textwrap.dedent("""
+    import sys, time
+    from blktap3.sim.xenlib import EventChannel
+    e = EventChannel(sys.argv[1], 2)
+    try:
+        e.claim(int(sys.argv[2]))
+        print("claimed", flush=True)
+    except OSError as err:
+        print(f"refused {err.errno}", flush=True)
+    time.sleep(float(sys.argv[3]))
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid",
+                                                        os.W_OK),
+                    reason="needs root to choose a process's pid (ns_last_pid)")
+def test_a_dead_owners_port_is_freed_though_its_pid_lives_on(machine: xensim.Machine) -> None:
+    """The guest that held a domain's xenstore port was killed; another process took its
+    pid. The port is the dead one's no more: the domain's next guest claims it."""
+    port = machine.create_domain(2, 16).xenstore_port
+
+    def claim(hold: float) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-c", _CLAIMER, str(machine.run_dir),
+                                 str(port), str(hold)], stdout=subprocess.PIPE, text=True)
+
+    first = claim(60.0)
+    assert first.stdout is not None and first.stdout.readline() == "claimed\n"
+    first.kill()
+    first.wait()
+    for _ in range(50):  # a process that is no guest now runs under the dead one's pid
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(first.pid - 1))
+        squatter = subprocess.Popen(["sleep", "60"])
+        if squatter.pid == first.pid:
+            break
+        squatter.kill()
+        squatter.wait()
+    else:
+        pytest.skip("the machine's other processes kept taking the pid")
+    try:
+        nxt = claim(0.0)
+        assert nxt.stdout is not None
+        assert nxt.stdout.readline() == "claimed\n", "the port still counted as the dead one's"
+        nxt.wait()
+    finally:
+        squatter.kill()
+        squatter.wait()

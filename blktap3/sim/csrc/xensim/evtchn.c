@@ -27,10 +27,9 @@ struct xenevtchn_handle {
     uint32_t domid;
     int32_t pid;
     uint32_t seq;
+    uint32_t start;     /* this process's start time (xs_pid_start) */
     char path[PATH_MAX];
 };
-
-static uint32_t g_seq;
 
 /* Writers' FIFO fds, kept open: notify is on the disk I/O path. An fd is used and
  * closed only under g_fifo_lock, so a closed number cannot be reused under a concurrent
@@ -64,6 +63,16 @@ static void fifo_sweep(void)
         close(g_fifos[i].fd);
         g_fifos[i] = g_fifos[--g_nfifos];
     }
+}
+
+/* Close every kept FIFO fd (the process moves to another machine). */
+void xs_forget_fifos(void)
+{
+    pthread_mutex_lock(&g_fifo_lock);
+    for (size_t i = 0; i < g_nfifos; i++)
+        close(g_fifos[i].fd);
+    g_nfifos = 0;
+    pthread_mutex_unlock(&g_fifo_lock);
 }
 
 /* The fd of handle (pid, seq)'s FIFO; the caller holds g_fifo_lock. */
@@ -205,6 +214,7 @@ void xs_port_close(struct xs_domain *d, uint32_t port)
     __atomic_store_n(&p->state, XS_PORT_FREE, __ATOMIC_RELEASE);
     p->owner_pid = 0;
     p->owner_seq = 0;
+    p->owner_start = 0;
     p->flags = 0;
     p->remote_dom = 0;
     p->remote_port = 0;
@@ -221,27 +231,60 @@ static void xs_port_release(struct xs_domain *d, uint32_t port)
     if (port == d->xenstore_port && d->domid != 0) {
         p->owner_pid = 0;
         p->owner_seq = 0;
+        p->owner_start = 0;
         p->flags = XS_PF_MASKED;
         return;
     }
     xs_port_close(d, port);
 }
 
-int xs_pid_alive(int32_t pid)
+/* /proc/<pid>/stat's state letter and start time (field 22); -1 if unreadable. */
+static int read_stat(int32_t pid, char *state, uint32_t *start)
 {
-    if (kill(pid, 0) < 0 && errno == ESRCH)
-        return 0;
-    char path[64], buf[256];
+    char path[64], buf[512];
     snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
     FILE *f = fopen(path, "re");
     if (f == NULL)
-        return 1;
+        return -1;
     size_t n = fread(buf, 1, sizeof(buf) - 1, f);
     fclose(f);
     buf[n] = '\0';
     const char *rp = strrchr(buf, ')');
-    /* a zombie has closed its files: its ports are gone as with a real fd */
-    return !(rp != NULL && rp[1] == ' ' && rp[2] == 'Z');
+    if (rp == NULL || rp[1] != ' ')
+        return -1;
+    *state = rp[2];
+    unsigned long long t = 0;
+    /* After ") ": state is field 3, starttime field 22. */
+    if (sscanf(rp + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d "
+                       "%*d %*d %*d %*d %llu", &t) != 1)
+        return -1;
+    *start = (uint32_t)t;
+    return 0;
+}
+
+uint32_t xs_pid_start(int32_t pid)
+{
+    char state;
+    uint32_t start;
+    return read_stat(pid, &state, &start) == 0 ? start : 0;
+}
+
+int xs_owner_alive(int32_t pid, uint32_t start)
+{
+    if (kill(pid, 0) < 0 && errno == ESRCH)
+        return 0;
+    char state;
+    uint32_t now;
+    if (read_stat(pid, &state, &now) < 0)
+        return 1;
+    /* a zombie has closed its files: its ports are gone as with a real fd; another
+     * process under the pid (the owner died, the pid was given out again) is not it */
+    return state != 'Z' && (start == 0 || now == start);
+}
+
+int xs_pid_alive(int32_t pid)
+{
+    return xs_owner_alive(pid, 0);
 }
 
 /* The kernel unbinds a handle's ports when its process dies; here the next
@@ -249,7 +292,7 @@ int xs_pid_alive(int32_t pid)
 void xs_gc_dead_handles(void)
 {
     struct xs_machine *m = xs_machine();
-    int32_t alive[64], dead[64];
+    struct owner { int32_t pid; uint32_t start; } alive[64], dead[64];
     size_t nalive = 0, ndead = 0;
     for (uint32_t domid = 0; domid < XS_MAX_DOMID; domid++) {
         if (__atomic_load_n(&m->gen[domid], __ATOMIC_ACQUIRE) == 0)
@@ -259,22 +302,23 @@ void xs_gc_dead_handles(void)
             continue;
         for (uint32_t p = 1; p < XS_NR_PORTS; p++) {
             struct xs_port *pt = &v->d->ports[p];
-            int32_t pid = pt->owner_pid;
+            struct owner o = {pt->owner_pid, pt->owner_start};
+            int32_t pid = o.pid;
             if (pt->state == XS_PORT_FREE || pid == 0)
                 continue;
             int is_dead = -1;
             for (size_t i = 0; i < nalive && is_dead < 0; i++)
-                if (alive[i] == pid)
+                if (alive[i].pid == pid && alive[i].start == o.start)
                     is_dead = 0;
             for (size_t i = 0; i < ndead && is_dead < 0; i++)
-                if (dead[i] == pid)
+                if (dead[i].pid == pid && dead[i].start == o.start)
                     is_dead = 1;
             if (is_dead < 0) {
-                is_dead = !xs_pid_alive(pid);
+                is_dead = !xs_owner_alive(pid, o.start);
                 if (is_dead && ndead < 64)
-                    dead[ndead++] = pid;
+                    dead[ndead++] = o;
                 else if (!is_dead && nalive < 64)
-                    alive[nalive++] = pid;
+                    alive[nalive++] = o;
             }
             if (!is_dead)
                 continue;
@@ -315,7 +359,8 @@ static xenevtchn_handle *handle_open(uint32_t domid, unsigned flags)
         return NULL;
     h->domid = domid;
     h->pid = (int32_t)getpid();
-    h->seq = __atomic_add_fetch(&g_seq, 1, __ATOMIC_RELAXED);
+    h->start = xs_pid_start(h->pid);
+    h->seq = __atomic_add_fetch(&xs_machine()->next_handle, 1, __ATOMIC_RELAXED);
     if (fifo_path(h->path, sizeof(h->path), h->pid, h->seq) < 0)
         goto fail;
     unlink(h->path);
@@ -430,6 +475,7 @@ static void set_owner(xenevtchn_handle *h, struct xs_port *p)
 {
     p->owner_pid = h->pid;
     p->owner_seq = h->seq;
+    p->owner_start = h->start;
 }
 
 XS_EXPORT xenevtchn_port_or_error_t xenevtchn_bind_unbound_port(xenevtchn_handle *h,

@@ -273,6 +273,7 @@ XS_EXPORT int xensim_use_dir(const char *dir)
     if (g_dir_set && strcmp(dir, g_dir) == 0)
         return 0;
     xs_forget_views();
+    xs_forget_fifos();  /* handle names are unique within one machine only */
     pthread_mutex_lock(&g_proc_lock);
     strcpy(g_dir, dir);
     g_dir_set = 1;

@@ -7,7 +7,7 @@
  *   machine          struct xs_machine: global lock, which domids exist
  *   dom<N>/state     struct xs_domain: ports, grant table, page bitmap
  *   memory file      dom<N>/mem, or /dev/shm/... when the run dir is not tmpfs
- *   evtchn/<pid>.<seq>  one FIFO per event-channel handle
+ *   evtchn/<pid>.<seq>  one FIFO per event-channel handle (seq unique machine-wide)
  *
  * All table mutations (bind, unbind, grant-ref and page allocation, domain
  * create/destroy) take the one process-shared robust mutex in the machine file:
@@ -33,7 +33,7 @@
 #define XS_NR_GRANTS 8192u   /* 16 grant frames of v1 entries */
 #define XS_FIRST_FREE_GREF 8u /* GNTTAB_NR_RESERVED_ENTRIES, as Linux */
 #define XS_MAX_PAGES (1u << 20)
-#define XS_MAGIC 0x786e73696d303376ULL /* "xnsim03v": bump when a layout changes */
+#define XS_MAGIC 0x786e73696d303476ULL /* "xnsim04v": bump when a layout changes */
 
 /* pfn of the zeroed xenstore page of every created domain; pfn 0 is left free. */
 #define XENSIM_XENSTORE_PFN 1u
@@ -58,7 +58,7 @@ struct xs_port {
     uint32_t virq;
     int32_t owner_pid; /* 0: no handle owns it (toolstack-allocated) */
     uint32_t owner_seq;
-    uint32_t pad;
+    uint32_t owner_start; /* the owner's start time (xs_pid_start): its pid may be reused */
 };
 
 struct xs_machine {
@@ -66,6 +66,10 @@ struct xs_machine {
     pthread_mutex_t lock;
     uint32_t next_gen;
     uint32_t gen[XS_MAX_DOMID]; /* 0: no such domain, else its generation */
+    /* Event-channel handles are named (pid, seq) with seq unique machine-wide: a
+     * process that reuses a dead one's pid must not get its handle's name, which
+     * long-lived notifiers keep an open FIFO for. */
+    uint32_t next_handle;
 };
 
 struct xs_domain {
@@ -118,6 +122,7 @@ int xs_mem_path(uint32_t domid, uint32_t gen, char *buf, size_t len);
 /* d->nr_pages bounded by the page bitmap: for the domain's own allocators. */
 uint64_t xs_bitmap_pages(const struct xs_domain *d);
 void xs_forget_views(void);
+void xs_forget_fifos(void);
 
 /* evtchn.c: internal helpers shared with domain.c, gntshr.c, xenctrl.c */
 int xs_evtchn_send(uint32_t domid, uint32_t port);
@@ -126,6 +131,10 @@ int xs_port_alloc(struct xs_domain *d); /* lock held; -1 ENOSPC */
 void xs_port_close(struct xs_domain *d, uint32_t port); /* lock held */
 void xs_gc_dead_handles(void); /* lock held */
 int xs_pid_alive(int32_t pid);
+/* A process's start time in clock ticks since boot (low 32 bits; 0: unknown). */
+uint32_t xs_pid_start(int32_t pid);
+/* Alive, and the same process that started at `start` (0: any) under that pid. */
+int xs_owner_alive(int32_t pid, uint32_t start);
 int xs_alloc_unbound(uint32_t dom, uint32_t remote_dom);
 
 /* domain.c */
