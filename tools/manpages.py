@@ -91,10 +91,8 @@ PAGES: dict[str, Page] = {
         "host: /dev/xen/gntdev and /dev/xen/evtchn are root's.",
         environment=(CONTROL_DIR,
                      ("BLKTAP_TAPDISK_LOG", "The daemon's log file (--log wins)."),
-                     ("BLKTAP3_RING_POLL_US", "Microseconds the ring service spins at "
-                      "most before it sleeps (default 0); the window adapts below that, "
-                      "growing while sleeps end within it and shrinking while they "
-                      "outlast it.")),
+                     ("BLKTAP3_RING_POLL_US", "Microseconds the ring service spins before "
+                      "it sleeps (default 0).")),
         files=(RUN_DIR, ("/dev/xen/gntdev, /dev/xen/evtchn", "Grant mapping and event "
                          "channels, through libxengnttab and libxenevtchn.")),
         exit_status=(("0", "The daemon started (the socket path was printed)."),

@@ -249,20 +249,16 @@ uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max);
 int td_engine_fd(const struct td_engine *e);
 /* Clear the wake-up of td_engine_fd once poll() reported it. */
 void td_engine_clear(struct td_engine *e);
-/* Completions are waiting, maybe in the kernel's task work (a memory read, no
- * syscall: for polling). */
+/* Completions are waiting (a memory read, no syscall: for polling). */
 int td_engine_ready(struct td_engine *e);
 /* Sleep inside the engine (io_uring only, else -EOPNOTSUPP): td_engine_fd is gone
  * after this; the caller arms watches and waits with td_engine_wait instead. */
 int td_engine_use_watches(struct td_engine *e);
-/* Queue an "fd readable" watch; td_engine_woken reports `bit` each time it fired, and
- * td_engine_disarmed once the kernel ended it (watch again then). Submitted with the
- * next submit or wait. `fd` must be O_NONBLOCK: a report may follow a consumed wake. */
+/* Queue a one-shot "fd readable" watch; td_engine_woken reports `bit` once it fired
+ * (then it is disarmed: watch again). Submitted with the next submit or wait. */
 int td_engine_watch(struct td_engine *e, int fd, uint32_t bit);
 /* Bits of the watches that fired, seen by td_engine_reap since the last call. */
 uint32_t td_engine_woken(struct td_engine *e);
-/* Bits of the watches the kernel ended, seen by td_engine_reap since the last call. */
-uint32_t td_engine_disarmed(struct td_engine *e);
 /* Submit everything queued and sleep until at least one completion (I/O or watch)
  * is there: one syscall. Returns 0 or -errno (-EINTR: just call again). */
 int td_engine_wait(struct td_engine *e);

@@ -7,20 +7,12 @@
  * sysctl, old kernel, seccomp) the sync engine does each I/O with pread/pwrite at
  * prep time and queues its completion. The null engine completes at once with no I/O.
  *
- * The ring service may also sleep inside io_uring (td_engine_use_watches): multishot
+ * The ring service may also sleep inside io_uring (td_engine_use_watches): one-shot
  * poll requests on its event channel and control eventfd sit in the same queue as the
  * I/O, so a single io_uring_enter submits the batch and waits for whichever comes
  * first (a completion, a kick, a control request) instead of io_uring_enter + poll +
  * an eventfd read. Their completions carry TD_WATCH_BIT in user_data and are not
- * returned as I/O: td_engine_woken reports them. Multishot: a watch stays armed
- * across kicks (no poll to queue again per request); one the kernel ends (no
- * IORING_CQE_F_MORE) is reported by td_engine_disarmed, and a kernel without
- * multishot polls gets one-shot ones.
- *
- * The ring is set up with IORING_SETUP_COOP_TASKRUN where the kernel has it (5.19):
- * a completion arriving while the service thread runs does not interrupt it (an IPI
- * and a trip through the kernel per completion at high queue depth); the kernel flags
- * IORING_SQ_TASKRUN instead, and td_engine_ready/td_engine_reap look at the flag.
+ * returned as I/O: td_engine_woken reports them.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,8 +30,6 @@ struct td_engine {
     struct io_uring uring;
     uint32_t queued;        /* sqes prepared since the last submit */
     uint32_t woken;         /* watches whose poll completed (td_engine_woken) */
-    uint32_t disarmed;      /* watches the kernel ended (td_engine_disarmed) */
-    int oneshot;            /* the kernel refused a multishot poll: one-shot watches */
     /* sync and null engines: completions waiting to be reaped */
     struct td_cqe *done;
     uint32_t ndone, cap;
@@ -52,10 +42,7 @@ struct td_engine {
 
 static int uring_open(struct td_engine *e, uint32_t depth)
 {
-    int rc = io_uring_queue_init(depth + TD_WATCH_SQES, &e->uring,
-                                 IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG);
-    if (rc == -EINVAL)  /* before 5.19 */
-        rc = io_uring_queue_init(depth + TD_WATCH_SQES, &e->uring, 0);
+    int rc = io_uring_queue_init(depth + TD_WATCH_SQES, &e->uring, 0);
     if (rc < 0)
         return rc;
     e->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -142,17 +129,10 @@ void td_engine_clear(struct td_engine *e)
         (void)0;    /* EAGAIN: already cleared */
 }
 
-/* Completions wait in the kernel's task work (IORING_SQ_TASKRUN, COOP_TASKRUN): entering
- * the kernel posts them. A memory read. */
-static int taskrun_pending(const struct td_engine *e)
-{
-    return (IO_URING_READ_ONCE(*e->uring.sq.kflags) & IORING_SQ_TASKRUN) != 0;
-}
-
 int td_engine_ready(struct td_engine *e)
 {
     if (e->kind == TD_ENGINE_URING)
-        return io_uring_cq_ready(&e->uring) > 0 || taskrun_pending(e);
+        return io_uring_cq_ready(&e->uring) > 0;
     return e->ndone > 0;
 }
 
@@ -225,13 +205,8 @@ int td_engine_watch(struct td_engine *e, int fd, uint32_t bit)
     struct io_uring_sqe *sqe = get_sqe(e, &rc);
     if (!sqe)
         return rc;
-    /* Multishot: a completion per wake-up of `fd` while it stays armed. A completion
-     * means "was readable": the caller reads without blocking (O_NONBLOCK), as a
-     * wake-up it already consumed may still be reported. */
-    if (e->oneshot)
-        io_uring_prep_poll_add(sqe, fd, POLLIN);
-    else
-        io_uring_prep_poll_multishot(sqe, fd, POLLIN);
+    /* One-shot, so a completion means "readable now": the read after it cannot block. */
+    io_uring_prep_poll_add(sqe, fd, POLLIN);
     io_uring_sqe_set_data64(sqe, TD_WATCH_BIT | bit);
     e->queued++;
     return 0;
@@ -241,13 +216,6 @@ uint32_t td_engine_woken(struct td_engine *e)
 {
     uint32_t w = e->woken;
     e->woken = 0;
-    return w;
-}
-
-uint32_t td_engine_disarmed(struct td_engine *e)
-{
-    uint32_t w = e->disarmed;
-    e->disarmed = 0;
     return w;
 }
 
@@ -314,8 +282,6 @@ uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max)
     }
     struct io_uring_cqe *cqes[256];
     uint32_t got = 0;
-    if (io_uring_cq_ready(&e->uring) == 0 && taskrun_pending(e))
-        io_uring_get_events(&e->uring);     /* post what the kernel holds back */
     while (got < max) {
         uint32_t want = max - got < 256 ? max - got : 256;
         unsigned n = io_uring_peek_batch_cqe(&e->uring, cqes, want);
@@ -325,11 +291,6 @@ uint32_t td_engine_reap(struct td_engine *e, struct td_cqe *out, uint32_t max)
             uint64_t data = io_uring_cqe_get_data64(cqes[i]);
             if (data & TD_WATCH_BIT) {
                 e->woken |= (uint32_t)data;     /* a watch fired: not an I/O */
-                if (!(cqes[i]->flags & IORING_CQE_F_MORE)) {
-                    e->disarmed |= (uint32_t)data;  /* ended: the caller arms it again */
-                    if (cqes[i]->res == -EINVAL && !e->oneshot)
-                        e->oneshot = 1;     /* no multishot polls in this kernel */
-                }
                 continue;
             }
             out[got].tag = (uint32_t)data;

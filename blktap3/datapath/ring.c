@@ -17,7 +17,7 @@
  * through the ring's cache of mapped grants (pgrant.c) instead of grant copy; a grant
  * the cache cannot map falls back to grant copy, whose status decides.
  *
- * With io_uring the thread sleeps inside it: multishot polls on the event channel and
+ * With io_uring the thread sleeps inside it: one-shot polls on the event channel and
  * the control eventfd sit beside the I/O, so a single io_uring_enter submits the batch
  * and waits for a completion, a kick or a control request (per QD1 request: that
  * enter, the kick's xenevtchn_pending read, the response's notify, and one more enter
@@ -133,8 +133,7 @@ struct td_ring {
     int state;              /* enum td_state, under mu */
     int ctl_efd;
     int exited;
-    uint64_t poll_ns;       /* spin at most this long for work before sleeping (0: never) */
-    uint64_t poll_win;      /* ...this long now: the adaptive window, 0..poll_ns */
+    uint64_t poll_ns;       /* spin this long for work before sleeping (0: never) */
     uint32_t poll_idle;     /* ...only while this % of CPU time is idle (0: always) */
     int poll_ok;            /* the last interval was idle enough */
     uint64_t cpu_at_ns;     /* when `cpu` was read */
@@ -700,36 +699,14 @@ static uint64_t now_ns(void)
 }
 
 /*
- * The polling window adapts as KVM's halt-polling does (poll_ns is the most the toolstack
- * allows, blktap's poll_duration): a sleep that ended within poll_ns is a wake-up a
- * longer spin would have saved, so the window grows (doubles, from TD_POLL_START_NS);
- * a sleep that lasted longer means spinning only burned the CPU, so it shrinks
- * (halves, to 0 under TD_POLL_START_NS). A spin that found work leaves it as it is. So
- * the ring spins through the gaps of a busy front-end or a fast device, and not
- * through the idle time of a quiet one.
- */
-#define TD_POLL_START_NS 10000ull
-static void poll_adapt(struct td_ring *r, uint64_t slept_ns)
-{
-    if (slept_ns <= r->poll_ns) {
-        uint64_t w = r->poll_win ? r->poll_win * 2 : TD_POLL_START_NS;
-        r->poll_win = w < r->poll_ns ? w : r->poll_ns;
-    } else {
-        r->poll_win /= 2;
-        if (r->poll_win < TD_POLL_START_NS && r->poll_win < r->poll_ns)
-            r->poll_win = 0;
-    }
-}
-
-/*
  * Polling mode (blktap's poll_duration): before going to sleep, watch the ring and the
- * completion queue for a while (the adaptive window). req_event is not re-armed meanwhile, so the front-end
+ * completion queue for a while. req_event is not re-armed meanwhile, so the front-end
  * does not kick us either: no syscall on either side while busy. Returns 1 when work
  * showed up.
  */
 static int spin_for_work(struct td_ring *r, int st)
 {
-    uint64_t end = now_ns() + r->poll_win;
+    uint64_t end = now_ns() + r->poll_ns;
     do {
         for (int i = 0; i < 64; i++) {
             if (hdr(r)->req_prod != r->req_cons || td_engine_ready(r->eng) ||
@@ -795,11 +772,11 @@ static void take_wakes(struct td_ring *r)
         take_kick(r);
     if (w & TD_WAKE_CTL)
         drain_ctl(r);
-    r->armed &= ~td_engine_disarmed(r->eng);   /* multishot: armed until the kernel ends it */
+    r->armed &= ~w;
 }
 
 /* Submit the batch and sleep until a completion, a kick or a control request: one
- * io_uring_enter. A watch the kernel ended (td_engine_disarmed) is queued again first. */
+ * io_uring_enter. The one-shot watches fired since are queued again first. */
 static void sleep_in_engine(struct td_ring *r)
 {
     if (!(r->armed & TD_WAKE_EVTCHN) &&
@@ -894,13 +871,11 @@ static void *service(void *arg)
         /* Waiting for a barrier's drain or for an indirect buffer: only a completion
          * helps, so sleep until one (req_event stays unarmed: requests wait anyway). */
         int blocked = r->held >= 0 || ibufs_exhausted(r);
-        int pollable = r->poll_ns && st == RS_RUN && taking && !blocked;
-        if (pollable) {
+        if (r->poll_ns && st == RS_RUN && taking && !blocked) {
             flush_submit(r);
             if (!may_poll(r)) {
                 STAT_ADD(r, polls_busy, 1);
-                pollable = 0;   /* a busy host: no verdict on the window either */
-            } else if (r->poll_win) {
+            } else {
                 STAT_ADD(r, polls, 1);
                 if (spin_for_work(r, st))
                     continue;
@@ -915,13 +890,10 @@ static void *service(void *arg)
                 continue;
             }
         }
-        uint64_t slept = pollable ? now_ns() : 0;
         if (r->uring_wait)
             sleep_in_engine(r);
         else
             sleep_in_poll(r);
-        if (pollable)
-            poll_adapt(r, now_ns() - slept);
     }
     push_responses(r);
     pthread_mutex_lock(&r->mu);
@@ -1014,7 +986,6 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
     r->ctl_efd = -1;
     r->held = -1;
     r->poll_ns = (uint64_t)poll_us * 1000u;
-    r->poll_win = r->poll_ns;   /* blktap's fixed window at first, then adapted */
     r->poll_idle = poll_idle;
     r->poll_ok = poll_idle == 0;    /* with a threshold: not before one interval says so */
     r->st.poll_idle_threshold = poll_idle;
@@ -1116,12 +1087,6 @@ int td_ring_connect(struct td_image *img, uint32_t domid, uint32_t devid,
         goto fail_errno;
     }
     r->lport = (evtchn_port_t)lp;
-    /* Non-blocking: a watch may report a kick take_kick already read (multishot). */
-    int fl = fcntl(xenevtchn_fd(r->xce), F_GETFL);
-    if (fl < 0 || fcntl(xenevtchn_fd(r->xce), F_SETFL, fl | O_NONBLOCK) < 0) {
-        connect_failed("making the event channel's fd non-blocking");
-        goto fail_errno;
-    }
     if (persistent) {
         uint32_t direct = r->nslots * BLKIF_MAX_SEGMENTS_PER_REQUEST;
         rc = td_pgcache_open(r->xgt, domid, direct > TD_PGRANTS_MIN ? direct : TD_PGRANTS_MIN,

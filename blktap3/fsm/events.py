@@ -179,9 +179,8 @@ class BackendFound(Event):
     # guest whatever the image can do (blkback's xen_blkbk_discard).
     discard_enabled: bool = True
     # blktap's polling keys, the toolstack's: `polling-duration` (microseconds the ring
-    # spins for work before sleeping, at most: the window adapts below it) and
-    # `polling-idle-threshold` (% of CPU time that must be idle for it to spin); 0
-    # (absent, or not a number in range): no polling.
+    # spins for work before sleeping) and `polling-idle-threshold` (% of CPU time that
+    # must be idle for it to spin); 0 (absent, or not a number in range): no polling.
     polling_duration: int = 0
     polling_idle_threshold: int = 0
 

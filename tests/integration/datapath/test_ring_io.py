@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,38 +150,6 @@ def test_polling_mode_serves_the_same_requests_without_kicks(
     # No polling-idle-threshold: it spins every time it would sleep, never held back.
     assert st["polling"]["polls"] > 0 and st["polling"]["busy"] == 0
     assert st["polling"]["idle_threshold"] == 0
-
-
-def test_the_polling_window_closes_over_idle_gaps_and_opens_again_under_load(
-        host: LineProcess, guest: LineProcess) -> None:
-    """The window adapts: each sleep longer than poll_duration (200 us) halves it, to none
-    below 10 us; a sleep that ended within it grows it again. A null image answers at
-    once, so every sleep here is the ring waiting for the guest's next request."""
-    host.call("open", name="n", driver="null", path="/dev/null")
-    g = guest.call("open", backend=0, order=0, protocol=BlkifProtocol.NATIVE)
-    host.call("connect", name="r", image="n", domid=GUEST_DOMID, devid=51712,
-              grefs=g["grefs"], order=0, port=g["port"], protocol=BlkifProtocol.NATIVE,
-              poll_us=200)
-
-    def polls() -> int:
-        return int(host.call("stats", name="r")["polling"]["polls"])
-
-    def gapped(n: int) -> None:
-        for _ in range(n):
-            r = guest.call("run", qd=1, bs=4096, read_pct=100, span=8, ios=1)
-            assert (r["errors"], r["ios"]) == (0, 1)
-            time.sleep(0.02)    # the ring spins, gives up, sleeps 20 ms: a long sleep
-
-    gapped(8)   # 200 -> 100 -> 50 -> 25 -> 12 -> none: spun at most 5 times since
-    closed = polls()
-    assert closed >= 1
-    gapped(4)
-    assert polls() == closed    # a fixed window would have spun before every sleep
-    # Back to back: the guest's next request comes within microseconds, well inside
-    # 200 us, so a sleep ends early and the window opens again.
-    r = guest.call("run", qd=1, bs=4096, read_pct=100, span=8 * 64, ios=256)
-    assert (r["errors"], r["ios"]) == (0, 256)
-    assert polls() > closed
 
 
 def test_polling_idle_threshold_reaches_the_ring_and_is_bounded(
