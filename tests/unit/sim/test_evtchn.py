@@ -198,24 +198,31 @@ _PEER = textwrap.dedent("""
 """)
 
 
-def _peer_with_pid(machine: xensim.Machine, remote_port: int, wait: float,
-                   pid: int | None) -> subprocess.Popen[str] | None:
-    """A domain-2 process bound to `remote_port`; with `pid`, started under that pid
-    (the kernel's next pid set through ns_last_pid), None when another process took it."""
-    if pid is not None:
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-    p = subprocess.Popen([sys.executable, "-c", _PEER, str(machine.run_dir),
-                          str(remote_port), str(wait)], stdout=subprocess.PIPE, text=True)
-    if pid is not None and p.pid != pid:
+NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+needs_pid_choice = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(NS_LAST_PID, os.W_OK),
+    reason="needs root to choose a process's pid (ns_last_pid)")
+
+
+def _start_as(pid: int, argv: list[str]) -> subprocess.Popen[str]:
+    """`argv` started under `pid` (the kernel's next pid set through ns_last_pid, 50
+    tries); skips the test when the machine's other processes kept taking it."""
+    for _ in range(50):
+        NS_LAST_PID.write_text(str(pid - 1))
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        if p.pid == pid:
+            return p
         p.kill()
         p.wait()
-        return None
-    return p
+    pytest.skip("the machine's other processes kept taking the pid")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid",
-                                                        os.W_OK),
-                    reason="needs root to choose a process's pid (ns_last_pid)")
+def _peer(machine: xensim.Machine, remote_port: int, wait: float) -> list[str]:
+    """The command of a domain-2 process bound to `remote_port`."""
+    return [sys.executable, "-c", _PEER, str(machine.run_dir), str(remote_port), str(wait)]
+
+
+@needs_pid_choice
 def test_a_peer_reusing_a_dead_peers_pid_gets_its_events(machine: xensim.Machine) -> None:
     """A long-lived notifier (xenstored, tapback's tapdisks) keeps its peers' FIFOs open;
     a new process that got a dead one's pid has a new FIFO, and events reach it (on a
@@ -224,19 +231,15 @@ def test_a_peer_reusing_a_dead_peers_pid_gets_its_events(machine: xensim.Machine
     machine.create_domain(2, 16)
     with EventChannel(machine.run_dir, 1) as ea:
         first_port = ea.bind_unbound_port(2)
-        first = _peer_with_pid(machine, first_port, 5.0, None)
-        assert first is not None and first.stdout is not None
+        first = subprocess.Popen(_peer(machine, first_port, 5.0), stdout=subprocess.PIPE,
+                                 text=True)
+        assert first.stdout is not None
         assert first.stdout.readline() == "bound\n"
         ea.notify(first_port)  # the notifier opens and keeps this peer's FIFO
         assert first.stdout.readline() == "got\n"
         assert first.wait(10) == 0
         port = ea.bind_unbound_port(2)
-        for _ in range(50):
-            second = _peer_with_pid(machine, port, 2.0, first.pid)
-            if second is not None:
-                break
-        else:
-            pytest.skip("the machine's other processes kept taking the pid")
+        second = _start_as(first.pid, _peer(machine, port, 2.0))
         assert second.stdout is not None
         assert second.stdout.readline() == "bound\n"
         ea.notify(port)
@@ -257,9 +260,7 @@ _CLAIMER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid",
-                                                        os.W_OK),
-                    reason="needs root to choose a process's pid (ns_last_pid)")
+@needs_pid_choice
 def test_a_dead_owners_port_is_freed_though_its_pid_lives_on(machine: xensim.Machine) -> None:
     """The guest that held a domain's xenstore port was killed; another process took its
     pid. The port is the dead one's no more: the domain's next guest claims it."""
@@ -273,15 +274,8 @@ def test_a_dead_owners_port_is_freed_though_its_pid_lives_on(machine: xensim.Mac
     assert first.stdout is not None and first.stdout.readline() == "claimed\n"
     first.kill()
     first.wait()
-    for _ in range(50):  # a process that is no guest now runs under the dead one's pid
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(first.pid - 1))
-        squatter = subprocess.Popen(["sleep", "60"])
-        if squatter.pid == first.pid:
-            break
-        squatter.kill()
-        squatter.wait()
-    else:
-        pytest.skip("the machine's other processes kept taking the pid")
+    # A process that is no guest now runs under the dead one's pid.
+    squatter = _start_as(first.pid, ["sleep", "60"])
     try:
         nxt = claim(0.0)
         assert nxt.stdout is not None
